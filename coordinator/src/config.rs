@@ -1,0 +1,165 @@
+//! Coordinator configuration: a plain struct with defaults and `validate()`.
+//! The command line (clap, `TANDEM_*` env vars) lives in the binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::log::SledLog;
+
+/// Everything `tandem serve` can be told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Directory of the sled transaction log.
+    pub data_dir: PathBuf,
+    /// Global deadline of a transaction whose client gave none.
+    pub default_timeout: Duration,
+    /// Longest global deadline a client may ask for.
+    pub max_timeout: Duration,
+    /// Deadline of each call to a participant (phase 1 calls are also cut
+    /// at the transaction's global deadline).
+    pub call_timeout: Duration,
+    /// Largest branch payload accepted; larger ones are INVALID_ARGUMENT.
+    pub max_payload_bytes: usize,
+    /// Most branches in one transaction.
+    pub max_branches: usize,
+    /// How phase-2 calls are retried.
+    pub retry: RetryPolicy,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: PathBuf::from("./tandem-data"),
+            default_timeout: Duration::from_secs(60),
+            max_timeout: Duration::from_secs(24 * 3600),
+            call_timeout: Duration::from_secs(5),
+            max_payload_bytes: 1024 * 1024,
+            max_branches: 64,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// A configuration value out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl CoordinatorConfig {
+    /// Checks every value; the message names the setting at fault.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the first bad setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |s: String| Err(ConfigError(s));
+        if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
+            return bad(format!(
+                "default timeout {:?} must be above zero and at most the max timeout {:?}",
+                self.default_timeout, self.max_timeout
+            ));
+        }
+        if self.call_timeout.is_zero() {
+            return bad("call timeout must be above zero".into());
+        }
+        if self.max_payload_bytes > SledLog::MAX_PAYLOAD_BYTES {
+            return bad(format!(
+                "max payload {} bytes is above the log's limit of {} bytes",
+                self.max_payload_bytes,
+                SledLog::MAX_PAYLOAD_BYTES
+            ));
+        }
+        if self.max_branches == 0 || self.max_branches > 10_000 {
+            return bad(format!(
+                "max branches {} must be 1..=10000",
+                self.max_branches
+            ));
+        }
+        self.retry.validate()
+    }
+}
+
+/// Capped exponential backoff with jitter for phase-2 retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Delay before the first retry.
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    pub max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.initial.is_zero() || self.initial > self.max {
+            return Err(ConfigError(format!(
+                "retry initial interval {:?} must be above zero and at most the max interval {:?}",
+                self.initial, self.max
+            )));
+        }
+        Ok(())
+    }
+
+    /// Delay after `failures` failed attempts (1 = the first failure):
+    /// `initial × 2^(failures-1)`, capped at `max`, then scaled into
+    /// `[½, 1]` of that by `jitter` (any u64; uniform jitter spreads retries
+    /// of many transactions apart).
+    pub fn delay(&self, failures: u32, jitter: u64) -> Duration {
+        let exp = failures.saturating_sub(1).min(32);
+        let base = self
+            .initial
+            .saturating_mul(1u32 << exp.min(31))
+            .min(self.max);
+        let fraction = 0.5 + (jitter % 1_000_000) as f64 / 2_000_000.0;
+        base.mul_f64(fraction)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Rule: backoff doubles from `initial`, never exceeds `max`, and jitter
+    // keeps it within [½, 1] of the capped value.
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        let p = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        assert_eq!(
+            p.delay(1, 999_999),
+            Duration::from_micros(99_999) + Duration::from_nanos(950)
+        );
+        assert_eq!(p.delay(2, 0), Duration::from_millis(100));
+        assert_eq!(p.delay(3, 0), Duration::from_millis(200));
+        assert_eq!(p.delay(50, 0), Duration::from_millis(500));
+        for j in [0, 1, 12345, u64::MAX] {
+            let d = p.delay(10, j);
+            assert!(d >= Duration::from_millis(500) && d <= Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn validate_names_the_bad_setting() {
+        assert!(CoordinatorConfig::default().validate().is_ok());
+        let mut c = CoordinatorConfig::default();
+        c.max_payload_bytes = 64 * 1024 * 1024;
+        assert!(c.validate().unwrap_err().0.contains("max payload"));
+        let mut c = CoordinatorConfig::default();
+        c.retry.initial = Duration::ZERO;
+        assert!(c.validate().unwrap_err().0.contains("retry initial"));
+    }
+}

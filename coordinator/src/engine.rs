@@ -1,0 +1,517 @@
+//! The protocol engine: one state machine per global transaction.
+//!
+//! Pure: events in, commands out. No tokio, no sled, no tonic. The runtime
+//! feeds it [`Event`]s (client requests, participant replies, timers, the
+//! log's "forced" signal) and carries out the [`Command`]s it returns, in
+//! order. Unit tests and simulations drive it directly.
+//!
+//! The rules it enforces (DESIGN.md "The rules that make it correct"):
+//! - commit needs a yes from every branch; any no, failure, deadline or
+//!   rollback decides abort;
+//! - a commit decision is forced ([`Command::ForceDecision`]) and no
+//!   commit / confirm call is emitted until [`Event::DecisionDurable`];
+//! - an abort needs no force (presumed abort: a lost abort record reads as
+//!   undecided, and undecided means abort);
+//! - a decision never changes;
+//! - phase 2 goes to every branch that may hold work and is repeated until
+//!   each acknowledges; a branch whose phase-1 call is still in flight gets its
+//!   abort call only once that call has returned, so the two do not race.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+
+use crate::model::{BranchId, BranchRecord, BranchState, Gtid, Mode, TxState, TxnRecord};
+
+/// Something that happened to a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The client adds a branch to an ACTIVE transaction.
+    Enlist(NewBranch),
+    /// A phase-1 (prepare / try) call returned.
+    PhaseOne {
+        /// Which branch.
+        branch: BranchId,
+        /// What it said.
+        vote: Vote,
+    },
+    /// The client asks to commit an interactive transaction.
+    Commit,
+    /// The client asks to roll back.
+    Rollback {
+        /// Why, from the client; may be empty.
+        reason: String,
+    },
+    /// The global deadline passed.
+    DeadlinePassed,
+    /// The commit decision requested by [`Command::ForceDecision`] is on disk.
+    DecisionDurable,
+    /// A phase-2 call returned.
+    PhaseTwo {
+        /// Which branch.
+        branch: BranchId,
+        /// `Err` carries the error text; the call will be retried.
+        result: Result<(), String>,
+    },
+    /// A retry scheduled by [`Command::RetryLater`] is due.
+    RetryDue {
+        /// Which branch.
+        branch: BranchId,
+    },
+}
+
+/// A branch as the client describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBranch {
+    /// Participant endpoint (already validated).
+    pub endpoint: String,
+    /// Handler name.
+    pub resource: String,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// The result of a phase-1 call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared / tried.
+    Yes,
+    /// The participant refused; it holds nothing.
+    No(String),
+    /// The call failed or timed out; the participant may hold work.
+    Failed(String),
+}
+
+/// Something the runtime must do, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Write the record to the log (not forced).
+    Persist,
+    /// Write the record and force it; then send [`Event::DecisionDurable`].
+    ForceDecision,
+    /// Send the phase-1 call (prepare / try) of this branch.
+    PhaseOne {
+        /// Which branch.
+        branch: BranchId,
+    },
+    /// Send a phase-2 call of this branch.
+    PhaseTwo {
+        /// Which branch.
+        branch: BranchId,
+        /// Commit / confirm when true, rollback / cancel when false.
+        commit: bool,
+        /// 1 for the first call, 2 for the first retry, ...
+        attempt: u32,
+    },
+    /// Wait (per the retry policy, after `failures` failed calls), then send
+    /// [`Event::RetryDue`].
+    RetryLater {
+        /// Which branch.
+        branch: BranchId,
+        /// Failed phase-2 calls so far.
+        failures: u32,
+    },
+    /// The transaction reached a terminal state; forget it.
+    Finished,
+}
+
+/// A request that does not fit the transaction's state. Nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The transaction is in the wrong state for the request.
+    #[error("transaction {gtid} is {state}: cannot {action}{detail}")]
+    WrongState {
+        /// Which transaction.
+        gtid: Gtid,
+        /// Its state.
+        state: TxState,
+        /// What was asked.
+        action: &'static str,
+        /// More words, starting with "; " or empty.
+        detail: String,
+    },
+    /// Commit was asked while a branch's phase 1 had not returned.
+    #[error("transaction {gtid}: branch {branch} has not answered its phase-1 call yet")]
+    BranchInFlight {
+        /// Which transaction.
+        gtid: Gtid,
+        /// Which branch.
+        branch: BranchId,
+    },
+}
+
+/// One transaction's state machine.
+#[derive(Clone, Debug)]
+pub struct Txn {
+    rec: TxnRecord,
+    /// A commit decision is on disk (always true for abort decisions).
+    durable: bool,
+    /// Branches whose phase-1 call has not returned.
+    phase_one: BTreeSet<BranchId>,
+    /// Branches with a phase-2 call or retry pending.
+    phase_two: BTreeSet<BranchId>,
+}
+
+impl Txn {
+    /// Starts an interactive transaction (ACTIVE, no branches).
+    pub fn begin(gtid: Gtid, mode: Mode, now: u64, deadline: u64) -> (Txn, Vec<Command>) {
+        let rec = TxnRecord::new(gtid, mode, TxState::Active, now, deadline);
+        (Txn::from_record(rec), vec![Command::Persist])
+    }
+
+    /// Starts a one-shot transaction: all branches recorded, phase 1 on all.
+    pub fn submit(
+        gtid: Gtid,
+        mode: Mode,
+        now: u64,
+        deadline: u64,
+        branches: Vec<NewBranch>,
+    ) -> (Txn, Vec<Command>) {
+        let rec = TxnRecord::new(gtid, mode, TxState::Preparing, now, deadline);
+        let mut txn = Txn::from_record(rec);
+        let mut cmds = vec![Command::Persist];
+        for b in branches {
+            let id = txn.add_branch(b, now);
+            cmds.push(Command::PhaseOne { branch: id });
+        }
+        (txn, cmds)
+    }
+
+    /// Takes over a transaction read back from the log after a restart:
+    /// undecided → abort; decided → phase 2 again.
+    pub fn recover(rec: TxnRecord, now: u64) -> (Txn, Vec<Command>) {
+        let mut txn = Txn::from_record(rec);
+        let cmds = match txn.rec.state {
+            TxState::Active | TxState::Preparing => {
+                txn.abort("coordinator restarted before a decision".into(), now)
+            }
+            TxState::Committing | TxState::Aborting => {
+                txn.durable = true;
+                let mut cmds = Vec::new();
+                txn.start_phase_two(&mut cmds, now);
+                cmds
+            }
+            TxState::Committed | TxState::Aborted | TxState::Stuck => Vec::new(),
+        };
+        (txn, cmds)
+    }
+
+    fn from_record(rec: TxnRecord) -> Txn {
+        Txn {
+            rec,
+            durable: false,
+            phase_one: BTreeSet::new(),
+            phase_two: BTreeSet::new(),
+        }
+    }
+
+    /// The record as it stands (what [`Command::Persist`] writes).
+    pub fn record(&self) -> &TxnRecord {
+        &self.rec
+    }
+
+    /// Applies one event at wall-clock time `now` (ms).
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError`] when a client request does not fit the state; the
+    /// transaction is unchanged then. Participant replies and timers never
+    /// fail: late or repeated ones are absorbed.
+    pub fn handle(&mut self, event: Event, now: u64) -> Result<Vec<Command>, EngineError> {
+        match event {
+            Event::Enlist(branch) => self.on_enlist(branch, now),
+            Event::PhaseOne { branch, vote } => Ok(self.on_phase_one(branch, vote, now)),
+            Event::Commit => self.on_commit(now),
+            Event::Rollback { reason } => self.on_rollback(reason, now),
+            Event::DeadlinePassed => Ok(if self.rec.state.is_decided() {
+                Vec::new()
+            } else {
+                self.abort("deadline passed before a decision".into(), now)
+            }),
+            Event::DecisionDurable => {
+                let mut cmds = Vec::new();
+                if self.rec.state == TxState::Committing && !self.durable {
+                    self.durable = true;
+                    self.start_phase_two(&mut cmds, now);
+                }
+                Ok(cmds)
+            }
+            Event::PhaseTwo { branch, result } => Ok(self.on_phase_two(branch, result, now)),
+            Event::RetryDue { branch } => {
+                let mut cmds = Vec::new();
+                if self.phase_two.remove(&branch) {
+                    self.call_phase_two(branch, &mut cmds);
+                }
+                Ok(cmds)
+            }
+        }
+    }
+
+    fn wrong_state(&self, action: &'static str, detail: &str) -> EngineError {
+        EngineError::WrongState {
+            gtid: self.rec.gtid,
+            state: self.rec.state,
+            action,
+            detail: if self.rec.reason.is_empty() {
+                detail.to_string()
+            } else {
+                format!("{detail}; reason: {}", self.rec.reason)
+            },
+        }
+    }
+
+    fn add_branch(&mut self, b: NewBranch, now: u64) -> BranchId {
+        let id = self.rec.branches.len() as BranchId + 1;
+        self.rec.branches.push(BranchRecord {
+            id,
+            endpoint: b.endpoint,
+            resource: b.resource,
+            payload: b.payload,
+            state: BranchState::Registered,
+            attempts: 0,
+            last_error: String::new(),
+            updated_ms: now,
+        });
+        self.phase_one.insert(id);
+        self.rec.updated_ms = now;
+        id
+    }
+
+    fn on_enlist(&mut self, branch: NewBranch, now: u64) -> Result<Vec<Command>, EngineError> {
+        if self.rec.state != TxState::Active {
+            let detail = match self.rec.state {
+                TxState::Preparing => "; a one-shot (Submit) transaction takes no more branches",
+                _ => "; branches can only be added to an ACTIVE transaction",
+            };
+            return Err(self.wrong_state("enlist a branch", detail));
+        }
+        if now >= self.rec.deadline_ms {
+            return Ok(self.abort("deadline passed before a decision".into(), now));
+        }
+        let id = self.add_branch(branch, now);
+        Ok(vec![Command::Persist, Command::PhaseOne { branch: id }])
+    }
+
+    fn on_phase_one(&mut self, id: BranchId, vote: Vote, now: u64) -> Vec<Command> {
+        if !self.phase_one.remove(&id) {
+            return Vec::new(); // not ours or already answered
+        }
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Vec::new();
+        };
+        b.updated_ms = now;
+        let failure = match vote {
+            Vote::Yes => {
+                b.state = BranchState::Prepared;
+                None
+            }
+            Vote::No(reason) => {
+                b.state = BranchState::Refused;
+                b.last_error = reason.clone();
+                Some(format!("branch {id} ({}) voted no: {reason}", b.resource))
+            }
+            Vote::Failed(error) => {
+                b.state = BranchState::Failed;
+                b.last_error = error.clone();
+                Some(format!(
+                    "branch {id} ({}) failed in phase 1: {error}",
+                    b.resource
+                ))
+            }
+        };
+        self.rec.updated_ms = now;
+        match (self.rec.state, failure) {
+            (TxState::Active | TxState::Preparing, Some(reason)) => self.abort(reason, now),
+            (TxState::Preparing, None) if self.all_prepared() => self.decide_commit(now),
+            (TxState::Active | TxState::Preparing, None) => vec![Command::Persist],
+            // Decided while this call was out (rollback, deadline, another
+            // branch's no): give the branch its abort call now if it needs one.
+            _ => {
+                let mut cmds = vec![Command::Persist];
+                if self.needs_phase_two(id) {
+                    self.call_phase_two(id, &mut cmds);
+                }
+                self.maybe_finish(&mut cmds, now);
+                cmds
+            }
+        }
+    }
+
+    fn on_commit(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
+        match self.rec.state {
+            TxState::Active => {}
+            TxState::Committing | TxState::Committed => return Ok(Vec::new()),
+            TxState::Preparing => {
+                return Err(self.wrong_state(
+                    "commit",
+                    "; a one-shot (Submit) transaction is decided by the coordinator",
+                ));
+            }
+            TxState::Aborting | TxState::Aborted | TxState::Stuck => {
+                return Err(self.wrong_state("commit", "; its outcome is abort"));
+            }
+        }
+        if let Some(&branch) = self.phase_one.first() {
+            return Err(EngineError::BranchInFlight {
+                gtid: self.rec.gtid,
+                branch,
+            });
+        }
+        if now >= self.rec.deadline_ms {
+            return Ok(self.abort("deadline passed before commit".into(), now));
+        }
+        Ok(self.decide_commit(now))
+    }
+
+    fn on_rollback(&mut self, reason: String, now: u64) -> Result<Vec<Command>, EngineError> {
+        match self.rec.state {
+            TxState::Active | TxState::Preparing => {
+                let reason = if reason.is_empty() {
+                    "rolled back by the client".to_string()
+                } else {
+                    format!("rolled back by the client: {reason}")
+                };
+                Ok(self.abort(reason, now))
+            }
+            TxState::Aborting | TxState::Aborted => Ok(Vec::new()),
+            TxState::Committing | TxState::Committed | TxState::Stuck => {
+                Err(self.wrong_state("roll back", "; a commit decision is never reversed"))
+            }
+        }
+    }
+
+    fn on_phase_two(&mut self, id: BranchId, result: Result<(), String>, now: u64) -> Vec<Command> {
+        if !self.phase_two.remove(&id) {
+            return Vec::new();
+        }
+        let commit = self.rec.state == TxState::Committing;
+        self.rec.updated_ms = now;
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Vec::new();
+        };
+        b.updated_ms = now;
+        match result {
+            Ok(()) => {
+                b.state = if commit {
+                    BranchState::Committed
+                } else {
+                    BranchState::RolledBack
+                };
+                let mut cmds = vec![Command::Persist];
+                self.maybe_finish(&mut cmds, now);
+                cmds
+            }
+            Err(error) => {
+                b.last_error = error;
+                let failures = b.attempts;
+                self.phase_two.insert(id);
+                vec![
+                    Command::Persist,
+                    Command::RetryLater {
+                        branch: id,
+                        failures,
+                    },
+                ]
+            }
+        }
+    }
+
+    fn all_prepared(&self) -> bool {
+        self.rec
+            .branches
+            .iter()
+            .all(|b| b.state == BranchState::Prepared)
+    }
+
+    fn decide_commit(&mut self, now: u64) -> Vec<Command> {
+        self.rec.state = TxState::Committing;
+        self.rec.updated_ms = now;
+        vec![Command::ForceDecision]
+    }
+
+    /// Decides abort and starts rollback / cancel where needed.
+    fn abort(&mut self, reason: String, now: u64) -> Vec<Command> {
+        self.rec.state = TxState::Aborting;
+        self.rec.reason = reason;
+        self.rec.updated_ms = now;
+        self.durable = true;
+        let mut cmds = vec![Command::Persist];
+        self.start_phase_two(&mut cmds, now);
+        cmds
+    }
+
+    /// Emits the phase-2 call of every branch that needs one and has none
+    /// pending, then finishes the transaction if nothing is left.
+    fn start_phase_two(&mut self, cmds: &mut Vec<Command>, now: u64) {
+        let ids: Vec<BranchId> = self
+            .rec
+            .branches
+            .iter()
+            .map(|b| b.id)
+            .filter(|id| self.needs_phase_two(*id))
+            .collect();
+        for id in ids {
+            self.call_phase_two(id, cmds);
+        }
+        if !cmds.contains(&Command::Persist) {
+            cmds.insert(0, Command::Persist);
+        }
+        self.maybe_finish(cmds, now);
+    }
+
+    /// Whether branch `id` still needs a phase-2 call under the decision.
+    fn needs_phase_two(&self, id: BranchId) -> bool {
+        if self.phase_one.contains(&id) || self.phase_two.contains(&id) {
+            return false;
+        }
+        let Some(b) = self.rec.branch(id) else {
+            return false;
+        };
+        match self.rec.state {
+            TxState::Committing => b.state != BranchState::Committed,
+            TxState::Aborting => match b.state {
+                BranchState::Registered | BranchState::Prepared | BranchState::Failed => true,
+                // A 2PC "no" holds nothing; a failed TCC try may have
+                // reserved part of the resource, so cancel it too.
+                BranchState::Refused => self.rec.mode == Mode::Tcc,
+                BranchState::Committed | BranchState::RolledBack => false,
+            },
+            _ => false,
+        }
+    }
+
+    fn call_phase_two(&mut self, id: BranchId, cmds: &mut Vec<Command>) {
+        let commit = self.rec.state == TxState::Committing;
+        if let Some(b) = self.rec.branch_mut(id) {
+            b.attempts += 1;
+            let attempt = b.attempts;
+            self.phase_two.insert(id);
+            cmds.push(Command::PhaseTwo {
+                branch: id,
+                commit,
+                attempt,
+            });
+        }
+    }
+
+    fn maybe_finish(&mut self, cmds: &mut Vec<Command>, now: u64) {
+        let open = !self.phase_one.is_empty() || !self.phase_two.is_empty();
+        if open || !self.durable {
+            return;
+        }
+        let done = match self.rec.state {
+            TxState::Committing => TxState::Committed,
+            TxState::Aborting => TxState::Aborted,
+            _ => return,
+        };
+        self.rec.state = done;
+        self.rec.updated_ms = now;
+        if !cmds.contains(&Command::Persist) {
+            cmds.push(Command::Persist);
+        }
+        cmds.push(Command::Finished);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,50 @@
+//! The coordinator's error type and its one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+use crate::engine::EngineError;
+use crate::log::LogError;
+use crate::model::Gtid;
+
+/// Why a coordinator request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CoordError {
+    /// The request is malformed; nothing changed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No transaction with this gtid.
+    #[error("no transaction {0}")]
+    NotFound(Gtid),
+    /// The request does not fit the transaction's state; nothing changed.
+    #[error(transparent)]
+    WrongState(#[from] EngineError),
+    /// The transaction aborted (vote no, failure, deadline).
+    #[error("transaction {gtid} aborted: {reason}")]
+    Aborted {
+        /// Which transaction.
+        gtid: Gtid,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator stopped deciding after a log failure, or is stopping.
+    #[error("coordinator unavailable: {0}")]
+    Unavailable(String),
+    /// The log failed on a read; see [`LogError`].
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+impl From<CoordError> for Status {
+    fn from(e: CoordError) -> Status {
+        let code = match &e {
+            CoordError::InvalidArgument(_) => Code::InvalidArgument,
+            CoordError::NotFound(_) => Code::NotFound,
+            CoordError::WrongState(_) => Code::FailedPrecondition,
+            CoordError::Aborted { .. } => Code::Aborted,
+            CoordError::Unavailable(_) => Code::Unavailable,
+            CoordError::Log(LogError::Corrupt { .. }) => Code::DataLoss,
+            CoordError::Log(_) => Code::Unavailable,
+        };
+        Status::new(code, e.to_string())
+    }
+}

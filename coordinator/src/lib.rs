@@ -1,0 +1,31 @@
+//! Tandem's coordinator: makes a change spanning several services happen
+//! everywhere or nowhere, by 2PC or TCC.
+//!
+//! Module map:
+//! - [`model`]: the transaction record (states, branches); plain data.
+//! - [`engine`]: the pure per-transaction state machine (events → commands).
+//! - [`log`]: the durable log — the [`log::TxnLog`] contract, [`log::SledLog`],
+//!   [`log::MemLog`], and the conformance suite.
+//! - [`runtime`]: carries out engine commands (log writes, group-committed
+//!   forces, participant calls, retries, deadlines).
+//! - [`service`]: the tonic Coordinator and Admin services.
+//! - [`server`]: serving both services with recovery and graceful shutdown.
+//! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
+//! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
+//! - [`demo`]: `tandem demo`, bank transfers across two participant services.
+//!
+//! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
+
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod error;
+pub mod log;
+pub mod model;
+pub mod runtime;
+pub mod server;
+pub mod service;
+
+pub use config::CoordinatorConfig;
+pub use runtime::Coordinator;
+pub use server::RunningCoordinator;

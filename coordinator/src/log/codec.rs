@@ -1,0 +1,168 @@
+//! How records are laid out on disk: protobuf messages (prost derive), so a
+//! later version can add fields and still read old logs. Payloads are stored
+//! apart from the record (see `SledLog`), so they are not part of these
+//! messages.
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::LogError;
+use crate::model::{BranchRecord, BranchState, Gtid, Mode, TxState, TxnRecord};
+
+/// Format version written in every record.
+const VERSION: u32 = 1;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredTxn {
+    #[prost(uint32, tag = "1")]
+    version: u32,
+    #[prost(uint32, tag = "2")]
+    mode: u32,
+    #[prost(uint32, tag = "3")]
+    state: u32,
+    #[prost(string, tag = "4")]
+    reason: String,
+    #[prost(uint64, tag = "5")]
+    created_ms: u64,
+    #[prost(uint64, tag = "6")]
+    updated_ms: u64,
+    #[prost(uint64, tag = "7")]
+    deadline_ms: u64,
+    #[prost(message, repeated, tag = "8")]
+    branches: Vec<StoredBranch>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredBranch {
+    #[prost(string, tag = "1")]
+    endpoint: String,
+    #[prost(string, tag = "2")]
+    resource: String,
+    #[prost(uint32, tag = "3")]
+    state: u32,
+    #[prost(uint32, tag = "4")]
+    attempts: u32,
+    #[prost(string, tag = "5")]
+    last_error: String,
+    #[prost(uint64, tag = "6")]
+    updated_ms: u64,
+}
+
+fn mode_code(mode: Mode) -> u32 {
+    match mode {
+        Mode::TwoPhase => 1,
+        Mode::Tcc => 2,
+    }
+}
+
+fn state_code(state: TxState) -> u32 {
+    match state {
+        TxState::Active => 1,
+        TxState::Preparing => 2,
+        TxState::Committing => 3,
+        TxState::Committed => 4,
+        TxState::Aborting => 5,
+        TxState::Aborted => 6,
+        TxState::Stuck => 7,
+    }
+}
+
+fn branch_code(state: BranchState) -> u32 {
+    match state {
+        BranchState::Registered => 1,
+        BranchState::Prepared => 2,
+        BranchState::Refused => 3,
+        BranchState::Failed => 4,
+        BranchState::Committed => 5,
+        BranchState::RolledBack => 6,
+    }
+}
+
+/// Encodes a record without its payloads.
+pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
+    StoredTxn {
+        version: VERSION,
+        mode: mode_code(rec.mode),
+        state: state_code(rec.state),
+        reason: rec.reason.clone(),
+        created_ms: rec.created_ms,
+        updated_ms: rec.updated_ms,
+        deadline_ms: rec.deadline_ms,
+        branches: rec
+            .branches
+            .iter()
+            .map(|b| StoredBranch {
+                endpoint: b.endpoint.clone(),
+                resource: b.resource.clone(),
+                state: branch_code(b.state),
+                attempts: b.attempts,
+                last_error: b.last_error.clone(),
+                updated_ms: b.updated_ms,
+            })
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a record; `payload(branch_id)` supplies each branch's payload.
+pub(super) fn decode(
+    gtid: Gtid,
+    bytes: &[u8],
+    mut payload: impl FnMut(u32) -> Result<Bytes, LogError>,
+) -> Result<TxnRecord, LogError> {
+    let corrupt = |detail: String| LogError::Corrupt {
+        gtid: gtid.to_string(),
+        detail,
+    };
+    let stored = StoredTxn::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if stored.version != VERSION {
+        return Err(corrupt(format!(
+            "unknown format version {}",
+            stored.version
+        )));
+    }
+    let mode = match stored.mode {
+        1 => Mode::TwoPhase,
+        2 => Mode::Tcc,
+        m => return Err(corrupt(format!("unknown mode {m}"))),
+    };
+    let state = TxState::ALL
+        .into_iter()
+        .find(|s| state_code(*s) == stored.state)
+        .ok_or_else(|| corrupt(format!("unknown state {}", stored.state)))?;
+    let mut branches = Vec::with_capacity(stored.branches.len());
+    for (i, b) in stored.branches.into_iter().enumerate() {
+        let id = i as u32 + 1;
+        let state = [
+            BranchState::Registered,
+            BranchState::Prepared,
+            BranchState::Refused,
+            BranchState::Failed,
+            BranchState::Committed,
+            BranchState::RolledBack,
+        ]
+        .into_iter()
+        .find(|s| branch_code(*s) == b.state)
+        .ok_or_else(|| corrupt(format!("branch {id}: unknown state {}", b.state)))?;
+        branches.push(BranchRecord {
+            id,
+            endpoint: b.endpoint,
+            resource: b.resource,
+            payload: payload(id)?,
+            state,
+            attempts: b.attempts,
+            last_error: b.last_error,
+            updated_ms: b.updated_ms,
+        });
+    }
+    Ok(TxnRecord {
+        gtid,
+        mode,
+        state,
+        reason: stored.reason,
+        created_ms: stored.created_ms,
+        updated_ms: stored.updated_ms,
+        deadline_ms: stored.deadline_ms,
+        branches,
+    })
+}

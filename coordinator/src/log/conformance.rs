@@ -1,0 +1,168 @@
+//! The conformance suite every [`TxnLog`] implementation must pass.
+//!
+//! Run it from a test with a factory that returns a fresh, empty log:
+//!
+//! ```no_run
+//! # async fn t() {
+//! use tandem_coordinator::log::{conformance, MemLog};
+//! conformance::run_all(|| MemLog::new()).await;
+//! # }
+//! ```
+//!
+//! Each check states the part of the durability contract it covers and
+//! panics, naming itself, when an implementation breaks it. Checks that need
+//! a crash or a reopen are implementation-specific and live next to the
+//! implementation's tests.
+
+use bytes::Bytes;
+
+use super::TxnLog;
+use crate::model::{BranchRecord, BranchState, Gtid, Mode, TxState, TxnRecord};
+
+/// Runs every check, each on a fresh log from `make`.
+pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
+    get_unknown_is_none(&make());
+    write_then_get_round_trips(&make());
+    write_replaces_and_keeps_payloads(&make());
+    scan_is_ordered_and_pages(&make());
+    scan_filters_by_state(&make());
+    force_covers_concurrent_writers(&make()).await;
+}
+
+/// A record with `n` branches, for tests. Payload of branch `i` is `i` bytes.
+pub fn sample_record(mode: Mode, n: u32) -> TxnRecord {
+    let mut rec = TxnRecord::new(Gtid::now_v7(), mode, TxState::Preparing, 1_000, 61_000);
+    for id in 1..=n {
+        rec.branches.push(BranchRecord {
+            id,
+            endpoint: format!("http://127.0.0.1:{}", 9000 + id),
+            resource: format!("resource-{id}"),
+            payload: Bytes::from(vec![id as u8; id as usize]),
+            state: BranchState::Registered,
+            attempts: 0,
+            last_error: String::new(),
+            updated_ms: 1_000,
+        });
+    }
+    rec
+}
+
+/// `get` of a gtid never written returns `None`, not an error.
+pub fn get_unknown_is_none(log: &impl TxnLog) {
+    let got = log
+        .get(&Gtid::now_v7())
+        .expect("get_unknown_is_none: get failed");
+    assert!(
+        got.is_none(),
+        "get_unknown_is_none: found a record never written"
+    );
+}
+
+/// A written record reads back equal, field for field, payloads included.
+pub fn write_then_get_round_trips(log: &impl TxnLog) {
+    let mut rec = sample_record(Mode::Tcc, 3);
+    rec.reason = "why not".into();
+    rec.branches[1].state = BranchState::Failed;
+    rec.branches[1].last_error = "deadline".into();
+    rec.branches[2].payload = Bytes::new();
+    log.write(&rec)
+        .expect("write_then_get_round_trips: write failed");
+    let got = log
+        .get(&rec.gtid)
+        .expect("write_then_get_round_trips: get failed");
+    assert_eq!(got.as_ref(), Some(&rec), "write_then_get_round_trips");
+}
+
+/// A second write replaces the first; payloads stay as first written.
+pub fn write_replaces_and_keeps_payloads(log: &impl TxnLog) {
+    let mut rec = sample_record(Mode::TwoPhase, 2);
+    log.write(&rec).expect("write_replaces: first write");
+    rec.state = TxState::Committing;
+    rec.branches[0].state = BranchState::Committed;
+    rec.branches[1].attempts = 4;
+    rec.branches[1].last_error = "unavailable".into();
+    rec.updated_ms = 2_000;
+    log.write(&rec).expect("write_replaces: second write");
+    let got = log.get(&rec.gtid).expect("write_replaces: get");
+    assert_eq!(
+        got.as_ref(),
+        Some(&rec),
+        "write_replaces_and_keeps_payloads"
+    );
+}
+
+/// `scan` returns records in gtid (creation) order, resumes strictly after
+/// `after`, and honours `limit`.
+pub fn scan_is_ordered_and_pages(log: &impl TxnLog) {
+    let recs: Vec<TxnRecord> = (0..5).map(|_| sample_record(Mode::TwoPhase, 1)).collect();
+    for r in recs.iter().rev() {
+        log.write(r).expect("scan_is_ordered: write");
+    }
+    let ids = |v: Vec<TxnRecord>| v.into_iter().map(|r| r.gtid).collect::<Vec<_>>();
+    let all = ids(log.scan(None, &[], 100).expect("scan_is_ordered: scan"));
+    let want: Vec<Gtid> = recs.iter().map(|r| r.gtid).collect();
+    assert_eq!(all, want, "scan_is_ordered_and_pages: order");
+    let page1 = ids(log.scan(None, &[], 2).expect("scan"));
+    assert_eq!(page1, want[..2], "scan_is_ordered_and_pages: first page");
+    let page2 = ids(log.scan(Some(&want[1]), &[], 2).expect("scan"));
+    assert_eq!(page2, want[2..4], "scan_is_ordered_and_pages: second page");
+    let last = ids(log.scan(Some(&want[4]), &[], 2).expect("scan"));
+    assert!(last.is_empty(), "scan_is_ordered_and_pages: past the end");
+}
+
+/// `scan` with states keeps only records in those states.
+pub fn scan_filters_by_state(log: &impl TxnLog) {
+    let states = [
+        TxState::Active,
+        TxState::Committed,
+        TxState::Aborting,
+        TxState::Committed,
+    ];
+    let mut want = Vec::new();
+    for s in states {
+        let mut r = sample_record(Mode::TwoPhase, 1);
+        r.state = s;
+        log.write(&r).expect("scan_filters_by_state: write");
+        if s == TxState::Committed {
+            want.push(r.gtid);
+        }
+    }
+    let got: Vec<Gtid> = log
+        .scan(None, &[TxState::Committed], 100)
+        .expect("scan_filters_by_state: scan")
+        .into_iter()
+        .map(|r| r.gtid)
+        .collect();
+    assert_eq!(got, want, "scan_filters_by_state");
+    let two = log
+        .scan(None, &[TxState::Active, TxState::Aborting], 100)
+        .expect("scan");
+    assert_eq!(two.len(), 2, "scan_filters_by_state: two states");
+}
+
+/// Many concurrent writers each followed by `force` all resolve `Ok`, and
+/// every record reads back afterwards.
+pub async fn force_covers_concurrent_writers(log: &impl TxnLog) {
+    let recs: Vec<TxnRecord> = (0..64).map(|_| sample_record(Mode::TwoPhase, 2)).collect();
+    let forces = recs.iter().map(|r| {
+        log.write(r)
+            .expect("force_covers_concurrent_writers: write");
+        log.force()
+    });
+    for r in futures::future::join_all(forces).await {
+        r.expect("force_covers_concurrent_writers: force failed");
+    }
+    for r in &recs {
+        let got = log.get(&r.gtid).expect("get");
+        assert_eq!(got.as_ref(), Some(r), "force_covers_concurrent_writers");
+    }
+    let stats = log.stats();
+    assert!(
+        stats.forces >= 64,
+        "force_covers_concurrent_writers: forces counted"
+    );
+    assert!(
+        stats.flushes >= 1 && stats.flushes <= stats.forces,
+        "flushes counted"
+    );
+}

@@ -1,0 +1,97 @@
+//! The durable transaction log: the [`TxnLog`] trait and its contract, a
+//! sled-backed log ([`SledLog`], the default), an in-memory log for tests
+//! ([`MemLog`]), and the conformance suite every implementation must pass.
+
+mod codec;
+pub mod conformance;
+mod mem;
+mod sled_log;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use mem::MemLog;
+pub use sled_log::SledLog;
+
+use crate::model::{Gtid, TxState, TxnRecord};
+
+/// A failed log operation. Any of these latches the coordinator: it stops
+/// deciding rather than trust a disk that failed once.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LogError {
+    /// The underlying store reported an error.
+    #[error("log storage failed: {0}")]
+    Storage(String),
+    /// A stored record could not be decoded.
+    #[error("log record for {gtid} is corrupt: {detail}")]
+    Corrupt {
+        /// Which record.
+        gtid: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// An earlier failure latched the log; it refuses all further work.
+    #[error("log halted after an earlier failure: {0}")]
+    Halted(String),
+}
+
+/// A future returned by [`TxnLog::force`].
+pub type ForceFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send + 'static>>;
+
+/// Where the coordinator keeps transaction records.
+///
+/// # Durability contract
+///
+/// - [`write`](TxnLog::write) replaces the whole record for `record.gtid`. It
+///   is visible to [`get`](TxnLog::get) and [`scan`](TxnLog::scan) as soon as
+///   it returns, but it is **not durable** yet: a crash may lose it.
+/// - [`force`](TxnLog::force) resolves `Ok` only once every `write` that
+///   returned before `force` was called is on stable storage (survives a
+///   process crash and a power loss). Concurrent `force` calls may be served
+///   by one physical flush (group commit).
+/// - Writes are never reordered: after a crash the log holds, for each
+///   record, either the last write covered by a successful `force` or a later
+///   write.
+/// - An `Err` from any method means the store can no longer be trusted; the
+///   implementation must keep failing (latch) and the caller stops deciding.
+///
+/// The coordinator relies on this as follows (DESIGN.md, presumed abort): a
+/// commit decision is `write` + `force` before any phase-2 call; everything
+/// else (new branches, votes, aborts, phase-2 progress) is a plain `write`,
+/// because losing it can only turn into an abort or a repeated phase-2 call.
+pub trait TxnLog: Send + Sync + 'static {
+    /// Stores `record`, replacing any earlier version. Not durable until a
+    /// later [`force`](TxnLog::force) resolves.
+    fn write(&self, record: &TxnRecord) -> Result<(), LogError>;
+
+    /// Makes every earlier `write` durable; see the contract above.
+    fn force(&self) -> ForceFuture;
+
+    /// The latest record for `gtid`, or `None`.
+    fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError>;
+
+    /// Records in gtid order (creation order), starting strictly after
+    /// `after` when given, keeping only those whose state is in `states`
+    /// (all when empty), at most `limit`.
+    fn scan(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError>;
+
+    /// Counters for operators and the benchmark.
+    fn stats(&self) -> LogStats {
+        LogStats::default()
+    }
+}
+
+/// What a log has done since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// `force` calls served.
+    pub forces: u64,
+    /// Physical flushes (fsyncs) made to serve them; `forces / flushes` is the
+    /// average group-commit batch.
+    pub flushes: u64,
+}

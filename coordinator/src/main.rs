@@ -1,0 +1,206 @@
+//! The `tandem` binary: parses arguments and calls the library.
+//!
+//! - `tandem serve`: run a coordinator.
+//! - `tandem demo`: bank transfers across two participants, end to end.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
+use tandem_coordinator::log::SledLog;
+use tandem_coordinator::{Coordinator, demo, server};
+use tracing::info;
+
+/// Tandem: a distributed transaction coordinator (2PC and TCC).
+#[derive(Parser)]
+#[command(name = "tandem", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a coordinator: the Coordinator and Admin gRPC services over a
+    /// durable sled log. In-flight transactions found in the log are finished.
+    Serve(ServeArgs),
+    /// Run a coordinator, two bank participants and a few hundred concurrent
+    /// 2PC transfers in this process; print counts, throughput and whether
+    /// the total balance was conserved.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address the gRPC services listen on.
+    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Directory of the transaction log (created if missing). Only one
+    /// coordinator may use a directory at a time.
+    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+    data_dir: PathBuf,
+    /// Deadline of a transaction whose client sets none (e.g. 30s, 2m);
+    /// undecided past it, the transaction aborts.
+    #[arg(long, env = "TANDEM_DEFAULT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    default_timeout: Duration,
+    /// Longest deadline a client may ask for.
+    #[arg(long, env = "TANDEM_MAX_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
+    max_timeout: Duration,
+    /// Deadline of each call to a participant (prepare, commit, ...).
+    #[arg(long, env = "TANDEM_CALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    call_timeout: Duration,
+    /// Largest branch payload in bytes; larger requests are refused.
+    #[arg(long, env = "TANDEM_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    max_payload_bytes: usize,
+    /// Most branches in one transaction.
+    #[arg(long, env = "TANDEM_MAX_BRANCHES", default_value_t = 64)]
+    max_branches: usize,
+    /// First delay before retrying a failed commit / rollback call; doubles
+    /// on each failure, with jitter.
+    #[arg(long, env = "TANDEM_RETRY_INITIAL", default_value = "100ms", value_parser = parse_duration)]
+    retry_initial: Duration,
+    /// Longest delay between two retries of a commit / rollback call.
+    #[arg(long, env = "TANDEM_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
+    retry_max: Duration,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Transfers to run.
+    #[arg(long, default_value_t = 400)]
+    transfers: usize,
+    /// Transfers in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Seed of the transfer generator.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of milliseconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let ms = match unit {
+        "" | "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = CoordinatorConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        default_timeout: args.default_timeout,
+        max_timeout: args.max_timeout,
+        call_timeout: args.call_timeout,
+        max_payload_bytes: args.max_payload_bytes,
+        max_branches: args.max_branches,
+        retry: RetryPolicy {
+            initial: args.retry_initial,
+            max: args.retry_max,
+        },
+    };
+    config.validate()?;
+    let log = Arc::new(SledLog::open(&config.data_dir)?);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "tandem coordinator serving");
+    // Printed for scripts and tests that start us on port 0.
+    println!("listening on {}", listener.local_addr()?);
+    let coord = Coordinator::new(config, log)?;
+    server::serve(coord, listener, shutdown_signal()).await?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutdown requested: finishing in-flight calls");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,sled=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Demo(args) => run_demo(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let report = demo::run(demo::DemoOptions {
+        transfers: args.transfers,
+        concurrency: args.concurrency,
+        seed: args.seed,
+        ..demo::DemoOptions::default()
+    })
+    .await?;
+    println!("{report}");
+    anyhow::ensure!(
+        report.ok(),
+        "the demo's invariants did not hold (see above)"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_garbage() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("40"), Ok(Duration::from_millis(40)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,198 @@
+//! The transaction record: what the coordinator knows about one global
+//! transaction and its branches. Plain data shared by the engine, the log and
+//! the services; no behaviour beyond small queries.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use uuid::Uuid;
+
+/// Global transaction id: a UUID v7, so ids sort by creation time.
+pub type Gtid = Uuid;
+
+/// Branch id within a transaction, starting at 1.
+pub type BranchId = u32;
+
+/// The protocol a transaction runs. The engine is shared; the mode only
+/// decides which participant calls are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Two-phase commit: prepare, then commit or rollback.
+    TwoPhase,
+    /// Try / confirm / cancel.
+    Tcc,
+}
+
+/// Transaction states; see DESIGN.md "States".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TxState {
+    /// Interactive transaction accepting branches; nothing decided.
+    Active,
+    /// One-shot transaction running phase 1; nothing decided.
+    Preparing,
+    /// Commit decided (forced to disk); phase 2 running.
+    Committing,
+    /// Every branch acknowledged commit. Terminal.
+    Committed,
+    /// Abort decided; phase 2 running.
+    Aborting,
+    /// Every branch acknowledged abort. Terminal.
+    Aborted,
+    /// Phase 2 gave up under the retry policy; decision kept, operator drives it.
+    Stuck,
+}
+
+impl TxState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [TxState; 7] = [
+        TxState::Active,
+        TxState::Preparing,
+        TxState::Committing,
+        TxState::Committed,
+        TxState::Aborting,
+        TxState::Aborted,
+        TxState::Stuck,
+    ];
+
+    /// True once nothing is left to do.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TxState::Committed | TxState::Aborted)
+    }
+
+    /// True once a decision (commit or abort) exists.
+    pub fn is_decided(self) -> bool {
+        !matches!(self, TxState::Active | TxState::Preparing)
+    }
+
+    /// Upper-case name used in logs, errors and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            TxState::Active => "ACTIVE",
+            TxState::Preparing => "PREPARING",
+            TxState::Committing => "COMMITTING",
+            TxState::Committed => "COMMITTED",
+            TxState::Aborting => "ABORTING",
+            TxState::Aborted => "ABORTED",
+            TxState::Stuck => "STUCK",
+        }
+    }
+}
+
+impl fmt::Display for TxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Branch states, mode-neutral. [`BranchState::name`] gives the mode's word
+/// (PREPARED in 2PC is TRIED in TCC, and so on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BranchState {
+    /// Recorded; phase 1 not answered yet.
+    Registered,
+    /// Voted yes (prepared / tried).
+    Prepared,
+    /// The participant explicitly voted no: it holds nothing for this branch.
+    Refused,
+    /// Phase 1 failed (error, unreachable, deadline): it may have run, so an
+    /// abort still calls rollback / cancel on it.
+    Failed,
+    /// Acknowledged commit / confirm. Terminal.
+    Committed,
+    /// Acknowledged rollback / cancel. Terminal.
+    RolledBack,
+}
+
+impl BranchState {
+    /// The state's name in the given mode.
+    pub fn name(self, mode: Mode) -> &'static str {
+        match (self, mode) {
+            (BranchState::Registered, _) => "REGISTERED",
+            (BranchState::Prepared, Mode::TwoPhase) => "PREPARED",
+            (BranchState::Prepared, Mode::Tcc) => "TRIED",
+            (BranchState::Refused | BranchState::Failed, Mode::TwoPhase) => "VOTED_NO",
+            (BranchState::Refused | BranchState::Failed, Mode::Tcc) => "TRY_FAILED",
+            (BranchState::Committed, Mode::TwoPhase) => "COMMITTED",
+            (BranchState::Committed, Mode::Tcc) => "CONFIRMED",
+            (BranchState::RolledBack, Mode::TwoPhase) => "ROLLED_BACK",
+            (BranchState::RolledBack, Mode::Tcc) => "CANCELLED",
+        }
+    }
+}
+
+/// One branch: one participant resource called in both phases.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BranchRecord {
+    /// Id within the transaction, starting at 1.
+    pub id: BranchId,
+    /// Participant gRPC endpoint (validated URI).
+    pub endpoint: String,
+    /// Handler name in the participant.
+    pub resource: String,
+    /// Bytes passed to every call of this branch; immutable once recorded.
+    pub payload: Bytes,
+    /// Where the branch is.
+    pub state: BranchState,
+    /// Phase-2 calls made so far.
+    pub attempts: u32,
+    /// Last error calling this branch; empty if none.
+    pub last_error: String,
+    /// Last change, ms since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+/// One global transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TxnRecord {
+    /// Id.
+    pub gtid: Gtid,
+    /// Protocol.
+    pub mode: Mode,
+    /// State.
+    pub state: TxState,
+    /// Why it aborted; empty otherwise.
+    pub reason: String,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Last change, ms since the Unix epoch.
+    pub updated_ms: u64,
+    /// An undecided transaction past this time aborts, ms since the Unix epoch.
+    pub deadline_ms: u64,
+    /// Branches in enlistment order; `branches[i].id == i + 1`.
+    pub branches: Vec<BranchRecord>,
+}
+
+impl TxnRecord {
+    /// A new record with no branches.
+    pub fn new(gtid: Gtid, mode: Mode, state: TxState, now_ms: u64, deadline_ms: u64) -> Self {
+        TxnRecord {
+            gtid,
+            mode,
+            state,
+            reason: String::new(),
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            deadline_ms,
+            branches: Vec::new(),
+        }
+    }
+
+    /// The branch with this id, if any.
+    pub fn branch(&self, id: BranchId) -> Option<&BranchRecord> {
+        self.branches.get((id as usize).checked_sub(1)?)
+    }
+
+    /// Mutable access to the branch with this id, if any.
+    pub fn branch_mut(&mut self, id: BranchId) -> Option<&mut BranchRecord> {
+        self.branches.get_mut((id as usize).checked_sub(1)?)
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,674 @@
+//! The runtime around the engine: it turns client requests into engine
+//! events, writes and forces the log, calls participants with deadlines,
+//! runs retry and deadline timers, and keeps the table of live transactions.
+//!
+//! Each transaction's [`Txn`] sits behind its own mutex, held only while the
+//! engine handles an event and the resulting record is written to the log.
+//! Writing under that lock keeps the log's versions of a record in the same
+//! order as the engine's states. Calls and timers run outside it.
+
+mod participants;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tandem_proto::v1::BranchRequest;
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+use participants::ParticipantPool;
+pub(crate) use participants::validate_endpoint;
+
+use crate::config::CoordinatorConfig;
+use crate::engine::{Command, Event, NewBranch, Txn, Vote};
+use crate::error::CoordError;
+use crate::log::{LogError, LogStats, TxnLog};
+use crate::model::{BranchId, Gtid, Mode, TxState, TxnRecord, now_ms};
+
+/// Longest resource name accepted.
+const MAX_RESOURCE_LEN: usize = 256;
+/// Longest endpoint accepted.
+const MAX_ENDPOINT_LEN: usize = 1024;
+/// Longest client rollback reason kept.
+const MAX_REASON_LEN: usize = 1024;
+
+/// The outcome of a one-shot transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// Transaction id.
+    pub gtid: Gtid,
+    /// COMMITTED / COMMITTING or ABORTED / ABORTING.
+    pub state: TxState,
+    /// Why it aborted; empty when committed.
+    pub reason: String,
+    /// Phase-1 reply of each branch, in request order (empty unless yes).
+    pub replies: Vec<Bytes>,
+}
+
+/// A handle to the coordinator; cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Arc<dyn TxnLog>,
+    config: CoordinatorConfig,
+    live: Mutex<HashMap<Gtid, Arc<Entry>>>,
+    pool: ParticipantPool,
+    /// Set once a log write or force failed: from then on nothing is decided.
+    halted: OnceLock<String>,
+}
+
+/// One live transaction.
+struct Entry {
+    txn: Mutex<Txn>,
+    deadline_timer: Mutex<Option<AbortHandle>>,
+}
+
+type CallFuture<'a> = Pin<Box<dyn Future<Output = (Event, Option<Bytes>)> + Send + 'a>>;
+
+impl Coordinator {
+    /// A coordinator over `log`. Call [`Coordinator::recover`] before serving.
+    ///
+    /// # Errors
+    ///
+    /// [`CoordError::InvalidArgument`] when `config` does not validate.
+    pub fn new(config: CoordinatorConfig, log: Arc<dyn TxnLog>) -> Result<Self, CoordError> {
+        config
+            .validate()
+            .map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
+        Ok(Coordinator {
+            inner: Arc::new(Inner {
+                log,
+                config,
+                live: Mutex::new(HashMap::new()),
+                pool: ParticipantPool::default(),
+                halted: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.inner.config
+    }
+
+    /// Log counters (forces, flushes).
+    pub fn log_stats(&self) -> LogStats {
+        self.inner.log.stats()
+    }
+
+    /// Transactions currently held in memory (not yet terminal).
+    pub fn live_count(&self) -> usize {
+        self.inner.live_table().len()
+    }
+
+    /// Loads every non-terminal transaction from the log and finishes it in
+    /// the background: undecided ones abort, decided ones run phase 2 again.
+    /// Returns how many were taken over.
+    ///
+    /// # Errors
+    ///
+    /// A log read failure.
+    pub fn recover(&self) -> Result<usize, CoordError> {
+        let undecided = [TxState::Active, TxState::Preparing];
+        let decided = [TxState::Committing, TxState::Aborting];
+        let mut after = None;
+        let mut count = 0;
+        loop {
+            let page = self.inner.log.scan(
+                after.as_ref(),
+                &[undecided[0], undecided[1], decided[0], decided[1]],
+                1000,
+            )?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.gtid);
+            for rec in page {
+                let gtid = rec.gtid;
+                let state = rec.state;
+                let (txn, cmds) = Txn::recover(rec, now_ms());
+                let entry = self.inner.insert_live(gtid, txn);
+                self.inner.log.write(entry.lock().record())?;
+                info!(%gtid, %state, "recovering transaction");
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    let _ = inner.run(&entry, cmds).await;
+                });
+                count += 1;
+            }
+        }
+        if count > 0 {
+            info!(count, "recovery started for in-flight transactions");
+        }
+        Ok(count)
+    }
+
+    /// Starts an interactive transaction.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a timeout above the maximum; `Unavailable` when
+    /// halted.
+    pub async fn begin(&self, mode: Mode, timeout: Option<Duration>) -> Result<Gtid, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        let deadline = inner.deadline(timeout)?;
+        let gtid = Gtid::now_v7();
+        let (txn, _persist) = Txn::begin(gtid, mode, now_ms(), deadline);
+        let entry = inner.insert_live(gtid, txn);
+        if let Err(e) = inner.log.write(entry.lock().record()) {
+            inner.forget(&gtid);
+            return Err(inner.halt(e));
+        }
+        inner.start_deadline_timer(&entry, gtid, deadline);
+        Ok(gtid)
+    }
+
+    /// Adds a branch and runs its phase 1; returns its id and reply bytes.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` (bad branch), `NotFound`, `WrongState` (not ACTIVE),
+    /// `Aborted` (the participant voted no or failed; the transaction aborted).
+    pub async fn enlist(
+        &self,
+        gtid: Gtid,
+        branch: NewBranch,
+    ) -> Result<(BranchId, Bytes), CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        inner.validate_branch(&branch)?;
+        let entry = inner.live_entry(&gtid)?;
+        if entry.lock().record().branches.len() >= inner.config.max_branches {
+            return Err(CoordError::InvalidArgument(format!(
+                "transaction {gtid} already has the maximum of {} branches",
+                inner.config.max_branches
+            )));
+        }
+        let cmds = inner.step(&entry, Event::Enlist(branch))?;
+        let id = cmds.iter().find_map(|c| match c {
+            Command::PhaseOne { branch } => Some(*branch),
+            _ => None,
+        });
+        let mut replies = inner.run(&entry, cmds).await?;
+        let rec = entry.lock().record().clone();
+        match id {
+            Some(id) if rec.state == TxState::Active => {
+                Ok((id, replies.remove(&id).unwrap_or_default()))
+            }
+            _ => Err(CoordError::Aborted {
+                gtid,
+                reason: rec.reason,
+            }),
+        }
+    }
+
+    /// Decides commit, forces it, runs phase 2; returns COMMITTED, or
+    /// COMMITTING when some branch is being retried in the background.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, `WrongState` (aborted, rolled back, one-shot, branch in
+    /// flight), `Aborted` (deadline passed), `Unavailable`.
+    pub async fn commit(&self, gtid: Gtid) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        let Some(entry) = inner.find_live(&gtid) else {
+            return inner.settled_state(gtid, "commit");
+        };
+        let cmds = inner.step(&entry, Event::Commit)?;
+        inner.run(&entry, cmds).await?;
+        let rec = entry.lock().record().clone();
+        match rec.state {
+            TxState::Aborting | TxState::Aborted => Err(CoordError::Aborted {
+                gtid,
+                reason: rec.reason,
+            }),
+            state => Ok(state),
+        }
+    }
+
+    /// Decides abort and runs rollback / cancel; returns ABORTED, or
+    /// ABORTING while some branch is being retried.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, `WrongState` (already decided commit), `Unavailable`.
+    pub async fn rollback(&self, gtid: Gtid, reason: String) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        if reason.len() > MAX_REASON_LEN {
+            return Err(CoordError::InvalidArgument(format!(
+                "reason is {} bytes; at most {MAX_REASON_LEN}",
+                reason.len()
+            )));
+        }
+        let Some(entry) = inner.find_live(&gtid) else {
+            return inner.settled_state(gtid, "roll back");
+        };
+        let cmds = inner.step(&entry, Event::Rollback { reason })?;
+        inner.run(&entry, cmds).await?;
+        let state = entry.lock().record().state;
+        Ok(state)
+    }
+
+    /// Runs a whole transaction: records all branches, phase 1 in parallel,
+    /// decision, phase 2.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a bad request (nothing recorded), `Unavailable`.
+    /// An aborted transaction is an `Ok` outcome with state ABORTED.
+    pub async fn submit(
+        &self,
+        mode: Mode,
+        timeout: Option<Duration>,
+        branches: Vec<NewBranch>,
+    ) -> Result<SubmitOutcome, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        if branches.is_empty() {
+            return Err(CoordError::InvalidArgument(
+                "a transaction needs at least one branch".into(),
+            ));
+        }
+        if branches.len() > inner.config.max_branches {
+            return Err(CoordError::InvalidArgument(format!(
+                "{} branches; at most {}",
+                branches.len(),
+                inner.config.max_branches
+            )));
+        }
+        for b in &branches {
+            inner.validate_branch(b)?;
+        }
+        let deadline = inner.deadline(timeout)?;
+        let gtid = Gtid::now_v7();
+        let n = branches.len();
+        let (txn, cmds) = Txn::submit(gtid, mode, now_ms(), deadline, branches);
+        let entry = inner.insert_live(gtid, txn);
+        if let Err(e) = inner.log.write(entry.lock().record()) {
+            inner.forget(&gtid);
+            return Err(inner.halt(e));
+        }
+        let mut replies = inner.run(&entry, cmds).await?;
+        let rec = entry.lock().record().clone();
+        Ok(SubmitOutcome {
+            gtid,
+            state: rec.state,
+            reason: rec.reason,
+            replies: (1..=n as BranchId)
+                .map(|id| replies.remove(&id).unwrap_or_default())
+                .collect(),
+        })
+    }
+
+    /// The latest record of a transaction.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, or a log failure.
+    pub fn get(&self, gtid: Gtid) -> Result<TxnRecord, CoordError> {
+        self.inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))
+    }
+
+    /// Records in creation order after `after`, filtered by state.
+    ///
+    /// # Errors
+    ///
+    /// A log failure.
+    pub fn list(
+        &self,
+        after: Option<Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, CoordError> {
+        Ok(self.inner.log.scan(after.as_ref(), states, limit)?)
+    }
+}
+
+impl Entry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Txn> {
+        // The engine never panics mid-update on input; if a bug did, the
+        // record written last is still the one on disk.
+        self.txn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    fn live_table(&self) -> std::sync::MutexGuard<'_, HashMap<Gtid, Arc<Entry>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert_live(&self, gtid: Gtid, txn: Txn) -> Arc<Entry> {
+        let entry = Arc::new(Entry {
+            txn: Mutex::new(txn),
+            deadline_timer: Mutex::new(None),
+        });
+        self.live_table().insert(gtid, entry.clone());
+        entry
+    }
+
+    fn find_live(&self, gtid: &Gtid) -> Option<Arc<Entry>> {
+        self.live_table().get(gtid).cloned()
+    }
+
+    fn live_entry(&self, gtid: &Gtid) -> Result<Arc<Entry>, CoordError> {
+        if let Some(e) = self.find_live(gtid) {
+            return Ok(e);
+        }
+        match self.log.get(gtid)? {
+            Some(rec) => Err(crate::engine::EngineError::WrongState {
+                gtid: *gtid,
+                state: rec.state,
+                action: "enlist a branch",
+                detail: "; branches can only be added to an ACTIVE transaction".into(),
+            }
+            .into()),
+            None => Err(CoordError::NotFound(*gtid)),
+        }
+    }
+
+    /// Answers commit / rollback for a transaction no longer live: the same
+    /// engine rules, applied to the record in the log (nothing is written).
+    fn settled_state(&self, gtid: Gtid, action: &'static str) -> Result<TxState, CoordError> {
+        let rec = self.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+        let mut txn = Txn::recover(rec.clone(), now_ms()).0;
+        let event = if action == "commit" {
+            Event::Commit
+        } else {
+            Event::Rollback {
+                reason: String::new(),
+            }
+        };
+        txn.handle(event, now_ms())?;
+        Ok(rec.state)
+    }
+
+    fn forget(&self, gtid: &Gtid) {
+        if let Some(entry) = self.live_table().remove(gtid) {
+            let timer = entry
+                .deadline_timer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(t) = timer {
+                t.abort();
+            }
+        }
+    }
+
+    fn check_halted(&self) -> Result<(), CoordError> {
+        match self.halted.get() {
+            Some(why) => Err(CoordError::Unavailable(format!(
+                "coordinator stopped deciding after a log failure ({why}); restart it once the disk is healthy"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn halt(&self, e: LogError) -> CoordError {
+        let why = self.halted.get_or_init(|| e.to_string());
+        tracing::error!(error = %why, "log failure: the coordinator stops deciding");
+        CoordError::Unavailable(format!(
+            "coordinator stopped deciding after a log failure ({why})"
+        ))
+    }
+
+    fn deadline(&self, timeout: Option<Duration>) -> Result<u64, CoordError> {
+        let timeout = timeout.unwrap_or(self.config.default_timeout);
+        if timeout > self.config.max_timeout {
+            return Err(CoordError::InvalidArgument(format!(
+                "timeout {} ms is above the maximum of {} ms",
+                timeout.as_millis(),
+                self.config.max_timeout.as_millis()
+            )));
+        }
+        Ok(now_ms() + timeout.as_millis() as u64)
+    }
+
+    fn validate_branch(&self, b: &NewBranch) -> Result<(), CoordError> {
+        let invalid = |m: String| Err(CoordError::InvalidArgument(m));
+        if b.endpoint.is_empty() {
+            return invalid("branch endpoint is empty".into());
+        }
+        if b.endpoint.len() > MAX_ENDPOINT_LEN {
+            return invalid(format!(
+                "branch endpoint is longer than {MAX_ENDPOINT_LEN} bytes"
+            ));
+        }
+        validate_endpoint(&b.endpoint).map_err(CoordError::InvalidArgument)?;
+        if b.resource.is_empty() {
+            return invalid("branch resource is empty".into());
+        }
+        if b.resource.len() > MAX_RESOURCE_LEN {
+            return invalid(format!(
+                "branch resource is longer than {MAX_RESOURCE_LEN} bytes"
+            ));
+        }
+        if b.payload.len() > self.config.max_payload_bytes {
+            return invalid(format!(
+                "branch payload is {} bytes; the limit is {} bytes",
+                b.payload.len(),
+                self.config.max_payload_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Feeds one event to the engine and writes the record if it changed.
+    fn step(&self, entry: &Entry, event: Event) -> Result<Vec<Command>, CoordError> {
+        let mut txn = entry.lock();
+        let cmds = txn.handle(event, now_ms())?;
+        if cmds
+            .iter()
+            .any(|c| matches!(c, Command::Persist | Command::ForceDecision))
+        {
+            self.check_halted()?;
+            self.log.write(txn.record()).map_err(|e| self.halt(e))?;
+        }
+        Ok(cmds)
+    }
+
+    /// Carries out `cmds` and everything they lead to until no participant
+    /// call is in flight. Retries are left to timers. Returns the phase-1
+    /// replies received, by branch.
+    async fn run(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        cmds: Vec<Command>,
+    ) -> Result<HashMap<BranchId, Bytes>, CoordError> {
+        let mut calls: FuturesUnordered<CallFuture<'_>> = FuturesUnordered::new();
+        let mut replies = HashMap::new();
+        let mut queue = VecDeque::from(cmds);
+        loop {
+            while let Some(cmd) = queue.pop_front() {
+                match cmd {
+                    Command::Persist => {} // written by `step`
+                    Command::ForceDecision => {
+                        self.log.force().await.map_err(|e| self.halt(e))?;
+                        queue.extend(self.step(entry, Event::DecisionDurable)?);
+                    }
+                    Command::PhaseOne { branch } => {
+                        calls.push(Box::pin(self.phase_one(entry, branch)))
+                    }
+                    Command::PhaseTwo {
+                        branch,
+                        commit,
+                        attempt,
+                    } => calls.push(Box::pin(self.phase_two(entry, branch, commit, attempt))),
+                    Command::RetryLater { branch, failures } => {
+                        self.schedule_retry(entry, branch, failures)
+                    }
+                    Command::Finished => {
+                        let gtid = entry.lock().record().gtid;
+                        self.forget(&gtid);
+                    }
+                }
+            }
+            let Some((event, reply)) = calls.next().await else {
+                return Ok(replies);
+            };
+            if let (Event::PhaseOne { branch, .. }, Some(reply)) = (&event, reply) {
+                replies.insert(*branch, reply);
+            }
+            queue.extend(self.step(entry, event)?);
+        }
+    }
+
+    fn branch_request(
+        &self,
+        entry: &Entry,
+        branch: BranchId,
+        attempt: u32,
+    ) -> Option<(String, Mode, u64, BranchRequest)> {
+        let txn = entry.lock();
+        let rec = txn.record();
+        let b = rec.branch(branch)?;
+        Some((
+            b.endpoint.clone(),
+            rec.mode,
+            rec.deadline_ms,
+            BranchRequest {
+                gtid: rec.gtid.to_string(),
+                branch_id: branch,
+                resource: b.resource.clone(),
+                payload: b.payload.clone(),
+                attempt,
+            },
+        ))
+    }
+
+    async fn phase_one(&self, entry: &Entry, branch: BranchId) -> (Event, Option<Bytes>) {
+        let Some((endpoint, mode, deadline, req)) = self.branch_request(entry, branch, 1) else {
+            let vote = Vote::Failed("branch vanished".into());
+            return (Event::PhaseOne { branch, vote }, None);
+        };
+        let left = Duration::from_millis(deadline.saturating_sub(now_ms()).max(1));
+        let timeout = self.config.call_timeout.min(left);
+        match self.pool.phase_one(&endpoint, mode, req, timeout).await {
+            Ok(v) if v.yes => (
+                Event::PhaseOne {
+                    branch,
+                    vote: Vote::Yes,
+                },
+                Some(v.reply),
+            ),
+            Ok(v) => (
+                Event::PhaseOne {
+                    branch,
+                    vote: Vote::No(v.reason),
+                },
+                None,
+            ),
+            Err(e) => (
+                Event::PhaseOne {
+                    branch,
+                    vote: Vote::Failed(e),
+                },
+                None,
+            ),
+        }
+    }
+
+    async fn phase_two(
+        &self,
+        entry: &Entry,
+        branch: BranchId,
+        commit: bool,
+        attempt: u32,
+    ) -> (Event, Option<Bytes>) {
+        let Some((endpoint, mode, _, req)) = self.branch_request(entry, branch, attempt) else {
+            return (
+                Event::PhaseTwo {
+                    branch,
+                    result: Ok(()),
+                },
+                None,
+            );
+        };
+        let result = self
+            .pool
+            .phase_two(&endpoint, mode, commit, req, self.config.call_timeout)
+            .await;
+        if let Err(error) = &result {
+            let gtid = entry.lock().record().gtid;
+            warn!(%gtid, branch, attempt, %error, "phase-2 call failed; will retry");
+        }
+        (Event::PhaseTwo { branch, result }, None)
+    }
+
+    fn schedule_retry(self: &Arc<Self>, entry: &Arc<Entry>, branch: BranchId, failures: u32) {
+        let jitter = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let delay = self.config.retry.delay(failures, jitter);
+        self.spawn_later(entry, Event::RetryDue { branch }, tokio::time::sleep(delay));
+    }
+
+    fn start_deadline_timer(self: &Arc<Self>, entry: &Arc<Entry>, gtid: Gtid, deadline_ms: u64) {
+        let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        let handle = self.spawn_later(entry, Event::DeadlinePassed, tokio::time::sleep(wait));
+        *entry
+            .deadline_timer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        // It may have finished already (a racing commit); then drop the timer.
+        if self.find_live(&gtid).is_none() {
+            handle_abort(entry);
+        }
+    }
+
+    /// After `wait`, feeds `event` and runs what follows, in its own task.
+    fn spawn_later(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        event: Event,
+        wait: impl Future<Output = ()> + Send + 'static,
+    ) -> AbortHandle {
+        let (inner, entry) = (self.clone(), entry.clone());
+        let is_deadline = event == Event::DeadlinePassed;
+        let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            wait.await;
+            if is_deadline {
+                // Past this point the timer must not be aborted by `forget`.
+                entry
+                    .deadline_timer
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+            }
+            if inner.check_halted().is_err() {
+                return;
+            }
+            let gtid = entry.lock().record().gtid;
+            match inner.step(&entry, event) {
+                Ok(cmds) => {
+                    if let Err(e) = inner.run(&entry, cmds).await {
+                        warn!(%gtid, error = %e, "background step failed");
+                    }
+                }
+                Err(e) => warn!(%gtid, error = %e, "background step refused"),
+            }
+        });
+        tokio::spawn(task).abort_handle()
+    }
+}
+
+fn handle_abort(entry: &Entry) {
+    if let Some(t) = entry
+        .deadline_timer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        t.abort();
+    }
+}

@@ -1,0 +1,95 @@
+//! Starting and stopping a coordinator server: both gRPC services on one
+//! listener, recovery before serving, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tandem_proto::v1::admin_server::AdminServer;
+use tandem_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::CoordinatorConfig;
+use crate::log::TxnLog;
+use crate::runtime::Coordinator;
+use crate::service::{AdminService, CoordinatorService};
+
+/// Largest gRPC message accepted: room for many branches of maximum payload.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Serves the Coordinator and Admin services on `listener` until `shutdown`
+/// resolves, after starting recovery of in-flight transactions.
+///
+/// # Errors
+///
+/// Recovery could not read the log, or the transport failed.
+pub async fn serve(
+    coord: Coordinator,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    coord.recover()?;
+    let coordinator = CoordinatorServer::new(CoordinatorService::new(coord.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServer::new(AdminService::new(coord));
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(coordinator)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// A coordinator serving in the background of this process (tests, demo).
+pub struct RunningCoordinator {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The coordinator itself, for direct inspection.
+    pub coordinator: Coordinator,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningCoordinator {
+    /// Binds `config.listen` (use port 0 for any free port) and serves `log`.
+    ///
+    /// # Errors
+    ///
+    /// Invalid configuration or the address cannot be bound.
+    pub async fn start(config: CoordinatorConfig, log: Arc<dyn TxnLog>) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let coordinator = Coordinator::new(config, log)?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(coordinator.clone(), listener, async move {
+            let _ = stopped.await;
+        }));
+        Ok(RunningCoordinator {
+            addr,
+            coordinator,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// `http://addr`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting calls, waits for in-flight ones, and returns.
+    ///
+    /// # Errors
+    ///
+    /// The server task failed.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?
+    }
+}

@@ -1,0 +1,79 @@
+//! The `Admin` gRPC service: read-only views of the log for operators.
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::admin_server::Admin as AdminRpc;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert::{record_to_wire, state_from_wire};
+use super::parse_gtid;
+use crate::runtime::Coordinator;
+
+/// Default and largest page sizes of `ListTransactions`.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// Serves `tandem.v1.Admin` over a [`Coordinator`].
+#[derive(Clone)]
+pub struct AdminService {
+    coord: Coordinator,
+}
+
+impl AdminService {
+    /// Wraps a coordinator.
+    pub fn new(coord: Coordinator) -> Self {
+        AdminService { coord }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminRpc for AdminService {
+    #[instrument(skip_all)]
+    async fn list_transactions(
+        &self,
+        req: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let req = req.into_inner();
+        let states = req
+            .states
+            .iter()
+            .map(|s| state_from_wire(*s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let size = match req.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                parse_gtid(&req.page_token)
+                    .map_err(|_| Status::invalid_argument("bad page_token"))?,
+            )
+        };
+        // One extra record tells whether another page exists.
+        let mut records = self.coord.list(after, &states, size + 1)?;
+        let next_page_token = if records.len() > size {
+            records.truncate(size);
+            records
+                .last()
+                .map(|r| r.gtid.to_string())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTransactionsResponse {
+            transactions: records.iter().map(record_to_wire).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn get_transaction(
+        &self,
+        req: Request<pb::AdminGetTransactionRequest>,
+    ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let gtid = parse_gtid(&req.get_ref().gtid)?;
+        Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+    }
+}

@@ -1,0 +1,97 @@
+//! Conversions between the wire types of `tandem-proto` and the model.
+
+use std::time::Duration;
+
+use tandem_proto::v1 as pb;
+use tonic::Status;
+
+use crate::engine::NewBranch;
+use crate::model::{BranchState, Mode, TxState, TxnRecord};
+
+pub(super) fn mode_from_wire(mode: i32) -> Result<Mode, Status> {
+    match pb::Mode::try_from(mode) {
+        Ok(pb::Mode::TwoPhase) => Ok(Mode::TwoPhase),
+        Ok(pb::Mode::Tcc) => Ok(Mode::Tcc),
+        _ => Err(Status::invalid_argument(
+            "mode must be MODE_TWO_PHASE or MODE_TCC",
+        )),
+    }
+}
+
+pub(super) fn timeout_from_wire(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+pub(super) fn branch_from_wire(b: Option<pb::BranchSpec>) -> Result<NewBranch, Status> {
+    let b = b.ok_or_else(|| Status::invalid_argument("branch is missing"))?;
+    Ok(NewBranch {
+        endpoint: b.endpoint,
+        resource: b.resource,
+        payload: b.payload,
+    })
+}
+
+pub(super) fn state_to_wire(s: TxState) -> pb::TxState {
+    match s {
+        TxState::Active => pb::TxState::Active,
+        TxState::Preparing => pb::TxState::Preparing,
+        TxState::Committing => pb::TxState::Committing,
+        TxState::Committed => pb::TxState::Committed,
+        TxState::Aborting => pb::TxState::Aborting,
+        TxState::Aborted => pb::TxState::Aborted,
+        TxState::Stuck => pb::TxState::Stuck,
+    }
+}
+
+pub(super) fn state_from_wire(s: i32) -> Result<TxState, Status> {
+    let state = pb::TxState::try_from(s)
+        .map_err(|_| Status::invalid_argument(format!("unknown state {s}")))?;
+    TxState::ALL
+        .into_iter()
+        .find(|t| state_to_wire(*t) == state)
+        .ok_or_else(|| Status::invalid_argument("state must be set"))
+}
+
+fn branch_state_to_wire(s: BranchState, mode: Mode) -> pb::BranchState {
+    use pb::BranchState as W;
+    match (s, mode) {
+        (BranchState::Registered, _) => W::Registered,
+        (BranchState::Prepared, Mode::TwoPhase) => W::Prepared,
+        (BranchState::Prepared, Mode::Tcc) => W::Tried,
+        (BranchState::Refused | BranchState::Failed, Mode::TwoPhase) => W::VotedNo,
+        (BranchState::Refused | BranchState::Failed, Mode::Tcc) => W::TryFailed,
+        (BranchState::Committed, Mode::TwoPhase) => W::Committed,
+        (BranchState::Committed, Mode::Tcc) => W::Confirmed,
+        (BranchState::RolledBack, Mode::TwoPhase) => W::RolledBack,
+        (BranchState::RolledBack, Mode::Tcc) => W::Cancelled,
+    }
+}
+
+pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
+    pb::TransactionInfo {
+        gtid: r.gtid.to_string(),
+        mode: match r.mode {
+            Mode::TwoPhase => pb::Mode::TwoPhase,
+            Mode::Tcc => pb::Mode::Tcc,
+        } as i32,
+        state: state_to_wire(r.state) as i32,
+        reason: r.reason.clone(),
+        created_at_ms: r.created_ms,
+        updated_at_ms: r.updated_ms,
+        deadline_ms: r.deadline_ms,
+        branches: r
+            .branches
+            .iter()
+            .map(|b| pb::BranchInfo {
+                branch_id: b.id,
+                endpoint: b.endpoint.clone(),
+                resource: b.resource.clone(),
+                state: branch_state_to_wire(b.state, r.mode) as i32,
+                attempts: b.attempts,
+                last_error: b.last_error.clone(),
+                updated_at_ms: b.updated_ms,
+                payload_len: b.payload.len() as u32,
+            })
+            .collect(),
+    }
+}

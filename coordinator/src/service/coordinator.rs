@@ -1,0 +1,116 @@
+//! The `Coordinator` gRPC service.
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::coordinator_server::Coordinator as CoordinatorRpc;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert::{
+    branch_from_wire, mode_from_wire, record_to_wire, state_to_wire, timeout_from_wire,
+};
+use super::parse_gtid;
+use crate::runtime::Coordinator;
+
+/// Serves `tandem.v1.Coordinator` over a [`Coordinator`].
+#[derive(Clone)]
+pub struct CoordinatorService {
+    coord: Coordinator,
+}
+
+impl CoordinatorService {
+    /// Wraps a coordinator.
+    pub fn new(coord: Coordinator) -> Self {
+        CoordinatorService { coord }
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    #[instrument(skip_all)]
+    async fn begin(
+        &self,
+        req: Request<pb::BeginRequest>,
+    ) -> Result<Response<pb::BeginResponse>, Status> {
+        let req = req.into_inner();
+        let mode = mode_from_wire(req.mode)?;
+        let gtid = self
+            .coord
+            .begin(mode, timeout_from_wire(req.timeout_ms))
+            .await?;
+        tracing::debug!(%gtid, ?mode, "begun");
+        Ok(Response::new(pb::BeginResponse {
+            gtid: gtid.to_string(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn enlist(
+        &self,
+        req: Request<pb::EnlistRequest>,
+    ) -> Result<Response<pb::EnlistResponse>, Status> {
+        let req = req.into_inner();
+        let gtid = parse_gtid(&req.gtid)?;
+        let branch = branch_from_wire(req.branch)?;
+        let (branch_id, reply) = self.coord.enlist(gtid, branch).await?;
+        Ok(Response::new(pb::EnlistResponse { branch_id, reply }))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn commit(
+        &self,
+        req: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        let gtid = parse_gtid(&req.get_ref().gtid)?;
+        let state = self.coord.commit(gtid).await?;
+        Ok(Response::new(pb::CommitResponse {
+            state: state_to_wire(state) as i32,
+        }))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn rollback(
+        &self,
+        req: Request<pb::RollbackRequest>,
+    ) -> Result<Response<pb::RollbackResponse>, Status> {
+        let req = req.into_inner();
+        let gtid = parse_gtid(&req.gtid)?;
+        let state = self.coord.rollback(gtid, req.reason).await?;
+        Ok(Response::new(pb::RollbackResponse {
+            state: state_to_wire(state) as i32,
+        }))
+    }
+
+    #[instrument(skip_all)]
+    async fn submit(
+        &self,
+        req: Request<pb::SubmitRequest>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let req = req.into_inner();
+        let mode = mode_from_wire(req.mode)?;
+        let branches = req
+            .branches
+            .into_iter()
+            .map(|b| branch_from_wire(Some(b)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let out = self
+            .coord
+            .submit(mode, timeout_from_wire(req.timeout_ms), branches)
+            .await?;
+        tracing::debug!(gtid = %out.gtid, state = %out.state, "submitted");
+        Ok(Response::new(pb::SubmitResponse {
+            gtid: out.gtid.to_string(),
+            state: state_to_wire(out.state) as i32,
+            reason: out.reason,
+            replies: out.replies,
+        }))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn get_transaction(
+        &self,
+        req: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let gtid = parse_gtid(&req.get_ref().gtid)?;
+        Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+    }
+}

@@ -1,0 +1,23 @@
+//! The tonic services: [`CoordinatorService`] for business services and
+//! [`AdminService`] for operators. They validate and convert at the edge and
+//! map every error to a status through `From<CoordError> for Status`.
+
+mod admin;
+mod convert;
+mod coordinator;
+
+pub use admin::AdminService;
+pub use coordinator::CoordinatorService;
+
+use tonic::Status;
+
+use crate::model::Gtid;
+
+/// Parses a gtid from the wire; a bad one is INVALID_ARGUMENT.
+fn parse_gtid(s: &str) -> Result<Gtid, Status> {
+    if s.is_empty() {
+        return Err(Status::invalid_argument("gtid is empty"));
+    }
+    Gtid::parse_str(s)
+        .map_err(|e| Status::invalid_argument(format!("gtid {s:?} is not a UUID: {e}")))
+}

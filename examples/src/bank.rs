@@ -1,0 +1,185 @@
+//! A bank shard as a 2PC participant.
+//!
+//! Each branch is one leg of a transfer: `"<account>:<delta>"`, e.g.
+//! `"alice:-100"` (debit) or `"bob:100"` (credit). Prepare of a debit holds
+//! the funds (so two concurrent transfers cannot spend the same money) and
+//! votes no when the account cannot cover it; commit applies the leg; rollback
+//! releases the hold. Commit and rollback are idempotent: the hold, keyed by
+//! `(gtid, branch)`, is consumed by the first of them.
+//!
+//! State is in memory to keep the example short; a real participant keeps
+//! holds in the same durable store as balances, written in prepare.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tandem_sdk::{BranchContext, Gtid, HandlerError, TwoPhase, Vote};
+
+/// One leg of a transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leg {
+    /// Account name.
+    pub account: String,
+    /// Negative for a debit, positive for a credit.
+    pub delta: i64,
+}
+
+impl Leg {
+    /// A debit of `amount` from `account`.
+    pub fn debit(account: &str, amount: i64) -> Leg {
+        Leg {
+            account: account.to_string(),
+            delta: -amount,
+        }
+    }
+
+    /// A credit of `amount` to `account`.
+    pub fn credit(account: &str, amount: i64) -> Leg {
+        Leg {
+            account: account.to_string(),
+            delta: amount,
+        }
+    }
+
+    /// The branch payload: `"<account>:<delta>"`.
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(format!("{}:{}", self.account, self.delta))
+    }
+
+    /// Parses a branch payload.
+    ///
+    /// # Errors
+    ///
+    /// A message saying what is malformed.
+    pub fn decode(payload: &[u8]) -> Result<Leg, String> {
+        let text = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8".to_string())?;
+        let (account, delta) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("payload {text:?} is not <account>:<delta>"))?;
+        let delta = delta
+            .parse()
+            .map_err(|_| format!("amount {delta:?} is not a whole number"))?;
+        if account.is_empty() {
+            return Err("account is empty".into());
+        }
+        Ok(Leg {
+            account: account.to_string(),
+            delta,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    balances: BTreeMap<String, i64>,
+    /// Prepared legs not yet committed or rolled back.
+    held: HashMap<(Gtid, u32), Leg>,
+    /// Sum of held debits per account.
+    reserved: HashMap<String, i64>,
+}
+
+/// A bank shard: some accounts and their balances.
+#[derive(Default)]
+pub struct Bank {
+    ledger: Mutex<Ledger>,
+}
+
+impl Bank {
+    /// A shard holding `accounts` with their opening balances.
+    pub fn new(accounts: impl IntoIterator<Item = (String, i64)>) -> Bank {
+        Bank {
+            ledger: Mutex::new(Ledger {
+                balances: accounts.into_iter().collect(),
+                ..Ledger::default()
+            }),
+        }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sum of all balances (holds not subtracted).
+    pub fn total(&self) -> i64 {
+        self.ledger().balances.values().sum()
+    }
+
+    /// One account's balance.
+    pub fn balance(&self, account: &str) -> Option<i64> {
+        self.ledger().balances.get(account).copied()
+    }
+
+    /// Prepared legs still waiting for commit or rollback.
+    pub fn open_holds(&self) -> usize {
+        self.ledger().held.len()
+    }
+}
+
+impl TwoPhase for Bank {
+    async fn prepare(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        let leg = match Leg::decode(payload) {
+            Ok(leg) => leg,
+            Err(e) => return Ok(Vote::no(e)),
+        };
+        let mut l = self.ledger();
+        let key = (ctx.gtid, ctx.branch_id);
+        if l.held.contains_key(&key) {
+            return Ok(Vote::yes()); // a repeated prepare
+        }
+        let Some(&balance) = l.balances.get(&leg.account) else {
+            return Ok(Vote::no(format!("unknown account {}", leg.account)));
+        };
+        if leg.delta < 0 {
+            let reserved = l.reserved.get(&leg.account).copied().unwrap_or(0);
+            let available = balance - reserved;
+            if available < -leg.delta {
+                return Ok(Vote::no(format!(
+                    "insufficient funds in {}: {available} available, {} needed",
+                    leg.account, -leg.delta
+                )));
+            }
+            *l.reserved.entry(leg.account.clone()).or_default() += -leg.delta;
+        }
+        l.held.insert(key, leg);
+        Ok(Vote::yes())
+    }
+
+    async fn commit(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        let mut l = self.ledger();
+        // No hold: committed already (a repeat) — nothing to do.
+        if let Some(leg) = l.held.remove(&(ctx.gtid, ctx.branch_id)) {
+            if leg.delta < 0 {
+                *l.reserved.entry(leg.account.clone()).or_default() += leg.delta;
+            }
+            *l.balances.entry(leg.account).or_default() += leg.delta;
+        }
+        Ok(())
+    }
+
+    async fn rollback(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        let mut l = self.ledger();
+        // No hold: never prepared, voted no, or rolled back already.
+        if let Some(leg) = l.held.remove(&(ctx.gtid, ctx.branch_id)) {
+            if leg.delta < 0 {
+                *l.reserved.entry(leg.account).or_default() += leg.delta;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legs_round_trip_and_reject_garbage() {
+        let leg = Leg::debit("acct:7", 25);
+        assert_eq!(Leg::decode(&leg.encode()), Ok(leg));
+        assert!(Leg::decode(b"nocolon").is_err());
+        assert!(Leg::decode(b"a:ten").is_err());
+        assert!(Leg::decode(b":5").is_err());
+        assert!(Leg::decode(&[0xff, b':', b'1']).is_err());
+    }
+}

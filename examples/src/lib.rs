@@ -1,0 +1,12 @@
+//! Runnable Tandem services to copy.
+//!
+//! - [`bank`]: a bank shard as a 2PC participant (debit / credit legs, funds
+//!   held between prepare and commit).
+//! - `src/bin/bank-participant.rs`: serves one bank shard.
+//! - `src/bin/transfer.rs`: a business service moving money between two
+//!   shards through a coordinator.
+//!
+//! `tandem demo` runs two bank shards and hundreds of transfers in one
+//! process using [`bank`].
+
+pub mod bank;

@@ -1,0 +1,333 @@
+//! [`TransactionClient`]: run global transactions from a business service.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Error, Gtid};
+
+/// The protocol of a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Two-phase commit: participants implement [`crate::TwoPhase`].
+    TwoPhase,
+    /// Try / confirm / cancel.
+    Tcc,
+}
+
+impl Mode {
+    fn wire(self) -> i32 {
+        match self {
+            Mode::TwoPhase => pb::Mode::TwoPhase as i32,
+            Mode::Tcc => pb::Mode::Tcc as i32,
+        }
+    }
+}
+
+/// One branch: a participant endpoint, the resource (handler name) there,
+/// and the payload its handler receives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// e.g. `http://127.0.0.1:9001`.
+    pub endpoint: String,
+    /// Handler name registered in the participant.
+    pub resource: String,
+    /// Bytes passed to every call of the branch.
+    pub payload: Bytes,
+}
+
+impl Branch {
+    /// A branch calling `resource` at `endpoint` with `payload`.
+    pub fn new(
+        endpoint: impl Into<String>,
+        resource: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Branch {
+            endpoint: endpoint.into(),
+            resource: resource.into(),
+            payload: payload.into(),
+        }
+    }
+
+    fn wire(self) -> pb::BranchSpec {
+        pb::BranchSpec {
+            endpoint: self.endpoint,
+            resource: self.resource,
+            payload: self.payload,
+        }
+    }
+}
+
+/// A branch added by [`TransactionClient::enlist`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enlisted {
+    /// Its id within the transaction.
+    pub branch_id: u32,
+    /// What the participant's prepare returned ([`crate::Vote::yes_with`]).
+    pub reply: Bytes,
+}
+
+/// A committed transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// True when every branch acknowledged commit; false when some branch is
+    /// still being retried by the coordinator. The outcome is commit either
+    /// way: the decision is on the coordinator's disk.
+    pub complete: bool,
+}
+
+/// A committed one-shot transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// Its id.
+    pub gtid: Gtid,
+    /// Each branch's prepare reply, in the order the branches were given.
+    pub replies: Vec<Bytes>,
+    /// As [`CommitOutcome::complete`].
+    pub complete: bool,
+}
+
+/// Connection to a coordinator; cheap to clone, safe to share.
+///
+/// # Examples
+///
+/// Interactive: begin, enlist branch after branch (each runs its prepare
+/// now), then commit.
+///
+/// ```no_run
+/// use tandem_sdk::{Branch, Error, Mode, TransactionClient};
+///
+/// # async fn transfer() -> Result<(), Error> {
+/// let client = TransactionClient::connect("http://127.0.0.1:7070").await?;
+/// let gtid = client.begin(Mode::TwoPhase).await?;
+/// let debit = Branch::new("http://127.0.0.1:9001", "accounts", "alice:-100");
+/// match client.enlist(gtid, debit).await {
+///     Ok(_) => {}
+///     // A no vote aborted the whole transaction; the reason says why.
+///     Err(Error::Aborted { reason, .. }) => { println!("refused: {reason}"); return Ok(()); }
+///     Err(e) => return Err(e),
+/// }
+/// client.enlist(gtid, Branch::new("http://127.0.0.1:9002", "accounts", "bob:100")).await?;
+/// client.commit(gtid).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct TransactionClient {
+    rpc: CoordinatorClient<Channel>,
+}
+
+fn gtid_from_wire(s: &str) -> Result<Gtid, Error> {
+    Gtid::parse_str(s).map_err(|e| {
+        Error::Rpc(tonic::Status::internal(format!(
+            "coordinator sent a bad gtid {s:?}: {e}"
+        )))
+    })
+}
+
+fn timeout_ms(timeout: Option<Duration>) -> u64 {
+    timeout.map_or(0, |t| t.as_millis().max(1) as u64)
+}
+
+impl TransactionClient {
+    /// Connects to the coordinator at `endpoint` (e.g. `http://127.0.0.1:7070`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for a malformed endpoint, [`Error::Unavailable`]
+    /// when nothing answers there.
+    pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
+        let endpoint = endpoint.into();
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| Error::Invalid {
+                code: tonic::Code::InvalidArgument,
+                message: format!("bad coordinator endpoint {endpoint:?}: {e}"),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Uses an existing channel (TLS, custom timeouts, load balancing).
+    pub fn from_channel(channel: Channel) -> Self {
+        TransactionClient {
+            rpc: CoordinatorClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+        }
+    }
+
+    /// Starts an interactive transaction with the coordinator's default
+    /// deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the coordinator is not deciding.
+    pub async fn begin(&self, mode: Mode) -> Result<Gtid, Error> {
+        self.begin_with_timeout(mode, None).await
+    }
+
+    /// Starts an interactive transaction that aborts if not decided within
+    /// `timeout` (`None`: the coordinator's default).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for a timeout above the coordinator's maximum.
+    pub async fn begin_with_timeout(
+        &self,
+        mode: Mode,
+        timeout: Option<Duration>,
+    ) -> Result<Gtid, Error> {
+        let resp = self
+            .rpc
+            .clone()
+            .begin(pb::BeginRequest {
+                mode: mode.wire(),
+                timeout_ms: timeout_ms(timeout),
+            })
+            .await?
+            .into_inner();
+        gtid_from_wire(&resp.gtid)
+    }
+
+    /// Adds a branch; the coordinator records it and runs its prepare now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Aborted`] when the participant voted no or failed: the whole
+    /// transaction is rolled back. [`Error::Invalid`] for a bad branch, an
+    /// unknown gtid, or a transaction no longer active.
+    pub async fn enlist(&self, gtid: Gtid, branch: Branch) -> Result<Enlisted, Error> {
+        let resp = self
+            .rpc
+            .clone()
+            .enlist(pb::EnlistRequest {
+                gtid: gtid.to_string(),
+                branch: Some(branch.wire()),
+            })
+            .await
+            .map_err(|s| with_gtid(s, gtid))?
+            .into_inner();
+        Ok(Enlisted {
+            branch_id: resp.branch_id,
+            reply: resp.reply,
+        })
+    }
+
+    /// Commits: the coordinator forces the decision to disk, then commits
+    /// every branch.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Aborted`] if the deadline passed first; [`Error::Invalid`]
+    /// if the transaction was rolled back or aborted already.
+    pub async fn commit(&self, gtid: Gtid) -> Result<CommitOutcome, Error> {
+        let resp = self
+            .rpc
+            .clone()
+            .commit(pb::CommitRequest {
+                gtid: gtid.to_string(),
+            })
+            .await
+            .map_err(|s| with_gtid(s, gtid))?
+            .into_inner();
+        Ok(CommitOutcome {
+            complete: resp.state == pb::TxState::Committed as i32,
+        })
+    }
+
+    /// Rolls back every branch enlisted so far. Rolling back twice is fine.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] if the transaction is already decided commit.
+    pub async fn rollback(&self, gtid: Gtid, reason: &str) -> Result<(), Error> {
+        self.rpc
+            .clone()
+            .rollback(pb::RollbackRequest {
+                gtid: gtid.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+            .map_err(|s| with_gtid(s, gtid))?;
+        Ok(())
+    }
+
+    /// Runs a whole transaction in one call: prepare on every branch in
+    /// parallel, then commit (all voted yes) or rollback.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Aborted`] with the gtid and reason when it aborted;
+    /// [`Error::Invalid`] for a bad request (nothing was started).
+    pub async fn submit(&self, mode: Mode, branches: Vec<Branch>) -> Result<Submitted, Error> {
+        self.submit_with_timeout(mode, branches, None).await
+    }
+
+    /// As [`submit`](Self::submit), aborting if undecided after `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit).
+    pub async fn submit_with_timeout(
+        &self,
+        mode: Mode,
+        branches: Vec<Branch>,
+        timeout: Option<Duration>,
+    ) -> Result<Submitted, Error> {
+        let resp = self
+            .rpc
+            .clone()
+            .submit(pb::SubmitRequest {
+                mode: mode.wire(),
+                timeout_ms: timeout_ms(timeout),
+                branches: branches.into_iter().map(Branch::wire).collect(),
+            })
+            .await?
+            .into_inner();
+        let gtid = gtid_from_wire(&resp.gtid)?;
+        let state = resp.state;
+        if state == pb::TxState::Committed as i32 || state == pb::TxState::Committing as i32 {
+            Ok(Submitted {
+                gtid,
+                replies: resp.replies,
+                complete: state == pb::TxState::Committed as i32,
+            })
+        } else {
+            Err(Error::Aborted {
+                gtid: Some(gtid),
+                reason: resp.reason,
+            })
+        }
+    }
+
+    /// The coordinator's record of a transaction (state, branches, attempts,
+    /// last errors).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] with NOT_FOUND for an unknown gtid.
+    pub async fn get(&self, gtid: Gtid) -> Result<pb::TransactionInfo, Error> {
+        Ok(self
+            .rpc
+            .clone()
+            .get_transaction(pb::GetTransactionRequest {
+                gtid: gtid.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+}
+
+fn with_gtid(s: tonic::Status, gtid: Gtid) -> Error {
+    match Error::from(s) {
+        Error::Aborted { reason, .. } => Error::Aborted {
+            gtid: Some(gtid),
+            reason,
+        },
+        e => e,
+    }
+}

@@ -1,0 +1,65 @@
+//! Tandem's SDK: what your services write code against.
+//!
+//! Module map:
+//! - [`handler`]: the [`TwoPhase`] handler trait a participant implements for
+//!   each resource, with [`BranchContext`], [`Vote`] and [`HandlerError`].
+//! - [`server`]: [`ParticipantServer`], which registers handlers by resource
+//!   name and serves the `Participant` gRPC service the coordinator calls.
+//! - [`client`]: [`TransactionClient`], which a business service uses to run
+//!   global transactions (`begin` / `enlist` / `commit` / `rollback`, or
+//!   one-shot `submit`).
+//! - [`error`]: [`Error`], the typed errors of the client.
+//!
+//! # Example
+//!
+//! A participant with one 2PC resource, and a business service submitting a
+//! one-shot transaction through a coordinator at `http://127.0.0.1:7070`:
+//!
+//! ```no_run
+//! use tandem_sdk::{Branch, BranchContext, HandlerError, Mode, ParticipantServer,
+//!                  TransactionClient, TwoPhase, Vote};
+//!
+//! struct Inventory;
+//!
+//! impl TwoPhase for Inventory {
+//!     async fn prepare(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+//!         // Reserve the items durably, then vote.
+//!         if payload.is_empty() { return Ok(Vote::no("nothing to reserve")); }
+//!         Ok(Vote::yes())
+//!     }
+//!     async fn commit(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+//!         Ok(()) // make the reservation permanent (idempotent)
+//!     }
+//!     async fn rollback(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+//!         Ok(()) // release the reservation, if any (idempotent)
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! // The participant service.
+//! let participant = ParticipantServer::new()
+//!     .two_phase("inventory", Inventory)
+//!     .spawn("127.0.0.1:9001".parse()?)
+//!     .await?;
+//!
+//! // A business service.
+//! let client = TransactionClient::connect("http://127.0.0.1:7070").await?;
+//! let done = client
+//!     .submit(Mode::TwoPhase, vec![Branch::new(participant.url(), "inventory", "sku-42:1")])
+//!     .await?;
+//! println!("committed {}", done.gtid);
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod error;
+pub mod handler;
+pub mod server;
+
+pub use client::{Branch, CommitOutcome, Enlisted, Mode, Submitted, TransactionClient};
+pub use error::Error;
+pub use handler::{BranchContext, HandlerError, TwoPhase, Vote};
+pub use server::{ParticipantServer, RunningParticipant};
+
+/// A global transaction id (UUID v7).
+pub type Gtid = uuid::Uuid;
