@@ -1,1 +1,232 @@
-//! placeholder
+//! Test support for Tandem's workspace integration tests: a coordinator on
+//! `127.0.0.1:0`, scripted participants that vote no, hang, fail phase 2 or
+//! vanish, and a journal shared by a recording log and the participants so
+//! tests can check the order of events across both.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_coordinator::RunningCoordinator;
+use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
+use tandem_coordinator::log::{ForceFuture, LogError, LogStats, MemLog, TxnLog};
+use tandem_coordinator::model::{Gtid, TxState, TxnRecord};
+use tandem_sdk::{
+    BranchContext, HandlerError, ParticipantServer, RunningParticipant, TwoPhase, Vote,
+};
+
+/// An ordered list of what happened, shared across log and participants.
+#[derive(Clone, Default)]
+pub struct Journal(Arc<Mutex<Vec<String>>>);
+
+impl Journal {
+    /// Appends one entry.
+    pub fn push(&self, entry: impl Into<String>) {
+        self.0.lock().expect("journal").push(entry.into());
+    }
+
+    /// Everything so far.
+    pub fn entries(&self) -> Vec<String> {
+        self.0.lock().expect("journal").clone()
+    }
+
+    /// Index of the first entry equal to `entry`.
+    pub fn position(&self, entry: &str) -> Option<usize> {
+        self.entries().iter().position(|e| e == entry)
+    }
+}
+
+/// A coordinator config for tests: any port, short deadlines and retries.
+pub fn test_config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        call_timeout: Duration::from_millis(500),
+        retry: RetryPolicy {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// Starts a coordinator over `log` with [`test_config`].
+pub async fn start_coordinator(log: Arc<dyn TxnLog>) -> RunningCoordinator {
+    RunningCoordinator::start(test_config(), log)
+        .await
+        .expect("start coordinator")
+}
+
+/// How a [`Scripted`] participant behaves.
+#[derive(Default)]
+pub struct Script {
+    /// Vote no with this reason.
+    pub vote_no: Option<String>,
+    /// Sleep this long in prepare (longer than the call timeout = "hangs").
+    pub prepare_delay: Duration,
+    /// Fail this many commit / rollback calls before succeeding.
+    pub phase_two_failures: AtomicU32,
+}
+
+/// A participant whose behaviour is set by a [`Script`] and which counts
+/// every call (and journals it, if given a journal).
+pub struct Scripted {
+    /// The script.
+    pub script: Script,
+    /// Prepare calls received.
+    pub prepares: AtomicUsize,
+    /// Commit calls that succeeded.
+    pub commits: AtomicUsize,
+    /// Rollback calls that succeeded.
+    pub rollbacks: AtomicUsize,
+    /// Phase-2 calls failed on purpose.
+    pub failed_calls: AtomicUsize,
+    name: String,
+    journal: Option<Journal>,
+}
+
+impl Scripted {
+    /// A participant named `name` (used in journal entries).
+    pub fn new(name: &str, script: Script, journal: Option<Journal>) -> Arc<Self> {
+        Arc::new(Scripted {
+            script,
+            prepares: AtomicUsize::new(0),
+            commits: AtomicUsize::new(0),
+            rollbacks: AtomicUsize::new(0),
+            failed_calls: AtomicUsize::new(0),
+            name: name.to_string(),
+            journal,
+        })
+    }
+
+    /// A participant that votes yes and acknowledges everything.
+    pub fn yes(name: &str) -> Arc<Self> {
+        Self::new(name, Script::default(), None)
+    }
+
+    /// (prepares, commits, rollbacks).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.prepares.load(Ordering::SeqCst),
+            self.commits.load(Ordering::SeqCst),
+            self.rollbacks.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Serves it as resource "r" on `127.0.0.1:0`.
+    pub async fn serve(self: &Arc<Self>) -> RunningParticipant {
+        ParticipantServer::new()
+            .two_phase("r", self.clone())
+            .spawn("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("start participant")
+    }
+
+    fn note(&self, what: &str) {
+        if let Some(j) = &self.journal {
+            j.push(format!("{what}:{}", self.name));
+        }
+    }
+
+    fn phase_two(&self, what: &str, counter: &AtomicUsize) -> Result<(), HandlerError> {
+        let left = self.script.phase_two_failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.script
+                .phase_two_failures
+                .store(left - 1, Ordering::SeqCst);
+            self.failed_calls.fetch_add(1, Ordering::SeqCst);
+            return Err(HandlerError::new(format!(
+                "{} is down for maintenance",
+                self.name
+            )));
+        }
+        self.note(what);
+        counter.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl TwoPhase for Scripted {
+    async fn prepare(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.prepares.fetch_add(1, Ordering::SeqCst);
+        if !self.script.prepare_delay.is_zero() {
+            tokio::time::sleep(self.script.prepare_delay).await;
+        }
+        self.note("prepare");
+        Ok(match &self.script.vote_no {
+            Some(reason) => Vote::no(reason.clone()),
+            None => Vote::yes_with(format!("ok from {}", self.name)),
+        })
+    }
+
+    async fn commit(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two("commit", &self.commits)
+    }
+
+    async fn rollback(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two("rollback", &self.rollbacks)
+    }
+}
+
+/// A [`MemLog`] that journals each write's state and each completed force,
+/// so tests can see whether the decision was durable before phase 2.
+pub struct RecordingLog {
+    inner: MemLog,
+    journal: Journal,
+}
+
+impl RecordingLog {
+    /// A recording log writing to `journal`.
+    pub fn new(journal: Journal) -> Self {
+        RecordingLog {
+            inner: MemLog::new(),
+            journal,
+        }
+    }
+}
+
+impl TxnLog for RecordingLog {
+    fn write(&self, record: &TxnRecord) -> Result<(), LogError> {
+        self.journal.push(format!("write:{}", record.state));
+        self.inner.write(record)
+    }
+
+    fn force(&self) -> ForceFuture {
+        let (journal, fut) = (self.journal.clone(), self.inner.force());
+        Box::pin(async move {
+            // Let other tasks run first: a coordinator that did not await the
+            // force would get its phase-2 calls out ahead of this entry.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let r = fut.await;
+            journal.push("forced");
+            r
+        })
+    }
+
+    fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {
+        self.inner.get(gtid)
+    }
+
+    fn scan(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.inner.scan(after, states, limit)
+    }
+
+    fn stats(&self) -> LogStats {
+        self.inner.stats()
+    }
+}
+
+/// Polls `f` every 10 ms until it returns true or 10 s pass.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}

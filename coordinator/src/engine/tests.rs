@@ -1,1 +1,300 @@
+//! Engine rules, one per test, driven with plain events (no I/O).
 
+use super::*;
+
+const NOW: u64 = 1_000;
+const DEADLINE: u64 = 61_000;
+
+fn branch(n: u32) -> NewBranch {
+    NewBranch {
+        endpoint: format!("http://127.0.0.1:{}", 9000 + n),
+        resource: "r".into(),
+        payload: Bytes::from_static(b"p"),
+    }
+}
+
+fn one_shot(mode: Mode, n: u32) -> (Txn, Vec<Command>) {
+    Txn::submit(
+        Gtid::now_v7(),
+        mode,
+        NOW,
+        DEADLINE,
+        (1..=n).map(branch).collect(),
+    )
+}
+
+fn yes(t: &mut Txn, b: BranchId) -> Vec<Command> {
+    t.handle(
+        Event::PhaseOne {
+            branch: b,
+            vote: Vote::Yes,
+        },
+        NOW,
+    )
+    .expect("phase one")
+}
+
+fn phase_two_calls(cmds: &[Command]) -> Vec<(BranchId, bool)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::PhaseTwo { branch, commit, .. } => Some((*branch, *commit)),
+            _ => None,
+        })
+        .collect()
+}
+
+// Rule 3 + rule 2: all yes → commit decided and forced, and no commit call is
+// emitted until the force is reported durable.
+#[test]
+fn all_yes_forces_before_any_commit_call() {
+    let (mut t, cmds) = one_shot(Mode::TwoPhase, 2);
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Persist,
+            Command::PhaseOne { branch: 1 },
+            Command::PhaseOne { branch: 2 }
+        ]
+    );
+    assert_eq!(yes(&mut t, 1), vec![Command::Persist]);
+    let cmds = yes(&mut t, 2);
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    assert_eq!(t.record().state, TxState::Committing);
+    let cmds = t.handle(Event::DecisionDurable, NOW).expect("durable");
+    assert_eq!(phase_two_calls(&cmds), vec![(1, true), (2, true)]);
+}
+
+// Rule 3: one no → abort; rollback goes to prepared branches, not to the
+// branch that said no (it holds nothing), and never a commit.
+#[test]
+fn a_no_vote_aborts_and_rolls_back_prepared_branches_only() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 3);
+    yes(&mut t, 1);
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 2,
+                vote: Vote::No("broke".into()),
+            },
+            NOW,
+        )
+        .expect("no");
+    assert_eq!(t.record().state, TxState::Aborting);
+    assert!(t.record().reason.contains("broke"));
+    // Branch 3 is still in phase 1: its rollback waits for its reply.
+    assert_eq!(phase_two_calls(&cmds), vec![(1, false)]);
+    let cmds = yes(&mut t, 3);
+    assert_eq!(phase_two_calls(&cmds), vec![(3, false)]);
+}
+
+// In TCC a failed try may have reserved part of the resource: cancel it too.
+#[test]
+fn tcc_cancels_the_branch_whose_try_failed() {
+    let (mut t, _) = one_shot(Mode::Tcc, 2);
+    yes(&mut t, 1);
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 2,
+                vote: Vote::No("no stock".into()),
+            },
+            NOW,
+        )
+        .expect("no");
+    assert_eq!(phase_two_calls(&cmds), vec![(1, false), (2, false)]);
+}
+
+// A phase-1 failure (timeout, unreachable) may have run: roll it back.
+#[test]
+fn a_failed_prepare_is_rolled_back() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 1,
+                vote: Vote::Failed("no reply within 5 ms".into()),
+            },
+            NOW,
+        )
+        .expect("failed");
+    assert_eq!(phase_two_calls(&cmds), vec![(1, false)]);
+}
+
+// Rule 4: a failed phase-2 call is retried; attempts and the error are kept;
+// the transaction finishes only when every branch acknowledged.
+#[test]
+fn phase_two_failures_are_retried_until_acknowledged() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    yes(&mut t, 1);
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    let cmds = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 1,
+                result: Err("down".into()),
+            },
+            NOW,
+        )
+        .expect("fail");
+    assert_eq!(
+        cmds,
+        vec![
+            Command::Persist,
+            Command::RetryLater {
+                branch: 1,
+                failures: 1
+            }
+        ]
+    );
+    assert_eq!(t.record().branches[0].last_error, "down");
+    let cmds = t.handle(Event::RetryDue { branch: 1 }, NOW).expect("retry");
+    assert_eq!(
+        cmds,
+        vec![Command::PhaseTwo {
+            branch: 1,
+            commit: true,
+            attempt: 2
+        }]
+    );
+    let cmds = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 1,
+                result: Ok(()),
+            },
+            NOW,
+        )
+        .expect("ack");
+    assert_eq!(cmds, vec![Command::Persist, Command::Finished]);
+    assert_eq!(t.record().state, TxState::Committed);
+    assert_eq!(t.record().branches[0].attempts, 2);
+}
+
+// Rule 2: a decision never changes — rollback after commit is refused and
+// changes nothing; commit after rollback likewise.
+#[test]
+fn a_decision_never_changes() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
+    t.handle(Event::Commit, NOW).expect("commit");
+    let before = t.record().clone();
+    let err = t
+        .handle(
+            Event::Rollback {
+                reason: String::new(),
+            },
+            NOW,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("never reversed"), "{err}");
+    assert_eq!(t.record(), &before);
+
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
+    t.handle(
+        Event::Rollback {
+            reason: "changed my mind".into(),
+        },
+        NOW,
+    )
+    .expect("rollback");
+    let before = t.record().clone();
+    assert!(matches!(
+        t.handle(Event::Commit, NOW),
+        Err(EngineError::WrongState { .. })
+    ));
+    assert_eq!(t.record(), &before);
+    // A repeated rollback is fine and changes nothing.
+    assert_eq!(
+        t.handle(
+            Event::Rollback {
+                reason: String::new()
+            },
+            NOW
+        ),
+        Ok(vec![])
+    );
+}
+
+// Commit is refused while a branch's prepare has not answered.
+#[test]
+fn commit_waits_for_phase_one_replies() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
+    t.handle(Event::Enlist(branch(1)), NOW).expect("enlist");
+    assert!(matches!(
+        t.handle(Event::Commit, NOW),
+        Err(EngineError::BranchInFlight { branch: 1, .. })
+    ));
+    yes(&mut t, 1);
+    assert_eq!(
+        t.handle(Event::Commit, NOW),
+        Ok(vec![Command::ForceDecision])
+    );
+}
+
+// An undecided transaction past its deadline aborts; a decided one ignores it.
+#[test]
+fn deadline_aborts_only_undecided_transactions() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
+    t.handle(Event::Enlist(branch(1)), NOW).expect("enlist");
+    yes(&mut t, 1);
+    let cmds = t.handle(Event::DeadlinePassed, DEADLINE).expect("deadline");
+    assert_eq!(t.record().state, TxState::Aborting);
+    assert_eq!(phase_two_calls(&cmds), vec![(1, false)]);
+
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    yes(&mut t, 1);
+    assert_eq!(t.handle(Event::DeadlinePassed, DEADLINE), Ok(vec![]));
+    assert_eq!(t.record().state, TxState::Committing);
+    // Commit after the deadline of an interactive transaction aborts it.
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
+    t.handle(Event::Commit, DEADLINE).expect("late commit");
+    // No branches: nothing to roll back, so the abort is finished at once.
+    assert_eq!(t.record().state, TxState::Aborted);
+    assert!(t.record().reason.contains("deadline"));
+}
+
+// Rule 5: after a restart, undecided → abort (rollback to every branch that
+// may hold work); decided commit → commit again to unacknowledged branches.
+#[test]
+fn recovery_aborts_undecided_and_finishes_decided() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 2);
+    yes(&mut t, 1);
+    let (r, cmds) = Txn::recover(t.record().clone(), NOW);
+    assert_eq!(r.record().state, TxState::Aborting);
+    assert_eq!(phase_two_calls(&cmds), vec![(1, false), (2, false)]);
+
+    let (mut t, _) = one_shot(Mode::TwoPhase, 2);
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    t.handle(
+        Event::PhaseTwo {
+            branch: 1,
+            result: Ok(()),
+        },
+        NOW,
+    )
+    .expect("ack");
+    let (r, cmds) = Txn::recover(t.record().clone(), NOW);
+    assert_eq!(r.record().state, TxState::Committing);
+    assert_eq!(phase_two_calls(&cmds), vec![(2, true)]);
+}
+
+// Late and repeated participant replies are absorbed.
+#[test]
+fn stray_replies_change_nothing() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    yes(&mut t, 1);
+    let before = t.record().clone();
+    assert_eq!(yes(&mut t, 1), vec![]);
+    assert_eq!(
+        t.handle(
+            Event::PhaseTwo {
+                branch: 9,
+                result: Ok(())
+            },
+            NOW
+        ),
+        Ok(vec![])
+    );
+    assert_eq!(t.record(), &before);
+}

@@ -18,15 +18,20 @@
 //! than `spawn_blocking` per batch) keeps the hot path free of runtime hops
 //! and needs no async runtime to open the log.
 //!
-//! sled writes values too large for a log segment to separate "blob" files
-//! that its flush never syncs. Payloads are stored in their own tree, one
-//! value per branch, and the segment size is raised to 8 MiB, so any payload
-//! up to [`SledLog::MAX_PAYLOAD_BYTES`] stays inline in the synced data file.
+//! sled also writes items too large for a log segment (a big value, or a
+//! consolidated page holding several) to separate files under `blobs/`,
+//! which its flush never syncs. So the group commit also `fsync`s every blob
+//! file it has not synced before, and the `blobs/` directory, before it
+//! releases a batch. Payloads live in their own tree, written once per
+//! branch, and segments are 8 MiB, so blobs are rare and the record rewritten
+//! on each state change stays small.
 //!
 //! Layout: tree `txns` maps the 16 gtid bytes to the encoded record (without
 //! payloads); tree `payloads` maps gtid ++ branch id (big-endian u32) to the
 //! payload, written once when the branch first appears.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,10 +81,10 @@ impl Shared {
 }
 
 impl SledLog {
-    /// Largest payload kept inline in sled's synced data file (8 MiB segments
-    /// hold items up to about 2 MiB; the rest is headroom for keys and
-    /// headers). The coordinator's `max_payload_bytes` may not exceed it.
-    pub const MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024 - 64 * 1024;
+    /// Largest branch payload this log accepts; the coordinator's
+    /// `max_payload_bytes` may not exceed it. Bounded so that a transaction's
+    /// payloads fit the 64 MiB gRPC messages the services accept.
+    pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 
     const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
 
@@ -122,7 +127,8 @@ impl SledLog {
             .name("tandem-group-commit".into())
             .spawn({
                 let (db, shared) = (db.clone(), shared.clone());
-                move || group_commit(db, file, shared, rx)
+                let blobs = BlobSync::new(dir.join("blobs"));
+                move || group_commit(db, file, blobs, shared, rx)
             })
             .map_err(|e| storage("cannot start group-commit thread for", &e))?;
         Ok(SledLog {
@@ -164,14 +170,66 @@ fn payload_key(gtid: &Gtid, branch: u32) -> [u8; 20] {
     key
 }
 
+/// Tracks which of sled's blob files are already synced. Blob files are
+/// written once and never changed, so each needs one `fsync`.
+struct BlobSync {
+    dir: PathBuf,
+    synced: HashSet<OsString>,
+}
+
+impl BlobSync {
+    fn new(dir: PathBuf) -> Self {
+        BlobSync {
+            dir,
+            synced: HashSet::new(),
+        }
+    }
+
+    /// Syncs blob files not synced yet, then the directory that names them.
+    fn sync_new(&mut self) -> std::io::Result<()> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut present = HashSet::new();
+        let mut new = false;
+        for entry in entries {
+            let name = entry?.file_name();
+            if !self.synced.contains(&name) {
+                match File::open(self.dir.join(&name)) {
+                    Ok(f) => f.sync_all()?,
+                    // Removed by sled's blob GC since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                new = true;
+            }
+            present.insert(name);
+        }
+        if new {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        self.synced = present;
+        Ok(())
+    }
+}
+
 /// The group-commit loop: wait for one waiter, take all queued ones, flush and
 /// fdatasync once, answer them all. Ends when the log is dropped.
-fn group_commit(db: sled::Db, file: File, shared: Arc<Shared>, rx: mpsc::Receiver<Waiter>) {
+fn group_commit(
+    db: sled::Db,
+    file: File,
+    mut blobs: BlobSync,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Waiter>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let result = shared.check().and_then(|()| {
             db.flush().map_err(|e| shared.latch(e))?;
+            blobs.sync_new().map_err(|e| shared.latch(e))?;
             file.sync_data().map_err(|e| shared.latch(e))?;
             shared.flushes.fetch_add(1, Ordering::Relaxed);
             Ok(())

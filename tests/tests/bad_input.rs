@@ -1,0 +1,272 @@
+//! Bad input gets a clear status and changes nothing in the log.
+
+use std::sync::Arc;
+
+use tandem_coordinator::RunningCoordinator;
+use tandem_coordinator::log::{MemLog, TxnLog};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::coordinator_client::CoordinatorClient;
+use tandem_sdk::{Branch, Error, Mode, TransactionClient};
+use tandem_tests::{Scripted, start_coordinator};
+use tonic::Code;
+
+fn log_snapshot(log: &MemLog) -> Vec<String> {
+    log.scan(None, &[], usize::MAX)
+        .expect("scan")
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect()
+}
+
+async fn setup() -> (
+    Arc<MemLog>,
+    RunningCoordinator,
+    CoordinatorClient<tonic::transport::Channel>,
+) {
+    let log = Arc::new(MemLog::new());
+    let coord = start_coordinator(log.clone()).await;
+    let raw = CoordinatorClient::connect(coord.url())
+        .await
+        .expect("connect");
+    (log, coord, raw)
+}
+
+fn branch(endpoint: &str, resource: &str, payload: Vec<u8>) -> pb::BranchSpec {
+    pb::BranchSpec {
+        endpoint: endpoint.into(),
+        resource: resource.into(),
+        payload: payload.into(),
+    }
+}
+
+// Rule: every malformed Submit is INVALID_ARGUMENT and records nothing.
+#[tokio::test]
+async fn malformed_submits_are_invalid_and_change_nothing() {
+    let (log, _coord, mut raw) = setup().await;
+    let ok = "http://127.0.0.1:9";
+    let cases: Vec<(&str, pb::SubmitRequest)> = vec![
+        (
+            "no mode",
+            pb::SubmitRequest {
+                mode: 0,
+                timeout_ms: 0,
+                branches: vec![branch(ok, "r", vec![])],
+            },
+        ),
+        (
+            "unknown mode",
+            pb::SubmitRequest {
+                mode: 42,
+                timeout_ms: 0,
+                branches: vec![branch(ok, "r", vec![])],
+            },
+        ),
+        (
+            "no branches",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![],
+            },
+        ),
+        (
+            "empty endpoint",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![branch("", "r", vec![])],
+            },
+        ),
+        (
+            "endpoint not a URI",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![branch("not a uri", "r", vec![])],
+            },
+        ),
+        (
+            "endpoint wrong scheme",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![branch("ftp://h:1", "r", vec![])],
+            },
+        ),
+        (
+            "empty resource",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![branch(ok, "", vec![])],
+            },
+        ),
+        (
+            "payload over 1 MiB",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![branch(ok, "r", vec![0; 1024 * 1024 + 1])],
+            },
+        ),
+        (
+            "timeout above max",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: u64::MAX / 2,
+                branches: vec![branch(ok, "r", vec![])],
+            },
+        ),
+    ];
+    for (what, req) in cases {
+        let before = log_snapshot(&log);
+        let status = raw.submit(req).await.expect_err(what);
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(!status.message().is_empty(), "{what}: no message");
+        assert_eq!(log_snapshot(&log), before, "{what} changed the log");
+    }
+    assert!(log_snapshot(&log).is_empty());
+}
+
+// Rule: unknown gtid → NOT_FOUND, malformed gtid → INVALID_ARGUMENT, for
+// every call that takes one; nothing is written.
+#[tokio::test]
+async fn unknown_and_malformed_gtids() {
+    let (log, _coord, mut raw) = setup().await;
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let b = Some(branch("http://127.0.0.1:9", "r", vec![]));
+    for (gtid, code) in [
+        (unknown.as_str(), Code::NotFound),
+        ("nope", Code::InvalidArgument),
+        ("", Code::InvalidArgument),
+    ] {
+        let g = gtid.to_string();
+        let s = raw
+            .commit(pb::CommitRequest { gtid: g.clone() })
+            .await
+            .expect_err("commit");
+        assert_eq!(s.code(), code, "commit {gtid:?}");
+        let s = raw
+            .rollback(pb::RollbackRequest {
+                gtid: g.clone(),
+                reason: String::new(),
+            })
+            .await
+            .expect_err("rb");
+        assert_eq!(s.code(), code, "rollback {gtid:?}");
+        let s = raw
+            .enlist(pb::EnlistRequest {
+                gtid: g.clone(),
+                branch: b.clone(),
+            })
+            .await
+            .expect_err("enlist");
+        assert_eq!(s.code(), code, "enlist {gtid:?}");
+        let s = raw
+            .get_transaction(pb::GetTransactionRequest { gtid: g })
+            .await
+            .expect_err("get");
+        assert_eq!(s.code(), code, "get {gtid:?}");
+    }
+    assert!(log_snapshot(&log).is_empty());
+}
+
+// Rule: commit after rollback → FAILED_PRECONDITION (the decision stands),
+// rollback after commit likewise, and neither changes the record.
+#[tokio::test]
+async fn wrong_state_calls_are_refused() {
+    let (log, coord, _raw) = setup().await;
+    let p = Scripted::yes("p");
+    let pp = p.serve().await;
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+
+    let rolled = client.begin(Mode::TwoPhase).await.expect("begin");
+    client
+        .enlist(rolled, Branch::new(pp.url(), "r", "x"))
+        .await
+        .expect("enlist");
+    client
+        .rollback(rolled, "changed my mind")
+        .await
+        .expect("rollback");
+    let before = log_snapshot(&log);
+    let err = client
+        .commit(rolled)
+        .await
+        .expect_err("commit after rollback");
+    assert!(
+        matches!(&err, Error::Invalid { code: Code::FailedPrecondition, message } if message.contains("ABORTED")),
+        "{err:?}"
+    );
+    let err = client
+        .enlist(rolled, Branch::new(pp.url(), "r", "x"))
+        .await
+        .expect_err("enlist after rollback");
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                code: Code::FailedPrecondition,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(log_snapshot(&log), before);
+
+    let committed = client.begin(Mode::TwoPhase).await.expect("begin");
+    client
+        .enlist(committed, Branch::new(pp.url(), "r", "x"))
+        .await
+        .expect("enlist");
+    client.commit(committed).await.expect("commit");
+    let before = log_snapshot(&log);
+    let err = client
+        .rollback(committed, "")
+        .await
+        .expect_err("rollback after commit");
+    assert!(
+        matches!(&err, Error::Invalid { code: Code::FailedPrecondition, message } if message.contains("never reversed")),
+        "{err:?}"
+    );
+    assert_eq!(log_snapshot(&log), before);
+    assert_eq!(p.counts(), (2, 1, 1));
+}
+
+// Rule: an enlist with a bad branch is refused and leaves the transaction
+// ACTIVE and unchanged; a payload over the limit is refused the same way.
+#[tokio::test]
+async fn bad_enlist_leaves_the_transaction_unchanged() {
+    let (log, coord, _raw) = setup().await;
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+    let gtid = client.begin(Mode::TwoPhase).await.expect("begin");
+    let before = log_snapshot(&log);
+    for (what, b) in [
+        ("empty endpoint", Branch::new("", "r", "x")),
+        ("empty resource", Branch::new("http://127.0.0.1:9", "", "x")),
+        (
+            "payload over limit",
+            Branch::new("http://127.0.0.1:9", "r", vec![1u8; 1024 * 1024 + 1]),
+        ),
+    ] {
+        let err = client.enlist(gtid, b).await.expect_err(what);
+        assert!(
+            matches!(
+                err,
+                Error::Invalid {
+                    code: Code::InvalidArgument,
+                    ..
+                }
+            ),
+            "{what}: {err:?}"
+        );
+        assert_eq!(log_snapshot(&log), before, "{what} changed the log");
+    }
+    let info = client.get(gtid).await.expect("get");
+    assert_eq!(info.state, pb::TxState::Active as i32);
+    assert!(info.branches.is_empty());
+}
