@@ -155,11 +155,18 @@ mod tests {
     #[test]
     fn validate_names_the_bad_setting() {
         assert!(CoordinatorConfig::default().validate().is_ok());
-        let mut c = CoordinatorConfig::default();
-        c.max_payload_bytes = 64 * 1024 * 1024;
+        let c = CoordinatorConfig {
+            max_payload_bytes: 64 * 1024 * 1024,
+            ..CoordinatorConfig::default()
+        };
         assert!(c.validate().unwrap_err().0.contains("max payload"));
-        let mut c = CoordinatorConfig::default();
-        c.retry.initial = Duration::ZERO;
+        let c = CoordinatorConfig {
+            retry: RetryPolicy {
+                initial: Duration::ZERO,
+                ..RetryPolicy::default()
+            },
+            ..CoordinatorConfig::default()
+        };
         assert!(c.validate().unwrap_err().0.contains("retry initial"));
     }
 }

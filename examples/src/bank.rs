@@ -160,10 +160,10 @@ impl TwoPhase for Bank {
     async fn rollback(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
         let mut l = self.ledger();
         // No hold: never prepared, voted no, or rolled back already.
-        if let Some(leg) = l.held.remove(&(ctx.gtid, ctx.branch_id)) {
-            if leg.delta < 0 {
-                *l.reserved.entry(leg.account).or_default() += leg.delta;
-            }
+        if let Some(leg) = l.held.remove(&(ctx.gtid, ctx.branch_id))
+            && leg.delta < 0
+        {
+            *l.reserved.entry(leg.account).or_default() += leg.delta;
         }
         Ok(())
     }
