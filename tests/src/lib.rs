@@ -12,7 +12,7 @@ use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::{ForceFuture, LogError, LogStats, MemLog, TxnLog};
 use tandem_coordinator::model::{Gtid, TxState, TxnRecord};
 use tandem_sdk::{
-    BranchContext, HandlerError, ParticipantServer, RunningParticipant, TwoPhase, Vote,
+    Branch, BranchContext, HandlerError, ParticipantServer, RunningParticipant, TwoPhase, Vote,
 };
 
 /// An ordered list of what happened, shared across log and participants.
@@ -218,6 +218,15 @@ impl TxnLog for RecordingLog {
     fn stats(&self) -> LogStats {
         self.inner.stats()
     }
+}
+
+/// Two branches on resource "r" with payloads "x" and "y": the transaction
+/// most tests run.
+pub fn pair(a: &RunningParticipant, b: &RunningParticipant) -> Vec<Branch> {
+    vec![
+        Branch::new(a.url(), "r", "x"),
+        Branch::new(b.url(), "r", "y"),
+    ]
 }
 
 /// Polls `f` every 10 ms until it returns true or 10 s pass.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tandem_coordinator::log::{MemLog, SledLog};
 use tandem_proto::v1 as pb;
 use tandem_sdk::{Branch, Error, Mode, TransactionClient};
-use tandem_tests::{Journal, RecordingLog, Script, Scripted, eventually, start_coordinator};
+use tandem_tests::{Journal, RecordingLog, Script, Scripted, eventually, pair, start_coordinator};
 
 // Rule: all branches vote yes → every participant committed exactly once,
 // the transaction is COMMITTED (one-shot, on a real sled log).
@@ -23,13 +23,7 @@ async fn all_yes_commits_everywhere_one_shot() {
         .expect("connect");
 
     let done = client
-        .submit(
-            Mode::TwoPhase,
-            vec![
-                Branch::new(pa.url(), "r", "x"),
-                Branch::new(pb_.url(), "r", "y"),
-            ],
-        )
+        .submit(Mode::TwoPhase, pair(&pa, &pb_))
         .await
         .expect("submit");
     assert!(done.complete);
@@ -108,13 +102,7 @@ async fn one_no_vote_rolls_back_everywhere() {
         .expect("connect");
 
     let err = client
-        .submit(
-            Mode::TwoPhase,
-            vec![
-                Branch::new(pa.url(), "r", "x"),
-                Branch::new(pb_.url(), "r", "y"),
-            ],
-        )
+        .submit(Mode::TwoPhase, pair(&pa, &pb_))
         .await
         .expect_err("must abort");
     let Error::Aborted {
@@ -209,13 +197,7 @@ async fn participant_past_its_deadline_aborts_everywhere() {
         .expect("connect");
     let started = std::time::Instant::now();
     let err = client
-        .submit(
-            Mode::TwoPhase,
-            vec![
-                Branch::new(pa.url(), "r", "x"),
-                Branch::new(ps.url(), "r", "y"),
-            ],
-        )
+        .submit(Mode::TwoPhase, pair(&pa, &ps))
         .await
         .expect_err("must abort");
     assert!(
@@ -253,13 +235,7 @@ async fn phase_two_failure_is_retried_until_committed() {
         .await
         .expect("connect");
     let done = client
-        .submit(
-            Mode::TwoPhase,
-            vec![
-                Branch::new(pa.url(), "r", "x"),
-                Branch::new(pf.url(), "r", "y"),
-            ],
-        )
+        .submit(Mode::TwoPhase, pair(&pa, &pf))
         .await
         .expect("decided commit even though one commit call failed");
     assert!(!done.complete, "phase 2 still running when submit returned");
@@ -297,13 +273,7 @@ async fn decision_is_forced_before_phase_two() {
         .await
         .expect("connect");
     client
-        .submit(
-            Mode::TwoPhase,
-            vec![
-                Branch::new(pa.url(), "r", "x"),
-                Branch::new(pb_.url(), "r", "y"),
-            ],
-        )
+        .submit(Mode::TwoPhase, pair(&pa, &pb_))
         .await
         .expect("submit");
     let pos = |e: &str| {

@@ -6,27 +6,27 @@
 //! engine handles an event and the resulting record is written to the log.
 //! Writing under that lock keeps the log's versions of a record in the same
 //! order as the engine's states. Calls and timers run outside it.
+//!
+//! - `mod.rs`: the request API ([`Coordinator`]) and the live-transaction table;
+//! - `driver`: carries out engine commands and feeds results back as events;
+//! - `participants`: per-endpoint gRPC clients and deadline-bounded calls.
 
+mod driver;
 mod participants;
 
-use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
-use std::pin::Pin;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
-use tandem_proto::v1::BranchRequest;
 use tokio::task::AbortHandle;
-use tracing::{info, warn};
+use tracing::info;
 
 use participants::ParticipantPool;
 pub(crate) use participants::validate_endpoint;
 
 use crate::config::CoordinatorConfig;
-use crate::engine::{Command, Event, NewBranch, Txn, Vote};
+use crate::engine::{Command, Event, NewBranch, Txn};
 use crate::error::CoordError;
 use crate::log::{LogError, LogStats, TxnLog};
 use crate::model::{BranchId, Gtid, Mode, TxState, TxnRecord, now_ms};
@@ -71,8 +71,6 @@ struct Entry {
     txn: Mutex<Txn>,
     deadline_timer: Mutex<Option<AbortHandle>>,
 }
-
-type CallFuture<'a> = Pin<Box<dyn Future<Output = (Event, Option<Bytes>)> + Send + 'a>>;
 
 impl Coordinator {
     /// A coordinator over `log`. Call [`Coordinator::recover`] before serving.
@@ -461,214 +459,5 @@ impl Inner {
             ));
         }
         Ok(())
-    }
-
-    /// Feeds one event to the engine and writes the record if it changed.
-    fn step(&self, entry: &Entry, event: Event) -> Result<Vec<Command>, CoordError> {
-        let mut txn = entry.lock();
-        let cmds = txn.handle(event, now_ms())?;
-        if cmds
-            .iter()
-            .any(|c| matches!(c, Command::Persist | Command::ForceDecision))
-        {
-            self.check_halted()?;
-            self.log.write(txn.record()).map_err(|e| self.halt(e))?;
-        }
-        Ok(cmds)
-    }
-
-    /// Carries out `cmds` and everything they lead to until no participant
-    /// call is in flight. Retries are left to timers. Returns the phase-1
-    /// replies received, by branch.
-    async fn run(
-        self: &Arc<Self>,
-        entry: &Arc<Entry>,
-        cmds: Vec<Command>,
-    ) -> Result<HashMap<BranchId, Bytes>, CoordError> {
-        let mut calls: FuturesUnordered<CallFuture<'_>> = FuturesUnordered::new();
-        let mut replies = HashMap::new();
-        let mut queue = VecDeque::from(cmds);
-        loop {
-            while let Some(cmd) = queue.pop_front() {
-                match cmd {
-                    Command::Persist => {} // written by `step`
-                    Command::ForceDecision => {
-                        self.log.force().await.map_err(|e| self.halt(e))?;
-                        queue.extend(self.step(entry, Event::DecisionDurable)?);
-                    }
-                    Command::PhaseOne { branch } => {
-                        calls.push(Box::pin(self.phase_one(entry, branch)))
-                    }
-                    Command::PhaseTwo {
-                        branch,
-                        commit,
-                        attempt,
-                    } => calls.push(Box::pin(self.phase_two(entry, branch, commit, attempt))),
-                    Command::RetryLater { branch, failures } => {
-                        self.schedule_retry(entry, branch, failures)
-                    }
-                    Command::Finished => {
-                        let gtid = entry.lock().record().gtid;
-                        self.forget(&gtid);
-                    }
-                }
-            }
-            let Some((event, reply)) = calls.next().await else {
-                return Ok(replies);
-            };
-            if let (Event::PhaseOne { branch, .. }, Some(reply)) = (&event, reply) {
-                replies.insert(*branch, reply);
-            }
-            queue.extend(self.step(entry, event)?);
-        }
-    }
-
-    fn branch_request(
-        &self,
-        entry: &Entry,
-        branch: BranchId,
-        attempt: u32,
-    ) -> Option<(String, Mode, u64, BranchRequest)> {
-        let txn = entry.lock();
-        let rec = txn.record();
-        let b = rec.branch(branch)?;
-        Some((
-            b.endpoint.clone(),
-            rec.mode,
-            rec.deadline_ms,
-            BranchRequest {
-                gtid: rec.gtid.to_string(),
-                branch_id: branch,
-                resource: b.resource.clone(),
-                payload: b.payload.clone(),
-                attempt,
-            },
-        ))
-    }
-
-    async fn phase_one(&self, entry: &Entry, branch: BranchId) -> (Event, Option<Bytes>) {
-        let Some((endpoint, mode, deadline, req)) = self.branch_request(entry, branch, 1) else {
-            let vote = Vote::Failed("branch vanished".into());
-            return (Event::PhaseOne { branch, vote }, None);
-        };
-        let left = Duration::from_millis(deadline.saturating_sub(now_ms()).max(1));
-        let timeout = self.config.call_timeout.min(left);
-        match self.pool.phase_one(&endpoint, mode, req, timeout).await {
-            Ok(v) if v.yes => (
-                Event::PhaseOne {
-                    branch,
-                    vote: Vote::Yes,
-                },
-                Some(v.reply),
-            ),
-            Ok(v) => (
-                Event::PhaseOne {
-                    branch,
-                    vote: Vote::No(v.reason),
-                },
-                None,
-            ),
-            Err(e) => (
-                Event::PhaseOne {
-                    branch,
-                    vote: Vote::Failed(e),
-                },
-                None,
-            ),
-        }
-    }
-
-    async fn phase_two(
-        &self,
-        entry: &Entry,
-        branch: BranchId,
-        commit: bool,
-        attempt: u32,
-    ) -> (Event, Option<Bytes>) {
-        let Some((endpoint, mode, _, req)) = self.branch_request(entry, branch, attempt) else {
-            return (
-                Event::PhaseTwo {
-                    branch,
-                    result: Ok(()),
-                },
-                None,
-            );
-        };
-        let result = self
-            .pool
-            .phase_two(&endpoint, mode, commit, req, self.config.call_timeout)
-            .await;
-        if let Err(error) = &result {
-            let gtid = entry.lock().record().gtid;
-            warn!(%gtid, branch, attempt, %error, "phase-2 call failed; will retry");
-        }
-        (Event::PhaseTwo { branch, result }, None)
-    }
-
-    fn schedule_retry(self: &Arc<Self>, entry: &Arc<Entry>, branch: BranchId, failures: u32) {
-        let jitter = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let delay = self.config.retry.delay(failures, jitter);
-        self.spawn_later(entry, Event::RetryDue { branch }, tokio::time::sleep(delay));
-    }
-
-    fn start_deadline_timer(self: &Arc<Self>, entry: &Arc<Entry>, gtid: Gtid, deadline_ms: u64) {
-        let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
-        let handle = self.spawn_later(entry, Event::DeadlinePassed, tokio::time::sleep(wait));
-        *entry
-            .deadline_timer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        // It may have finished already (a racing commit); then drop the timer.
-        if self.find_live(&gtid).is_none() {
-            handle_abort(entry);
-        }
-    }
-
-    /// After `wait`, feeds `event` and runs what follows, in its own task.
-    fn spawn_later(
-        self: &Arc<Self>,
-        entry: &Arc<Entry>,
-        event: Event,
-        wait: impl Future<Output = ()> + Send + 'static,
-    ) -> AbortHandle {
-        let (inner, entry) = (self.clone(), entry.clone());
-        let is_deadline = event == Event::DeadlinePassed;
-        let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            wait.await;
-            if is_deadline {
-                // Past this point the timer must not be aborted by `forget`.
-                entry
-                    .deadline_timer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take();
-            }
-            if inner.check_halted().is_err() {
-                return;
-            }
-            let gtid = entry.lock().record().gtid;
-            match inner.step(&entry, event) {
-                Ok(cmds) => {
-                    if let Err(e) = inner.run(&entry, cmds).await {
-                        warn!(%gtid, error = %e, "background step failed");
-                    }
-                }
-                Err(e) => warn!(%gtid, error = %e, "background step refused"),
-            }
-        });
-        tokio::spawn(task).abort_handle()
-    }
-}
-
-fn handle_abort(entry: &Entry) {
-    if let Some(t) = entry
-        .deadline_timer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    {
-        t.abort();
     }
 }
