@@ -18,7 +18,7 @@ use tracing::warn;
 use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
-use crate::model::{BranchId, Gtid, Mode, now_ms};
+use crate::model::{BranchId, Mode, now_ms};
 
 type CallFuture<'a> = Pin<Box<dyn Future<Output = (Event, Option<Bytes>)> + Send + 'a>>;
 
@@ -173,22 +173,13 @@ impl Inner {
         self.spawn_later(entry, Event::RetryDue { branch }, tokio::time::sleep(delay));
     }
 
-    pub(super) fn start_deadline_timer(
-        self: &Arc<Self>,
-        entry: &Arc<Entry>,
-        gtid: Gtid,
-        deadline_ms: u64,
-    ) {
+    pub(super) fn start_deadline_timer(self: &Arc<Self>, entry: &Arc<Entry>, deadline_ms: u64) {
         let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
         let handle = self.spawn_later(entry, Event::DeadlinePassed, tokio::time::sleep(wait));
         *entry
             .deadline_timer
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(handle);
-        // It may have finished already (a racing commit); then drop the timer.
-        if self.find_live(&gtid).is_none() {
-            handle_abort(entry);
-        }
     }
 
     /// After `wait`, feeds `event` and runs what follows, in its own task.
@@ -224,16 +215,5 @@ impl Inner {
             }
         });
         tokio::spawn(task).abort_handle()
-    }
-}
-
-fn handle_abort(entry: &Entry) {
-    if let Some(t) = entry
-        .deadline_timer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-    {
-        t.abort();
     }
 }

@@ -116,16 +116,17 @@ impl Coordinator {
     ///
     /// A log read failure.
     pub fn recover(&self) -> Result<usize, CoordError> {
-        let undecided = [TxState::Active, TxState::Preparing];
-        let decided = [TxState::Committing, TxState::Aborting];
+        // Undecided ones abort; decided ones run phase 2 again.
+        const UNFINISHED: [TxState; 4] = [
+            TxState::Active,
+            TxState::Preparing,
+            TxState::Committing,
+            TxState::Aborting,
+        ];
         let mut after = None;
         let mut count = 0;
         loop {
-            let page = self.inner.log.scan(
-                after.as_ref(),
-                &[undecided[0], undecided[1], decided[0], decided[1]],
-                1000,
-            )?;
+            let page = self.inner.log.scan(after.as_ref(), &UNFINISHED, 1000)?;
             let Some(last) = page.last() else { break };
             after = Some(last.gtid);
             for rec in page {
@@ -165,7 +166,7 @@ impl Coordinator {
             inner.forget(&gtid);
             return Err(inner.halt(e));
         }
-        inner.start_deadline_timer(&entry, gtid, deadline);
+        inner.start_deadline_timer(&entry, deadline);
         Ok(gtid)
     }
 
@@ -219,7 +220,7 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         let Some(entry) = inner.find_live(&gtid) else {
-            return inner.settled_state(gtid, "commit");
+            return inner.settled_state(gtid, Event::Commit);
         };
         let cmds = inner.step(&entry, Event::Commit)?;
         inner.run(&entry, cmds).await?;
@@ -249,7 +250,12 @@ impl Coordinator {
             )));
         }
         let Some(entry) = inner.find_live(&gtid) else {
-            return inner.settled_state(gtid, "roll back");
+            return inner.settled_state(
+                gtid,
+                Event::Rollback {
+                    reason: String::new(),
+                },
+            );
         };
         let cmds = inner.step(&entry, Event::Rollback { reason })?;
         inner.run(&entry, cmds).await?;
@@ -376,16 +382,9 @@ impl Inner {
 
     /// Answers commit / rollback for a transaction no longer live: the same
     /// engine rules, applied to the record in the log (nothing is written).
-    fn settled_state(&self, gtid: Gtid, action: &'static str) -> Result<TxState, CoordError> {
+    fn settled_state(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
         let rec = self.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
         let mut txn = Txn::recover(rec.clone(), now_ms()).0;
-        let event = if action == "commit" {
-            Event::Commit
-        } else {
-            Event::Rollback {
-                reason: String::new(),
-            }
-        };
         txn.handle(event, now_ms())?;
         Ok(rec.state)
     }
