@@ -39,8 +39,29 @@ pub(crate) fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn describe(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+/// Awaits `call` for at most `timeout`. The participant sees the same
+/// deadline in its `grpc-timeout` header, and tonic's server ends an expired
+/// call with `Cancelled: Timeout expired`, which can arrive before the local
+/// timer fires: either way the caller learns "no reply within".
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    let no_reply = || format!("no reply within {} ms", timeout.as_millis());
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Err(status)) if is_deadline(&status) => Err(no_reply()),
+        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Err(_) => Err(no_reply()),
+    }
+}
+
+fn is_deadline(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::DeadlineExceeded => true,
+        tonic::Code::Cancelled => status.message() == "Timeout expired",
+        _ => false,
+    }
 }
 
 impl ParticipantPool {
@@ -79,11 +100,7 @@ impl ParticipantPool {
                 Mode::Tcc => client.r#try(request).await,
             }
         };
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
-            Ok(Err(status)) => Err(describe(&status)),
-            Err(_) => Err(format!("no reply within {} ms", timeout.as_millis())),
-        }
+        bounded(timeout, call).await
     }
 
     /// Commit / rollback (2PC) or confirm / cancel (TCC).
@@ -106,10 +123,6 @@ impl ParticipantPool {
                 (Mode::Tcc, false) => client.cancel(request).await,
             }
         };
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(describe(&status)),
-            Err(_) => Err(format!("no reply within {} ms", timeout.as_millis())),
-        }
+        bounded(timeout, call).await.map(drop)
     }
 }
