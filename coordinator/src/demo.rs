@@ -1,9 +1,11 @@
 //! `tandem demo`: a coordinator on a sled log in a temp dir, two bank shards
 //! (the participant of `tandem-examples`) on loopback ports, and a few hundred
-//! concurrent 2PC transfers between them — half one-shot (`Submit`), half
-//! interactive (`Begin` / `Enlist` / `Commit`). Some transfers ask for more
-//! than the account holds, so their debit votes no and they abort. At the end
-//! the money across both shards must be what it was at the start.
+//! concurrent transfers between them, by 2PC or by TCC (try freezes the
+//! funds, confirm moves them, cancel unfreezes) — half one-shot (`Submit`),
+//! half interactive (`Begin` / `Enlist` / `Commit`). Some transfers ask for
+//! more than the account holds, so their debit votes no and they abort. At
+//! the end the money across both shards must be what it was at the start,
+//! with nothing left frozen.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +22,8 @@ use crate::server::RunningCoordinator;
 /// What the demo runs.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
+    /// 2PC or TCC.
+    pub mode: Mode,
     /// Transfers to run.
     pub transfers: usize,
     /// Transfers in flight at once.
@@ -35,6 +39,7 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
+            mode: Mode::TwoPhase,
             transfers: 400,
             concurrency: 32,
             accounts_per_shard: 10,
@@ -67,9 +72,11 @@ pub struct DemoReport {
     pub total_before: i64,
     /// Money across both shards after.
     pub total_after: i64,
-    /// Prepared legs never committed or rolled back (must be 0).
+    /// Frozen legs never committed or rolled back (must be 0).
     pub open_holds: usize,
-    /// Decisions forced / fsyncs made by the log.
+    /// Funds still frozen at the end (must be 0).
+    pub frozen: i64,
+    /// Forced log writes: commit decisions and enlisted branches.
     pub forces: u64,
     /// Physical flushes (fdatasync) of the log.
     pub flushes: u64,
@@ -78,9 +85,17 @@ pub struct DemoReport {
 impl DemoReport {
     /// Balance conserved, nothing left held, no errors.
     pub fn ok(&self) -> bool {
-        self.total_before == self.total_after && self.open_holds == 0 && self.errors.is_empty()
+        self.total_before == self.total_after
+            && self.open_holds == 0
+            && self.frozen == 0
+            && self.errors.is_empty()
     }
 }
+
+/// The bank's resource name for 2PC branches.
+pub const RESOURCE_2PC: &str = "accounts";
+/// The bank's resource name for TCC branches.
+pub const RESOURCE_TCC: &str = "accounts-tcc";
 
 /// splitmix64: a small, good-enough generator for picking transfers.
 fn mix(mut z: u64) -> u64 {
@@ -115,7 +130,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
             .map(|a| (a.clone(), options.opening_balance));
         let bank = Arc::new(Bank::new(accounts));
         let server = ParticipantServer::new()
-            .two_phase("accounts", bank.clone())
+            .two_phase(RESOURCE_2PC, bank.clone())
+            .tcc(RESOURCE_TCC, bank.clone())
             .spawn("127.0.0.1:0".parse()?)
             .await?;
         banks.push(bank);
@@ -150,17 +166,22 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
                 // Up to 70% of an opening balance: most fit, some do not.
                 let amount = 1 + (r >> 32) as i64 % (options.opening_balance * 7 / 10).max(1);
                 let shard = |acct: usize| endpoints[acct / n].clone();
+                let resource = match options.mode {
+                    Mode::TwoPhase => RESOURCE_2PC,
+                    Mode::Tcc => RESOURCE_TCC,
+                };
                 let debit = Branch::new(
                     shard(from),
-                    "accounts",
+                    resource,
                     Leg::debit(&names[from], amount).encode(),
                 );
                 let credit = Branch::new(
                     shard(to),
-                    "accounts",
+                    resource,
                     Leg::credit(&names[to], amount).encode(),
                 );
-                results.push(transfer(&client, i % 2 == 0, debit, credit).await);
+                let one_shot = i % 2 == 0;
+                results.push(transfer(&client, options.mode, one_shot, debit, credit).await);
             }
         }));
     }
@@ -176,6 +197,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         total_before,
         total_after: 0,
         open_holds: 0,
+        frozen: 0,
         forces: 0,
         flushes: 0,
     };
@@ -199,6 +221,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     }
     report.total_after = total(&banks);
     report.open_holds = banks.iter().map(|b| b.open_holds()).sum();
+    report.frozen = banks.iter().map(|b| b.frozen()).sum();
     let stats = coordinator.coordinator.log_stats();
     report.forces = stats.forces;
     report.flushes = stats.flushes;
@@ -212,15 +235,16 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
 /// One transfer: one-shot `submit`, or `begin` / `enlist` ×2 / `commit`.
 async fn transfer(
     client: &TransactionClient,
+    mode: Mode,
     one_shot: bool,
     debit: Branch,
     credit: Branch,
 ) -> Result<(), Error> {
     if one_shot {
-        client.submit(Mode::TwoPhase, vec![debit, credit]).await?;
+        client.submit(mode, vec![debit, credit]).await?;
         return Ok(());
     }
-    let gtid = client.begin(Mode::TwoPhase).await?;
+    let gtid = client.begin(mode).await?;
     client.enlist(gtid, debit).await?;
     client.enlist(gtid, credit).await?;
     client.commit(gtid).await?;
@@ -232,9 +256,13 @@ impl fmt::Display for DemoReport {
         let o = &self.options;
         let secs = self.elapsed.as_secs_f64();
         let done = self.committed + self.insufficient_funds + self.aborted_other;
+        let mode = match o.mode {
+            Mode::TwoPhase => "2PC",
+            Mode::Tcc => "TCC (try freezes, confirm moves, cancel unfreezes)",
+        };
         writeln!(
             f,
-            "tandem demo: 2PC bank transfers across two participant services"
+            "tandem demo: {mode} bank transfers across two participant services"
         )?;
         writeln!(
             f,
@@ -273,7 +301,7 @@ impl fmt::Display for DemoReport {
         )?;
         writeln!(
             f,
-            "  durability    {} commit decisions forced in {} fdatasyncs ({:.1} per group commit)",
+            "  durability    {} forced log writes (commit decisions, enlisted branches) in {} fdatasyncs ({:.1} per group commit)",
             self.forces,
             self.flushes,
             self.forces as f64 / self.flushes.max(1) as f64
@@ -285,8 +313,8 @@ impl fmt::Display for DemoReport {
         };
         write!(
             f,
-            "  balance       before {}, after {}: {verdict}; open holds: {}",
-            self.total_before, self.total_after, self.open_holds
+            "  balance       before {}, after {}: {verdict}; open holds: {}, frozen: {}",
+            self.total_before, self.total_after, self.open_holds, self.frozen
         )
     }
 }

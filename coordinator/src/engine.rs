@@ -12,6 +12,8 @@
 //!   commit / confirm call is emitted until [`Event::DecisionDurable`];
 //! - an abort needs no force (presumed abort: a lost abort record reads as
 //!   undecided, and undecided means abort);
+//! - an enlisted branch is forced ([`Command::Force`]) before its phase-1
+//!   call, so that recovery knows every branch that may hold a reservation;
 //! - a decision never changes;
 //! - phase 2 goes to every branch that may hold work and is repeated until
 //!   each acknowledges; a branch whose phase-1 call is still in flight gets its
@@ -87,6 +89,9 @@ pub enum Vote {
 pub enum Command {
     /// Write the record to the log (not forced).
     Persist,
+    /// Write the record and wait until it is durable before carrying out the
+    /// commands after this one (a new branch before its phase-1 call).
+    Force,
     /// Write the record and force it; then send [`Event::DecisionDurable`].
     ForceDecision,
     /// Send the phase-1 call (prepare / try) of this branch.
@@ -289,7 +294,9 @@ impl Txn {
             return Ok(self.abort("deadline passed before a decision".into(), now));
         }
         let id = self.add_branch(branch, now);
-        Ok(vec![Command::Persist, Command::PhaseOne { branch: id }])
+        // Durable before the participant hears of it: if the coordinator
+        // dies after the call, recovery still knows to cancel the branch.
+        Ok(vec![Command::Force, Command::PhaseOne { branch: id }])
     }
 
     fn on_phase_one(&mut self, id: BranchId, vote: Vote, now: u64) -> Vec<Command> {

@@ -70,6 +70,10 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct DemoArgs {
+    /// Protocol of the transfers: 2pc, or tcc (try freezes the funds,
+    /// confirm moves them, cancel unfreezes).
+    #[arg(long, default_value = "2pc", value_parser = parse_mode)]
+    mode: tandem_sdk::Mode,
     /// Transfers to run.
     #[arg(long, default_value_t = 400)]
     transfers: usize,
@@ -79,6 +83,15 @@ struct DemoArgs {
     /// Seed of the transfer generator.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+}
+
+/// Parses `2pc` or `tcc`.
+fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "2pc" => Ok(tandem_sdk::Mode::TwoPhase),
+        "tcc" => Ok(tandem_sdk::Mode::Tcc),
+        _ => Err(format!("unknown mode {s:?}; use 2pc or tcc")),
+    }
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of milliseconds.
@@ -173,6 +186,7 @@ async fn main() -> ExitCode {
 
 async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let report = demo::run(demo::DemoOptions {
+        mode: args.mode,
         transfers: args.transfers,
         concurrency: args.concurrency,
         seed: args.seed,

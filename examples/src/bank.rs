@@ -1,11 +1,13 @@
-//! A bank shard as a 2PC participant.
+//! A bank shard as a participant, for 2PC and for TCC.
 //!
 //! Each branch is one leg of a transfer: `"<account>:<delta>"`, e.g.
-//! `"alice:-100"` (debit) or `"bob:100"` (credit). Prepare of a debit holds
-//! the funds (so two concurrent transfers cannot spend the same money) and
-//! votes no when the account cannot cover it; commit applies the leg; rollback
-//! releases the hold. Commit and rollback are idempotent: the hold, keyed by
-//! `(gtid, branch)`, is consumed by the first of them.
+//! `"alice:-100"` (debit) or `"bob:100"` (credit). Prepare (2PC) or try
+//! (TCC) of a debit freezes the funds, so two concurrent transfers cannot
+//! spend the same money, and votes no when the account cannot cover it;
+//! commit / confirm applies the leg; rollback / cancel unfreezes. The SDK's
+//! barrier keeps repeats and disorder away from these methods; on top of
+//! that the frozen leg, keyed by `(gtid, branch)`, is consumed by the first
+//! of commit or rollback, so the bank stays right even without it.
 //!
 //! State is in memory to keep the example short; a real participant keeps
 //! holds in the same durable store as balances, written in prepare.
@@ -14,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use tandem_sdk::{BranchContext, Gtid, HandlerError, TwoPhase, Vote};
+use tandem_sdk::{BranchContext, Gtid, HandlerError, Tcc, TwoPhase, Vote};
 
 /// One leg of a transfer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,42 +112,47 @@ impl Bank {
         self.ledger().balances.get(account).copied()
     }
 
-    /// Prepared legs still waiting for commit or rollback.
+    /// Frozen legs still waiting for commit / confirm or rollback / cancel.
     pub fn open_holds(&self) -> usize {
         self.ledger().held.len()
     }
-}
 
-impl TwoPhase for Bank {
-    async fn prepare(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+    /// Funds frozen across all accounts.
+    pub fn frozen(&self) -> i64 {
+        self.ledger().reserved.values().sum()
+    }
+
+    /// Freezes a debit (or notes a credit) and votes.
+    fn hold(&self, ctx: &BranchContext, payload: &[u8]) -> Vote {
         let leg = match Leg::decode(payload) {
             Ok(leg) => leg,
-            Err(e) => return Ok(Vote::no(e)),
+            Err(e) => return Vote::no(e),
         };
         let mut l = self.ledger();
         let key = (ctx.gtid, ctx.branch_id);
         if l.held.contains_key(&key) {
-            return Ok(Vote::yes()); // a repeated prepare
+            return Vote::yes(); // a repeated prepare
         }
         let Some(&balance) = l.balances.get(&leg.account) else {
-            return Ok(Vote::no(format!("unknown account {}", leg.account)));
+            return Vote::no(format!("unknown account {}", leg.account));
         };
         if leg.delta < 0 {
             let reserved = l.reserved.get(&leg.account).copied().unwrap_or(0);
             let available = balance - reserved;
             if available < -leg.delta {
-                return Ok(Vote::no(format!(
+                return Vote::no(format!(
                     "insufficient funds in {}: {available} available, {} needed",
                     leg.account, -leg.delta
-                )));
+                ));
             }
             *l.reserved.entry(leg.account.clone()).or_default() += -leg.delta;
         }
         l.held.insert(key, leg);
-        Ok(Vote::yes())
+        Vote::yes()
     }
 
-    async fn commit(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+    /// Applies a frozen leg.
+    fn apply(&self, ctx: &BranchContext) {
         let mut l = self.ledger();
         // No hold: committed already (a repeat) — nothing to do.
         if let Some(leg) = l.held.remove(&(ctx.gtid, ctx.branch_id)) {
@@ -154,10 +161,10 @@ impl TwoPhase for Bank {
             }
             *l.balances.entry(leg.account).or_default() += leg.delta;
         }
-        Ok(())
     }
 
-    async fn rollback(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+    /// Unfreezes a leg.
+    fn release(&self, ctx: &BranchContext) {
         let mut l = self.ledger();
         // No hold: never prepared, voted no, or rolled back already.
         if let Some(leg) = l.held.remove(&(ctx.gtid, ctx.branch_id))
@@ -165,6 +172,38 @@ impl TwoPhase for Bank {
         {
             *l.reserved.entry(leg.account).or_default() += leg.delta;
         }
+    }
+}
+
+impl TwoPhase for Bank {
+    async fn prepare(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        Ok(self.hold(ctx, payload))
+    }
+
+    async fn commit(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.apply(ctx);
+        Ok(())
+    }
+
+    async fn rollback(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.release(ctx);
+        Ok(())
+    }
+}
+
+/// TCC: try freezes, confirm moves the money, cancel unfreezes.
+impl Tcc for Bank {
+    async fn try_(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        Ok(self.hold(ctx, payload))
+    }
+
+    async fn confirm(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.apply(ctx);
+        Ok(())
+    }
+
+    async fn cancel(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.release(ctx);
         Ok(())
     }
 }

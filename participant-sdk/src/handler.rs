@@ -6,6 +6,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 use crate::Gtid;
+use crate::barrier::{BranchKey, Phase};
 
 /// Which call this is, passed to every handler method.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,6 +20,18 @@ pub struct BranchContext {
     pub resource: String,
     /// 1 for the first call of this phase, 2 for the first retry, and so on.
     pub attempt: u32,
+    /// Which call: try / prepare, confirm / commit, or cancel / rollback.
+    pub phase: Phase,
+}
+
+impl BranchContext {
+    /// The branch's key in the barrier.
+    pub fn key(&self) -> BranchKey {
+        BranchKey {
+            gtid: self.gtid,
+            branch_id: self.branch_id,
+        }
+    }
 }
 
 /// A participant's phase-1 answer.
@@ -78,12 +91,14 @@ impl HandlerError {
 
 /// A resource taking part in 2PC transactions.
 ///
-/// The coordinator calls `prepare` once per branch, then exactly one of
-/// `commit` or `rollback` — possibly more than once (after a lost reply or a
-/// coordinator restart), so both must be idempotent: a second commit of the
-/// same `(gtid, branch_id)` does nothing. `rollback` can also arrive for a
-/// branch whose `prepare` never ran or failed; it must then succeed and do
-/// nothing.
+/// The coordinator calls `prepare` once per branch, then one of `commit` or
+/// `rollback`, repeating it until acknowledged (after a lost reply or a
+/// coordinator restart). The SDK's barrier (see [`crate::barrier`]) absorbs
+/// the repeats: `commit` and `rollback` run at most once to completion per
+/// branch, `rollback` is not called when no `prepare` started (or it voted
+/// no), and a `prepare` arriving after its rollback is refused. `rollback`
+/// still runs after a prepare that failed or timed out, so it must undo
+/// whatever part of the prepare took effect, possibly nothing.
 ///
 /// Implement the methods as `async fn`; the futures must be `Send`.
 ///
@@ -129,49 +144,135 @@ pub trait TwoPhase: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// A resource taking part in TCC transactions.
+///
+/// `try_` reserves the resource (funds frozen, seats held) and votes;
+/// after a commit decision `confirm` uses the reservation, after an abort
+/// `cancel` releases it. The SDK's barrier (on by default, see
+/// [`barrier`](crate::barrier)) guarantees that:
+///
+/// - `confirm` and `cancel` run at most once to completion per branch, even
+///   when the coordinator repeats them or sends them concurrently;
+/// - `cancel` is not called when no try started for the branch ("empty
+///   rollback"), nor after a try that voted no;
+/// - a `try_` arriving after its branch was cancelled is refused without
+///   calling the handler ("hanging").
+///
+/// `cancel` is called after a try that failed, timed out or crashed, so it
+/// must release whatever part of the try took effect, possibly nothing.
+///
+/// # Examples
+///
+/// ```
+/// use tandem_sdk::{BranchContext, HandlerError, Tcc, Vote};
+///
+/// struct Seats;
+///
+/// impl Tcc for Seats {
+///     async fn try_(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+///         Ok(Vote::yes_with("seat 12C held")) // hold a seat
+///     }
+///     async fn confirm(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+///         Ok(()) // sell the held seat
+///     }
+///     async fn cancel(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+///         Ok(()) // release the hold, if there is one
+///     }
+/// }
+/// ```
+pub trait Tcc: Send + Sync + 'static {
+    /// Reserve the resource and vote. A no must leave nothing reserved.
+    fn try_(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<Vote, HandlerError>> + Send;
+
+    /// Use the reservation (after a commit decision).
+    fn confirm(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// Release the reservation, or whatever part of it exists (after an
+    /// abort decision).
+    fn cancel(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Object-safe form of [`TwoPhase`], so handlers of different types can be
-/// stored by resource name.
-pub(crate) trait DynTwoPhase: Send + Sync + 'static {
-    fn prepare<'a>(
+/// Object-safe form of both handler traits, so handlers of different types
+/// and protocols can be stored by resource name and run through one barrier.
+pub(crate) trait DynHandler: Send + Sync + 'static {
+    fn phase_one<'a>(
         &'a self,
         ctx: &'a BranchContext,
         payload: &'a [u8],
     ) -> BoxFuture<'a, Result<Vote, HandlerError>>;
-    fn commit<'a>(
+
+    /// Commit / confirm when `commit`, else rollback / cancel.
+    fn phase_two<'a>(
         &'a self,
         ctx: &'a BranchContext,
         payload: &'a [u8],
-    ) -> BoxFuture<'a, Result<(), HandlerError>>;
-    fn rollback<'a>(
-        &'a self,
-        ctx: &'a BranchContext,
-        payload: &'a [u8],
+        commit: bool,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
 
-impl<T: TwoPhase> DynTwoPhase for T {
-    fn prepare<'a>(
+/// A [`TwoPhase`] handler behind [`DynHandler`].
+pub(crate) struct TwoPhaseHandler<T>(pub(crate) T);
+
+/// A [`Tcc`] handler behind [`DynHandler`].
+pub(crate) struct TccHandler<T>(pub(crate) T);
+
+impl<T: TwoPhase> DynHandler for TwoPhaseHandler<T> {
+    fn phase_one<'a>(
         &'a self,
         ctx: &'a BranchContext,
         payload: &'a [u8],
     ) -> BoxFuture<'a, Result<Vote, HandlerError>> {
-        Box::pin(TwoPhase::prepare(self, ctx, payload))
+        Box::pin(self.0.prepare(ctx, payload))
     }
-    fn commit<'a>(
+
+    fn phase_two<'a>(
         &'a self,
         ctx: &'a BranchContext,
         payload: &'a [u8],
+        commit: bool,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(TwoPhase::commit(self, ctx, payload))
+        if commit {
+            Box::pin(self.0.commit(ctx, payload))
+        } else {
+            Box::pin(self.0.rollback(ctx, payload))
+        }
     }
-    fn rollback<'a>(
+}
+
+impl<T: Tcc> DynHandler for TccHandler<T> {
+    fn phase_one<'a>(
         &'a self,
         ctx: &'a BranchContext,
         payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vote, HandlerError>> {
+        Box::pin(self.0.try_(ctx, payload))
+    }
+
+    fn phase_two<'a>(
+        &'a self,
+        ctx: &'a BranchContext,
+        payload: &'a [u8],
+        commit: bool,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(TwoPhase::rollback(self, ctx, payload))
+        if commit {
+            Box::pin(self.0.confirm(ctx, payload))
+        } else {
+            Box::pin(self.0.cancel(ctx, payload))
+        }
     }
 }
 
@@ -198,5 +299,31 @@ impl<T: TwoPhase> TwoPhase for std::sync::Arc<T> {
         payload: &[u8],
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         T::rollback(self, ctx, payload)
+    }
+}
+
+/// A shared handler is a handler: register an `Arc<T>` and keep a clone to
+/// inspect its state.
+impl<T: Tcc> Tcc for std::sync::Arc<T> {
+    fn try_(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<Vote, HandlerError>> + Send {
+        T::try_(self, ctx, payload)
+    }
+    fn confirm(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        T::confirm(self, ctx, payload)
+    }
+    fn cancel(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        T::cancel(self, ctx, payload)
     }
 }

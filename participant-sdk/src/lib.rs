@@ -1,14 +1,20 @@
 //! Tandem's SDK: what your services write code against.
 //!
 //! Module map:
-//! - [`handler`]: the [`TwoPhase`] handler trait a participant implements for
-//!   each resource, with [`BranchContext`], [`Vote`] and [`HandlerError`].
+//! - [`handler`]: the [`TwoPhase`] and [`Tcc`] handler traits a participant
+//!   implements for each resource, with [`BranchContext`], [`Vote`] and
+//!   [`HandlerError`].
+//! - [`barrier`]: what makes handlers safe against repeated and disordered
+//!   calls (duplicate confirms, cancel before try, try after cancel); the
+//!   [`BarrierStore`](barrier::BarrierStore) trait, [`MemBarrier`](barrier::MemBarrier)
+//!   and [`SledBarrier`].
 //! - [`server`]: [`ParticipantServer`], which registers handlers by resource
 //!   name and serves the `Participant` gRPC service the coordinator calls.
 //! - [`client`]: [`TransactionClient`], which a business service uses to run
 //!   global transactions (`begin` / `enlist` / `commit` / `rollback`, or
 //!   one-shot `submit`).
 //! - [`error`]: [`Error`], the typed errors of the client.
+//! - [`sled_sync`]: durable writes to a sled database, with group commit.
 //!
 //! # Example
 //!
@@ -51,14 +57,17 @@
 //! # Ok(()) }
 //! ```
 
+pub mod barrier;
 pub mod client;
 pub mod error;
 pub mod handler;
 pub mod server;
+pub mod sled_sync;
 
+pub use barrier::{Phase, SledBarrier};
 pub use client::{Branch, CommitOutcome, Enlisted, Mode, Submitted, TransactionClient};
 pub use error::Error;
-pub use handler::{BranchContext, HandlerError, TwoPhase, Vote};
+pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
 pub use server::{ParticipantServer, RunningParticipant};
 
 /// A global transaction id (UUID v7).

@@ -18,9 +18,33 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::Gtid;
-use crate::handler::{BranchContext, DynTwoPhase, TwoPhase, Vote};
+use crate::barrier::{self, BarrierStore, MemBarrier, Phase, Retention};
+use crate::handler::{BranchContext, DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler, Vote};
+
+/// Which protocol a resource speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    TwoPhase,
+    Tcc,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::TwoPhase => "2PC",
+            Protocol::Tcc => "TCC",
+        }
+    }
+}
+
+type Handlers = HashMap<String, (Protocol, Arc<dyn DynHandler>)>;
 
 /// Registers handlers by resource name and serves them.
+///
+/// Every call goes through the barrier (see [`crate::barrier`]), kept in
+/// memory unless [`barrier`](ParticipantServer::barrier) names a durable
+/// store; while serving, finished barrier records are removed after the
+/// [`retention`](ParticipantServer::retention) period.
 ///
 /// # Examples
 ///
@@ -40,13 +64,25 @@ use crate::handler::{BranchContext, DynTwoPhase, TwoPhase, Vote};
 ///     .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct ParticipantServer {
-    two_phase: HashMap<String, Arc<dyn DynTwoPhase>>,
+    handlers: Handlers,
+    barrier: Arc<dyn BarrierStore>,
+    retention: Retention,
+}
+
+impl Default for ParticipantServer {
+    fn default() -> Self {
+        ParticipantServer {
+            handlers: HashMap::new(),
+            barrier: Arc::new(MemBarrier::new()),
+            retention: Retention::default(),
+        }
+    }
 }
 
 impl ParticipantServer {
-    /// A server with no handlers.
+    /// A server with no handlers and an in-memory barrier.
     pub fn new() -> Self {
         Self::default()
     }
@@ -54,16 +90,51 @@ impl ParticipantServer {
     /// Registers `handler` for 2PC branches enlisted with `resource`.
     /// Registering a name twice keeps the last handler.
     pub fn two_phase(mut self, resource: impl Into<String>, handler: impl TwoPhase) -> Self {
-        self.two_phase.insert(resource.into(), Arc::new(handler));
+        let handler = Arc::new(TwoPhaseHandler(handler));
+        self.handlers
+            .insert(resource.into(), (Protocol::TwoPhase, handler));
+        self
+    }
+
+    /// Registers `handler` for TCC branches enlisted with `resource`.
+    /// Registering a name twice keeps the last handler.
+    pub fn tcc(mut self, resource: impl Into<String>, handler: impl Tcc) -> Self {
+        let handler = Arc::new(TccHandler(handler));
+        self.handlers
+            .insert(resource.into(), (Protocol::Tcc, handler));
+        self
+    }
+
+    /// Keeps barrier records in `store` instead of memory. Use a durable
+    /// store (such as [`SledBarrier`](crate::barrier::SledBarrier)) whenever
+    /// the handlers' state outlives the process.
+    pub fn barrier(mut self, store: impl BarrierStore) -> Self {
+        self.barrier = Arc::new(store);
+        self
+    }
+
+    /// How long finished barrier records are kept; see [`Retention`].
+    pub fn retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
         self
     }
 
     /// The tonic service, to add to your own `tonic::transport::Server`.
+    /// Barrier retention is not started; run
+    /// [`spawn_retention`](crate::barrier::spawn_retention) alongside.
     pub fn into_service(self) -> ParticipantRpcServer<ParticipantService> {
         ParticipantRpcServer::new(ParticipantService {
-            two_phase: Arc::new(self.two_phase),
+            handlers: Arc::new(self.handlers),
+            barrier: self.barrier,
         })
         .max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    fn start_retention(&self) -> AbortOnDrop {
+        AbortOnDrop(barrier::spawn_retention(
+            self.barrier.clone(),
+            self.retention,
+        ))
     }
 
     /// Serves on `addr` until the process stops.
@@ -72,6 +143,7 @@ impl ParticipantServer {
     ///
     /// The address cannot be bound or the transport fails.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), tonic::transport::Error> {
+        let _retention = self.start_retention();
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(self.into_service())
@@ -90,6 +162,7 @@ impl ParticipantServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
+        let _retention = self.start_retention();
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(self.into_service())
@@ -146,13 +219,23 @@ impl RunningParticipant {
     }
 }
 
+/// Stops a background task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The `Participant` gRPC service over registered handlers. Built by
 /// [`ParticipantServer::into_service`].
 pub struct ParticipantService {
-    two_phase: Arc<HashMap<String, Arc<dyn DynTwoPhase>>>,
+    handlers: Arc<Handlers>,
+    barrier: Arc<dyn BarrierStore>,
 }
 
-fn context(req: &pb::BranchRequest) -> Result<BranchContext, Status> {
+fn context(req: &pb::BranchRequest, phase: Phase) -> Result<BranchContext, Status> {
     let gtid = Gtid::parse_str(&req.gtid)
         .map_err(|e| Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", req.gtid)))?;
     Ok(BranchContext {
@@ -160,23 +243,73 @@ fn context(req: &pb::BranchRequest) -> Result<BranchContext, Status> {
         branch_id: req.branch_id,
         resource: req.resource.clone(),
         attempt: req.attempt,
+        phase,
     })
 }
 
+fn vote_response(vote: Vote) -> pb::VoteResponse {
+    match vote {
+        Vote::Yes { reply } => pb::VoteResponse {
+            yes: true,
+            reason: String::new(),
+            reply,
+        },
+        Vote::No { reason } => pb::VoteResponse {
+            yes: false,
+            reason,
+            reply: Default::default(),
+        },
+    }
+}
+
 impl ParticipantService {
-    fn handler(&self, resource: &str) -> Result<&Arc<dyn DynTwoPhase>, Status> {
-        self.two_phase.get(resource).ok_or_else(|| {
-            Status::not_found(format!(
-                "no 2PC handler registered for resource {resource:?}"
-            ))
-        })
+    fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
+        match self.handlers.get(resource) {
+            Some((p, h)) if *p == protocol => Ok(h),
+            Some((p, _)) => Err(Status::failed_precondition(format!(
+                "resource {resource:?} is registered as {}, but was called with {}",
+                p.name(),
+                protocol.name()
+            ))),
+            None => Err(Status::not_found(format!(
+                "no {} handler registered for resource {resource:?}",
+                protocol.name()
+            ))),
+        }
     }
 
-    fn no_tcc(&self, req: &pb::BranchRequest) -> Status {
-        Status::not_found(format!(
-            "no TCC handler registered for resource {:?}",
-            req.resource
-        ))
+    async fn phase_one(
+        &self,
+        req: Request<pb::BranchRequest>,
+        protocol: Protocol,
+        verb: &str,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let req = req.into_inner();
+        let ctx = context(&req, Phase::Try)?;
+        let handler = self.handler(&req.resource, protocol)?;
+        let call = handler.phase_one(&ctx, &req.payload);
+        let vote = barrier::gate::phase_one(self.barrier.as_ref(), &ctx, verb, call).await?;
+        Ok(Response::new(vote_response(vote)))
+    }
+
+    async fn phase_two(
+        &self,
+        req: Request<pb::BranchRequest>,
+        protocol: Protocol,
+        commit: bool,
+        verb: &str,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let req = req.into_inner();
+        let phase = if commit {
+            Phase::Confirm
+        } else {
+            Phase::Cancel
+        };
+        let ctx = context(&req, phase)?;
+        let handler = self.handler(&req.resource, protocol)?;
+        let call = handler.phase_two(&ctx, &req.payload, commit);
+        barrier::gate::phase_two(self.barrier.as_ref(), &ctx, verb, call).await?;
+        Ok(Response::new(pb::AckResponse {}))
     }
 }
 
@@ -187,25 +320,7 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
-        let req = req.into_inner();
-        let ctx = context(&req)?;
-        let vote = self
-            .handler(&req.resource)?
-            .prepare(&ctx, &req.payload)
-            .await
-            .map_err(|e| Status::internal(format!("prepare failed: {e}")))?;
-        Ok(Response::new(match vote {
-            Vote::Yes { reply } => pb::VoteResponse {
-                yes: true,
-                reason: String::new(),
-                reply,
-            },
-            Vote::No { reason } => pb::VoteResponse {
-                yes: false,
-                reason,
-                reply: Default::default(),
-            },
-        }))
+        self.phase_one(req, Protocol::TwoPhase, "prepare").await
     }
 
     #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
@@ -213,13 +328,8 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let req = req.into_inner();
-        let ctx = context(&req)?;
-        self.handler(&req.resource)?
-            .commit(&ctx, &req.payload)
+        self.phase_two(req, Protocol::TwoPhase, true, "commit")
             .await
-            .map_err(|e| Status::unavailable(format!("commit failed: {e}")))?;
-        Ok(Response::new(pb::AckResponse {}))
     }
 
     #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
@@ -227,33 +337,31 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        let req = req.into_inner();
-        let ctx = context(&req)?;
-        self.handler(&req.resource)?
-            .rollback(&ctx, &req.payload)
+        self.phase_two(req, Protocol::TwoPhase, false, "rollback")
             .await
-            .map_err(|e| Status::unavailable(format!("rollback failed: {e}")))?;
-        Ok(Response::new(pb::AckResponse {}))
     }
 
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn r#try(
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::VoteResponse>, Status> {
-        Err(self.no_tcc(req.get_ref()))
+        self.phase_one(req, Protocol::Tcc, "try").await
     }
 
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn confirm(
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        Err(self.no_tcc(req.get_ref()))
+        self.phase_two(req, Protocol::Tcc, true, "confirm").await
     }
 
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn cancel(
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        Err(self.no_tcc(req.get_ref()))
+        self.phase_two(req, Protocol::Tcc, false, "cancel").await
     }
 }

@@ -298,3 +298,63 @@ fn stray_replies_change_nothing() {
     );
     assert_eq!(t.record(), &before);
 }
+
+// An enlisted branch is forced before its phase-1 call, in both modes: a
+// coordinator crash after the call still leaves a record to recover from.
+#[test]
+fn enlist_forces_the_branch_before_calling_it() {
+    for mode in [Mode::TwoPhase, Mode::Tcc] {
+        let (mut t, _) = Txn::begin(Gtid::now_v7(), mode, NOW, DEADLINE);
+        let cmds = t.handle(Event::Enlist(branch(1)), NOW).expect("enlist");
+        assert_eq!(cmds, vec![Command::Force, Command::PhaseOne { branch: 1 }]);
+    }
+}
+
+// TCC: a rollback cancels every enlisted branch, those that tried yes and
+// the one whose try is still out (once that try returns, so the two calls
+// do not race), and confirms none.
+#[test]
+fn tcc_rollback_cancels_every_enlisted_branch() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE);
+    for n in 1..=3 {
+        t.handle(Event::Enlist(branch(n)), NOW).expect("enlist");
+    }
+    yes(&mut t, 1);
+    t.handle(
+        Event::PhaseOne {
+            branch: 2,
+            vote: Vote::No("sold out".into()),
+        },
+        NOW,
+    )
+    .expect("no");
+    // The no aborted the transaction: cancel to 1 and 2, none yet to 3.
+    assert_eq!(t.record().state, TxState::Aborting);
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 3,
+                vote: Vote::Failed("no reply within 500 ms".into()),
+            },
+            NOW,
+        )
+        .expect("late try");
+    assert_eq!(phase_two_calls(&cmds), vec![(3, false)]);
+    for b in 1..=3 {
+        t.handle(
+            Event::PhaseTwo {
+                branch: b,
+                result: Ok(()),
+            },
+            NOW,
+        )
+        .expect("cancelled");
+    }
+    assert_eq!(t.record().state, TxState::Aborted);
+    assert!(
+        t.record()
+            .branches
+            .iter()
+            .all(|b| b.state == BranchState::RolledBack)
+    );
+}

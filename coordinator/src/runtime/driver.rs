@@ -27,10 +27,12 @@ impl Inner {
     pub(super) fn step(&self, entry: &Entry, event: Event) -> Result<Vec<Command>, CoordError> {
         let mut txn = entry.lock();
         let cmds = txn.handle(event, now_ms())?;
-        if cmds
-            .iter()
-            .any(|c| matches!(c, Command::Persist | Command::ForceDecision))
-        {
+        if cmds.iter().any(|c| {
+            matches!(
+                c,
+                Command::Persist | Command::Force | Command::ForceDecision
+            )
+        }) {
             self.check_halted()?;
             self.log.write(txn.record()).map_err(|e| self.halt(e))?;
         }
@@ -52,6 +54,7 @@ impl Inner {
             while let Some(cmd) = queue.pop_front() {
                 match cmd {
                     Command::Persist => {} // written by `step`
+                    Command::Force => self.log.force().await.map_err(|e| self.halt(e))?,
                     Command::ForceDecision => {
                         self.log.force().await.map_err(|e| self.halt(e))?;
                         queue.extend(self.step(entry, Event::DecisionDurable)?);

@@ -1,0 +1,163 @@
+//! The conformance suite every [`BarrierStore`] must pass: the contract on
+//! the trait, as code. Run it from a test with a fresh store per case:
+//!
+//! ```no_run
+//! # async fn t() {
+//! use tandem_sdk::barrier::{conformance, MemBarrier};
+//! conformance::run_all(MemBarrier::new).await;
+//! # }
+//! ```
+//!
+//! Durability across a reopen is store-specific; test it next to the store.
+//! Failures panic with the rule that broke.
+
+use std::time::Duration;
+
+use super::{BarrierStore, BranchKey, Mark, now_ms};
+
+/// Runs every case, each on a store made by `make`.
+pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
+    unknown_branch_has_no_record(&make()).await;
+    put_is_read_back(&make()).await;
+    same_branch_waits_for_the_holder(&make()).await;
+    other_branches_do_not_wait(&make()).await;
+    purge_removes_only_old_finished_records(&make()).await;
+    purge_pages_cover_every_record(&make()).await;
+}
+
+/// A key for tests: branch `branch` of a fixed-prefix gtid `n`.
+pub fn key(n: u8, branch: u32) -> BranchKey {
+    let mut bytes = [0u8; 16];
+    bytes[15] = n;
+    BranchKey {
+        gtid: uuid::Uuid::from_bytes(bytes),
+        branch_id: branch,
+    }
+}
+
+async fn put(store: &dyn BarrierStore, key: BranchKey, mark: Mark) {
+    let mut entry = store.enter(key).await.expect("enter");
+    entry.put(mark).await.expect("put");
+}
+
+async fn mark_of(store: &dyn BarrierStore, key: BranchKey) -> Option<Mark> {
+    let entry = store.enter(key).await.expect("enter");
+    entry.record().map(|r| r.mark)
+}
+
+/// Rule: a branch never seen has no record.
+pub async fn unknown_branch_has_no_record(store: &dyn BarrierStore) {
+    assert_eq!(mark_of(store, key(1, 1)).await, None, "fresh store");
+}
+
+/// Rule: what `put` stored is read back by the next `enter`, stamped with
+/// the current time, and a later `put` replaces it.
+pub async fn put_is_read_back(store: &dyn BarrierStore) {
+    let before = now_ms();
+    {
+        let mut entry = store.enter(key(2, 1)).await.expect("enter");
+        entry.put(Mark::Tried).await.expect("put");
+        assert_eq!(
+            entry.record().map(|r| r.mark),
+            Some(Mark::Tried),
+            "entry sees its own put"
+        );
+    }
+    let entry = store.enter(key(2, 1)).await.expect("enter");
+    let record = entry.record().expect("record stored");
+    assert_eq!(record.mark, Mark::Tried);
+    assert!(record.updated_ms >= before && record.updated_ms <= now_ms() + 1);
+    drop(entry);
+    put(store, key(2, 1), Mark::Confirmed).await;
+    assert_eq!(
+        mark_of(store, key(2, 1)).await,
+        Some(Mark::Confirmed),
+        "replaced"
+    );
+    assert_eq!(
+        mark_of(store, key(2, 2)).await,
+        None,
+        "other branch untouched"
+    );
+}
+
+/// Rule: a second `enter` of the same branch waits until the first entry is
+/// dropped, and then sees what it stored.
+pub async fn same_branch_waits_for_the_holder(store: &dyn BarrierStore) {
+    let mut first = store.enter(key(3, 1)).await.expect("enter");
+    let second = store.enter(key(3, 1));
+    tokio::pin!(second);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut second)
+            .await
+            .is_err(),
+        "second enter went through while the first held the branch"
+    );
+    first.put(Mark::Cancelled).await.expect("put");
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("second enter stuck after the first was dropped")
+        .expect("enter");
+    assert_eq!(second.record().map(|r| r.mark), Some(Mark::Cancelled));
+}
+
+/// Rule: entries of different branches do not wait for each other.
+pub async fn other_branches_do_not_wait(store: &dyn BarrierStore) {
+    let _held = store.enter(key(4, 1)).await.expect("enter");
+    tokio::time::timeout(Duration::from_secs(5), store.enter(key(4, 2)))
+        .await
+        .expect("a different branch waited")
+        .expect("enter");
+}
+
+/// Rule: purge removes finished records stored before the cut-off and
+/// nothing else: `Tried` records stay however old, newer records stay.
+pub async fn purge_removes_only_old_finished_records(store: &dyn BarrierStore) {
+    let marks = [
+        Mark::Tried,
+        Mark::Refused,
+        Mark::Confirmed,
+        Mark::Cancelled,
+        Mark::EmptyCancelled,
+    ];
+    for (i, mark) in marks.iter().enumerate() {
+        put(store, key(5, i as u32), *mark).await;
+    }
+    // Nothing is older than a cut-off in the past.
+    let page = store.purge(None, 1, 100).await.expect("purge");
+    assert_eq!((page.scanned, page.removed), (5, 0));
+    let cut = now_ms() + 1;
+    let page = store.purge(None, cut, 100).await.expect("purge");
+    assert_eq!((page.scanned, page.removed, page.next), (5, 4, None));
+    assert_eq!(
+        mark_of(store, key(5, 0)).await,
+        Some(Mark::Tried),
+        "Tried kept"
+    );
+    for i in 1..5 {
+        assert_eq!(mark_of(store, key(5, i)).await, None, "finished removed");
+    }
+}
+
+/// Rule: a sweep in pages of `limit` visits every record once and ends.
+pub async fn purge_pages_cover_every_record(store: &dyn BarrierStore) {
+    for n in 0..10u8 {
+        put(store, key(6, u32::from(n)), Mark::Confirmed).await;
+    }
+    let cut = now_ms() + 1;
+    let (mut from, mut scanned, mut removed, mut pages) = (None, 0, 0, 0);
+    loop {
+        let page = store.purge(from, cut, 3).await.expect("purge");
+        assert!(page.scanned <= 3, "page larger than the limit");
+        scanned += page.scanned;
+        removed += page.removed;
+        pages += 1;
+        assert!(pages <= 5, "sweep does not end");
+        match page.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!((scanned, removed), (10, 10));
+}

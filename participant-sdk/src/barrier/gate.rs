@@ -1,0 +1,63 @@
+//! The barrier in front of handler calls: one function per phase, applying
+//! [`decide`] under the branch's lock and storing the records it implies.
+
+use tonic::Status;
+
+use super::{BarrierError, BarrierStore, Mark, Phase, Step, decide};
+use crate::handler::{BoxFuture, BranchContext, HandlerError, Vote};
+
+fn unavailable(e: BarrierError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+/// Runs a try / prepare through the barrier. `verb` names the call in errors.
+pub(crate) async fn phase_one(
+    store: &dyn BarrierStore,
+    ctx: &BranchContext,
+    verb: &str,
+    call: BoxFuture<'_, Result<Vote, HandlerError>>,
+) -> Result<Vote, Status> {
+    let mut entry = store.enter(ctx.key()).await.map_err(unavailable)?;
+    match decide(entry.record().map(|r| r.mark), Phase::Try) {
+        Step::Run => {}
+        Step::Refuse(why) => return Ok(Vote::no(why)),
+        Step::Skip { .. } => return Ok(Vote::yes()),
+    }
+    // Stored before the handler runs: whatever the try does, a cancel that
+    // follows will reach the handler.
+    entry.put(Mark::Tried).await.map_err(unavailable)?;
+    let vote = call
+        .await
+        .map_err(|e| Status::internal(format!("{verb} failed: {e}")))?;
+    if matches!(vote, Vote::No { .. }) {
+        entry.put(Mark::Refused).await.map_err(unavailable)?;
+    }
+    Ok(vote)
+}
+
+/// Runs a confirm / cancel (commit / rollback) through the barrier.
+pub(crate) async fn phase_two(
+    store: &dyn BarrierStore,
+    ctx: &BranchContext,
+    verb: &str,
+    call: BoxFuture<'_, Result<(), HandlerError>>,
+) -> Result<(), Status> {
+    let mut entry = store.enter(ctx.key()).await.map_err(unavailable)?;
+    match decide(entry.record().map(|r| r.mark), ctx.phase) {
+        Step::Refuse(why) => Err(Status::failed_precondition(why)),
+        Step::Skip { record } => {
+            if let Some(mark) = record {
+                entry.put(mark).await.map_err(unavailable)?;
+            }
+            Ok(())
+        }
+        Step::Run => {
+            call.await
+                .map_err(|e| Status::unavailable(format!("{verb} failed: {e}")))?;
+            if let Some(mark) = ctx.phase.done_mark() {
+                entry.put(mark).await.map_err(unavailable)?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! [`MemBarrier`]: barrier records in memory.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+
+use super::locks::{KeyGuard, KeyLocks};
+use super::{
+    BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, Mark, PurgePage,
+    now_ms,
+};
+
+/// Barrier records in memory: they protect against repeats and disorder
+/// while the process runs, and are gone after a restart.
+///
+/// This is the default of [`ParticipantServer`](crate::ParticipantServer),
+/// right for handlers whose own state is in memory too (tests, demos). A
+/// handler with durable state needs a durable barrier, such as
+/// [`SledBarrier`](super::SledBarrier).
+#[derive(Clone, Default)]
+pub struct MemBarrier {
+    records: Arc<Mutex<BTreeMap<BranchKey, BarrierRecord>>>,
+    locks: KeyLocks,
+}
+
+impl MemBarrier {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<BranchKey, BarrierRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct MemEntry {
+    store: MemBarrier,
+    key: BranchKey,
+    record: Option<BarrierRecord>,
+    _guard: KeyGuard,
+}
+
+impl BarrierEntry for MemEntry {
+    fn record(&self) -> Option<BarrierRecord> {
+        self.record
+    }
+
+    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
+        let record = BarrierRecord {
+            mark,
+            updated_ms: now_ms(),
+        };
+        self.store.map().insert(self.key, record);
+        self.record = Some(record);
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+impl BarrierStore for MemBarrier {
+    fn enter(&self, key: BranchKey) -> BoxFuture<'_, Result<Box<dyn BarrierEntry>, BarrierError>> {
+        Box::pin(async move {
+            let guard = self.locks.lock(key).await;
+            let record = self.map().get(&key).copied();
+            Ok(Box::new(MemEntry {
+                store: self.clone(),
+                key,
+                record,
+                _guard: guard,
+            }) as Box<dyn BarrierEntry>)
+        })
+    }
+
+    fn purge(
+        &self,
+        from: Option<BranchKey>,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PurgePage, BarrierError>> {
+        let mut map = self.map();
+        let lower = from.map_or(Bound::Unbounded, Bound::Excluded);
+        let page: Vec<(BranchKey, BarrierRecord)> = map
+            .range((lower, Bound::Unbounded))
+            .take(limit.max(1))
+            .map(|(k, r)| (*k, *r))
+            .collect();
+        let mut out = PurgePage {
+            scanned: page.len(),
+            removed: 0,
+            next: None,
+        };
+        for (key, record) in &page {
+            if record.mark.is_finished() && record.updated_ms < before_ms {
+                map.remove(key);
+                out.removed += 1;
+            }
+        }
+        if page.len() >= limit.max(1) {
+            out.next = page.last().map(|(k, _)| *k);
+        }
+        Box::pin(std::future::ready(Ok(out)))
+    }
+}

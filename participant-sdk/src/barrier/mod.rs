@@ -1,0 +1,315 @@
+//! The barrier: makes handlers safe against repeated and disordered calls.
+//!
+//! The coordinator calls phase 2 until it hears an acknowledgement, so a
+//! participant can see the same confirm twice (the first reply was lost),
+//! a cancel for a try that never arrived (the try timed out in the network),
+//! or a try arriving *after* its cancel (the try was delayed). A handler
+//! written naively spends money twice, or reserves funds nobody will ever
+//! release. The barrier sits in front of every handler call and keeps, per
+//! branch `(gtid, branch_id)`, one small record ([`Mark`]) in a
+//! [`BarrierStore`]:
+//!
+//! | record \ call | try / prepare | confirm / commit | cancel / rollback |
+//! |---|---|---|---|
+//! | none | **run**; `Tried` is stored first | refused | not run; `EmptyCancelled` stored |
+//! | `Tried` | refused (tries are not repeated) | **run**; then `Confirmed` | **run**; then `Cancelled` |
+//! | `Refused` (try voted no) | refused | refused | not run; `Cancelled` stored |
+//! | `Confirmed` | refused | not run (repeat) | refused |
+//! | `Cancelled`, `EmptyCancelled` | refused (anti-hanging) | refused | not run (repeat) |
+//!
+//! [`decide`] is that table as code. Calls for one branch are serialised by
+//! the store, so sixteen concurrent confirms run the handler once.
+//!
+//! # The window, and how to close it
+//!
+//! The record of a confirm or cancel is written *after* the handler returns.
+//! If the process dies between the two, the coordinator's retry runs the
+//! handler again; so a handler whose state lives elsewhere must still
+//! tolerate a repeat in that window (say, by keying its change on
+//! `(gtid, branch_id)`). A handler whose state lives in the same store closes
+//! the window: with [`SledBarrier::transaction`] the business write and the
+//! record commit in one sled transaction, so both happen or neither does.
+//!
+//! A try's `Tried` record is stored *before* the handler runs: a cancel that
+//! follows a crashed or failed try then runs the handler's cancel, which must
+//! release whatever part of the try happened (possibly nothing). A cancel is
+//! skipped only when no try started, or the try voted no (a no holds nothing).
+//!
+//! Records of finished branches are removed after a retention period by
+//! [`spawn_retention`]; `Tried` records are never removed, since their branch
+//! still waits for its outcome.
+
+mod locks;
+mod mem;
+mod retention;
+mod sled;
+
+pub mod conformance;
+pub(crate) mod gate;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use mem::MemBarrier;
+pub use retention::{Retention, spawn_retention};
+pub use sled::SledBarrier;
+
+use crate::Gtid;
+
+/// A boxed, sendable future, as the store methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Which call of a branch is being made. 2PC calls map onto the TCC names:
+/// prepare is [`Phase::Try`], commit is [`Phase::Confirm`], rollback is
+/// [`Phase::Cancel`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Try (TCC) or prepare (2PC): reserve the resource and vote.
+    Try,
+    /// Confirm (TCC) or commit (2PC): use what the try reserved.
+    Confirm,
+    /// Cancel (TCC) or rollback (2PC): release what the try reserved.
+    Cancel,
+}
+
+impl Phase {
+    /// The record a successful handler call leaves, if it leaves one.
+    pub fn done_mark(self) -> Option<Mark> {
+        match self {
+            Phase::Try => None,
+            Phase::Confirm => Some(Mark::Confirmed),
+            Phase::Cancel => Some(Mark::Cancelled),
+        }
+    }
+}
+
+/// What the barrier knows about one branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mark {
+    /// A try started (it may have failed or not finished). Waiting for
+    /// confirm or cancel.
+    Tried,
+    /// The try voted no: it holds nothing.
+    Refused,
+    /// The confirm ran to completion.
+    Confirmed,
+    /// The cancel ran to completion (or was not needed after a no).
+    Cancelled,
+    /// A cancel arrived before any try: nothing was done, and a try arriving
+    /// later is refused.
+    EmptyCancelled,
+}
+
+impl Mark {
+    /// Whether the branch needs nothing more; only such records are removed
+    /// by retention.
+    pub fn is_finished(self) -> bool {
+        self != Mark::Tried
+    }
+
+    /// One byte, for stores.
+    pub fn code(self) -> u8 {
+        match self {
+            Mark::Tried => 1,
+            Mark::Refused => 2,
+            Mark::Confirmed => 3,
+            Mark::Cancelled => 4,
+            Mark::EmptyCancelled => 5,
+        }
+    }
+
+    /// The inverse of [`Mark::code`].
+    pub fn from_code(code: u8) -> Option<Mark> {
+        Some(match code {
+            1 => Mark::Tried,
+            2 => Mark::Refused,
+            3 => Mark::Confirmed,
+            4 => Mark::Cancelled,
+            5 => Mark::EmptyCancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// Identifies a branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BranchKey {
+    /// The global transaction.
+    pub gtid: Gtid,
+    /// The branch within it.
+    pub branch_id: u32,
+}
+
+impl BranchKey {
+    /// 20 bytes that sort like the key: gtid, then branch id big-endian.
+    pub fn to_bytes(self) -> [u8; 20] {
+        let mut key = [0u8; 20];
+        key[..16].copy_from_slice(self.gtid.as_bytes());
+        key[16..].copy_from_slice(&self.branch_id.to_be_bytes());
+        key
+    }
+
+    /// The inverse of [`BranchKey::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Option<BranchKey> {
+        let gtid = Gtid::from_slice(bytes.get(..16)?).ok()?;
+        let branch: [u8; 4] = bytes.get(16..20)?.try_into().ok()?;
+        (bytes.len() == 20).then_some(BranchKey {
+            gtid,
+            branch_id: u32::from_be_bytes(branch),
+        })
+    }
+}
+
+/// A stored barrier record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarrierRecord {
+    /// What is known.
+    pub mark: Mark,
+    /// When it was stored (Unix ms); retention counts from here.
+    pub updated_ms: u64,
+}
+
+impl BarrierRecord {
+    /// 9 bytes: the mark's code, then `updated_ms` big-endian.
+    pub fn encode(self) -> [u8; 9] {
+        let mut out = [0u8; 9];
+        out[0] = self.mark.code();
+        out[1..].copy_from_slice(&self.updated_ms.to_be_bytes());
+        out
+    }
+
+    /// The inverse of [`BarrierRecord::encode`]; `None` if malformed.
+    pub fn decode(bytes: &[u8]) -> Option<BarrierRecord> {
+        let mark = Mark::from_code(*bytes.first()?)?;
+        let ms: [u8; 8] = bytes.get(1..9)?.try_into().ok()?;
+        (bytes.len() == 9).then_some(BarrierRecord {
+            mark,
+            updated_ms: u64::from_be_bytes(ms),
+        })
+    }
+}
+
+/// What the barrier does with one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Call the handler.
+    Run,
+    /// Answer success without calling the handler, storing `record` first
+    /// when given.
+    Skip {
+        /// The record to store (an empty cancel is remembered).
+        record: Option<Mark>,
+    },
+    /// Do not call the handler; answer with this reason (a no vote for a
+    /// try, an error for confirm / cancel).
+    Refuse(String),
+}
+
+/// The barrier's rule table (see the module docs): what to do with a
+/// `phase` call for a branch whose record is `current`.
+pub fn decide(current: Option<Mark>, phase: Phase) -> Step {
+    use Mark::*;
+    let refuse = |why: &str| Step::Refuse(format!("barrier: {why}"));
+    match (phase, current) {
+        (Phase::Try, None) => Step::Run,
+        (Phase::Try, Some(Tried | Refused)) => {
+            refuse("this branch's try already ran; a try is not repeated")
+        }
+        (Phase::Try, Some(Cancelled | EmptyCancelled)) => refuse(
+            "this branch was cancelled before the try arrived; \
+             the late try is refused so that nothing stays reserved",
+        ),
+        (Phase::Try, Some(Confirmed)) => refuse("this branch is already confirmed"),
+
+        (Phase::Confirm, Some(Tried)) => Step::Run,
+        (Phase::Confirm, Some(Confirmed)) => Step::Skip { record: None },
+        (Phase::Confirm, None) => refuse(
+            "no try is recorded for this branch (never tried, or its record was \
+             removed by retention); refusing to confirm work that was not reserved",
+        ),
+        (Phase::Confirm, Some(Refused)) => refuse("this branch's try voted no"),
+        (Phase::Confirm, Some(Cancelled | EmptyCancelled)) => {
+            refuse("this branch was cancelled; a cancel is never reversed")
+        }
+
+        (Phase::Cancel, None) => Step::Skip {
+            record: Some(EmptyCancelled),
+        },
+        (Phase::Cancel, Some(Tried)) => Step::Run,
+        (Phase::Cancel, Some(Refused)) => Step::Skip {
+            record: Some(Cancelled),
+        },
+        (Phase::Cancel, Some(Cancelled | EmptyCancelled)) => Step::Skip { record: None },
+        (Phase::Cancel, Some(Confirmed)) => {
+            refuse("this branch was confirmed; a confirm is never reversed")
+        }
+    }
+}
+
+/// A barrier store failed; the call is answered UNAVAILABLE and retried.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("barrier store: {0}")]
+pub struct BarrierError(pub String);
+
+/// One call's hold on a branch, from [`BarrierStore::enter`]. Other calls for
+/// the same branch wait until it is dropped.
+pub trait BarrierEntry: Send {
+    /// The branch's record as read on entry (and updated by `put`).
+    fn record(&self) -> Option<BarrierRecord>;
+
+    /// Stores `mark` (stamped with the current time) and returns once it is
+    /// on stable storage.
+    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>>;
+}
+
+/// One page of a retention sweep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgePage {
+    /// Records looked at.
+    pub scanned: usize,
+    /// Records removed.
+    pub removed: usize,
+    /// Where the next page starts (exclusive); `None` at the end.
+    pub next: Option<BranchKey>,
+}
+
+/// Where barrier records live.
+///
+/// # Contract
+///
+/// Every implementation passes [`conformance::run_all`]:
+///
+/// - [`enter`](BarrierStore::enter) gives the caller exclusive use of the
+///   branch until the returned entry is dropped: a second `enter` for the
+///   same key waits. Entries for different keys do not wait for each other.
+///   (A store shared by several participant processes must lock across
+///   them, as a database row lock does.)
+/// - [`BarrierEntry::put`] returns only once the record is durable: after a
+///   crash and reopen, `enter` reads it back.
+/// - [`purge`](BarrierStore::purge) removes only records that are
+///   [finished](Mark::is_finished) and were stored before `before_ms`; it
+///   visits at most `limit` records per call, in key order after `from`, so
+///   a sweep is cheap and never holds up calls for long.
+pub trait BarrierStore: Send + Sync + 'static {
+    /// Waits for exclusive use of `key` and reads its record.
+    fn enter(&self, key: BranchKey) -> BoxFuture<'_, Result<Box<dyn BarrierEntry>, BarrierError>>;
+
+    /// Removes finished records stored before `before_ms` among the next
+    /// `limit` records after `from`.
+    fn purge(
+        &self,
+        from: Option<BranchKey>,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PurgePage, BarrierError>>;
+}
+
+/// Current wall-clock time in Unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests;

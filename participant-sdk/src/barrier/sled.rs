@@ -1,0 +1,274 @@
+//! [`SledBarrier`]: barrier records in sled, durable across restarts.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionResult, TransactionError, TransactionalTree};
+
+use super::locks::{KeyGuard, KeyLocks};
+use super::{
+    BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, Mark, PurgePage,
+    now_ms,
+};
+use crate::handler::{BranchContext, HandlerError};
+use crate::sled_sync::{SledSync, SyncError};
+
+/// The sled tree holding barrier records.
+const TREE: &str = "tandem_barrier";
+
+/// Barrier records in a sled database, made durable by [`SledSync`] (group
+/// commit: concurrent calls share one `fdatasync`).
+///
+/// Locks are per process: one participant process owns a sled directory
+/// (sled itself refuses a second opener).
+///
+/// # Examples
+///
+/// Business state in the same database, written atomically with the
+/// barrier record:
+///
+/// ```no_run
+/// use tandem_sdk::barrier::SledBarrier;
+/// use tandem_sdk::{BranchContext, HandlerError, Tcc, Vote};
+///
+/// struct Stock { barrier: SledBarrier, items: sled::Tree }
+///
+/// impl Tcc for Stock {
+///     async fn try_(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+///         self.barrier.transaction(ctx, &self.items, |items| {
+///             items.insert(b"reserved", b"1".as_slice())?;
+///             Ok(Vote::yes())
+///         })
+///     }
+///     async fn confirm(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+///         // The move and the barrier's `Confirmed` commit together: a crash
+///         // cannot leave one without the other.
+///         self.barrier.transaction(ctx, &self.items, |items| {
+///             items.remove(b"reserved".as_slice())?;
+///             items.insert(b"sold", b"1".as_slice())?;
+///             Ok(())
+///         })
+///     }
+///     async fn cancel(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+///         self.barrier.transaction(ctx, &self.items, |items| {
+///             items.remove(b"reserved".as_slice())?;
+///             Ok(())
+///         })
+///     }
+/// }
+///
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let barrier = SledBarrier::open("./stock-data")?;
+/// let items = barrier.db().open_tree("items")?;
+/// let server = tandem_sdk::ParticipantServer::new()
+///     .barrier(barrier.clone())
+///     .tcc("stock", Stock { barrier, items });
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SledBarrier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    tree: sled::Tree,
+    sync: SledSync,
+    locks: KeyLocks,
+}
+
+impl SledBarrier {
+    /// Opens (creating if needed) a sled database at `dir` and keeps barrier
+    /// records in its `tandem_barrier` tree. Open other trees of
+    /// [`db`](SledBarrier::db) for the handler's own state.
+    ///
+    /// # Errors
+    ///
+    /// The directory cannot be created or opened (another process may hold
+    /// it).
+    pub fn open(dir: impl AsRef<Path>) -> Result<SledBarrier, BarrierError> {
+        let dir = dir.as_ref();
+        let fail = |e: &dyn std::fmt::Display| {
+            BarrierError(format!("cannot open sled database {}: {e}", dir.display()))
+        };
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| fail(&e))?;
+        let tree = db.open_tree(TREE).map_err(|e| fail(&e))?;
+        let sync = SledSync::start(&db, dir).map_err(|e| fail(&e))?;
+        Ok(SledBarrier {
+            inner: Arc::new(Inner {
+                db,
+                tree,
+                sync,
+                locks: KeyLocks::default(),
+            }),
+        })
+    }
+
+    /// The database, for the handler's own trees.
+    pub fn db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    /// Resolves once every write made to the database so far (the handler's
+    /// too) is on stable storage.
+    pub fn sync(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), SyncError>> + Send + 'static {
+        self.inner.sync.sync()
+    }
+
+    /// Runs `f` on `tree` and stores this call's barrier record in the same
+    /// sled transaction, so the business change and the record commit
+    /// together. Use it in a handler registered on a server whose
+    /// [`barrier`](crate::ParticipantServer::barrier) is this store; the
+    /// server makes both durable before it answers.
+    ///
+    /// `f` may run more than once (sled retries a transaction on conflict),
+    /// so it must only touch `tree`.
+    ///
+    /// # Errors
+    ///
+    /// An error `f` aborted with, or a sled storage error.
+    pub fn transaction<T>(
+        &self,
+        ctx: &BranchContext,
+        tree: &sled::Tree,
+        f: impl Fn(&TransactionalTree) -> ConflictableTransactionResult<T, HandlerError>,
+    ) -> Result<T, HandlerError> {
+        let key = ctx.key().to_bytes();
+        let mark = ctx.phase.done_mark().unwrap_or(Mark::Tried);
+        let record = BarrierRecord {
+            mark,
+            updated_ms: now_ms(),
+        }
+        .encode();
+        (&self.inner.tree, tree)
+            .transaction(|(barrier, business)| {
+                let value = f(business)?;
+                barrier.insert(&key[..], &record[..])?;
+                Ok(value)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => HandlerError::new(format!("sled: {e}")),
+            })
+    }
+
+    fn storage(&self, e: sled::Error) -> BarrierError {
+        BarrierError(self.inner.sync.halt(e).to_string())
+    }
+}
+
+struct SledEntry {
+    store: SledBarrier,
+    key: BranchKey,
+    record: Option<BarrierRecord>,
+    _guard: KeyGuard,
+}
+
+impl BarrierEntry for SledEntry {
+    fn record(&self) -> Option<BarrierRecord> {
+        self.record
+    }
+
+    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
+        Box::pin(async move {
+            let record = BarrierRecord {
+                mark,
+                updated_ms: now_ms(),
+            };
+            let inner = &self.store.inner;
+            inner
+                .sync
+                .check()
+                .map_err(|e| BarrierError(e.to_string()))?;
+            inner
+                .tree
+                .insert(self.key.to_bytes(), &record.encode()[..])
+                .map_err(|e| self.store.storage(e))?;
+            inner
+                .sync
+                .sync()
+                .await
+                .map_err(|e| BarrierError(e.to_string()))?;
+            self.record = Some(record);
+            Ok(())
+        })
+    }
+}
+
+impl BarrierStore for SledBarrier {
+    fn enter(&self, key: BranchKey) -> BoxFuture<'_, Result<Box<dyn BarrierEntry>, BarrierError>> {
+        Box::pin(async move {
+            let guard = self.inner.locks.lock(key).await;
+            self.inner
+                .sync
+                .check()
+                .map_err(|e| BarrierError(e.to_string()))?;
+            let record = match self
+                .inner
+                .tree
+                .get(key.to_bytes())
+                .map_err(|e| self.storage(e))?
+            {
+                None => None,
+                Some(bytes) => Some(BarrierRecord::decode(&bytes).ok_or_else(|| {
+                    BarrierError(format!(
+                        "record of {} branch {} is corrupt: {bytes:?}",
+                        key.gtid, key.branch_id
+                    ))
+                })?),
+            };
+            Ok(Box::new(SledEntry {
+                store: self.clone(),
+                key,
+                record,
+                _guard: guard,
+            }) as Box<dyn BarrierEntry>)
+        })
+    }
+
+    fn purge(
+        &self,
+        from: Option<BranchKey>,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PurgePage, BarrierError>> {
+        Box::pin(async move {
+            let limit = limit.max(1);
+            let lower = from.map_or(Bound::Unbounded, |k| Bound::Excluded(k.to_bytes().to_vec()));
+            let mut page = PurgePage::default();
+            let mut last = None;
+            for item in self
+                .inner
+                .tree
+                .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+                .take(limit)
+            {
+                let (key, value) = item.map_err(|e| self.storage(e))?;
+                page.scanned += 1;
+                last = BranchKey::from_bytes(&key);
+                let old = BarrierRecord::decode(&value)
+                    .is_some_and(|r| r.mark.is_finished() && r.updated_ms < before_ms);
+                // Compare-and-swap: a record rewritten since it was read stays.
+                if old
+                    && self
+                        .inner
+                        .tree
+                        .compare_and_swap(&key, Some(&value), None as Option<&[u8]>)
+                        .map_err(|e| self.storage(e))?
+                        .is_ok()
+                {
+                    page.removed += 1;
+                }
+            }
+            if page.scanned >= limit {
+                page.next = last;
+            }
+            Ok(page)
+        })
+    }
+}
