@@ -131,10 +131,10 @@ impl ParticipantServer {
     }
 
     fn start_retention(&self) -> AbortOnDrop {
-        AbortOnDrop(barrier::spawn_retention(
+        AbortOnDrop(Some(barrier::spawn_retention(
             self.barrier.clone(),
             self.retention,
-        ))
+        )))
     }
 
     /// Serves on `addr` until the process stops.
@@ -143,12 +143,14 @@ impl ParticipantServer {
     ///
     /// The address cannot be bound or the transport fails.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), tonic::transport::Error> {
-        let _retention = self.start_retention();
-        tonic::transport::Server::builder()
+        let retention = self.start_retention();
+        let served = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(self.into_service())
             .serve(addr)
-            .await
+            .await;
+        retention.stop().await;
+        served
     }
 
     /// Serves on an already bound `listener` until `shutdown` resolves, then
@@ -162,12 +164,14 @@ impl ParticipantServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let _retention = self.start_retention();
-        tonic::transport::Server::builder()
+        let retention = self.start_retention();
+        let served = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await
+            .await;
+        retention.stop().await;
+        served
     }
 
     /// Binds `addr` (port 0 picks a free port) and serves in a background
@@ -219,12 +223,24 @@ impl RunningParticipant {
     }
 }
 
-/// Stops a background task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
+/// Stops a background task when dropped, or with [`AbortOnDrop::stop`],
+/// which also waits until the task (and what it holds) is gone.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl AbortOnDrop {
+    async fn stop(mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 

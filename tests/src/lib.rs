@@ -3,6 +3,7 @@
 //! vanish, and a journal shared by a recording log and the participants so
 //! tests can check the order of events across both.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::{ForceFuture, LogError, LogStats, MemLog, TxnLog};
 use tandem_coordinator::model::{Gtid, TxState, TxnRecord};
 use tandem_sdk::{
-    Branch, BranchContext, HandlerError, ParticipantServer, RunningParticipant, TwoPhase, Vote,
+    Branch, BranchContext, HandlerError, ParticipantServer, RunningParticipant, Tcc, TwoPhase, Vote,
 };
 
 /// An ordered list of what happened, shared across log and participants.
@@ -63,21 +64,30 @@ pub struct Script {
     pub vote_no: Option<String>,
     /// Sleep this long in prepare (longer than the call timeout = "hangs").
     pub prepare_delay: Duration,
+    /// Fail prepare / try with this error (after doing nothing).
+    pub fail_phase_one: Option<String>,
+    /// Sleep this long in each commit / rollback call.
+    pub phase_two_delay: Duration,
     /// Fail this many commit / rollback calls before succeeding.
     pub phase_two_failures: AtomicU32,
 }
 
 /// A participant whose behaviour is set by a [`Script`] and which counts
-/// every call (and journals it, if given a journal).
+/// every call (and journals it, if given a journal). It serves as a 2PC
+/// resource or as a TCC one (prepare = try, commit = confirm, rollback =
+/// cancel), and keeps the branches whose phase 1 said yes as "held" until
+/// their phase 2.
 pub struct Scripted {
     /// The script.
     pub script: Script,
-    /// Prepare calls received.
+    /// Prepare / try calls received.
     pub prepares: AtomicUsize,
-    /// Commit calls that succeeded.
+    /// Commit / confirm calls that succeeded.
     pub commits: AtomicUsize,
-    /// Rollback calls that succeeded.
+    /// Rollback / cancel calls that succeeded.
     pub rollbacks: AtomicUsize,
+    /// Branches reserved by a yes and not yet confirmed or cancelled.
+    pub held: Mutex<HashSet<(Gtid, u32)>>,
     /// Phase-2 calls failed on purpose.
     pub failed_calls: AtomicUsize,
     name: String,
@@ -92,6 +102,7 @@ impl Scripted {
             prepares: AtomicUsize::new(0),
             commits: AtomicUsize::new(0),
             rollbacks: AtomicUsize::new(0),
+            held: Mutex::new(HashSet::new()),
             failed_calls: AtomicUsize::new(0),
             name: name.to_string(),
             journal,
@@ -112,13 +123,40 @@ impl Scripted {
         )
     }
 
-    /// Serves it as resource "r" on `127.0.0.1:0`.
+    /// Branches held right now.
+    pub fn held_count(&self) -> usize {
+        self.held.lock().expect("held").len()
+    }
+
+    /// Serves it as 2PC resource "r" on `127.0.0.1:0`.
     pub async fn serve(self: &Arc<Self>) -> RunningParticipant {
-        ParticipantServer::new()
-            .two_phase("r", self.clone())
-            .spawn("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("start participant")
+        spawn(ParticipantServer::new().two_phase("r", self.clone())).await
+    }
+
+    /// Serves it as TCC resource "r" on `127.0.0.1:0`.
+    pub async fn serve_tcc(self: &Arc<Self>) -> RunningParticipant {
+        spawn(ParticipantServer::new().tcc("r", self.clone())).await
+    }
+
+    async fn phase_one(&self, ctx: &BranchContext) -> Result<Vote, HandlerError> {
+        self.prepares.fetch_add(1, Ordering::SeqCst);
+        if !self.script.prepare_delay.is_zero() {
+            tokio::time::sleep(self.script.prepare_delay).await;
+        }
+        self.note("prepare");
+        if let Some(error) = &self.script.fail_phase_one {
+            return Err(HandlerError::new(error.clone()));
+        }
+        Ok(match &self.script.vote_no {
+            Some(reason) => Vote::no(reason.clone()),
+            None => {
+                self.held
+                    .lock()
+                    .expect("held")
+                    .insert((ctx.gtid, ctx.branch_id));
+                Vote::yes_with(format!("ok from {}", self.name))
+            }
+        })
     }
 
     fn note(&self, what: &str) {
@@ -127,7 +165,15 @@ impl Scripted {
         }
     }
 
-    fn phase_two(&self, what: &str, counter: &AtomicUsize) -> Result<(), HandlerError> {
+    async fn phase_two(
+        &self,
+        ctx: &BranchContext,
+        what: &str,
+        counter: &AtomicUsize,
+    ) -> Result<(), HandlerError> {
+        if !self.script.phase_two_delay.is_zero() {
+            tokio::time::sleep(self.script.phase_two_delay).await;
+        }
         let left = self.script.phase_two_failures.load(Ordering::SeqCst);
         if left > 0 {
             self.script
@@ -141,30 +187,48 @@ impl Scripted {
         }
         self.note(what);
         counter.fetch_add(1, Ordering::SeqCst);
+        self.held
+            .lock()
+            .expect("held")
+            .remove(&(ctx.gtid, ctx.branch_id));
         Ok(())
     }
 }
 
 impl TwoPhase for Scripted {
-    async fn prepare(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<Vote, HandlerError> {
-        self.prepares.fetch_add(1, Ordering::SeqCst);
-        if !self.script.prepare_delay.is_zero() {
-            tokio::time::sleep(self.script.prepare_delay).await;
-        }
-        self.note("prepare");
-        Ok(match &self.script.vote_no {
-            Some(reason) => Vote::no(reason.clone()),
-            None => Vote::yes_with(format!("ok from {}", self.name)),
-        })
+    async fn prepare(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.phase_one(ctx).await
     }
 
-    async fn commit(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
-        self.phase_two("commit", &self.commits)
+    async fn commit(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two(ctx, "commit", &self.commits).await
     }
 
-    async fn rollback(&self, _ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
-        self.phase_two("rollback", &self.rollbacks)
+    async fn rollback(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two(ctx, "rollback", &self.rollbacks).await
     }
+}
+
+impl Tcc for Scripted {
+    async fn try_(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.phase_one(ctx).await
+    }
+
+    async fn confirm(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two(ctx, "commit", &self.commits).await
+    }
+
+    async fn cancel(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two(ctx, "rollback", &self.rollbacks).await
+    }
+}
+
+/// Spawns `server` on `127.0.0.1:0`.
+pub async fn spawn(server: ParticipantServer) -> RunningParticipant {
+    server
+        .spawn("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("start participant")
 }
 
 /// A [`MemLog`] that journals each write's state and each completed force,
@@ -233,6 +297,21 @@ pub fn pair(a: &RunningParticipant, b: &RunningParticipant) -> Vec<Branch> {
 pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..1000 {
         if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Like [`eventually`], for a check that must await.
+pub async fn eventually_async<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..1000 {
+        if f().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
