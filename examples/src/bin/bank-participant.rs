@@ -1,4 +1,6 @@
-//! Serves one bank shard as a Tandem 2PC participant.
+//! Serves one bank shard as a Tandem participant: resource `accounts` for
+//! 2PC, `accounts-tcc` for TCC (try freezes funds, confirm moves them,
+//! cancel unfreezes).
 //!
 //! ```text
 //! cargo run -p tandem-examples --bin bank-participant -- --listen 127.0.0.1:9001 --accounts alice,bob
@@ -11,7 +13,8 @@ use clap::Parser;
 use tandem_examples::bank::Bank;
 use tandem_sdk::ParticipantServer;
 
-/// A bank shard: accounts with opening balances, served as resource "accounts".
+/// A bank shard: accounts with opening balances, served as resources
+/// "accounts" (2PC) and "accounts-tcc" (TCC).
 #[derive(Parser)]
 struct Args {
     /// Address to listen on.
@@ -39,7 +42,8 @@ async fn main() -> anyhow::Result<()> {
         args.accounts, args.listen
     );
     ParticipantServer::new()
-        .two_phase("accounts", bank)
+        .two_phase("accounts", bank.clone())
+        .tcc("accounts-tcc", bank)
         .serve(args.listen)
         .await?;
     Ok(())

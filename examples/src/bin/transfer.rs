@@ -1,5 +1,5 @@
-//! A business service: moves money between two bank shards in one 2PC
-//! transaction.
+//! A business service: moves money between two bank shards in one global
+//! transaction, by 2PC (default) or TCC (`--tcc`).
 //!
 //! ```text
 //! cargo run -p tandem-examples --bin transfer -- \
@@ -29,6 +29,9 @@ struct Args {
     /// Amount to move.
     #[arg(long)]
     amount: i64,
+    /// Use TCC (try freezes the funds) instead of 2PC.
+    #[arg(long)]
+    tcc: bool,
 }
 
 fn split(target: &str) -> anyhow::Result<(&str, &str)> {
@@ -44,11 +47,16 @@ async fn main() -> anyhow::Result<()> {
     let (from_ep, from) = split(&args.from)?;
     let (to_ep, to) = split(&args.to)?;
     let client = TransactionClient::connect(args.coordinator).await?;
+    let (mode, resource) = if args.tcc {
+        (Mode::Tcc, "accounts-tcc")
+    } else {
+        (Mode::TwoPhase, "accounts")
+    };
     let branches = vec![
-        Branch::new(from_ep, "accounts", Leg::debit(from, args.amount).encode()),
-        Branch::new(to_ep, "accounts", Leg::credit(to, args.amount).encode()),
+        Branch::new(from_ep, resource, Leg::debit(from, args.amount).encode()),
+        Branch::new(to_ep, resource, Leg::credit(to, args.amount).encode()),
     ];
-    match client.submit(Mode::TwoPhase, branches).await {
+    match client.submit(mode, branches).await {
         Ok(done) => println!("committed {}", done.gtid),
         Err(Error::Aborted { gtid, reason }) => {
             println!(
