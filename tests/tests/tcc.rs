@@ -8,7 +8,9 @@ use std::time::Duration;
 use tandem_coordinator::log::MemLog;
 use tandem_proto::v1 as pb;
 use tandem_sdk::{Branch, Error, Mode, TransactionClient};
-use tandem_tests::{Script, Scripted, eventually, eventually_async, pair, start_coordinator};
+use tandem_tests::{
+    Journal, RecordingLog, Script, Scripted, eventually, eventually_async, pair, start_coordinator,
+};
 
 async fn client(coord: &tandem_coordinator::RunningCoordinator) -> TransactionClient {
     TransactionClient::connect(coord.url())
@@ -217,4 +219,23 @@ async fn rollback_and_deadline_cancel_every_branch() {
     let info = client.get(gtid).await.expect("get");
     assert!(info.reason.contains("deadline"), "{}", info.reason);
     assert_eq!((a.held_count(), b.held_count()), (0, 0));
+}
+
+// Rule: an enlisted branch is on disk before its participant hears of it,
+// so a coordinator crash after the try still leaves a record to cancel from.
+#[tokio::test]
+async fn an_enlisted_branch_is_forced_before_its_try() {
+    let journal = Journal::default();
+    let coord = start_coordinator(Arc::new(RecordingLog::new(journal.clone()))).await;
+    let a = Scripted::new("a", Script::default(), Some(journal.clone()));
+    let pa = a.serve_tcc().await;
+    let client = client(&coord).await;
+    let gtid = client.begin(Mode::Tcc).await.expect("begin");
+    client
+        .enlist(gtid, Branch::new(pa.url(), "r", "x"))
+        .await
+        .expect("enlist");
+    let forced = journal.position("forced").expect("the branch was forced");
+    let tried = journal.position("prepare:a").expect("the try ran");
+    assert!(forced < tried, "{:?}", journal.entries());
 }
