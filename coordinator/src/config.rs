@@ -83,13 +83,24 @@ impl CoordinatorConfig {
     }
 }
 
-/// Capped exponential backoff with jitter for phase-2 retries.
+/// Capped exponential backoff with jitter for phase-2 retries, and when to
+/// give up: a branch that has failed `max_attempts` times in a row, or has
+/// been retried for `max_duration`, is left alone, and once nothing else is
+/// in flight the transaction becomes STUCK (its decision kept) until an
+/// operator runs `tandem tx retry`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Delay before the first retry.
     pub initial: Duration,
     /// Longest delay between two attempts.
     pub max: Duration,
+    /// Give up on a branch after this many failed calls in a row; `None`
+    /// for no limit.
+    pub max_attempts: Option<u32>,
+    /// Give up on a branch once this long has passed since the decision (or
+    /// the coordinator's restart, or the operator's last retry); `None` for
+    /// no limit.
+    pub max_duration: Option<Duration>,
 }
 
 impl Default for RetryPolicy {
@@ -97,6 +108,8 @@ impl Default for RetryPolicy {
         RetryPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(30),
+            max_attempts: None,
+            max_duration: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -109,7 +122,24 @@ impl RetryPolicy {
                 self.initial, self.max
             )));
         }
+        if self.max_attempts == Some(0) {
+            return Err(ConfigError(
+                "retry max attempts must be at least 1 (or unset for no limit)".into(),
+            ));
+        }
+        if self.max_duration.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError(
+                "retry max duration must be above zero (or unset for no limit)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether a branch that has failed `failures` times in a row, retried
+    /// for `elapsed`, should be given up on.
+    pub fn exhausted(&self, failures: u32, elapsed: Duration) -> bool {
+        self.max_attempts.is_some_and(|m| failures >= m)
+            || self.max_duration.is_some_and(|d| elapsed >= d)
     }
 
     /// Delay after `failures` failed attempts (1 = the first failure):
@@ -138,6 +168,7 @@ mod tests {
         let p = RetryPolicy {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
+            ..RetryPolicy::default()
         };
         assert_eq!(
             p.delay(1, 999_999),
@@ -168,5 +199,33 @@ mod tests {
             ..CoordinatorConfig::default()
         };
         assert!(c.validate().unwrap_err().0.contains("retry initial"));
+        let c = CoordinatorConfig {
+            retry: RetryPolicy {
+                max_attempts: Some(0),
+                ..RetryPolicy::default()
+            },
+            ..CoordinatorConfig::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("max attempts"));
+    }
+
+    // Rule: a branch is given up on at max attempts or max duration,
+    // whichever comes first; with neither set, never.
+    #[test]
+    fn policy_is_exhausted_by_attempts_or_duration() {
+        let p = RetryPolicy {
+            max_attempts: Some(3),
+            max_duration: Some(Duration::from_secs(10)),
+            ..RetryPolicy::default()
+        };
+        assert!(!p.exhausted(2, Duration::from_secs(9)));
+        assert!(p.exhausted(3, Duration::ZERO));
+        assert!(p.exhausted(1, Duration::from_secs(10)));
+        let unlimited = RetryPolicy {
+            max_attempts: None,
+            max_duration: None,
+            ..RetryPolicy::default()
+        };
+        assert!(!unlimited.exhausted(u32::MAX, Duration::MAX));
     }
 }

@@ -17,13 +17,18 @@
 //! - a decision never changes;
 //! - phase 2 goes to every branch that may hold work and is repeated until
 //!   each acknowledges; a branch whose phase-1 call is still in flight gets its
-//!   abort call only once that call has returned, so the two do not race.
+//!   abort call only once that call has returned, so the two do not race;
+//! - a branch that exhausts the retry policy is left alone; once nothing else
+//!   is in flight the transaction becomes STUCK, its decision kept, and only
+//!   an operator's retry ([`Event::OperatorRetry`]) drives it again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::model::{BranchId, BranchRecord, BranchState, Gtid, Mode, TxState, TxnRecord};
+use crate::config::RetryPolicy;
+use crate::model::{BranchId, BranchRecord, BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
 
 /// Something that happened to a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +64,15 @@ pub enum Event {
     RetryDue {
         /// Which branch.
         branch: BranchId,
+    },
+    /// An operator asks to drive the transaction now (`tandem tx retry`):
+    /// phase 2 of a STUCK or retrying transaction runs at once with a fresh
+    /// retry budget; an undecided one past its deadline aborts.
+    OperatorRetry,
+    /// An operator asks to abort an undecided transaction (`tandem tx abort`).
+    OperatorAbort {
+        /// Why, from the operator; may be empty.
+        reason: String,
     },
 }
 
@@ -108,15 +122,15 @@ pub enum Command {
         /// 1 for the first call, 2 for the first retry, ...
         attempt: u32,
     },
-    /// Wait (per the retry policy, after `failures` failed calls), then send
+    /// Wait `delay` (chosen by the retry policy), then send
     /// [`Event::RetryDue`].
     RetryLater {
         /// Which branch.
         branch: BranchId,
-        /// Failed phase-2 calls so far.
-        failures: u32,
+        /// How long to wait.
+        delay: Duration,
     },
-    /// The transaction reached a terminal state; forget it.
+    /// The transaction reached a terminal state, or STUCK: forget it.
     Finished,
 }
 
@@ -153,8 +167,18 @@ pub struct Txn {
     durable: bool,
     /// Branches whose phase-1 call has not returned.
     phase_one: BTreeSet<BranchId>,
-    /// Branches with a phase-2 call or retry pending.
+    /// Branches with a phase-2 call in flight or a retry scheduled.
     phase_two: BTreeSet<BranchId>,
+    /// The subset of `phase_two` waiting for a scheduled retry.
+    waiting: BTreeSet<BranchId>,
+    /// Branches given up on under the retry policy.
+    parked: BTreeSet<BranchId>,
+    /// Failed phase-2 calls in a row per branch, since `budget_start`.
+    failures: BTreeMap<BranchId, u32>,
+    /// When the current retry budget started (decision, restart, or
+    /// operator retry), ms.
+    budget_start: u64,
+    policy: RetryPolicy,
 }
 
 impl Txn {
@@ -183,9 +207,10 @@ impl Txn {
     }
 
     /// Takes over a transaction read back from the log after a restart:
-    /// undecided → abort; decided → phase 2 again.
+    /// undecided → abort; decided → phase 2 again; STUCK stays as it is.
     pub fn recover(rec: TxnRecord, now: u64) -> (Txn, Vec<Command>) {
         let mut txn = Txn::from_record(rec);
+        txn.budget_start = now;
         let cmds = match txn.rec.state {
             TxState::Active | TxState::Preparing => {
                 txn.abort("coordinator restarted before a decision".into(), now)
@@ -196,17 +221,32 @@ impl Txn {
                 txn.start_phase_two(&mut cmds, now);
                 cmds
             }
-            TxState::Committed | TxState::Aborted | TxState::Stuck => Vec::new(),
+            TxState::Committed | TxState::Aborted | TxState::Stuck => {
+                txn.durable = true;
+                Vec::new()
+            }
         };
         (txn, cmds)
     }
 
+    /// Uses `policy` for phase-2 retries (the default is
+    /// [`RetryPolicy::default`]).
+    pub fn with_policy(mut self, policy: RetryPolicy) -> Txn {
+        self.policy = policy;
+        self
+    }
+
     fn from_record(rec: TxnRecord) -> Txn {
         Txn {
+            budget_start: rec.updated_ms,
             rec,
             durable: false,
             phase_one: BTreeSet::new(),
             phase_two: BTreeSet::new(),
+            waiting: BTreeSet::new(),
+            parked: BTreeSet::new(),
+            failures: BTreeMap::new(),
+            policy: RetryPolicy::default(),
         }
     }
 
@@ -227,7 +267,14 @@ impl Txn {
             Event::Enlist(branch) => self.on_enlist(branch, now),
             Event::PhaseOne { branch, vote } => Ok(self.on_phase_one(branch, vote, now)),
             Event::Commit => self.on_commit(now),
-            Event::Rollback { reason } => self.on_rollback(reason, now),
+            Event::Rollback { reason } => {
+                let reason = if reason.is_empty() {
+                    "rolled back by the client".to_string()
+                } else {
+                    format!("rolled back by the client: {reason}")
+                };
+                self.on_rollback(reason, now)
+            }
             Event::DeadlinePassed => Ok(if self.rec.state.is_decided() {
                 Vec::new()
             } else {
@@ -244,10 +291,20 @@ impl Txn {
             Event::PhaseTwo { branch, result } => Ok(self.on_phase_two(branch, result, now)),
             Event::RetryDue { branch } => {
                 let mut cmds = Vec::new();
-                if self.phase_two.remove(&branch) {
+                if self.waiting.remove(&branch) {
+                    self.phase_two.remove(&branch);
                     self.call_phase_two(branch, &mut cmds);
                 }
                 Ok(cmds)
+            }
+            Event::OperatorRetry => self.on_operator_retry(now),
+            Event::OperatorAbort { reason } => {
+                let reason = if reason.is_empty() {
+                    "aborted by an operator".to_string()
+                } else {
+                    format!("aborted by an operator: {reason}")
+                };
+                self.on_rollback(reason, now)
             }
         }
     }
@@ -275,6 +332,7 @@ impl Txn {
             state: BranchState::Registered,
             attempts: 0,
             last_error: String::new(),
+            next_attempt_ms: 0,
             updated_ms: now,
         });
         self.phase_one.insert(id);
@@ -354,6 +412,9 @@ impl Txn {
                     "; a one-shot (Submit) transaction is decided by the coordinator",
                 ));
             }
+            TxState::Stuck if self.rec.decision == Some(Decision::Commit) => {
+                return Ok(Vec::new());
+            }
             TxState::Aborting | TxState::Aborted | TxState::Stuck => {
                 return Err(self.wrong_state("commit", "; its outcome is abort"));
             }
@@ -370,21 +431,57 @@ impl Txn {
         Ok(self.decide_commit(now))
     }
 
+    /// Aborts an undecided transaction with `reason` (client rollback or
+    /// operator abort); a repeat on an aborted one is a no-op.
     fn on_rollback(&mut self, reason: String, now: u64) -> Result<Vec<Command>, EngineError> {
+        match (self.rec.state, self.rec.decision) {
+            (TxState::Active | TxState::Preparing, _) => Ok(self.abort(reason, now)),
+            (TxState::Aborting | TxState::Aborted, _) => Ok(Vec::new()),
+            (TxState::Stuck, Some(Decision::Abort)) => Ok(Vec::new()),
+            _ => Err(self.wrong_state("abort", "; a commit decision is never reversed")),
+        }
+    }
+
+    fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
+        let mut cmds = vec![Command::Persist];
         match self.rec.state {
             TxState::Active | TxState::Preparing => {
-                let reason = if reason.is_empty() {
-                    "rolled back by the client".to_string()
-                } else {
-                    format!("rolled back by the client: {reason}")
-                };
-                Ok(self.abort(reason, now))
+                if now < self.rec.deadline_ms {
+                    return Err(self.wrong_state(
+                        "retry",
+                        "; it is undecided and within its deadline (abort it to end it now)",
+                    ));
+                }
+                return Ok(self.abort(
+                    "deadline passed; aborted by an operator's retry".into(),
+                    now,
+                ));
             }
-            TxState::Aborting | TxState::Aborted => Ok(Vec::new()),
-            TxState::Committing | TxState::Committed | TxState::Stuck => {
-                Err(self.wrong_state("roll back", "; a commit decision is never reversed"))
+            TxState::Committed | TxState::Aborted => return Ok(Vec::new()),
+            TxState::Stuck => {
+                self.rec.state = match self.rec.decision {
+                    Some(Decision::Commit) => TxState::Committing,
+                    Some(Decision::Abort) => TxState::Aborting,
+                    None => {
+                        return Err(self.wrong_state("retry", "; its record has no decision"));
+                    }
+                };
+                self.durable = true;
+            }
+            TxState::Committing | TxState::Aborting => {
+                // Retries due later run now.
+                for id in std::mem::take(&mut self.waiting) {
+                    self.phase_two.remove(&id);
+                    self.call_phase_two(id, &mut cmds);
+                }
             }
         }
+        self.budget_start = now;
+        self.failures.clear();
+        self.parked.clear();
+        self.rec.updated_ms = now;
+        self.start_phase_two(&mut cmds, now);
+        Ok(cmds)
     }
 
     fn on_phase_two(&mut self, id: BranchId, result: Result<(), String>, now: u64) -> Vec<Command> {
@@ -392,11 +489,13 @@ impl Txn {
             return Vec::new();
         }
         let commit = self.rec.state == TxState::Committing;
+        let gtid = self.rec.gtid;
         self.rec.updated_ms = now;
         let Some(b) = self.rec.branch_mut(id) else {
             return Vec::new();
         };
         b.updated_ms = now;
+        b.next_attempt_ms = 0;
         match result {
             Ok(()) => {
                 b.state = if commit {
@@ -404,21 +503,27 @@ impl Txn {
                 } else {
                     BranchState::RolledBack
                 };
+                self.failures.remove(&id);
                 let mut cmds = vec![Command::Persist];
                 self.maybe_finish(&mut cmds, now);
                 cmds
             }
             Err(error) => {
                 b.last_error = error;
-                let failures = b.attempts;
+                let failures = self.failures.entry(id).or_default();
+                *failures += 1;
+                let elapsed = Duration::from_millis(now.saturating_sub(self.budget_start));
+                if self.policy.exhausted(*failures, elapsed) {
+                    self.parked.insert(id);
+                    let mut cmds = vec![Command::Persist];
+                    self.maybe_finish(&mut cmds, now);
+                    return cmds;
+                }
+                let delay = self.policy.delay(*failures, jitter(&gtid, id, b.attempts));
+                b.next_attempt_ms = now + delay.as_millis() as u64;
                 self.phase_two.insert(id);
-                vec![
-                    Command::Persist,
-                    Command::RetryLater {
-                        branch: id,
-                        failures,
-                    },
-                ]
+                self.waiting.insert(id);
+                vec![Command::Persist, Command::RetryLater { branch: id, delay }]
             }
         }
     }
@@ -432,15 +537,19 @@ impl Txn {
 
     fn decide_commit(&mut self, now: u64) -> Vec<Command> {
         self.rec.state = TxState::Committing;
+        self.rec.decision = Some(Decision::Commit);
         self.rec.updated_ms = now;
+        self.budget_start = now;
         vec![Command::ForceDecision]
     }
 
     /// Decides abort and starts rollback / cancel where needed.
     fn abort(&mut self, reason: String, now: u64) -> Vec<Command> {
         self.rec.state = TxState::Aborting;
+        self.rec.decision = Some(Decision::Abort);
         self.rec.reason = reason;
         self.rec.updated_ms = now;
+        self.budget_start = now;
         self.durable = true;
         let mut cmds = vec![Command::Persist];
         self.start_phase_two(&mut cmds, now);
@@ -468,7 +577,8 @@ impl Txn {
 
     /// Whether branch `id` still needs a phase-2 call under the decision.
     fn needs_phase_two(&self, id: BranchId) -> bool {
-        if self.phase_one.contains(&id) || self.phase_two.contains(&id) {
+        if self.phase_one.contains(&id) || self.phase_two.contains(&id) || self.parked.contains(&id)
+        {
             return false;
         }
         let Some(b) = self.rec.branch(id) else {
@@ -507,6 +617,7 @@ impl Txn {
             return;
         }
         let done = match self.rec.state {
+            TxState::Committing | TxState::Aborting if !self.parked.is_empty() => TxState::Stuck,
             TxState::Committing => TxState::Committed,
             TxState::Aborting => TxState::Aborted,
             _ => return,
@@ -518,6 +629,16 @@ impl Txn {
         }
         cmds.push(Command::Finished);
     }
+}
+
+/// A well-spread number from a branch's identity and attempt, so the retry
+/// jitter of many transactions differs while the engine stays deterministic.
+fn jitter(gtid: &Gtid, branch: BranchId, attempt: u32) -> u64 {
+    let (hi, lo) = gtid.as_u64_pair();
+    let mut z = hi ^ lo.rotate_left(17) ^ (u64::from(branch) << 32 | u64::from(attempt));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]

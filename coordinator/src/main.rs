@@ -66,6 +66,16 @@ struct ServeArgs {
     /// Longest delay between two retries of a commit / rollback call.
     #[arg(long, env = "TANDEM_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
     retry_max: Duration,
+    /// Give up on a branch after this many failed commit / rollback calls in
+    /// a row; the transaction then becomes STUCK until `tandem tx retry`.
+    /// Unset: no limit.
+    #[arg(long, env = "TANDEM_RETRY_MAX_ATTEMPTS")]
+    retry_max_attempts: Option<u32>,
+    /// Give up on a branch retried for this long since the decision (or the
+    /// last restart or operator retry); the transaction then becomes STUCK.
+    /// `none` for no limit.
+    #[arg(long, env = "TANDEM_RETRY_MAX_DURATION", default_value = "1h", value_parser = parse_optional_duration)]
+    retry_max_duration: OptionalDuration,
 }
 
 #[derive(Args)]
@@ -92,6 +102,17 @@ fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
         "tcc" => Ok(tandem_sdk::Mode::Tcc),
         _ => Err(format!("unknown mode {s:?}; use 2pc or tcc")),
     }
+}
+
+/// A duration, or `none` for no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct OptionalDuration(Option<Duration>);
+
+fn parse_optional_duration(s: &str) -> Result<OptionalDuration, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(OptionalDuration(None));
+    }
+    parse_duration(s).map(|d| OptionalDuration(Some(d)))
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of milliseconds.
@@ -124,6 +145,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retry: RetryPolicy {
             initial: args.retry_initial,
             max: args.retry_max,
+            max_attempts: args.retry_max_attempts,
+            max_duration: args.retry_max_duration.0,
         },
     };
     config.validate()?;

@@ -85,6 +85,26 @@ impl fmt::Display for TxState {
     }
 }
 
+/// A transaction's decision, once made. Kept in the record so that a STUCK
+/// transaction still says which way it must go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Commit / confirm every branch.
+    Commit,
+    /// Roll back / cancel every branch that may hold work.
+    Abort,
+}
+
+impl Decision {
+    /// Upper-case name used in logs and the CLI.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Commit => "COMMIT",
+            Decision::Abort => "ABORT",
+        }
+    }
+}
+
 /// Branch states, mode-neutral. [`BranchState::name`] gives the mode's word
 /// (PREPARED in 2PC is TRIED in TCC, and so on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,6 +158,9 @@ pub struct BranchRecord {
     pub attempts: u32,
     /// Last error calling this branch; empty if none.
     pub last_error: String,
+    /// When the next phase-2 retry is due, ms since the Unix epoch; 0 when
+    /// none is scheduled.
+    pub next_attempt_ms: u64,
     /// Last change, ms since the Unix epoch.
     pub updated_ms: u64,
 }
@@ -151,6 +174,8 @@ pub struct TxnRecord {
     pub mode: Mode,
     /// State.
     pub state: TxState,
+    /// The decision, once made (it survives a STUCK state).
+    pub decision: Option<Decision>,
     /// Why it aborted; empty otherwise.
     pub reason: String,
     /// Creation time, ms since the Unix epoch.
@@ -170,6 +195,7 @@ impl TxnRecord {
             gtid,
             mode,
             state,
+            decision: None,
             reason: String::new(),
             created_ms: now_ms,
             updated_ms: now_ms,

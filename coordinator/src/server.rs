@@ -21,17 +21,25 @@ use crate::service::{AdminService, CoordinatorService};
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Serves the Coordinator and Admin services on `listener` until `shutdown`
-/// resolves, after starting recovery of in-flight transactions.
+/// resolves. Recovery of in-flight transactions runs in the background while
+/// new ones are served. On shutdown no new transaction is taken, calls in
+/// flight finish (their decisions reach the disk), and what is left is
+/// recovered at the next start.
 ///
 /// # Errors
 ///
-/// Recovery could not read the log, or the transport failed.
+/// The transport failed.
 pub async fn serve(
     coord: Coordinator,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    coord.recover()?;
+    let recovery = coord.start_recovery();
+    let draining = coord.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.drain();
+    };
     let coordinator = CoordinatorServer::new(CoordinatorService::new(coord.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServer::new(AdminService::new(coord));
@@ -41,6 +49,7 @@ pub async fn serve(
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
+    recovery.abort();
     Ok(())
 }
 

@@ -45,6 +45,7 @@ pub fn test_config() -> CoordinatorConfig {
         retry: RetryPolicy {
             initial: Duration::from_millis(10),
             max: Duration::from_millis(50),
+            ..RetryPolicy::default()
         },
         ..CoordinatorConfig::default()
     }

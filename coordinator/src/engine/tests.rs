@@ -1,6 +1,7 @@
 //! Engine rules, one per test, driven with plain events (no I/O).
 
 use super::*;
+use crate::config::RetryPolicy;
 
 const NOW: u64 = 1_000;
 const DEADLINE: u64 = 61_000;
@@ -136,17 +137,15 @@ fn phase_two_failures_are_retried_until_acknowledged() {
             NOW,
         )
         .expect("fail");
-    assert_eq!(
-        cmds,
-        vec![
-            Command::Persist,
-            Command::RetryLater {
-                branch: 1,
-                failures: 1
-            }
-        ]
-    );
-    assert_eq!(t.record().branches[0].last_error, "down");
+    let [Command::Persist, Command::RetryLater { branch: 1, delay }] = cmds.as_slice() else {
+        panic!("expected a persisted retry: {cmds:?}");
+    };
+    // First retry: within [½, 1] of the initial interval.
+    let initial = RetryPolicy::default().initial;
+    assert!(*delay >= initial / 2 && *delay <= initial, "{delay:?}");
+    let b = &t.record().branches[0];
+    assert_eq!(b.last_error, "down");
+    assert_eq!(b.next_attempt_ms, NOW + delay.as_millis() as u64);
     let cmds = t.handle(Event::RetryDue { branch: 1 }, NOW).expect("retry");
     assert_eq!(
         cmds,
@@ -357,4 +356,164 @@ fn tcc_rollback_cancels_every_enlisted_branch() {
             .iter()
             .all(|b| b.state == BranchState::RolledBack)
     );
+}
+
+fn fail(t: &mut Txn, b: BranchId, now: u64) -> Vec<Command> {
+    t.handle(
+        Event::PhaseTwo {
+            branch: b,
+            result: Err(format!("down at {now}")),
+        },
+        now,
+    )
+    .expect("phase two")
+}
+
+// Retry policy: a branch that fails `max_attempts` times in a row is given
+// up on; once nothing else is in flight the transaction is STUCK with its
+// decision kept, and is forgotten by the runtime (Finished) until an
+// operator retries it.
+#[test]
+fn exhausted_retries_leave_the_transaction_stuck_with_its_decision() {
+    let (t, _) = one_shot(Mode::TwoPhase, 2);
+    let mut t = t.with_policy(RetryPolicy {
+        max_attempts: Some(2),
+        ..RetryPolicy::default()
+    });
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    // Branch 2 acknowledges; branch 1 fails twice.
+    t.handle(
+        Event::PhaseTwo {
+            branch: 2,
+            result: Ok(()),
+        },
+        NOW,
+    )
+    .expect("ack");
+    assert!(matches!(
+        fail(&mut t, 1, NOW)[..],
+        [Command::Persist, Command::RetryLater { .. }]
+    ));
+    t.handle(Event::RetryDue { branch: 1 }, NOW).expect("retry");
+    let cmds = fail(&mut t, 1, NOW + 1);
+    assert_eq!(cmds, vec![Command::Persist, Command::Finished]);
+    let rec = t.record();
+    assert_eq!(rec.state, TxState::Stuck);
+    assert_eq!(rec.decision, Some(Decision::Commit));
+    assert_eq!(rec.branches[0].last_error, format!("down at {}", NOW + 1));
+    assert_eq!(rec.branches[0].next_attempt_ms, 0);
+    // STUCK is not a decision change: rollback is still refused.
+    assert!(
+        t.handle(
+            Event::Rollback {
+                reason: String::new()
+            },
+            NOW
+        )
+        .is_err()
+    );
+    // After a restart STUCK stays put: no calls until an operator asks.
+    let (t2, cmds) = Txn::recover(t.record().clone(), NOW + 2);
+    assert!(cmds.is_empty());
+    assert_eq!(t2.record().state, TxState::Stuck);
+}
+
+// Operator retry: a STUCK transaction goes back to its decision's phase 2
+// with a fresh budget, calling only the branches not yet acknowledged.
+#[test]
+fn operator_retry_drives_a_stuck_transaction_to_its_decision() {
+    let (t, _) = one_shot(Mode::Tcc, 2);
+    let mut t = t.with_policy(RetryPolicy {
+        max_attempts: Some(1),
+        ..RetryPolicy::default()
+    });
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    t.handle(
+        Event::PhaseTwo {
+            branch: 2,
+            result: Ok(()),
+        },
+        NOW,
+    )
+    .expect("ack");
+    fail(&mut t, 1, NOW);
+    assert_eq!(t.record().state, TxState::Stuck);
+
+    let (t, _) = Txn::recover(t.record().clone(), NOW + 10);
+    let mut t = t.with_policy(RetryPolicy {
+        max_attempts: Some(1),
+        ..RetryPolicy::default()
+    });
+    let cmds = t.handle(Event::OperatorRetry, NOW + 10).expect("retry");
+    assert_eq!(t.record().state, TxState::Committing);
+    assert_eq!(phase_two_calls(&cmds), vec![(1, true)]);
+    t.handle(
+        Event::PhaseTwo {
+            branch: 1,
+            result: Ok(()),
+        },
+        NOW + 11,
+    )
+    .expect("ack");
+    assert_eq!(t.record().state, TxState::Committed);
+}
+
+// Operator retry of a transaction still retrying runs the waiting retries
+// now; of an undecided one it aborts only past the deadline; of a finished
+// one it does nothing.
+#[test]
+fn operator_retry_on_other_states() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    yes(&mut t, 1);
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    fail(&mut t, 1, NOW);
+    let cmds = t.handle(Event::OperatorRetry, NOW).expect("retry now");
+    assert_eq!(phase_two_calls(&cmds), vec![(1, true)]);
+    // The timer that was waiting finds nothing to do.
+    assert_eq!(t.handle(Event::RetryDue { branch: 1 }, NOW), Ok(vec![]));
+
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE);
+    assert!(matches!(
+        t.handle(Event::OperatorRetry, NOW),
+        Err(EngineError::WrongState { .. })
+    ));
+    t.handle(Event::OperatorRetry, DEADLINE)
+        .expect("past deadline");
+    assert_eq!(t.record().state, TxState::Aborted);
+    assert_eq!(t.handle(Event::OperatorRetry, DEADLINE), Ok(vec![]));
+}
+
+// Operator abort: undecided → abort with the operator's reason; a commit
+// decision is refused with a message saying it is never reversed.
+#[test]
+fn operator_abort_only_undecided() {
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    let cmds = t
+        .handle(
+            Event::OperatorAbort {
+                reason: "hung participant".into(),
+            },
+            NOW,
+        )
+        .expect("abort");
+    assert_eq!(t.record().state, TxState::Aborting);
+    assert_eq!(t.record().decision, Some(Decision::Abort));
+    assert!(t.record().reason.contains("operator: hung participant"));
+    assert!(cmds.contains(&Command::Persist));
+
+    let (mut t, _) = one_shot(Mode::TwoPhase, 1);
+    yes(&mut t, 1);
+    let err = t
+        .handle(
+            Event::OperatorAbort {
+                reason: String::new(),
+            },
+            NOW,
+        )
+        .expect_err("commit decided");
+    assert!(err.to_string().contains("never reversed"), "{err}");
 }

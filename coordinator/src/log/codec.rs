@@ -7,7 +7,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::LogError;
-use crate::model::{BranchRecord, BranchState, Gtid, Mode, TxState, TxnRecord};
+use crate::model::{BranchRecord, BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
 
 /// Format version written in every record.
 const VERSION: u32 = 1;
@@ -30,6 +30,9 @@ struct StoredTxn {
     deadline_ms: u64,
     #[prost(message, repeated, tag = "8")]
     branches: Vec<StoredBranch>,
+    /// 0 none, 1 commit, 2 abort.
+    #[prost(uint32, tag = "9")]
+    decision: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -46,6 +49,8 @@ struct StoredBranch {
     last_error: String,
     #[prost(uint64, tag = "6")]
     updated_ms: u64,
+    #[prost(uint64, tag = "7")]
+    next_attempt_ms: u64,
 }
 
 fn mode_code(mode: Mode) -> u32 {
@@ -88,6 +93,11 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
         created_ms: rec.created_ms,
         updated_ms: rec.updated_ms,
         deadline_ms: rec.deadline_ms,
+        decision: match rec.decision {
+            None => 0,
+            Some(Decision::Commit) => 1,
+            Some(Decision::Abort) => 2,
+        },
         branches: rec
             .branches
             .iter()
@@ -98,6 +108,7 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
                 updated_ms: b.updated_ms,
+                next_attempt_ms: b.next_attempt_ms,
             })
             .collect(),
     }
@@ -152,13 +163,21 @@ pub(super) fn decode(
             state,
             attempts: b.attempts,
             last_error: b.last_error,
+            next_attempt_ms: b.next_attempt_ms,
             updated_ms: b.updated_ms,
         });
     }
+    let decision = match stored.decision {
+        1 => Some(Decision::Commit),
+        2 => Some(Decision::Abort),
+        0 => None,
+        d => return Err(corrupt(format!("unknown decision {d}"))),
+    };
     Ok(TxnRecord {
         gtid,
         mode,
         state,
+        decision,
         reason: stored.reason,
         created_ms: stored.created_ms,
         updated_ms: stored.updated_ms,

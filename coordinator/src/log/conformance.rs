@@ -41,6 +41,7 @@ pub fn sample_record(mode: Mode, n: u32) -> TxnRecord {
             state: BranchState::Registered,
             attempts: 0,
             last_error: String::new(),
+            next_attempt_ms: 0,
             updated_ms: 1_000,
         });
     }
@@ -64,7 +65,10 @@ pub fn write_then_get_round_trips(log: &impl TxnLog) {
     rec.reason = "why not".into();
     rec.branches[1].state = BranchState::Failed;
     rec.branches[1].last_error = "deadline".into();
+    rec.branches[1].next_attempt_ms = 12_345;
     rec.branches[2].payload = Bytes::new();
+    rec.state = TxState::Stuck;
+    rec.decision = Some(crate::model::Decision::Abort);
     log.write(&rec)
         .expect("write_then_get_round_trips: write failed");
     let got = log

@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use tracing::warn;
 use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
-use crate::model::{BranchId, Mode, now_ms};
+use crate::model::{BranchId, Mode, TxState, now_ms};
 
 type CallFuture<'a> = Pin<Box<dyn Future<Output = (Event, Option<Bytes>)> + Send + 'a>>;
 
@@ -67,12 +66,30 @@ impl Inner {
                         commit,
                         attempt,
                     } => calls.push(Box::pin(self.phase_two(entry, branch, commit, attempt))),
-                    Command::RetryLater { branch, failures } => {
-                        self.schedule_retry(entry, branch, failures)
+                    Command::RetryLater { branch, delay } => {
+                        self.spawn_later(
+                            entry,
+                            Event::RetryDue { branch },
+                            tokio::time::sleep(delay),
+                        );
                     }
                     Command::Finished => {
-                        let gtid = entry.lock().record().gtid;
-                        self.forget(&gtid);
+                        let rec = entry.lock().record().clone();
+                        if rec.state == TxState::Stuck {
+                            let errors: Vec<String> = rec
+                                .branches
+                                .iter()
+                                .filter(|b| !b.last_error.is_empty())
+                                .map(|b| format!("branch {}: {}", b.id, b.last_error))
+                                .collect();
+                            warn!(
+                                gtid = %rec.gtid,
+                                decision = rec.decision.map_or("?", |d| d.name()),
+                                last_errors = %errors.join("; "),
+                                "retry policy exhausted: transaction is STUCK until `tandem tx retry`"
+                            );
+                        }
+                        self.forget(&rec.gtid);
                     }
                 }
             }
@@ -166,14 +183,6 @@ impl Inner {
             warn!(%gtid, branch, attempt, %error, "phase-2 call failed; will retry");
         }
         (Event::PhaseTwo { branch, result }, None)
-    }
-
-    fn schedule_retry(self: &Arc<Self>, entry: &Arc<Entry>, branch: BranchId, failures: u32) {
-        let jitter = std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish();
-        let delay = self.config.retry.delay(failures, jitter);
-        self.spawn_later(entry, Event::RetryDue { branch }, tokio::time::sleep(delay));
     }
 
     pub(super) fn start_deadline_timer(self: &Arc<Self>, entry: &Arc<Entry>, deadline_ms: u64) {

@@ -29,7 +29,7 @@ use crate::config::CoordinatorConfig;
 use crate::engine::{Command, Event, NewBranch, Txn};
 use crate::error::CoordError;
 use crate::log::{LogError, LogStats, TxnLog};
-use crate::model::{BranchId, Gtid, Mode, TxState, TxnRecord, now_ms};
+use crate::model::{BranchId, Decision, Gtid, Mode, TxState, TxnRecord, now_ms};
 
 /// Longest resource name accepted.
 const MAX_RESOURCE_LEN: usize = 256;
@@ -57,9 +57,36 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
+/// Unfinished transactions recovery drives at once.
+pub const RECOVERY_CONCURRENCY: usize = 256;
+
+/// What recovery found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Undecided (ACTIVE / PREPARING): aborted.
+    pub undecided: usize,
+    /// COMMITTING: phase 2 resumed.
+    pub committing: usize,
+    /// ABORTING: phase 2 resumed.
+    pub aborting: usize,
+    /// STUCK: left for an operator.
+    pub stuck: usize,
+    /// Until every recovered transaction finished its first round of calls.
+    pub elapsed: Duration,
+}
+
+impl RecoveryReport {
+    /// Transactions taken over (STUCK ones are not).
+    pub fn total(&self) -> usize {
+        self.undecided + self.committing + self.aborting
+    }
+}
+
 struct Inner {
     log: Arc<dyn TxnLog>,
     config: CoordinatorConfig,
+    /// Set on shutdown: no new transactions.
+    draining: std::sync::atomic::AtomicBool,
     live: Mutex<HashMap<Gtid, Arc<Entry>>>,
     pool: ParticipantPool,
     /// Set once a log write or force failed: from then on nothing is decided.
@@ -89,6 +116,7 @@ impl Coordinator {
                 live: Mutex::new(HashMap::new()),
                 pool: ParticipantPool::default(),
                 halted: OnceLock::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -108,45 +136,37 @@ impl Coordinator {
         self.inner.live_table().len()
     }
 
-    /// Loads every non-terminal transaction from the log and finishes it in
-    /// the background: undecided ones abort, decided ones run phase 2 again.
-    /// Returns how many were taken over.
-    ///
-    /// # Errors
-    ///
-    /// A log read failure.
-    pub fn recover(&self) -> Result<usize, CoordError> {
-        // Undecided ones abort; decided ones run phase 2 again.
-        const UNFINISHED: [TxState; 4] = [
-            TxState::Active,
-            TxState::Preparing,
-            TxState::Committing,
-            TxState::Aborting,
-        ];
-        let mut after = None;
-        let mut count = 0;
-        loop {
-            let page = self.inner.log.scan(after.as_ref(), &UNFINISHED, 1000)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.gtid);
-            for rec in page {
-                let gtid = rec.gtid;
-                let state = rec.state;
-                let (txn, cmds) = Txn::recover(rec, now_ms());
-                let entry = self.inner.insert_live(gtid, txn);
-                self.inner.log.write(entry.lock().record())?;
-                info!(%gtid, %state, "recovering transaction");
-                let inner = self.inner.clone();
-                tokio::spawn(async move {
-                    let _ = inner.run(&entry, cmds).await;
-                });
-                count += 1;
+    /// Starts recovery in the background: every unfinished transaction in
+    /// the log is taken over and finished (undecided → abort; decided →
+    /// phase 2 again), at most [`RECOVERY_CONCURRENCY`] at a time, while new
+    /// transactions are served. STUCK ones are left for an operator. The
+    /// task's result says how many of each were found.
+    pub fn start_recovery(&self) -> tokio::task::JoinHandle<Result<RecoveryReport, CoordError>> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let report = inner.recover_all().await;
+            match &report {
+                Ok(r) if r.total() > 0 => info!(
+                    aborted_undecided = r.undecided,
+                    commits_resumed = r.committing,
+                    aborts_resumed = r.aborting,
+                    stuck_left = r.stuck,
+                    elapsed_ms = r.elapsed.as_millis() as u64,
+                    "recovery finished"
+                ),
+                Ok(r) => info!(stuck_left = r.stuck, "recovery: nothing in flight"),
+                Err(e) => tracing::error!(error = %e, "recovery failed"),
             }
-        }
-        if count > 0 {
-            info!(count, "recovery started for in-flight transactions");
-        }
-        Ok(count)
+            report
+        })
+    }
+
+    /// Stops taking new transactions (`begin` and `submit` answer
+    /// UNAVAILABLE); work in flight continues. Used on shutdown.
+    pub fn drain(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Starts an interactive transaction.
@@ -158,6 +178,7 @@ impl Coordinator {
     pub async fn begin(&self, mode: Mode, timeout: Option<Duration>) -> Result<Gtid, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
+        inner.check_draining()?;
         let deadline = inner.deadline(timeout)?;
         let gtid = Gtid::now_v7();
         let (txn, _persist) = Txn::begin(gtid, mode, now_ms(), deadline);
@@ -278,6 +299,7 @@ impl Coordinator {
     ) -> Result<SubmitOutcome, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
+        inner.check_draining()?;
         if branches.is_empty() {
             return Err(CoordError::InvalidArgument(
                 "a transaction needs at least one branch".into(),
@@ -314,6 +336,85 @@ impl Coordinator {
         })
     }
 
+    /// An operator's retry (`tandem tx retry`): drives phase 2 of a STUCK or
+    /// retrying transaction now, with a fresh retry budget, and aborts an
+    /// undecided one past its deadline. Returns the state after the first
+    /// round of calls.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `WrongState` for an undecided transaction within its
+    /// deadline; `Unavailable`.
+    pub async fn retry(&self, gtid: Gtid) -> Result<TxState, CoordError> {
+        self.operator(gtid, Event::OperatorRetry).await
+    }
+
+    /// An operator's abort (`tandem tx abort`) of an undecided transaction.
+    /// Returns the state after the first round of rollback / cancel calls.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `WrongState` for a commit decision (never reversed);
+    /// `InvalidArgument` for an over-long reason; `Unavailable`.
+    pub async fn abort(&self, gtid: Gtid, reason: String) -> Result<TxState, CoordError> {
+        if reason.len() > MAX_REASON_LEN {
+            return Err(CoordError::InvalidArgument(format!(
+                "reason is {} bytes; at most {MAX_REASON_LEN}",
+                reason.len()
+            )));
+        }
+        self.operator(gtid, Event::OperatorAbort { reason }).await
+    }
+
+    async fn operator(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        let entry = match inner.find_live(&gtid) {
+            Some(entry) => entry,
+            None => {
+                let rec = inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+                if rec.state != TxState::Stuck {
+                    // Finished, or not yet taken over by recovery: the
+                    // engine's answer on the stored record, nothing written.
+                    return inner.settled_state(gtid, event);
+                }
+                let (txn, _) = Txn::recover(rec, now_ms());
+                inner.adopt(gtid, txn)
+            }
+        };
+        let cmds = match inner.step(&entry, event) {
+            Ok(cmds) => cmds,
+            Err(e) => {
+                if entry.lock().record().state == TxState::Stuck {
+                    inner.forget(&gtid);
+                }
+                return Err(e);
+            }
+        };
+        inner.run(&entry, cmds).await?;
+        let state = entry.lock().record().state;
+        Ok(state)
+    }
+
+    /// What a participant holding a branch of `gtid` should do: `None`
+    /// while undecided, else the decision. An unknown gtid is `Abort`
+    /// (presumed abort: the coordinator never recorded it, so it never
+    /// committed).
+    ///
+    /// # Errors
+    ///
+    /// A log failure.
+    pub fn outcome(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
+        let decision = |rec: &TxnRecord| rec.decision;
+        if let Some(entry) = self.inner.find_live(&gtid) {
+            return Ok(decision(entry.lock().record()));
+        }
+        match self.inner.log.get(&gtid)? {
+            Some(rec) => Ok(decision(&rec)),
+            None => Ok(Some(Decision::Abort)),
+        }
+    }
+
     /// The latest record of a transaction.
     ///
     /// # Errors
@@ -323,7 +424,8 @@ impl Coordinator {
         self.inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))
     }
 
-    /// Records in creation order after `after`, filtered by state.
+    /// Records in creation order after `after`, filtered by state and
+    /// created before `created_before_ms` when given.
     ///
     /// # Errors
     ///
@@ -332,9 +434,17 @@ impl Coordinator {
         &self,
         after: Option<Gtid>,
         states: &[TxState],
+        created_before_ms: Option<u64>,
         limit: usize,
     ) -> Result<Vec<TxnRecord>, CoordError> {
-        Ok(self.inner.log.scan(after.as_ref(), states, limit)?)
+        let mut records = self.inner.log.scan(after.as_ref(), states, limit)?;
+        if let Some(before) = created_before_ms {
+            // Gtids are UUID v7: creation order, so the rest is newer too.
+            if let Some(cut) = records.iter().position(|r| r.created_ms >= before) {
+                records.truncate(cut);
+            }
+        }
+        Ok(records)
     }
 }
 
@@ -353,11 +463,25 @@ impl Inner {
 
     fn insert_live(&self, gtid: Gtid, txn: Txn) -> Arc<Entry> {
         let entry = Arc::new(Entry {
-            txn: Mutex::new(txn),
+            txn: Mutex::new(txn.with_policy(self.config.retry)),
             deadline_timer: Mutex::new(None),
         });
         self.live_table().insert(gtid, entry.clone());
         entry
+    }
+
+    /// Makes `txn` live unless another request already did; returns the
+    /// live entry either way.
+    fn adopt(&self, gtid: Gtid, txn: Txn) -> Arc<Entry> {
+        let mut live = self.live_table();
+        live.entry(gtid)
+            .or_insert_with(|| {
+                Arc::new(Entry {
+                    txn: Mutex::new(txn.with_policy(self.config.retry)),
+                    deadline_timer: Mutex::new(None),
+                })
+            })
+            .clone()
     }
 
     fn find_live(&self, gtid: &Gtid) -> Option<Arc<Entry>> {
@@ -380,10 +504,16 @@ impl Inner {
         }
     }
 
-    /// Answers commit / rollback for a transaction no longer live: the same
-    /// engine rules, applied to the record in the log (nothing is written).
+    /// Answers a request for a transaction no longer live: the same engine
+    /// rules, applied to the record in the log (nothing is written). One
+    /// that is unfinished but not live is waiting for recovery.
     fn settled_state(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
         let rec = self.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+        if !rec.state.is_terminal() && rec.state != TxState::Stuck {
+            return Err(CoordError::Unavailable(format!(
+                "transaction {gtid} is being recovered after a restart; ask again shortly"
+            )));
+        }
         let mut txn = Txn::recover(rec.clone(), now_ms()).0;
         txn.handle(event, now_ms())?;
         Ok(rec.state)
@@ -400,6 +530,74 @@ impl Inner {
                 t.abort();
             }
         }
+    }
+
+    fn check_draining(&self) -> Result<(), CoordError> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(CoordError::Unavailable(
+                "coordinator is shutting down; not taking new transactions".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes over every unfinished transaction in the log; see
+    /// [`Coordinator::start_recovery`].
+    async fn recover_all(self: &Arc<Self>) -> Result<RecoveryReport, CoordError> {
+        const UNFINISHED: [TxState; 5] = [
+            TxState::Active,
+            TxState::Preparing,
+            TxState::Committing,
+            TxState::Aborting,
+            TxState::Stuck,
+        ];
+        let started = std::time::Instant::now();
+        let permits = Arc::new(tokio::sync::Semaphore::new(RECOVERY_CONCURRENCY));
+        let mut report = RecoveryReport::default();
+        let mut after = None;
+        loop {
+            let page = self.log.scan(after.as_ref(), &UNFINISHED, 1000)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.gtid);
+            for rec in page {
+                let (gtid, state) = (rec.gtid, rec.state);
+                match state {
+                    TxState::Active | TxState::Preparing => report.undecided += 1,
+                    TxState::Committing => report.committing += 1,
+                    TxState::Aborting => report.aborting += 1,
+                    _ => {
+                        report.stuck += 1;
+                        continue;
+                    }
+                }
+                if self.find_live(&gtid).is_some() {
+                    continue; // an operator got to it first
+                }
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
+                let (txn, cmds) = Txn::recover(rec, now_ms());
+                let entry = self.insert_live(gtid, txn);
+                self.log
+                    .write(entry.lock().record())
+                    .map_err(|e| self.halt(e))?;
+                tracing::debug!(%gtid, %state, "recovering transaction");
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    let _ = inner.run(&entry, cmds).await;
+                    drop(permit);
+                });
+            }
+        }
+        // Wait for the last first rounds, so the report's time means "done".
+        let _ = permits
+            .acquire_many(RECOVERY_CONCURRENCY as u32)
+            .await
+            .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
+        report.elapsed = started.elapsed();
+        Ok(report)
     }
 
     fn check_halted(&self) -> Result<(), CoordError> {

@@ -1,4 +1,5 @@
-//! The `Admin` gRPC service: read-only views of the log for operators.
+//! The `Admin` gRPC service: what operators (and `tandem tx`) call to look
+//! at transactions and to drive or abort one by hand.
 
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_server::Admin as AdminRpc;
@@ -52,7 +53,8 @@ impl AdminRpc for AdminService {
             )
         };
         // One extra record tells whether another page exists.
-        let mut records = self.coord.list(after, &states, size + 1)?;
+        let before = (req.created_before_ms > 0).then_some(req.created_before_ms);
+        let mut records = self.coord.list(after, &states, before, size + 1)?;
         let next_page_token = if records.len() > size {
             records.truncate(size);
             records
@@ -74,6 +76,29 @@ impl AdminRpc for AdminService {
         req: Request<pb::AdminGetTransactionRequest>,
     ) -> Result<Response<pb::TransactionInfo>, Status> {
         let gtid = parse_gtid(&req.get_ref().gtid)?;
+        Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn retry_transaction(
+        &self,
+        req: Request<pb::RetryTransactionRequest>,
+    ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let gtid = parse_gtid(&req.get_ref().gtid)?;
+        self.coord.retry(gtid).await?;
+        tracing::info!(%gtid, "operator retry");
+        Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn abort_transaction(
+        &self,
+        req: Request<pb::AbortTransactionRequest>,
+    ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let req = req.into_inner();
+        let gtid = parse_gtid(&req.gtid)?;
+        self.coord.abort(gtid, req.reason).await?;
+        tracing::info!(%gtid, "operator abort");
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
     }
 }

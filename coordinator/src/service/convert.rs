@@ -6,7 +6,7 @@ use tandem_proto::v1 as pb;
 use tonic::Status;
 
 use crate::engine::NewBranch;
-use crate::model::{BranchState, Mode, TxState, TxnRecord};
+use crate::model::{BranchState, Decision, Mode, TxState, TxnRecord};
 
 pub(super) fn mode_from_wire(mode: i32) -> Result<Mode, Status> {
     match pb::Mode::try_from(mode) {
@@ -79,6 +79,11 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
         created_at_ms: r.created_ms,
         updated_at_ms: r.updated_ms,
         deadline_ms: r.deadline_ms,
+        decision: match r.decision {
+            None => pb::Decision::None,
+            Some(Decision::Commit) => pb::Decision::Commit,
+            Some(Decision::Abort) => pb::Decision::Abort,
+        } as i32,
         branches: r
             .branches
             .iter()
@@ -91,6 +96,7 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
                 last_error: b.last_error.clone(),
                 updated_at_ms: b.updated_ms,
                 payload_len: b.payload.len() as u32,
+                next_attempt_at_ms: b.next_attempt_ms,
             })
             .collect(),
     }

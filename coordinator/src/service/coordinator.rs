@@ -9,6 +9,7 @@ use super::convert::{
     branch_from_wire, mode_from_wire, record_to_wire, state_to_wire, timeout_from_wire,
 };
 use super::parse_gtid;
+use crate::model::Decision;
 use crate::runtime::Coordinator;
 
 /// Serves `tandem.v1.Coordinator` over a [`Coordinator`].
@@ -112,5 +113,21 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<pb::TransactionInfo>, Status> {
         let gtid = parse_gtid(&req.get_ref().gtid)?;
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+    }
+
+    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn get_outcome(
+        &self,
+        req: Request<pb::GetOutcomeRequest>,
+    ) -> Result<Response<pb::GetOutcomeResponse>, Status> {
+        let gtid = parse_gtid(&req.get_ref().gtid)?;
+        let outcome = match self.coord.outcome(gtid)? {
+            None => pb::Outcome::Pending,
+            Some(Decision::Commit) => pb::Outcome::Commit,
+            Some(Decision::Abort) => pb::Outcome::Abort,
+        };
+        Ok(Response::new(pb::GetOutcomeResponse {
+            outcome: outcome as i32,
+        }))
     }
 }
