@@ -12,10 +12,12 @@
 //! - [`server`]: serving both services with recovery and graceful shutdown.
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
+//! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
 //! - [`demo`]: `tandem demo`, bank transfers across two participant services.
 //!
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
+pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod engine;

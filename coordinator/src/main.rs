@@ -1,6 +1,8 @@
 //! The `tandem` binary: parses arguments and calls the library.
 //!
 //! - `tandem serve`: run a coordinator.
+//! - `tandem tx list|show|retry|abort`: look at and act on transactions of a
+//!   running coordinator.
 //! - `tandem demo`: bank transfers across two participants, end to end.
 
 use std::net::SocketAddr;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::SledLog;
-use tandem_coordinator::{Coordinator, demo, server};
+use tandem_coordinator::{Coordinator, cli, demo, server};
 use tracing::info;
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
@@ -28,10 +30,68 @@ enum Command {
     /// Run a coordinator: the Coordinator and Admin gRPC services over a
     /// durable sled log. In-flight transactions found in the log are finished.
     Serve(ServeArgs),
+    /// Look at and act on the transactions of a running coordinator.
+    Tx(TxArgs),
     /// Run a coordinator, two bank participants and a few hundred concurrent
-    /// 2PC transfers in this process; print counts, throughput and whether
-    /// the total balance was conserved.
+    /// transfers in this process; print counts, throughput and whether the
+    /// total balance was conserved.
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct TxArgs {
+    /// The coordinator's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// table (for people) or json (for scripts).
+    #[arg(long, global = true, default_value = "table", value_parser = parse_output)]
+    output: cli::Output,
+    #[command(subcommand)]
+    verb: TxVerb,
+}
+
+#[derive(Subcommand)]
+enum TxVerb {
+    /// List transactions, oldest first: gtid, mode, state, age, branches,
+    /// attempts, last error.
+    List {
+        /// Only these states (comma-separated): active, preparing,
+        /// committing, committed, aborting, aborted, stuck.
+        #[arg(long, value_delimiter = ',', value_parser = cli::parse_state)]
+        state: Vec<tandem_proto::v1::TxState>,
+        /// Only transactions created longer ago than this (e.g. 5m, 1h).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<Duration>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one transaction's whole record: branches, endpoints, states,
+    /// attempts, last errors, timestamps, decision.
+    Show {
+        /// Transaction id.
+        gtid: String,
+    },
+    /// Drive a transaction now: phase 2 of a STUCK or retrying one runs at
+    /// once (clearing STUCK); an undecided one past its deadline aborts.
+    Retry {
+        /// Transaction id.
+        gtid: String,
+    },
+    /// Abort an undecided transaction. A decided one is refused: a commit
+    /// decision is never reversed.
+    Abort {
+        /// Transaction id.
+        gtid: String,
+        /// Why; kept in the record.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
 }
 
 #[derive(Args)]
@@ -93,6 +153,14 @@ struct DemoArgs {
     /// Seed of the transfer generator.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+}
+
+fn parse_output(s: &str) -> Result<cli::Output, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "table" => Ok(cli::Output::Table),
+        "json" => Ok(cli::Output::Json),
+        _ => Err(format!("unknown output {s:?}; use table or json")),
+    }
 }
 
 /// Parses `2pc` or `tcc`.
@@ -196,12 +264,43 @@ async fn main() -> ExitCode {
         .init();
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Tx(args) => return tx(args).await,
         Command::Demo(args) => run_demo(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tandem: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one `tandem tx` verb: the result on stdout and exit code 0, or one
+/// line on stderr and exit code 1.
+async fn tx(args: TxArgs) -> ExitCode {
+    let result = async {
+        let mut client = cli::connect(&args.coordinator).await?;
+        let out = args.output;
+        match args.verb {
+            TxVerb::List {
+                state,
+                older_than,
+                limit,
+            } => cli::list(&mut client, &state, older_than, limit, out).await,
+            TxVerb::Show { gtid } => cli::show(&mut client, &gtid, out).await,
+            TxVerb::Retry { gtid } => cli::retry(&mut client, &gtid, out).await,
+            TxVerb::Abort { gtid, reason } => cli::abort(&mut client, &gtid, &reason, out).await,
+        }
+    }
+    .await;
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem: {e}");
             ExitCode::FAILURE
         }
     }

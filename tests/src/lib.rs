@@ -3,6 +3,8 @@
 //! vanish, and a journal shared by a recording log and the participants so
 //! tests can check the order of events across both.
 
+pub mod process;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,6 +93,8 @@ pub struct Scripted {
     pub held: Mutex<HashSet<(Gtid, u32)>>,
     /// Phase-2 calls failed on purpose.
     pub failed_calls: AtomicUsize,
+    /// When each of those failures happened.
+    pub failed_at: Mutex<Vec<std::time::Instant>>,
     name: String,
     journal: Option<Journal>,
 }
@@ -105,6 +109,7 @@ impl Scripted {
             rollbacks: AtomicUsize::new(0),
             held: Mutex::new(HashSet::new()),
             failed_calls: AtomicUsize::new(0),
+            failed_at: Mutex::new(Vec::new()),
             name: name.to_string(),
             journal,
         })
@@ -181,6 +186,10 @@ impl Scripted {
                 .phase_two_failures
                 .store(left - 1, Ordering::SeqCst);
             self.failed_calls.fetch_add(1, Ordering::SeqCst);
+            self.failed_at
+                .lock()
+                .expect("failed_at")
+                .push(std::time::Instant::now());
             return Err(HandlerError::new(format!(
                 "{} is down for maintenance",
                 self.name

@@ -2,73 +2,14 @@
 //! service written as the README shows work against it, and a commit it
 //! acknowledged survives SIGKILL and a restart on the same data directory.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_examples::bank::{Bank, Leg};
 use tandem_proto::v1 as pb;
 use tandem_sdk::{Branch, Error, Mode, ParticipantServer, TransactionClient};
-
-/// The `tandem` binary built next to this test (cargo test --workspace
-/// builds every binary of the workspace before running tests).
-fn tandem_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join(format!("tandem{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo test --workspace` (it builds the binary)",
-        bin.display()
-    );
-    bin
-}
-
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    /// Starts `tandem serve` on a free port over `data_dir`.
-    fn start(data_dir: &Path) -> Serve {
-        let mut child = Command::new(tandem_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tandem serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        Serve {
-            url: format!("http://{addr}"),
-            child,
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("wait");
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tandem_tests::process::{Serve, tandem_bin};
 
 // Rule: a commit the coordinator acknowledged is on disk — the process is
 // killed with SIGKILL right after, and the restarted coordinator still

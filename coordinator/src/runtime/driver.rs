@@ -180,7 +180,7 @@ impl Inner {
             .await;
         if let Err(error) = &result {
             let gtid = entry.lock().record().gtid;
-            warn!(%gtid, branch, attempt, %error, "phase-2 call failed; will retry");
+            warn!(%gtid, branch, attempt, %error, "phase-2 call failed");
         }
         (Event::PhaseTwo { branch, result }, None)
     }

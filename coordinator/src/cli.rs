@@ -1,0 +1,395 @@
+//! `tandem tx list|show|retry|abort`: the operator's view of a running
+//! coordinator, through its Admin gRPC service. Each verb returns the text
+//! to print (a table or JSON); errors are one line, ready for stderr.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::admin_client::AdminClient;
+use tonic::transport::Channel;
+
+use crate::model::now_ms;
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document for scripts.
+    Json,
+}
+
+/// A failed verb: the one line to print.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+/// Connects to the Admin service at `endpoint` (`http://host:port`).
+///
+/// # Errors
+///
+/// The endpoint is malformed or nothing answers there.
+pub async fn connect(endpoint: &str) -> Result<AdminClient<Channel>, CliError> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| CliError(format!("bad coordinator address {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| {
+            CliError(format!(
+                "coordinator at {endpoint} is unreachable: {}",
+                source_chain(&e)
+            ))
+        })?;
+    Ok(AdminClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let _ = write!(out, ": {s}");
+        source = s.source();
+    }
+    out
+}
+
+fn rpc_error(gtid: Option<&str>, status: tonic::Status) -> CliError {
+    match (status.code(), gtid) {
+        (tonic::Code::NotFound, Some(g)) => CliError(format!("no transaction {g}")),
+        (tonic::Code::FailedPrecondition, _) => CliError(format!("refused: {}", status.message())),
+        (tonic::Code::InvalidArgument, _) => CliError(format!("invalid: {}", status.message())),
+        (tonic::Code::Unavailable, _) => {
+            CliError(format!("coordinator unavailable: {}", status.message()))
+        }
+        (code, _) => CliError(format!("{code:?}: {}", status.message())),
+    }
+}
+
+/// Parses a state name (`stuck`, `COMMITTING`, `tx_state_active`).
+///
+/// # Errors
+///
+/// The name is not a state.
+pub fn parse_state(s: &str) -> Result<pb::TxState, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("TX_STATE_").unwrap_or(&upper);
+    pb::TxState::from_str_name(&format!("TX_STATE_{name}"))
+        .filter(|s| *s != pb::TxState::Unspecified)
+        .ok_or_else(|| {
+            format!(
+                "unknown state {s:?}; use active, preparing, committing, committed, aborting, aborted or stuck"
+            )
+        })
+}
+
+/// `tandem tx list`.
+///
+/// # Errors
+///
+/// The coordinator refused or could not be reached.
+pub async fn list(
+    client: &mut AdminClient<Channel>,
+    states: &[pb::TxState],
+    older_than: Option<Duration>,
+    limit: usize,
+    output: Output,
+) -> Result<String, CliError> {
+    let created_before_ms = older_than.map_or(0, |d| now_ms().saturating_sub(d.as_millis() as u64));
+    let mut rows = Vec::new();
+    let mut page_token = String::new();
+    while rows.len() < limit {
+        let page = client
+            .list_transactions(pb::ListTransactionsRequest {
+                states: states.iter().map(|s| *s as i32).collect(),
+                page_size: (limit - rows.len()).min(1000) as u32,
+                page_token,
+                created_before_ms,
+            })
+            .await
+            .map_err(|s| rpc_error(None, s))?
+            .into_inner();
+        rows.extend(page.transactions.into_iter().map(TxView::from));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    rows.truncate(limit);
+    Ok(match output {
+        Output::Json => json(&rows),
+        Output::Table => list_table(&rows),
+    })
+}
+
+/// `tandem tx show GTID`.
+///
+/// # Errors
+///
+/// Unknown gtid, or the coordinator could not be reached.
+pub async fn show(
+    client: &mut AdminClient<Channel>,
+    gtid: &str,
+    output: Output,
+) -> Result<String, CliError> {
+    let info = client
+        .get_transaction(pb::AdminGetTransactionRequest {
+            gtid: gtid.to_string(),
+        })
+        .await
+        .map_err(|s| rpc_error(Some(gtid), s))?
+        .into_inner();
+    Ok(render_one(TxView::from(info), output))
+}
+
+/// `tandem tx retry GTID`.
+///
+/// # Errors
+///
+/// Unknown gtid, refused (undecided within its deadline), or unreachable.
+pub async fn retry(
+    client: &mut AdminClient<Channel>,
+    gtid: &str,
+    output: Output,
+) -> Result<String, CliError> {
+    let info = client
+        .retry_transaction(pb::RetryTransactionRequest {
+            gtid: gtid.to_string(),
+        })
+        .await
+        .map_err(|s| rpc_error(Some(gtid), s))?
+        .into_inner();
+    Ok(render_one(TxView::from(info), output))
+}
+
+/// `tandem tx abort GTID`.
+///
+/// # Errors
+///
+/// Unknown gtid, refused (a commit decision), or unreachable.
+pub async fn abort(
+    client: &mut AdminClient<Channel>,
+    gtid: &str,
+    reason: &str,
+    output: Output,
+) -> Result<String, CliError> {
+    let info = client
+        .abort_transaction(pb::AbortTransactionRequest {
+            gtid: gtid.to_string(),
+            reason: reason.to_string(),
+        })
+        .await
+        .map_err(|s| rpc_error(Some(gtid), s))?
+        .into_inner();
+    Ok(render_one(TxView::from(info), output))
+}
+
+/// A transaction as the CLI shows it (and as its JSON reads).
+#[derive(Serialize)]
+struct TxView {
+    gtid: String,
+    mode: &'static str,
+    state: String,
+    decision: String,
+    reason: String,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    deadline_ms: u64,
+    age_ms: u64,
+    attempts: u32,
+    branches: Vec<BranchView>,
+}
+
+#[derive(Serialize)]
+struct BranchView {
+    branch_id: u32,
+    endpoint: String,
+    resource: String,
+    state: String,
+    attempts: u32,
+    last_error: String,
+    updated_at_ms: u64,
+    next_attempt_at_ms: u64,
+    payload_len: u32,
+}
+
+/// `TX_STATE_COMMITTED` → `COMMITTED`.
+fn short(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix).unwrap_or(name).to_string()
+}
+
+impl From<pb::TransactionInfo> for TxView {
+    fn from(mut t: pb::TransactionInfo) -> Self {
+        let (mode, state, decision) = (t.mode(), t.state(), t.decision());
+        let branches: Vec<BranchView> = std::mem::take(&mut t.branches)
+            .into_iter()
+            .map(|b| BranchView {
+                state: short(b.state().as_str_name(), "BRANCH_STATE_"),
+                branch_id: b.branch_id,
+                endpoint: b.endpoint,
+                resource: b.resource,
+                attempts: b.attempts,
+                last_error: b.last_error,
+                updated_at_ms: b.updated_at_ms,
+                next_attempt_at_ms: b.next_attempt_at_ms,
+                payload_len: b.payload_len,
+            })
+            .collect();
+        TxView {
+            mode: match mode {
+                pb::Mode::Tcc => "TCC",
+                _ => "2PC",
+            },
+            state: short(state.as_str_name(), "TX_STATE_"),
+            decision: short(decision.as_str_name(), "DECISION_"),
+            reason: t.reason,
+            age_ms: now_ms().saturating_sub(t.created_at_ms),
+            created_at_ms: t.created_at_ms,
+            updated_at_ms: t.updated_at_ms,
+            deadline_ms: t.deadline_ms,
+            attempts: branches.iter().map(|b| b.attempts).sum(),
+            branches,
+            gtid: t.gtid,
+        }
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// `1h5m`, `3m12s`, `4.2s`, `350ms`.
+fn human(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..=59 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+fn clip(text: &str, max: usize) -> String {
+    let one_line = text.replace('\n', " ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    format!("{cut}…")
+}
+
+fn last_error(t: &TxView) -> String {
+    t.branches
+        .iter()
+        .rev()
+        .find(|b| !b.last_error.is_empty())
+        .map(|b| format!("#{}: {}", b.branch_id, b.last_error))
+        .unwrap_or_default()
+}
+
+fn list_table(rows: &[TxView]) -> String {
+    let mut out = format!(
+        "{:<36}  {:<4}  {:<10}  {:>7}  {:>8}  {:>8}  LAST ERROR\n",
+        "GTID", "MODE", "STATE", "AGE", "BRANCHES", "ATTEMPTS"
+    );
+    for t in rows {
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<4}  {:<10}  {:>7}  {:>8}  {:>8}  {}",
+            t.gtid,
+            t.mode,
+            t.state,
+            human(t.age_ms),
+            t.branches.len(),
+            t.attempts,
+            clip(&last_error(t), 60)
+        );
+    }
+    let _ = write!(out, "({} transactions)", rows.len());
+    out
+}
+
+fn render_one(t: TxView, output: Output) -> String {
+    if output == Output::Json {
+        return json(&t);
+    }
+    let now = now_ms();
+    let mut out = String::new();
+    let _ = writeln!(out, "transaction {}", t.gtid);
+    let _ = writeln!(out, "  mode       {}", t.mode);
+    let _ = writeln!(out, "  state      {}", t.state);
+    let _ = writeln!(out, "  decision   {}", t.decision);
+    if !t.reason.is_empty() {
+        let _ = writeln!(out, "  reason     {}", t.reason);
+    }
+    let _ = writeln!(
+        out,
+        "  created    {} ago ({} ms)",
+        human(t.age_ms),
+        t.created_at_ms
+    );
+    let _ = writeln!(
+        out,
+        "  updated    {} ago ({} ms)",
+        human(now.saturating_sub(t.updated_at_ms)),
+        t.updated_at_ms
+    );
+    let deadline = if t.deadline_ms > now {
+        format!("in {}", human(t.deadline_ms - now))
+    } else {
+        format!("{} ago", human(now - t.deadline_ms))
+    };
+    let _ = writeln!(out, "  deadline   {deadline} ({} ms)", t.deadline_ms);
+    let _ = write!(out, "  branches   {}", t.branches.len());
+    for b in &t.branches {
+        let _ = write!(
+            out,
+            "\n  #{} {} {} at {}\n      attempts {}, updated {} ago, payload {} bytes",
+            b.branch_id,
+            b.state,
+            b.resource,
+            b.endpoint,
+            b.attempts,
+            human(now.saturating_sub(b.updated_at_ms)),
+            b.payload_len
+        );
+        if b.next_attempt_at_ms > 0 {
+            let _ = write!(
+                out,
+                ", next attempt in {}",
+                human(b.next_attempt_at_ms.saturating_sub(now))
+            );
+        }
+        if !b.last_error.is_empty() {
+            let _ = write!(out, "\n      last error: {}", b.last_error);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_parse_in_any_case_and_garbage_is_refused() {
+        assert_eq!(parse_state("stuck"), Ok(pb::TxState::Stuck));
+        assert_eq!(parse_state("COMMITTING"), Ok(pb::TxState::Committing));
+        assert_eq!(parse_state("tx_state_active"), Ok(pb::TxState::Active));
+        assert!(parse_state("unspecified").is_err());
+        assert!(parse_state("done").is_err());
+    }
+
+    #[test]
+    fn ages_read_like_a_person_would_write_them() {
+        assert_eq!(human(350), "350ms");
+        assert_eq!(human(4_200), "4.2s");
+        assert_eq!(human(192_000), "3m12s");
+        assert_eq!(human(3_900_000), "1h5m");
+        assert_eq!(human(90_000_000), "1d1h");
+        assert_eq!(clip("abcdef", 4), "abc…");
+    }
+}

@@ -1,0 +1,117 @@
+//! Real processes: the `tandem` binary built by `cargo test --workspace`,
+//! started on a free port and killed with SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// The `tandem` binary built next to the running test (cargo test
+/// --workspace builds every binary of the workspace before running tests).
+pub fn tandem_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(format!("tandem{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo test --workspace` (it builds the binary)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `tandem serve` process, killed when dropped.
+pub struct Serve {
+    child: Child,
+    /// `http://addr`.
+    pub url: String,
+}
+
+impl Serve {
+    /// Starts `tandem serve` on a free port over `data_dir`.
+    pub fn start(data_dir: &Path) -> Serve {
+        Self::start_with(data_dir, &[], &[])
+    }
+
+    /// Starts `tandem serve` with extra arguments and environment.
+    pub fn start_with(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Self::start_on(data_dir, "127.0.0.1:0", args, env)
+    }
+
+    /// Starts `tandem serve` on `listen` (to restart on the same port).
+    pub fn start_on(data_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        let mut child = Command::new(tandem_bin())
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tandem serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        Serve {
+            url: format!("http://{addr}"),
+            child,
+        }
+    }
+
+    /// The address it listens on (`127.0.0.1:port`).
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Kills it with SIGKILL and waits for it to be gone.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+
+    /// Waits for it to exit by itself (a failpoint); returns its status.
+    pub fn wait(mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a `tandem …` command printed, and whether it succeeded.
+pub struct Ran {
+    /// Exit code 0.
+    pub ok: bool,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `tandem args…` to completion.
+pub fn tandem(args: &[&str]) -> Ran {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(tandem_bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run tandem");
+    Ran {
+        ok: status.success(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}

@@ -1,0 +1,238 @@
+//! `tandem tx list|show|retry|abort` against a real `tandem serve` process,
+//! with participants in this test process. Tables for people, JSON for
+//! scripts, and a one-line error with a non-zero exit code on failure.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tandem_sdk::{Branch, Mode, TransactionClient};
+use tandem_tests::process::{Serve, tandem};
+use tandem_tests::{Script, Scripted, eventually};
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+// A participant down during phase 2 makes the transaction STUCK once the
+// retry policy is exhausted; `tx list --state stuck` finds it, `tx show`
+// explains it, `tx abort` is refused (commit decided), and `tx retry` after
+// the participant is back completes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_transaction_is_listed_shown_refused_and_retried() {
+    let data = tempfile::tempdir().expect("data dir");
+    let serve = Serve::start_with(
+        data.path(),
+        &[
+            "--retry-initial",
+            "10ms",
+            "--retry-max",
+            "20ms",
+            "--retry-max-attempts",
+            "3",
+        ],
+        &[],
+    );
+    let url = serve.url.as_str();
+    let ok = Scripted::yes("ok");
+    let down = Scripted::new(
+        "down",
+        Script {
+            phase_two_failures: 1_000_000.into(),
+            ..Script::default()
+        },
+        None,
+    );
+    let (p_ok, p_down) = (ok.serve_tcc().await, down.serve_tcc().await);
+    let client = TransactionClient::connect(url).await.expect("connect");
+    let done = client
+        .submit(
+            Mode::Tcc,
+            vec![
+                Branch::new(p_ok.url(), "r", "x"),
+                Branch::new(p_down.url(), "r", "y"),
+            ],
+        )
+        .await
+        .expect("submit");
+    assert!(!done.complete, "a branch is failing: not complete");
+    let gtid = done.gtid.to_string();
+
+    let stuck = tokio::task::spawn_blocking({
+        let (url, gtid) = (url.to_string(), gtid.clone());
+        move || {
+            for _ in 0..500 {
+                let ran = tandem(&[
+                    "tx",
+                    "list",
+                    "--state",
+                    "stuck",
+                    "--output",
+                    "json",
+                    "--coordinator",
+                    &url,
+                ]);
+                assert!(ran.ok, "{}", ran.stderr);
+                if ran.stdout.contains(&gtid) {
+                    return json(&ran.stdout);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            panic!("never became STUCK");
+        }
+    })
+    .await
+    .expect("poll");
+    let row = &stuck[0];
+    assert_eq!(row["state"], "STUCK");
+    assert_eq!(row["decision"], "COMMIT");
+    assert_eq!(row["branches"][1]["attempts"], 3);
+    assert!(
+        row["branches"][1]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("down for maintenance"))
+    );
+    assert_eq!(down.failed_calls.load(Ordering::SeqCst), 3);
+
+    let table = tandem(&["tx", "list", "--coordinator", url]);
+    assert!(table.ok, "{}", table.stderr);
+    assert!(table.stdout.starts_with("GTID"), "{}", table.stdout);
+    let line = table
+        .stdout
+        .lines()
+        .find(|l| l.contains(&gtid))
+        .expect("row");
+    assert!(
+        line.contains("TCC") && line.contains("STUCK") && line.contains("#2: "),
+        "{line}"
+    );
+
+    let show = tandem(&["tx", "show", &gtid, "--coordinator", url]);
+    assert!(show.ok, "{}", show.stderr);
+    for needle in [
+        "state      STUCK",
+        "decision   COMMIT",
+        "#2 TRIED r at ",
+        "last error: ",
+        &p_down.url(),
+    ] {
+        assert!(
+            show.stdout.contains(needle),
+            "{needle:?} missing:\n{}",
+            show.stdout
+        );
+    }
+
+    let refused = tandem(&["tx", "abort", &gtid, "--coordinator", url]);
+    assert!(!refused.ok);
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("never reversed"),
+        "{}",
+        refused.stderr
+    );
+
+    down.script.phase_two_failures.store(0, Ordering::SeqCst);
+    let retried = tandem(&[
+        "tx",
+        "retry",
+        &gtid,
+        "--output",
+        "json",
+        "--coordinator",
+        url,
+    ]);
+    assert!(retried.ok, "{}", retried.stderr);
+    assert_eq!(json(&retried.stdout)["state"], "COMMITTED");
+    assert_eq!((ok.counts(), down.counts()), ((1, 1, 0), (1, 1, 0)));
+}
+
+// The verbs on undecided transactions and the error paths: abort of an
+// ACTIVE one works; retry of one within its deadline is refused; unknown
+// gtid, malformed gtid, a coordinator that is down: one line, exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecided_transactions_and_error_paths() {
+    let data = tempfile::tempdir().expect("data dir");
+    let serve = Serve::start(data.path());
+    let url = &serve.url.clone();
+    let a = Scripted::yes("a");
+    let pa = a.serve_tcc().await;
+    let client = TransactionClient::connect(url).await.expect("connect");
+    let gtid = client.begin(Mode::Tcc).await.expect("begin");
+    client
+        .enlist(gtid, Branch::new(pa.url(), "r", "x"))
+        .await
+        .expect("enlist");
+    let gtid = gtid.to_string();
+
+    let early = tandem(&["tx", "retry", &gtid, "--coordinator", url]);
+    assert!(!early.ok);
+    assert!(
+        early.stderr.contains("within its deadline"),
+        "{}",
+        early.stderr
+    );
+
+    let young = tandem(&[
+        "tx",
+        "list",
+        "--older-than",
+        "1h",
+        "--output",
+        "json",
+        "--coordinator",
+        url,
+    ]);
+    assert!(young.ok, "{}", young.stderr);
+    assert_eq!(json(&young.stdout), serde_json::json!([]));
+
+    let aborted = tandem(&[
+        "tx",
+        "abort",
+        &gtid,
+        "--reason",
+        "stuck client",
+        "--coordinator",
+        url,
+    ]);
+    assert!(aborted.ok, "{}", aborted.stderr);
+    assert!(
+        aborted.stdout.contains("state      ABORTED"),
+        "{}",
+        aborted.stdout
+    );
+    assert!(
+        aborted.stdout.contains("operator: stuck client"),
+        "{}",
+        aborted.stdout
+    );
+    eventually("the try was cancelled", || a.counts() == (1, 0, 1)).await;
+    // Aborting again is fine; retrying a finished one does nothing.
+    assert!(tandem(&["tx", "abort", &gtid, "--coordinator", url]).ok);
+    assert!(tandem(&["tx", "retry", &gtid, "--coordinator", url]).ok);
+
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let missing = tandem(&["tx", "show", &unknown, "--coordinator", url]);
+    assert!(!missing.ok);
+    assert_eq!(
+        missing.stderr.trim(),
+        format!("tandem: no transaction {unknown}")
+    );
+    let garbage = tandem(&["tx", "show", "not-a-gtid", "--coordinator", url]);
+    assert!(
+        !garbage.ok && garbage.stderr.contains("invalid"),
+        "{}",
+        garbage.stderr
+    );
+    let bad_state = tandem(&["tx", "list", "--state", "done"]);
+    assert!(
+        !bad_state.ok && bad_state.stderr.contains("unknown state"),
+        "{}",
+        bad_state.stderr
+    );
+
+    drop(serve);
+    let down = tandem(&["tx", "list", "--coordinator", url]);
+    assert!(!down.ok);
+    assert_eq!(down.stderr.lines().count(), 1, "{}", down.stderr);
+    assert!(down.stderr.contains("unreachable"), "{}", down.stderr);
+}
