@@ -12,6 +12,8 @@
 //! - [`server`]: serving both services with recovery and graceful shutdown.
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
+//! - [`failpoint`]: named crash points for crash tests (cargo feature
+//!   `failpoints`; no-ops otherwise).
 //! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
 //! - [`demo`]: `tandem demo`, bank transfers across two participant services.
 //!
@@ -22,6 +24,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod log;
 pub mod model;
 pub mod runtime;

@@ -322,6 +322,45 @@ impl TransactionClient {
     }
 }
 
+/// What should happen to a branch, as the coordinator knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Undecided: ask again later.
+    Pending,
+    /// Commit / confirm.
+    Commit,
+    /// Roll back / cancel (also for a gtid the coordinator never recorded:
+    /// presumed abort).
+    Abort,
+}
+
+impl TransactionClient {
+    /// The outcome of `gtid`, for a participant holding one of its branches
+    /// (in-doubt resolution; [`ParticipantServer::resolve_in_doubt`] does
+    /// this for you).
+    ///
+    /// [`ParticipantServer::resolve_in_doubt`]: crate::ParticipantServer::resolve_in_doubt
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] when the coordinator cannot be reached.
+    pub async fn outcome(&self, gtid: Gtid) -> Result<Outcome, Error> {
+        let resp = self
+            .rpc
+            .clone()
+            .get_outcome(pb::GetOutcomeRequest {
+                gtid: gtid.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(match resp.outcome() {
+            pb::Outcome::Pending => Outcome::Pending,
+            pb::Outcome::Commit => Outcome::Commit,
+            pb::Outcome::Abort => Outcome::Abort,
+        })
+    }
+}
+
 fn with_gtid(s: tonic::Status, gtid: Gtid) -> Error {
     match Error::from(s) {
         Error::Aborted { reason, .. } => Error::Aborted {

@@ -13,6 +13,8 @@
 //! - [`client`]: [`TransactionClient`], which a business service uses to run
 //!   global transactions (`begin` / `enlist` / `commit` / `rollback`, or
 //!   one-shot `submit`).
+//! - `in_doubt`: resolving branches that heard nothing, by asking the
+//!   coordinator ([`ParticipantServer::resolve_in_doubt`]).
 //! - [`error`]: [`Error`], the typed errors of the client.
 //! - [`sled_sync`]: durable writes to a sled database, with group commit.
 //!
@@ -61,11 +63,12 @@ pub mod barrier;
 pub mod client;
 pub mod error;
 pub mod handler;
+mod in_doubt;
 pub mod server;
 pub mod sled_sync;
 
 pub use barrier::{Phase, SledBarrier};
-pub use client::{Branch, CommitOutcome, Enlisted, Mode, Submitted, TransactionClient};
+pub use client::{Branch, CommitOutcome, Enlisted, Mode, Outcome, Submitted, TransactionClient};
 pub use error::Error;
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
 pub use server::{ParticipantServer, RunningParticipant};

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::participant_server::{
@@ -18,7 +19,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::Gtid;
-use crate::barrier::{self, BarrierStore, MemBarrier, Phase, Retention};
+use crate::barrier::{self, BarrierStore, InDoubt, MemBarrier, Phase, Retention};
 use crate::handler::{BranchContext, DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler, Vote};
 
 /// Which protocol a resource speaks.
@@ -69,6 +70,7 @@ pub struct ParticipantServer {
     handlers: Handlers,
     barrier: Arc<dyn BarrierStore>,
     retention: Retention,
+    in_doubt: Option<(String, Duration)>,
 }
 
 impl Default for ParticipantServer {
@@ -77,6 +79,7 @@ impl Default for ParticipantServer {
             handlers: HashMap::new(),
             barrier: Arc::new(MemBarrier::new()),
             retention: Retention::default(),
+            in_doubt: None,
         }
     }
 }
@@ -119,22 +122,47 @@ impl ParticipantServer {
         self
     }
 
-    /// The tonic service, to add to your own `tonic::transport::Server`.
-    /// Barrier retention is not started; run
-    /// [`spawn_retention`](crate::barrier::spawn_retention) alongside.
-    pub fn into_service(self) -> ParticipantRpcServer<ParticipantService> {
-        ParticipantRpcServer::new(ParticipantService {
-            handlers: Arc::new(self.handlers),
-            barrier: self.barrier,
-        })
-        .max_decoding_message_size(64 * 1024 * 1024)
+    /// Resolves branches left in doubt: a branch whose try / prepare ran
+    /// and that has heard nothing for `after` asks the coordinator at
+    /// `coordinator` (`http://host:port`) for the outcome and confirms or
+    /// cancels itself through the barrier. A gtid the coordinator never
+    /// recorded is cancelled (presumed abort). Without this, such a branch
+    /// stays reserved until the coordinator calls it. Keep `after` above
+    /// your transactions' usual duration.
+    pub fn resolve_in_doubt(mut self, coordinator: impl Into<String>, after: Duration) -> Self {
+        self.in_doubt = Some((coordinator.into(), after));
+        self
     }
 
-    fn start_retention(&self) -> AbortOnDrop {
-        AbortOnDrop(Some(barrier::spawn_retention(
+    /// The tonic service, to add to your own `tonic::transport::Server`.
+    /// Barrier retention and in-doubt resolution are not started; run
+    /// [`spawn_retention`](crate::barrier::spawn_retention) alongside.
+    pub fn into_service(self) -> ParticipantRpcServer<ParticipantService> {
+        ParticipantRpcServer::new(self.service()).max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    fn service(&self) -> ParticipantService {
+        ParticipantService {
+            handlers: Arc::new(self.handlers.clone()),
+            barrier: self.barrier.clone(),
+        }
+    }
+
+    /// Starts the background work of a serving participant: barrier
+    /// retention, and in-doubt resolution when configured.
+    fn start_background(&self) -> Background {
+        let mut tasks = vec![barrier::spawn_retention(
             self.barrier.clone(),
             self.retention,
-        )))
+        )];
+        if let Some((coordinator, after)) = &self.in_doubt {
+            tasks.push(crate::in_doubt::spawn(
+                self.service(),
+                coordinator.clone(),
+                *after,
+            ));
+        }
+        Background(tasks)
     }
 
     /// Serves on `addr` until the process stops.
@@ -143,13 +171,13 @@ impl ParticipantServer {
     ///
     /// The address cannot be bound or the transport fails.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), tonic::transport::Error> {
-        let retention = self.start_retention();
+        let background = self.start_background();
         let served = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(self.into_service())
             .serve(addr)
             .await;
-        retention.stop().await;
+        background.stop().await;
         served
     }
 
@@ -164,13 +192,13 @@ impl ParticipantServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
-        let retention = self.start_retention();
+        let background = self.start_background();
         let served = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(self.into_service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
-        retention.stop().await;
+        background.stop().await;
         served
     }
 
@@ -223,22 +251,22 @@ impl RunningParticipant {
     }
 }
 
-/// Stops a background task when dropped, or with [`AbortOnDrop::stop`],
-/// which also waits until the task (and what it holds) is gone.
-struct AbortOnDrop(Option<JoinHandle<()>>);
+/// Background tasks, stopped when dropped, or with [`Background::stop`],
+/// which also waits until they (and what they hold) are gone.
+struct Background(Vec<JoinHandle<()>>);
 
-impl AbortOnDrop {
+impl Background {
     async fn stop(mut self) {
-        if let Some(task) = self.0.take() {
+        for task in std::mem::take(&mut self.0) {
             task.abort();
             let _ = task.await;
         }
     }
 }
 
-impl Drop for AbortOnDrop {
+impl Drop for Background {
     fn drop(&mut self) {
-        if let Some(task) = &self.0 {
+        for task in &self.0 {
             task.abort();
         }
     }
@@ -246,6 +274,7 @@ impl Drop for AbortOnDrop {
 
 /// The `Participant` gRPC service over registered handlers. Built by
 /// [`ParticipantServer::into_service`].
+#[derive(Clone)]
 pub struct ParticipantService {
     handlers: Arc<Handlers>,
     barrier: Arc<dyn BarrierStore>,
@@ -279,6 +308,40 @@ fn vote_response(vote: Vote) -> pb::VoteResponse {
 }
 
 impl ParticipantService {
+    pub(crate) fn barrier(&self) -> &dyn BarrierStore {
+        self.barrier.as_ref()
+    }
+
+    /// Confirms (`commit`) or cancels a branch found in doubt, through the
+    /// barrier, as if the coordinator had called.
+    pub(crate) async fn finish(&self, d: &InDoubt, commit: bool) -> Result<(), Status> {
+        let Some((protocol, handler)) = self.handlers.get(&d.resource) else {
+            return Err(Status::not_found(format!(
+                "no handler registered for resource {:?}",
+                d.resource
+            )));
+        };
+        let ctx = BranchContext {
+            gtid: d.key.gtid,
+            branch_id: d.key.branch_id,
+            resource: d.resource.clone(),
+            attempt: 0,
+            phase: if commit {
+                Phase::Confirm
+            } else {
+                Phase::Cancel
+            },
+        };
+        let verb = match (protocol, commit) {
+            (Protocol::TwoPhase, true) => "commit",
+            (Protocol::TwoPhase, false) => "rollback",
+            (Protocol::Tcc, true) => "confirm",
+            (Protocol::Tcc, false) => "cancel",
+        };
+        let call = handler.phase_two(&ctx, &d.payload, commit);
+        barrier::gate::phase_two(self.barrier.as_ref(), &ctx, verb, call).await
+    }
+
     fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
         match self.handlers.get(resource) {
             Some((p, h)) if *p == protocol => Ok(h),
@@ -304,7 +367,8 @@ impl ParticipantService {
         let ctx = context(&req, Phase::Try)?;
         let handler = self.handler(&req.resource, protocol)?;
         let call = handler.phase_one(&ctx, &req.payload);
-        let vote = barrier::gate::phase_one(self.barrier.as_ref(), &ctx, verb, call).await?;
+        let vote =
+            barrier::gate::phase_one(self.barrier.as_ref(), &ctx, &req.payload, verb, call).await?;
         Ok(Response::new(vote_response(vote)))
     }
 

@@ -144,6 +144,23 @@ impl Scripted {
         spawn(ParticipantServer::new().tcc("r", self.clone())).await
     }
 
+    /// Serves it as resource "r" (TCC when `tcc`, else 2PC), resolving
+    /// branches in doubt for 300 ms with the coordinator at `coordinator`.
+    pub async fn serve_resolving(
+        self: &Arc<Self>,
+        tcc: bool,
+        coordinator: &str,
+    ) -> RunningParticipant {
+        let server =
+            ParticipantServer::new().resolve_in_doubt(coordinator, Duration::from_millis(300));
+        spawn(if tcc {
+            server.tcc("r", self.clone())
+        } else {
+            server.two_phase("r", self.clone())
+        })
+        .await
+    }
+
     async fn phase_one(&self, ctx: &BranchContext) -> Result<Vote, HandlerError> {
         self.prepares.fetch_add(1, Ordering::SeqCst);
         if !self.script.prepare_delay.is_zero() {

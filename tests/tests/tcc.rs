@@ -239,3 +239,50 @@ async fn an_enlisted_branch_is_forced_before_its_try() {
     let tried = journal.position("prepare:a").expect("the try ran");
     assert!(forced < tried, "{:?}", journal.entries());
 }
+
+// Rule (in-doubt resolution): a participant holding a tried branch that
+// hears nothing asks the coordinator. A gtid the coordinator never
+// recorded is cancelled (presumed abort); an undecided one is left alone
+// (PENDING) until the coordinator decides and calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_doubt_branches_ask_the_coordinator() {
+    let coord = start_coordinator(Arc::new(MemLog::new())).await;
+    let p = Scripted::yes("p");
+    let server = p.serve_resolving(true, &coord.url()).await;
+
+    // A try for a transaction the coordinator never heard of.
+    let mut driver = tandem_proto::v1::participant_client::ParticipantClient::connect(server.url())
+        .await
+        .expect("connect");
+    let orphan = uuid::Uuid::now_v7();
+    let vote = driver
+        .r#try(tandem_proto::v1::BranchRequest {
+            gtid: orphan.to_string(),
+            branch_id: 1,
+            resource: "r".into(),
+            payload: "x".into(),
+            attempt: 1,
+        })
+        .await
+        .expect("try")
+        .into_inner();
+    assert!(vote.yes);
+    eventually("the orphan is cancelled", || p.counts() == (1, 0, 1)).await;
+    assert_eq!(p.held_count(), 0);
+
+    // An undecided transaction: the participant asks, hears PENDING, waits.
+    let client = client(&coord).await;
+    let gtid = client.begin(Mode::Tcc).await.expect("begin");
+    client
+        .enlist(gtid, Branch::new(server.url(), "r", "y"))
+        .await
+        .expect("enlist");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        p.counts(),
+        (2, 0, 1),
+        "an undecided branch must not be resolved"
+    );
+    client.commit(gtid).await.expect("commit");
+    eventually("confirmed once", || p.counts() == (2, 1, 1)).await;
+}

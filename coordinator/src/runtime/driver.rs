@@ -17,6 +17,7 @@ use tracing::warn;
 use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
+use crate::failpoint;
 use crate::model::{BranchId, Mode, TxState, now_ms};
 
 type CallFuture<'a> = Pin<Box<dyn Future<Output = (Event, Option<Bytes>)> + Send + 'a>>;
@@ -56,9 +57,11 @@ impl Inner {
                     Command::Force => self.log.force().await.map_err(|e| self.halt(e))?,
                     Command::ForceDecision => {
                         self.log.force().await.map_err(|e| self.halt(e))?;
+                        failpoint::hit("after-decision-forced");
                         queue.extend(self.step(entry, Event::DecisionDurable)?);
                     }
                     Command::PhaseOne { branch } => {
+                        failpoint::hit("after-branch-recorded");
                         calls.push(Box::pin(self.phase_one(entry, branch)))
                     }
                     Command::PhaseTwo {
@@ -96,8 +99,15 @@ impl Inner {
             let Some((event, reply)) = calls.next().await else {
                 return Ok(replies);
             };
-            if let (Event::PhaseOne { branch, .. }, Some(reply)) = (&event, reply) {
-                replies.insert(*branch, reply);
+            match (&event, reply) {
+                (Event::PhaseOne { branch, .. }, reply) => {
+                    failpoint::hit("after-phase-one");
+                    if let Some(reply) = reply {
+                        replies.insert(*branch, reply);
+                    }
+                }
+                (Event::PhaseTwo { result: Ok(()), .. }, _) => failpoint::hit("between-phase-two"),
+                _ => {}
             }
             queue.extend(self.step(entry, event)?);
         }

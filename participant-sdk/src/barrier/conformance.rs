@@ -23,6 +23,7 @@ pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
     other_branches_do_not_wait(&make()).await;
     purge_removes_only_old_finished_records(&make()).await;
     purge_pages_cover_every_record(&make()).await;
+    in_doubt_lists_old_tried_branches_with_their_payload(&make()).await;
 }
 
 /// A key for tests: branch `branch` of a fixed-prefix gtid `n`.
@@ -160,4 +161,39 @@ pub async fn purge_pages_cover_every_record(store: &dyn BarrierStore) {
         }
     }
     assert_eq!((scanned, removed), (10, 10));
+}
+
+/// Rule: `in_doubt` lists the branches still `Tried` before the cut-off,
+/// with the resource and payload given to `put_tried`; a branch that moved
+/// on (confirmed, cancelled) is not listed.
+pub async fn in_doubt_lists_old_tried_branches_with_their_payload(store: &dyn BarrierStore) {
+    for branch in 1..=3 {
+        let mut entry = store.enter(key(7, branch)).await.expect("enter");
+        entry
+            .put_tried(&format!("res-{branch}"), format!("pay-{branch}").as_bytes())
+            .await
+            .expect("put_tried");
+    }
+    put(store, key(7, 2), Mark::Confirmed).await;
+    put(store, key(7, 4), Mark::Tried).await; // no resource stored: never listed
+    assert!(
+        store.in_doubt(1, 10).await.expect("in_doubt").is_empty(),
+        "nothing is older than a cut-off in the past"
+    );
+    let found = store.in_doubt(now_ms() + 1, 10).await.expect("in_doubt");
+    let listed: Vec<(u32, String, Vec<u8>)> = found
+        .iter()
+        .map(|d| (d.key.branch_id, d.resource.clone(), d.payload.to_vec()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (1, "res-1".to_string(), b"pay-1".to_vec()),
+            (3, "res-3".to_string(), b"pay-3".to_vec()),
+        ]
+    );
+    assert_eq!(
+        store.in_doubt(now_ms() + 1, 1).await.expect("limit").len(),
+        1
+    );
 }

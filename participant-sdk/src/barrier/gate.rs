@@ -14,6 +14,7 @@ fn unavailable(e: BarrierError) -> Status {
 pub(crate) async fn phase_one(
     store: &dyn BarrierStore,
     ctx: &BranchContext,
+    payload: &[u8],
     verb: &str,
     call: BoxFuture<'_, Result<Vote, HandlerError>>,
 ) -> Result<Vote, Status> {
@@ -24,8 +25,12 @@ pub(crate) async fn phase_one(
         Step::Skip { .. } => return Ok(Vote::yes()),
     }
     // Stored before the handler runs: whatever the try does, a cancel that
-    // follows will reach the handler.
-    entry.put(Mark::Tried).await.map_err(unavailable)?;
+    // follows will reach the handler. Resource and payload are kept so that
+    // in-doubt resolution can finish the branch without the coordinator.
+    entry
+        .put_tried(&ctx.resource, payload)
+        .await
+        .map_err(unavailable)?;
     let vote = call
         .await
         .map_err(|e| Status::internal(format!("{verb} failed: {e}")))?;

@@ -5,9 +5,11 @@ use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use super::locks::{KeyGuard, KeyLocks};
+use bytes::Bytes;
+
 use super::{
-    BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, Mark, PurgePage,
-    now_ms,
+    BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, InDoubt, Mark,
+    PurgePage, now_ms,
 };
 
 /// Barrier records in memory: they protect against repeats and disorder
@@ -20,6 +22,8 @@ use super::{
 #[derive(Clone, Default)]
 pub struct MemBarrier {
     records: Arc<Mutex<BTreeMap<BranchKey, BarrierRecord>>>,
+    /// Resource and payload of branches still `Tried`.
+    tried: Arc<Mutex<BTreeMap<BranchKey, (String, Bytes)>>>,
     locks: KeyLocks,
 }
 
@@ -42,6 +46,10 @@ impl MemBarrier {
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<BranchKey, BarrierRecord>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn tried(&self) -> std::sync::MutexGuard<'_, BTreeMap<BranchKey, (String, Bytes)>> {
+        self.tried.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 struct MemEntry {
@@ -62,8 +70,23 @@ impl BarrierEntry for MemEntry {
             updated_ms: now_ms(),
         };
         self.store.map().insert(self.key, record);
+        if mark != Mark::Tried {
+            self.store.tried().remove(&self.key);
+        }
         self.record = Some(record);
         Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn put_tried<'a>(
+        &'a mut self,
+        resource: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), BarrierError>> {
+        self.store.tried().insert(
+            self.key,
+            (resource.to_string(), Bytes::copy_from_slice(payload)),
+        );
+        self.put(Mark::Tried)
     }
 }
 
@@ -79,6 +102,29 @@ impl BarrierStore for MemBarrier {
                 _guard: guard,
             }) as Box<dyn BarrierEntry>)
         })
+    }
+
+    fn in_doubt(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
+        let records = self.map();
+        let found = self
+            .tried()
+            .iter()
+            .filter_map(|(key, (resource, payload))| {
+                let r = records.get(key)?;
+                (r.mark == Mark::Tried && r.updated_ms < before_ms).then(|| InDoubt {
+                    key: *key,
+                    resource: resource.clone(),
+                    payload: payload.clone(),
+                    tried_ms: r.updated_ms,
+                })
+            })
+            .take(limit)
+            .collect();
+        Box::pin(std::future::ready(Ok(found)))
     }
 
     fn purge(

@@ -258,8 +258,52 @@ pub trait BarrierEntry: Send {
     fn record(&self) -> Option<BarrierRecord>;
 
     /// Stores `mark` (stamped with the current time) and returns once it is
-    /// on stable storage.
+    /// on stable storage. Any other mark than `Tried` also drops what
+    /// [`put_tried`](BarrierEntry::put_tried) kept.
     fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>>;
+
+    /// Stores [`Mark::Tried`] together with the branch's resource and
+    /// payload, which in-doubt resolution needs to call the handler's
+    /// confirm or cancel without the coordinator; durable on return.
+    fn put_tried<'a>(
+        &'a mut self,
+        resource: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), BarrierError>>;
+}
+
+/// A branch whose try started and which has heard nothing since: what
+/// [`BarrierStore::in_doubt`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InDoubt {
+    /// The branch.
+    pub key: BranchKey,
+    /// The resource it was tried on.
+    pub resource: String,
+    /// Its payload.
+    pub payload: bytes::Bytes,
+    /// When the try started (Unix ms).
+    pub tried_ms: u64,
+}
+
+/// Encodes a tried branch's resource and payload: resource length (u16
+/// big-endian), resource, payload.
+pub(crate) fn encode_tried(resource: &str, payload: &[u8]) -> Vec<u8> {
+    let len = resource.len().min(u16::MAX as usize);
+    let mut out = Vec::with_capacity(2 + len + payload.len());
+    out.extend_from_slice(&(len as u16).to_be_bytes());
+    out.extend_from_slice(&resource.as_bytes()[..len]);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The inverse of [`encode_tried`].
+pub(crate) fn decode_tried(bytes: &[u8]) -> Option<(String, bytes::Bytes)> {
+    let len = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
+    let resource = std::str::from_utf8(bytes.get(2..2 + len)?)
+        .ok()?
+        .to_string();
+    Some((resource, bytes::Bytes::copy_from_slice(&bytes[2 + len..])))
 }
 
 /// One page of a retention sweep.
@@ -286,6 +330,9 @@ pub struct PurgePage {
 ///   them, as a database row lock does.)
 /// - [`BarrierEntry::put`] returns only once the record is durable: after a
 ///   crash and reopen, `enter` reads it back.
+/// - [`in_doubt`](BarrierStore::in_doubt) returns exactly the branches
+///   whose record is still `Tried` and older than the cut-off, with the
+///   resource and payload given to `put_tried`.
 /// - [`purge`](BarrierStore::purge) removes only records that are
 ///   [finished](Mark::is_finished) and were stored before `before_ms`; it
 ///   visits at most `limit` records per call, in key order after `from`, so
@@ -293,6 +340,15 @@ pub struct PurgePage {
 pub trait BarrierStore: Send + Sync + 'static {
     /// Waits for exclusive use of `key` and reads its record.
     fn enter(&self, key: BranchKey) -> BoxFuture<'_, Result<Box<dyn BarrierEntry>, BarrierError>>;
+
+    /// Up to `limit` branches still `Tried` whose try started before
+    /// `before_ms`, with the resource and payload stored by
+    /// [`BarrierEntry::put_tried`].
+    fn in_doubt(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>>;
 
     /// Removes finished records stored before `before_ms` among the next
     /// `limit` records after `from`.

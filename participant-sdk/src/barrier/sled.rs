@@ -9,14 +9,16 @@ use sled::transaction::{ConflictableTransactionResult, TransactionError, Transac
 
 use super::locks::{KeyGuard, KeyLocks};
 use super::{
-    BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, Mark, PurgePage,
-    now_ms,
+    BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, InDoubt, Mark,
+    PurgePage, now_ms,
 };
 use crate::handler::{BranchContext, HandlerError};
 use crate::sled_sync::{SledSync, SyncError};
 
 /// The sled tree holding barrier records.
 const TREE: &str = "tandem_barrier";
+/// The sled tree holding resource and payload of branches still `Tried`.
+const TRIED_TREE: &str = "tandem_barrier_tried";
 
 /// Barrier records in a sled database, made durable by [`SledSync`] (group
 /// commit: concurrent calls share one `fdatasync`).
@@ -75,6 +77,7 @@ pub struct SledBarrier {
 struct Inner {
     db: sled::Db,
     tree: sled::Tree,
+    tried: sled::Tree,
     sync: SledSync,
     locks: KeyLocks,
 }
@@ -96,11 +99,13 @@ impl SledBarrier {
         std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
         let db = sled::Config::new().path(dir).open().map_err(|e| fail(&e))?;
         let tree = db.open_tree(TREE).map_err(|e| fail(&e))?;
+        let tried = db.open_tree(TRIED_TREE).map_err(|e| fail(&e))?;
         let sync = SledSync::start(&db, dir).map_err(|e| fail(&e))?;
         Ok(SledBarrier {
             inner: Arc::new(Inner {
                 db,
                 tree,
+                tried,
                 sync,
                 locks: KeyLocks::default(),
             }),
@@ -198,6 +203,22 @@ impl BarrierEntry for SledEntry {
             Ok(())
         })
     }
+
+    fn put_tried<'a>(
+        &'a mut self,
+        resource: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), BarrierError>> {
+        Box::pin(async move {
+            // Written before the record, so a `Tried` record always has it.
+            self.store
+                .inner
+                .tried
+                .insert(self.key.to_bytes(), super::encode_tried(resource, payload))
+                .map_err(|e| self.store.storage(e))?;
+            self.put(Mark::Tried).await
+        })
+    }
 }
 
 impl BarrierStore for SledBarrier {
@@ -228,6 +249,45 @@ impl BarrierStore for SledBarrier {
                 record,
                 _guard: guard,
             }) as Box<dyn BarrierEntry>)
+        })
+    }
+
+    fn in_doubt(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            // The tried tree holds only branches waiting for an outcome.
+            for item in self.inner.tried.iter() {
+                if found.len() >= limit {
+                    break;
+                }
+                let (key, value) = item.map_err(|e| self.storage(e))?;
+                let record = self
+                    .inner
+                    .tree
+                    .get(&key)
+                    .map_err(|e| self.storage(e))?
+                    .and_then(|v| BarrierRecord::decode(&v));
+                let (Some(branch), Some(record), Some((resource, payload))) = (
+                    BranchKey::from_bytes(&key),
+                    record,
+                    super::decode_tried(&value),
+                ) else {
+                    continue;
+                };
+                if record.mark == Mark::Tried && record.updated_ms < before_ms {
+                    found.push(InDoubt {
+                        key: branch,
+                        resource,
+                        payload,
+                        tried_ms: record.updated_ms,
+                    });
+                }
+            }
+            Ok(found)
         })
     }
 

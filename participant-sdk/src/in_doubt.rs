@@ -1,0 +1,84 @@
+//! In-doubt resolution: a branch that tried (or prepared) and has heard
+//! nothing for a while asks the coordinator what became of its transaction
+//! (`Coordinator.GetOutcome`) and finishes itself through the barrier.
+//!
+//! This covers the coordinator losing a transaction it never forced (a
+//! crash right after a one-shot `Submit` reached the participants): the
+//! coordinator answers ABORT for a gtid it does not know (presumed abort),
+//! and the reservation is released instead of held forever. A PENDING
+//! answer (still undecided) is asked again on the next round; an
+//! unreachable coordinator too.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+
+use crate::barrier::{InDoubt, now_ms};
+use crate::client::{Outcome, TransactionClient};
+use crate::server::ParticipantService;
+
+/// Branches looked at per round.
+const BATCH: usize = 100;
+
+/// Starts resolving branches in doubt for longer than `after`, asking the
+/// coordinator at `coordinator`. Abort the task to stop it.
+pub(crate) fn spawn(
+    service: ParticipantService,
+    coordinator: String,
+    after: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = match Endpoint::from_shared(coordinator.clone()) {
+            Ok(e) => TransactionClient::from_channel(
+                e.connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(10))
+                    .connect_lazy(),
+            ),
+            Err(e) => {
+                tracing::error!(%coordinator, error = %e, "in-doubt resolution disabled: bad coordinator address");
+                return;
+            }
+        };
+        let pause = (after / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        loop {
+            tokio::time::sleep(pause).await;
+            let before = now_ms().saturating_sub(after.as_millis() as u64);
+            let doubtful = match service.barrier().in_doubt(before, BATCH).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "in-doubt resolution: barrier scan failed");
+                    continue;
+                }
+            };
+            for branch in doubtful {
+                if !resolve(&service, &client, &branch).await {
+                    break; // coordinator unreachable: try again next round
+                }
+            }
+        }
+    })
+}
+
+/// Asks about one branch and finishes it if decided. False when the
+/// coordinator could not be asked.
+async fn resolve(service: &ParticipantService, client: &TransactionClient, d: &InDoubt) -> bool {
+    let (gtid, branch) = (d.key.gtid, d.key.branch_id);
+    let commit = match client.outcome(gtid).await {
+        Ok(Outcome::Pending) => return true,
+        Ok(Outcome::Commit) => true,
+        Ok(Outcome::Abort) => false,
+        Err(e) => {
+            tracing::warn!(%gtid, branch, error = %e, "in-doubt resolution: cannot reach the coordinator");
+            return false;
+        }
+    };
+    let outcome = if commit { "commit" } else { "abort" };
+    match service.finish(d, commit).await {
+        Ok(()) => tracing::info!(%gtid, branch, outcome, "in-doubt branch resolved"),
+        Err(e) => {
+            tracing::warn!(%gtid, branch, outcome, error = %e, "in-doubt branch not resolved yet")
+        }
+    }
+    true
+}
