@@ -2,7 +2,10 @@
 //!
 //! - [`bank`]: a bank shard as a 2PC participant (debit / credit legs, funds
 //!   held between prepare and commit).
-//! - `src/bin/bank-participant.rs`: serves one bank shard.
+//! - [`sled_bank`]: the same shard with its accounts in sled, written in the
+//!   barrier's own transactions (durable across crashes).
+//! - `src/bin/bank-participant.rs`: serves one bank shard (in memory, or in
+//!   sled with `--data-dir`).
 //! - `src/bin/transfer.rs`: a business service moving money between two
 //!   shards through a coordinator.
 //!
@@ -10,3 +13,4 @@
 //! process using [`bank`].
 
 pub mod bank;
+pub mod sled_bank;

@@ -5,18 +5,53 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-/// The `tandem` binary built next to the running test (cargo test
-/// --workspace builds every binary of the workspace before running tests).
-pub fn tandem_bin() -> PathBuf {
+/// A binary of the workspace built next to the running test (`cargo test
+/// --workspace` builds them before running tests).
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join(format!("tandem{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.exists(),
-        "{} missing: run `cargo test --workspace` (it builds the binary)",
+        "{} missing: run `cargo test --workspace` (it builds the binaries)",
         bin.display()
     );
     bin
+}
+
+/// The `tandem` binary.
+pub fn tandem_bin() -> PathBuf {
+    workspace_bin("tandem")
+}
+
+/// Spawns `bin args…` and waits for its first stdout line,
+/// `listening on ADDR`; returns the child and ADDR.
+pub fn spawn_listening(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read address");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{}: unexpected first line {line:?}", bin.display()))
+        .to_string();
+    (child, addr)
+}
+
+/// A free loopback port (bound, then released for a process to take).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
 }
 
 /// A `tandem serve` process, killed when dropped.
@@ -39,25 +74,10 @@ impl Serve {
 
     /// Starts `tandem serve` on `listen` (to restart on the same port).
     pub fn start_on(data_dir: &Path, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        let mut child = Command::new(tandem_bin())
-            .args(["serve", "--listen", listen, "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn tandem serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read address");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let data = data_dir.to_string_lossy();
+        let mut all = vec!["serve", "--listen", listen, "--data-dir", &data];
+        all.extend_from_slice(args);
+        let (child, addr) = spawn_listening(&tandem_bin(), &all, env);
         Serve {
             url: format!("http://{addr}"),
             child,

@@ -4,13 +4,21 @@
 //!
 //! ```text
 //! cargo run -p tandem-examples --bin bank-participant -- --listen 127.0.0.1:9001 --accounts alice,bob
+//! # durable, resolving in-doubt branches with the coordinator:
+//! cargo run -p tandem-examples --bin bank-participant -- --listen 127.0.0.1:9001 \
+//!     --accounts alice,bob --data-dir ./shard-1 --coordinator http://127.0.0.1:7070
 //! ```
+//!
+//! Prints `listening on ADDR` once it accepts calls.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tandem_examples::bank::Bank;
+use tandem_examples::sled_bank::SledBank;
 use tandem_sdk::ParticipantServer;
 
 /// A bank shard: accounts with opening balances, served as resources
@@ -23,28 +31,56 @@ struct Args {
     /// Comma-separated account names held by this shard.
     #[arg(long, value_delimiter = ',', default_value = "alice,bob")]
     accounts: Vec<String>,
-    /// Opening balance of every account.
+    /// Opening balance of every account (not changed on restart).
     #[arg(long, default_value_t = 1000)]
     balance: i64,
+    /// Keep accounts and barrier records in sled here (durable); in memory
+    /// when unset.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Coordinator to ask about branches left in doubt.
+    #[arg(long, env = "TANDEM_COORDINATOR")]
+    coordinator: Option<String>,
+    /// How long a tried branch waits before asking the coordinator.
+    #[arg(long, default_value_t = 30_000)]
+    in_doubt_after_ms: u64,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let bank = Arc::new(Bank::new(
-        args.accounts.iter().map(|a| (a.clone(), args.balance)),
-    ));
-    println!(
-        "bank shard with {:?} on http://{}",
-        args.accounts, args.listen
-    );
-    ParticipantServer::new()
-        .two_phase("accounts", bank.clone())
-        .tcc("accounts-tcc", bank)
-        .serve(args.listen)
+    let mut server = match &args.data_dir {
+        Some(dir) => {
+            let bank = SledBank::open(dir, &args.accounts, args.balance)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ParticipantServer::new()
+                .barrier(bank.barrier())
+                .two_phase("accounts", bank.clone())
+                .tcc("accounts-tcc", bank)
+        }
+        None => {
+            let bank = Arc::new(Bank::new(
+                args.accounts.iter().map(|a| (a.clone(), args.balance)),
+            ));
+            ParticipantServer::new()
+                .two_phase("accounts", bank.clone())
+                .tcc("accounts-tcc", bank)
+        }
+    };
+    if let Some(coordinator) = args.coordinator {
+        server =
+            server.resolve_in_doubt(coordinator, Duration::from_millis(args.in_doubt_after_ms));
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    server
+        .serve_with_shutdown(listener, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
         .await?;
     Ok(())
 }

@@ -1,0 +1,171 @@
+//! A bank shard whose accounts live in sled, next to the SDK's barrier
+//! records, for 2PC and TCC. Every change is written with
+//! [`SledBarrier::transaction`], in the same sled transaction as the
+//! barrier's record, so a crash never leaves one without the other; the
+//! server makes both durable before it answers.
+//!
+//! Tree `accounts`: `bal:<account>` → balance, `frz:<account>` → frozen
+//! funds, `hold:<gtid>:<branch>` → the frozen leg (i64 big-endian values;
+//! legs as [`Leg::encode`]).
+
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use tandem_sdk::barrier::SledBarrier;
+use tandem_sdk::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+
+use crate::bank::Leg;
+
+type TxResult<T> = Result<T, ConflictableTransactionError<HandlerError>>;
+
+/// A durable bank shard.
+#[derive(Clone)]
+pub struct SledBank {
+    barrier: SledBarrier,
+    accounts: sled::Tree,
+}
+
+fn read(t: &TransactionalTree, key: &str) -> TxResult<i64> {
+    Ok(t.get(key)?.map_or(0, |v| {
+        i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))
+    }))
+}
+
+fn write(t: &TransactionalTree, key: &str, value: i64) -> TxResult<()> {
+    t.insert(key, &value.to_be_bytes())?;
+    Ok(())
+}
+
+fn hold_key(ctx: &BranchContext) -> String {
+    format!("hold:{}:{}", ctx.gtid, ctx.branch_id)
+}
+
+impl SledBank {
+    /// Opens the shard in `dir` (barrier records in the same database).
+    /// Accounts not present yet are created with `opening` balance;
+    /// existing ones keep theirs.
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be opened.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        accounts: &[String],
+        opening: i64,
+    ) -> Result<SledBank, Box<dyn std::error::Error + Send + Sync>> {
+        let barrier = SledBarrier::open(dir)?;
+        let tree = barrier.db().open_tree("accounts")?;
+        for a in accounts {
+            let key = format!("bal:{a}");
+            if !tree.contains_key(&key)? {
+                tree.insert(key, &opening.to_be_bytes())?;
+            }
+        }
+        barrier.db().flush()?;
+        Ok(SledBank {
+            barrier,
+            accounts: tree,
+        })
+    }
+
+    /// The barrier store, to register on the participant server.
+    pub fn barrier(&self) -> SledBarrier {
+        self.barrier.clone()
+    }
+
+    fn sum(&self, prefix: &str) -> i64 {
+        self.accounts
+            .scan_prefix(prefix)
+            .filter_map(Result::ok)
+            .map(|(_, v)| i64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .sum()
+    }
+
+    /// Sum of all balances.
+    pub fn total(&self) -> i64 {
+        self.sum("bal:")
+    }
+
+    /// Funds frozen across all accounts.
+    pub fn frozen(&self) -> i64 {
+        self.sum("frz:")
+    }
+
+    /// Frozen legs waiting for their outcome.
+    pub fn open_holds(&self) -> usize {
+        self.accounts.scan_prefix("hold:").count()
+    }
+
+    fn hold(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        let leg = match Leg::decode(payload) {
+            Ok(leg) => leg,
+            Err(e) => return Ok(Vote::no(e)),
+        };
+        let key = hold_key(ctx);
+        self.barrier.transaction(ctx, &self.accounts, |t| {
+            let bal = format!("bal:{}", leg.account);
+            if t.get(&bal)?.is_none() {
+                return Ok(Vote::no(format!("unknown account {}", leg.account)));
+            }
+            if leg.delta < 0 {
+                let frz = format!("frz:{}", leg.account);
+                let available = read(t, &bal)? - read(t, &frz)?;
+                if available < -leg.delta {
+                    return Ok(Vote::no(format!(
+                        "insufficient funds in {}: {available} available, {} needed",
+                        leg.account, -leg.delta
+                    )));
+                }
+                write(t, &frz, read(t, &frz)? - leg.delta)?;
+            }
+            t.insert(key.as_str(), leg.encode().as_ref())?;
+            Ok(Vote::yes())
+        })
+    }
+
+    /// Applies (`apply`) or releases the frozen leg, if any.
+    fn settle(&self, ctx: &BranchContext, apply: bool) -> Result<(), HandlerError> {
+        let key = hold_key(ctx);
+        self.barrier.transaction(ctx, &self.accounts, |t| {
+            let Some(raw) = t.remove(key.as_str())? else {
+                return Ok(()); // the try voted no or failed before freezing
+            };
+            let Ok(leg) = Leg::decode(&raw) else {
+                return Ok(());
+            };
+            if leg.delta < 0 {
+                let frz = format!("frz:{}", leg.account);
+                write(t, &frz, read(t, &frz)? + leg.delta)?;
+            }
+            if apply {
+                let bal = format!("bal:{}", leg.account);
+                write(t, &bal, read(t, &bal)? + leg.delta)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl TwoPhase for SledBank {
+    async fn prepare(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.hold(ctx, payload)
+    }
+    async fn commit(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, true)
+    }
+    async fn rollback(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, false)
+    }
+}
+
+impl Tcc for SledBank {
+    async fn try_(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.hold(ctx, payload)
+    }
+    async fn confirm(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, true)
+    }
+    async fn cancel(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, false)
+    }
+}
