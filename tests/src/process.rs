@@ -95,6 +95,25 @@ impl Serve {
         self.child.wait().expect("wait");
     }
 
+    /// Sends SIGTERM (a graceful stop) and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+        self.child.wait().expect("wait")
+    }
+
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn signal_terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -TERM failed");
+    }
+
     /// Waits for it to exit by itself (a failpoint); returns its status.
     pub fn wait(mut self) -> std::process::ExitStatus {
         self.child.wait().expect("wait")

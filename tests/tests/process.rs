@@ -145,3 +145,65 @@ fn serve_refuses_bad_configuration() {
         "created the data dir anyway"
     );
 }
+
+// Rule (graceful shutdown): on SIGTERM the coordinator takes no new
+// transaction, lets the one in flight finish its decision and phase 2, and
+// exits 0; after a restart the record is there and finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_refuses_new() {
+    use std::sync::atomic::Ordering;
+    use tandem_tests::{Script, Scripted};
+
+    let data = tempfile::tempdir().expect("data dir");
+    let serve = Serve::start(data.path());
+    let slow = Scripted::new(
+        "slow",
+        Script {
+            phase_two_delay: Duration::from_millis(800),
+            ..Script::default()
+        },
+        None,
+    );
+    let fast = Scripted::yes("fast");
+    let (ps, pf) = (slow.serve().await, fast.serve().await);
+    let client = TransactionClient::connect(&serve.url)
+        .await
+        .expect("connect");
+    let in_flight = tokio::spawn({
+        let client = client.clone();
+        let branches = tandem_tests::pair(&ps, &pf);
+        async move { client.submit(Mode::TwoPhase, branches).await }
+    });
+    tandem_tests::eventually("phase 2 under way", || {
+        fast.commits.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    serve.signal_terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = client.begin(Mode::TwoPhase).await;
+    assert!(
+        refused.is_err(),
+        "a new transaction was accepted while stopping"
+    );
+    let done = in_flight
+        .await
+        .expect("task")
+        .expect("the in-flight commit finished");
+    assert!(done.complete);
+    assert_eq!(slow.counts(), (1, 1, 0));
+    let status = tokio::task::spawn_blocking(move || serve.wait())
+        .await
+        .expect("wait");
+    assert!(status.success(), "graceful stop exits 0: {status}");
+
+    let serve = Serve::start(data.path());
+    let client = TransactionClient::connect(&serve.url)
+        .await
+        .expect("reconnect");
+    let info = client.get(done.gtid).await.expect("record survives");
+    assert!(
+        info.state == pb::TxState::Committed as i32 || info.state == pb::TxState::Committing as i32,
+        "{info:?}"
+    );
+    assert_eq!(slow.counts(), (1, 1, 0));
+}
