@@ -134,13 +134,21 @@ pub async fn show(
     gtid: &str,
     output: Output,
 ) -> Result<String, CliError> {
-    let info = client
+    let reply = client
         .get_transaction(pb::AdminGetTransactionRequest {
             gtid: gtid.to_string(),
         })
-        .await
-        .map_err(|s| rpc_error(Some(gtid), s))?
-        .into_inner();
+        .await;
+    one(gtid, reply, output)
+}
+
+/// Renders the record a verb on one transaction returned.
+fn one(
+    gtid: &str,
+    reply: Result<tonic::Response<pb::TransactionInfo>, tonic::Status>,
+    output: Output,
+) -> Result<String, CliError> {
+    let info = reply.map_err(|s| rpc_error(Some(gtid), s))?.into_inner();
     Ok(render_one(TxView::from(info), output))
 }
 
@@ -154,14 +162,12 @@ pub async fn retry(
     gtid: &str,
     output: Output,
 ) -> Result<String, CliError> {
-    let info = client
+    let reply = client
         .retry_transaction(pb::RetryTransactionRequest {
             gtid: gtid.to_string(),
         })
-        .await
-        .map_err(|s| rpc_error(Some(gtid), s))?
-        .into_inner();
-    Ok(render_one(TxView::from(info), output))
+        .await;
+    one(gtid, reply, output)
 }
 
 /// `tandem tx abort GTID`.
@@ -175,15 +181,13 @@ pub async fn abort(
     reason: &str,
     output: Output,
 ) -> Result<String, CliError> {
-    let info = client
+    let reply = client
         .abort_transaction(pb::AbortTransactionRequest {
             gtid: gtid.to_string(),
             reason: reason.to_string(),
         })
-        .await
-        .map_err(|s| rpc_error(Some(gtid), s))?
-        .into_inner();
-    Ok(render_one(TxView::from(info), output))
+        .await;
+    one(gtid, reply, output)
 }
 
 /// A transaction as the CLI shows it (and as its JSON reads).

@@ -369,21 +369,18 @@ fn fail(t: &mut Txn, b: BranchId, now: u64) -> Vec<Command> {
     .expect("phase two")
 }
 
-// Retry policy: a branch that fails `max_attempts` times in a row is given
-// up on; once nothing else is in flight the transaction is STUCK with its
-// decision kept, and is forgotten by the runtime (Finished) until an
-// operator retries it.
-#[test]
-fn exhausted_retries_leave_the_transaction_stuck_with_its_decision() {
-    let (t, _) = one_shot(Mode::TwoPhase, 2);
+/// A committed two-branch transaction whose branch 2 acknowledged, under a
+/// policy giving up after `max_attempts` failures; branch 1 not yet called
+/// back.
+fn committing_with_one_ack(mode: Mode, max_attempts: u32) -> Txn {
+    let (t, _) = one_shot(mode, 2);
     let mut t = t.with_policy(RetryPolicy {
-        max_attempts: Some(2),
+        max_attempts: Some(max_attempts),
         ..RetryPolicy::default()
     });
     yes(&mut t, 1);
     yes(&mut t, 2);
     t.handle(Event::DecisionDurable, NOW).expect("durable");
-    // Branch 2 acknowledges; branch 1 fails twice.
     t.handle(
         Event::PhaseTwo {
             branch: 2,
@@ -392,6 +389,17 @@ fn exhausted_retries_leave_the_transaction_stuck_with_its_decision() {
         NOW,
     )
     .expect("ack");
+    t
+}
+
+// Retry policy: a branch that fails `max_attempts` times in a row is given
+// up on; once nothing else is in flight the transaction is STUCK with its
+// decision kept, and is forgotten by the runtime (Finished) until an
+// operator retries it.
+#[test]
+fn exhausted_retries_leave_the_transaction_stuck_with_its_decision() {
+    // Branch 2 acknowledged; branch 1 fails twice.
+    let mut t = committing_with_one_ack(Mode::TwoPhase, 2);
     assert!(matches!(
         fail(&mut t, 1, NOW)[..],
         [Command::Persist, Command::RetryLater { .. }]
@@ -424,22 +432,7 @@ fn exhausted_retries_leave_the_transaction_stuck_with_its_decision() {
 // with a fresh budget, calling only the branches not yet acknowledged.
 #[test]
 fn operator_retry_drives_a_stuck_transaction_to_its_decision() {
-    let (t, _) = one_shot(Mode::Tcc, 2);
-    let mut t = t.with_policy(RetryPolicy {
-        max_attempts: Some(1),
-        ..RetryPolicy::default()
-    });
-    yes(&mut t, 1);
-    yes(&mut t, 2);
-    t.handle(Event::DecisionDurable, NOW).expect("durable");
-    t.handle(
-        Event::PhaseTwo {
-            branch: 2,
-            result: Ok(()),
-        },
-        NOW,
-    )
-    .expect("ack");
+    let mut t = committing_with_one_ack(Mode::Tcc, 1);
     fail(&mut t, 1, NOW);
     assert_eq!(t.record().state, TxState::Stuck);
 
