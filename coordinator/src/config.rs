@@ -27,6 +27,9 @@ pub struct CoordinatorConfig {
     pub max_branches: usize,
     /// How phase-2 calls are retried.
     pub retry: RetryPolicy,
+    /// Finished (COMMITTED / ABORTED) records are removed from the log once
+    /// unchanged for this long; STUCK and unfinished ones never are.
+    pub retention: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -40,6 +43,7 @@ impl Default for CoordinatorConfig {
             max_payload_bytes: 1024 * 1024,
             max_branches: 64,
             retry: RetryPolicy::default(),
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -78,6 +82,9 @@ impl CoordinatorConfig {
                 "max branches {} must be 1..=10000",
                 self.max_branches
             ));
+        }
+        if self.retention.is_zero() {
+            return bad("retention must be above zero".into());
         }
         self.retry.validate()
     }

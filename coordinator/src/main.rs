@@ -136,6 +136,11 @@ struct ServeArgs {
     /// `none` for no limit.
     #[arg(long, env = "TANDEM_RETRY_MAX_DURATION", default_value = "1h", value_parser = parse_optional_duration)]
     retry_max_duration: OptionalDuration,
+    /// Finished transactions are removed from the log once unchanged for
+    /// this long (`tandem tx show` finds them until then). STUCK and
+    /// unfinished ones are never removed.
+    #[arg(long, env = "TANDEM_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    retention: Duration,
 }
 
 #[derive(Args)]
@@ -216,6 +221,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_attempts: args.retry_max_attempts,
             max_duration: args.retry_max_duration.0,
         },
+        retention: args.retention,
     };
     config.validate()?;
     let log = Arc::new(SledLog::open(&config.data_dir)?);

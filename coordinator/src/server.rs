@@ -35,6 +35,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let recovery = coord.start_recovery();
+    let retention = coord.start_retention();
     let draining = coord.clone();
     let shutdown = async move {
         shutdown.await;
@@ -50,6 +51,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     recovery.abort();
+    retention.abort();
     Ok(())
 }
 

@@ -297,6 +297,10 @@ impl TxnLog for RecordingLog {
         self.inner.get(gtid)
     }
 
+    fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
+        self.inner.remove(gtid)
+    }
+
     fn scan(
         &self,
         after: Option<&Gtid>,

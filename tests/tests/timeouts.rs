@@ -100,3 +100,66 @@ async fn phase_two_retries_back_off_then_stop_at_stuck() {
         "nothing sent after STUCK"
     );
 }
+
+// Rule (retention): finished records are removed from the log after the
+// retention period, in the background; a STUCK one is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_removes_finished_records_and_keeps_stuck_ones() {
+    let config = tandem_coordinator::CoordinatorConfig {
+        retention: Duration::from_millis(300),
+        retry: RetryPolicy {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(20),
+            max_attempts: Some(1),
+            max_duration: None,
+        },
+        ..test_config()
+    };
+    let coord = RunningCoordinator::start(config, Arc::new(MemLog::new()))
+        .await
+        .expect("start");
+    let (a, b) = (Scripted::yes("a"), Scripted::yes("b"));
+    let down = Scripted::new(
+        "down",
+        Script {
+            phase_two_failures: 1_000.into(),
+            ..Script::default()
+        },
+        None,
+    );
+    let (pa, pb, pd) = (a.serve().await, b.serve().await, down.serve().await);
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+    let mut finished = Vec::new();
+    for _ in 0..5 {
+        finished.push(
+            client
+                .submit(tandem_sdk::Mode::TwoPhase, pair(&pa, &pb))
+                .await
+                .expect("submit")
+                .gtid,
+        );
+    }
+    let stuck = client
+        .submit(tandem_sdk::Mode::TwoPhase, pair(&pa, &pd))
+        .await
+        .expect("submit")
+        .gtid;
+    eventually("STUCK", || {
+        coord
+            .coordinator
+            .get(stuck)
+            .is_ok_and(|r| r.state == TxState::Stuck)
+    })
+    .await;
+    eventually("finished records removed", || {
+        finished.iter().all(|g| coord.coordinator.get(*g).is_err())
+    })
+    .await;
+    assert_eq!(coord.coordinator.purged(), 5);
+    assert_eq!(
+        coord.coordinator.get(stuck).expect("kept").state,
+        TxState::Stuck
+    );
+}

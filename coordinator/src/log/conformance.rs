@@ -27,6 +27,36 @@ pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
     scan_is_ordered_and_pages(&make());
     scan_filters_by_state(&make());
     force_covers_concurrent_writers(&make()).await;
+    remove_forgets_record_and_payloads(&make());
+}
+
+/// `remove` drops a record and its payloads; others stay; removing an
+/// unknown gtid is fine.
+pub fn remove_forgets_record_and_payloads(log: &impl TxnLog) {
+    let (a, b) = (
+        sample_record(Mode::TwoPhase, 2),
+        sample_record(Mode::Tcc, 1),
+    );
+    log.write(&a).expect("write a");
+    log.write(&b).expect("write b");
+    log.remove(&a.gtid).expect("remove a");
+    log.remove(&Gtid::now_v7()).expect("remove unknown");
+    assert!(
+        log.get(&a.gtid).expect("get").is_none(),
+        "removed record still read"
+    );
+    assert_eq!(
+        log.get(&b.gtid).expect("get").as_ref(),
+        Some(&b),
+        "other record changed"
+    );
+    let all = log.scan(None, &[], 10).expect("scan");
+    assert_eq!(all.len(), 1, "scan still lists a removed record");
+    // Written again (same gtid), it comes back whole with its new payloads.
+    let mut again = a.clone();
+    again.branches[0].payload = bytes::Bytes::from_static(b"new");
+    log.write(&again).expect("rewrite");
+    assert_eq!(log.get(&a.gtid).expect("get"), Some(again));
 }
 
 /// A record with `n` branches, for tests. Payload of branch `i` is `i` bytes.

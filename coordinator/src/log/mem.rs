@@ -44,6 +44,11 @@ impl TxnLog for MemLog {
         Ok(self.records().get(gtid).cloned())
     }
 
+    fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
+        self.records().remove(gtid);
+        Ok(())
+    }
+
     fn scan(
         &self,
         after: Option<&Gtid>,

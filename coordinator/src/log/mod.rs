@@ -80,6 +80,12 @@ pub trait TxnLog: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<TxnRecord>, LogError>;
 
+    /// Removes the record of `gtid` and its payloads (retention of finished
+    /// transactions). Removing an unknown gtid is not an error. Not durable
+    /// until a later `force` (or never, harmlessly: a removal that is lost
+    /// only brings back a finished record).
+    fn remove(&self, gtid: &Gtid) -> Result<(), LogError>;
+
     /// Counters for operators and the benchmark.
     fn stats(&self) -> LogStats {
         LogStats::default()

@@ -49,6 +49,7 @@ impl SledLog {
     pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 
     const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+    const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
     /// Opens (creating if needed) the log in `dir`.
     ///
@@ -65,6 +66,8 @@ impl SledLog {
         let db = sled::Config::new()
             .path(dir)
             .segment_size(Self::SEGMENT_SIZE)
+            // Bounded page cache: memory stays flat however big the log.
+            .cache_capacity(Self::CACHE_BYTES)
             .open()
             .map_err(|e| storage("cannot open sled log in", &e))?;
         let txns = db
@@ -137,6 +140,19 @@ impl TxnLog for SledLog {
     fn force(&self) -> ForceFuture {
         let synced = self.sync().sync();
         Box::pin(async move { Ok(synced.await?) })
+    }
+
+    fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
+        self.sync().check()?;
+        // The record first: a reader never sees a branch without its payload.
+        self.txns
+            .remove(gtid.as_bytes())
+            .map_err(|e| self.latch(e))?;
+        for item in self.payloads.scan_prefix(gtid.as_bytes()) {
+            let (key, _) = item.map_err(|e| self.latch(e))?;
+            self.payloads.remove(key).map_err(|e| self.latch(e))?;
+        }
+        Ok(())
     }
 
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {

@@ -9,10 +9,14 @@
 //!
 //! - `mod.rs`: the request API ([`Coordinator`]) and the live-transaction table;
 //! - `driver`: carries out engine commands and feeds results back as events;
+//! - `recovery`: taking over unfinished transactions after a restart;
+//! - `retention`: removing finished records after the retention period;
 //! - `participants`: per-endpoint gRPC clients and deadline-bounded calls.
 
 mod driver;
 mod participants;
+mod recovery;
+mod retention;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,10 +24,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::task::AbortHandle;
-use tracing::info;
 
 use participants::ParticipantPool;
 pub(crate) use participants::validate_endpoint;
+pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{Command, Event, NewBranch, Txn};
@@ -57,36 +61,13 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
-/// Unfinished transactions recovery drives at once.
-pub const RECOVERY_CONCURRENCY: usize = 256;
-
-/// What recovery found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RecoveryReport {
-    /// Undecided (ACTIVE / PREPARING): aborted.
-    pub undecided: usize,
-    /// COMMITTING: phase 2 resumed.
-    pub committing: usize,
-    /// ABORTING: phase 2 resumed.
-    pub aborting: usize,
-    /// STUCK: left for an operator.
-    pub stuck: usize,
-    /// Until every recovered transaction finished its first round of calls.
-    pub elapsed: Duration,
-}
-
-impl RecoveryReport {
-    /// Transactions taken over (STUCK ones are not).
-    pub fn total(&self) -> usize {
-        self.undecided + self.committing + self.aborting
-    }
-}
-
 struct Inner {
     log: Arc<dyn TxnLog>,
     config: CoordinatorConfig,
     /// Set on shutdown: no new transactions.
     draining: std::sync::atomic::AtomicBool,
+    /// Records removed by retention.
+    purged: std::sync::atomic::AtomicU64,
     live: Mutex<HashMap<Gtid, Arc<Entry>>>,
     pool: ParticipantPool,
     /// Set once a log write or force failed: from then on nothing is decided.
@@ -117,6 +98,7 @@ impl Coordinator {
                 pool: ParticipantPool::default(),
                 halted: OnceLock::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                purged: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -134,31 +116,6 @@ impl Coordinator {
     /// Transactions currently held in memory (not yet terminal).
     pub fn live_count(&self) -> usize {
         self.inner.live_table().len()
-    }
-
-    /// Starts recovery in the background: every unfinished transaction in
-    /// the log is taken over and finished (undecided → abort; decided →
-    /// phase 2 again), at most [`RECOVERY_CONCURRENCY`] at a time, while new
-    /// transactions are served. STUCK ones are left for an operator. The
-    /// task's result says how many of each were found.
-    pub fn start_recovery(&self) -> tokio::task::JoinHandle<Result<RecoveryReport, CoordError>> {
-        let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let report = inner.recover_all().await;
-            match &report {
-                Ok(r) if r.total() > 0 => info!(
-                    aborted_undecided = r.undecided,
-                    commits_resumed = r.committing,
-                    aborts_resumed = r.aborting,
-                    stuck_left = r.stuck,
-                    elapsed_ms = r.elapsed.as_millis() as u64,
-                    "recovery finished"
-                ),
-                Ok(r) => info!(stuck_left = r.stuck, "recovery: nothing in flight"),
-                Err(e) => tracing::error!(error = %e, "recovery failed"),
-            }
-            report
-        })
     }
 
     /// Stops taking new transactions (`begin` and `submit` answer
@@ -246,7 +203,7 @@ impl Coordinator {
         let cmds = inner.step(&entry, Event::Commit)?;
         inner.run(&entry, cmds).await?;
         let rec = entry.lock().record().clone();
-        match rec.state {
+        match reported_state(&rec) {
             TxState::Aborting | TxState::Aborted => Err(CoordError::Aborted {
                 gtid,
                 reason: rec.reason,
@@ -280,7 +237,7 @@ impl Coordinator {
         };
         let cmds = inner.step(&entry, Event::Rollback { reason })?;
         inner.run(&entry, cmds).await?;
-        let state = entry.lock().record().state;
+        let state = reported_state(entry.lock().record());
         Ok(state)
     }
 
@@ -328,7 +285,7 @@ impl Coordinator {
         let rec = entry.lock().record().clone();
         Ok(SubmitOutcome {
             gtid,
-            state: rec.state,
+            state: reported_state(&rec),
             reason: rec.reason,
             replies: (1..=n as BranchId)
                 .map(|id| replies.remove(&id).unwrap_or_default())
@@ -448,6 +405,17 @@ impl Coordinator {
     }
 }
 
+/// The state a client is told after its request: a STUCK transaction is
+/// reported by its decision, as still finishing (COMMITTING / ABORTING),
+/// because to the client the outcome is decided and phase 2 is not done.
+fn reported_state(rec: &TxnRecord) -> TxState {
+    match (rec.state, rec.decision) {
+        (TxState::Stuck, Some(Decision::Commit)) => TxState::Committing,
+        (TxState::Stuck, _) => TxState::Aborting,
+        (state, _) => state,
+    }
+}
+
 impl Entry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Txn> {
         // The engine never panics mid-update on input; if a bug did, the
@@ -539,65 +507,6 @@ impl Inner {
             ));
         }
         Ok(())
-    }
-
-    /// Takes over every unfinished transaction in the log; see
-    /// [`Coordinator::start_recovery`].
-    async fn recover_all(self: &Arc<Self>) -> Result<RecoveryReport, CoordError> {
-        const UNFINISHED: [TxState; 5] = [
-            TxState::Active,
-            TxState::Preparing,
-            TxState::Committing,
-            TxState::Aborting,
-            TxState::Stuck,
-        ];
-        let started = std::time::Instant::now();
-        let permits = Arc::new(tokio::sync::Semaphore::new(RECOVERY_CONCURRENCY));
-        let mut report = RecoveryReport::default();
-        let mut after = None;
-        loop {
-            let page = self.log.scan(after.as_ref(), &UNFINISHED, 1000)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.gtid);
-            for rec in page {
-                let (gtid, state) = (rec.gtid, rec.state);
-                match state {
-                    TxState::Active | TxState::Preparing => report.undecided += 1,
-                    TxState::Committing => report.committing += 1,
-                    TxState::Aborting => report.aborting += 1,
-                    _ => {
-                        report.stuck += 1;
-                        continue;
-                    }
-                }
-                if self.find_live(&gtid).is_some() {
-                    continue; // an operator got to it first
-                }
-                let permit = permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
-                let (txn, cmds) = Txn::recover(rec, now_ms());
-                let entry = self.insert_live(gtid, txn);
-                self.log
-                    .write(entry.lock().record())
-                    .map_err(|e| self.halt(e))?;
-                tracing::debug!(%gtid, %state, "recovering transaction");
-                let inner = self.clone();
-                tokio::spawn(async move {
-                    let _ = inner.run(&entry, cmds).await;
-                    drop(permit);
-                });
-            }
-        }
-        // Wait for the last first rounds, so the report's time means "done".
-        let _ = permits
-            .acquire_many(RECOVERY_CONCURRENCY as u32)
-            .await
-            .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
-        report.elapsed = started.elapsed();
-        Ok(report)
     }
 
     fn check_halted(&self) -> Result<(), CoordError> {

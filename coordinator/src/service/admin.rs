@@ -79,6 +79,19 @@ impl AdminRpc for AdminService {
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
     }
 
+    async fn get_stats(
+        &self,
+        _req: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let log = self.coord.log_stats();
+        Ok(Response::new(pb::StatsResponse {
+            forces: log.forces,
+            flushes: log.flushes,
+            live: self.coord.live_count() as u64,
+            purged: self.coord.purged(),
+        }))
+    }
+
     #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn retry_transaction(
         &self,
