@@ -14,11 +14,14 @@
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
 //!   `failpoints`; no-ops otherwise).
+//! - [`bench`]: `tandem bench`, throughput / latency / durability cost against
+//!   the machine's echo floor.
 //! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
 //! - [`demo`]: `tandem demo`, bank transfers across two participant services.
 //!
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod demo;

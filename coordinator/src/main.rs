@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::SledLog;
-use tandem_coordinator::{Coordinator, cli, demo, server};
+use tandem_coordinator::{Coordinator, bench, cli, demo, server};
 use tracing::info;
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
@@ -36,6 +36,59 @@ enum Command {
     /// transfers in this process; print counts, throughput and whether the
     /// total balance was conserved.
     Demo(DemoArgs),
+    /// Measure throughput, latency, durability cost, CPU and memory against
+    /// the machine's echo floor (starts a coordinator and no-op participant
+    /// processes on loopback unless given addresses).
+    Bench(BenchArgs),
+    /// A no-op participant process for `tandem bench`.
+    #[command(hide = true)]
+    BenchParticipant {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// 2pc or tcc.
+    #[arg(long, default_value = "2pc", value_parser = parse_mode)]
+    mode: tandem_sdk::Mode,
+    /// Branches per transaction.
+    #[arg(long, default_value_t = 2)]
+    branches: usize,
+    /// Transactions in flight at once (and echo calls for the floor).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// How long to run transactions.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// How long to measure the echo floor.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    floor_duration: Duration,
+    /// Payload bytes per branch.
+    #[arg(long, default_value_t = 16)]
+    payload: usize,
+    /// Begin / Enlist / Commit instead of one-shot Submit.
+    #[arg(long)]
+    interactive: bool,
+    /// Participant processes to start (default: one per branch).
+    #[arg(long)]
+    participants: Option<usize>,
+    /// Use this coordinator instead of starting one (no CPU / RSS figures).
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Use these bench participants (`tandem bench-participant`) instead of
+    /// starting them; repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    participant: Vec<String>,
+    /// After the run, leave this many transactions in flight, kill the
+    /// coordinator, restart it and time how fast it finishes them.
+    #[arg(long)]
+    recovery: Option<usize>,
+    /// table or json.
+    #[arg(long, default_value = "table", value_parser = parse_output)]
+    output: cli::Output,
 }
 
 #[derive(Args)]
@@ -272,6 +325,8 @@ async fn main() -> ExitCode {
         Command::Serve(args) => serve(args).await,
         Command::Tx(args) => return tx(args).await,
         Command::Demo(args) => run_demo(args).await,
+        Command::Bench(args) => run_bench(args).await,
+        Command::BenchParticipant { listen } => bench::serve_participant(listen).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -310,6 +365,34 @@ async fn tx(args: TxArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    let report = bench::run(bench::BenchOptions {
+        mode: args.mode,
+        branches: args.branches,
+        concurrency: args.concurrency,
+        duration: args.duration,
+        floor_duration: args.floor_duration,
+        payload: args.payload,
+        interactive: args.interactive,
+        participants: args.participants.unwrap_or(args.branches),
+        coordinator: args.coordinator,
+        participant_urls: args.participant,
+        recovery: args.recovery,
+    })
+    .await?;
+    match args.output {
+        cli::Output::Json => println!("{}", report.to_json()),
+        cli::Output::Table => println!("{report}"),
+    }
+    anyhow::ensure!(
+        report.verified,
+        "verification failed: participants counted {} commits for {} transactions",
+        report.participant_commits,
+        report.run.committed
+    );
+    Ok(())
 }
 
 async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {

@@ -116,6 +116,13 @@ impl ParticipantServer {
         self
     }
 
+    /// The barrier store calls go through (for running
+    /// [`spawn_retention`](crate::barrier::spawn_retention) next to
+    /// [`into_service`](ParticipantServer::into_service)).
+    pub fn barrier_store(&self) -> Arc<dyn BarrierStore> {
+        self.barrier.clone()
+    }
+
     /// How long finished barrier records are kept; see [`Retention`].
     pub fn retention(mut self, retention: Retention) -> Self {
         self.retention = retention;

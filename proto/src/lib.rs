@@ -3,7 +3,8 @@
 //! - `types.proto`: modes, states, branch and transaction records;
 //! - `coordinator.proto`: the `Coordinator` service business services call;
 //! - `participant.proto`: the `Participant` service the coordinator calls;
-//! - `admin.proto`: the `Admin` service operators and `tandem tx` call.
+//! - `admin.proto`: the `Admin` service operators and `tandem tx` call;
+//! - `bench.proto`: the echo and counters of `tandem bench`'s participants.
 //!
 //! Wire types only: no behaviour lives here.
 

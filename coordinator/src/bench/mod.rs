@@ -1,0 +1,466 @@
+//! `tandem bench`: throughput, latency, durability cost and memory of the
+//! coordinator, against the machine's own floor measured in the same run.
+//!
+//! It starts a coordinator (`tandem serve` on a temp dir) and N no-op
+//! participant processes (`tandem bench-participant`) on loopback, or uses
+//! the addresses given. Then:
+//!
+//! 1. **floor**: a plain unary echo RPC against the same participant
+//!    processes at the same concurrency;
+//! 2. **run**: global transactions for the given time, each latency taken
+//!    from the client's call to the acknowledged decision;
+//! 3. **verify**: once phase 2 has drained, every transaction counted must
+//!    show up as one commit per branch at the participants;
+//! 4. optionally **recovery**: participants fail phase 2 while K
+//!    transactions pile up, the coordinator is killed and restarted, and
+//!    the time to finish all K is measured.
+//!
+//! `efficiency = tx/s × RPCs per transaction ÷ echo req/s`: 1.0 would mean
+//! the coordinator costs no more than the RPCs it must make.
+
+mod participant;
+mod procs;
+mod report;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::admin_client::AdminClient;
+use tandem_proto::v1::bench_participant_client::BenchParticipantClient;
+use tandem_sdk::{Branch, Mode, TransactionClient};
+use tonic::transport::{Channel, Endpoint};
+
+pub use participant::{RESOURCE_2PC, RESOURCE_TCC, serve as serve_participant};
+pub use report::{Floor, Recovery, Report, RunStats};
+
+use procs::Proc;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// 2PC or TCC.
+    pub mode: Mode,
+    /// Branches per transaction.
+    pub branches: usize,
+    /// Transactions (and echo calls) in flight at once.
+    pub concurrency: usize,
+    /// How long to run transactions.
+    pub duration: Duration,
+    /// How long to run the echo floor.
+    pub floor_duration: Duration,
+    /// Payload bytes per branch.
+    pub payload: usize,
+    /// Begin / Enlist / Commit instead of one-shot Submit.
+    pub interactive: bool,
+    /// Participant processes to start (when none are given).
+    pub participants: usize,
+    /// Use this coordinator instead of starting one.
+    pub coordinator: Option<String>,
+    /// Use these participants instead of starting them.
+    pub participant_urls: Vec<String>,
+    /// After the run, measure recovery of this many in-flight transactions
+    /// (needs a coordinator the bench started).
+    pub recovery: Option<usize>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            mode: Mode::TwoPhase,
+            branches: 2,
+            concurrency: 64,
+            duration: Duration::from_secs(10),
+            floor_duration: Duration::from_secs(3),
+            payload: 16,
+            interactive: false,
+            participants: 2,
+            coordinator: None,
+            participant_urls: Vec::new(),
+            recovery: None,
+        }
+    }
+}
+
+impl BenchOptions {
+    /// RPCs one transaction costs: the client's calls and the
+    /// coordinator's two calls per branch.
+    pub fn rpcs_per_transaction(&self) -> usize {
+        let client = if self.interactive {
+            2 + self.branches // begin, enlist × branches, commit
+        } else {
+            1
+        };
+        client + 2 * self.branches
+    }
+}
+
+fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(url.to_string())?
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// Runs the bench and returns its report.
+///
+/// # Errors
+///
+/// A process could not be started, or a service could not be reached.
+pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.branches >= 1, "--branches must be at least 1");
+    anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
+    let data = tempfile::Builder::new().prefix("tandem-bench-").tempdir()?;
+    let mut procs: Vec<Proc> = Vec::new();
+    let participant_urls = if options.participant_urls.is_empty() {
+        let mut urls = Vec::new();
+        for _ in 0..options.participants.max(1) {
+            let p = Proc::spawn(&["bench-participant", "--listen", "127.0.0.1:0"])?;
+            urls.push(p.url());
+            procs.push(p);
+        }
+        urls
+    } else {
+        options.participant_urls.clone()
+    };
+    let mut coordinator_proc = None;
+    let coordinator_url = match &options.coordinator {
+        Some(url) => url.clone(),
+        None => {
+            let p = start_coordinator(data.path(), "127.0.0.1:0", options.recovery.is_some())?;
+            let url = p.url();
+            coordinator_proc = Some(p);
+            url
+        }
+    };
+
+    let benches: Vec<BenchParticipantClient<Channel>> = participant_urls
+        .iter()
+        .map(|u| channel(u).map(BenchParticipantClient::new))
+        .collect::<anyhow::Result<_>>()?;
+    let floor = floor(&benches, options.concurrency, options.floor_duration).await?;
+
+    let client = TransactionClient::from_channel(channel(&coordinator_url)?);
+    let mut admin = AdminClient::new(channel(&coordinator_url)?);
+    let before_stats = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    let before_proc = coordinator_proc.as_ref().map(Proc::stats).transpose()?;
+    let before_counts = counts(&benches).await?;
+    let run = transactions(
+        &client,
+        &participant_urls,
+        &options,
+        coordinator_proc.as_ref(),
+    )
+    .await;
+    let after_proc = coordinator_proc.as_ref().map(Proc::stats).transpose()?;
+    drain(&mut admin).await?;
+    let after_stats = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    let after_counts = counts(&benches).await?;
+    let commits = after_counts.commits - before_counts.commits;
+
+    let mut report = Report::new(&options, floor, run);
+    report.forces = after_stats.forces - before_stats.forces;
+    report.flushes = after_stats.flushes - before_stats.flushes;
+    report.participant_commits = commits;
+    report.verified = commits == report.run.committed * options.branches as u64;
+    report.finish();
+    if let (Some(b), Some(a)) = (before_proc, after_proc) {
+        report.coordinator_cpu_s = Some(a.cpu_s - b.cpu_s);
+        report.coordinator_peak_rss_kb = Some(a.peak_rss_kb);
+    }
+    if let (Some(k), Some(p)) = (options.recovery, coordinator_proc.take()) {
+        let (recovery, restarted) = recover(
+            k,
+            p,
+            data.path(),
+            &client,
+            &benches,
+            &participant_urls,
+            &options,
+        )
+        .await?;
+        report.recovery = Some(recovery);
+        coordinator_proc = Some(restarted);
+    }
+    drop(coordinator_proc);
+    drop(procs);
+    Ok(report)
+}
+
+/// Starts `tandem serve` for the bench: the default config, except that
+/// with a recovery measurement retries wait long (the backlog is built
+/// while participants fail, and should not be busy retrying).
+fn start_coordinator(
+    dir: &std::path::Path,
+    listen: &str,
+    slow_retries: bool,
+) -> anyhow::Result<Proc> {
+    let data = dir.to_string_lossy().to_string();
+    let mut args = vec!["serve", "--listen", listen, "--data-dir", &data];
+    if slow_retries {
+        args.extend([
+            "--retry-initial",
+            "60s",
+            "--retry-max",
+            "60s",
+            "--retry-max-duration",
+            "none",
+        ]);
+    }
+    Proc::spawn(&args)
+}
+
+/// The echo floor: `concurrency` callers, round-robin over participants.
+async fn floor(
+    benches: &[BenchParticipantClient<Channel>],
+    concurrency: usize,
+    duration: Duration,
+) -> anyhow::Result<Floor> {
+    // Warm the connections first.
+    for b in benches {
+        b.clone()
+            .echo(pb::EchoMessage { data: Bytes::new() })
+            .await?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (mut b, stop, calls) = (
+                benches[w % benches.len()].clone(),
+                stop.clone(),
+                calls.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if b.echo(pb::EchoMessage {
+                        data: Bytes::from_static(b"0123456789abcdef"),
+                    })
+                    .await
+                    .is_ok()
+                    {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Floor {
+        requests_per_s: calls.load(Ordering::Relaxed) as f64 / secs,
+    })
+}
+
+async fn counts(benches: &[BenchParticipantClient<Channel>]) -> anyhow::Result<pb::CountsResponse> {
+    let mut total = pb::CountsResponse::default();
+    for b in benches {
+        let c = b.clone().counts(pb::CountsRequest {}).await?.into_inner();
+        total.phase_one += c.phase_one;
+        total.commits += c.commits;
+        total.rollbacks += c.rollbacks;
+        total.echoes += c.echoes;
+    }
+    Ok(total)
+}
+
+/// Waits until the coordinator has no live transaction (phase 2 done).
+async fn drain(admin: &mut AdminClient<Channel>) -> anyhow::Result<()> {
+    for _ in 0..3000 {
+        if admin
+            .get_stats(pb::GetStatsRequest {})
+            .await?
+            .into_inner()
+            .live
+            == 0
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    anyhow::bail!("the coordinator still had live transactions 30 s after the run")
+}
+
+fn branches(urls: &[String], options: &BenchOptions, i: u64) -> Vec<Branch> {
+    let resource = match options.mode {
+        Mode::TwoPhase => RESOURCE_2PC,
+        Mode::Tcc => RESOURCE_TCC,
+    };
+    let payload = Bytes::from(vec![b'x'; options.payload]);
+    (0..options.branches)
+        .map(|b| {
+            let url = &urls[(i as usize + b) % urls.len()];
+            Branch::new(url.clone(), resource, payload.clone())
+        })
+        .collect()
+}
+
+/// One transaction; `Ok(true)` when committed and complete.
+async fn one(
+    client: &TransactionClient,
+    options: &BenchOptions,
+    branches: Vec<Branch>,
+) -> Result<bool, tandem_sdk::Error> {
+    if !options.interactive {
+        return Ok(client.submit(options.mode, branches).await?.complete);
+    }
+    let gtid = client.begin(options.mode).await?;
+    for b in branches {
+        client.enlist(gtid, b).await?;
+    }
+    Ok(client.commit(gtid).await?.complete)
+}
+
+async fn transactions(
+    client: &TransactionClient,
+    urls: &[String],
+    options: &BenchOptions,
+    coordinator: Option<&Proc>,
+) -> RunStats {
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..options.concurrency)
+        .map(|_| {
+            let (client, urls, options, stop, next) = (
+                client.clone(),
+                urls.to_vec(),
+                options.clone(),
+                stop.clone(),
+                next.clone(),
+            );
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let (mut incomplete, mut errors) = (0u64, 0u64);
+                let mut first_error = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let t0 = Instant::now();
+                    match one(&client, &options, branches(&urls, &options, i)).await {
+                        Ok(true) => latencies.push(t0.elapsed().as_micros() as u32),
+                        Ok(false) => incomplete += 1,
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                (latencies, incomplete, errors, first_error)
+            })
+        })
+        .collect();
+    // RSS after the first minute, for long runs: memory must stay flat.
+    let mut rss_after_first_minute = None;
+    let deadline = started + options.duration;
+    while Instant::now() < deadline {
+        tokio::time::sleep(
+            Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
+        if rss_after_first_minute.is_none() && started.elapsed() >= Duration::from_secs(60) {
+            rss_after_first_minute = coordinator.and_then(|p| p.stats().ok()).map(|s| s.rss_kb);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut stats = RunStats::default();
+    let mut all = Vec::new();
+    for w in workers {
+        if let Ok((lat, incomplete, errors, first)) = w.await {
+            all.extend(lat);
+            stats.incomplete += incomplete;
+            stats.errors += errors;
+            if stats.first_error.is_none() {
+                stats.first_error = first;
+            }
+        }
+    }
+    stats.elapsed = started.elapsed();
+    stats.committed = all.len() as u64 + stats.incomplete;
+    stats.set_latencies(all);
+    stats.rss_after_first_minute_kb = rss_after_first_minute;
+    stats
+}
+
+/// Piles up `k` in-flight transactions (participants fail phase 2), kills
+/// the coordinator, restarts it on the same data dir with participants
+/// healthy, and times how long it takes to finish all of them.
+async fn recover(
+    k: usize,
+    coordinator: Proc,
+    dir: &std::path::Path,
+    client: &TransactionClient,
+    benches: &[BenchParticipantClient<Channel>],
+    urls: &[String],
+    options: &BenchOptions,
+) -> anyhow::Result<(Recovery, Proc)> {
+    for b in benches {
+        b.clone()
+            .set_fail_phase_two(pb::SetFailPhaseTwoRequest { fail: true })
+            .await?;
+    }
+    let base = counts(benches).await?.commits;
+    let piled = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..options.concurrency)
+        .map(|w| {
+            let (client, urls, options, piled) = (
+                client.clone(),
+                urls.to_vec(),
+                options.clone(),
+                piled.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = w as u64;
+                while piled.load(Ordering::Relaxed) < k as u64 {
+                    // Decided commit, phase 2 failing: left in flight.
+                    if let Ok(false) = one(&client, &options, branches(&urls, &options, i)).await {
+                        piled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += options.concurrency as u64;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    let piled = piled.load(Ordering::Relaxed);
+    let pile_secs = started.elapsed().as_secs_f64();
+    let addr = coordinator.addr().to_string();
+    coordinator.kill();
+    for b in benches {
+        b.clone()
+            .set_fail_phase_two(pb::SetFailPhaseTwoRequest { fail: false })
+            .await?;
+    }
+    let restarted_at = Instant::now();
+    let restarted = start_coordinator(dir, &addr, false)?;
+    let want = base + piled * options.branches as u64;
+    loop {
+        if counts(benches).await?.commits >= want {
+            break;
+        }
+        anyhow::ensure!(
+            restarted_at.elapsed() < Duration::from_secs(600),
+            "recovery did not finish within 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = restarted_at.elapsed().as_secs_f64();
+    Ok((
+        Recovery {
+            transactions: piled,
+            pile_up_s: pile_secs,
+            seconds: secs,
+            per_s: piled as f64 / secs,
+        },
+        restarted,
+    ))
+}

@@ -1,0 +1,145 @@
+//! `tandem bench-participant`: a no-op participant process for the bench.
+//! It serves resource `noop` for 2PC and `noop-tcc` for TCC (always yes,
+//! counting calls), plus the `BenchParticipant` service: an echo for the
+//! RPC floor, counters for verification, and a switch that makes phase 2
+//! fail (to pile up transactions for the recovery measurement).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::bench_participant_server::{BenchParticipant, BenchParticipantServer};
+use tandem_sdk::barrier::Retention;
+use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+/// The bench's 2PC resource.
+pub const RESOURCE_2PC: &str = "noop";
+/// The bench's TCC resource.
+pub const RESOURCE_TCC: &str = "noop-tcc";
+
+#[derive(Default)]
+struct Counters {
+    phase_one: AtomicU64,
+    commits: AtomicU64,
+    rollbacks: AtomicU64,
+    echoes: AtomicU64,
+    fail_phase_two: AtomicBool,
+}
+
+impl Counters {
+    fn snapshot(&self) -> pb::CountsResponse {
+        pb::CountsResponse {
+            phase_one: self.phase_one.load(Ordering::Relaxed),
+            commits: self.commits.load(Ordering::Relaxed),
+            rollbacks: self.rollbacks.load(Ordering::Relaxed),
+            echoes: self.echoes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn phase_two(&self, counter: &AtomicU64) -> Result<(), HandlerError> {
+        if self.fail_phase_two.load(Ordering::Relaxed) {
+            return Err(HandlerError::new("bench participant told to fail phase 2"));
+        }
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The no-op handler, for both protocols.
+#[derive(Clone)]
+struct Noop(Arc<Counters>);
+
+impl TwoPhase for Noop {
+    async fn prepare(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+        self.0.phase_one.fetch_add(1, Ordering::Relaxed);
+        Ok(Vote::yes())
+    }
+    async fn commit(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.0.phase_two(&self.0.commits)
+    }
+    async fn rollback(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.0.phase_two(&self.0.rollbacks)
+    }
+}
+
+impl Tcc for Noop {
+    async fn try_(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        TwoPhase::prepare(self, ctx, payload).await
+    }
+    async fn confirm(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        TwoPhase::commit(self, ctx, payload).await
+    }
+    async fn cancel(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        TwoPhase::rollback(self, ctx, payload).await
+    }
+}
+
+struct BenchService(Arc<Counters>);
+
+#[tonic::async_trait]
+impl BenchParticipant for BenchService {
+    async fn echo(
+        &self,
+        req: Request<pb::EchoMessage>,
+    ) -> Result<Response<pb::EchoMessage>, Status> {
+        self.0.echoes.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(req.into_inner()))
+    }
+
+    async fn counts(
+        &self,
+        _: Request<pb::CountsRequest>,
+    ) -> Result<Response<pb::CountsResponse>, Status> {
+        Ok(Response::new(self.0.snapshot()))
+    }
+
+    async fn set_fail_phase_two(
+        &self,
+        req: Request<pb::SetFailPhaseTwoRequest>,
+    ) -> Result<Response<pb::CountsResponse>, Status> {
+        self.0
+            .fail_phase_two
+            .store(req.into_inner().fail, Ordering::Relaxed);
+        Ok(Response::new(self.0.snapshot()))
+    }
+}
+
+/// Serves a bench participant on `listen` until Ctrl-C / SIGTERM; prints
+/// `listening on ADDR` once bound.
+///
+/// # Errors
+///
+/// The address cannot be bound or the transport fails.
+pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let counters = Arc::new(Counters::default());
+    let noop = Noop(counters.clone());
+    // Barrier records (in memory) of finished branches are kept 10 s: the
+    // barrier does its real work while memory stays flat in long runs.
+    let participant = ParticipantServer::new()
+        .two_phase(RESOURCE_2PC, noop.clone())
+        .tcc(RESOURCE_TCC, noop);
+    let retention = tandem_sdk::barrier::spawn_retention(
+        participant.barrier_store(),
+        Retention {
+            keep: Duration::from_secs(10),
+            interval: Duration::from_secs(1),
+            batch: 1024,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(participant.into_service())
+        .add_service(BenchParticipantServer::new(BenchService(counters)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    retention.abort();
+    Ok(())
+}

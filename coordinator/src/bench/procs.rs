@@ -1,0 +1,108 @@
+//! Child processes of the bench (this same binary, other subcommands) and
+//! what Linux says about them in `/proc`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+/// A child process that printed `listening on ADDR`; killed when dropped.
+pub(super) struct Proc {
+    child: Child,
+    addr: String,
+}
+
+/// CPU and memory of a process.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ProcStats {
+    /// User + system CPU seconds so far.
+    pub(super) cpu_s: f64,
+    /// Resident set size now, KiB.
+    pub(super) rss_kb: u64,
+    /// Peak resident set size, KiB.
+    pub(super) peak_rss_kb: u64,
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_S: f64 = 100.0;
+
+impl Proc {
+    /// Runs this binary with `args` and waits for its address.
+    pub(super) fn spawn(args: &[&str]) -> anyhow::Result<Proc> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| anyhow::anyhow!("`tandem {}` did not start: {line:?}", args.join(" ")))?
+            .to_string();
+        Ok(Proc { child, addr })
+    }
+
+    pub(super) fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub(super) fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills it with SIGKILL and waits until it is gone.
+    pub(super) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// CPU and memory so far, from `/proc/<pid>/{stat,status}`.
+    pub(super) fn stats(&self) -> anyhow::Result<ProcStats> {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields overall.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .ok_or_else(|| anyhow::anyhow!("unreadable /proc/{pid}/stat"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields
+                .get(i)
+                .ok_or_else(|| anyhow::anyhow!("short /proc/{pid}/stat"))?
+                .parse::<u64>()? as f64)
+        };
+        let cpu_s = (ticks(11)? + ticks(12)?) / TICKS_PER_S;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(ProcStats {
+            cpu_s,
+            rss_kb: kb("VmRSS:"),
+            peak_rss_kb: kb("VmHWM:"),
+        })
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
