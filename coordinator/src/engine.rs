@@ -217,7 +217,7 @@ impl Txn {
             }
             TxState::Committing | TxState::Aborting => {
                 txn.durable = true;
-                let mut cmds = Vec::new();
+                let mut cmds = vec![Command::Persist];
                 txn.start_phase_two(&mut cmds, now);
                 cmds
             }
@@ -388,7 +388,10 @@ impl Txn {
         match (self.rec.state, failure) {
             (TxState::Active | TxState::Preparing, Some(reason)) => self.abort(reason, now),
             (TxState::Preparing, None) if self.all_prepared() => self.decide_commit(now),
-            (TxState::Active | TxState::Preparing, None) => vec![Command::Persist],
+            // A yes is not written on its own: losing it changes nothing
+            // (undecided means abort, and every recorded branch gets its
+            // rollback), and the decision's write carries it.
+            (TxState::Active | TxState::Preparing, None) => Vec::new(),
             // Decided while this call was out (rollback, deadline, another
             // branch's no): give the branch its abort call now if it needs one.
             _ => {
@@ -504,7 +507,10 @@ impl Txn {
                     BranchState::RolledBack
                 };
                 self.failures.remove(&id);
-                let mut cmds = vec![Command::Persist];
+                // Written with the final state, not on its own: a lost ack
+                // only means the call is repeated after a restart, which
+                // the participant's barrier absorbs.
+                let mut cmds = Vec::new();
                 self.maybe_finish(&mut cmds, now);
                 cmds
             }
@@ -568,9 +574,6 @@ impl Txn {
             .collect();
         for id in ids {
             self.call_phase_two(id, cmds);
-        }
-        if !cmds.contains(&Command::Persist) {
-            cmds.insert(0, Command::Persist);
         }
         self.maybe_finish(cmds, now);
     }

@@ -86,6 +86,10 @@ struct BenchArgs {
     /// coordinator, restart it and time how fast it finishes them.
     #[arg(long)]
     recovery: Option<usize>,
+    /// Retention of the coordinator the bench starts (finished records
+    /// older than this are purged; keeps long runs' data dir bounded).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    retention: Duration,
     /// table or json.
     #[arg(long, default_value = "table", value_parser = parse_output)]
     output: cli::Output,
@@ -380,6 +384,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         coordinator: args.coordinator,
         participant_urls: args.participant,
         recovery: args.recovery,
+        retention: args.retention,
     })
     .await?;
     match args.output {

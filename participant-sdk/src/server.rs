@@ -402,7 +402,7 @@ impl ParticipantService {
 
 #[tonic::async_trait]
 impl Participant for ParticipantService {
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn prepare(
         &self,
         req: Request<pb::BranchRequest>,
@@ -410,7 +410,7 @@ impl Participant for ParticipantService {
         self.phase_one(req, Protocol::TwoPhase, "prepare").await
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn commit(
         &self,
         req: Request<pb::BranchRequest>,
@@ -419,7 +419,7 @@ impl Participant for ParticipantService {
             .await
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn rollback(
         &self,
         req: Request<pb::BranchRequest>,
@@ -428,7 +428,7 @@ impl Participant for ParticipantService {
             .await
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn r#try(
         &self,
         req: Request<pb::BranchRequest>,
@@ -436,7 +436,7 @@ impl Participant for ParticipantService {
         self.phase_one(req, Protocol::Tcc, "try").await
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn confirm(
         &self,
         req: Request<pb::BranchRequest>,
@@ -444,7 +444,7 @@ impl Participant for ParticipantService {
         self.phase_two(req, Protocol::Tcc, true, "confirm").await
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
     async fn cancel(
         &self,
         req: Request<pb::BranchRequest>,

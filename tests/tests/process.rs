@@ -207,3 +207,47 @@ async fn sigterm_finishes_in_flight_work_and_refuses_new() {
     );
     assert_eq!(slow.counts(), (1, 1, 0));
 }
+
+// The bench smoke test: `tandem bench` starts its own coordinator and
+// participant processes, runs a couple of seconds of each mode, and every
+// transaction it counted is verified complete at the participants. No
+// timing is asserted (shared machines vary).
+#[test]
+fn bench_smoke_verifies_every_counted_transaction() {
+    for mode in ["2pc", "tcc"] {
+        let out = Command::new(tandem_bin())
+            .args([
+                "bench",
+                "--mode",
+                mode,
+                "--duration",
+                "1500ms",
+                "--floor-duration",
+                "300ms",
+                "--concurrency",
+                "8",
+                "--output",
+                "json",
+            ])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        assert_eq!(report["verified"], true, "{report}");
+        assert_eq!(report["run"]["errors"], 0, "{report}");
+        let committed = report["run"]["committed"].as_u64().expect("committed");
+        assert!(committed > 0, "{report}");
+        assert_eq!(
+            report["participant_commits"].as_u64(),
+            Some(committed * 2),
+            "{report}"
+        );
+        assert!(report["forces_per_tx"].as_f64().is_some_and(|f| f > 0.0));
+    }
+}

@@ -64,6 +64,9 @@ pub struct BenchOptions {
     /// After the run, measure recovery of this many in-flight transactions
     /// (needs a coordinator the bench started).
     pub recovery: Option<usize>,
+    /// Retention of the coordinator the bench starts: finished records
+    /// older than this are purged, so long runs show a bounded data dir.
+    pub retention: Duration,
 }
 
 impl Default for BenchOptions {
@@ -80,6 +83,7 @@ impl Default for BenchOptions {
             coordinator: None,
             participant_urls: Vec::new(),
             recovery: None,
+            retention: Duration::from_secs(60),
         }
     }
 }
@@ -129,7 +133,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let coordinator_url = match &options.coordinator {
         Some(url) => url.clone(),
         None => {
-            let p = start_coordinator(data.path(), "127.0.0.1:0", options.recovery.is_some())?;
+            let p = start_coordinator(data.path(), "127.0.0.1:0", &options)?;
             let url = p.url();
             coordinator_proc = Some(p);
             url
@@ -166,6 +170,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     report.participant_commits = commits;
     report.verified = commits == report.run.committed * options.branches as u64;
     report.finish();
+    report.data_dir_mb = coordinator_proc
+        .as_ref()
+        .map(|_| dir_size(data.path()) as f64 / (1024.0 * 1024.0));
     if let (Some(b), Some(a)) = (before_proc, after_proc) {
         report.coordinator_cpu_s = Some(a.cpu_s - b.cpu_s);
         report.coordinator_peak_rss_kb = Some(a.peak_rss_kb);
@@ -189,17 +196,27 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-/// Starts `tandem serve` for the bench: the default config, except that
-/// with a recovery measurement retries wait long (the backlog is built
-/// while participants fail, and should not be busy retrying).
+/// Starts `tandem serve` for the bench: the default config, except the
+/// retention, and with a recovery measurement retries that wait long (the
+/// backlog is built while participants fail, and should not be busy
+/// retrying).
 fn start_coordinator(
     dir: &std::path::Path,
     listen: &str,
-    slow_retries: bool,
+    options: &BenchOptions,
 ) -> anyhow::Result<Proc> {
     let data = dir.to_string_lossy().to_string();
-    let mut args = vec!["serve", "--listen", listen, "--data-dir", &data];
-    if slow_retries {
+    let retention = format!("{}ms", options.retention.as_millis());
+    let mut args = vec![
+        "serve",
+        "--listen",
+        listen,
+        "--data-dir",
+        &data,
+        "--retention",
+        &retention,
+    ];
+    if options.recovery.is_some() {
         args.extend([
             "--retry-initial",
             "60s",
@@ -210,6 +227,21 @@ fn start_coordinator(
         ]);
     }
     Proc::spawn(&args)
+}
+
+/// Bytes of the files under `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// The echo floor: `concurrency` callers, round-robin over participants.
@@ -441,7 +473,7 @@ async fn recover(
             .await?;
     }
     let restarted_at = Instant::now();
-    let restarted = start_coordinator(dir, &addr, false)?;
+    let restarted = start_coordinator(dir, &addr, options)?;
     let want = base + piled * options.branches as u64;
     loop {
         if counts(benches).await?.commits >= want {

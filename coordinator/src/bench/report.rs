@@ -108,6 +108,9 @@ pub struct Report {
     pub coordinator_cpu_s: Option<f64>,
     /// Coordinator peak RSS, KiB (when the bench started it).
     pub coordinator_peak_rss_kb: Option<u64>,
+    /// Size of the coordinator's data dir at the end, MiB (when the bench
+    /// started it).
+    pub data_dir_mb: Option<f64>,
     /// Commits the participants counted during the run.
     pub participant_commits: u64,
     /// Every counted transaction shows one commit per branch.
@@ -141,6 +144,7 @@ impl Report {
             batch: 0.0,
             coordinator_cpu_s: None,
             coordinator_peak_rss_kb: None,
+            data_dir_mb: None,
             participant_commits: 0,
             verified: false,
             recovery: None,
@@ -201,12 +205,13 @@ impl fmt::Display for Report {
         match (self.coordinator_cpu_s, self.coordinator_peak_rss_kb) {
             (Some(cpu), Some(rss)) => writeln!(
                 f,
-                "  coordinator  {:.3} CPU s per 1k tx, peak RSS {:.1} MiB{}",
+                "  coordinator  {:.3} CPU s per 1k tx, peak RSS {:.1} MiB{}, data dir {:.1} MiB",
                 cpu * 1000.0 / r.committed.max(1) as f64,
                 rss as f64 / 1024.0,
                 r.rss_after_first_minute_kb
                     .map(|k| format!(" (RSS after 1 min {:.1} MiB)", k as f64 / 1024.0))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                self.data_dir_mb.unwrap_or(0.0)
             )?,
             _ => writeln!(f, "  coordinator  (not started by the bench: no CPU / RSS)")?,
         }

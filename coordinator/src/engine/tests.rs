@@ -57,7 +57,8 @@ fn all_yes_forces_before_any_commit_call() {
             Command::PhaseOne { branch: 2 }
         ]
     );
-    assert_eq!(yes(&mut t, 1), vec![Command::Persist]);
+    // A yes alone is not written: the decision's write carries it.
+    assert_eq!(yes(&mut t, 1), vec![]);
     let cmds = yes(&mut t, 2);
     assert_eq!(cmds, vec![Command::ForceDecision]);
     assert_eq!(t.record().state, TxState::Committing);
@@ -509,4 +510,40 @@ fn operator_abort_only_undecided() {
         )
         .expect_err("commit decided");
     assert!(err.to_string().contains("never reversed"), "{err}");
+}
+
+// The write budget of a one-shot commit: the record before phase 1, the
+// forced decision, the final state; votes and acks ride along with those.
+#[test]
+fn a_one_shot_commit_writes_the_record_three_times() {
+    let writes = |cmds: &[Command]| {
+        cmds.iter()
+            .filter(|c| {
+                matches!(
+                    c,
+                    Command::Persist | Command::Force | Command::ForceDecision
+                )
+            })
+            .count()
+    };
+    let (mut t, cmds) = one_shot(Mode::Tcc, 3);
+    let mut total = writes(&cmds);
+    for b in 1..=3 {
+        total += writes(&yes(&mut t, b));
+    }
+    total += writes(&t.handle(Event::DecisionDurable, NOW).expect("durable"));
+    for b in 1..=3 {
+        let cmds = t
+            .handle(
+                Event::PhaseTwo {
+                    branch: b,
+                    result: Ok(()),
+                },
+                NOW,
+            )
+            .expect("ack");
+        total += writes(&cmds);
+    }
+    assert_eq!(t.record().state, TxState::Committed);
+    assert_eq!(total, 3);
 }

@@ -1,7 +1,8 @@
 //! How records are laid out on disk: protobuf messages (prost derive), so a
-//! later version can add fields and still read old logs. Payloads are stored
-//! apart from the record (see `SledLog`), so they are not part of these
-//! messages.
+//! later version can add fields and still read old logs. A payload of at
+//! most [`INLINE_PAYLOAD_MAX`] bytes travels inside the record (rewriting a
+//! few bytes beats a second tree's write, lookup and removal); a larger one
+//! is stored apart, once (see `SledLog`).
 
 use bytes::Bytes;
 use prost::Message;
@@ -51,6 +52,17 @@ struct StoredBranch {
     updated_ms: u64,
     #[prost(uint64, tag = "7")]
     next_attempt_ms: u64,
+    /// The payload, when small enough to travel with the record.
+    #[prost(bytes = "bytes", optional, tag = "8")]
+    inline_payload: Option<Bytes>,
+}
+
+/// Largest payload kept inside the record.
+pub(super) const INLINE_PAYLOAD_MAX: usize = 512;
+
+/// Whether a branch's payload is stored apart from the record.
+pub(super) fn stored_apart(payload: &[u8]) -> bool {
+    payload.len() > INLINE_PAYLOAD_MAX
 }
 
 fn mode_code(mode: Mode) -> u32 {
@@ -83,7 +95,7 @@ fn branch_code(state: BranchState) -> u32 {
     }
 }
 
-/// Encodes a record without its payloads.
+/// Encodes a record with its small payloads.
 pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
     StoredTxn {
         version: VERSION,
@@ -109,13 +121,15 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
                 last_error: b.last_error.clone(),
                 updated_ms: b.updated_ms,
                 next_attempt_ms: b.next_attempt_ms,
+                inline_payload: (!stored_apart(&b.payload)).then(|| b.payload.clone()),
             })
             .collect(),
     }
     .encode_to_vec()
 }
 
-/// Decodes a record; `payload(branch_id)` supplies each branch's payload.
+/// Decodes a record; `payload(branch_id)` supplies each payload stored
+/// apart.
 pub(super) fn decode(
     gtid: Gtid,
     bytes: &[u8],
@@ -159,7 +173,10 @@ pub(super) fn decode(
             id,
             endpoint: b.endpoint,
             resource: b.resource,
-            payload: payload(id)?,
+            payload: match b.inline_payload {
+                Some(p) => p,
+                None => payload(id)?,
+            },
             state,
             attempts: b.attempts,
             last_error: b.last_error,
@@ -183,5 +200,13 @@ pub(super) fn decode(
         updated_ms: stored.updated_ms,
         deadline_ms: stored.deadline_ms,
         branches,
+    })
+}
+
+/// Whether an encoded record has a payload stored apart (so removing it
+/// must remove those too).
+pub(super) fn has_payloads_apart(bytes: &[u8]) -> bool {
+    StoredTxn::decode(bytes).map_or(true, |t| {
+        t.branches.iter().any(|b| b.inline_payload.is_none())
     })
 }

@@ -30,13 +30,14 @@ pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
     remove_forgets_record_and_payloads(&make());
 }
 
-/// `remove` drops a record and its payloads; others stay; removing an
-/// unknown gtid is fine.
+/// `remove` drops a record and its payloads (small and large); others
+/// stay; removing an unknown gtid is fine.
 pub fn remove_forgets_record_and_payloads(log: &impl TxnLog) {
-    let (a, b) = (
+    let (mut a, b) = (
         sample_record(Mode::TwoPhase, 2),
         sample_record(Mode::Tcc, 1),
     );
+    a.branches[1].payload = Bytes::from(vec![7u8; 4096]);
     log.write(&a).expect("write a");
     log.write(&b).expect("write b");
     log.remove(&a.gtid).expect("remove a");
@@ -54,7 +55,8 @@ pub fn remove_forgets_record_and_payloads(log: &impl TxnLog) {
     assert_eq!(all.len(), 1, "scan still lists a removed record");
     // Written again (same gtid), it comes back whole with its new payloads.
     let mut again = a.clone();
-    again.branches[0].payload = bytes::Bytes::from_static(b"new");
+    again.branches[0].payload = Bytes::from_static(b"new");
+    again.branches[1].payload = Bytes::from(vec![9u8; 4096]);
     log.write(&again).expect("rewrite");
     assert_eq!(log.get(&a.gtid).expect("get"), Some(again));
 }

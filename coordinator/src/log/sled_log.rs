@@ -8,13 +8,14 @@
 //! Concurrent decisions therefore share one physical flush. See the
 //! `tandem_sdk::sled_sync` docs for the measurements behind this.
 //!
-//! Payloads live in their own tree, written once per branch, and segments
-//! are 8 MiB, so blobs are rare and the record rewritten on each state change
-//! stays small.
+//! Large payloads live in their own tree, written once per branch, and
+//! segments are 8 MiB, so blobs are rare and the record rewritten on each
+//! state change stays small.
 //!
-//! Layout: tree `txns` maps the 16 gtid bytes to the encoded record (without
-//! payloads); tree `payloads` maps gtid ++ branch id (big-endian u32) to the
-//! payload, written once when the branch first appears.
+//! Layout: tree `txns` maps the 16 gtid bytes to the encoded record, with
+//! payloads of at most 512 bytes inside it; tree `payloads` maps gtid ++
+//! branch id (big-endian u32) to each larger payload, written once when the
+//! branch first appears.
 
 use std::path::Path;
 
@@ -121,7 +122,11 @@ fn payload_key(gtid: &Gtid, branch: u32) -> [u8; 20] {
 impl TxnLog for SledLog {
     fn write(&self, record: &TxnRecord) -> Result<(), LogError> {
         self.sync().check()?;
-        for b in &record.branches {
+        for b in record
+            .branches
+            .iter()
+            .filter(|b| codec::stored_apart(&b.payload))
+        {
             let key = payload_key(&record.gtid, b.id);
             // Payloads never change; store each once (before the record that
             // names it, so a reader never sees a branch without its payload).
@@ -145,12 +150,15 @@ impl TxnLog for SledLog {
     fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
         self.sync().check()?;
         // The record first: a reader never sees a branch without its payload.
-        self.txns
+        let removed = self
+            .txns
             .remove(gtid.as_bytes())
             .map_err(|e| self.latch(e))?;
-        for item in self.payloads.scan_prefix(gtid.as_bytes()) {
-            let (key, _) = item.map_err(|e| self.latch(e))?;
-            self.payloads.remove(key).map_err(|e| self.latch(e))?;
+        if removed.is_some_and(|bytes| codec::has_payloads_apart(&bytes)) {
+            for item in self.payloads.scan_prefix(gtid.as_bytes()) {
+                let (key, _) = item.map_err(|e| self.latch(e))?;
+                self.payloads.remove(key).map_err(|e| self.latch(e))?;
+            }
         }
         Ok(())
     }

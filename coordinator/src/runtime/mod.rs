@@ -202,11 +202,11 @@ impl Coordinator {
         };
         let cmds = inner.step(&entry, Event::Commit)?;
         inner.run(&entry, cmds).await?;
-        let rec = entry.lock().record().clone();
-        match reported_state(&rec) {
+        let txn = entry.lock();
+        match reported_state(txn.record()) {
             TxState::Aborting | TxState::Aborted => Err(CoordError::Aborted {
                 gtid,
-                reason: rec.reason,
+                reason: txn.record().reason.clone(),
             }),
             state => Ok(state),
         }
@@ -282,11 +282,15 @@ impl Coordinator {
             return Err(inner.halt(e));
         }
         let mut replies = inner.run(&entry, cmds).await?;
-        let rec = entry.lock().record().clone();
+        let (state, reason) = {
+            let txn = entry.lock();
+            let rec = txn.record();
+            (reported_state(rec), rec.reason.clone())
+        };
         Ok(SubmitOutcome {
             gtid,
-            state: reported_state(&rec),
-            reason: rec.reason,
+            state,
+            reason,
             replies: (1..=n as BranchId)
                 .map(|id| replies.remove(&id).unwrap_or_default())
                 .collect(),

@@ -29,7 +29,7 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl AdminRpc for AdminService {
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn list_transactions(
         &self,
         req: Request<pb::ListTransactionsRequest>,
@@ -70,7 +70,7 @@ impl AdminRpc for AdminService {
         }))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn get_transaction(
         &self,
         req: Request<pb::AdminGetTransactionRequest>,
@@ -92,7 +92,7 @@ impl AdminRpc for AdminService {
         }))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn retry_transaction(
         &self,
         req: Request<pb::RetryTransactionRequest>,
@@ -103,7 +103,7 @@ impl AdminRpc for AdminService {
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn abort_transaction(
         &self,
         req: Request<pb::AbortTransactionRequest>,

@@ -27,7 +27,7 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl CoordinatorRpc for CoordinatorService {
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn begin(
         &self,
         req: Request<pb::BeginRequest>,
@@ -44,7 +44,7 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn enlist(
         &self,
         req: Request<pb::EnlistRequest>,
@@ -56,7 +56,7 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(pb::EnlistResponse { branch_id, reply }))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn commit(
         &self,
         req: Request<pb::CommitRequest>,
@@ -68,7 +68,7 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn rollback(
         &self,
         req: Request<pb::RollbackRequest>,
@@ -81,7 +81,7 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(skip_all)]
+    #[instrument(level = "debug", skip_all)]
     async fn submit(
         &self,
         req: Request<pb::SubmitRequest>,
@@ -106,7 +106,7 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn get_transaction(
         &self,
         req: Request<pb::GetTransactionRequest>,
@@ -115,7 +115,7 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
     }
 
-    #[instrument(skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn get_outcome(
         &self,
         req: Request<pb::GetOutcomeRequest>,
