@@ -50,7 +50,7 @@ impl SledLog {
     pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 
     const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
-    const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+    const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
     /// Opens (creating if needed) the log in `dir`.
     ///
@@ -69,6 +69,9 @@ impl SledLog {
             .segment_size(Self::SEGMENT_SIZE)
             // Bounded page cache: memory stays flat however big the log.
             .cache_capacity(Self::CACHE_BYTES)
+            // Reclaim the space of removed records eagerly: with retention
+            // purging continuously, the data dir must not keep growing.
+            .mode(sled::Mode::LowSpace)
             .open()
             .map_err(|e| storage("cannot open sled log in", &e))?;
         let txns = db
