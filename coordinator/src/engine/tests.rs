@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::RetryPolicy;
+use bytes::Bytes;
 
 const NOW: u64 = 1_000;
 const DEADLINE: u64 = 61_000;

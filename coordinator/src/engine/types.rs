@@ -1,0 +1,137 @@
+//! The engine's vocabulary: the events it takes, the commands it gives, and
+//! its refusal.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::model::{BranchId, Gtid, TxState};
+
+/// Something that happened to a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The client adds a branch to an ACTIVE transaction.
+    Enlist(NewBranch),
+    /// A phase-1 (prepare / try) call returned.
+    PhaseOne {
+        /// Which branch.
+        branch: BranchId,
+        /// What it said.
+        vote: Vote,
+    },
+    /// The client asks to commit an interactive transaction.
+    Commit,
+    /// The client asks to roll back.
+    Rollback {
+        /// Why, from the client; may be empty.
+        reason: String,
+    },
+    /// The global deadline passed.
+    DeadlinePassed,
+    /// The commit decision requested by [`Command::ForceDecision`] is on disk.
+    DecisionDurable,
+    /// A phase-2 call returned.
+    PhaseTwo {
+        /// Which branch.
+        branch: BranchId,
+        /// `Err` carries the error text; the call will be retried.
+        result: Result<(), String>,
+    },
+    /// A retry scheduled by [`Command::RetryLater`] is due.
+    RetryDue {
+        /// Which branch.
+        branch: BranchId,
+    },
+    /// An operator asks to drive the transaction now (`tandem tx retry`):
+    /// phase 2 of a STUCK or retrying transaction runs at once with a fresh
+    /// retry budget; an undecided one past its deadline aborts.
+    OperatorRetry,
+    /// An operator asks to abort an undecided transaction (`tandem tx abort`).
+    OperatorAbort {
+        /// Why, from the operator; may be empty.
+        reason: String,
+    },
+}
+
+/// A branch as the client describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBranch {
+    /// Participant endpoint (already validated).
+    pub endpoint: String,
+    /// Handler name.
+    pub resource: String,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// The result of a phase-1 call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared / tried.
+    Yes,
+    /// The participant refused; it holds nothing.
+    No(String),
+    /// The call failed or timed out; the participant may hold work.
+    Failed(String),
+}
+
+/// Something the runtime must do, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Write the record to the log (not forced).
+    Persist,
+    /// Write the record and wait until it is durable before carrying out the
+    /// commands after this one (a new branch before its phase-1 call).
+    Force,
+    /// Write the record and force it; then send [`Event::DecisionDurable`].
+    ForceDecision,
+    /// Send the phase-1 call (prepare / try) of this branch.
+    PhaseOne {
+        /// Which branch.
+        branch: BranchId,
+    },
+    /// Send a phase-2 call of this branch.
+    PhaseTwo {
+        /// Which branch.
+        branch: BranchId,
+        /// Commit / confirm when true, rollback / cancel when false.
+        commit: bool,
+        /// 1 for the first call, 2 for the first retry, ...
+        attempt: u32,
+    },
+    /// Wait `delay` (chosen by the retry policy), then send
+    /// [`Event::RetryDue`].
+    RetryLater {
+        /// Which branch.
+        branch: BranchId,
+        /// How long to wait.
+        delay: Duration,
+    },
+    /// The transaction reached a terminal state, or STUCK: forget it.
+    Finished,
+}
+
+/// A request that does not fit the transaction's state. Nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The transaction is in the wrong state for the request.
+    #[error("transaction {gtid} is {state}: cannot {action}{detail}")]
+    WrongState {
+        /// Which transaction.
+        gtid: Gtid,
+        /// Its state.
+        state: TxState,
+        /// What was asked.
+        action: &'static str,
+        /// More words, starting with "; " or empty.
+        detail: String,
+    },
+    /// Commit was asked while a branch's phase 1 had not returned.
+    #[error("transaction {gtid}: branch {branch} has not answered its phase-1 call yet")]
+    BranchInFlight {
+        /// Which transaction.
+        gtid: Gtid,
+        /// Which branch.
+        branch: BranchId,
+    },
+}
