@@ -34,8 +34,12 @@ pub(crate) async fn phase_one(
     let vote = call
         .await
         .map_err(|e| Status::internal(format!("{verb} failed: {e}")))?;
-    if matches!(vote, Vote::No { .. }) {
-        entry.put(Mark::Refused).await.map_err(unavailable)?;
+    match vote {
+        Vote::No { .. } => entry.put(Mark::Refused).await.map_err(unavailable)?,
+        // The reservation must be as durable as the promise: a handler that
+        // wrote it in the barrier's store (SledBarrier::transaction) would
+        // otherwise vote yes on a write a crash can still take back.
+        Vote::Yes { .. } => entry.sync().await.map_err(unavailable)?,
     }
     Ok(vote)
 }

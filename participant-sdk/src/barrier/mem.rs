@@ -77,6 +77,10 @@ impl BarrierEntry for MemEntry {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     fn put_tried<'a>(
         &'a mut self,
         resource: &'a str,

@@ -262,6 +262,12 @@ pub trait BarrierEntry: Send {
     /// [`put_tried`](BarrierEntry::put_tried) kept.
     fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>>;
 
+    /// Returns once everything written to the store so far is durable,
+    /// including a handler's own writes in the same store (see
+    /// [`SledBarrier::transaction`]). Called before a yes vote is sent: a
+    /// participant must never promise a reservation it could lose.
+    fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>>;
+
     /// Stores [`Mark::Tried`] together with the branch's resource and
     /// payload, which in-doubt resolution needs to call the handler's
     /// confirm or cancel without the coordinator; durable on return.

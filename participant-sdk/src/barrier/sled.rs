@@ -204,6 +204,11 @@ impl BarrierEntry for SledEntry {
         })
     }
 
+    fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
+        let synced = self.store.inner.sync.sync();
+        Box::pin(async move { synced.await.map_err(|e| BarrierError(e.to_string())) })
+    }
+
     fn put_tried<'a>(
         &'a mut self,
         resource: &'a str,

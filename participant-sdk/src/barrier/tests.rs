@@ -131,3 +131,98 @@ async fn key_locks_forget_released_keys() {
     waiter.await.expect("waiter");
     assert_eq!(locks.len(), 0);
 }
+
+/// A store that counts `sync` calls, around a MemBarrier.
+#[derive(Clone, Default)]
+struct CountingStore {
+    inner: MemBarrier,
+    syncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct CountingEntry {
+    inner: Box<dyn BarrierEntry>,
+    syncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BarrierEntry for CountingEntry {
+    fn record(&self) -> Option<BarrierRecord> {
+        self.inner.record()
+    }
+    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
+        self.inner.put(mark)
+    }
+    fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.sync()
+    }
+    fn put_tried<'a>(
+        &'a mut self,
+        resource: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), BarrierError>> {
+        self.inner.put_tried(resource, payload)
+    }
+}
+
+impl BarrierStore for CountingStore {
+    fn enter(&self, key: BranchKey) -> BoxFuture<'_, Result<Box<dyn BarrierEntry>, BarrierError>> {
+        Box::pin(async move {
+            let inner = self.inner.enter(key).await?;
+            Ok(Box::new(CountingEntry {
+                inner,
+                syncs: self.syncs.clone(),
+            }) as Box<dyn BarrierEntry>)
+        })
+    }
+    fn in_doubt(
+        &self,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
+        self.inner.in_doubt(before_ms, limit)
+    }
+    fn purge(
+        &self,
+        from: Option<BranchKey>,
+        before_ms: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PurgePage, BarrierError>> {
+        self.inner.purge(from, before_ms, limit)
+    }
+}
+
+// Rule: a yes vote is sent only after the store is synced, so a reservation
+// the handler wrote in the barrier's store is durable before it is promised
+// (found by the crash loop: a participant killed right after voting yes
+// lost its hold and later "confirmed" nothing, creating money).
+#[tokio::test]
+async fn a_yes_vote_waits_for_the_store_to_be_synced() {
+    use crate::handler::{BranchContext, Vote};
+    let store = CountingStore::default();
+    let ctx = BranchContext {
+        gtid: uuid::Uuid::now_v7(),
+        branch_id: 1,
+        resource: "r".into(),
+        attempt: 1,
+        phase: Phase::Try,
+    };
+    let yes: crate::handler::BoxFuture<'_, _> = Box::pin(async { Ok(Vote::yes()) });
+    let vote = gate::phase_one(&store, &ctx, b"p", "try", yes)
+        .await
+        .expect("try");
+    assert_eq!(vote, Vote::yes());
+    assert_eq!(store.syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let ctx2 = BranchContext {
+        branch_id: 2,
+        ..ctx
+    };
+    let no: crate::handler::BoxFuture<'_, _> = Box::pin(async { Ok(Vote::no("full")) });
+    gate::phase_one(&store, &ctx2, b"p", "try", no)
+        .await
+        .expect("try");
+    assert_eq!(
+        store.syncs.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a no is stored (durably) by put, not by an extra sync"
+    );
+}
