@@ -1,8 +1,10 @@
 //! Named crash points for tests: with the `failpoints` cargo feature, the
 //! process aborts (no destructors, no flushes, as in a power cut or
 //! SIGKILL) when it reaches the point named by the `TANDEM_FAILPOINT`
-//! environment variable. Without the feature, [`hit`] compiles to nothing,
-//! so release builds cannot be made to crash this way.
+//! environment variable. Without the feature, [`hit`] compiles to nothing.
+//! The tests crate turns the feature on, so build the shipped binary from
+//! its own package (`cargo build --release -p tandem-coordinator`): a
+//! whole-workspace build unifies features and would include it.
 //!
 //! The points, in protocol order:
 //! - `after-branch-recorded`: a branch is in the log, its phase-1 call not
