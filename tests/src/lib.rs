@@ -120,6 +120,16 @@ impl Scripted {
         Self::new(name, Script::default(), None)
     }
 
+    /// A participant that votes yes but fails every phase-2 call until the
+    /// test sets `script.phase_two_failures` back to 0.
+    pub fn phase_two_down(name: &str) -> Arc<Self> {
+        let script = Script {
+            phase_two_failures: u32::MAX.into(),
+            ..Script::default()
+        };
+        Self::new(name, script, None)
+    }
+
     /// (prepares, commits, rollbacks).
     pub fn counts(&self) -> (usize, usize, usize) {
         (

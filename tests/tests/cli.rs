@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tandem_sdk::{Branch, Mode, TransactionClient};
 use tandem_tests::process::{Serve, tandem};
-use tandem_tests::{Script, Scripted, eventually};
+use tandem_tests::{Scripted, eventually};
 
 fn json(out: &str) -> serde_json::Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
@@ -34,14 +34,7 @@ async fn stuck_transaction_is_listed_shown_refused_and_retried() {
     );
     let url = serve.url.as_str();
     let ok = Scripted::yes("ok");
-    let down = Scripted::new(
-        "down",
-        Script {
-            phase_two_failures: 1_000_000.into(),
-            ..Script::default()
-        },
-        None,
-    );
+    let down = Scripted::phase_two_down("down");
     let (p_ok, p_down) = (ok.serve_tcc().await, down.serve_tcc().await);
     let client = TransactionClient::connect(url).await.expect("connect");
     let done = client

@@ -10,7 +10,7 @@ use tandem_coordinator::log::MemLog;
 use tandem_coordinator::model::{Mode, TxState};
 use tandem_coordinator::{Coordinator, RunningCoordinator};
 use tandem_sdk::TransactionClient;
-use tandem_tests::{Script, Scripted, eventually, pair, test_config};
+use tandem_tests::{Scripted, eventually, pair, test_config};
 
 // Rule: an ACTIVE transaction past its deadline aborts by itself, and one
 // still within it does not. Paused time: the minute passes instantly.
@@ -49,14 +49,7 @@ async fn phase_two_retries_back_off_then_stop_at_stuck() {
         .await
         .expect("start");
     let ok = Scripted::yes("ok");
-    let down = Scripted::new(
-        "down",
-        Script {
-            phase_two_failures: 1_000.into(),
-            ..Script::default()
-        },
-        None,
-    );
+    let down = Scripted::phase_two_down("down");
     let (p_ok, p_down) = (ok.serve().await, down.serve().await);
     let client = TransactionClient::connect(coord.url())
         .await
@@ -119,14 +112,7 @@ async fn retention_removes_finished_records_and_keeps_stuck_ones() {
         .await
         .expect("start");
     let (a, b) = (Scripted::yes("a"), Scripted::yes("b"));
-    let down = Scripted::new(
-        "down",
-        Script {
-            phase_two_failures: 1_000.into(),
-            ..Script::default()
-        },
-        None,
-    );
+    let down = Scripted::phase_two_down("down");
     let (pa, pb, pd) = (a.serve().await, b.serve().await, down.serve().await);
     let client = TransactionClient::connect(coord.url())
         .await
