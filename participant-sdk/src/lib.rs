@@ -17,6 +17,9 @@
 //!   coordinator ([`ParticipantServer::resolve_in_doubt`]).
 //! - [`error`]: [`Error`], the typed errors of the client.
 //! - [`sled_sync`]: durable writes to a sled database, with group commit.
+//! - `postgres` (feature `postgres`): 2PC on PostgreSQL prepared
+//!   transactions, a barrier store in the handler's own transaction, and
+//!   resolution of prepared transactions a crash left behind.
 //!
 //! # Example
 //!
@@ -64,6 +67,8 @@ pub mod client;
 pub mod error;
 pub mod handler;
 mod in_doubt;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod server;
 pub mod sled_sync;
 

@@ -39,7 +39,7 @@
 //! [`spawn_retention`]; `Tried` records are never removed, since their branch
 //! still waits for its outcome.
 
-mod locks;
+pub(crate) mod locks;
 mod mem;
 mod retention;
 mod sled;

@@ -1,0 +1,143 @@
+//! Finishing prepared transactions that no call will finish: a participant
+//! killed after `PREPARE TRANSACTION` leaves the transaction, and its row
+//! locks, in `pg_prepared_xacts`. The coordinator does call phase 2 again,
+//! but only while it knows the transaction; the resolver asks it
+//! (`GetOutcome`) and commits or rolls back itself, so that locks are never
+//! held longer than the coordinator takes to answer.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tonic::transport::Endpoint;
+
+use super::two_phase::finish_prepared;
+use super::{PgBarrier, PgError, parse_gid};
+use crate::barrier::{BarrierStore, Mark};
+use crate::client::{Outcome, TransactionClient};
+
+/// What one [`resolve_prepared`] round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Prepared transactions committed (the coordinator decided commit).
+    pub committed: usize,
+    /// Rolled back (decided abort, or a transaction the coordinator never
+    /// recorded: presumed abort).
+    pub rolled_back: usize,
+    /// Left prepared: the coordinator has not decided yet.
+    pub pending: usize,
+}
+
+/// Why a round stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The database failed.
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    /// The coordinator could not be asked; what was resolved before stays.
+    #[error("cannot ask the coordinator: {0}")]
+    Coordinator(#[from] crate::Error),
+    /// The barrier store failed.
+    #[error(transparent)]
+    Barrier(#[from] crate::barrier::BarrierError),
+}
+
+const LIST: &str = "SELECT gid FROM pg_prepared_xacts
+    WHERE database = current_database() AND gid LIKE 'tandem:%'
+      AND prepared < now() - make_interval(secs => $1)
+    ORDER BY prepared";
+
+/// Asks the coordinator about every Tandem prepared transaction in the
+/// barrier's database prepared more than `older_than` ago, and commits or
+/// rolls back the decided ones (through the barrier, so its records agree).
+///
+/// # Errors
+///
+/// The database or the coordinator failed; transactions handled before
+/// that stay handled.
+pub async fn resolve_prepared(
+    barrier: &PgBarrier,
+    coordinator: &TransactionClient,
+    older_than: Duration,
+) -> Result<Resolved, ResolveError> {
+    let gids: Vec<String> = {
+        let conn = barrier.pool().get().await.map_err(PgError::from)?;
+        conn.query(LIST, &[&older_than.as_secs_f64()])
+            .await
+            .map_err(PgError::from)?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect()
+    };
+    let mut done = Resolved::default();
+    for key in gids.iter().filter_map(|g| parse_gid(g)) {
+        let commit = match coordinator.outcome(key.gtid).await? {
+            Outcome::Pending => {
+                done.pending += 1;
+                continue;
+            }
+            Outcome::Commit => true,
+            Outcome::Abort => false,
+        };
+        // Under the branch's lock, as a phase-2 call would run.
+        let mut entry = barrier.enter(key).await?;
+        finish_prepared(barrier.pool(), key, commit).await?;
+        if entry.record().map(|r| r.mark) == Some(Mark::Tried) {
+            entry
+                .put(if commit {
+                    Mark::Confirmed
+                } else {
+                    Mark::Cancelled
+                })
+                .await?;
+        }
+        let outcome = if commit { "commit" } else { "rollback" };
+        tracing::info!(gtid = %key.gtid, branch = key.branch_id, outcome, "prepared transaction resolved");
+        if commit {
+            done.committed += 1;
+        } else {
+            done.rolled_back += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Runs [`resolve_prepared`] at once (for what a previous process left) and
+/// then every `every`, asking the coordinator at `coordinator`
+/// (`http://host:port`) about transactions prepared more than `every` ago.
+/// Abort the task to stop it.
+pub fn spawn_prepared_resolver(
+    barrier: PgBarrier,
+    coordinator: String,
+    every: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = match Endpoint::from_shared(coordinator.clone()) {
+            Ok(e) => TransactionClient::from_channel(
+                e.connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(10))
+                    .connect_lazy(),
+            ),
+            Err(e) => {
+                tracing::error!(%coordinator, error = %e, "prepared-transaction resolution disabled: bad coordinator address");
+                return;
+            }
+        };
+        let mut older_than = Duration::ZERO;
+        loop {
+            match resolve_prepared(&barrier, &client, older_than).await {
+                Ok(r) if r == Resolved::default() => {}
+                Ok(r) => tracing::info!(
+                    committed = r.committed,
+                    rolled_back = r.rolled_back,
+                    pending = r.pending,
+                    "prepared transactions resolved"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "prepared-transaction resolution failed; retrying")
+                }
+            }
+            older_than = every;
+            tokio::time::sleep(every).await;
+        }
+    })
+}

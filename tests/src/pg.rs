@@ -1,0 +1,245 @@
+//! A real PostgreSQL server per test: `initdb` into a temp dir and
+//! `pg_ctl start` on a free loopback port, stopped when dropped.
+//!
+//! PostgreSQL refuses to run as root, and CI runs as root: then every
+//! server command runs as the `postgres` user (or `nobody`) via `runuser`,
+//! over a data directory handed to that user.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tandem_sdk::postgres::{self, Pool, tokio_postgres};
+
+/// A running server; `pg_ctl stop -m immediate` on drop.
+pub struct PgServer {
+    /// The loopback port it listens on.
+    pub port: u16,
+    data: PathBuf,
+    run_as: Option<String>,
+    _root: tempfile::TempDir,
+}
+
+/// Where the server binaries are: on PATH, or Debian's versioned directory.
+fn pg_bin(name: &str) -> PathBuf {
+    let on_path = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if let Some(path) = on_path {
+        return path;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin").join(name))
+        .filter(|p| p.exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("{name} not found on PATH or in /usr/lib/postgresql/*/bin: install PostgreSQL")
+    })
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The user to run the server as when we are root.
+fn server_user() -> Option<String> {
+    if output(Command::new("id").arg("-u")) != "0" {
+        return None;
+    }
+    let exists = |u: &str| {
+        Command::new("id")
+            .arg(u)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    Some(
+        if exists("postgres") {
+            "postgres"
+        } else {
+            "nobody"
+        }
+        .to_string(),
+    )
+}
+
+impl PgServer {
+    /// initdb + start; panics with the server log if it does not come up.
+    pub fn start() -> PgServer {
+        let root = tempfile::tempdir().expect("tempdir");
+        let data = root.path().join("data");
+        std::fs::create_dir(&data).expect("mkdir data");
+        let run_as = server_user();
+        if let Some(user) = &run_as {
+            let uid: u32 = output(Command::new("id").args(["-u", user]))
+                .parse()
+                .expect("uid");
+            let gid: u32 = output(Command::new("id").args(["-g", user]))
+                .parse()
+                .expect("gid");
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data dir");
+        }
+        let mut server = PgServer {
+            port: 0,
+            data,
+            run_as,
+            _root: root,
+        };
+        let data = server.data.to_string_lossy().to_string();
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
+        // A few tries: the free port can be taken between probe and start.
+        for _ in 0..3 {
+            server.port = free_port();
+            let options = format!(
+                "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={data} \
+                 -c max_prepared_transactions=100 -c max_connections=300 \
+                 -c fsync=off -c full_page_writes=off -c shared_buffers=32MB",
+                server.port
+            );
+            // fsync=off: the tests kill participants and coordinators, never
+            // this server, so its own crash safety is not under test.
+            let log = format!("{data}/server.log");
+            if server.try_run(
+                "pg_ctl",
+                &[
+                    "start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &options,
+                ],
+            ) {
+                return server;
+            }
+        }
+        let log = std::fs::read_to_string(server.data.join("server.log")).unwrap_or_default();
+        panic!("PostgreSQL did not start:\n{log}");
+    }
+
+    fn command(&self, tool: &str, args: &[&str]) -> Command {
+        let bin = pg_bin(tool);
+        match &self.run_as {
+            Some(user) => {
+                let mut cmd = Command::new("runuser");
+                cmd.args(["-u", user, "--"]).arg(bin).args(args);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(bin);
+                cmd.args(args);
+                cmd
+            }
+        }
+    }
+
+    fn try_run(&self, tool: &str, args: &[&str]) -> bool {
+        let out = self
+            .command(tool, args)
+            .current_dir("/")
+            .output()
+            .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        if !out.status.success() {
+            eprintln!(
+                "{tool} failed: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out.status.success()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        assert!(self.try_run(tool, args), "{tool} {args:?} failed");
+    }
+
+    /// A connection string for `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database}",
+            self.port
+        )
+    }
+
+    /// Creates `database` (empty) and returns its connection string.
+    pub async fn create_database(&self, database: &str) -> String {
+        let client = self.connect("postgres").await;
+        client
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap_or_else(|e| panic!("create database {database}: {e}"));
+        self.url(database)
+    }
+
+    /// A plain connection to `database`, for checks.
+    pub async fn connect(&self, database: &str) -> tokio_postgres::Client {
+        connect(&self.url(database)).await
+    }
+
+    /// A pool on `database`.
+    pub fn pool(&self, database: &str) -> Pool {
+        postgres::pool(&self.url(database), 8).expect("pool")
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+}
+
+/// A plain connection, its driver task spawned.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Tandem's prepared transactions left in `client`'s database.
+pub async fn prepared_xacts(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() ORDER BY gid",
+            &[],
+        )
+        .await
+        .expect("pg_prepared_xacts")
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.data.to_string_lossy().to_string();
+        let _ = self
+            .command("pg_ctl", &["stop", "-m", "immediate", "-w", "-D", &data])
+            .current_dir("/")
+            .output();
+    }
+}
