@@ -4,6 +4,11 @@
 //!   held between prepare and commit).
 //! - [`sled_bank`]: the same shard with its accounts in sled, written in the
 //!   barrier's own transactions (durable across crashes).
+//! - [`pg_bank`]: the shard in PostgreSQL: 2PC on prepared transactions,
+//!   TCC with the barrier in the same transaction as the business change.
+//! - `src/bin/bank-postgres.rs`: serves one PostgreSQL shard, and audits
+//!   shards (sum, negative balances, leftover holds and prepared
+//!   transactions).
 //! - `src/bin/bank-participant.rs`: serves one bank shard (in memory, or in
 //!   sled with `--data-dir`).
 //! - `src/bin/transfer.rs`: a business service moving money between two
@@ -13,4 +18,5 @@
 //! process using [`bank`].
 
 pub mod bank;
+pub mod pg_bank;
 pub mod sled_bank;

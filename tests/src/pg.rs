@@ -243,3 +243,84 @@ impl Drop for PgServer {
             .output();
     }
 }
+
+/// A `bank-postgres serve` process (one shard), killed when dropped.
+pub struct Shard {
+    child: Option<std::process::Child>,
+    /// `http://addr`: the endpoint to enlist branches with.
+    pub url: String,
+    args: Vec<String>,
+}
+
+impl Shard {
+    /// Starts a shard over `db` holding `accounts` (1000 each), resolving
+    /// with `coordinator` when given; `extra` are more `serve` flags.
+    pub fn start(db: &str, accounts: &[&str], coordinator: Option<&str>, extra: &[&str]) -> Shard {
+        let mut args: Vec<String> = ["serve", "--db", db, "--accounts", &accounts.join(",")]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(c) = coordinator {
+            args.extend(["--coordinator".to_string(), c.to_string()]);
+        }
+        let mut shard = Shard {
+            child: None,
+            url: String::new(),
+            args,
+        };
+        shard.spawn("127.0.0.1:0", extra);
+        shard
+    }
+
+    fn spawn(&mut self, listen: &str, extra: &[&str]) {
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend(["--listen", listen]);
+        args.extend_from_slice(extra);
+        let (child, addr) = crate::process::spawn_listening(
+            &crate::process::workspace_bin("bank-postgres"),
+            &args,
+            &[],
+        );
+        self.child = Some(child);
+        self.url = format!("http://{addr}");
+    }
+
+    /// Kills it with SIGKILL (if it still runs) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until it exits by itself (a crash point); returns its status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        child.wait().expect("wait")
+    }
+
+    /// Starts it again on the same port with the same database, plus `extra`.
+    pub fn restart(&mut self, extra: &[&str]) {
+        self.kill();
+        let addr = self.url.trim_start_matches("http://").to_string();
+        self.spawn(&addr, extra);
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Balance of `account` in `client`'s database.
+pub async fn balance(client: &tokio_postgres::Client, account: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT balance FROM bank_accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("balance of {account}: {e}"))
+        .get(0)
+}
