@@ -112,20 +112,11 @@ impl PgServer {
         // A few tries: the free port can be taken between probe and start.
         for _ in 0..3 {
             server.port = free_port();
-            let options = format!(
-                "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={data} \
-                 -c max_prepared_transactions=100 -c max_connections=300 \
-                 -c fsync=off -c full_page_writes=off -c shared_buffers=32MB",
-                server.port
-            );
-            // fsync=off: the tests kill participants and coordinators, never
-            // this server, so its own crash safety is not under test.
             let log = format!("{data}/server.log");
+            let options = server.options();
             if server.try_run(
                 "pg_ctl",
-                &[
-                    "start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &options,
-                ],
+                &["start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &options],
             ) {
                 return server;
             }
@@ -196,6 +187,31 @@ impl PgServer {
     /// A pool on `database`.
     pub fn pool(&self, database: &str) -> Pool {
         postgres::pool(&self.url(database), 8).expect("pool")
+    }
+
+    /// Stops the server (fast shutdown: clients are disconnected).
+    pub fn stop(&self) {
+        let data = self.data.to_string_lossy().to_string();
+        self.run("pg_ctl", &["stop", "-m", "fast", "-w", "-D", &data]);
+    }
+
+    /// Starts a stopped server again on the same port.
+    pub fn restart(&self) {
+        let data = self.data.to_string_lossy().to_string();
+        let log = format!("{data}/server.log");
+        self.run("pg_ctl", &["start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &self.options()]);
+    }
+
+    fn options(&self) -> String {
+        let data = self.data.to_string_lossy();
+        // fsync=off: the tests kill participants and coordinators, never
+        // this server, so its own crash safety is not under test.
+        format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={data} \
+             -c max_prepared_transactions=100 -c max_connections=300 \
+             -c fsync=off -c full_page_writes=off -c shared_buffers=32MB",
+            self.port
+        )
     }
 
     /// The data directory.

@@ -2,6 +2,8 @@
 //! each test, bank shards as `bank-postgres` processes on two databases, a
 //! `tandem serve` coordinator process, and real kills.
 
+use std::time::Duration;
+
 use tandem_examples::bank::Leg;
 use tandem_proto::v1 as pb;
 use tandem_sdk::{Branch, Error, Mode, TransactionClient};
@@ -304,4 +306,49 @@ async fn tcc_empty_rollback_and_late_try_on_postgres() {
         (5, 0, 0),
         "EmptyCancelled, nothing held"
     );
+}
+
+// The database goes away. A prepare cannot run: the transfer aborts with
+// the driver's reason and nothing is prepared. A commit decided while the
+// database is down is retried until it is back, then applied on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_database_aborts_prepare_and_delays_commit() {
+    let bank = Bank::new().await;
+    let data = tempfile::tempdir().expect("data");
+    let coord = coordinator(data.path(), false);
+    let (s1, s2) = (bank.shard1(None, &[]), bank.shard2(None, &[]));
+    let client = TransactionClient::connect(&coord.url).await.expect("connect");
+
+    bank.pg.stop();
+    let refused = client
+        .submit(Mode::TwoPhase, transfer(&s1, &s2, 10, false))
+        .await;
+    match refused {
+        Err(Error::Aborted { reason, .. }) => {
+            eprintln!("abort reason with the database down: {reason}");
+            assert!(
+                reason.contains("postgres") || reason.contains("connection"),
+                "reason names the database: {reason}"
+            )
+        }
+        other => panic!("expected an abort, got {other:?}"),
+    }
+    bank.pg.restart();
+    assert!(bank.prepared().await.is_empty(), "nothing prepared");
+    assert_eq!(bank.balances().await, (1000, 1000));
+
+    // Both prepared, then the database stops before the commit.
+    let gtid = client.begin(Mode::TwoPhase).await.expect("begin");
+    for branch in transfer(&s1, &s2, 10, false) {
+        client.enlist(gtid, branch).await.expect("prepared");
+    }
+    bank.pg.stop();
+    let outcome = client.commit(gtid).await.expect("the decision is commit");
+    assert!(!outcome.complete, "phase 2 cannot finish without the database");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    bank.pg.restart();
+    eventually_async("the commit is retried until applied", || async {
+        bank.prepared().await.is_empty() && bank.balances().await == (990, 1010)
+    })
+    .await;
 }
