@@ -112,12 +112,7 @@ impl PgServer {
         // A few tries: the free port can be taken between probe and start.
         for _ in 0..3 {
             server.port = free_port();
-            let log = format!("{data}/server.log");
-            let options = server.options();
-            if server.try_run(
-                "pg_ctl",
-                &["start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &options],
-            ) {
+            if server.pg_start() {
                 return server;
             }
         }
@@ -197,9 +192,18 @@ impl PgServer {
 
     /// Starts a stopped server again on the same port.
     pub fn restart(&self) {
+        assert!(self.pg_start(), "PostgreSQL did not restart");
+    }
+
+    /// `pg_ctl start`, waiting until it accepts connections.
+    fn pg_start(&self) -> bool {
         let data = self.data.to_string_lossy().to_string();
         let log = format!("{data}/server.log");
-        self.run("pg_ctl", &["start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &self.options()]);
+        let options = self.options();
+        let args = [
+            "start", "-w", "-t", "60", "-D", &data, "-l", &log, "-o", &options,
+        ];
+        self.try_run("pg_ctl", &args)
     }
 
     fn options(&self) -> String {

@@ -317,7 +317,9 @@ async fn unreachable_database_aborts_prepare_and_delays_commit() {
     let data = tempfile::tempdir().expect("data");
     let coord = coordinator(data.path(), false);
     let (s1, s2) = (bank.shard1(None, &[]), bank.shard2(None, &[]));
-    let client = TransactionClient::connect(&coord.url).await.expect("connect");
+    let client = TransactionClient::connect(&coord.url)
+        .await
+        .expect("connect");
 
     bank.pg.stop();
     let refused = client
@@ -344,7 +346,10 @@ async fn unreachable_database_aborts_prepare_and_delays_commit() {
     }
     bank.pg.stop();
     let outcome = client.commit(gtid).await.expect("the decision is commit");
-    assert!(!outcome.complete, "phase 2 cannot finish without the database");
+    assert!(
+        !outcome.complete,
+        "phase 2 cannot finish without the database"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     bank.pg.restart();
     eventually_async("the commit is retried until applied", || async {
