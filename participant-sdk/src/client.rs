@@ -334,6 +334,23 @@ pub enum Outcome {
     Abort,
 }
 
+/// A client for a participant's background questions to the coordinator
+/// (`GetOutcome`): connects on first use, 5 s to connect, 10 s per call;
+/// `None` (logged, naming `what`) for an address that does not parse.
+pub(crate) fn background_client(coordinator: &str, what: &str) -> Option<TransactionClient> {
+    match Endpoint::from_shared(coordinator.to_string()) {
+        Ok(e) => Some(TransactionClient::from_channel(
+            e.connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10))
+                .connect_lazy(),
+        )),
+        Err(e) => {
+            tracing::error!(%coordinator, error = %e, "{what} disabled: bad coordinator address");
+            None
+        }
+    }
+}
+
 impl TransactionClient {
     /// The outcome of `gtid`, for a participant holding one of its branches
     /// (in-doubt resolution; [`ParticipantServer::resolve_in_doubt`] does

@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 
 use crate::barrier::{InDoubt, now_ms};
 use crate::client::{Outcome, TransactionClient};
@@ -29,16 +28,9 @@ pub(crate) fn spawn(
     after: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let client = match Endpoint::from_shared(coordinator.clone()) {
-            Ok(e) => TransactionClient::from_channel(
-                e.connect_timeout(Duration::from_secs(5))
-                    .timeout(Duration::from_secs(10))
-                    .connect_lazy(),
-            ),
-            Err(e) => {
-                tracing::error!(%coordinator, error = %e, "in-doubt resolution disabled: bad coordinator address");
-                return;
-            }
+        let Some(client) = crate::client::background_client(&coordinator, "in-doubt resolution")
+        else {
+            return;
         };
         let pause = (after / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
         loop {

@@ -19,6 +19,7 @@ use tandem_examples::bank::Leg;
 use tandem_examples::sled_bank::SledBank;
 use tandem_sdk::barrier::{BarrierStore, BranchKey, Mark};
 use tandem_sdk::{Branch, Gtid, Mode, TransactionClient};
+use tandem_tests::Rng;
 use tandem_tests::process::{Serve, free_addr, spawn_listening, workspace_bin};
 use tonic::transport::Endpoint;
 
@@ -75,21 +76,6 @@ impl Shard {
 impl Drop for Shard {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// xorshift64*: enough randomness for picking transfers and kill moments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use tandem_examples::bank::Leg;
 use tandem_examples::pg_bank::{Audit, audit};
 use tandem_sdk::{Branch, Error, Mode, TransactionClient};
+use tandem_tests::Rng;
 use tandem_tests::pg::{PgServer, Shard};
 use tandem_tests::process::Serve;
 
@@ -20,21 +21,6 @@ const ACCOUNTS: usize = 5;
 const OPENING: i64 = 1000;
 const WORKERS: usize = 6;
 const RUN_FOR: Duration = Duration::from_secs(20);
-
-/// xorshift64*: enough randomness for a workload, reproducible by seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Default)]
 struct Tally {

@@ -111,17 +111,16 @@ async fn two_pc_transfer_across_databases_commits_on_both_or_neither() {
     assert_eq!(bank.balances().await, (700, 1300), "unchanged by the no");
 }
 
-// A participant killed right after PREPARE TRANSACTION leaves a prepared
-// transaction; restarted, it asks the coordinator and rolls it back (the
-// coordinator aborted, as the vote never arrived). The coordinator's own
-// retries are slowed to minutes, so the participant's resolver did it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn participant_killed_after_prepare_follows_the_abort_on_restart() {
+/// Kills shard 2 at `point` of a 2PC transfer of 100 from alice to carol,
+/// restarts it, and waits for its prepared transaction to be finished the
+/// coordinator's way: `commit` or not. The coordinator's own retries are
+/// slowed to minutes, so the restarted shard's resolver is what finishes it.
+async fn participant_crash_is_resolved(point: &str, commit: bool) {
     let bank = Bank::new().await;
     let data = tempfile::tempdir().expect("data");
     let coord = coordinator(data.path(), true);
     let s1 = bank.shard1(Some(&coord.url), &[]);
-    let mut s2 = bank.shard2(Some(&coord.url), &["--crash-at", "after-prepare"]);
+    let mut s2 = bank.shard2(Some(&coord.url), &["--crash-at", point]);
     let client = TransactionClient::connect(&coord.url)
         .await
         .expect("connect");
@@ -129,53 +128,37 @@ async fn participant_killed_after_prepare_follows_the_abort_on_restart() {
     let outcome = client
         .submit(Mode::TwoPhase, transfer(&s1, &s2, 100, false))
         .await;
-    assert!(outcome.is_err(), "the vote was lost: {outcome:?}");
+    // After prepare the vote is lost (abort); before commit it was decided.
+    assert_eq!(outcome.is_ok(), commit, "{point}: {outcome:?}");
     assert!(!s2.wait().success());
     let left = prepared_xacts(&bank.pg.connect("shard2").await).await;
     assert_eq!(
         left.len(),
         1,
-        "the crash left a prepared transaction: {left:?}"
+        "{point}: the crash left carol's credit prepared: {left:?}"
     );
 
     s2.restart(&[]);
-    eventually_async("the prepared transaction is rolled back", || async {
-        bank.prepared().await.is_empty()
+    let expected = if commit { (900, 1100) } else { (1000, 1000) };
+    eventually_async("the prepared transaction is finished", || async {
+        bank.prepared().await.is_empty() && bank.balances().await == expected
     })
     .await;
-    assert_eq!(bank.balances().await, (1000, 1000));
 }
 
-// Same, after a commit decision: the participant dies when the commit
-// arrives, before COMMIT PREPARED; restarted, it commits.
+// A participant killed right after PREPARE TRANSACTION (its yes vote never
+// sent, so the coordinator aborts) rolls the prepared transaction back
+// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_killed_after_prepare_follows_the_abort_on_restart() {
+    participant_crash_is_resolved("after-prepare", false).await;
+}
+
+// A participant killed when the commit arrives, before COMMIT PREPARED,
+// commits after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participant_killed_before_commit_prepared_commits_on_restart() {
-    let bank = Bank::new().await;
-    let data = tempfile::tempdir().expect("data");
-    let coord = coordinator(data.path(), true);
-    let s1 = bank.shard1(Some(&coord.url), &[]);
-    let mut s2 = bank.shard2(Some(&coord.url), &["--crash-at", "before-commit"]);
-    let client = TransactionClient::connect(&coord.url)
-        .await
-        .expect("connect");
-
-    let submitted = client
-        .submit(Mode::TwoPhase, transfer(&s1, &s2, 100, false))
-        .await
-        .expect("decided commit");
-    assert!(!s2.wait().success());
-    assert_eq!(
-        prepared_xacts(&bank.pg.connect("shard2").await).await.len(),
-        1,
-        "carol's credit is prepared, not committed"
-    );
-    s2.restart(&[]);
-    eventually_async("the prepared transaction is committed", || async {
-        bank.prepared().await.is_empty() && bank.balances().await == (900, 1100)
-    })
-    .await;
-    let info = client.get(submitted.gtid).await.expect("get");
-    assert_ne!(info.state, pb::TxState::Aborted as i32);
+    participant_crash_is_resolved("before-commit", true).await;
 }
 
 // The coordinator dies right after forcing a commit decision, before any

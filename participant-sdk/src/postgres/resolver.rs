@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 
 use super::two_phase::finish_prepared;
 use super::{PgBarrier, PgError, parse_gid};
@@ -111,16 +110,10 @@ pub fn spawn_prepared_resolver(
     every: Duration,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let client = match Endpoint::from_shared(coordinator.clone()) {
-            Ok(e) => TransactionClient::from_channel(
-                e.connect_timeout(Duration::from_secs(5))
-                    .timeout(Duration::from_secs(10))
-                    .connect_lazy(),
-            ),
-            Err(e) => {
-                tracing::error!(%coordinator, error = %e, "prepared-transaction resolution disabled: bad coordinator address");
-                return;
-            }
+        let Some(client) =
+            crate::client::background_client(&coordinator, "prepared-transaction resolution")
+        else {
+            return;
         };
         let mut older_than = Duration::ZERO;
         loop {
