@@ -1,7 +1,8 @@
 //! The PostgreSQL barrier store against a real server started by the test.
 
-use tandem_sdk::barrier::conformance;
-use tandem_sdk::postgres::PgBarrier;
+use tandem_sdk::barrier::{BarrierStore, Mark, conformance};
+use tandem_sdk::postgres::{self, PgBarrier};
+use tandem_sdk::{BranchContext, Gtid, Phase};
 use tandem_tests::pg::PgServer;
 
 // The BarrierStore contract, on PostgreSQL: each case on its own database.
@@ -23,4 +24,81 @@ async fn pg_barrier_passes_the_conformance_suite() {
             .expect("a store per case")
     })
     .await;
+}
+
+async fn scratch_values(pg: &PgServer, db: &str) -> Vec<i32> {
+    pg.connect(db)
+        .await
+        .query("SELECT v FROM scratch ORDER BY v", &[])
+        .await
+        .expect("select")
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn mark(barrier: &PgBarrier, ctx: &BranchContext) -> Option<Mark> {
+    barrier
+        .enter(ctx.key())
+        .await
+        .expect("enter")
+        .record()
+        .map(|r| r.mark)
+}
+
+// A BranchTx commits the handler's SQL and the call's barrier record
+// together; dropped half-way (an early `?`) it applies neither, and the
+// pool's next connection is not inside the abandoned transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branch_transaction_commits_the_record_with_the_change_or_nothing() {
+    let pg = PgServer::start();
+    pg.create_database("tx").await;
+    let barrier = PgBarrier::open(postgres::pool(&pg.url("tx"), 1).expect("pool"))
+        .await
+        .expect("open");
+    let conn = barrier.pool().get().await.expect("conn");
+    conn.batch_execute("CREATE TABLE scratch (v int)")
+        .await
+        .expect("create");
+    drop(conn);
+    let ctx = |branch_id| BranchContext {
+        gtid: Gtid::now_v7(),
+        branch_id,
+        resource: "r".into(),
+        attempt: 1,
+        phase: Phase::Confirm,
+    };
+    let (dropped, committed) = (ctx(1), ctx(2));
+    for c in [&dropped, &committed] {
+        let mut entry = barrier.enter(c.key()).await.expect("enter");
+        entry.put_tried("r", b"").await.expect("tried");
+    }
+
+    {
+        let tx = barrier.begin(&dropped).await.expect("begin");
+        tx.execute("INSERT INTO scratch VALUES (1)", &[])
+            .await
+            .expect("insert");
+        // dropped here, as by an early return
+    }
+    let tx = barrier
+        .begin(&committed)
+        .await
+        .expect("begin on a clean connection");
+    tx.execute("INSERT INTO scratch VALUES (2)", &[])
+        .await
+        .expect("insert");
+    tx.commit().await.expect("commit");
+
+    assert_eq!(scratch_values(&pg, "tx").await, vec![2]);
+    assert_eq!(
+        mark(&barrier, &dropped).await,
+        Some(Mark::Tried),
+        "nothing recorded"
+    );
+    assert_eq!(
+        mark(&barrier, &committed).await,
+        Some(Mark::Confirmed),
+        "recorded with the change"
+    );
 }

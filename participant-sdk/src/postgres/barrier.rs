@@ -291,18 +291,16 @@ impl Drop for BranchTx {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        // Dropped mid-transaction (an early `?`): roll back before the
-        // connection is reused; without a runtime, close it instead (the
-        // server rolls back when the connection ends).
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    if conn.batch_execute("ROLLBACK").await.is_err() {
-                        drop(Object::take(conn));
-                    }
-                });
-            }
-            Err(_) => drop(Object::take(conn)),
+        // Dropped mid-transaction (an early `?`). The connection leaves the
+        // pool for good: should the rollback below never run (runtime
+        // shutting down), closing it is what rolls back, and a pooled
+        // connection can never carry a stale transaction into the next
+        // call. The pool opens a new one when needed.
+        let client = Object::take(conn);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = client.batch_execute("ROLLBACK").await;
+            });
         }
     }
 }
