@@ -10,7 +10,7 @@
 //! - **TCC** (resource `accounts-tcc`): try freezes a debit (`frozen +=`)
 //!   and records the leg in `bank_holds`, keyed by `(gtid, branch)`;
 //!   confirm applies the held leg, cancel releases it. Each runs in a
-//!   [`BranchTx`](tandem_sdk::postgres::BranchTx), which commits the
+//!   [`BranchTx`], which commits the
 //!   barrier record with the change: a confirm repeated after a crash
 //!   finds `Confirmed` and does nothing.
 //!
@@ -25,7 +25,7 @@ use tandem_sdk::postgres::tokio_postgres::error::SqlState;
 use tandem_sdk::postgres::{self, BranchTx, PgBarrier, PgError, PgPrepare, PgTwoPhase, Pool};
 use tandem_sdk::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
 
-pub use crate::bank::Leg;
+use crate::bank::Leg;
 
 /// How long a 2PC prepare waits for a locked account.
 pub const LOCK_WAIT: Duration = Duration::from_millis(500);

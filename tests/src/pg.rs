@@ -5,7 +5,7 @@
 //! server command runs as the `postgres` user (or `nobody`) via `runuser`,
 //! over a data directory handed to that user.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use tandem_sdk::postgres::{self, Pool, tokio_postgres};
@@ -216,11 +216,6 @@ impl PgServer {
              -c fsync=off -c full_page_writes=off -c shared_buffers=32MB",
             self.port
         )
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> &Path {
-        &self.data
     }
 }
 

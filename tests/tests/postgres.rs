@@ -52,6 +52,13 @@ impl Bank {
     }
 }
 
+/// A business-service client of `coord`.
+async fn client(coord: &Serve) -> TransactionClient {
+    TransactionClient::connect(&coord.url)
+        .await
+        .expect("connect")
+}
+
 /// alice (shard 1) pays carol (shard 2) `amount`.
 fn transfer(s1: &Shard, s2: &Shard, amount: i64, tcc: bool) -> Vec<Branch> {
     let resource = if tcc { "accounts-tcc" } else { "accounts" };
@@ -80,9 +87,7 @@ async fn two_pc_transfer_across_databases_commits_on_both_or_neither() {
     let data = tempfile::tempdir().expect("data");
     let coord = coordinator(data.path(), false);
     let (s1, s2) = (bank.shard1(None, &[]), bank.shard2(None, &[]));
-    let client = TransactionClient::connect(&coord.url)
-        .await
-        .expect("connect");
+    let client = client(&coord).await;
 
     let done = client
         .submit(Mode::TwoPhase, transfer(&s1, &s2, 300, false))
@@ -121,9 +126,7 @@ async fn participant_crash_is_resolved(point: &str, commit: bool) {
     let coord = coordinator(data.path(), true);
     let s1 = bank.shard1(Some(&coord.url), &[]);
     let mut s2 = bank.shard2(Some(&coord.url), &["--crash-at", point]);
-    let client = TransactionClient::connect(&coord.url)
-        .await
-        .expect("connect");
+    let client = client(&coord).await;
 
     let outcome = client
         .submit(Mode::TwoPhase, transfer(&s1, &s2, 100, false))
@@ -175,9 +178,7 @@ async fn coordinator_killed_after_the_decision_commits_prepared_on_restart() {
     );
     let addr = coord.addr().to_string();
     let (s1, s2) = (bank.shard1(None, &[]), bank.shard2(None, &[]));
-    let client = TransactionClient::connect(&coord.url)
-        .await
-        .expect("connect");
+    let client = client(&coord).await;
     let outcome = client
         .submit(Mode::TwoPhase, transfer(&s1, &s2, 250, false))
         .await;
@@ -207,9 +208,7 @@ async fn tcc_confirm_repeated_after_a_crash_is_a_no_op() {
     let coord = coordinator(data.path(), false);
     let s1 = bank.shard1(None, &[]);
     let mut s2 = bank.shard2(None, &["--crash-at", "after-confirm"]);
-    let client = TransactionClient::connect(&coord.url)
-        .await
-        .expect("connect");
+    let client = client(&coord).await;
 
     let submitted = client
         .submit(Mode::Tcc, transfer(&s1, &s2, 40, true))
@@ -300,9 +299,7 @@ async fn unreachable_database_aborts_prepare_and_delays_commit() {
     let data = tempfile::tempdir().expect("data");
     let coord = coordinator(data.path(), false);
     let (s1, s2) = (bank.shard1(None, &[]), bank.shard2(None, &[]));
-    let client = TransactionClient::connect(&coord.url)
-        .await
-        .expect("connect");
+    let client = client(&coord).await;
 
     bank.pg.stop();
     let refused = client

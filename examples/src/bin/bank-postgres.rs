@@ -84,10 +84,11 @@ async fn main() -> anyhow::Result<()> {
                 .two_phase("accounts", bank.clone())
                 .tcc("accounts-tcc", bank.clone());
             let after = Duration::from_millis(in_doubt_after_ms);
-            let resolver = coordinator.map(|c| {
-                server = server.clone().resolve_in_doubt(c.clone(), after);
-                spawn_prepared_resolver(bank.barrier(), c, after)
-            });
+            let mut resolver = None;
+            if let Some(c) = coordinator {
+                resolver = Some(spawn_prepared_resolver(bank.barrier(), c.clone(), after));
+                server = server.resolve_in_doubt(c, after);
+            }
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!("listening on {}", listener.local_addr()?);
             server
