@@ -30,7 +30,12 @@ mod types;
 pub use types::{Command, EngineError, Event, NewBranch, Vote};
 
 use crate::config::RetryPolicy;
-use crate::model::{BranchId, BranchRecord, BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
+use bytes::Bytes;
+
+use crate::model::{
+    BranchId, BranchRecord, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState,
+    TxnRecord, cap_text,
+};
 
 /// One transaction's state machine.
 #[derive(Clone, Debug)]
@@ -38,6 +43,9 @@ pub struct Txn {
     rec: TxnRecord,
     /// A commit decision is on disk (always true for abort decisions).
     durable: bool,
+    /// The state before a commit decision, shown to readers until that
+    /// decision is durable (see [`Txn::visible_record`]).
+    undecided: TxState,
     /// Branches whose phase-1 call has not returned.
     phase_one: BTreeSet<BranchId>,
     /// Branches with a phase-2 call in flight or a retry scheduled.
@@ -112,6 +120,7 @@ impl Txn {
     fn from_record(rec: TxnRecord) -> Txn {
         Txn {
             budget_start: rec.updated_ms,
+            undecided: rec.state,
             rec,
             durable: false,
             phase_one: BTreeSet::new(),
@@ -123,9 +132,52 @@ impl Txn {
         }
     }
 
-    /// The record as it stands (what [`Command::Persist`] writes).
+    /// The record as it stands (what [`Command::Persist`] writes). It may
+    /// carry a commit decision that is not durable yet: only the runtime's
+    /// log writes use it; readers get [`Txn::visible_record`].
     pub fn record(&self) -> &TxnRecord {
         &self.rec
+    }
+
+    /// The record as others may see it: a commit decision appears only
+    /// once it is durable ([`Event::DecisionDurable`]). Until then the
+    /// transaction reads as it was before the decision, undecided, since a
+    /// crash in that window reads back as undecided and aborts.
+    pub fn visible_record(&self) -> std::borrow::Cow<'_, TxnRecord> {
+        if self.commit_pending() {
+            let mut rec = self.rec.clone();
+            rec.state = self.undecided;
+            rec.decision = None;
+            std::borrow::Cow::Owned(rec)
+        } else {
+            std::borrow::Cow::Borrowed(&self.rec)
+        }
+    }
+
+    /// The decision as others may learn it: `None` while undecided or while
+    /// a commit decision is still being forced.
+    pub fn durable_decision(&self) -> Option<Decision> {
+        if self.commit_pending() {
+            None
+        } else {
+            self.rec.decision
+        }
+    }
+
+    /// Whether a commit decision is made but not durable yet.
+    pub fn commit_pending(&self) -> bool {
+        self.rec.decision == Some(Decision::Commit) && !self.durable
+    }
+
+    /// Whether phase 1 is over: decided (durably, for a commit), and no
+    /// phase-1 call is in flight.
+    pub fn settled(&self) -> bool {
+        self.durable_decision().is_some() && self.phase_one.is_empty()
+    }
+
+    /// Whether a phase-1 call of this branch is still out.
+    pub fn in_phase_one(&self, branch: BranchId) -> bool {
+        self.phase_one.contains(&branch)
     }
 
     /// Applies one event at wall-clock time `now` (ms).
@@ -202,6 +254,7 @@ impl Txn {
             endpoint: b.endpoint,
             resource: b.resource,
             payload: b.payload,
+            reply: Bytes::new(),
             state: BranchState::Registered,
             attempts: 0,
             last_error: String::new(),
@@ -239,16 +292,19 @@ impl Txn {
         };
         b.updated_ms = now;
         let failure = match vote {
-            Vote::Yes => {
+            Vote::Yes(reply) => {
                 b.state = BranchState::Prepared;
+                b.reply = reply;
                 None
             }
             Vote::No(reason) => {
+                let reason = cap_text(&reason, MAX_STORED_TEXT);
                 b.state = BranchState::Refused;
                 b.last_error = reason.clone();
                 Some(format!("branch {id} ({}) voted no: {reason}", b.resource))
             }
             Vote::Failed(error) => {
+                let error = cap_text(&error, MAX_STORED_TEXT);
                 b.state = BranchState::Failed;
                 b.last_error = error.clone();
                 Some(format!(
@@ -319,6 +375,11 @@ impl Txn {
     }
 
     fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
+        if self.commit_pending() {
+            // The decision is being forced; phase 2 starts when it is on
+            // disk, never before.
+            return Ok(Vec::new());
+        }
         let mut cmds = vec![Command::Persist];
         match self.rec.state {
             TxState::Active | TxState::Preparing => {
@@ -388,7 +449,7 @@ impl Txn {
                 cmds
             }
             Err(error) => {
-                b.last_error = error;
+                b.last_error = cap_text(&error, MAX_STORED_TEXT);
                 let failures = self.failures.entry(id).or_default();
                 *failures += 1;
                 let elapsed = Duration::from_millis(now.saturating_sub(self.budget_start));
@@ -415,6 +476,7 @@ impl Txn {
     }
 
     fn decide_commit(&mut self, now: u64) -> Vec<Command> {
+        self.undecided = self.rec.state;
         self.rec.state = TxState::Committing;
         self.rec.decision = Some(Decision::Commit);
         self.rec.updated_ms = now;

@@ -15,6 +15,9 @@ pub enum CoordError {
     /// No transaction with this gtid.
     #[error("no transaction {0}")]
     NotFound(Gtid),
+    /// A client-chosen gtid names a different transaction; nothing changed.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request does not fit the transaction's state; nothing changed.
     #[error(transparent)]
     WrongState(#[from] EngineError),
@@ -39,6 +42,7 @@ impl From<CoordError> for Status {
         let code = match &e {
             CoordError::InvalidArgument(_) => Code::InvalidArgument,
             CoordError::NotFound(_) => Code::NotFound,
+            CoordError::AlreadyExists(_) => Code::AlreadyExists,
             CoordError::WrongState(_) => Code::FailedPrecondition,
             CoordError::Aborted { .. } => Code::Aborted,
             CoordError::Unavailable(_) => Code::Unavailable,

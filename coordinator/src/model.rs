@@ -152,6 +152,9 @@ pub struct BranchRecord {
     pub resource: String,
     /// Bytes passed to every call of this branch; immutable once recorded.
     pub payload: Bytes,
+    /// What the participant's yes vote returned (empty otherwise); kept so
+    /// that a repeated `Submit` with the same gtid can answer with it.
+    pub reply: Bytes,
     /// Where the branch is.
     pub state: BranchState,
     /// Phase-2 calls made so far.
@@ -213,6 +216,24 @@ impl TxnRecord {
     pub fn branch_mut(&mut self, id: BranchId) -> Option<&mut BranchRecord> {
         self.branches.get_mut((id as usize).checked_sub(1)?)
     }
+}
+
+/// Longest participant-supplied text (vote-no reason, error) kept in a
+/// record; longer text is cut (see [`cap_text`]).
+pub const MAX_STORED_TEXT: usize = 4096;
+
+/// `text` cut to at most `max` bytes on a character boundary, with a marker
+/// saying it was cut; unchanged when it fits.
+pub fn cap_text(text: &str, max: usize) -> String {
+    const MARK: &str = "… (truncated)";
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
 }
 
 /// Milliseconds since the Unix epoch, by the wall clock.

@@ -34,8 +34,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let recovery = coord.start_recovery();
-    let retention = coord.start_retention();
+    // Takes stock of the log before the first request is served.
+    let _recovery = coord.start_recovery()?;
+    let _retention = coord.start_retention();
+    let finishing = coord.clone();
     let draining = coord.clone();
     let shutdown = async move {
         shutdown.await;
@@ -50,8 +52,11 @@ pub async fn serve(
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
-    recovery.abort();
-    retention.abort();
+    // Rounds of calls in flight finish (their decisions reach the log);
+    // sleeping timers, recovery and retention stop.
+    finishing.drain();
+    let grace = finishing.config().call_timeout * 2;
+    finishing.finish(grace).await;
     Ok(())
 }
 

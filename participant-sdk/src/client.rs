@@ -181,12 +181,35 @@ impl TransactionClient {
         mode: Mode,
         timeout: Option<Duration>,
     ) -> Result<Gtid, Error> {
+        let gtid = Gtid::now_v7();
+        self.begin_as(gtid, mode, timeout)
+            .await
+            .map_err(|e| e.unknown_outcome(gtid))
+    }
+
+    /// Starts an interactive transaction with the id `gtid` (a UUID v7
+    /// made now, e.g. `Gtid::now_v7()`). A repeat with the same gtid and
+    /// mode returns the same transaction, so a `begin` whose reply was lost
+    /// can be repeated safely.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] with ALREADY_EXISTS when `gtid` names a
+    /// transaction of another mode, or INVALID_ARGUMENT for a gtid that is
+    /// not a recent UUID v7.
+    pub async fn begin_as(
+        &self,
+        gtid: Gtid,
+        mode: Mode,
+        timeout: Option<Duration>,
+    ) -> Result<Gtid, Error> {
         let resp = self
             .rpc
             .clone()
             .begin(pb::BeginRequest {
                 mode: mode.wire(),
                 timeout_ms: timeout_ms(timeout),
+                gtid: gtid.to_string(),
             })
             .await?
             .into_inner();
@@ -259,10 +282,16 @@ impl TransactionClient {
     /// Runs a whole transaction in one call: prepare on every branch in
     /// parallel, then commit (all voted yes) or rollback.
     ///
+    /// The client picks the gtid, so a call whose reply is lost can be
+    /// repeated safely: see [`Error::OutcomeUnknown`].
+    ///
     /// # Errors
     ///
     /// [`Error::Aborted`] with the gtid and reason when it aborted;
-    /// [`Error::Invalid`] for a bad request (nothing was started).
+    /// [`Error::Invalid`] for a bad request (nothing was started);
+    /// [`Error::OutcomeUnknown`] with the gtid when no answer came (the
+    /// coordinator may or may not have started it): repeat with
+    /// [`submit_as`](Self::submit_as) and that gtid to learn the outcome.
     pub async fn submit(&self, mode: Mode, branches: Vec<Branch>) -> Result<Submitted, Error> {
         self.submit_with_timeout(mode, branches, None).await
     }
@@ -278,6 +307,48 @@ impl TransactionClient {
         branches: Vec<Branch>,
         timeout: Option<Duration>,
     ) -> Result<Submitted, Error> {
+        let gtid = Gtid::now_v7();
+        self.submit_as(gtid, mode, branches, timeout)
+            .await
+            .map_err(|e| e.unknown_outcome(gtid))
+    }
+
+    /// Runs a whole transaction with the id `gtid` (a UUID v7 made now,
+    /// e.g. `Gtid::now_v7()`). Repeating it with the same gtid, mode and
+    /// branches never runs the transaction twice: a repeat waits for the
+    /// transaction the first call started and returns its outcome (for as
+    /// long as the coordinator retains its record; 24 h by default). This
+    /// is how to find out what happened to a call that timed out.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use tandem_sdk::{Branch, Error, Gtid, Mode, TransactionClient};
+    ///
+    /// # async fn pay(client: TransactionClient, branches: Vec<Branch>) -> Result<(), Error> {
+    /// let gtid = Gtid::now_v7();
+    /// let outcome = loop {
+    ///     match client.submit_as(gtid, Mode::TwoPhase, branches.clone(), None).await {
+    ///         // No answer: the same gtid again is safe.
+    ///         Err(Error::TimedOut(_) | Error::Unavailable(_)) => continue,
+    ///         other => break other,
+    ///     }
+    /// };
+    /// # outcome.map(drop) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit) (without the `OutcomeUnknown` wrapping),
+    /// and [`Error::Invalid`] with ALREADY_EXISTS when `gtid` names a
+    /// transaction with other branches or mode.
+    pub async fn submit_as(
+        &self,
+        gtid: Gtid,
+        mode: Mode,
+        branches: Vec<Branch>,
+        timeout: Option<Duration>,
+    ) -> Result<Submitted, Error> {
         let resp = self
             .rpc
             .clone()
@@ -285,6 +356,7 @@ impl TransactionClient {
                 mode: mode.wire(),
                 timeout_ms: timeout_ms(timeout),
                 branches: branches.into_iter().map(Branch::wire).collect(),
+                gtid: gtid.to_string(),
             })
             .await?
             .into_inner();

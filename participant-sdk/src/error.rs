@@ -19,10 +19,24 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// No answer within the deadline; the outcome is unknown to the caller
-    /// (ask the coordinator with the gtid).
+    /// No answer within the deadline; the outcome is unknown to the caller.
+    /// A `begin` / `submit` that picked its own gtid reports
+    /// [`Error::OutcomeUnknown`] instead, naming it.
     #[error("timed out: {0}")]
     TimedOut(String),
+    /// `begin` / `submit` got no answer (deadline, lost connection, the
+    /// coordinator restarting or stopping): the transaction `gtid` may or
+    /// may not have started. Repeat the call with the same gtid
+    /// ([`TransactionClient::submit_as`](crate::TransactionClient::submit_as)
+    /// / [`begin_as`](crate::TransactionClient::begin_as)): it never starts
+    /// a second transaction, and returns the first one's outcome.
+    #[error("outcome of transaction {gtid} unknown, repeat with the same gtid: {cause}")]
+    OutcomeUnknown {
+        /// The gtid the call used.
+        gtid: Gtid,
+        /// Why no answer came.
+        cause: String,
+    },
     /// The coordinator could not be reached or is not deciding (stopping, or
     /// halted after a storage failure). Retrying later may succeed.
     #[error("coordinator unavailable: {0}")]
@@ -51,6 +65,7 @@ impl From<Status> for Error {
             Code::DeadlineExceeded => Error::TimedOut(s.message().to_string()),
             Code::Unavailable => Error::Unavailable(s.message().to_string()),
             Code::InvalidArgument
+            | Code::AlreadyExists
             | Code::NotFound
             | Code::FailedPrecondition
             | Code::OutOfRange => Error::Invalid {
@@ -58,6 +73,23 @@ impl From<Status> for Error {
                 message: s.message().to_string(),
             },
             _ => Error::Rpc(s),
+        }
+    }
+}
+
+impl Error {
+    /// A failure of a start call that may have started `gtid` anyway (no
+    /// answer) becomes [`Error::OutcomeUnknown`]; answers pass through.
+    pub(crate) fn unknown_outcome(self, gtid: Gtid) -> Error {
+        match self {
+            Error::TimedOut(cause) | Error::Unavailable(cause) => {
+                Error::OutcomeUnknown { gtid, cause }
+            }
+            Error::Rpc(s) => Error::OutcomeUnknown {
+                gtid,
+                cause: s.to_string(),
+            },
+            e => e,
         }
     }
 }

@@ -51,6 +51,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 0,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "r", vec![])],
+                gtid: String::new(),
             },
         ),
         (
@@ -59,6 +60,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 42,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "r", vec![])],
+                gtid: String::new(),
             },
         ),
         (
@@ -67,6 +69,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![],
+                gtid: String::new(),
             },
         ),
         (
@@ -75,6 +78,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("", "r", vec![])],
+                gtid: String::new(),
             },
         ),
         (
@@ -83,6 +87,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("not a uri", "r", vec![])],
+                gtid: String::new(),
             },
         ),
         (
@@ -91,6 +96,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("ftp://h:1", "r", vec![])],
+                gtid: String::new(),
             },
         ),
         (
@@ -99,6 +105,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "", vec![])],
+                gtid: String::new(),
             },
         ),
         (
@@ -107,6 +114,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "r", vec![0; 1024 * 1024 + 1])],
+                gtid: String::new(),
             },
         ),
         (
@@ -115,6 +123,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
                 mode: 1,
                 timeout_ms: u64::MAX / 2,
                 branches: vec![branch(ok, "r", vec![])],
+                gtid: String::new(),
             },
         ),
     ];

@@ -29,7 +29,7 @@ fn yes(t: &mut Txn, b: BranchId) -> Vec<Command> {
     t.handle(
         Event::PhaseOne {
             branch: b,
-            vote: Vote::Yes,
+            vote: Vote::Yes(Bytes::new()),
         },
         NOW,
     )

@@ -67,8 +67,8 @@ pub struct NewBranch {
 /// The result of a phase-1 call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Vote {
-    /// Prepared / tried.
-    Yes,
+    /// Prepared / tried, with the participant's reply bytes.
+    Yes(Bytes),
     /// The participant refused; it holds nothing.
     No(String),
     /// The call failed or timed out; the participant may hold work.

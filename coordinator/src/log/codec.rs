@@ -55,6 +55,9 @@ struct StoredBranch {
     /// The payload, when small enough to travel with the record.
     #[prost(bytes = "bytes", optional, tag = "8")]
     inline_payload: Option<Bytes>,
+    /// The phase-1 reply of a yes vote (empty otherwise).
+    #[prost(bytes = "bytes", tag = "9")]
+    reply: Bytes,
 }
 
 /// Largest payload kept inside the record.
@@ -122,6 +125,7 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
                 updated_ms: b.updated_ms,
                 next_attempt_ms: b.next_attempt_ms,
                 inline_payload: (!stored_apart(&b.payload)).then(|| b.payload.clone()),
+                reply: b.reply.clone(),
             })
             .collect(),
     }
@@ -177,6 +181,7 @@ pub(super) fn decode(
                 Some(p) => p,
                 None => payload(id)?,
             },
+            reply: b.reply,
             state,
             attempts: b.attempts,
             last_error: b.last_error,

@@ -70,6 +70,7 @@ pub fn sample_record(mode: Mode, n: u32) -> TxnRecord {
             endpoint: format!("http://127.0.0.1:{}", 9000 + id),
             resource: format!("resource-{id}"),
             payload: Bytes::from(vec![id as u8; id as usize]),
+            reply: Bytes::from(vec![b'r'; id as usize]),
             state: BranchState::Registered,
             attempts: 0,
             last_error: String::new(),

@@ -1,54 +1,96 @@
 //! The command driver: carries out what the engine asks (log writes and
 //! forces, participant calls, retry and deadline timers) and feeds the
 //! results back as events, until no call is in flight.
+//!
+//! All of it runs in tasks the coordinator owns ([`Inner::spawn_round`],
+//! [`Inner::spawn_later`]), tracked so that shutdown can wait for them and
+//! [`super::Coordinator::kill`] can stop them; never in a request's future.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tandem_proto::v1::BranchRequest;
 use tokio::task::AbortHandle;
 use tracing::warn;
 
+use super::transport::bounded;
 use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
 use crate::failpoint;
-use crate::model::{BranchId, Mode, TxState, now_ms};
+use crate::model::{BranchId, Mode, TxState};
 
-type CallFuture<'a> = Pin<Box<dyn Future<Output = (Event, Option<Bytes>)> + Send + 'a>>;
+type CallFuture<'a> = Pin<Box<dyn Future<Output = Event> + Send + 'a>>;
 
 impl Inner {
     /// Feeds one event to the engine and writes the record if it changed.
     pub(super) fn step(&self, entry: &Entry, event: Event) -> Result<Vec<Command>, CoordError> {
         let mut txn = entry.lock();
-        let cmds = txn.handle(event, now_ms())?;
-        if cmds.iter().any(|c| {
+        let cmds = txn.handle(event, self.now())?;
+        let written = cmds.iter().any(|c| {
             matches!(
                 c,
                 Command::Persist | Command::Force | Command::ForceDecision
             )
-        }) {
-            self.check_halted()?;
-            self.log.write(txn.record()).map_err(|e| self.halt(e))?;
-        }
-        Ok(cmds)
+        });
+        let result = if written {
+            self.check_halted()
+                .and_then(|()| self.log.write(txn.record()).map_err(|e| self.halt(e)))
+        } else {
+            Ok(())
+        };
+        drop(txn);
+        entry.changed.send_replace(());
+        result.map(|()| cmds)
     }
 
-    /// Carries out `cmds` and everything they lead to until no participant
-    /// call is in flight. Retries are left to timers. Returns the phase-1
-    /// replies received, by branch.
-    pub(super) async fn run(
+    /// Carries out `cmds` in a task of the coordinator's, and everything
+    /// they lead to until no participant call is in flight. The returned
+    /// future only waits for that task: dropping it changes nothing.
+    pub(super) fn spawn_round(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
         cmds: Vec<Command>,
-    ) -> Result<HashMap<BranchId, Bytes>, CoordError> {
+    ) -> impl Future<Output = Result<(), CoordError>> + Send + 'static {
+        let handle = (!cmds.is_empty()).then(|| {
+            let (inner, entry) = (self.clone(), entry.clone());
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    r = inner.run(&entry, cmds) => r,
+                    () = inner.killed.cancelled() => Err(CoordError::Unavailable(
+                        "the coordinator was stopped".into(),
+                    )),
+                }
+            })
+        });
+        async move {
+            match handle {
+                None => Ok(()),
+                Some(h) => h.await.unwrap_or_else(|e| {
+                    Err(CoordError::Unavailable(format!("round of calls ended: {e}")))
+                }),
+            }
+        }
+    }
+
+    /// Carries out `cmds` and everything they lead to until no participant
+    /// call is in flight. Retries are left to timers.
+    async fn run(self: &Arc<Self>, entry: &Arc<Entry>, cmds: Vec<Command>) -> Result<(), CoordError> {
+        let result = self.drive(entry, cmds).await;
+        if let Err(e) = &result {
+            let gtid = entry.lock().record().gtid;
+            warn!(%gtid, error = %e, "round of calls stopped");
+            entry.changed.send_replace(());
+        }
+        result
+    }
+
+    async fn drive(self: &Arc<Self>, entry: &Arc<Entry>, cmds: Vec<Command>) -> Result<(), CoordError> {
         let mut calls: FuturesUnordered<CallFuture<'_>> = FuturesUnordered::new();
-        let mut replies = HashMap::new();
         let mut queue = VecDeque::from(cmds);
         loop {
             while let Some(cmd) = queue.pop_front() {
@@ -76,41 +118,38 @@ impl Inner {
                             tokio::time::sleep(delay),
                         );
                     }
-                    Command::Finished => {
-                        let rec = entry.lock().record().clone();
-                        if rec.state == TxState::Stuck {
-                            let errors: Vec<String> = rec
-                                .branches
-                                .iter()
-                                .filter(|b| !b.last_error.is_empty())
-                                .map(|b| format!("branch {}: {}", b.id, b.last_error))
-                                .collect();
-                            warn!(
-                                gtid = %rec.gtid,
-                                decision = rec.decision.map_or("?", |d| d.name()),
-                                last_errors = %errors.join("; "),
-                                "retry policy exhausted: transaction is STUCK until `tandem tx retry`"
-                            );
-                        }
-                        self.forget(&rec.gtid);
-                    }
+                    Command::Finished => self.finished(entry),
                 }
             }
-            let Some((event, reply)) = calls.next().await else {
-                return Ok(replies);
+            let Some(event) = calls.next().await else {
+                return Ok(());
             };
-            match (&event, reply) {
-                (Event::PhaseOne { branch, .. }, reply) => {
-                    failpoint::hit("after-phase-one");
-                    if let Some(reply) = reply {
-                        replies.insert(*branch, reply);
-                    }
-                }
-                (Event::PhaseTwo { result: Ok(()), .. }, _) => failpoint::hit("between-phase-two"),
+            match &event {
+                Event::PhaseOne { .. } => failpoint::hit("after-phase-one"),
+                Event::PhaseTwo { result: Ok(()), .. } => failpoint::hit("between-phase-two"),
                 _ => {}
             }
             queue.extend(self.step(entry, event)?);
         }
+    }
+
+    fn finished(&self, entry: &Entry) {
+        let rec = entry.lock().record().clone();
+        if rec.state == TxState::Stuck {
+            let errors: Vec<String> = rec
+                .branches
+                .iter()
+                .filter(|b| !b.last_error.is_empty())
+                .map(|b| format!("branch {}: {}", b.id, b.last_error))
+                .collect();
+            warn!(
+                gtid = %rec.gtid,
+                decision = rec.decision.map_or("?", |d| d.name()),
+                last_errors = %errors.join("; "),
+                "retry policy exhausted: transaction is STUCK until `tandem tx retry`"
+            );
+        }
+        self.forget(&rec.gtid);
     }
 
     fn branch_request(
@@ -136,67 +175,45 @@ impl Inner {
         ))
     }
 
-    async fn phase_one(&self, entry: &Entry, branch: BranchId) -> (Event, Option<Bytes>) {
+    async fn phase_one(&self, entry: &Entry, branch: BranchId) -> Event {
         let Some((endpoint, mode, deadline, req)) = self.branch_request(entry, branch, 1) else {
             let vote = Vote::Failed("branch vanished".into());
-            return (Event::PhaseOne { branch, vote }, None);
+            return Event::PhaseOne { branch, vote };
         };
-        let left = Duration::from_millis(deadline.saturating_sub(now_ms()).max(1));
+        // Cut at the global deadline: a call still out then counts as
+        // failed (and gets its rollback / cancel once it returns).
+        let left = Duration::from_millis(deadline.saturating_sub(self.now()).max(1));
         let timeout = self.config.call_timeout.min(left);
-        match self.pool.phase_one(&endpoint, mode, req, timeout).await {
-            Ok(v) if v.yes => (
-                Event::PhaseOne {
-                    branch,
-                    vote: Vote::Yes,
-                },
-                Some(v.reply),
-            ),
-            Ok(v) => (
-                Event::PhaseOne {
-                    branch,
-                    vote: Vote::No(v.reason),
-                },
-                None,
-            ),
-            Err(e) => (
-                Event::PhaseOne {
-                    branch,
-                    vote: Vote::Failed(e),
-                },
-                None,
-            ),
-        }
+        let call = self.transport.phase_one(&endpoint, mode, req, timeout);
+        let vote = match bounded(timeout, call).await {
+            Ok(v) if v.yes => Vote::Yes(v.reply),
+            Ok(v) => Vote::No(v.reason),
+            Err(e) => Vote::Failed(e),
+        };
+        Event::PhaseOne { branch, vote }
     }
 
-    async fn phase_two(
-        &self,
-        entry: &Entry,
-        branch: BranchId,
-        commit: bool,
-        attempt: u32,
-    ) -> (Event, Option<Bytes>) {
+    async fn phase_two(&self, entry: &Entry, branch: BranchId, commit: bool, attempt: u32) -> Event {
         let Some((endpoint, mode, _, req)) = self.branch_request(entry, branch, attempt) else {
-            return (
-                Event::PhaseTwo {
-                    branch,
-                    result: Ok(()),
-                },
-                None,
-            );
+            return Event::PhaseTwo {
+                branch,
+                result: Ok(()),
+            };
         };
-        let result = self
-            .pool
-            .phase_two(&endpoint, mode, commit, req, self.config.call_timeout)
-            .await;
+        let timeout = self.config.call_timeout;
+        let call = self
+            .transport
+            .phase_two(&endpoint, mode, commit, req, timeout);
+        let result = bounded(timeout, call).await;
         if let Err(error) = &result {
             let gtid = entry.lock().record().gtid;
             warn!(%gtid, branch, attempt, %error, "phase-2 call failed");
         }
-        (Event::PhaseTwo { branch, result }, None)
+        Event::PhaseTwo { branch, result }
     }
 
     pub(super) fn start_deadline_timer(self: &Arc<Self>, entry: &Arc<Entry>, deadline_ms: u64) {
-        let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+        let wait = Duration::from_millis(deadline_ms.saturating_sub(self.now()));
         let handle = self.spawn_later(entry, Event::DeadlinePassed, tokio::time::sleep(wait));
         *entry
             .deadline_timer
@@ -204,7 +221,9 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
 
-    /// After `wait`, feeds `event` and runs what follows, in its own task.
+    /// After `wait`, feeds `event` and runs what follows, in a task of the
+    /// coordinator's. A timer still sleeping at shutdown just ends: the next
+    /// start's recovery does what it was waiting for.
     fn spawn_later(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
@@ -213,8 +232,11 @@ impl Inner {
     ) -> AbortHandle {
         let (inner, entry) = (self.clone(), entry.clone());
         let is_deadline = event == Event::DeadlinePassed;
-        let task: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            wait.await;
+        let task = async move {
+            tokio::select! {
+                () = wait => {}
+                () = inner.timers_stop.cancelled() => return,
+            }
             if is_deadline {
                 // Past this point the timer must not be aborted by `forget`.
                 entry
@@ -229,13 +251,17 @@ impl Inner {
             let gtid = entry.lock().record().gtid;
             match inner.step(&entry, event) {
                 Ok(cmds) => {
-                    if let Err(e) = inner.run(&entry, cmds).await {
-                        warn!(%gtid, error = %e, "background step failed");
+                    if cmds.is_empty() {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = inner.run(&entry, cmds) => {}
+                        () = inner.killed.cancelled() => {}
                     }
                 }
                 Err(e) => warn!(%gtid, error = %e, "background step refused"),
             }
-        });
-        tokio::spawn(task).abort_handle()
+        };
+        self.tasks.spawn(task).abort_handle()
     }
 }

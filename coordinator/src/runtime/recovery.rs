@@ -1,16 +1,24 @@
 //! Recovery after a restart: every unfinished transaction in the log is
 //! taken over and finished, in the background and with bounded
 //! concurrency, while new transactions are served.
+//!
+//! Recovery acts only on what it owns: the transactions in the log when
+//! the process took stock, before serving. Each is claimed atomically
+//! against the live table, with its record read at that moment, so a
+//! transaction that a request took over (or finished) meanwhile is never
+//! overwritten from an older copy.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::info;
 
-use super::{Coordinator, Inner};
+use super::{Coordinator, Entry, Inner};
 use crate::engine::Txn;
 use crate::error::CoordError;
-use crate::model::{TxState, now_ms};
+use crate::model::{Gtid, TxState};
 
 /// Unfinished transactions recovery drives at once.
 pub const RECOVERY_CONCURRENCY: usize = 256;
@@ -38,15 +46,24 @@ impl RecoveryReport {
 }
 
 impl Coordinator {
-    /// Starts recovery in the background: every unfinished transaction in
-    /// the log is taken over and finished (undecided → abort; decided →
-    /// phase 2 again), at most [`RECOVERY_CONCURRENCY`] at a time, while new
-    /// transactions are served. STUCK ones are left for an operator. The
-    /// task's result says how many of each were found.
-    pub fn start_recovery(&self) -> tokio::task::JoinHandle<Result<RecoveryReport, CoordError>> {
+    /// Takes stock of the unfinished transactions in the log (before
+    /// serving: these, and only these, are recovery's) and starts taking
+    /// them over in the background: undecided → abort; decided → phase 2
+    /// again, at most [`RECOVERY_CONCURRENCY`] at a time, while new
+    /// transactions are served. STUCK ones are left for an operator. A
+    /// request for one of them takes it over at once. The task's result
+    /// says how many of each were found.
+    ///
+    /// # Errors
+    ///
+    /// The log cannot be read.
+    pub fn start_recovery(
+        &self,
+    ) -> Result<tokio::task::JoinHandle<Result<RecoveryReport, CoordError>>, CoordError> {
+        let (report, pending) = self.inner.take_stock()?;
         let inner = self.inner.clone();
-        tokio::spawn(async move {
-            let report = inner.recover_all().await;
+        Ok(self.inner.tasks.spawn(async move {
+            let report = inner.recover_all(report, pending).await;
             match &report {
                 Ok(r) if r.total() > 0 => info!(
                     aborted_undecided = r.undecided,
@@ -60,14 +77,13 @@ impl Coordinator {
                 Err(e) => tracing::error!(error = %e, "recovery failed"),
             }
             report
-        })
+        }))
     }
 }
 
 impl Inner {
-    /// Takes over every unfinished transaction in the log; see
-    /// [`Coordinator::start_recovery`].
-    async fn recover_all(self: &Arc<Self>) -> Result<RecoveryReport, CoordError> {
+    /// Lists the unfinished transactions in the log into `recovering`.
+    fn take_stock(&self) -> Result<(RecoveryReport, Vec<Gtid>), CoordError> {
         const UNFINISHED: [TxState; 5] = [
             TxState::Active,
             TxState::Preparing,
@@ -75,17 +91,15 @@ impl Inner {
             TxState::Aborting,
             TxState::Stuck,
         ];
-        let started = std::time::Instant::now();
-        let permits = Arc::new(tokio::sync::Semaphore::new(RECOVERY_CONCURRENCY));
         let mut report = RecoveryReport::default();
+        let mut pending = Vec::new();
         let mut after = None;
         loop {
             let page = self.log.scan(after.as_ref(), &UNFINISHED, 1000)?;
             let Some(last) = page.last() else { break };
             after = Some(last.gtid);
             for rec in page {
-                let (gtid, state) = (rec.gtid, rec.state);
-                match state {
+                match rec.state {
                     TxState::Active | TxState::Preparing => report.undecided += 1,
                     TxState::Committing => report.committing += 1,
                     TxState::Aborting => report.aborting += 1,
@@ -94,26 +108,35 @@ impl Inner {
                         continue;
                     }
                 }
-                if self.find_live(&gtid).is_some() {
-                    continue; // an operator got to it first
-                }
-                let permit = permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
-                let (txn, cmds) = Txn::recover(rec, now_ms());
-                let entry = self.insert_live(gtid, txn);
-                self.log
-                    .write(entry.lock().record())
-                    .map_err(|e| self.halt(e))?;
-                tracing::debug!(%gtid, %state, "recovering transaction");
-                let inner = self.clone();
-                tokio::spawn(async move {
-                    let _ = inner.run(&entry, cmds).await;
-                    drop(permit);
-                });
+                pending.push(rec.gtid);
             }
+        }
+        self.recovering_set().extend(pending.iter().copied());
+        Ok((report, pending))
+    }
+
+    /// Takes over every transaction of `pending` not taken over already.
+    async fn recover_all(
+        self: &Arc<Self>,
+        mut report: RecoveryReport,
+        pending: Vec<Gtid>,
+    ) -> Result<RecoveryReport, CoordError> {
+        let started = tokio::time::Instant::now();
+        let permits = Arc::new(tokio::sync::Semaphore::new(RECOVERY_CONCURRENCY));
+        for gtid in pending {
+            if self.timers_stop.is_cancelled() {
+                break; // shutting down: the next start recovers the rest
+            }
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
+            let mut live = self.live_table();
+            if live.contains_key(&gtid) {
+                continue; // a request took it over first
+            }
+            self.claim_locked(&mut live, gtid, Some(permit))?;
         }
         // Wait for the last first rounds, so the report's time means "done".
         let _ = permits
@@ -122,5 +145,41 @@ impl Inner {
             .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
         report.elapsed = started.elapsed();
         Ok(report)
+    }
+
+    /// Takes over `gtid` if it is still waiting for recovery: reads its
+    /// record now (never an earlier copy), makes it live and starts its
+    /// round, all under the live-table lock held by the caller, so nothing
+    /// else can start or finish it in between. `permit` is held until that
+    /// first round is done.
+    pub(super) fn claim_locked(
+        self: &Arc<Self>,
+        live: &mut HashMap<Gtid, Arc<Entry>>,
+        gtid: Gtid,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Option<Arc<Entry>>, CoordError> {
+        if !self.recovering_set().remove(&gtid) {
+            return Ok(None);
+        }
+        let Some(rec) = self.log.get(&gtid)? else {
+            return Ok(None);
+        };
+        if rec.state.is_terminal() || rec.state == TxState::Stuck {
+            return Ok(None);
+        }
+        let state = rec.state;
+        let (txn, cmds) = Txn::recover(rec, self.now());
+        let entry = self.new_entry(txn);
+        live.insert(gtid, entry.clone());
+        self.log
+            .write(entry.lock().record())
+            .map_err(|e| self.halt(e))?;
+        tracing::debug!(%gtid, %state, "recovering transaction");
+        let round = self.spawn_round(&entry, cmds);
+        self.tasks.spawn(async move {
+            let _ = round.await;
+            drop(permit);
+        });
+        Ok(Some(entry))
     }
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::{Coordinator, Inner};
 use crate::error::CoordError;
-use crate::model::{Gtid, now_ms};
+use crate::model::Gtid;
 
 /// Records looked at per page; the sweep yields between pages.
 const PAGE: usize = 256;
@@ -25,9 +25,12 @@ impl Coordinator {
         let inner = self.inner.clone();
         let every =
             (inner.config.retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-        tokio::spawn(async move {
+        inner.tasks.clone().spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = inner.timers_stop.cancelled() => return,
+                }
                 match inner.sweep().await {
                     Ok(0) => {}
                     Ok(n) => {
@@ -53,7 +56,7 @@ impl Coordinator {
 impl Inner {
     /// One pass from the oldest record; returns how many it removed.
     pub(super) async fn sweep(self: &Arc<Self>) -> Result<u64, CoordError> {
-        let cutoff = now_ms().saturating_sub(self.config.retention.as_millis() as u64);
+        let cutoff = self.now().saturating_sub(self.config.retention.as_millis() as u64);
         let mut after: Option<Gtid> = None;
         let mut removed = 0;
         loop {

@@ -8,7 +8,7 @@ use tracing::instrument;
 use super::convert::{
     branch_from_wire, mode_from_wire, record_to_wire, state_to_wire, timeout_from_wire,
 };
-use super::parse_gtid;
+use super::{optional_gtid, parse_gtid};
 use crate::model::Decision;
 use crate::runtime::Coordinator;
 
@@ -34,9 +34,10 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<pb::BeginResponse>, Status> {
         let req = req.into_inner();
         let mode = mode_from_wire(req.mode)?;
+        let chosen = optional_gtid(&req.gtid)?;
         let gtid = self
             .coord
-            .begin(mode, timeout_from_wire(req.timeout_ms))
+            .begin(mode, timeout_from_wire(req.timeout_ms), chosen)
             .await?;
         tracing::debug!(%gtid, ?mode, "begun");
         Ok(Response::new(pb::BeginResponse {
@@ -88,6 +89,7 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<pb::SubmitResponse>, Status> {
         let req = req.into_inner();
         let mode = mode_from_wire(req.mode)?;
+        let chosen = optional_gtid(&req.gtid)?;
         let branches = req
             .branches
             .into_iter()
@@ -95,7 +97,7 @@ impl CoordinatorRpc for CoordinatorService {
             .collect::<Result<Vec<_>, _>>()?;
         let out = self
             .coord
-            .submit(mode, timeout_from_wire(req.timeout_ms), branches)
+            .submit(mode, timeout_from_wire(req.timeout_ms), branches, chosen)
             .await?;
         tracing::debug!(gtid = %out.gtid, state = %out.state, "submitted");
         Ok(Response::new(pb::SubmitResponse {

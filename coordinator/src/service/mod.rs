@@ -21,3 +21,11 @@ fn parse_gtid(s: &str) -> Result<Gtid, Status> {
     Gtid::parse_str(s)
         .map_err(|e| Status::invalid_argument(format!("gtid {s:?} is not a UUID: {e}")))
 }
+
+/// A gtid the client may leave empty (Begin, Submit).
+fn optional_gtid(s: &str) -> Result<Option<Gtid>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    parse_gtid(s).map(Some)
+}

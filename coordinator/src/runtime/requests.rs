@@ -1,0 +1,575 @@
+//! The request API of [`Coordinator`]: what the gRPC services call.
+//!
+//! Each request validates, feeds one event to the engine, and hands the
+//! commands to a tracked task ([`Inner::spawn_round`]); it then waits for
+//! that task, or for the state it needs. Dropping a request's future drops
+//! only that wait.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Coordinator, Entry, Inner};
+use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
+use crate::error::CoordError;
+use crate::model::{BranchId, Decision, Gtid, Mode, TxState, TxnRecord};
+
+/// Longest resource name accepted.
+const MAX_RESOURCE_LEN: usize = 256;
+/// Longest endpoint accepted.
+const MAX_ENDPOINT_LEN: usize = 1024;
+/// Longest client rollback reason kept.
+const MAX_REASON_LEN: usize = 1024;
+/// A client-chosen gtid may be at most this far ahead of the coordinator's
+/// clock (clock skew between the client and the coordinator).
+const MAX_GTID_AHEAD: Duration = Duration::from_secs(60);
+/// ... and a new transaction's gtid at most this old (or the retention
+/// period, if shorter): a repeat older than that cannot be told apart from
+/// one whose record retention already removed.
+const MAX_GTID_AGE: Duration = Duration::from_secs(3600);
+
+/// The outcome of a one-shot transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    /// Transaction id.
+    pub gtid: Gtid,
+    /// COMMITTED / COMMITTING or ABORTED / ABORTING.
+    pub state: TxState,
+    /// Why it aborted; empty when committed.
+    pub reason: String,
+    /// Phase-1 reply of each branch, in request order (empty unless yes).
+    pub replies: Vec<Bytes>,
+}
+
+/// What a start request found for its gtid.
+enum Start {
+    /// A new transaction, with the commands of its first step.
+    New(Arc<Entry>, Vec<Command>),
+    /// A live transaction with this gtid.
+    Live(Arc<Entry>),
+    /// A finished one, from the log.
+    Stored(TxnRecord),
+}
+
+impl Coordinator {
+    /// Starts an interactive transaction. With `gtid` (client-chosen, a
+    /// UUID v7), a repeat returns the same transaction instead of a second
+    /// one, for as long as its record is retained.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a timeout above the maximum or an unusable
+    /// gtid; `AlreadyExists` when `gtid` names a transaction of another
+    /// mode; `Unavailable` when halted or draining.
+    pub async fn begin(
+        &self,
+        mode: Mode,
+        timeout: Option<Duration>,
+        gtid: Option<Gtid>,
+    ) -> Result<Gtid, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        inner.check_draining()?;
+        let deadline = inner.deadline(timeout)?;
+        let chosen = gtid.is_some();
+        let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
+        let now = inner.now();
+        match inner.start(gtid, chosen, || Txn::begin(gtid, mode, now, deadline))? {
+            Start::New(entry, _) => {
+                if let Err(e) = inner.log.write(entry.lock().record()) {
+                    inner.forget(&gtid);
+                    return Err(inner.halt(e));
+                }
+                inner.start_deadline_timer(&entry, deadline);
+            }
+            Start::Live(entry) => same_mode(&entry.lock().visible_record(), mode)?,
+            Start::Stored(rec) => same_mode(&rec, mode)?,
+        }
+        Ok(gtid)
+    }
+
+    /// Adds a branch and runs its phase 1; returns its id and reply bytes.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` (bad branch), `NotFound`, `WrongState` (not ACTIVE),
+    /// `Aborted` (the participant voted no or failed; the transaction aborted).
+    pub async fn enlist(
+        &self,
+        gtid: Gtid,
+        branch: NewBranch,
+    ) -> Result<(BranchId, Bytes), CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        inner.validate_branch(&branch)?;
+        let Some(entry) = inner.live_or_claim(&gtid)? else {
+            return Err(match inner.log.get(&gtid)? {
+                Some(rec) => EngineError::WrongState {
+                    gtid,
+                    state: rec.state,
+                    action: "enlist a branch",
+                    detail: "; branches can only be added to an ACTIVE transaction".into(),
+                }
+                .into(),
+                None => CoordError::NotFound(gtid),
+            });
+        };
+        if entry.lock().record().branches.len() >= inner.config.max_branches {
+            return Err(CoordError::InvalidArgument(format!(
+                "transaction {gtid} already has the maximum of {} branches",
+                inner.config.max_branches
+            )));
+        }
+        let cmds = inner.step(&entry, Event::Enlist(branch))?;
+        let id = cmds.iter().find_map(|c| match c {
+            Command::PhaseOne { branch } => Some(*branch),
+            _ => None,
+        });
+        inner.spawn_round(&entry, cmds).await?;
+        let txn = entry.lock();
+        let rec = txn.visible_record();
+        match id.and_then(|id| rec.branch(id)) {
+            Some(b) if rec.state == TxState::Active => Ok((b.id, b.reply.clone())),
+            _ => Err(CoordError::Aborted {
+                gtid,
+                reason: rec.reason.clone(),
+            }),
+        }
+    }
+
+    /// Decides commit, forces it, runs phase 2; returns COMMITTED, or
+    /// COMMITTING when some branch is being retried in the background. A
+    /// repeat while the decision is being forced waits for that force.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, `WrongState` (aborted, rolled back, one-shot, branch in
+    /// flight), `Aborted` (deadline passed), `Unavailable`.
+    pub async fn commit(&self, gtid: Gtid) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        let Some(entry) = inner.live_or_claim(&gtid)? else {
+            return inner.settled_state(gtid, Event::Commit);
+        };
+        let cmds = inner.step(&entry, Event::Commit)?;
+        inner.spawn_round(&entry, cmds).await?;
+        inner
+            .wait_for(&entry, |t| t.durable_decision().is_some())
+            .await?;
+        let txn = entry.lock();
+        let rec = txn.visible_record();
+        match reported_state(&rec) {
+            TxState::Aborting | TxState::Aborted => Err(CoordError::Aborted {
+                gtid,
+                reason: rec.reason.clone(),
+            }),
+            state => Ok(state),
+        }
+    }
+
+    /// Decides abort and runs rollback / cancel; returns ABORTED, or
+    /// ABORTING while some branch is being retried.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, `WrongState` (already decided commit), `Unavailable`.
+    pub async fn rollback(&self, gtid: Gtid, reason: String) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        check_reason(&reason)?;
+        let Some(entry) = inner.live_or_claim(&gtid)? else {
+            return inner.settled_state(
+                gtid,
+                Event::Rollback {
+                    reason: String::new(),
+                },
+            );
+        };
+        // A commit being forced is answered once it is durable (then the
+        // refusal below), never before.
+        inner.wait_for(&entry, |t| !t.commit_pending()).await?;
+        let cmds = inner.step(&entry, Event::Rollback { reason })?;
+        inner.spawn_round(&entry, cmds).await?;
+        let state = reported_state(&entry.lock().visible_record());
+        Ok(state)
+    }
+
+    /// Runs a whole transaction: records all branches, phase 1 in parallel,
+    /// decision, phase 2. With `gtid` (client-chosen, a UUID v7), a repeat
+    /// with the same branches waits for and returns the same transaction's
+    /// outcome instead of starting a second one, for as long as its record
+    /// is retained.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a bad request (nothing recorded),
+    /// `AlreadyExists` when `gtid` names a transaction with other branches,
+    /// `Unavailable`. An aborted transaction is an `Ok` outcome with state
+    /// ABORTED.
+    pub async fn submit(
+        &self,
+        mode: Mode,
+        timeout: Option<Duration>,
+        branches: Vec<NewBranch>,
+        gtid: Option<Gtid>,
+    ) -> Result<SubmitOutcome, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        inner.check_draining()?;
+        if branches.is_empty() {
+            return Err(CoordError::InvalidArgument(
+                "a transaction needs at least one branch".into(),
+            ));
+        }
+        if branches.len() > inner.config.max_branches {
+            return Err(CoordError::InvalidArgument(format!(
+                "{} branches; at most {}",
+                branches.len(),
+                inner.config.max_branches
+            )));
+        }
+        for b in &branches {
+            inner.validate_branch(b)?;
+        }
+        let deadline = inner.deadline(timeout)?;
+        let chosen = gtid.is_some();
+        let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
+        let now = inner.now();
+        let entry = match inner.start(gtid, chosen, || {
+            Txn::submit(gtid, mode, now, deadline, branches.clone())
+        })? {
+            Start::New(entry, cmds) => {
+                if let Err(e) = inner.log.write(entry.lock().record()) {
+                    inner.forget(&gtid);
+                    return Err(inner.halt(e));
+                }
+                inner.start_deadline_timer(&entry, deadline);
+                inner.spawn_round(&entry, cmds).await?;
+                entry
+            }
+            Start::Live(entry) => {
+                same_branches(&entry.lock().visible_record(), mode, &branches)?;
+                entry
+            }
+            Start::Stored(rec) => {
+                same_branches(&rec, mode, &branches)?;
+                return Ok(submit_outcome(&rec));
+            }
+        };
+        inner.wait_for(&entry, Txn::settled).await?;
+        let outcome = submit_outcome(&entry.lock().visible_record());
+        Ok(outcome)
+    }
+
+    /// An operator's retry (`tandem tx retry`): drives phase 2 of a STUCK or
+    /// retrying transaction now, with a fresh retry budget, and aborts an
+    /// undecided one past its deadline. Returns the state after the first
+    /// round of calls.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `WrongState` for an undecided transaction within its
+    /// deadline; `Unavailable`.
+    pub async fn retry(&self, gtid: Gtid) -> Result<TxState, CoordError> {
+        self.operator(gtid, Event::OperatorRetry).await
+    }
+
+    /// An operator's abort (`tandem tx abort`) of an undecided transaction.
+    /// Returns the state after the first round of rollback / cancel calls.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `WrongState` for a commit decision (never reversed);
+    /// `InvalidArgument` for an over-long reason; `Unavailable`.
+    pub async fn abort(&self, gtid: Gtid, reason: String) -> Result<TxState, CoordError> {
+        check_reason(&reason)?;
+        self.operator(gtid, Event::OperatorAbort { reason }).await
+    }
+
+    async fn operator(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        let entry = match inner.live_or_claim(&gtid)? {
+            Some(entry) => entry,
+            None => match inner.adopt_stuck(gtid)? {
+                Some(entry) => entry,
+                // Finished: the engine's answer on the stored record.
+                None => return inner.settled_state(gtid, event),
+            },
+        };
+        inner.wait_for(&entry, |t| !t.commit_pending()).await?;
+        let cmds = match inner.step(&entry, event) {
+            Ok(cmds) => cmds,
+            Err(e) => {
+                if entry.lock().record().state == TxState::Stuck {
+                    inner.forget(&gtid);
+                }
+                return Err(e);
+            }
+        };
+        inner.spawn_round(&entry, cmds).await?;
+        let state = entry.lock().visible_record().state;
+        Ok(state)
+    }
+
+    /// What a participant holding a branch of `gtid` should do: `None`
+    /// while undecided (or while a commit decision is being forced), else
+    /// the durable decision. An unknown gtid is `Abort` (presumed abort: the
+    /// coordinator never recorded it, so it never committed).
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable` once the log has failed, for everything but a durable
+    /// commit; a log failure.
+    pub fn outcome(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
+        let inner = &self.inner;
+        if inner.check_halted().is_err() {
+            // Only what is on disk may be told; after a failed write that
+            // is a durable commit, and nothing else is certain.
+            if let Some(entry) = inner.find_live(&gtid) {
+                if entry.lock().durable_decision() == Some(Decision::Commit) {
+                    return Ok(Some(Decision::Commit));
+                }
+            }
+            inner.check_halted()?;
+        }
+        if let Some(entry) = inner.live_or_claim(&gtid)? {
+            return Ok(entry.lock().durable_decision());
+        }
+        match inner.log.get(&gtid)? {
+            Some(rec) => Ok(rec.decision),
+            None => Ok(Some(Decision::Abort)),
+        }
+    }
+
+    /// The current record of a transaction: the live state for a live one
+    /// (a commit decision once durable), else the log's.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, or a log failure.
+    pub fn get(&self, gtid: Gtid) -> Result<TxnRecord, CoordError> {
+        if let Some(entry) = self.inner.find_live(&gtid) {
+            return Ok(entry.lock().visible_record().into_owned());
+        }
+        self.inner
+            .log
+            .get(&gtid)?
+            .ok_or(CoordError::NotFound(gtid))
+    }
+
+    /// Records in creation order after `after`, filtered by state and
+    /// created before `created_before_ms` when given; live transactions
+    /// show their live state.
+    ///
+    /// # Errors
+    ///
+    /// A log failure.
+    pub fn list(
+        &self,
+        after: Option<Gtid>,
+        states: &[TxState],
+        created_before_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, CoordError> {
+        let mut records = self.inner.log.scan(after.as_ref(), states, limit)?;
+        for rec in &mut records {
+            if let Some(entry) = self.inner.find_live(&rec.gtid) {
+                *rec = entry.lock().visible_record().into_owned();
+            }
+        }
+        records.retain(|r| states.is_empty() || states.contains(&r.state));
+        if let Some(before) = created_before_ms {
+            // Gtids are UUID v7: creation order, so the rest is newer too.
+            if let Some(cut) = records.iter().position(|r| r.created_ms >= before) {
+                records.truncate(cut);
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// The state a client is told after its request: a STUCK transaction is
+/// reported by its decision, as still finishing (COMMITTING / ABORTING),
+/// because to the client the outcome is decided and phase 2 is not done.
+fn reported_state(rec: &TxnRecord) -> TxState {
+    match (rec.state, rec.decision) {
+        (TxState::Stuck, Some(Decision::Commit)) => TxState::Committing,
+        (TxState::Stuck, _) => TxState::Aborting,
+        (state, _) => state,
+    }
+}
+
+fn submit_outcome(rec: &TxnRecord) -> SubmitOutcome {
+    SubmitOutcome {
+        gtid: rec.gtid,
+        state: reported_state(rec),
+        reason: rec.reason.clone(),
+        replies: rec.branches.iter().map(|b| b.reply.clone()).collect(),
+    }
+}
+
+fn check_reason(reason: &str) -> Result<(), CoordError> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(CoordError::InvalidArgument(format!(
+            "reason is {} bytes; at most {MAX_REASON_LEN}",
+            reason.len()
+        )));
+    }
+    Ok(())
+}
+
+fn same_mode(rec: &TxnRecord, mode: Mode) -> Result<(), CoordError> {
+    if rec.mode != mode {
+        return Err(CoordError::AlreadyExists(format!(
+            "transaction {} already exists with another mode",
+            rec.gtid
+        )));
+    }
+    Ok(())
+}
+
+/// A repeated `Submit` must describe the same transaction.
+fn same_branches(rec: &TxnRecord, mode: Mode, branches: &[NewBranch]) -> Result<(), CoordError> {
+    same_mode(rec, mode)?;
+    let same = rec.branches.len() == branches.len()
+        && rec.branches.iter().zip(branches).all(|(r, b)| {
+            r.endpoint == b.endpoint && r.resource == b.resource && r.payload == b.payload
+        });
+    if !same {
+        return Err(CoordError::AlreadyExists(format!(
+            "transaction {} already exists with other branches",
+            rec.gtid
+        )));
+    }
+    Ok(())
+}
+
+impl Inner {
+    /// Finds or starts the transaction `gtid`, atomically against the live
+    /// table: a live one, a stored one (taken over first if it is waiting
+    /// for recovery), or a new one made by `make`.
+    fn start(
+        self: &Arc<Self>,
+        gtid: Gtid,
+        chosen: bool,
+        make: impl FnOnce() -> (Txn, Vec<Command>),
+    ) -> Result<Start, CoordError> {
+        let mut live = self.live_table();
+        // A gtid this coordinator just made is new; a client's may repeat.
+        if chosen {
+            if let Some(entry) = live.get(&gtid) {
+                return Ok(Start::Live(entry.clone()));
+            }
+            if let Some(entry) = self.claim_locked(&mut live, gtid, None)? {
+                return Ok(Start::Live(entry));
+            }
+            if let Some(rec) = self.log.get(&gtid)? {
+                return Ok(Start::Stored(rec));
+            }
+            self.check_new_gtid(&gtid)?;
+        }
+        let (txn, cmds) = make();
+        let entry = self.new_entry(txn);
+        live.insert(gtid, entry.clone());
+        Ok(Start::New(entry, cmds))
+    }
+
+    /// A client-chosen gtid must be a UUID v7 of about now: the log keeps
+    /// records in gtid order, which must be creation order.
+    fn check_new_gtid(&self, gtid: &Gtid) -> Result<(), CoordError> {
+        let bad = |why: String| Err(CoordError::InvalidArgument(format!("gtid {gtid}: {why}")));
+        let Some(ts) = gtid.get_timestamp().filter(|_| gtid.get_version_num() == 7) else {
+            return bad("a new transaction's gtid must be a UUID v7".into());
+        };
+        let (secs, nanos) = ts.to_unix();
+        let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
+        let now = self.now();
+        let max_age = MAX_GTID_AGE.min(self.config.retention).as_millis() as u64;
+        if ms > now + MAX_GTID_AHEAD.as_millis() as u64 {
+            return bad("its time is ahead of the coordinator's clock".into());
+        }
+        if ms + max_age < now {
+            return bad(format!(
+                "it is older than {} s and no transaction has it (a transaction with it \
+                 may have finished and been removed by retention); use a new gtid",
+                max_age / 1000
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes a STUCK record from the log live again (an operator acts on
+    /// it), reading it under the live-table lock.
+    fn adopt_stuck(&self, gtid: Gtid) -> Result<Option<Arc<Entry>>, CoordError> {
+        let mut live = self.live_table();
+        if let Some(entry) = live.get(&gtid) {
+            return Ok(Some(entry.clone()));
+        }
+        let rec = self.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+        if rec.state != TxState::Stuck {
+            return Ok(None);
+        }
+        let (txn, _) = Txn::recover(rec, self.now());
+        let entry = self.new_entry(txn);
+        live.insert(gtid, entry.clone());
+        Ok(Some(entry))
+    }
+
+    /// Answers a request for a transaction no longer live: the same engine
+    /// rules, applied to the record in the log (nothing is written).
+    fn settled_state(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
+        let rec = self.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+        if !rec.state.is_terminal() && rec.state != TxState::Stuck {
+            return Err(CoordError::Unavailable(format!(
+                "transaction {gtid} is being recovered after a restart; ask again shortly"
+            )));
+        }
+        let now = self.now();
+        let mut txn = Txn::recover(rec.clone(), now).0;
+        txn.handle(event, now)?;
+        Ok(rec.state)
+    }
+
+    fn deadline(&self, timeout: Option<Duration>) -> Result<u64, CoordError> {
+        let timeout = timeout.unwrap_or(self.config.default_timeout);
+        if timeout > self.config.max_timeout {
+            return Err(CoordError::InvalidArgument(format!(
+                "timeout {} ms is above the maximum of {} ms",
+                timeout.as_millis(),
+                self.config.max_timeout.as_millis()
+            )));
+        }
+        Ok(self.now() + timeout.as_millis() as u64)
+    }
+
+    fn validate_branch(&self, b: &NewBranch) -> Result<(), CoordError> {
+        let invalid = |m: String| Err(CoordError::InvalidArgument(m));
+        if b.endpoint.is_empty() {
+            return invalid("branch endpoint is empty".into());
+        }
+        if b.endpoint.len() > MAX_ENDPOINT_LEN {
+            return invalid(format!(
+                "branch endpoint is longer than {MAX_ENDPOINT_LEN} bytes"
+            ));
+        }
+        super::validate_endpoint(&b.endpoint).map_err(CoordError::InvalidArgument)?;
+        if b.resource.is_empty() {
+            return invalid("branch resource is empty".into());
+        }
+        if b.resource.len() > MAX_RESOURCE_LEN {
+            return invalid(format!(
+                "branch resource is longer than {MAX_RESOURCE_LEN} bytes"
+            ));
+        }
+        if b.payload.len() > self.config.max_payload_bytes {
+            return invalid(format!(
+                "branch payload is {} bytes; the limit is {} bytes",
+                b.payload.len(),
+                self.config.max_payload_bytes
+            ));
+        }
+        Ok(())
+    }
+}
