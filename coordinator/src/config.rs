@@ -30,6 +30,8 @@ pub struct CoordinatorConfig {
     /// Finished (COMMITTED / ABORTED) records are removed from the log once
     /// unchanged for this long; STUCK and unfinished ones never are.
     pub retention: Duration,
+    /// Transactions recovery drives at once after a restart.
+    pub recovery_concurrency: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -44,6 +46,7 @@ impl Default for CoordinatorConfig {
             max_branches: 64,
             retry: RetryPolicy::default(),
             retention: Duration::from_secs(24 * 3600),
+            recovery_concurrency: 256,
         }
     }
 }
@@ -81,6 +84,12 @@ impl CoordinatorConfig {
             return bad(format!(
                 "max branches {} must be 1..=10000",
                 self.max_branches
+            ));
+        }
+        if self.recovery_concurrency == 0 || self.recovery_concurrency > 65_536 {
+            return bad(format!(
+                "recovery concurrency {} must be 1..=65536",
+                self.recovery_concurrency
             ));
         }
         if self.retention.is_zero() {

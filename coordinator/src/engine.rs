@@ -33,8 +33,8 @@ use crate::config::RetryPolicy;
 use bytes::Bytes;
 
 use crate::model::{
-    BranchId, BranchRecord, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState,
-    TxnRecord, cap_text,
+    BranchId, BranchRecord, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState, TxnRecord,
+    cap_text,
 };
 
 /// One transaction's state machine.

@@ -279,6 +279,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_duration: args.retry_max_duration.0,
         },
         retention: args.retention,
+        ..CoordinatorConfig::default()
     };
     config.validate()?;
     let log = Arc::new(SledLog::open(&config.data_dir)?);

@@ -60,6 +60,7 @@ impl Inner {
             let (inner, entry) = (self.clone(), entry.clone());
             self.tasks.spawn(async move {
                 tokio::select! {
+                    biased;
                     r = inner.run(&entry, cmds) => r,
                     () = inner.killed.cancelled() => Err(CoordError::Unavailable(
                         "the coordinator was stopped".into(),
@@ -71,7 +72,9 @@ impl Inner {
             match handle {
                 None => Ok(()),
                 Some(h) => h.await.unwrap_or_else(|e| {
-                    Err(CoordError::Unavailable(format!("round of calls ended: {e}")))
+                    Err(CoordError::Unavailable(format!(
+                        "round of calls ended: {e}"
+                    )))
                 }),
             }
         }
@@ -79,7 +82,11 @@ impl Inner {
 
     /// Carries out `cmds` and everything they lead to until no participant
     /// call is in flight. Retries are left to timers.
-    async fn run(self: &Arc<Self>, entry: &Arc<Entry>, cmds: Vec<Command>) -> Result<(), CoordError> {
+    async fn run(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        cmds: Vec<Command>,
+    ) -> Result<(), CoordError> {
         let result = self.drive(entry, cmds).await;
         if let Err(e) = &result {
             let gtid = entry.lock().record().gtid;
@@ -89,7 +96,11 @@ impl Inner {
         result
     }
 
-    async fn drive(self: &Arc<Self>, entry: &Arc<Entry>, cmds: Vec<Command>) -> Result<(), CoordError> {
+    async fn drive(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        cmds: Vec<Command>,
+    ) -> Result<(), CoordError> {
         let mut calls: FuturesUnordered<CallFuture<'_>> = FuturesUnordered::new();
         let mut queue = VecDeque::from(cmds);
         loop {
@@ -193,7 +204,13 @@ impl Inner {
         Event::PhaseOne { branch, vote }
     }
 
-    async fn phase_two(&self, entry: &Entry, branch: BranchId, commit: bool, attempt: u32) -> Event {
+    async fn phase_two(
+        &self,
+        entry: &Entry,
+        branch: BranchId,
+        commit: bool,
+        attempt: u32,
+    ) -> Event {
         let Some((endpoint, mode, _, req)) = self.branch_request(entry, branch, attempt) else {
             return Event::PhaseTwo {
                 branch,
@@ -234,6 +251,7 @@ impl Inner {
         let is_deadline = event == Event::DeadlinePassed;
         let task = async move {
             tokio::select! {
+                biased;
                 () = wait => {}
                 () = inner.timers_stop.cancelled() => return,
             }
@@ -255,6 +273,7 @@ impl Inner {
                         return;
                     }
                     tokio::select! {
+                        biased;
                         _ = inner.run(&entry, cmds) => {}
                         () = inner.killed.cancelled() => {}
                     }

@@ -173,6 +173,12 @@ impl Coordinator {
         self.inner.tasks.len()
     }
 
+    /// gRPC channels to participants held now (bounded; idle ones are
+    /// closed).
+    pub fn participant_channels(&self) -> usize {
+        self.inner.pool.len()
+    }
+
     /// Unfinished transactions found at start and not taken over yet.
     pub fn recovery_backlog(&self) -> usize {
         self.inner.recovering_set().len()
@@ -309,7 +315,11 @@ impl Inner {
 
     /// Waits until `ready` holds for the transaction. Fails when the
     /// coordinator halts or is stopped first.
-    async fn wait_for(&self, entry: &Entry, ready: impl Fn(&Txn) -> bool) -> Result<(), CoordError> {
+    async fn wait_for(
+        &self,
+        entry: &Entry,
+        ready: impl Fn(&Txn) -> bool,
+    ) -> Result<(), CoordError> {
         let mut changed = entry.changed.subscribe();
         loop {
             if ready(&entry.lock()) {
@@ -317,6 +327,7 @@ impl Inner {
             }
             self.check_halted()?;
             tokio::select! {
+                biased;
                 r = changed.changed() => if r.is_err() {
                     return Err(CoordError::Unavailable("transaction dropped".into()));
                 },

@@ -65,6 +65,11 @@ fn is_deadline(status: &tonic::Status) -> bool {
 }
 
 impl ParticipantPool {
+    /// Channels held now.
+    pub(crate) fn len(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(endpoint) {

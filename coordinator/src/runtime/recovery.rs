@@ -20,7 +20,8 @@ use crate::engine::Txn;
 use crate::error::CoordError;
 use crate::model::{Gtid, TxState};
 
-/// Unfinished transactions recovery drives at once.
+/// Unfinished transactions recovery drives at once, by default
+/// (`CoordinatorConfig::recovery_concurrency`).
 pub const RECOVERY_CONCURRENCY: usize = 256;
 
 /// What recovery found.
@@ -49,7 +50,7 @@ impl Coordinator {
     /// Takes stock of the unfinished transactions in the log (before
     /// serving: these, and only these, are recovery's) and starts taking
     /// them over in the background: undecided → abort; decided → phase 2
-    /// again, at most [`RECOVERY_CONCURRENCY`] at a time, while new
+    /// again, at most `recovery_concurrency` at a time, while new
     /// transactions are served. STUCK ones are left for an operator. A
     /// request for one of them takes it over at once. The task's result
     /// says how many of each were found.
@@ -122,7 +123,8 @@ impl Inner {
         pending: Vec<Gtid>,
     ) -> Result<RecoveryReport, CoordError> {
         let started = tokio::time::Instant::now();
-        let permits = Arc::new(tokio::sync::Semaphore::new(RECOVERY_CONCURRENCY));
+        let concurrency = self.config.recovery_concurrency;
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
         for gtid in pending {
             if self.timers_stop.is_cancelled() {
                 break; // shutting down: the next start recovers the rest
@@ -140,7 +142,7 @@ impl Inner {
         }
         // Wait for the last first rounds, so the report's time means "done".
         let _ = permits
-            .acquire_many(RECOVERY_CONCURRENCY as u32)
+            .acquire_many(concurrency as u32)
             .await
             .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
         report.elapsed = started.elapsed();

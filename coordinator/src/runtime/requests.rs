@@ -327,10 +327,10 @@ impl Coordinator {
         if inner.check_halted().is_err() {
             // Only what is on disk may be told; after a failed write that
             // is a durable commit, and nothing else is certain.
-            if let Some(entry) = inner.find_live(&gtid) {
-                if entry.lock().durable_decision() == Some(Decision::Commit) {
-                    return Ok(Some(Decision::Commit));
-                }
+            if let Some(entry) = inner.find_live(&gtid)
+                && entry.lock().durable_decision() == Some(Decision::Commit)
+            {
+                return Ok(Some(Decision::Commit));
             }
             inner.check_halted()?;
         }
@@ -353,10 +353,7 @@ impl Coordinator {
         if let Some(entry) = self.inner.find_live(&gtid) {
             return Ok(entry.lock().visible_record().into_owned());
         }
-        self.inner
-            .log
-            .get(&gtid)?
-            .ok_or(CoordError::NotFound(gtid))
+        self.inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))
     }
 
     /// Records in creation order after `after`, filtered by state and

@@ -28,6 +28,7 @@ impl Coordinator {
         inner.tasks.clone().spawn(async move {
             loop {
                 tokio::select! {
+                    biased;
                     () = tokio::time::sleep(every) => {}
                     () = inner.timers_stop.cancelled() => return,
                 }
@@ -56,7 +57,9 @@ impl Coordinator {
 impl Inner {
     /// One pass from the oldest record; returns how many it removed.
     pub(super) async fn sweep(self: &Arc<Self>) -> Result<u64, CoordError> {
-        let cutoff = self.now().saturating_sub(self.config.retention.as_millis() as u64);
+        let cutoff = self
+            .now()
+            .saturating_sub(self.config.retention.as_millis() as u64);
         let mut after: Option<Gtid> = None;
         let mut removed = 0;
         loop {

@@ -48,7 +48,9 @@ impl Transport for ParticipantPool {
         timeout: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         let endpoint = endpoint.to_string();
-        Box::pin(async move { ParticipantPool::phase_one(self, &endpoint, mode, req, timeout).await })
+        Box::pin(
+            async move { ParticipantPool::phase_one(self, &endpoint, mode, req, timeout).await },
+        )
     }
 
     fn phase_two(
