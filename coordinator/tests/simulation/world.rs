@@ -36,6 +36,8 @@ pub struct World {
     pub log_faults: Arc<LogFaults>,
     pub faults_on: Arc<AtomicBool>,
     pub clients_on: AtomicBool,
+    /// No more random crashes (restarts after a log failure go on).
+    pub calm: AtomicBool,
     /// Commits reported (client replies, GetOutcome) that were not durable.
     pub violations: Mutex<Vec<String>>,
     pub restarts: AtomicU64,
@@ -92,6 +94,7 @@ impl World {
             log_faults,
             faults_on,
             clients_on: AtomicBool::new(true),
+            calm: AtomicBool::new(false),
             violations: Mutex::new(Vec::new()),
             restarts: AtomicU64::new(0),
             reported_commits: AtomicU64::new(0),
@@ -282,12 +285,16 @@ async fn interactive_txn(
 /// in each and walks away (their long deadlines outlive a crash), so that
 /// recovery has a backlog to work through beside live traffic.
 async fn hoarder(world: Arc<World>, n: usize) {
-    let parts: Vec<_> = (0..10)
-        .map(|k| tokio::spawn(hoard(world.clone(), k, n / 10)))
+    world.calm.store(true, Ordering::SeqCst);
+    let parts: Vec<_> = (0..50)
+        .map(|k| tokio::spawn(hoard(world.clone(), k, n / 50)))
         .collect();
     for p in parts {
         let _ = p.await;
     }
+    // Crash with the backlog in the log, then leave recovery to work
+    // through it beside the clients' traffic.
+    world.restart();
 }
 
 async fn hoard(world: Arc<World>, k: usize, n: usize) {
@@ -338,7 +345,7 @@ async fn supervisor(world: Arc<World>) {
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         next_crash = next_crash.saturating_sub(Duration::from_millis(200));
-        let faults = world.faults_on.load(Ordering::SeqCst);
+        let faults = world.faults_on.load(Ordering::SeqCst) && !world.calm.load(Ordering::SeqCst);
         if world.coord().is_halted() || (faults && next_crash.is_zero()) {
             world.restart();
             next_crash = world.draw(|r| r.ms(1000, every));
@@ -367,7 +374,7 @@ pub async fn run(seed: u64) -> Result<Summary, String> {
         tasks.push(tokio::spawn(resolver(world.clone(), p.clone())));
     }
     tasks.push(tokio::spawn(supervisor(world.clone())));
-    if let Some(n) = world.draw(|r| r.chance(0.05).then(|| 1200 + r.below(1300) as usize)) {
+    if let Some(n) = world.draw(|r| r.chance(0.12).then(|| 1600 + r.below(1000) as usize)) {
         tasks.push(tokio::spawn(hoarder(world.clone(), n)));
     }
     tokio::time::sleep(FAULT_PHASE).await;
