@@ -1,0 +1,192 @@
+//! Phase 2: calling every branch that needs it under the decision,
+//! retrying failures with backoff, parking branches past the retry policy
+//! (STUCK), and an operator's retry.
+
+use std::time::Duration;
+
+use super::{Command, EngineError, Txn};
+use crate::model::{
+    BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState, cap_text,
+};
+
+impl Txn {
+    pub(super) fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
+        if self.commit_pending() {
+            // The decision is being forced; phase 2 starts when it is on
+            // disk, never before.
+            return Ok(Vec::new());
+        }
+        let mut cmds = vec![Command::Persist];
+        match self.rec.state {
+            TxState::Active | TxState::Preparing => {
+                if now < self.rec.deadline_ms {
+                    return Err(self.wrong_state(
+                        "retry",
+                        "; it is undecided and within its deadline (abort it to end it now)",
+                    ));
+                }
+                return Ok(self.abort(
+                    "deadline passed; aborted by an operator's retry".into(),
+                    now,
+                ));
+            }
+            TxState::Committed | TxState::Aborted => return Ok(Vec::new()),
+            TxState::Stuck => {
+                self.rec.state = match self.rec.decision {
+                    Some(Decision::Commit) => TxState::Committing,
+                    Some(Decision::Abort) => TxState::Aborting,
+                    None => {
+                        return Err(self.wrong_state("retry", "; its record has no decision"));
+                    }
+                };
+                self.durable = true;
+            }
+            TxState::Committing | TxState::Aborting => {
+                // Retries due later run now.
+                for id in std::mem::take(&mut self.waiting) {
+                    self.phase_two.remove(&id);
+                    self.call_phase_two(id, &mut cmds);
+                }
+            }
+        }
+        self.budget_start = now;
+        self.failures.clear();
+        self.parked.clear();
+        self.rec.updated_ms = now;
+        self.start_phase_two(&mut cmds, now);
+        Ok(cmds)
+    }
+
+    pub(super) fn on_phase_two(
+        &mut self,
+        id: BranchId,
+        result: Result<(), String>,
+        now: u64,
+    ) -> Vec<Command> {
+        if !self.phase_two.remove(&id) {
+            return Vec::new();
+        }
+        let commit = self.rec.state == TxState::Committing;
+        let gtid = self.rec.gtid;
+        self.rec.updated_ms = now;
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Vec::new();
+        };
+        b.updated_ms = now;
+        b.next_attempt_ms = 0;
+        match result {
+            Ok(()) => {
+                b.state = if commit {
+                    BranchState::Committed
+                } else {
+                    BranchState::RolledBack
+                };
+                self.failures.remove(&id);
+                // Written with the final state, not on its own: a lost ack
+                // only means the call is repeated after a restart, which
+                // the participant's barrier absorbs.
+                let mut cmds = Vec::new();
+                self.maybe_finish(&mut cmds, now);
+                cmds
+            }
+            Err(error) => {
+                b.last_error = cap_text(&error, MAX_STORED_TEXT);
+                let failures = self.failures.entry(id).or_default();
+                *failures += 1;
+                let elapsed = Duration::from_millis(now.saturating_sub(self.budget_start));
+                if self.policy.exhausted(*failures, elapsed) {
+                    self.parked.insert(id);
+                    let mut cmds = vec![Command::Persist];
+                    self.maybe_finish(&mut cmds, now);
+                    return cmds;
+                }
+                let delay = self.policy.delay(*failures, jitter(&gtid, id, b.attempts));
+                b.next_attempt_ms = now + delay.as_millis() as u64;
+                self.phase_two.insert(id);
+                self.waiting.insert(id);
+                vec![Command::Persist, Command::RetryLater { branch: id, delay }]
+            }
+        }
+    }
+
+    /// Emits the phase-2 call of every branch that needs one and has none
+    /// pending, then finishes the transaction if nothing is left.
+    pub(super) fn start_phase_two(&mut self, cmds: &mut Vec<Command>, now: u64) {
+        let ids: Vec<BranchId> = self
+            .rec
+            .branches
+            .iter()
+            .map(|b| b.id)
+            .filter(|id| self.needs_phase_two(*id))
+            .collect();
+        for id in ids {
+            self.call_phase_two(id, cmds);
+        }
+        self.maybe_finish(cmds, now);
+    }
+
+    /// Whether branch `id` still needs a phase-2 call under the decision.
+    pub(super) fn needs_phase_two(&self, id: BranchId) -> bool {
+        if self.phase_one.contains(&id) || self.phase_two.contains(&id) || self.parked.contains(&id)
+        {
+            return false;
+        }
+        let Some(b) = self.rec.branch(id) else {
+            return false;
+        };
+        match self.rec.state {
+            TxState::Committing => b.state != BranchState::Committed,
+            TxState::Aborting => match b.state {
+                BranchState::Registered | BranchState::Prepared | BranchState::Failed => true,
+                // A 2PC "no" holds nothing; a failed TCC try may have
+                // reserved part of the resource, so cancel it too.
+                BranchState::Refused => self.rec.mode == Mode::Tcc,
+                BranchState::Committed | BranchState::RolledBack => false,
+            },
+            _ => false,
+        }
+    }
+
+    pub(super) fn call_phase_two(&mut self, id: BranchId, cmds: &mut Vec<Command>) {
+        let commit = self.rec.state == TxState::Committing;
+        if let Some(b) = self.rec.branch_mut(id) {
+            b.attempts += 1;
+            let attempt = b.attempts;
+            self.phase_two.insert(id);
+            cmds.push(Command::PhaseTwo {
+                branch: id,
+                commit,
+                attempt,
+            });
+        }
+    }
+
+    pub(super) fn maybe_finish(&mut self, cmds: &mut Vec<Command>, now: u64) {
+        let open = !self.phase_one.is_empty() || !self.phase_two.is_empty();
+        if open || !self.durable {
+            return;
+        }
+        let done = match self.rec.state {
+            TxState::Committing | TxState::Aborting if !self.parked.is_empty() => TxState::Stuck,
+            TxState::Committing => TxState::Committed,
+            TxState::Aborting => TxState::Aborted,
+            _ => return,
+        };
+        self.rec.state = done;
+        self.rec.updated_ms = now;
+        if !cmds.contains(&Command::Persist) {
+            cmds.push(Command::Persist);
+        }
+        cmds.push(Command::Finished);
+    }
+}
+
+/// A well-spread number from a branch's identity and attempt, so the retry
+/// jitter of many transactions differs while the engine stays deterministic.
+fn jitter(gtid: &Gtid, branch: BranchId, attempt: u32) -> u64 {
+    let (hi, lo) = gtid.as_u64_pair();
+    let mut z = hi ^ lo.rotate_left(17) ^ (u64::from(branch) << 32 | u64::from(attempt));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}

@@ -1,0 +1,92 @@
+//! What readers may see of a transaction: a commit decision only once it
+//! is durable. One rule per test.
+
+use bytes::Bytes;
+
+use super::*;
+
+const NOW: u64 = 1_000;
+const DEADLINE: u64 = 61_000;
+
+fn decided_not_forced(mode: Mode) -> Txn {
+    let b = NewBranch {
+        endpoint: "http://127.0.0.1:9001".into(),
+        resource: "r".into(),
+        payload: Bytes::from_static(b"p"),
+    };
+    let (mut t, _) = Txn::submit(Gtid::now_v7(), mode, NOW, DEADLINE, vec![b]);
+    let vote = Vote::Yes(Bytes::from_static(b"hold-1"));
+    let cmds = t
+        .handle(Event::PhaseOne { branch: 1, vote }, NOW)
+        .expect("vote");
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    t
+}
+
+// While the commit decision is being forced, readers see the transaction as
+// undecided: a crash now reads back as undecided and aborts.
+#[test]
+fn a_commit_decision_is_hidden_until_durable() {
+    let mut t = decided_not_forced(Mode::TwoPhase);
+    assert_eq!(t.record().decision, Some(Decision::Commit)); // what is written
+    let seen = t.visible_record();
+    assert_eq!((seen.state, seen.decision), (TxState::Preparing, None));
+    assert_eq!(t.durable_decision(), None);
+    assert!(t.commit_pending() && !t.settled());
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    let seen = t.visible_record();
+    assert_eq!(
+        (seen.state, seen.decision),
+        (TxState::Committing, Some(Decision::Commit))
+    );
+    assert_eq!(t.durable_decision(), Some(Decision::Commit));
+    assert!(t.settled());
+}
+
+// An operator's retry while the decision is being forced sends nothing:
+// phase 2 starts only once the decision is on disk.
+#[test]
+fn operator_retry_never_starts_phase_two_before_the_force() {
+    let mut t = decided_not_forced(Mode::Tcc);
+    let cmds = t.handle(Event::OperatorRetry, NOW).expect("retry");
+    assert!(cmds.is_empty(), "{cmds:?}");
+    let cmds = t.handle(Event::DecisionDurable, NOW).expect("durable");
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::PhaseTwo { commit: true, .. }))
+    );
+}
+
+// An abort needs no force (presumed abort): it is visible at once.
+#[test]
+fn an_abort_is_visible_at_once() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
+    t.handle(
+        Event::Rollback {
+            reason: String::new(),
+        },
+        NOW,
+    )
+    .expect("rollback");
+    assert_eq!(t.durable_decision(), Some(Decision::Abort));
+    assert_eq!(t.visible_record().decision, Some(Decision::Abort));
+}
+
+// A yes vote's reply is kept in the record (a repeated Submit answers with
+// it); a participant's long reason is cut to MAX_STORED_TEXT.
+#[test]
+fn replies_are_kept_and_reasons_capped() {
+    let t = decided_not_forced(Mode::TwoPhase);
+    assert_eq!(t.record().branches[0].reply, Bytes::from_static(b"hold-1"));
+    let b = NewBranch {
+        endpoint: "http://127.0.0.1:9001".into(),
+        resource: "r".into(),
+        payload: Bytes::new(),
+    };
+    let (mut t, _) = Txn::submit(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE, vec![b]);
+    let vote = Vote::No("x".repeat(20_000));
+    t.handle(Event::PhaseOne { branch: 1, vote }, NOW)
+        .expect("vote");
+    assert!(t.record().branches[0].last_error.len() <= MAX_STORED_TEXT);
+    assert!(t.record().reason.len() <= MAX_STORED_TEXT + 100);
+}
