@@ -18,6 +18,8 @@
 //!
 //! - `mod.rs`: [`Coordinator`], the live-transaction table and its entries;
 //! - `requests`: the request API (begin, enlist, commit, submit, …);
+//! - `starts`: idempotent starts (a client-chosen gtid repeats safely);
+//! - `validate`: limits checked at the edge;
 //! - `driver`: carries out engine commands in tracked tasks and feeds
 //!   results back as events;
 //! - `recovery`: taking over the transactions found in the log at start;
@@ -31,7 +33,9 @@ mod participants;
 mod recovery;
 mod requests;
 mod retention;
+mod starts;
 mod transport;
+mod validate;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

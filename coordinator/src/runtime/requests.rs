@@ -10,24 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::starts::{Start, same_branches, same_mode};
+use super::validate::check_reason;
 use super::{Coordinator, Entry, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
 use crate::model::{BranchId, Decision, Gtid, Mode, TxState, TxnRecord};
-
-/// Longest resource name accepted.
-const MAX_RESOURCE_LEN: usize = 256;
-/// Longest endpoint accepted.
-const MAX_ENDPOINT_LEN: usize = 1024;
-/// Longest client rollback reason kept.
-const MAX_REASON_LEN: usize = 1024;
-/// A client-chosen gtid may be at most this far ahead of the coordinator's
-/// clock (clock skew between the client and the coordinator).
-const MAX_GTID_AHEAD: Duration = Duration::from_secs(60);
-/// ... and a new transaction's gtid at most this old (or the retention
-/// period, if shorter): a repeat older than that cannot be told apart from
-/// one whose record retention already removed.
-const MAX_GTID_AGE: Duration = Duration::from_secs(3600);
 
 /// The outcome of a one-shot transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,16 +28,6 @@ pub struct SubmitOutcome {
     pub reason: String,
     /// Phase-1 reply of each branch, in request order (empty unless yes).
     pub replies: Vec<Bytes>,
-}
-
-/// What a start request found for its gtid.
-enum Start {
-    /// A new transaction, with the commands of its first step.
-    New(Arc<Entry>, Vec<Command>),
-    /// A live transaction with this gtid.
-    Live(Arc<Entry>),
-    /// A finished one, from the log.
-    Stored(TxnRecord),
 }
 
 impl Coordinator {
@@ -407,96 +385,7 @@ fn submit_outcome(rec: &TxnRecord) -> SubmitOutcome {
     }
 }
 
-fn check_reason(reason: &str) -> Result<(), CoordError> {
-    if reason.len() > MAX_REASON_LEN {
-        return Err(CoordError::InvalidArgument(format!(
-            "reason is {} bytes; at most {MAX_REASON_LEN}",
-            reason.len()
-        )));
-    }
-    Ok(())
-}
-
-fn same_mode(rec: &TxnRecord, mode: Mode) -> Result<(), CoordError> {
-    if rec.mode != mode {
-        return Err(CoordError::AlreadyExists(format!(
-            "transaction {} already exists with another mode",
-            rec.gtid
-        )));
-    }
-    Ok(())
-}
-
-/// A repeated `Submit` must describe the same transaction.
-fn same_branches(rec: &TxnRecord, mode: Mode, branches: &[NewBranch]) -> Result<(), CoordError> {
-    same_mode(rec, mode)?;
-    let same = rec.branches.len() == branches.len()
-        && rec.branches.iter().zip(branches).all(|(r, b)| {
-            r.endpoint == b.endpoint && r.resource == b.resource && r.payload == b.payload
-        });
-    if !same {
-        return Err(CoordError::AlreadyExists(format!(
-            "transaction {} already exists with other branches",
-            rec.gtid
-        )));
-    }
-    Ok(())
-}
-
 impl Inner {
-    /// Finds or starts the transaction `gtid`, atomically against the live
-    /// table: a live one, a stored one (taken over first if it is waiting
-    /// for recovery), or a new one made by `make`.
-    fn start(
-        self: &Arc<Self>,
-        gtid: Gtid,
-        chosen: bool,
-        make: impl FnOnce() -> (Txn, Vec<Command>),
-    ) -> Result<Start, CoordError> {
-        let mut live = self.live_table();
-        // A gtid this coordinator just made is new; a client's may repeat.
-        if chosen {
-            if let Some(entry) = live.get(&gtid) {
-                return Ok(Start::Live(entry.clone()));
-            }
-            if let Some(entry) = self.claim_locked(&mut live, gtid, None)? {
-                return Ok(Start::Live(entry));
-            }
-            if let Some(rec) = self.log.get(&gtid)? {
-                return Ok(Start::Stored(rec));
-            }
-            self.check_new_gtid(&gtid)?;
-        }
-        let (txn, cmds) = make();
-        let entry = self.new_entry(txn);
-        live.insert(gtid, entry.clone());
-        Ok(Start::New(entry, cmds))
-    }
-
-    /// A client-chosen gtid must be a UUID v7 of about now: the log keeps
-    /// records in gtid order, which must be creation order.
-    fn check_new_gtid(&self, gtid: &Gtid) -> Result<(), CoordError> {
-        let bad = |why: String| Err(CoordError::InvalidArgument(format!("gtid {gtid}: {why}")));
-        let Some(ts) = gtid.get_timestamp().filter(|_| gtid.get_version_num() == 7) else {
-            return bad("a new transaction's gtid must be a UUID v7".into());
-        };
-        let (secs, nanos) = ts.to_unix();
-        let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
-        let now = self.now();
-        let max_age = MAX_GTID_AGE.min(self.config.retention).as_millis() as u64;
-        if ms > now + MAX_GTID_AHEAD.as_millis() as u64 {
-            return bad("its time is ahead of the coordinator's clock".into());
-        }
-        if ms + max_age < now {
-            return bad(format!(
-                "it is older than {} s and no transaction has it (a transaction with it \
-                 may have finished and been removed by retention); use a new gtid",
-                max_age / 1000
-            ));
-        }
-        Ok(())
-    }
-
     /// Makes a STUCK record from the log live again (an operator acts on
     /// it), reading it under the live-table lock.
     fn adopt_stuck(&self, gtid: Gtid) -> Result<Option<Arc<Entry>>, CoordError> {
@@ -527,46 +416,5 @@ impl Inner {
         let mut txn = Txn::recover(rec.clone(), now).0;
         txn.handle(event, now)?;
         Ok(rec.state)
-    }
-
-    fn deadline(&self, timeout: Option<Duration>) -> Result<u64, CoordError> {
-        let timeout = timeout.unwrap_or(self.config.default_timeout);
-        if timeout > self.config.max_timeout {
-            return Err(CoordError::InvalidArgument(format!(
-                "timeout {} ms is above the maximum of {} ms",
-                timeout.as_millis(),
-                self.config.max_timeout.as_millis()
-            )));
-        }
-        Ok(self.now() + timeout.as_millis() as u64)
-    }
-
-    fn validate_branch(&self, b: &NewBranch) -> Result<(), CoordError> {
-        let invalid = |m: String| Err(CoordError::InvalidArgument(m));
-        if b.endpoint.is_empty() {
-            return invalid("branch endpoint is empty".into());
-        }
-        if b.endpoint.len() > MAX_ENDPOINT_LEN {
-            return invalid(format!(
-                "branch endpoint is longer than {MAX_ENDPOINT_LEN} bytes"
-            ));
-        }
-        super::validate_endpoint(&b.endpoint).map_err(CoordError::InvalidArgument)?;
-        if b.resource.is_empty() {
-            return invalid("branch resource is empty".into());
-        }
-        if b.resource.len() > MAX_RESOURCE_LEN {
-            return invalid(format!(
-                "branch resource is longer than {MAX_RESOURCE_LEN} bytes"
-            ));
-        }
-        if b.payload.len() > self.config.max_payload_bytes {
-            return invalid(format!(
-                "branch payload is {} bytes; the limit is {} bytes",
-                b.payload.len(),
-                self.config.max_payload_bytes
-            ));
-        }
-        Ok(())
     }
 }

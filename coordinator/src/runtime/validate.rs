@@ -1,0 +1,68 @@
+//! Request validation at the edge: limits on branches, reasons and
+//! deadlines. A refused request changes nothing.
+
+use std::time::Duration;
+
+use super::Inner;
+use crate::engine::NewBranch;
+use crate::error::CoordError;
+
+/// Longest resource name accepted.
+const MAX_RESOURCE_LEN: usize = 256;
+/// Longest endpoint accepted.
+const MAX_ENDPOINT_LEN: usize = 1024;
+/// Longest client rollback reason kept.
+const MAX_REASON_LEN: usize = 1024;
+
+pub(super) fn check_reason(reason: &str) -> Result<(), CoordError> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(CoordError::InvalidArgument(format!(
+            "reason is {} bytes; at most {MAX_REASON_LEN}",
+            reason.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Inner {
+    pub(super) fn deadline(&self, timeout: Option<Duration>) -> Result<u64, CoordError> {
+        let timeout = timeout.unwrap_or(self.config.default_timeout);
+        if timeout > self.config.max_timeout {
+            return Err(CoordError::InvalidArgument(format!(
+                "timeout {} ms is above the maximum of {} ms",
+                timeout.as_millis(),
+                self.config.max_timeout.as_millis()
+            )));
+        }
+        Ok(self.now() + timeout.as_millis() as u64)
+    }
+
+    pub(super) fn validate_branch(&self, b: &NewBranch) -> Result<(), CoordError> {
+        let invalid = |m: String| Err(CoordError::InvalidArgument(m));
+        if b.endpoint.is_empty() {
+            return invalid("branch endpoint is empty".into());
+        }
+        if b.endpoint.len() > MAX_ENDPOINT_LEN {
+            return invalid(format!(
+                "branch endpoint is longer than {MAX_ENDPOINT_LEN} bytes"
+            ));
+        }
+        super::validate_endpoint(&b.endpoint).map_err(CoordError::InvalidArgument)?;
+        if b.resource.is_empty() {
+            return invalid("branch resource is empty".into());
+        }
+        if b.resource.len() > MAX_RESOURCE_LEN {
+            return invalid(format!(
+                "branch resource is longer than {MAX_RESOURCE_LEN} bytes"
+            ));
+        }
+        if b.payload.len() > self.config.max_payload_bytes {
+            return invalid(format!(
+                "branch payload is {} bytes; the limit is {} bytes",
+                b.payload.len(),
+                self.config.max_payload_bytes
+            ));
+        }
+        Ok(())
+    }
+}
