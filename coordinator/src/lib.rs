@@ -17,6 +17,7 @@
 //! - [`bench`]: `tandem bench`, throughput / latency / durability cost against
 //!   the machine's echo floor.
 //! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
+//! - [`log_cli`]: `tandem log check`, the offline report on a log.
 //! - [`demo`]: `tandem demo`, bank transfers across two participant services.
 //!
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod log;
+pub mod log_cli;
 pub mod model;
 pub mod runtime;
 pub mod server;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::SledLog;
-use tandem_coordinator::{Coordinator, bench, cli, demo, server};
+use tandem_coordinator::{Coordinator, bench, cli, demo, log_cli, server};
 use tracing::info;
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
@@ -32,6 +32,11 @@ enum Command {
     Serve(ServeArgs),
     /// Look at and act on the transactions of a running coordinator.
     Tx(TxArgs),
+    /// Look at a coordinator's log offline.
+    Log {
+        #[command(subcommand)]
+        verb: LogVerb,
+    },
     /// Run a coordinator, two bank participants and a few hundred concurrent
     /// transfers in this process; print counts, throughput and whether the
     /// total balance was conserved.
@@ -198,6 +203,25 @@ struct ServeArgs {
     /// unfinished ones are never removed.
     #[arg(long, env = "TANDEM_RETENTION", default_value = "24h", value_parser = parse_duration)]
     retention: Duration,
+    /// Serve from a damaged log anyway: records that cannot be read are
+    /// moved to a quarantine tree (every gtid is logged) and the forced
+    /// mark is reset. Without it a damaged log stops the start.
+    #[arg(long, env = "TANDEM_ACCEPT_LOG_DAMAGE")]
+    accept_log_damage: bool,
+}
+
+#[derive(Subcommand)]
+enum LogVerb {
+    /// Check a stopped coordinator's log: counts by state, the forced mark,
+    /// undecodable records. Exits 0 when healthy, 2 when damaged.
+    Check {
+        /// The data directory.
+        #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
+        data_dir: PathBuf,
+        /// table or json.
+        #[arg(long, default_value = "table", value_parser = parse_output)]
+        output: cli::Output,
+    },
 }
 
 #[derive(Args)]
@@ -282,7 +306,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..CoordinatorConfig::default()
     };
     config.validate()?;
-    let log = Arc::new(SledLog::open(&config.data_dir)?);
+    let (log, report) = SledLog::open_with(&config.data_dir, args.accept_log_damage)?;
+    if report.is_damaged() {
+        tracing::error!(
+            problems = %report.problems().join("; "),
+            "serving a damaged log (--accept-log-damage)"
+        );
+    }
+    let log = Arc::new(log);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -334,6 +365,9 @@ async fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Tx(args) => return tx(args).await,
+        Command::Log {
+            verb: LogVerb::Check { data_dir, output },
+        } => return log_cli::log_check(&data_dir, output),
         Command::Demo(args) => run_demo(args).await,
         Command::Bench(args) => run_bench(args).await,
         Command::BenchParticipant { listen } => bench::serve_participant(listen).await,

@@ -58,6 +58,16 @@ pub struct SyncStats {
 
 type Waiter = oneshot::Sender<Result<(), SyncError>>;
 
+/// What the owner of a database does around each group-commit round (the
+/// coordinator's log keeps its forced high-water mark this way).
+pub trait SyncHooks: Send + 'static {
+    /// Runs before the flush; whatever it writes to the database is made
+    /// durable by this round. An `Err` fails the round and latches.
+    fn before_flush(&mut self, db: &sled::Db) -> Result<(), String>;
+    /// Runs once the round is durable.
+    fn after_sync(&mut self);
+}
+
 /// The group-commit thread of one sled database. Dropping it joins the
 /// thread.
 pub struct SledSync {
@@ -79,6 +89,19 @@ impl SledSync {
     ///
     /// sled's data file cannot be opened, or the thread cannot start.
     pub fn start(db: &sled::Db, dir: &Path) -> std::io::Result<SledSync> {
+        Self::start_with_hooks(db, dir, None)
+    }
+
+    /// As [`SledSync::start`], running `hooks` around every round.
+    ///
+    /// # Errors
+    ///
+    /// sled's data file cannot be opened, or the thread cannot start.
+    pub fn start_with_hooks(
+        db: &sled::Db,
+        dir: &Path,
+        hooks: Option<Box<dyn SyncHooks>>,
+    ) -> std::io::Result<SledSync> {
         // sled 0.34 keeps everything in one file named `db` in its directory.
         let file = File::options()
             .read(true)
@@ -95,7 +118,7 @@ impl SledSync {
             .spawn({
                 let (db, shared) = (db.clone(), shared.clone());
                 let blobs = BlobSync::new(dir.join("blobs"));
-                move || group_commit(db, file, blobs, shared, rx)
+                move || group_commit(db, file, blobs, shared, rx, hooks)
             })?;
         Ok(SledSync {
             shared,
@@ -216,6 +239,31 @@ impl BlobSync {
     }
 }
 
+/// Whether an I/O error is a passing shortage of the process or the
+/// machine (file descriptors, memory) rather than a failure of the disk:
+/// such errors are retried, never latched.
+pub fn is_resource_shortage(e: &std::io::Error) -> bool {
+    // EAGAIN 11, ENOMEM 12, ENFILE 23, EMFILE 24 (Linux).
+    matches!(e.raw_os_error(), Some(11 | 12 | 23 | 24))
+}
+
+/// Syncs new blob files, retrying a resource shortage (EMFILE and the like)
+/// with a growing pause rather than latching; other errors latch.
+fn sync_blobs(blobs: &mut BlobSync, shared: &Shared) -> Result<(), SyncError> {
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match blobs.sync_new() {
+            Ok(()) => return Ok(()),
+            Err(e) if is_resource_shortage(&e) => {
+                tracing::warn!(error = %e, "blob sync short of resources; retrying");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(shared.latch(e)),
+        }
+    }
+}
+
 /// The loop: wait for one waiter, take all queued ones, flush and fdatasync
 /// once, answer them all. Ends when the [`SledSync`] is dropped.
 fn group_commit(
@@ -224,15 +272,22 @@ fn group_commit(
     mut blobs: BlobSync,
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Waiter>,
+    mut hooks: Option<Box<dyn SyncHooks>>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let result = shared.check().and_then(|()| {
+            if let Some(h) = hooks.as_mut() {
+                h.before_flush(&db).map_err(|e| shared.latch(e))?;
+            }
             db.flush().map_err(|e| shared.latch(e))?;
-            blobs.sync_new().map_err(|e| shared.latch(e))?;
+            sync_blobs(&mut blobs, &shared)?;
             file.sync_data().map_err(|e| shared.latch(e))?;
             shared.flushes.fetch_add(1, Ordering::Relaxed);
+            if let Some(h) = hooks.as_mut() {
+                h.after_sync();
+            }
             Ok(())
         });
         shared

@@ -2,14 +2,17 @@
 //! sled-backed log ([`SledLog`], the default), an in-memory log for tests
 //! ([`MemLog`]), and the conformance suite every implementation must pass.
 
+mod check;
 mod codec;
 pub mod conformance;
+pub mod mark;
 mod mem;
 mod sled_log;
 
 use std::future::Future;
 use std::pin::Pin;
 
+pub use check::{LogReport, check_dir};
 pub use mem::MemLog;
 pub use sled_log::SledLog;
 
@@ -30,6 +33,10 @@ pub enum LogError {
         /// What was wrong.
         detail: String,
     },
+    /// The log on disk is damaged (records lost or unreadable); the message
+    /// says what and what to do. Found at open: nothing was served.
+    #[error("{0}")]
+    Damaged(String),
     /// An earlier failure latched the log; it refuses all further work.
     #[error("log halted after an earlier failure: {0}")]
     Halted(String),

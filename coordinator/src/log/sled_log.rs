@@ -22,6 +22,8 @@ use std::path::Path;
 use bytes::Bytes;
 use tandem_sdk::sled_sync::{SledSync, SyncError};
 
+use super::check::{self, LogReport};
+use super::mark::{self, MarkHooks};
 use super::{ForceFuture, LogError, LogStats, TxnLog, codec};
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -52,19 +54,90 @@ impl SledLog {
     const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
     const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
-    /// Opens (creating if needed) the log in `dir`.
+    /// Opens (creating if needed) the log in `dir`, refusing a damaged one.
     ///
     /// # Errors
     ///
     /// [`LogError::Storage`] if the directory cannot be created or sled cannot
-    /// open it (for example another process holds it).
+    /// open it (for example another process holds it); [`LogError::Damaged`]
+    /// when a record does not decode or sled holds fewer forced writes than
+    /// the mark says it was given (see [`super::mark`]).
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, LogError> {
+        Self::open_with(dir, false).map(|(log, _)| log)
+    }
+
+    /// As [`SledLog::open`]; with `accept_damage`, a damaged log is opened
+    /// anyway: undecodable records are moved to the `quarantine` tree and
+    /// every gtid concerned is logged, and the mark is reset to what sled
+    /// holds. Returns what the check found.
+    ///
+    /// # Errors
+    ///
+    /// As [`SledLog::open`] (without `Damaged` when `accept_damage`).
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        accept_damage: bool,
+    ) -> Result<(Self, LogReport), LogError> {
         let dir = dir.as_ref();
         let storage = |what: &str, e: &dyn std::fmt::Display| {
             LogError::Storage(format!("{what} {}: {e}", dir.display()))
         };
         std::fs::create_dir_all(dir).map_err(|e| storage("cannot create", &e))?;
-        let db = sled::Config::new()
+        let mut report = LogReport {
+            dir: dir.to_path_buf(),
+            ..LogReport::default()
+        };
+        match mark::read(dir) {
+            Ok(m) => report.mark = m,
+            Err(e) => report.mark_error = Some(e),
+        }
+        let db = Self::sled_config(dir).open().map_err(|e| match e {
+            sled::Error::Corruption { .. } => LogError::Damaged(format!(
+                "the transaction log in {} is damaged: sled cannot open it ({e}). Tandem \
+                 will not serve from it: a lost commit decision would be answered ABORT. \
+                 Restore the directory from a backup (--accept-log-damage cannot help: \
+                 nothing of it can be read)",
+                dir.display()
+            )),
+            e => storage("cannot open sled log in", &e),
+        })?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| storage("cannot open", &e));
+        let (txns, payloads) = (tree("txns")?, tree("payloads")?);
+        report.sled_round = mark::sled_round(&db).map_err(LogError::Storage)?;
+        check::inspect(&txns, &payloads, &mut report);
+        if report.is_damaged() {
+            if !accept_damage {
+                return Err(LogError::Damaged(report.refusal()));
+            }
+            quarantine(&db, &txns, &report).map_err(|e| storage("cannot quarantine in", &e))?;
+        }
+        // From here on the mark and sled agree.
+        let round = report.sled_round.max(report.mark.unwrap_or(0));
+        if report.mark != Some(round) || report.sled_round != round {
+            tree(mark::META_TREE)?
+                .insert(mark::ROUND_KEY, &round.to_be_bytes())
+                .map_err(|e| storage("cannot write the forced round in", &e))?;
+            db.flush().map_err(|e| storage("cannot flush", &e))?;
+            mark::write_synced(dir, round).map_err(|e| storage("cannot write the mark in", &e))?;
+        }
+        let hooks =
+            MarkHooks::new(&db, dir, round).map_err(|e| storage("cannot open the mark in", &e))?;
+        let sync = SledSync::start_with_hooks(&db, dir, Some(Box::new(hooks)))
+            .map_err(|e| storage("cannot start the group commit of", &e))?;
+        Ok((
+            SledLog {
+                db,
+                txns,
+                payloads,
+                sync: Some(sync),
+            },
+            report,
+        ))
+    }
+
+    /// The sled settings of a Tandem log (also used to open it for a check).
+    pub(super) fn sled_config(dir: &Path) -> sled::Config {
+        sled::Config::new()
             .path(dir)
             .segment_size(Self::SEGMENT_SIZE)
             // Bounded page cache: memory stays flat however big the log.
@@ -72,22 +145,6 @@ impl SledLog {
             // Reclaim the space of removed records eagerly: with retention
             // purging continuously, the data dir must not keep growing.
             .mode(sled::Mode::LowSpace)
-            .open()
-            .map_err(|e| storage("cannot open sled log in", &e))?;
-        let txns = db
-            .open_tree("txns")
-            .map_err(|e| storage("cannot open", &e))?;
-        let payloads = db
-            .open_tree("payloads")
-            .map_err(|e| storage("cannot open", &e))?;
-        let sync = SledSync::start(&db, dir)
-            .map_err(|e| storage("cannot start the group commit of", &e))?;
-        Ok(SledLog {
-            db,
-            txns,
-            payloads,
-            sync: Some(sync),
-        })
     }
 
     fn sync(&self) -> &SledSync {
@@ -113,6 +170,27 @@ impl SledLog {
                 .unwrap_or_default())
         })
     }
+}
+
+/// Moves every undecodable record to the quarantine tree, logging each,
+/// and logs what a log behind its mark lost.
+fn quarantine(db: &sled::Db, txns: &sled::Tree, report: &LogReport) -> sled::Result<()> {
+    let aside = db.open_tree(check::QUARANTINE_TREE)?;
+    for (key, why) in &report.undecodable {
+        let Ok(gtid) = key.parse::<Gtid>() else {
+            tracing::error!(key = %key, why = %why, "log damage: a record with a bad key is left in place");
+            continue;
+        };
+        if let Some(bytes) = txns.get(gtid.as_bytes())? {
+            aside.insert(gtid.as_bytes(), bytes)?;
+            txns.remove(gtid.as_bytes())?;
+        }
+        tracing::error!(%gtid, why = %why, "log damage: record quarantined; its participants must be resolved by hand");
+    }
+    for problem in report.problems() {
+        tracing::error!(%problem, "log damage accepted (--accept-log-damage)");
+    }
+    Ok(())
 }
 
 fn payload_key(gtid: &Gtid, branch: u32) -> [u8; 20] {
