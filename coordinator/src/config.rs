@@ -32,6 +32,8 @@ pub struct CoordinatorConfig {
     pub retention: Duration,
     /// Transactions recovery drives at once after a restart.
     pub recovery_concurrency: usize,
+    /// Requests served at once; more are answered RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -47,6 +49,7 @@ impl Default for CoordinatorConfig {
             retry: RetryPolicy::default(),
             retention: Duration::from_secs(24 * 3600),
             recovery_concurrency: 256,
+            max_concurrent_requests: 1024,
         }
     }
 }
@@ -91,6 +94,9 @@ impl CoordinatorConfig {
                 "recovery concurrency {} must be 1..=65536",
                 self.recovery_concurrency
             ));
+        }
+        if self.max_concurrent_requests == 0 {
+            return bad("max concurrent requests must be above zero".into());
         }
         if self.retention.is_zero() {
             return bad("retention must be above zero".into());

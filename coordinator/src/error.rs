@@ -4,7 +4,11 @@ use tonic::{Code, Status};
 
 use crate::engine::EngineError;
 use crate::log::LogError;
-use crate::model::Gtid;
+use crate::model::{Gtid, cap_text};
+
+/// Longest message put in a gRPC status: status messages travel in HTTP/2
+/// headers, and clients (grpcio, grpc-java: 8 KiB) reject large ones.
+pub const MAX_STATUS_TEXT: usize = 1024;
 
 /// Why a coordinator request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -49,6 +53,6 @@ impl From<CoordError> for Status {
             CoordError::Log(LogError::Corrupt { .. }) => Code::DataLoss,
             CoordError::Log(_) => Code::Unavailable,
         };
-        Status::new(code, e.to_string())
+        Status::new(code, cap_text(&e.to_string(), MAX_STATUS_TEXT))
     }
 }

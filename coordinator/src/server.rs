@@ -15,10 +15,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::config::CoordinatorConfig;
 use crate::log::TxnLog;
 use crate::runtime::Coordinator;
-use crate::service::{AdminService, CoordinatorService};
+use crate::service::{AdminService, ConcurrencyLimitLayer, CoordinatorService};
 
 /// Largest gRPC message accepted: room for many branches of maximum payload.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// HTTP/2 streams one client connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// Serves the Coordinator and Admin services on `listener` until `shutdown`
 /// resolves. Recovery of in-flight transactions runs in the background while
@@ -45,9 +47,12 @@ pub async fn serve(
     };
     let coordinator = CoordinatorServer::new(CoordinatorService::new(coord.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let limit = ConcurrencyLimitLayer::new(coord.config().max_concurrent_requests);
     let admin = AdminServer::new(AdminService::new(coord));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(limit)
         .add_service(coordinator)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -85,10 +85,16 @@ impl Error {
             Error::TimedOut(cause) | Error::Unavailable(cause) => {
                 Error::OutcomeUnknown { gtid, cause }
             }
-            Error::Rpc(s) => Error::OutcomeUnknown {
-                gtid,
-                cause: s.to_string(),
-            },
+            // A refusal before anything ran (RESOURCE_EXHAUSTED, …) stays
+            // as it is; a call cut off midway may have started it.
+            Error::Rpc(s)
+                if matches!(s.code(), Code::Cancelled | Code::Unknown | Code::Internal) =>
+            {
+                Error::OutcomeUnknown {
+                    gtid,
+                    cause: s.to_string(),
+                }
+            }
             e => e,
         }
     }

@@ -287,9 +287,27 @@ pub struct ParticipantService {
     barrier: Arc<dyn BarrierStore>,
 }
 
+/// Longest text this server puts in a status (statuses travel in HTTP/2
+/// headers; gRPC clients reject large ones). Input is echoed shorter still.
+pub(crate) const MAX_STATUS_TEXT: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked.
+pub(crate) fn cap(text: &str, max: usize) -> String {
+    const MARK: &str = "… (truncated)";
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
+
 fn context(req: &pb::BranchRequest, phase: Phase) -> Result<BranchContext, Status> {
-    let gtid = Gtid::parse_str(&req.gtid)
-        .map_err(|e| Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", req.gtid)))?;
+    let gtid = Gtid::parse_str(&req.gtid).map_err(|e| {
+        Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", cap(&req.gtid, 64)))
+    })?;
     Ok(BranchContext {
         gtid,
         branch_id: req.branch_id,
@@ -353,13 +371,15 @@ impl ParticipantService {
         match self.handlers.get(resource) {
             Some((p, h)) if *p == protocol => Ok(h),
             Some((p, _)) => Err(Status::failed_precondition(format!(
-                "resource {resource:?} is registered as {}, but was called with {}",
+                "resource {:?} is registered as {}, but was called with {}",
+                cap(resource, 256),
                 p.name(),
                 protocol.name()
             ))),
             None => Err(Status::not_found(format!(
-                "no {} handler registered for resource {resource:?}",
-                protocol.name()
+                "no {} handler registered for resource {:?}",
+                protocol.name(),
+                cap(resource, 256)
             ))),
         }
     }

@@ -2,19 +2,54 @@
 //! endpoint, and every call bounded by a deadline.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tandem_proto::v1::participant_client::ParticipantClient;
 use tandem_proto::v1::{BranchRequest, VoteResponse};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::model::Mode;
+use crate::model::{MAX_STORED_TEXT, Mode, cap_text};
 
-/// Cache of participant clients, keyed by endpoint string.
+/// Most channels held at once; past it the least recently used idle one
+/// is closed, and with none idle a call fails (phase 2 is retried).
+const MAX_CHANNELS: usize = 1024;
+/// A channel unused this long is closed when the pool next grows.
+const IDLE_AFTER: Duration = Duration::from_secs(300);
+/// Largest reply accepted from a participant: a reply payload, at most the
+/// log's largest payload, plus room for the envelope.
+const MAX_REPLY_BYTES: usize = crate::log::SledLog::MAX_PAYLOAD_BYTES + 64 * 1024;
+
+/// Cache of participant clients, one per participant address (scheme,
+/// host, port: paths and letter case do not make new channels), bounded in
+/// number, idle ones closed.
 #[derive(Default)]
 pub(crate) struct ParticipantPool {
-    clients: Mutex<HashMap<String, ParticipantClient<Channel>>>,
+    clients: Mutex<HashMap<String, Slot>>,
+}
+
+struct Slot {
+    client: ParticipantClient<Channel>,
+    last_used: Instant,
+    /// Cloned by every call in flight: a slot whose count is 1 is idle.
+    in_use: Arc<()>,
+}
+
+/// `scheme://host:port` of an endpoint, lower-cased, with the scheme's
+/// default port when none is given: what identifies a participant.
+pub(crate) fn channel_key(endpoint: &str) -> Result<String, String> {
+    let uri: tonic::transport::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("endpoint is not a URI: {e}"))?;
+    let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+    let authority = uri.authority().ok_or("endpoint has no host")?;
+    let port = authority
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Ok(format!(
+        "{scheme}://{}:{port}",
+        authority.host().to_ascii_lowercase()
+    ))
 }
 
 /// Checks that `endpoint` is something the pool can dial.
@@ -51,7 +86,10 @@ async fn bounded<T>(
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
         Ok(Err(status)) if is_deadline(&status) => Err(no_reply()),
-        Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+        Ok(Err(status)) => Err(cap_text(
+            &format!("{:?}: {}", status.code(), status.message()),
+            MAX_STORED_TEXT,
+        )),
         Err(_) => Err(no_reply()),
     }
 }
@@ -70,21 +108,61 @@ impl ParticipantPool {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn client(&self, endpoint: &str) -> Result<ParticipantClient<Channel>, String> {
+    /// The client for `endpoint`'s participant and a guard marking it in
+    /// use until dropped.
+    fn client(&self, endpoint: &str) -> Result<(ParticipantClient<Channel>, Arc<()>), String> {
+        self.client_within(endpoint, MAX_CHANNELS, IDLE_AFTER)
+    }
+
+    fn client_within(
+        &self,
+        endpoint: &str,
+        max: usize,
+        idle_after: Duration,
+    ) -> Result<(ParticipantClient<Channel>, Arc<()>), String> {
+        let key = channel_key(endpoint)?;
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(endpoint) {
-            return Ok(c.clone());
+        let now = Instant::now();
+        if let Some(slot) = clients.get_mut(&key) {
+            slot.last_used = now;
+            return Ok((slot.client.clone(), slot.in_use.clone()));
         }
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
+        // Growing: close what is idle, then make room if still full.
+        let idle = |s: &Slot| Arc::strong_count(&s.in_use) == 1;
+        clients.retain(|_, s| !(idle(s) && now.duration_since(s.last_used) >= idle_after));
+        if clients.len() >= max {
+            let lru = clients
+                .iter()
+                .filter(|(_, s)| idle(s))
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone());
+            match lru {
+                Some(k) => drop(clients.remove(&k)),
+                None => {
+                    return Err(format!(
+                        "{max} participant channels are busy; no room for another participant"
+                    ));
+                }
+            }
+        }
+        let channel = Endpoint::from_shared(key.clone())
+            .map_err(|e| format!("bad endpoint: {e}"))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
         let client = ParticipantClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024);
-        clients.insert(endpoint.to_string(), client.clone());
-        Ok(client)
+            .max_decoding_message_size(MAX_REPLY_BYTES)
+            .max_encoding_message_size(MAX_REPLY_BYTES);
+        let in_use = Arc::new(());
+        clients.insert(
+            key,
+            Slot {
+                client: client.clone(),
+                last_used: now,
+                in_use: in_use.clone(),
+            },
+        );
+        Ok((client, in_use))
     }
 
     /// Prepare (2PC) or try (TCC). `Err` carries a description of the
@@ -96,7 +174,7 @@ impl ParticipantPool {
         req: BranchRequest,
         timeout: Duration,
     ) -> Result<VoteResponse, String> {
-        let mut client = self.client(endpoint)?;
+        let (mut client, _in_use) = self.client(endpoint)?;
         let mut request = tonic::Request::new(req);
         request.set_timeout(timeout);
         let call = async {
@@ -117,7 +195,7 @@ impl ParticipantPool {
         req: BranchRequest,
         timeout: Duration,
     ) -> Result<(), String> {
-        let mut client = self.client(endpoint)?;
+        let (mut client, _in_use) = self.client(endpoint)?;
         let mut request = tonic::Request::new(req);
         request.set_timeout(timeout);
         let call = async {
@@ -129,5 +207,51 @@ impl ParticipantPool {
             }
         };
         bounded(timeout, call).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Rule: one channel per participant address, whatever the path or the
+    // letter case; the default port counts as given.
+    #[tokio::test]
+    async fn endpoints_share_a_channel_per_address() {
+        let pool = ParticipantPool::default();
+        for e in [
+            "http://127.0.0.1:9001/u1",
+            "http://127.0.0.1:9001/u2",
+            "HTTP://127.0.0.1:9001",
+            "http://LOCALHOST/a",
+            "http://localhost:80/b",
+        ] {
+            let _ = pool.client(e).expect("client");
+        }
+        assert_eq!(pool.len(), 2);
+    }
+
+    // Rule: the pool never holds more than its cap: an idle channel makes
+    // room; with every channel busy the call fails instead.
+    #[tokio::test]
+    async fn the_pool_is_capped_and_evicts_idle_channels() {
+        let pool = ParticipantPool::default();
+        let long = Duration::from_secs(3600);
+        let (_, busy) = pool.client_within("http://a:1", 2, long).expect("a");
+        let (_, idle) = pool.client_within("http://b:1", 2, long).expect("b");
+        drop(idle);
+        let (_, busy_c) = pool
+            .client_within("http://c:1", 2, long)
+            .expect("c evicts b");
+        assert_eq!(pool.len(), 2);
+        let err = pool.client_within("http://d:1", 2, long).unwrap_err();
+        assert!(err.contains("busy"), "{err}");
+        drop((busy, busy_c));
+        // Idle past the idle time: closed as soon as the pool grows.
+        std::thread::sleep(Duration::from_millis(5));
+        let _ = pool
+            .client_within("http://e:1", 10, Duration::from_millis(1))
+            .expect("e");
+        assert_eq!(pool.len(), 1);
     }
 }

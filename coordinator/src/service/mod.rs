@@ -5,9 +5,11 @@
 mod admin;
 mod convert;
 mod coordinator;
+mod limit;
 
 pub use admin::AdminService;
 pub use coordinator::CoordinatorService;
+pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
 
 use tonic::Status;
 
@@ -18,8 +20,14 @@ fn parse_gtid(s: &str) -> Result<Gtid, Status> {
     if s.is_empty() {
         return Err(Status::invalid_argument("gtid is empty"));
     }
-    Gtid::parse_str(s)
-        .map_err(|e| Status::invalid_argument(format!("gtid {s:?} is not a UUID: {e}")))
+    Gtid::parse_str(s).map_err(|e| {
+        // Echo only the start of what was sent: a status is a header.
+        let shown = crate::model::cap_text(s, 64);
+        Status::invalid_argument(format!(
+            "gtid {shown:?} ({} bytes) is not a UUID: {e}",
+            s.len()
+        ))
+    })
 }
 
 /// A gtid the client may leave empty (Begin, Submit).

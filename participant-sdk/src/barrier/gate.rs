@@ -3,11 +3,13 @@
 
 use tonic::Status;
 
+use crate::server::{MAX_STATUS_TEXT, cap};
+
 use super::{BarrierError, BarrierStore, Mark, Phase, Step, decide};
 use crate::handler::{BoxFuture, BranchContext, HandlerError, Vote};
 
 fn unavailable(e: BarrierError) -> Status {
-    Status::unavailable(e.to_string())
+    Status::unavailable(cap(&e.to_string(), MAX_STATUS_TEXT))
 }
 
 /// Runs a try / prepare through the barrier. `verb` names the call in errors.
@@ -33,7 +35,7 @@ pub(crate) async fn phase_one(
         .map_err(unavailable)?;
     let vote = call
         .await
-        .map_err(|e| Status::internal(format!("{verb} failed: {e}")))?;
+        .map_err(|e| Status::internal(cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT)))?;
     match vote {
         Vote::No { .. } => entry.put(Mark::Refused).await.map_err(unavailable)?,
         // The reservation must be as durable as the promise: a handler that
@@ -53,7 +55,7 @@ pub(crate) async fn phase_two(
 ) -> Result<(), Status> {
     let mut entry = store.enter(ctx.key()).await.map_err(unavailable)?;
     match decide(entry.record().map(|r| r.mark), ctx.phase) {
-        Step::Refuse(why) => Err(Status::failed_precondition(why)),
+        Step::Refuse(why) => Err(Status::failed_precondition(cap(&why, MAX_STATUS_TEXT))),
         Step::Skip { record } => {
             if let Some(mark) = record {
                 entry.put(mark).await.map_err(unavailable)?;
@@ -61,8 +63,9 @@ pub(crate) async fn phase_two(
             Ok(())
         }
         Step::Run => {
-            call.await
-                .map_err(|e| Status::unavailable(format!("{verb} failed: {e}")))?;
+            call.await.map_err(|e| {
+                Status::unavailable(cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT))
+            })?;
             if let Some(mark) = ctx.phase.done_mark() {
                 entry.put(mark).await.map_err(unavailable)?;
             }
