@@ -33,23 +33,45 @@ pub(crate) fn spawn(
             return;
         };
         let pause = (after / 2).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let mut cursor = None;
         loop {
             tokio::time::sleep(pause).await;
             let before = now_ms().saturating_sub(after.as_millis() as u64);
-            let doubtful = match service.barrier().in_doubt(before, BATCH).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::warn!(error = %e, "in-doubt resolution: barrier scan failed");
-                    continue;
-                }
-            };
-            for branch in doubtful {
-                if !resolve(&service, &client, &branch).await {
-                    break; // coordinator unreachable: try again next round
-                }
-            }
+            cursor = round(&service, &client, before, cursor).await;
         }
     })
+}
+
+/// One round: every branch in doubt, page by page from `cursor`, so that
+/// branches answered PENDING (or failing) never hold up the ones behind
+/// them. Returns where to start next time: `None` (from the start) once
+/// the round got through, or the last branch asked about when the
+/// coordinator could not be reached.
+pub(crate) async fn round(
+    service: &ParticipantService,
+    client: &TransactionClient,
+    before: u64,
+    mut cursor: Option<crate::barrier::BranchKey>,
+) -> Option<crate::barrier::BranchKey> {
+    loop {
+        let page = match service.barrier().in_doubt(before, cursor, BATCH).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "in-doubt resolution: barrier scan failed");
+                return cursor;
+            }
+        };
+        let full = page.len() >= BATCH;
+        for branch in &page {
+            if !resolve(service, client, branch).await {
+                return cursor; // coordinator unreachable: resume here next round
+            }
+            cursor = Some(branch.key);
+        }
+        if !full {
+            return None;
+        }
+    }
 }
 
 /// Asks about one branch and finishes it if decided. False when the

@@ -276,7 +276,10 @@ async fn crash_loop(kill_participants: bool, seed: u64) {
         assert_eq!(bank.frozen(), 0, "{}: funds left frozen", s.addr);
         assert_eq!(bank.open_holds(), 0, "{}: holds left", s.addr);
         let barrier = bank.barrier();
-        let doubt = barrier.in_doubt(u64::MAX, 10).await.expect("in_doubt");
+        let doubt = barrier
+            .in_doubt(u64::MAX, None, 10)
+            .await
+            .expect("in_doubt");
         assert!(doubt.is_empty(), "{}: branches in doubt: {doubt:?}", s.addr);
         for r in &records {
             for b in r.branches.iter().filter(|b| b.endpoint == s.url()) {

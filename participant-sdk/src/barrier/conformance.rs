@@ -24,6 +24,7 @@ pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
     purge_removes_only_old_finished_records(&make()).await;
     purge_pages_cover_every_record(&make()).await;
     in_doubt_lists_old_tried_branches_with_their_payload(&make()).await;
+    nothing_remains_of_finished_branches(&make()).await;
 }
 
 /// A key for tests: branch `branch` of a fixed-prefix gtid `n`.
@@ -177,10 +178,17 @@ pub async fn in_doubt_lists_old_tried_branches_with_their_payload(store: &dyn Ba
     put(store, key(7, 2), Mark::Confirmed).await;
     put(store, key(7, 4), Mark::Tried).await; // no resource stored: never listed
     assert!(
-        store.in_doubt(1, 10).await.expect("in_doubt").is_empty(),
+        store
+            .in_doubt(1, None, 10)
+            .await
+            .expect("in_doubt")
+            .is_empty(),
         "nothing is older than a cut-off in the past"
     );
-    let found = store.in_doubt(now_ms() + 1, 10).await.expect("in_doubt");
+    let found = store
+        .in_doubt(now_ms() + 1, None, 10)
+        .await
+        .expect("in_doubt");
     let listed: Vec<(u32, String, Vec<u8>)> = found
         .iter()
         .map(|d| (d.key.branch_id, d.resource.clone(), d.payload.to_vec()))
@@ -193,7 +201,63 @@ pub async fn in_doubt_lists_old_tried_branches_with_their_payload(store: &dyn Ba
         ]
     );
     assert_eq!(
-        store.in_doubt(now_ms() + 1, 1).await.expect("limit").len(),
+        store
+            .in_doubt(now_ms() + 1, None, 1)
+            .await
+            .expect("limit")
+            .len(),
         1
+    );
+    // Paging: after the first one, the second; after that, nothing.
+    let first = store.in_doubt(now_ms() + 1, None, 1).await.expect("page 1");
+    let second = store
+        .in_doubt(now_ms() + 1, Some(first[0].key), 1)
+        .await
+        .expect("page 2");
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].key, key(7, 3));
+    let third = store
+        .in_doubt(now_ms() + 1, Some(second[0].key), 1)
+        .await
+        .expect("page 3");
+    assert!(third.is_empty(), "{third:?}");
+}
+
+/// Once every branch is finished and purged, nothing of them remains (no
+/// in-doubt entry, payload or record).
+pub async fn nothing_remains_of_finished_branches(store: &dyn BarrierStore) {
+    for branch in 1..=50 {
+        let mut entry = store.enter(key(9, branch)).await.expect("enter");
+        entry
+            .put_tried("res", &[7u8; 1000])
+            .await
+            .expect("put_tried");
+        let done = if branch % 2 == 0 {
+            Mark::Confirmed
+        } else {
+            Mark::Cancelled
+        };
+        entry.put(done).await.expect("finish");
+    }
+    assert!(
+        store
+            .in_doubt(u64::MAX, None, 100)
+            .await
+            .expect("in_doubt")
+            .is_empty(),
+        "finished branches are not in doubt"
+    );
+    let mut from = None;
+    loop {
+        let page = store.purge(from, u64::MAX, 256).await.expect("purge");
+        match page.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        store.stored().await.expect("stored"),
+        0,
+        "something of a finished branch remains"
     );
 }

@@ -111,12 +111,15 @@ impl BarrierStore for MemBarrier {
     fn in_doubt(
         &self,
         before_ms: u64,
+        after: Option<BranchKey>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
+        use std::ops::Bound;
         let records = self.map();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
         let found = self
             .tried()
-            .iter()
+            .range((lower, Bound::Unbounded))
             .filter_map(|(key, (resource, payload))| {
                 let r = records.get(key)?;
                 (r.mark == Mark::Tried && r.updated_ms < before_ms).then(|| InDoubt {
@@ -129,6 +132,11 @@ impl BarrierStore for MemBarrier {
             .take(limit)
             .collect();
         Box::pin(std::future::ready(Ok(found)))
+    }
+
+    fn stored(&self) -> BoxFuture<'_, Result<usize, BarrierError>> {
+        let n = self.map().len() + self.tried().len();
+        Box::pin(std::future::ready(Ok(n)))
     }
 
     fn purge(

@@ -338,7 +338,11 @@ pub struct PurgePage {
 ///   crash and reopen, `enter` reads it back.
 /// - [`in_doubt`](BarrierStore::in_doubt) returns exactly the branches
 ///   whose record is still `Tried` and older than the cut-off, with the
-///   resource and payload given to `put_tried`.
+///   resource and payload given to `put_tried`, in key order after a
+///   cursor, so a resolver can walk all of them page by page.
+/// - Once a branch leaves `Tried`, nothing but its record remains of it,
+///   and once [`purge`](BarrierStore::purge) removed that, nothing at all
+///   ([`stored`](BarrierStore::stored) counts what is kept).
 /// - [`purge`](BarrierStore::purge) removes only records that are
 ///   [finished](Mark::is_finished) and were stored before `before_ms`; it
 ///   visits at most `limit` records per call, in key order after `from`, so
@@ -349,12 +353,19 @@ pub trait BarrierStore: Send + Sync + 'static {
 
     /// Up to `limit` branches still `Tried` whose try started before
     /// `before_ms`, with the resource and payload stored by
-    /// [`BarrierEntry::put_tried`].
+    /// [`BarrierEntry::put_tried`], in key order, strictly after `after`
+    /// when given.
     fn in_doubt(
         &self,
         before_ms: u64,
+        after: Option<BranchKey>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>>;
+
+    /// How many entries the store keeps, of any kind (records, and the
+    /// resource and payload of tried branches): what a purge must bring to
+    /// zero once every branch is finished.
+    fn stored(&self) -> BoxFuture<'_, Result<usize, BarrierError>>;
 
     /// Removes finished records stored before `before_ms` among the next
     /// `limit` records after `from`.

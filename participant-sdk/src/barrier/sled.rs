@@ -150,16 +150,33 @@ impl SledBarrier {
             updated_ms: now_ms(),
         }
         .encode();
-        (&self.inner.tree, tree)
-            .transaction(|(barrier, business)| {
+        (&self.inner.tree, &self.inner.tried, tree)
+            .transaction(|(barrier, tried, business)| {
                 let value = f(business)?;
                 barrier.insert(&key[..], &record[..])?;
+                if mark != Mark::Tried {
+                    // The branch leaves Tried: its in-doubt entry goes with
+                    // it, in the same transaction.
+                    tried.remove(&key[..])?;
+                }
                 Ok(value)
             })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => HandlerError::new(format!("sled: {e}")),
             })
+    }
+
+    /// Removes an in-doubt entry whose branch is no longer `Tried` (left
+    /// by a crash between the record's write and the entry's removal), or
+    /// that cannot be read; only if it is still the entry that was read.
+    fn remove_orphan(&self, key: &[u8], value: &[u8]) -> Result<(), BarrierError> {
+        let _ = self
+            .inner
+            .tried
+            .compare_and_swap(key, Some(value), None as Option<&[u8]>)
+            .map_err(|e| self.storage(e))?;
+        Ok(())
     }
 
     fn storage(&self, e: sled::Error) -> BarrierError {
@@ -194,6 +211,15 @@ impl BarrierEntry for SledEntry {
                 .tree
                 .insert(self.key.to_bytes(), &record.encode()[..])
                 .map_err(|e| self.store.storage(e))?;
+            if mark != Mark::Tried {
+                // Out of Tried: the in-doubt entry (resource and payload)
+                // is no longer needed. Removed after the record, so a crash
+                // in between leaves an orphan that in_doubt cleans up.
+                inner
+                    .tried
+                    .remove(self.key.to_bytes())
+                    .map_err(|e| self.store.storage(e))?;
+            }
             inner
                 .sync
                 .sync()
@@ -260,12 +286,18 @@ impl BarrierStore for SledBarrier {
     fn in_doubt(
         &self,
         before_ms: u64,
+        after: Option<BranchKey>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
         Box::pin(async move {
             let mut found = Vec::new();
+            let lower = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.to_bytes().to_vec()));
             // The tried tree holds only branches waiting for an outcome.
-            for item in self.inner.tried.iter() {
+            for item in self
+                .inner
+                .tried
+                .range::<Vec<u8>, _>((lower, Bound::Unbounded))
+            {
                 if found.len() >= limit {
                     break;
                 }
@@ -281,8 +313,13 @@ impl BarrierStore for SledBarrier {
                     record,
                     super::decode_tried(&value),
                 ) else {
+                    // No record yet: a try is storing it right now.
                     continue;
                 };
+                if record.mark != Mark::Tried {
+                    self.remove_orphan(&key, &value)?;
+                    continue;
+                }
                 if record.mark == Mark::Tried && record.updated_ms < before_ms {
                     found.push(InDoubt {
                         key: branch,
@@ -294,6 +331,11 @@ impl BarrierStore for SledBarrier {
             }
             Ok(found)
         })
+    }
+
+    fn stored(&self) -> BoxFuture<'_, Result<usize, BarrierError>> {
+        let n = self.inner.tree.len() + self.inner.tried.len();
+        Box::pin(std::future::ready(Ok(n)))
     }
 
     fn purge(

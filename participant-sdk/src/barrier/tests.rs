@@ -177,9 +177,13 @@ impl BarrierStore for CountingStore {
     fn in_doubt(
         &self,
         before_ms: u64,
+        after: Option<BranchKey>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
-        self.inner.in_doubt(before_ms, limit)
+        self.inner.in_doubt(before_ms, after, limit)
+    }
+    fn stored(&self) -> BoxFuture<'_, Result<usize, BarrierError>> {
+        self.inner.stored()
     }
     fn purge(
         &self,

@@ -188,7 +188,8 @@ const UPDATE_MARK: &str = "UPDATE tandem_barrier SET mark = $3, updated_ms = $4,
     resource = NULL, payload = NULL WHERE gtid = $1 AND branch_id = $2";
 const IN_DOUBT: &str = "SELECT gtid, branch_id, resource, payload, updated_ms FROM tandem_barrier
     WHERE mark = 1 AND resource IS NOT NULL AND updated_ms < $1
-    ORDER BY updated_ms, gtid, branch_id LIMIT $2";
+      AND (gtid, branch_id) > ($3, $4)
+    ORDER BY gtid, branch_id LIMIT $2";
 /// One retention page: the next `limit` keys after `from`, of which the
 /// finished and old are deleted (with their commit markers). The delete
 /// re-checks each row as it stands, so a record rewritten meanwhile stays.
@@ -415,14 +416,24 @@ impl BarrierStore for PgBarrier {
     fn in_doubt(
         &self,
         before_ms: u64,
+        after: Option<BranchKey>,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<InDoubt>, BarrierError>> {
         Box::pin(async move {
             let conn = self.pool().get().await.map_err(PgError::from)?;
+            let (gtid, branch) = match after {
+                Some(k) => (k.gtid, i64::from(k.branch_id)),
+                None => (uuid::Uuid::nil(), -1),
+            };
             let rows = conn
                 .query(
                     IN_DOUBT,
-                    &[&(before_ms.min(i64::MAX as u64) as i64), &(limit as i64)],
+                    &[
+                        &(before_ms.min(i64::MAX as u64) as i64),
+                        &(limit as i64),
+                        &gtid,
+                        &branch,
+                    ],
                 )
                 .await
                 .map_err(PgError::from)?;
@@ -441,6 +452,17 @@ impl BarrierStore for PgBarrier {
                     })
                 })
                 .collect())
+        })
+    }
+
+    fn stored(&self) -> BoxFuture<'_, Result<usize, BarrierError>> {
+        Box::pin(async move {
+            let conn = self.pool().get().await.map_err(PgError::from)?;
+            let row = conn
+                .query_one("SELECT count(*) FROM tandem_barrier", &[])
+                .await
+                .map_err(PgError::from)?;
+            Ok(row.get::<_, i64>(0).max(0) as usize)
         })
     }
 

@@ -24,6 +24,9 @@ pub struct Resolved {
     pub rolled_back: usize,
     /// Left prepared: the coordinator has not decided yet.
     pub pending: usize,
+    /// Branches that could not be finished this round (an error with that
+    /// branch alone; the round went on past it).
+    pub failed: usize,
 }
 
 /// Why a round stopped early.
@@ -69,14 +72,42 @@ pub async fn resolve_prepared(
     };
     let mut done = Resolved::default();
     for key in gids.iter().filter_map(|g| parse_gid(g)) {
-        let commit = match coordinator.outcome(key.gtid).await? {
-            Outcome::Pending => {
+        let commit = match coordinator.outcome(key.gtid).await {
+            Ok(Outcome::Pending) => {
                 done.pending += 1;
                 continue;
             }
-            Outcome::Commit => true,
-            Outcome::Abort => false,
+            Ok(Outcome::Commit) => true,
+            Ok(Outcome::Abort) => false,
+            // Unreachable: no point asking about the rest now.
+            Err(e @ crate::Error::Unavailable(_)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(gtid = %key.gtid, branch = key.branch_id, error = %e, "cannot learn the outcome; skipping this branch");
+                done.failed += 1;
+                continue;
+            }
         };
+        if let Err(e) = finish_one(barrier, key, commit).await {
+            tracing::warn!(gtid = %key.gtid, branch = key.branch_id, error = %e, "cannot finish the prepared transaction; skipping it this round");
+            done.failed += 1;
+            continue;
+        }
+        if commit {
+            done.committed += 1;
+        } else {
+            done.rolled_back += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// Finishes one prepared branch through the barrier's branch lock.
+async fn finish_one(
+    barrier: &PgBarrier,
+    key: crate::barrier::BranchKey,
+    commit: bool,
+) -> Result<(), ResolveError> {
+    {
         // Under the branch's lock, as a phase-2 call would run.
         let mut entry = barrier.enter(key).await?;
         finish_prepared(barrier.pool(), key, commit).await?;
@@ -91,13 +122,8 @@ pub async fn resolve_prepared(
         }
         let outcome = if commit { "commit" } else { "rollback" };
         tracing::info!(gtid = %key.gtid, branch = key.branch_id, outcome, "prepared transaction resolved");
-        if commit {
-            done.committed += 1;
-        } else {
-            done.rolled_back += 1;
-        }
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Runs [`resolve_prepared`] at once (for what a previous process left) and
@@ -123,6 +149,7 @@ pub fn spawn_prepared_resolver(
                     committed = r.committed,
                     rolled_back = r.rolled_back,
                     pending = r.pending,
+                    failed = r.failed,
                     "prepared transactions resolved"
                 ),
                 Err(e) => {
