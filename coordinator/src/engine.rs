@@ -60,6 +60,9 @@ pub struct Txn {
     /// operator retry), ms.
     budget_start: u64,
     policy: RetryPolicy,
+    /// Force the record before the first abort's phase 2 (client-chosen
+    /// gtid whose record is not known to be durable yet).
+    force_abort: bool,
 }
 
 impl Txn {
@@ -117,6 +120,13 @@ impl Txn {
         self
     }
 
+    /// Forces an abort decision before its rollback / cancel calls (for a
+    /// transaction whose gtid the client chose; see DESIGN.md rule 1).
+    pub fn with_forced_abort(mut self) -> Txn {
+        self.force_abort = true;
+        self
+    }
+
     fn from_record(rec: TxnRecord) -> Txn {
         Txn {
             budget_start: rec.updated_ms,
@@ -129,6 +139,7 @@ impl Txn {
             parked: BTreeSet::new(),
             failures: BTreeMap::new(),
             policy: RetryPolicy::default(),
+            force_abort: false,
         }
     }
 
@@ -399,6 +410,12 @@ impl Txn {
         self.budget_start = now;
         self.durable = true;
         let mut cmds = vec![Command::Persist];
+        if std::mem::take(&mut self.force_abort) {
+            // The gtid was the client's: it must not vanish in a crash
+            // while its rollbacks are on the wire, or a repeat would start
+            // it again and those rollbacks could meet the new one.
+            cmds.push(Command::Force);
+        }
         self.start_phase_two(&mut cmds, now);
         cmds
     }

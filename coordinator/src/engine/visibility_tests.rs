@@ -90,3 +90,30 @@ fn replies_are_kept_and_reasons_capped() {
     assert!(t.record().branches[0].last_error.len() <= MAX_STORED_TEXT);
     assert!(t.record().reason.len() <= MAX_STORED_TEXT + 100);
 }
+
+// Rule 1 (client-chosen gtids): the abort is forced before any rollback /
+// cancel goes out, so a crash cannot lose the record while they are on
+// the wire (a repeat would start the gtid again and meet them).
+#[test]
+fn an_abort_of_a_client_gtid_is_forced_before_its_rollbacks() {
+    let b = NewBranch {
+        endpoint: "http://127.0.0.1:9001".into(),
+        resource: "r".into(),
+        payload: Bytes::new(),
+    };
+    let (t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b]);
+    let mut t = t.with_forced_abort();
+    let vote = Vote::Failed("refused".into());
+    let cmds = t
+        .handle(Event::PhaseOne { branch: 1, vote }, NOW)
+        .expect("vote");
+    let force = cmds
+        .iter()
+        .position(|c| *c == Command::Force)
+        .expect("forced");
+    let call = cmds
+        .iter()
+        .position(|c| matches!(c, Command::PhaseTwo { .. }))
+        .expect("cancel");
+    assert!(force < call, "{cmds:?}");
+}

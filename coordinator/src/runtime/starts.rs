@@ -81,7 +81,10 @@ impl Inner {
             }
             self.check_new_gtid(&gtid)?;
         }
-        let (txn, cmds) = make();
+        let (mut txn, cmds) = make();
+        if chosen {
+            txn = txn.with_forced_abort();
+        }
         let entry = self.new_entry(txn);
         live.insert(gtid, entry.clone());
         Ok(Start::New(entry, cmds))
