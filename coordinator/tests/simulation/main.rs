@@ -62,6 +62,14 @@ fn seeded_fault_simulation() {
     let (mut txns, mut commits, mut restarts) = (0, 0, 0);
     let mut failures = Vec::new();
     for seed in first..first + count {
+        if count > 1000 && seed > first && (seed - first) % 1000 == 0 {
+            eprintln!(
+                "simulation: {} seeds done in {:.0} s, {} failed",
+                seed - first,
+                started.elapsed().as_secs_f64(),
+                failures.len()
+            );
+        }
         match run_seed(seed) {
             Ok(s) => {
                 txns += s.transactions;
