@@ -203,6 +203,13 @@ struct ServeArgs {
     /// unfinished ones are never removed.
     #[arg(long, env = "TANDEM_RETENTION", default_value = "24h", value_parser = parse_duration)]
     retention: Duration,
+    /// Requests served at once; past it a request is answered
+    /// RESOURCE_EXHAUSTED at once instead of queueing.
+    #[arg(long, env = "TANDEM_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    max_concurrent_requests: usize,
+    /// Unfinished transactions recovery drives at once after a restart.
+    #[arg(long, env = "TANDEM_RECOVERY_CONCURRENCY", default_value_t = 256)]
+    recovery_concurrency: usize,
     /// Serve from a damaged log anyway: records that cannot be read are
     /// moved to a quarantine tree (every gtid is logged) and the forced
     /// mark is reset. Without it a damaged log stops the start.
@@ -303,7 +310,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_duration: args.retry_max_duration.0,
         },
         retention: args.retention,
-        ..CoordinatorConfig::default()
+        max_concurrent_requests: args.max_concurrent_requests,
+        recovery_concurrency: args.recovery_concurrency,
     };
     config.validate()?;
     let (log, report) = SledLog::open_with(&config.data_dir, args.accept_log_damage)?;

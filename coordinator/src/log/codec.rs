@@ -208,6 +208,20 @@ pub(super) fn decode(
     })
 }
 
+/// Only the state of a stored record: decoding it skips the branches and
+/// payloads, so filtering by state does not decode whole records.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredState {
+    #[prost(uint32, tag = "3")]
+    state: u32,
+}
+
+/// The state of an encoded record, if it reads.
+pub(super) fn peek_state(bytes: &[u8]) -> Option<TxState> {
+    let code = StoredState::decode(bytes).ok()?.state;
+    TxState::ALL.into_iter().find(|s| state_code(*s) == code)
+}
+
 /// Whether an encoded record has a payload stored apart (so removing it
 /// must remove those too).
 pub(super) fn has_payloads_apart(bytes: &[u8]) -> bool {

@@ -267,6 +267,10 @@ impl TxnLog for SledLog {
                 break;
             }
             let (k, v) = item.map_err(|e| self.latch(e))?;
+            // Filter on the state alone; decode only what is returned.
+            if !states.is_empty() && codec::peek_state(&v).is_some_and(|s| !states.contains(&s)) {
+                continue;
+            }
             let rec = self.decode(&k, &v)?;
             if states.is_empty() || states.contains(&rec.state) {
                 out.push(rec);
