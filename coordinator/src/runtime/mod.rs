@@ -99,6 +99,8 @@ struct Inner {
     timers_stop: CancellationToken,
     /// Cancelled by [`Coordinator::kill`]: every task ends at its next await.
     killed: CancellationToken,
+    /// Cancelled when the log fails (`halt`): wakes every waiting request.
+    halted_token: CancellationToken,
 }
 
 /// One live transaction.
@@ -151,6 +153,7 @@ impl Coordinator {
                 tasks: TaskTracker::new(),
                 timers_stop: CancellationToken::new(),
                 killed: CancellationToken::new(),
+                halted_token: CancellationToken::new(),
             }),
         })
     }
@@ -221,6 +224,7 @@ impl Coordinator {
     /// made durable is all a successor sees. For simulations and tests.
     pub fn kill(&self) {
         let _ = self.inner.halted.set("the coordinator was stopped".into());
+        self.inner.halted_token.cancel();
         self.inner.killed.cancel();
         self.inner.timers_stop.cancel();
     }
@@ -308,10 +312,10 @@ impl Inner {
     fn halt(&self, e: LogError) -> CoordError {
         let why = self.halted.get_or_init(|| e.to_string());
         tracing::error!(error = %why, "log failure: the coordinator stops deciding");
-        // Wake every waiting request: none of them gets an answer now.
-        for entry in self.live_table().values() {
-            entry.changed.send_replace(());
-        }
+        // Wake every waiting request: none of them gets an answer now. (No
+        // lock here: halt is called with the live table or a transaction
+        // locked.)
+        self.halted_token.cancel();
         CoordError::Unavailable(format!(
             "coordinator stopped deciding after a log failure ({why})"
         ))
@@ -335,7 +339,7 @@ impl Inner {
                 r = changed.changed() => if r.is_err() {
                     return Err(CoordError::Unavailable("transaction dropped".into()));
                 },
-                () = self.killed.cancelled() => self.check_halted()?,
+                () = self.halted_token.cancelled() => self.check_halted()?,
             }
         }
     }
