@@ -10,7 +10,7 @@ use tandem_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::CoordinatorConfig;
 use crate::log::TxnLog;
@@ -50,12 +50,15 @@ pub async fn serve(
     let limit = ConcurrencyLimitLayer::new(coord.config().max_concurrent_requests);
     let admin = AdminServer::new(AdminService::new(coord));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(limit)
         .add_service(coordinator)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Without nodelay a reply's trailers wait for the peer's delayed ACK.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     // Rounds of calls in flight finish (their decisions reach the log);
     // sleeping timers, recovery and retention stop.

@@ -14,7 +14,7 @@ use tandem_proto::v1::participant_server::{
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -201,9 +201,12 @@ impl ParticipantServer {
     ) -> Result<(), tonic::transport::Error> {
         let background = self.start_background();
         let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(self.into_service())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .serve_with_incoming_shutdown(
+                // Without nodelay a reply's trailers wait for the peer's delayed ACK.
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await;
         background.stop().await;
         served

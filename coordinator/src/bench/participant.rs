@@ -13,7 +13,7 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::bench_participant_server::{BenchParticipant, BenchParticipantServer};
 use tandem_sdk::barrier::Retention;
 use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// The bench's 2PC resource.
@@ -133,12 +133,15 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(participant.into_service())
         .add_service(BenchParticipantServer::new(BenchService(counters)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(
+            // Without nodelay a reply's trailers wait for the peer's delayed ACK.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
         .await?;
     retention.abort();
     Ok(())
