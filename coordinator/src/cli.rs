@@ -8,6 +8,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
+use tandem_sdk::ClientOptions;
+use tandem_sdk::security::BearerToken;
+use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::model::now_ms;
@@ -31,9 +34,9 @@ pub struct CliError(pub String);
 /// # Errors
 ///
 /// The endpoint is malformed or nothing answers there.
-pub async fn connect(endpoint: &str) -> Result<AdminClient<Channel>, CliError> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| CliError(format!("bad coordinator address {endpoint:?}: {e}")))?
+pub async fn connect(endpoint: &str, options: &ClientOptions) -> Result<Admin, CliError> {
+    let channel = tandem_sdk::security::endpoint(endpoint, options.tls.as_ref())
+        .map_err(|e| CliError(format!("coordinator {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .connect()
         .await
@@ -43,8 +46,14 @@ pub async fn connect(endpoint: &str) -> Result<AdminClient<Channel>, CliError> {
                 source_chain(&e)
             ))
         })?;
-    Ok(AdminClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(
+        AdminClient::with_interceptor(channel, options.token.clone())
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }
+
+/// An Admin client sending the operator's token.
+pub type Admin = AdminClient<InterceptedService<Channel, BearerToken>>;
 
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -91,7 +100,7 @@ pub fn parse_state(s: &str) -> Result<pb::TxState, String> {
 ///
 /// The coordinator refused or could not be reached.
 pub async fn list(
-    client: &mut AdminClient<Channel>,
+    client: &mut Admin,
     states: &[pb::TxState],
     older_than: Option<Duration>,
     limit: usize,
@@ -129,11 +138,7 @@ pub async fn list(
 /// # Errors
 ///
 /// Unknown gtid, or the coordinator could not be reached.
-pub async fn show(
-    client: &mut AdminClient<Channel>,
-    gtid: &str,
-    output: Output,
-) -> Result<String, CliError> {
+pub async fn show(client: &mut Admin, gtid: &str, output: Output) -> Result<String, CliError> {
     let reply = client
         .get_transaction(pb::AdminGetTransactionRequest {
             gtid: gtid.to_string(),
@@ -157,11 +162,7 @@ fn one(
 /// # Errors
 ///
 /// Unknown gtid, refused (undecided within its deadline), or unreachable.
-pub async fn retry(
-    client: &mut AdminClient<Channel>,
-    gtid: &str,
-    output: Output,
-) -> Result<String, CliError> {
+pub async fn retry(client: &mut Admin, gtid: &str, output: Output) -> Result<String, CliError> {
     let reply = client
         .retry_transaction(pb::RetryTransactionRequest {
             gtid: gtid.to_string(),
@@ -176,7 +177,7 @@ pub async fn retry(
 ///
 /// Unknown gtid, refused (a commit decision), or unreachable.
 pub async fn abort(
-    client: &mut AdminClient<Channel>,
+    client: &mut Admin,
     gtid: &str,
     reason: &str,
     output: Output,

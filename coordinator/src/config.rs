@@ -34,6 +34,11 @@ pub struct CoordinatorConfig {
     pub recovery_concurrency: usize,
     /// Requests served at once; more are answered RESOURCE_EXHAUSTED.
     pub max_concurrent_requests: usize,
+    /// Participant endpoints a branch may name (see [`EndpointPattern`]);
+    /// empty: any.
+    pub allowed_endpoints: Vec<EndpointPattern>,
+    /// Refuse `http://` participant endpoints (and serve only TLS).
+    pub require_tls: bool,
 }
 
 impl Default for CoordinatorConfig {
@@ -50,6 +55,73 @@ impl Default for CoordinatorConfig {
             retention: Duration::from_secs(24 * 3600),
             recovery_concurrency: 256,
             max_concurrent_requests: 1024,
+            allowed_endpoints: Vec::new(),
+            require_tls: false,
+        }
+    }
+}
+
+/// A participant endpoint pattern: `scheme://host:port`, where the host
+/// may be `*` (any) or start with `*.` (any name under a domain) and the
+/// port may be `*`. `https://*.bank.internal:*`, `http://127.0.0.1:9001`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPattern {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl std::str::FromStr for EndpointPattern {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError(format!("participant pattern {s:?}: {why}"));
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| bad("expected scheme://host:port"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(bad("the scheme must be http or https"));
+        }
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| bad("a port (or *) is required"))?;
+        let port = match port {
+            "*" => None,
+            p => Some(
+                p.parse()
+                    .map_err(|_| bad("the port must be a number or *"))?,
+            ),
+        };
+        let host = host.to_ascii_lowercase();
+        let name = host.strip_prefix("*.").unwrap_or(&host);
+        if host != "*" && (name.is_empty() || name.contains(['*', '/', '@', '?', '#'])) {
+            return Err(bad("the host must be a name, an address, * or *.domain"));
+        }
+        Ok(EndpointPattern { scheme, host, port })
+    }
+}
+
+impl EndpointPattern {
+    /// Whether the participant `scheme://host:port` (lower case, port
+    /// explicit) matches.
+    pub fn matches(&self, scheme: &str, host: &str, port: u16) -> bool {
+        let host_ok = match self.host.strip_prefix("*.") {
+            _ if self.host == "*" => true,
+            Some(domain) => host
+                .strip_suffix(domain)
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            None => self.host == host,
+        };
+        self.scheme == scheme && host_ok && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl std::fmt::Display for EndpointPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}://{}:{p}", self.scheme, self.host),
+            None => write!(f, "{}://{}:*", self.scheme, self.host),
         }
     }
 }
@@ -67,6 +139,13 @@ impl CoordinatorConfig {
     /// [`ConfigError`] naming the first bad setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError(s));
+        if self.require_tls
+            && let Some(p) = self.allowed_endpoints.iter().find(|p| p.scheme == "http")
+        {
+            return bad(format!(
+                "participant pattern {p} is http://, but TLS is required"
+            ));
+        }
         if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
             return bad(format!(
                 "default timeout {:?} must be above zero and at most the max timeout {:?}",
@@ -182,6 +261,30 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Rule: a pattern matches its scheme, its host (or any name under a
+    // `*.` domain, never the domain itself or a look-alike) and its port.
+    #[test]
+    fn endpoint_patterns_match_exactly() {
+        let p: EndpointPattern = "https://*.bank.internal:*".parse().expect("pattern");
+        assert!(p.matches("https", "a.bank.internal", 443));
+        assert!(p.matches("https", "x.y.bank.internal", 9001));
+        assert!(!p.matches("https", "bank.internal", 443));
+        assert!(!p.matches("https", "evilbank.internal", 443));
+        assert!(!p.matches("http", "a.bank.internal", 443));
+        let p: EndpointPattern = "http://127.0.0.1:9001".parse().expect("pattern");
+        assert!(p.matches("http", "127.0.0.1", 9001));
+        assert!(!p.matches("http", "127.0.0.1", 9002));
+        for bad in [
+            "127.0.0.1:9001",
+            "ftp://a:1",
+            "http://a",
+            "http://a:x",
+            "http://a*b:1",
+        ] {
+            assert!(bad.parse::<EndpointPattern>().is_err(), "{bad}");
+        }
+    }
 
     // Rule: backoff doubles from `initial`, never exceeds `max`, and jitter
     // keeps it within [½, 1] of the capped value.

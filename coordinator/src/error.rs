@@ -22,6 +22,10 @@ pub enum CoordError {
     /// A client-chosen gtid names a different transaction; nothing changed.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request names something the coordinator's policy forbids (a
+    /// participant endpoint outside the allowlist); nothing changed.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The request does not fit the transaction's state; nothing changed.
     #[error(transparent)]
     WrongState(#[from] EngineError),
@@ -47,6 +51,7 @@ impl From<CoordError> for Status {
             CoordError::InvalidArgument(_) => Code::InvalidArgument,
             CoordError::NotFound(_) => Code::NotFound,
             CoordError::AlreadyExists(_) => Code::AlreadyExists,
+            CoordError::PermissionDenied(_) => Code::PermissionDenied,
             CoordError::WrongState(_) => Code::FailedPrecondition,
             CoordError::Aborted { .. } => Code::Aborted,
             CoordError::Unavailable(_) => Code::Unavailable,

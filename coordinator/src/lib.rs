@@ -23,6 +23,7 @@
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
 pub mod bench;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -33,6 +34,7 @@ pub mod log;
 pub mod log_cli;
 pub mod model;
 pub mod runtime;
+pub mod security;
 pub mod server;
 pub mod service;
 

@@ -14,6 +14,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::SledLog;
+use tandem_coordinator::runtime::Environment;
+use tandem_coordinator::security::{
+    ClientSecurityArgs, ParticipantAccess, ServeSecurityArgs, ServerSecurity,
+};
 use tandem_coordinator::{Coordinator, bench, cli, demo, log_cli, server};
 use tracing::info;
 
@@ -29,7 +33,7 @@ struct Cli {
 enum Command {
     /// Run a coordinator: the Coordinator and Admin gRPC services over a
     /// durable sled log. In-flight transactions found in the log are finished.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Look at and act on the transactions of a running coordinator.
     Tx(TxArgs),
     /// Look at a coordinator's log offline.
@@ -45,6 +49,16 @@ enum Command {
     /// the machine's echo floor (starts a coordinator and no-op participant
     /// processes on loopback unless given addresses).
     Bench(BenchArgs),
+    /// Make certificates for development and tests.
+    Certs {
+        #[command(subcommand)]
+        verb: CertsVerb,
+    },
+    /// Make and hash bearer tokens for --auth-file.
+    Auth {
+        #[command(subcommand)]
+        verb: AuthVerb,
+    },
     /// A no-op participant process for `tandem bench`.
     #[command(hide = true)]
     BenchParticipant {
@@ -113,6 +127,8 @@ struct TxArgs {
     /// table (for people) or json (for scripts).
     #[arg(long, global = true, default_value = "table", value_parser = parse_output)]
     output: cli::Output,
+    #[command(flatten)]
+    security: ClientSecurityArgs,
     #[command(subcommand)]
     verb: TxVerb,
 }
@@ -215,6 +231,36 @@ struct ServeArgs {
     /// mark is reset. Without it a damaged log stops the start.
     #[arg(long, env = "TANDEM_ACCEPT_LOG_DAMAGE")]
     accept_log_damage: bool,
+    #[command(flatten)]
+    security: ServeSecurityArgs,
+}
+
+#[derive(Subcommand)]
+enum CertsVerb {
+    /// Write a development CA, certificates, tokens and access files for
+    /// the coordinator, a participant, a client and an admin into DIR (for
+    /// development only).
+    Dev {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthVerb {
+    /// Print a new random token on stdout and, on stderr, the access-file
+    /// line granting it ROLE.
+    Token {
+        /// client, participant, admin (or coordinator, for a participant's list).
+        #[arg(long)]
+        role: String,
+        /// A name for the caller (shown in logs).
+        #[arg(long)]
+        name: String,
+    },
+    /// Read a token on stdin and print its `token-sha256:` credential.
+    Hash,
 }
 
 #[derive(Subcommand)]
@@ -312,8 +358,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         retention: args.retention,
         max_concurrent_requests: args.max_concurrent_requests,
         recovery_concurrency: args.recovery_concurrency,
+        allowed_endpoints: args.security.allow_participant.clone(),
+        require_tls: args.security.require_tls,
     };
     config.validate()?;
+    let (security, participants) = args.security.load().map_err(|e| anyhow::anyhow!(e))?;
     let (log, report) = SledLog::open_with(&config.data_dir, args.accept_log_damage)?;
     if report.is_damaged() {
         tracing::error!(
@@ -328,10 +377,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "tandem coordinator serving");
     // Printed for scripts and tests that start us on port 0.
     println!("listening on {}", listener.local_addr()?);
-    let coord = Coordinator::new(config, log)?;
-    server::serve(coord, listener, shutdown_signal()).await?;
+    if config.allowed_endpoints.is_empty() {
+        tracing::warn!(
+            "no participant allowlist: a branch may name any host:port (give --allow-participant)"
+        );
+    }
+    let env = Environment {
+        participants: participants.clone(),
+        ..Environment::default()
+    };
+    let coord = Coordinator::with_environment(config, log, env)?;
+    let _hup = reload_on_hangup(security.clone(), coord.clone(), participants);
+    server::serve_with(coord, listener, security, shutdown_signal()).await?;
     info!("stopped");
     Ok(())
+}
+
+/// SIGHUP re-reads every certificate, key, token and access file.
+fn reload_on_hangup(
+    security: ServerSecurity,
+    coord: Coordinator,
+    mut participants: ParticipantAccess,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).ok()?;
+    Some(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading certificates, tokens and the access file");
+            security.reload(true);
+            let result = participants
+                .reread_token()
+                .and_then(|()| coord.set_participant_access(&participants));
+            if let Err(e) = result {
+                tracing::error!(error = %e, "participant TLS / token not reloaded; keeping the ones in use");
+            }
+        }
+    }))
 }
 
 async fn shutdown_signal() {
@@ -371,7 +452,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Tx(args) => return tx(args).await,
         Command::Log {
             verb: LogVerb::Check { data_dir, output },
@@ -379,6 +460,10 @@ async fn main() -> ExitCode {
         Command::Demo(args) => run_demo(args).await,
         Command::Bench(args) => run_bench(args).await,
         Command::BenchParticipant { listen } => bench::serve_participant(listen).await,
+        Command::Certs {
+            verb: CertsVerb::Dev { out },
+        } => certs_dev(&out),
+        Command::Auth { verb } => auth(verb),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -389,11 +474,44 @@ async fn main() -> ExitCode {
     }
 }
 
+fn certs_dev(out: &std::path::Path) -> anyhow::Result<()> {
+    let files = tandem_coordinator::certs::write_dev(out)?;
+    println!(
+        "wrote development certificates, tokens and access files to {} (NOT FOR PRODUCTION)",
+        files.dir.display()
+    );
+    Ok(())
+}
+
+fn auth(verb: AuthVerb) -> anyhow::Result<()> {
+    use tandem_sdk::security::{AccessList, auth};
+    match verb {
+        AuthVerb::Token { role, name } => {
+            let token = auth::new_token();
+            let line = format!(
+                "{role} {name} token-sha256:{}",
+                auth::token_digest_hex(&token)
+            );
+            AccessList::parse(&line).map_err(|e| anyhow::anyhow!(e))?;
+            println!("{token}");
+            eprintln!("access-file line: {line}");
+        }
+        AuthVerb::Hash => {
+            let mut token = String::new();
+            std::io::stdin().read_line(&mut token)?;
+            anyhow::ensure!(!token.trim().is_empty(), "no token on stdin");
+            println!("token-sha256:{}", auth::token_digest_hex(token.trim()));
+        }
+    }
+    Ok(())
+}
+
 /// Runs one `tandem tx` verb: the result on stdout and exit code 0, or one
 /// line on stderr and exit code 1.
 async fn tx(args: TxArgs) -> ExitCode {
     let result = async {
-        let mut client = cli::connect(&args.coordinator).await?;
+        let options = args.security.options().map_err(cli::CliError)?;
+        let mut client = cli::connect(&args.coordinator, &options).await?;
         let out = args.output;
         match args.verb {
             TxVerb::List {

@@ -15,7 +15,9 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::CoordinatorConfig;
 use crate::log::TxnLog;
 use crate::runtime::Coordinator;
-use crate::service::{AdminService, ConcurrencyLimitLayer, CoordinatorService};
+use crate::runtime::Environment;
+use crate::security::{RELOAD_EVERY, ServerSecurity};
+use crate::service::{AdminService, AuthLayer, ConcurrencyLimitLayer, CoordinatorService};
 
 /// Largest gRPC message accepted: room for many branches of maximum payload.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -36,6 +38,22 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(coord, listener, ServerSecurity::default(), shutdown).await
+}
+
+/// As [`serve`], with TLS and authentication as `security` says.
+/// Certificate and access files that change are picked up every
+/// [`RELOAD_EVERY`] (connections already open keep their certificates).
+///
+/// # Errors
+///
+/// The transport failed.
+pub async fn serve_with(
+    coord: Coordinator,
+    listener: TcpListener,
+    security: ServerSecurity,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // Takes stock of the log before the first request is served.
     let _recovery = coord.start_recovery()?;
     let _retention = coord.start_retention();
@@ -45,21 +63,49 @@ pub async fn serve(
         shutdown.await;
         draining.drain();
     };
+    let reload = security.clone();
+    let reloading = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RELOAD_EVERY).await;
+            reload.reload(false);
+        }
+    });
+    if security.access.is_none() {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF: anyone who can reach this port can start, inspect and abort \
+             transactions (give --auth-file; see README \"Security\")"
+        );
+    }
     let coordinator = CoordinatorServer::new(CoordinatorService::new(coord.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let limit = ConcurrencyLimitLayer::new(coord.config().max_concurrent_requests);
+    let auth = security.access.as_ref().map(|a| AuthLayer::new(a.shared()));
     let admin = AdminServer::new(AdminService::new(coord));
-    tonic::transport::Server::builder()
+    // Callers are authenticated before they take a request slot.
+    let layers = tower::ServiceBuilder::new().option_layer(auth).layer(limit);
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .layer(limit)
+        .layer(layers)
         .add_service(coordinator)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(
-            // Without nodelay a reply's trailers wait for the peer's delayed ACK.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
+        .add_service(admin);
+    let served = match &security.tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    // Without nodelay a reply's trailers wait for the peer's delayed ACK.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await
+        }
+    };
+    reloading.abort();
+    served?;
     // Rounds of calls in flight finish (their decisions reach the log);
     // sleeping timers, recovery and retention stop.
     finishing.drain();
@@ -74,6 +120,7 @@ pub struct RunningCoordinator {
     pub addr: SocketAddr,
     /// The coordinator itself, for direct inspection.
     pub coordinator: Coordinator,
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -85,24 +132,53 @@ impl RunningCoordinator {
     ///
     /// Invalid configuration or the address cannot be bound.
     pub async fn start(config: CoordinatorConfig, log: Arc<dyn TxnLog>) -> anyhow::Result<Self> {
+        Self::start_with(
+            config,
+            log,
+            Environment::default(),
+            ServerSecurity::default(),
+        )
+        .await
+    }
+
+    /// As [`start`](Self::start), in `env` (how participants are called)
+    /// and with `security` on the listener.
+    ///
+    /// # Errors
+    ///
+    /// Invalid configuration or the address cannot be bound.
+    pub async fn start_with(
+        config: CoordinatorConfig,
+        log: Arc<dyn TxnLog>,
+        env: Environment,
+        security: ServerSecurity,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let coordinator = Coordinator::new(config, log)?;
+        let coordinator = Coordinator::with_environment(config, log, env)?;
+        let tls = security.tls.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(coordinator.clone(), listener, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(serve_with(
+            coordinator.clone(),
+            listener,
+            security,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(RunningCoordinator {
             addr,
             coordinator,
+            tls,
             stop: Some(stop),
             task,
         })
     }
 
-    /// `http://addr`, for clients.
+    /// `http://addr` (`https://` when serving TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting calls, waits for in-flight ones, and returns.

@@ -5,9 +5,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::codegen::InterceptedService;
+use tonic::transport::Channel;
 
+use crate::security::{BearerToken, ClientTls};
 use crate::{Error, Gtid};
+
+/// How to reach the coordinator: TLS settings for an `https://` address
+/// and the bearer token sent with every call.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// TLS (CA bundle, client certificate for mutual TLS). For an
+    /// `https://` address without it, the system's roots are trusted.
+    pub tls: Option<ClientTls>,
+    /// Sent as `authorization: Bearer <token>` when set.
+    pub token: BearerToken,
+}
 
 /// The protocol of a transaction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +130,7 @@ pub struct Submitted {
 /// ```
 #[derive(Clone, Debug)]
 pub struct TransactionClient {
-    rpc: CoordinatorClient<Channel>,
+    rpc: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
 }
 
 fn gtid_from_wire(s: &str) -> Result<Gtid, Error> {
@@ -140,23 +153,42 @@ impl TransactionClient {
     /// [`Error::Invalid`] for a malformed endpoint, [`Error::Unavailable`]
     /// when nothing answers there.
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self, Error> {
+        Self::connect_with(endpoint, &ClientOptions::default()).await
+    }
+
+    /// Connects with TLS and a token (see [`ClientOptions`]). An `https://`
+    /// address is only ever called over TLS.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), and [`Error::Invalid`] for TLS files
+    /// that cannot be used.
+    pub async fn connect_with(
+        endpoint: impl Into<String>,
+        options: &ClientOptions,
+    ) -> Result<Self, Error> {
         let endpoint = endpoint.into();
-        let channel = Endpoint::from_shared(endpoint.clone())
-            .map_err(|e| Error::Invalid {
+        let channel = crate::security::endpoint(&endpoint, options.tls.as_ref())
+            .map_err(|message| Error::Invalid {
                 code: tonic::Code::InvalidArgument,
-                message: format!("bad coordinator endpoint {endpoint:?}: {e}"),
+                message,
             })?
             .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
             .connect()
             .await?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::from_channel_with(channel, options.token.clone()))
     }
 
     /// Uses an existing channel (TLS, custom timeouts, load balancing).
     pub fn from_channel(channel: Channel) -> Self {
+        Self::from_channel_with(channel, BearerToken::none())
+    }
+
+    /// Uses an existing channel, sending `token` with every call.
+    pub fn from_channel_with(channel: Channel, token: BearerToken) -> Self {
         TransactionClient {
-            rpc: CoordinatorClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            rpc: CoordinatorClient::with_interceptor(channel, token)
+                .max_decoding_message_size(64 * 1024 * 1024),
         }
     }
 
@@ -409,15 +441,20 @@ pub enum Outcome {
 /// A client for a participant's background questions to the coordinator
 /// (`GetOutcome`): connects on first use, 5 s to connect, 10 s per call;
 /// `None` (logged, naming `what`) for an address that does not parse.
-pub(crate) fn background_client(coordinator: &str, what: &str) -> Option<TransactionClient> {
-    match Endpoint::from_shared(coordinator.to_string()) {
-        Ok(e) => Some(TransactionClient::from_channel(
+pub(crate) fn background_client(
+    coordinator: &str,
+    what: &str,
+    options: &ClientOptions,
+) -> Option<TransactionClient> {
+    match crate::security::endpoint(coordinator, options.tls.as_ref()) {
+        Ok(e) => Some(TransactionClient::from_channel_with(
             e.connect_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(10))
                 .connect_lazy(),
+            options.token.clone(),
         )),
         Err(e) => {
-            tracing::error!(%coordinator, error = %e, "{what} disabled: bad coordinator address");
+            tracing::error!(%coordinator, error = %e, "{what} disabled: bad coordinator address or TLS files");
             None
         }
     }

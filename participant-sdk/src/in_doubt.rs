@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use crate::barrier::{InDoubt, now_ms};
-use crate::client::{Outcome, TransactionClient};
+use crate::client::{ClientOptions, Outcome, TransactionClient};
 use crate::server::ParticipantService;
 
 /// Branches looked at per round.
@@ -26,9 +26,11 @@ pub(crate) fn spawn(
     service: ParticipantService,
     coordinator: String,
     after: Duration,
+    options: ClientOptions,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Some(client) = crate::client::background_client(&coordinator, "in-doubt resolution")
+        let Some(client) =
+            crate::client::background_client(&coordinator, "in-doubt resolution", &options)
         else {
             return;
         };

@@ -69,11 +69,14 @@ pub mod handler;
 mod in_doubt;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod security;
 pub mod server;
 pub mod sled_sync;
 
 pub use barrier::{Phase, SledBarrier};
-pub use client::{Branch, CommitOutcome, Enlisted, Mode, Outcome, Submitted, TransactionClient};
+pub use client::{
+    Branch, ClientOptions, CommitOutcome, Enlisted, Mode, Outcome, Submitted, TransactionClient,
+};
 pub use error::Error;
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
 pub use server::{ParticipantServer, RunningParticipant};

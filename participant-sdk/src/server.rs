@@ -20,7 +20,9 @@ use tracing::instrument;
 
 use crate::Gtid;
 use crate::barrier::{self, BarrierStore, InDoubt, MemBarrier, Phase, Retention};
+use crate::client::ClientOptions;
 use crate::handler::{BranchContext, DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler, Vote};
+use crate::security::{AccessList, Role, ServerTls};
 
 /// Which protocol a resource speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,7 +72,9 @@ pub struct ParticipantServer {
     handlers: Handlers,
     barrier: Arc<dyn BarrierStore>,
     retention: Retention,
-    in_doubt: Option<(String, Duration)>,
+    in_doubt: Option<(String, Duration, ClientOptions)>,
+    tls: Option<ServerTls>,
+    coordinators: Option<AccessList>,
 }
 
 impl Default for ParticipantServer {
@@ -80,6 +84,8 @@ impl Default for ParticipantServer {
             barrier: Arc::new(MemBarrier::new()),
             retention: Retention::default(),
             in_doubt: None,
+            tls: None,
+            coordinators: None,
         }
     }
 }
@@ -136,8 +142,38 @@ impl ParticipantServer {
     /// recorded is cancelled (presumed abort). Without this, such a branch
     /// stays reserved until the coordinator calls it. Keep `after` above
     /// your transactions' usual duration.
-    pub fn resolve_in_doubt(mut self, coordinator: impl Into<String>, after: Duration) -> Self {
-        self.in_doubt = Some((coordinator.into(), after));
+    pub fn resolve_in_doubt(self, coordinator: impl Into<String>, after: Duration) -> Self {
+        self.resolve_in_doubt_with(coordinator, after, ClientOptions::default())
+    }
+
+    /// As [`resolve_in_doubt`](Self::resolve_in_doubt), reaching the
+    /// coordinator with TLS and a token (a credential with the
+    /// `participant` role on the coordinator).
+    pub fn resolve_in_doubt_with(
+        mut self,
+        coordinator: impl Into<String>,
+        after: Duration,
+        options: ClientOptions,
+    ) -> Self {
+        self.in_doubt = Some((coordinator.into(), after, options));
+        self
+    }
+
+    /// Serves over TLS (see [`ServerTls`]); with a client CA, the
+    /// coordinator's certificate is verified. Plaintext connections are
+    /// refused.
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Obeys only callers granted the `coordinator` role in `access` (a
+    /// bearer token or a client certificate name): any other call to
+    /// Prepare/Commit/Rollback/Try/Confirm/Cancel is refused with
+    /// UNAUTHENTICATED or PERMISSION_DENIED before the barrier or a
+    /// handler sees it.
+    pub fn only_coordinators(mut self, access: AccessList) -> Self {
+        self.coordinators = Some(access);
         self
     }
 
@@ -152,6 +188,7 @@ impl ParticipantServer {
         ParticipantService {
             handlers: Arc::new(self.handlers.clone()),
             barrier: self.barrier.clone(),
+            coordinators: self.coordinators.clone(),
         }
     }
 
@@ -162,11 +199,12 @@ impl ParticipantServer {
             self.barrier.clone(),
             self.retention,
         )];
-        if let Some((coordinator, after)) = &self.in_doubt {
+        if let Some((coordinator, after, options)) = &self.in_doubt {
             tasks.push(crate::in_doubt::spawn(
                 self.service(),
                 coordinator.clone(),
                 *after,
+                options.clone(),
             ));
         }
         Background(tasks)
@@ -177,15 +215,14 @@ impl ParticipantServer {
     /// # Errors
     ///
     /// The address cannot be bound or the transport fails.
-    pub async fn serve(self, addr: SocketAddr) -> Result<(), tonic::transport::Error> {
-        let background = self.start_background();
-        let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(self.into_service())
-            .serve(addr)
-            .await;
-        background.stop().await;
-        served
+    pub async fn serve(
+        self,
+        addr: SocketAddr,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let listener = TcpListener::bind(addr).await?;
+        self.serve_with_shutdown(listener, std::future::pending())
+            .await?;
+        Ok(())
     }
 
     /// Serves on an already bound `listener` until `shutdown` resolves, then
@@ -200,14 +237,29 @@ impl ParticipantServer {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), tonic::transport::Error> {
         let background = self.start_background();
-        let served = tonic::transport::Server::builder()
-            .add_service(self.into_service())
-            .serve_with_incoming_shutdown(
-                // Without nodelay a reply's trailers wait for the peer's delayed ACK.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            )
-            .await;
+        let watch = self.tls.as_ref().map(|t| t.watch(Duration::from_secs(10)));
+        let mut builder = tonic::transport::Server::builder();
+        let served = match self.tls.clone() {
+            Some(tls) => {
+                builder
+                    .add_service(self.into_service())
+                    .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                    .await
+            }
+            None => {
+                builder
+                    .add_service(self.into_service())
+                    .serve_with_incoming_shutdown(
+                        // Without nodelay a reply's trailers wait for the peer's delayed ACK.
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        shutdown,
+                    )
+                    .await
+            }
+        };
+        if let Some(w) = watch {
+            w.abort();
+        }
         background.stop().await;
         served
     }
@@ -221,12 +273,14 @@ impl ParticipantServer {
     pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<RunningParticipant> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let tls = self.tls.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(self.serve_with_shutdown(listener, async move {
             let _ = stopped.await;
         }));
         Ok(RunningParticipant {
             addr,
+            tls,
             stop: Some(stop),
             task,
         })
@@ -237,14 +291,17 @@ impl ParticipantServer {
 pub struct RunningParticipant {
     /// Where it listens.
     pub addr: SocketAddr,
+    tls: bool,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl RunningParticipant {
-    /// `http://addr`: the endpoint to enlist branches with.
+    /// `http://addr` (`https://` when serving TLS): the endpoint to
+    /// enlist branches with.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting calls and waits for in-flight ones.
@@ -288,6 +345,7 @@ impl Drop for Background {
 pub struct ParticipantService {
     handlers: Arc<Handlers>,
     barrier: Arc<dyn BarrierStore>,
+    coordinators: Option<AccessList>,
 }
 
 /// Longest text this server puts in a status (statuses travel in HTTP/2
@@ -370,6 +428,27 @@ impl ParticipantService {
         barrier::gate::phase_two(self.barrier.as_ref(), &ctx, verb, call).await
     }
 
+    /// Refuses a caller that is not an allowed coordinator (when
+    /// [`ParticipantServer::only_coordinators`] is set).
+    fn check_caller<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(access) = &self.coordinators else {
+            return Ok(());
+        };
+        let auth = req.metadata().get("authorization").map(|v| v.as_bytes());
+        let certs = req.peer_certs();
+        access
+            .check(
+                auth,
+                certs.as_deref().map(|c| c.as_slice()),
+                Role::Coordinator,
+            )
+            .map(drop)
+            .map_err(|r| {
+                tracing::warn!(refused = %r, "participant call refused");
+                Status::from(r)
+            })
+    }
+
     fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
         match self.handlers.get(resource) {
             Some((p, h)) if *p == protocol => Ok(h),
@@ -393,6 +472,7 @@ impl ParticipantService {
         protocol: Protocol,
         verb: &str,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.check_caller(&req)?;
         let req = req.into_inner();
         let ctx = context(&req, Phase::Try)?;
         let handler = self.handler(&req.resource, protocol)?;
@@ -409,6 +489,7 @@ impl ParticipantService {
         commit: bool,
         verb: &str,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        self.check_caller(&req)?;
         let req = req.into_inner();
         let phase = if commit {
             Phase::Confirm

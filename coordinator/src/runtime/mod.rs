@@ -49,7 +49,7 @@ use tokio_util::task::TaskTracker;
 
 pub use clock::Clock;
 use participants::ParticipantPool;
-pub(crate) use participants::validate_endpoint;
+pub(crate) use participants::{endpoint_parts, validate_endpoint};
 pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};
 pub use requests::SubmitOutcome;
 pub use transport::{CallFuture, Transport};
@@ -74,6 +74,8 @@ pub struct Environment {
     pub transport: Option<Arc<dyn Transport>>,
     /// Time and gtids.
     pub clock: Clock,
+    /// TLS and token of gRPC calls to participants.
+    pub participants: crate::security::ParticipantAccess,
 }
 
 struct Inner {
@@ -136,7 +138,8 @@ impl Coordinator {
         config
             .validate()
             .map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
-        let pool = Arc::new(ParticipantPool::default());
+        let pool =
+            Arc::new(ParticipantPool::new(&env.participants).map_err(CoordError::InvalidArgument)?);
         let transport = env.transport.unwrap_or_else(|| pool.clone());
         Ok(Coordinator {
             inner: Arc::new(Inner {
@@ -194,6 +197,18 @@ impl Coordinator {
     /// Whether the coordinator stopped deciding after a log failure.
     pub fn is_halted(&self) -> bool {
         self.inner.halted.get().is_some()
+    }
+    /// Calls participants as `access` says from now on (certificates and
+    /// token re-read after a change); calls in flight keep their channels.
+    ///
+    /// # Errors
+    ///
+    /// The TLS files cannot be used; nothing changes then.
+    pub fn set_participant_access(
+        &self,
+        access: &crate::security::ParticipantAccess,
+    ) -> Result<(), String> {
+        self.inner.pool.set_access(access)
     }
 
     /// Stops taking new transactions (`begin` and `submit` answer

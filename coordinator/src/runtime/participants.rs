@@ -7,7 +7,11 @@ use std::time::{Duration, Instant};
 
 use tandem_proto::v1::participant_client::ParticipantClient;
 use tandem_proto::v1::{BranchRequest, VoteResponse};
-use tonic::transport::{Channel, Endpoint};
+use tandem_sdk::security::BearerToken;
+use tonic::codegen::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::security::ParticipantAccess;
 
 use crate::model::{MAX_STORED_TEXT, Mode, cap_text};
 
@@ -26,10 +30,20 @@ const MAX_REPLY_BYTES: usize = crate::log::SledLog::MAX_PAYLOAD_BYTES + 64 * 102
 #[derive(Default)]
 pub(crate) struct ParticipantPool {
     clients: Mutex<HashMap<String, Slot>>,
+    access: Mutex<Outgoing>,
 }
 
+/// TLS and token of new channels.
+#[derive(Default)]
+struct Outgoing {
+    tls: Option<ClientTlsConfig>,
+    token: BearerToken,
+}
+
+type Client = ParticipantClient<InterceptedService<Channel, BearerToken>>;
+
 struct Slot {
-    client: ParticipantClient<Channel>,
+    client: Client,
     last_used: Instant,
     /// Cloned by every call in flight: a slot whose count is 1 is idle.
     in_use: Arc<()>,
@@ -38,6 +52,12 @@ struct Slot {
 /// `scheme://host:port` of an endpoint, lower-cased, with the scheme's
 /// default port when none is given: what identifies a participant.
 pub(crate) fn channel_key(endpoint: &str) -> Result<String, String> {
+    let (scheme, host, port) = endpoint_parts(endpoint)?;
+    Ok(format!("{scheme}://{host}:{port}"))
+}
+
+/// Scheme, host and port of an endpoint, lower case, the port explicit.
+pub(crate) fn endpoint_parts(endpoint: &str) -> Result<(String, String, u16), String> {
     let uri: tonic::transport::Uri = endpoint
         .parse()
         .map_err(|e| format!("endpoint is not a URI: {e}"))?;
@@ -46,10 +66,7 @@ pub(crate) fn channel_key(endpoint: &str) -> Result<String, String> {
     let port = authority
         .port_u16()
         .unwrap_or(if scheme == "https" { 443 } else { 80 });
-    Ok(format!(
-        "{scheme}://{}:{port}",
-        authority.host().to_ascii_lowercase()
-    ))
+    Ok((scheme, authority.host().to_ascii_lowercase(), port))
 }
 
 /// Checks that `endpoint` is something the pool can dial.
@@ -103,6 +120,41 @@ fn is_deadline(status: &tonic::Status) -> bool {
 }
 
 impl ParticipantPool {
+    /// A pool calling participants as `access` says.
+    ///
+    /// # Errors
+    ///
+    /// Its TLS files cannot be used.
+    pub(crate) fn new(access: &ParticipantAccess) -> Result<ParticipantPool, String> {
+        let pool = ParticipantPool::default();
+        pool.set_access(access)?;
+        Ok(pool)
+    }
+
+    /// Uses `access` for channels made from now on (calls in flight keep
+    /// theirs) and closes the channels held.
+    ///
+    /// # Errors
+    ///
+    /// Its TLS files cannot be used; nothing changes then.
+    pub(crate) fn set_access(&self, access: &ParticipantAccess) -> Result<(), String> {
+        let tls = access
+            .tls
+            .as_ref()
+            .map(|t| t.config())
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        *self.access.lock().unwrap_or_else(|p| p.into_inner()) = Outgoing {
+            tls,
+            token: access.token.clone(),
+        };
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
+    }
+
     /// Channels held now.
     pub(crate) fn len(&self) -> usize {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -110,7 +162,7 @@ impl ParticipantPool {
 
     /// The client for `endpoint`'s participant and a guard marking it in
     /// use until dropped.
-    fn client(&self, endpoint: &str) -> Result<(ParticipantClient<Channel>, Arc<()>), String> {
+    fn client(&self, endpoint: &str) -> Result<(Client, Arc<()>), String> {
         self.client_within(endpoint, MAX_CHANNELS, IDLE_AFTER)
     }
 
@@ -119,7 +171,7 @@ impl ParticipantPool {
         endpoint: &str,
         max: usize,
         idle_after: Duration,
-    ) -> Result<(ParticipantClient<Channel>, Arc<()>), String> {
+    ) -> Result<(Client, Arc<()>), String> {
         let key = channel_key(endpoint)?;
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
@@ -145,12 +197,8 @@ impl ParticipantPool {
                 }
             }
         }
-        let channel = Endpoint::from_shared(key.clone())
-            .map_err(|e| format!("bad endpoint: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = ParticipantClient::new(channel)
+        let (channel, token) = self.channel(&key)?;
+        let client = ParticipantClient::with_interceptor(channel, token)
             .max_decoding_message_size(MAX_REPLY_BYTES)
             .max_encoding_message_size(MAX_REPLY_BYTES);
         let in_use = Arc::new(());
@@ -163,6 +211,24 @@ impl ParticipantPool {
             },
         );
         Ok((client, in_use))
+    }
+
+    /// A lazily connected channel to `key` (`scheme://host:port`): TLS for
+    /// https, never cleartext; and the token to send.
+    fn channel(&self, key: &str) -> Result<(Channel, BearerToken), String> {
+        let access = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        let mut endpoint = Endpoint::from_shared(key.to_string())
+            .map_err(|e| format!("bad endpoint: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        if key.starts_with("https://") {
+            let tls = access
+                .tls
+                .clone()
+                .unwrap_or_else(|| ClientTlsConfig::new().with_native_roots());
+            endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {e}"))?;
+        }
+        Ok((endpoint.connect_lazy(), access.token.clone()))
     }
 
     /// Prepare (2PC) or try (TCC). `Err` carries a description of the

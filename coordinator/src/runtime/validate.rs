@@ -48,6 +48,7 @@ impl Inner {
             ));
         }
         super::validate_endpoint(&b.endpoint).map_err(CoordError::InvalidArgument)?;
+        self.check_policy(&b.endpoint)?;
         if b.resource.is_empty() {
             return invalid("branch resource is empty".into());
         }
@@ -61,6 +62,29 @@ impl Inner {
                 "branch payload is {} bytes; the limit is {} bytes",
                 b.payload.len(),
                 self.config.max_payload_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// The participant policy: TLS when required, and an endpoint the
+    /// allowlist names. Checked before anything is stored or dialled; the
+    /// refusal does not echo the endpoint.
+    fn check_policy(&self, endpoint: &str) -> Result<(), CoordError> {
+        let (scheme, host, port) =
+            super::endpoint_parts(endpoint).map_err(CoordError::InvalidArgument)?;
+        if self.config.require_tls && scheme != "https" {
+            return Err(CoordError::PermissionDenied(
+                "this coordinator calls participants only over TLS: use an https:// endpoint"
+                    .into(),
+            ));
+        }
+        let allowed = &self.config.allowed_endpoints;
+        if !allowed.is_empty() && !allowed.iter().any(|p| p.matches(&scheme, &host, port)) {
+            return Err(CoordError::PermissionDenied(
+                "the branch's endpoint is not an allowed participant (see the coordinator's \
+                 --allow-participant)"
+                    .into(),
             ));
         }
         Ok(())

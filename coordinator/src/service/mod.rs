@@ -3,11 +3,13 @@
 //! map every error to a status through `From<CoordError> for Status`.
 
 mod admin;
+mod auth;
 mod convert;
 mod coordinator;
 mod limit;
 
 pub use admin::AdminService;
+pub use auth::{Auth, AuthLayer, SharedAccess, required_role};
 pub use coordinator::CoordinatorService;
 pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
 

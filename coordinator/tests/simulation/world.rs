@@ -112,6 +112,7 @@ impl World {
         let env = Environment {
             transport: Some(net.clone()),
             clock: clock.clone(),
+            ..Environment::default()
         };
         let coord = Coordinator::with_environment(config(recovery_concurrency), log.clone(), env)
             .expect("config");

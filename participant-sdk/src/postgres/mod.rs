@@ -34,7 +34,9 @@ use std::time::Duration;
 
 pub use barrier::{BranchTx, PgBarrier};
 pub use deadpool_postgres::{self, Pool};
-pub use resolver::{ResolveError, Resolved, resolve_prepared, spawn_prepared_resolver};
+pub use resolver::{
+    ResolveError, Resolved, resolve_prepared, spawn_prepared_resolver, spawn_prepared_resolver_with,
+};
 pub use tokio_postgres;
 pub use two_phase::{PgPrepare, PgTwoPhase};
 

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::two_phase::finish_prepared;
 use super::{PgBarrier, PgError, parse_gid};
 use crate::barrier::{BarrierStore, Mark};
-use crate::client::{Outcome, TransactionClient};
+use crate::client::{ClientOptions, Outcome, TransactionClient};
 
 /// What one [`resolve_prepared`] round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,10 +135,23 @@ pub fn spawn_prepared_resolver(
     coordinator: String,
     every: Duration,
 ) -> JoinHandle<()> {
+    spawn_prepared_resolver_with(barrier, coordinator, every, ClientOptions::default())
+}
+
+/// As [`spawn_prepared_resolver`], reaching the coordinator with TLS and a
+/// token (a credential with the `participant` role).
+pub fn spawn_prepared_resolver_with(
+    barrier: PgBarrier,
+    coordinator: String,
+    every: Duration,
+    options: ClientOptions,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let Some(client) =
-            crate::client::background_client(&coordinator, "prepared-transaction resolution")
-        else {
+        let Some(client) = crate::client::background_client(
+            &coordinator,
+            "prepared-transaction resolution",
+            &options,
+        ) else {
             return;
         };
         let mut older_than = Duration::ZERO;

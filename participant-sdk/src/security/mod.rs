@@ -1,0 +1,103 @@
+//! Security shared by the coordinator, its clients and participants: TLS
+//! ([`tls`]), credentials and roles ([`auth`]), and a bearer token sent on
+//! outgoing calls ([`BearerToken`]).
+
+pub mod auth;
+pub mod tls;
+
+pub use auth::{AccessList, Refusal, Role};
+pub use tls::{ClientTls, ServerTls, ServerTlsFiles, TlsError};
+
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::Endpoint;
+
+/// Adds `authorization: Bearer <token>` to every outgoing call (none when
+/// empty). An interceptor for tonic clients.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(<redacted>)"
+        } else {
+            "BearerToken(none)"
+        })
+    }
+}
+
+impl BearerToken {
+    /// No token.
+    pub fn none() -> Self {
+        BearerToken(None)
+    }
+
+    /// Sends `token`.
+    ///
+    /// # Errors
+    ///
+    /// The token has characters a header cannot carry.
+    pub fn new(token: &str) -> Result<Self, String> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Ok(BearerToken(None));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token has characters a header cannot carry".to_string())?;
+        value.set_sensitive(true);
+        Ok(BearerToken(Some(value)))
+    }
+
+    /// Reads a token from a file (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, is empty, or the token is not header-safe.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        if text.trim().is_empty() {
+            return Err(format!("token file {} is empty", path.display()));
+        }
+        Self::new(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+    }
+
+    /// Whether a token is set.
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel endpoint for `url` (TCP_NODELAY set). An `https://` address
+/// gets TLS — `tls`, or the system's roots without it — and is never
+/// called in cleartext; `http://` is plaintext.
+///
+/// # Errors
+///
+/// A malformed address or unusable TLS files.
+pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("bad address {url:?}: {e}"))?
+        .tcp_nodelay(true);
+    if endpoint.uri().scheme_str() != Some("https") {
+        return Ok(endpoint);
+    }
+    let config = tls
+        .cloned()
+        .unwrap_or_default()
+        .config()
+        .map_err(|e| e.to_string())?;
+    endpoint
+        .tls_config(config)
+        .map_err(|e| format!("TLS for {url:?}: {e}"))
+}

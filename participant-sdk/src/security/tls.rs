@@ -1,0 +1,362 @@
+//! TLS on every hop, with rustls (ring provider): a server side whose
+//! certificates are replaced while serving ([`ServerTls::reload`]) and the
+//! settings of a client ([`ClientTls`]).
+//!
+//! Files are PEM. A certificate that has expired or is not yet valid is
+//! refused when loaded, with the file and the dates in the error.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::RootCertStore;
+use rustls::server::{ServerConfig, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+/// A TLS file that cannot be used, with the reason.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
+
+/// Handshakes in progress at once; past it new connections are closed.
+const MAX_HANDSHAKES: usize = 1024;
+/// A connection that has not finished its handshake by then is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a server's TLS files are.
+#[derive(Clone, Debug)]
+pub struct ServerTlsFiles {
+    /// The certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle (PEM) that client certificates are verified against;
+    /// `None`: clients present no certificate.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: refuse a connection without a client certificate
+    /// (mutual TLS). Without it a client may still connect without one and
+    /// authenticate with a token.
+    pub require_client_cert: bool,
+}
+
+/// A TLS server configuration that can be replaced while serving: new
+/// connections use the latest; connections already open keep theirs.
+#[derive(Clone)]
+pub struct ServerTls {
+    files: Arc<ServerTlsFiles>,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+    stamps: Arc<Mutex<Vec<Option<SystemTime>>>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// Reads and checks the files.
+    ///
+    /// # Errors
+    ///
+    /// A file is missing, unreadable, not PEM, or its certificate expired.
+    pub fn load(files: ServerTlsFiles) -> Result<ServerTls, TlsError> {
+        let config = server_config(&files)?;
+        let stamps = stamps(&files);
+        Ok(ServerTls {
+            files: Arc::new(files),
+            current: Arc::new(RwLock::new(Arc::new(config))),
+            stamps: Arc::new(Mutex::new(stamps)),
+        })
+    }
+
+    /// Reads the files again and serves new connections with them. On an
+    /// error the configuration in use stays.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamps = stamps(&self.files);
+        let config = server_config(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        Ok(())
+    }
+
+    /// Reloads when a file's modification time changed since the last
+    /// (re)load; `Ok(true)` when it did.
+    ///
+    /// # Errors
+    ///
+    /// As [`load`](Self::load).
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamps(&self.files);
+        if *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) == now {
+            return Ok(false);
+        }
+        self.reload().map(|()| true)
+    }
+
+    /// Checks the files every `every` and reloads changed ones, logging
+    /// the result; ends with the runtime or when aborted.
+    pub fn watch(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let tls = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match tls.reload_if_changed() {
+                    Ok(true) => tracing::info!("TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS certificate not reloaded; keeping the one in use")
+                    }
+                }
+            }
+        })
+    }
+
+    fn config(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// TLS connections accepted on `listener`, for tonic's
+    /// `serve_with_incoming`. Handshakes run concurrently (bounded, with a
+    /// timeout); a connection that fails its handshake (a plaintext
+    /// client, an untrusted certificate) is closed and never reaches the
+    /// services. Accepting stops when the stream is dropped.
+    pub fn incoming(
+        &self,
+        listener: TcpListener,
+    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = mpsc::channel(64);
+        let tls = self.clone();
+        tokio::spawn(async move {
+            let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+            loop {
+                let accepted = tokio::select! {
+                    r = listener.accept() => r,
+                    () = tx.closed() => return,
+                };
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors or the like: wait, then go on.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
+                    continue;
+                };
+                // Without nodelay a reply's trailers wait for a delayed ACK.
+                let _ = tcp.set_nodelay(true);
+                let acceptor = TlsAcceptor::from(tls.config());
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+fn stamps(files: &ServerTlsFiles) -> Vec<Option<SystemTime>> {
+    let mut paths = vec![&files.cert, &files.key];
+    paths.extend(files.client_ca.as_ref());
+    paths
+        .into_iter()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
+    let chain = read_certs(&files.cert)?;
+    check_validity(&files.cert, &chain[0])?;
+    let key = read_key(&files.key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let roots = root_store(ca)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let verifier = if files.require_client_cert {
+                verifier.build()
+            } else {
+                verifier.allow_unauthenticated().build()
+            }
+            .map_err(|e| TlsError(format!("client CA {}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None if files.require_client_cert => {
+            return Err(TlsError(
+                "client certificates are required but no client CA is configured".into(),
+            ));
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        TlsError(format!(
+            "{} and {} do not make a server identity: {e}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn root_store(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError(format!("CA bundle {}: {e}", ca.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| TlsError(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+/// The certificates of a PEM file (at least one).
+///
+/// # Errors
+///
+/// The file cannot be read or holds no certificate.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(path, "certificate file")?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            TlsError(format!(
+                "{} is not a PEM certificate file: {e}",
+                path.display()
+            ))
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError(format!("no certificate in {}", path.display())));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read_file(path, "private key")?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        TlsError(format!(
+            "{} holds no usable private key: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Refuses a certificate outside its validity period, naming the dates.
+fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| {
+        TlsError(format!(
+            "{}: cannot parse the certificate: {e}",
+            path.display()
+        ))
+    })?;
+    let validity = parsed.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now > validity.not_after {
+        return Err(TlsError(format!(
+            "certificate {} expired on {}",
+            path.display(),
+            validity.not_after
+        )));
+    }
+    if now < validity.not_before {
+        return Err(TlsError(format!(
+            "certificate {} is not valid before {}",
+            path.display(),
+            validity.not_before
+        )));
+    }
+    Ok(())
+}
+
+/// How a client speaks TLS: the CA bundle its servers' certificates are
+/// verified against (the system's roots when `None`) and, for mutual TLS,
+/// its own certificate and key.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTls {
+    /// CA bundle (PEM).
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM), for mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// The name to expect in the server's certificate instead of the
+    /// endpoint's host.
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    /// Reads the files into tonic's client configuration.
+    ///
+    /// # Errors
+    ///
+    /// A file cannot be read, a certificate expired, or only one of
+    /// certificate and key is given.
+    pub fn config(&self) -> Result<ClientTlsConfig, TlsError> {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => {
+                read_certs(ca)?;
+                config.ca_certificate(Certificate::from_pem(read_file(ca, "CA bundle")?))
+            }
+            None => config.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert)?;
+                check_validity(cert, &chain[0])?;
+                read_key(key)?;
+                config = config.identity(Identity::from_pem(
+                    read_file(cert, "certificate file")?,
+                    read_file(key, "private key")?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(TlsError(
+                    "a client certificate needs both the certificate and its key".into(),
+                ));
+            }
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
+}

@@ -1,0 +1,534 @@
+//! Security at every hop, with real TLS handshakes and certificates made
+//! here: who may call the coordinator, who a participant obeys, which
+//! endpoints the coordinator dials, and certificates replaced while
+//! transactions are in flight.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tandem_coordinator::RunningCoordinator;
+use tandem_coordinator::certs::{DevCa, party_names, write_dev};
+use tandem_coordinator::log::MemLog;
+use tandem_coordinator::runtime::Environment;
+use tandem_coordinator::security::{
+    AccessControl, ParticipantAccess, ServeSecurityArgs, ServerSecurity,
+};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::participant_client::ParticipantClient;
+use tandem_sdk::security::{AccessList, BearerToken, ClientTls, ServerTls, ServerTlsFiles};
+use tandem_sdk::{Branch, ClientOptions, Error, Mode, ParticipantServer, TransactionClient};
+use tandem_tests::{Scripted, spawn, test_config};
+
+/// Development files (CA, certificates, tokens, access lists) in a temp dir.
+struct Dev {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Dev {
+    fn new() -> Dev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("certs");
+        write_dev(&path).expect("dev certs");
+        Dev { _dir: dir, path }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    fn token(&self, party: &str) -> String {
+        std::fs::read_to_string(self.file(&format!("{party}.token")))
+            .expect("token")
+            .trim()
+            .to_string()
+    }
+
+    fn server_files(&self, party: &str, require_client_cert: bool) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert: self.file(&format!("{party}.pem")),
+            key: self.file(&format!("{party}-key.pem")),
+            client_ca: Some(self.file("ca.pem")),
+            require_client_cert,
+        }
+    }
+
+    /// Client TLS of `party` (mutual TLS), or CA only.
+    fn client_tls(&self, party: Option<&str>) -> ClientTls {
+        ClientTls {
+            ca: Some(self.file("ca.pem")),
+            cert: party.map(|p| self.file(&format!("{p}.pem"))),
+            key: party.map(|p| self.file(&format!("{p}-key.pem"))),
+            domain: None,
+        }
+    }
+
+    fn options(&self, cert_of: Option<&str>, token_of: Option<&str>) -> ClientOptions {
+        ClientOptions {
+            tls: Some(self.client_tls(cert_of)),
+            token: token_of
+                .map(|p| BearerToken::new(&self.token(p)).expect("token"))
+                .unwrap_or_default(),
+        }
+    }
+
+    /// How the coordinator calls participants: its certificate and token.
+    fn participant_access(&self) -> ParticipantAccess {
+        ParticipantAccess {
+            tls: Some(self.client_tls(Some("coordinator"))),
+            token: BearerToken::new(&self.token("coordinator")).expect("token"),
+            token_file: None,
+        }
+    }
+
+    fn coordinator_security(&self, require_client_cert: bool) -> ServerSecurity {
+        ServerSecurity {
+            tls: Some(
+                ServerTls::load(self.server_files("coordinator", require_client_cert))
+                    .expect("tls"),
+            ),
+            access: Some(
+                AccessControl::load(&self.file("coordinator-access.txt")).expect("access"),
+            ),
+        }
+    }
+
+    /// A participant serving TLS that obeys only the coordinator.
+    async fn participant(
+        &self,
+        scripted: &Arc<Scripted>,
+        tcc: bool,
+    ) -> tandem_sdk::RunningParticipant {
+        let server = ParticipantServer::new()
+            .tls(ServerTls::load(self.server_files("participant", false)).expect("tls"))
+            .only_coordinators(
+                AccessList::load(&self.file("participant-access.txt")).expect("access"),
+            );
+        let server = if tcc {
+            server.tcc("r", scripted.clone())
+        } else {
+            server.two_phase("r", scripted.clone())
+        };
+        spawn(server).await
+    }
+
+    async fn coordinator(&self, require_client_cert: bool) -> RunningCoordinator {
+        let env = Environment {
+            participants: self.participant_access(),
+            ..Environment::default()
+        };
+        RunningCoordinator::start_with(
+            test_config(),
+            Arc::new(MemLog::new()),
+            env,
+            self.coordinator_security(require_client_cert),
+        )
+        .await
+        .expect("start coordinator")
+    }
+}
+
+fn code(e: &Error) -> Option<tonic::Code> {
+    match e {
+        Error::Rpc(s) => Some(s.code()),
+        Error::Invalid { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+// Rule: a plaintext client gets nothing from a TLS coordinator; a client
+// certificate from another CA is refused in the handshake.
+#[tokio::test]
+async fn plaintext_and_foreign_certificates_are_refused() {
+    let dev = Dev::new();
+    let coord = dev.coordinator(true).await;
+    let plain = format!("http://{}", coord.addr);
+    let c = TransactionClient::connect(&plain).await;
+    let refused = match c {
+        Err(_) => true,
+        Ok(c) => c.submit(Mode::TwoPhase, vec![]).await.is_err(),
+    };
+    assert!(refused, "a plaintext client was served");
+
+    // Another CA's certificate, named like the real client.
+    let other = tempfile::tempdir().expect("tempdir");
+    let ca = DevCa::new("another CA").expect("ca");
+    let issued = ca.issue(&["client.tandem.local"]).expect("issue");
+    std::fs::write(other.path().join("c.pem"), issued.cert_pem).expect("write");
+    std::fs::write(other.path().join("k.pem"), issued.key_pem).expect("write");
+    let options = ClientOptions {
+        tls: Some(ClientTls {
+            ca: Some(dev.file("ca.pem")),
+            cert: Some(other.path().join("c.pem")),
+            key: Some(other.path().join("k.pem")),
+            domain: None,
+        }),
+        token: BearerToken::none(),
+    };
+    let r = match TransactionClient::connect_with(coord.url(), &options).await {
+        Err(e) => Err(e),
+        Ok(c) => c.get(uuid::Uuid::now_v7()).await.map(drop),
+    };
+    assert!(r.is_err(), "a certificate from another CA was accepted");
+
+    // The right certificate is served (NOT_FOUND: it got to the service).
+    let c = TransactionClient::connect_with(coord.url(), &dev.options(Some("client"), None))
+        .await
+        .expect("connect");
+    let e = c.get(uuid::Uuid::now_v7()).await.expect_err("unknown gtid");
+    assert_eq!(code(&e), Some(tonic::Code::NotFound), "{e:?}");
+}
+
+// Rule: no token, an unknown token, or an expired one is UNAUTHENTICATED;
+// a client credential on Admin is PERMISSION_DENIED; nothing is started.
+#[tokio::test]
+async fn tokens_and_roles_are_checked() {
+    let dev = Dev::new();
+    // Client certificates optional: tokens alone authenticate.
+    let mut access = std::fs::read_to_string(dev.file("coordinator-access.txt")).expect("read");
+    access.push_str(&format!(
+        "client old token-sha256:{} expires=2020-01-01\n",
+        tandem_sdk::security::auth::token_digest_hex("tdm_old")
+    ));
+    std::fs::write(dev.file("coordinator-access.txt"), access).expect("write");
+    let coord = dev.coordinator(false).await;
+    let p = Scripted::yes("p");
+    let part = dev.participant(&p, false).await;
+    let branch = || vec![Branch::new(part.url(), "r", "x")];
+
+    for (token, why) in [
+        (None, "no token"),
+        (Some("tdm_wrong"), "wrong"),
+        (Some("tdm_old"), "expired"),
+    ] {
+        let options = ClientOptions {
+            tls: Some(dev.client_tls(None)),
+            token: token
+                .map(|t| BearerToken::new(t).expect("t"))
+                .unwrap_or_default(),
+        };
+        let c = TransactionClient::connect_with(coord.url(), &options)
+            .await
+            .expect("connect");
+        let e = c.submit(Mode::TwoPhase, branch()).await.expect_err(why);
+        assert_eq!(code(&e), Some(tonic::Code::Unauthenticated), "{why}: {e:?}");
+    }
+    assert_eq!(
+        p.counts(),
+        (0, 0, 0),
+        "a refused call reached a participant"
+    );
+
+    // A client token on Admin: denied. The admin token: served.
+    for (party, want) in [
+        ("client", Err(tonic::Code::PermissionDenied)),
+        ("admin", Ok(())),
+    ] {
+        let options = dev.options(None, Some(party));
+        let mut admin = tandem_coordinator::cli::connect(&coord.url(), &options)
+            .await
+            .expect("connect");
+        let got = admin
+            .list_transactions(pb::ListTransactionsRequest::default())
+            .await
+            .map(drop)
+            .map_err(|s| s.code());
+        assert_eq!(got, want, "{party} on Admin");
+    }
+
+    // The participant role may ask outcomes, not start transactions.
+    let c = TransactionClient::connect_with(coord.url(), &dev.options(None, Some("participant")))
+        .await
+        .expect("connect");
+    let e = c
+        .submit(Mode::TwoPhase, branch())
+        .await
+        .expect_err("denied");
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e:?}");
+    c.outcome(uuid::Uuid::now_v7())
+        .await
+        .expect("participant may ask outcomes");
+
+    // And the client commits through TLS participants that check the
+    // coordinator's credential.
+    let c = TransactionClient::connect_with(coord.url(), &dev.options(None, Some("client")))
+        .await
+        .expect("connect");
+    c.submit(Mode::TwoPhase, branch()).await.expect("submit");
+    assert_eq!(p.counts(), (1, 1, 0));
+}
+
+// Rule: a participant obeys only its coordinator: a Commit or Cancel from
+// anyone else (no credential, a client's token, a client certificate) is
+// refused before the barrier, and the branch does not change.
+#[tokio::test]
+async fn participants_refuse_calls_not_from_their_coordinator() {
+    let dev = Dev::new();
+    let coord = dev.coordinator(false).await;
+    let p = Scripted::yes("p");
+    let part = dev.participant(&p, true).await;
+    let client = TransactionClient::connect_with(coord.url(), &dev.options(Some("client"), None))
+        .await
+        .expect("connect");
+    let gtid = client.begin(Mode::Tcc).await.expect("begin");
+    client
+        .enlist(gtid, Branch::new(part.url(), "r", "x"))
+        .await
+        .expect("try");
+    assert_eq!(p.held_count(), 1);
+
+    let req = pb::BranchRequest {
+        gtid: gtid.to_string(),
+        branch_id: 1,
+        resource: "r".into(),
+        payload: b"x".to_vec().into(),
+        attempt: 1,
+    };
+    for (who, options) in [
+        ("nobody", dev.options(None, None)),
+        ("a client token", dev.options(None, Some("client"))),
+        ("a client certificate", dev.options(Some("client"), None)),
+    ] {
+        let channel = tandem_sdk::security::endpoint(&part.url(), options.tls.as_ref())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect");
+        let mut rpc = ParticipantClient::with_interceptor(channel, options.token.clone());
+        let cancel = rpc.cancel(req.clone()).await.expect_err(who).code();
+        let confirm = rpc.confirm(req.clone()).await.expect_err(who).code();
+        for c in [cancel, confirm] {
+            assert!(
+                matches!(
+                    c,
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ),
+                "{who}: {c:?}"
+            );
+        }
+    }
+    assert_eq!(p.counts(), (1, 0, 0), "the branch changed");
+    assert_eq!(p.held_count(), 1);
+    // Its coordinator still finishes it.
+    client.commit(gtid).await.expect("commit");
+    assert_eq!(p.counts(), (1, 1, 0));
+}
+
+/// A listener that counts the connections it accepts (and drops them).
+async fn counting_listener() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counted = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    (addr.to_string(), accepts)
+}
+
+// Rule: a branch outside the participant allowlist is PERMISSION_DENIED
+// before any connection is opened, and the refusal does not echo the
+// address; with --require-tls an http:// endpoint is refused the same way.
+#[tokio::test]
+async fn endpoints_outside_the_policy_are_never_dialled() {
+    let (addr, accepts) = counting_listener().await;
+    let mut config = test_config();
+    config.allowed_endpoints = vec!["https://*.bank.internal:*".parse().expect("pattern")];
+    let coord = RunningCoordinator::start(config, Arc::new(MemLog::new()))
+        .await
+        .expect("start");
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+    for endpoint in [format!("http://{addr}"), format!("https://{addr}")] {
+        let e = client
+            .submit(
+                Mode::TwoPhase,
+                vec![Branch::new(endpoint.clone(), "r", "x")],
+            )
+            .await
+            .expect_err("outside the policy");
+        assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e:?}");
+        assert!(!e.to_string().contains(&addr), "echoed the address: {e}");
+        let gtid = client.begin(Mode::Tcc).await.expect("begin");
+        let e = client
+            .enlist(gtid, Branch::new(endpoint, "r", "x"))
+            .await
+            .expect_err("outside the policy");
+        assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(accepts.load(Ordering::SeqCst), 0, "the coordinator dialled");
+
+    // --require-tls: no http:// participant, whatever the allowlist.
+    let mut config = test_config();
+    config.require_tls = true;
+    let coord = RunningCoordinator::start(config, Arc::new(MemLog::new()))
+        .await
+        .expect("start");
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+    let e = client
+        .submit(
+            Mode::TwoPhase,
+            vec![Branch::new(format!("http://{addr}"), "r", "x")],
+        )
+        .await
+        .expect_err("plaintext participant");
+    assert_eq!(code(&e), Some(tonic::Code::PermissionDenied), "{e:?}");
+    assert_eq!(accepts.load(Ordering::SeqCst), 0);
+}
+
+// Rule: an https:// endpoint whose server speaks plaintext is never
+// called in cleartext: the call fails, the participant sees no request.
+#[tokio::test]
+async fn an_https_endpoint_is_never_called_in_cleartext() {
+    let dev = Dev::new();
+    let coord = dev.coordinator(false).await;
+    let p = Scripted::yes("p");
+    let plain = p.serve().await; // plaintext participant
+    let client = TransactionClient::connect_with(coord.url(), &dev.options(None, Some("client")))
+        .await
+        .expect("connect");
+    let endpoint = format!("https://{}", plain.addr);
+    let out = client
+        .submit(Mode::TwoPhase, vec![Branch::new(endpoint, "r", "x")])
+        .await;
+    assert!(
+        matches!(out, Err(Error::Aborted { .. })),
+        "expected an abort, got {out:?}"
+    );
+    assert_eq!(
+        p.counts(),
+        (0, 0, 0),
+        "the participant was called in cleartext"
+    );
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::copy(from, to).expect("copy");
+}
+
+// Rule: replacing the coordinator's certificate (SIGHUP or a changed file)
+// serves new connections with the new one while a transaction in flight
+// on an old connection finishes; an expired certificate is refused at
+// start and on reload, keeping the one in use.
+#[tokio::test]
+async fn certificates_reload_without_dropping_transactions() {
+    let dev = Dev::new();
+    let live = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (live.path().join("c.pem"), live.path().join("k.pem"));
+    copy(&dev.file("coordinator.pem"), &cert);
+    copy(&dev.file("coordinator-key.pem"), &key);
+    let tls = ServerTls::load(ServerTlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: Some(dev.file("ca.pem")),
+        require_client_cert: false,
+    })
+    .expect("tls");
+    let security = ServerSecurity {
+        tls: Some(tls.clone()),
+        access: Some(AccessControl::load(&dev.file("coordinator-access.txt")).expect("access")),
+    };
+    let env = Environment {
+        participants: dev.participant_access(),
+        ..Environment::default()
+    };
+    let mut config = test_config();
+    config.call_timeout = Duration::from_secs(5);
+    let coord = RunningCoordinator::start_with(config, Arc::new(MemLog::new()), env, security)
+        .await
+        .expect("start");
+    // A participant slow to vote keeps a transaction in flight.
+    let slow = Scripted::new(
+        "slow",
+        tandem_tests::Script {
+            prepare_delay: Duration::from_millis(800),
+            ..tandem_tests::Script::default()
+        },
+        None,
+    );
+    let part = dev.participant(&slow, false).await;
+    let old = TransactionClient::connect_with(coord.url(), &dev.options(None, Some("client")))
+        .await
+        .expect("connect");
+    let in_flight = {
+        let old = old.clone();
+        let branch = Branch::new(part.url(), "r", "x");
+        tokio::spawn(async move { old.submit(Mode::TwoPhase, vec![branch]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // A new CA and certificate replace the old ones.
+    let new_dir = tempfile::tempdir().expect("tempdir");
+    let ca2 = DevCa::new("second CA").expect("ca");
+    let names = party_names("coordinator");
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let issued = ca2.issue(&names).expect("issue");
+    std::fs::write(new_dir.path().join("ca.pem"), ca2.pem()).expect("write");
+    std::fs::write(&cert, issued.cert_pem).expect("write");
+    std::fs::write(&key, issued.key_pem).expect("write");
+    tls.reload().expect("reload");
+
+    let submitted = in_flight.await.expect("join").expect("in-flight submit");
+    assert!(
+        submitted.complete,
+        "the in-flight transaction did not finish"
+    );
+    // New connections: the old CA no longer verifies, the new one does.
+    let stale =
+        TransactionClient::connect_with(coord.url(), &dev.options(None, Some("client"))).await;
+    let stale_ok = match stale {
+        Err(_) => false,
+        Ok(c) => c.get(uuid::Uuid::now_v7()).await.is_ok(),
+    };
+    assert!(!stale_ok, "a new connection still got the old certificate");
+    let options = ClientOptions {
+        tls: Some(ClientTls {
+            ca: Some(new_dir.path().join("ca.pem")),
+            ..ClientTls::default()
+        }),
+        token: BearerToken::new(&dev.token("client")).expect("token"),
+    };
+    let fresh = TransactionClient::connect_with(coord.url(), &options)
+        .await
+        .expect("connect with the new CA");
+    let e = fresh.get(uuid::Uuid::now_v7()).await.expect_err("unknown");
+    assert_eq!(code(&e), Some(tonic::Code::NotFound), "{e:?}");
+
+    // An expired certificate: refused on reload (the current one stays)
+    // and at start, with the date in the message.
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca2
+        .issue_between(
+            &names,
+            now - Duration::from_secs(3 * 86400),
+            now - Duration::from_secs(86400),
+        )
+        .expect("issue");
+    std::fs::write(&cert, expired.cert_pem).expect("write");
+    std::fs::write(&key, expired.key_pem).expect("write");
+    let e = tls.reload().expect_err("expired");
+    assert!(e.to_string().contains("expired"), "{e}");
+    fresh
+        .get(uuid::Uuid::now_v7())
+        .await
+        .expect_err("still served (NOT_FOUND)");
+    let args = ServeSecurityArgs {
+        tls_cert: Some(cert.clone()),
+        tls_key: Some(key.clone()),
+        ..ServeSecurityArgs::default()
+    };
+    let e = args.load().err().expect("expired at start");
+    assert!(e.contains("expired"), "{e}");
+    drop(coord);
+}
