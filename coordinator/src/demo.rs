@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tandem_examples::bank::{Bank, Leg};
-use tandem_sdk::{Branch, Error, Mode, ParticipantServer, TransactionClient};
+use tandem_sdk::security::{AccessList, BearerToken, ClientTls, ServerTls, ServerTlsFiles};
+use tandem_sdk::{Branch, ClientOptions, Error, Mode, ParticipantServer, TransactionClient};
 
 use crate::config::CoordinatorConfig;
 use crate::log::SledLog;
+use crate::security::{AccessControl, ParticipantAccess, ServerSecurity};
 use crate::server::RunningCoordinator;
 
 /// What the demo runs.
@@ -34,6 +36,9 @@ pub struct DemoOptions {
     pub opening_balance: i64,
     /// Seed of the transfer generator (same seed, same transfers).
     pub seed: u64,
+    /// Mutual TLS and tokens on every hop, with development certificates
+    /// (`tandem certs dev`) made in the temp dir.
+    pub secure: bool,
 }
 
 impl Default for DemoOptions {
@@ -45,6 +50,7 @@ impl Default for DemoOptions {
             accounts_per_shard: 10,
             opening_balance: 1000,
             seed: 7,
+            secure: false,
         }
     }
 }
@@ -97,6 +103,80 @@ pub const RESOURCE_2PC: &str = "accounts";
 /// The bank's resource name for TCC branches.
 pub const RESOURCE_TCC: &str = "accounts-tcc";
 
+/// Development certificates and tokens for `--secure`: mutual TLS on
+/// every hop, tokens on top, participants obeying only the coordinator.
+struct Secure {
+    dir: std::path::PathBuf,
+}
+
+impl Secure {
+    fn new(dir: &std::path::Path) -> anyhow::Result<Secure> {
+        crate::certs::write_dev(dir)?;
+        Ok(Secure {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    fn files(&self, party: &str) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert: self.file(&format!("{party}.pem")),
+            key: self.file(&format!("{party}-key.pem")),
+            client_ca: Some(self.file("ca.pem")),
+            require_client_cert: true,
+        }
+    }
+
+    fn client_tls(&self, party: &str) -> ClientTls {
+        ClientTls {
+            ca: Some(self.file("ca.pem")),
+            cert: Some(self.file(&format!("{party}.pem"))),
+            key: Some(self.file(&format!("{party}-key.pem"))),
+            domain: None,
+        }
+    }
+
+    fn token(&self, party: &str) -> anyhow::Result<BearerToken> {
+        BearerToken::from_file(&self.file(&format!("{party}.token"))).map_err(anyhow::Error::msg)
+    }
+
+    fn coordinator(&self) -> anyhow::Result<ServerSecurity> {
+        Ok(ServerSecurity {
+            tls: Some(ServerTls::load(self.files("coordinator"))?),
+            access: Some(
+                AccessControl::load(&self.file("coordinator-access.txt"))
+                    .map_err(anyhow::Error::msg)?,
+            ),
+        })
+    }
+
+    fn participant_access(&self) -> anyhow::Result<ParticipantAccess> {
+        Ok(ParticipantAccess {
+            tls: Some(self.client_tls("coordinator")),
+            token: self.token("coordinator")?,
+            token_file: None,
+        })
+    }
+
+    fn participant(&self, server: ParticipantServer) -> anyhow::Result<ParticipantServer> {
+        let access =
+            AccessList::load(&self.file("participant-access.txt")).map_err(anyhow::Error::msg)?;
+        Ok(server
+            .tls(ServerTls::load(self.files("participant"))?)
+            .only_coordinators(access))
+    }
+
+    fn client(&self) -> anyhow::Result<ClientOptions> {
+        Ok(ClientOptions {
+            tls: Some(self.client_tls("client")),
+            token: self.token("client")?,
+        })
+    }
+}
+
 /// splitmix64: a small, good-enough generator for picking transfers.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -113,12 +193,27 @@ fn mix(mut z: u64) -> u64 {
 pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let dir = tempfile::Builder::new().prefix("tandem-demo-").tempdir()?;
     let log = Arc::new(SledLog::open(dir.path())?);
-    let config = CoordinatorConfig {
+    let mut config = CoordinatorConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         ..CoordinatorConfig::default()
     };
-    let coordinator = RunningCoordinator::start(config, log).await?;
+    let secure = options
+        .secure
+        .then(|| Secure::new(&dir.path().join("certs")))
+        .transpose()?;
+    let coordinator = match &secure {
+        None => RunningCoordinator::start(config, log).await?,
+        Some(sec) => {
+            config.require_tls = true;
+            config.allowed_endpoints = vec!["https://127.0.0.1:*".parse()?];
+            let env = crate::runtime::Environment {
+                participants: sec.participant_access()?,
+                ..Default::default()
+            };
+            RunningCoordinator::start_with(config, log, env, sec.coordinator()?).await?
+        }
+    };
 
     let n = options.accounts_per_shard.max(1);
     let names: Vec<String> = (0..2 * n).map(|i| format!("acct-{i:02}")).collect();
@@ -129,7 +224,11 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
             .iter()
             .map(|a| (a.clone(), options.opening_balance));
         let bank = Arc::new(Bank::new(accounts));
-        let server = ParticipantServer::new()
+        let mut server = ParticipantServer::new();
+        if let Some(sec) = &secure {
+            server = sec.participant(server)?;
+        }
+        let server = server
             .two_phase(RESOURCE_2PC, bank.clone())
             .tcc(RESOURCE_TCC, bank.clone())
             .spawn("127.0.0.1:0".parse()?)
@@ -141,7 +240,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let total_before = total(&banks);
     let endpoints: Vec<String> = shards.iter().map(|s| s.url()).collect();
 
-    let client = TransactionClient::connect(coordinator.url()).await?;
+    let client = match &secure {
+        None => TransactionClient::connect(coordinator.url()).await?,
+        Some(sec) => TransactionClient::connect_with(coordinator.url(), &sec.client()?).await?,
+    };
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -262,7 +364,12 @@ impl fmt::Display for DemoReport {
         };
         writeln!(
             f,
-            "tandem demo: {mode} bank transfers across two participant services"
+            "tandem demo: {mode} bank transfers across two participant services{}",
+            if o.secure {
+                ", mutual TLS and tokens on every hop"
+            } else {
+                ""
+            }
         )?;
         writeln!(
             f,

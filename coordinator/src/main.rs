@@ -65,6 +65,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: SocketAddr,
+        /// Serve TLS and obey only the coordinator, with the files of
+        /// `tandem certs dev` in this directory.
+        #[arg(long)]
+        secure_dir: Option<PathBuf>,
     },
 }
 
@@ -112,6 +116,10 @@ struct BenchArgs {
     /// table or json.
     #[arg(long, default_value = "table", value_parser = parse_output)]
     output: cli::Output,
+    /// Mutual TLS and tokens on every hop (development certificates made
+    /// in a temp dir), to measure what security costs.
+    #[arg(long)]
+    secure: bool,
 }
 
 #[derive(Args)]
@@ -292,6 +300,11 @@ struct DemoArgs {
     /// Seed of the transfer generator.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Mutual TLS and bearer tokens on every hop (development certificates
+    /// made in the demo's temp dir), participants obeying only the
+    /// coordinator.
+    #[arg(long)]
+    secure: bool,
 }
 
 fn parse_output(s: &str) -> Result<cli::Output, String> {
@@ -459,7 +472,9 @@ async fn main() -> ExitCode {
         } => return log_cli::log_check(&data_dir, output),
         Command::Demo(args) => run_demo(args).await,
         Command::Bench(args) => run_bench(args).await,
-        Command::BenchParticipant { listen } => bench::serve_participant(listen).await,
+        Command::BenchParticipant { listen, secure_dir } => {
+            bench::serve_participant(listen, secure_dir.as_deref()).await
+        }
         Command::Certs {
             verb: CertsVerb::Dev { out },
         } => certs_dev(&out),
@@ -551,6 +566,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         participant_urls: args.participant,
         recovery: args.recovery,
         retention: args.retention,
+        secure: args.secure,
     })
     .await?;
     match args.output {
@@ -572,6 +588,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         transfers: args.transfers,
         concurrency: args.concurrency,
         seed: args.seed,
+        secure: args.secure,
         ..demo::DemoOptions::default()
     })
     .await?;

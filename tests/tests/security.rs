@@ -532,3 +532,25 @@ async fn certificates_reload_without_dropping_transactions() {
     assert!(e.contains("expired"), "{e}");
     drop(coord);
 }
+
+// Rule: the whole bank demo runs with mutual TLS and tokens on every hop
+// (coordinator, both shards, the client), by 2PC and by TCC, and
+// conserves the money.
+#[tokio::test]
+async fn the_bank_demo_runs_with_mutual_tls_and_tokens() {
+    for mode in [Mode::TwoPhase, Mode::Tcc] {
+        let report = tandem_coordinator::demo::run(tandem_coordinator::demo::DemoOptions {
+            mode,
+            transfers: 120,
+            concurrency: 16,
+            secure: true,
+            ..tandem_coordinator::demo::DemoOptions::default()
+        })
+        .await
+        .expect("demo");
+        assert!(report.ok(), "{report}");
+        assert!(report.committed > 0, "{report}");
+        assert!(report.coordinator.starts_with("https://"), "{report}");
+        assert!(report.shards.iter().all(|s| s.starts_with("https://")));
+    }
+}

@@ -30,8 +30,9 @@ use bytes::Bytes;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
 use tandem_proto::v1::bench_participant_client::BenchParticipantClient;
+use tandem_sdk::security::{BearerToken, ClientTls};
 use tandem_sdk::{Branch, Mode, TransactionClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use participant::{RESOURCE_2PC, RESOURCE_TCC, serve as serve_participant};
 pub use report::{Floor, Recovery, Report, RunStats};
@@ -67,6 +68,9 @@ pub struct BenchOptions {
     /// Retention of the coordinator the bench starts: finished records
     /// older than this are purged, so long runs show a bounded data dir.
     pub retention: Duration,
+    /// Mutual TLS and tokens on every hop (development certificates made
+    /// in the bench's temp dir; needs processes the bench starts).
+    pub secure: bool,
 }
 
 impl Default for BenchOptions {
@@ -84,6 +88,7 @@ impl Default for BenchOptions {
             participant_urls: Vec::new(),
             recovery: None,
             retention: Duration::from_secs(60),
+            secure: false,
         }
     }
 }
@@ -101,11 +106,56 @@ impl BenchOptions {
     }
 }
 
-fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(url.to_string())?
-        .tcp_nodelay(true)
+fn channel(url: &str, secure: Option<&Secure>, party: &str) -> anyhow::Result<Channel> {
+    let tls = secure.map(|s| s.client_tls(party));
+    Ok(tandem_sdk::security::endpoint(url, tls.as_ref())
+        .map_err(anyhow::Error::msg)?
         .timeout(Duration::from_secs(30))
         .connect_lazy())
+}
+
+/// Development certificates and tokens of a `--secure` bench.
+pub(crate) struct Secure {
+    dir: std::path::PathBuf,
+}
+
+impl Secure {
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    fn client_tls(&self, party: &str) -> ClientTls {
+        ClientTls {
+            ca: Some(self.dir.join("ca.pem")),
+            cert: Some(self.dir.join(format!("{party}.pem"))),
+            key: Some(self.dir.join(format!("{party}-key.pem"))),
+            domain: None,
+        }
+    }
+
+    fn token(&self, party: &str) -> anyhow::Result<BearerToken> {
+        BearerToken::from_file(&self.dir.join(format!("{party}.token"))).map_err(anyhow::Error::msg)
+    }
+
+    /// `tandem serve` flags: mutual TLS required, tokens and roles, TLS to
+    /// participants with the coordinator's certificate and token.
+    fn serve_args(&self) -> Vec<String> {
+        let f = |n: &str| self.file(n);
+        [
+            ("--tls-cert", f("coordinator.pem")),
+            ("--tls-key", f("coordinator-key.pem")),
+            ("--tls-client-ca", f("ca.pem")),
+            ("--auth-file", f("coordinator-access.txt")),
+            ("--participant-ca", f("ca.pem")),
+            ("--participant-cert", f("coordinator.pem")),
+            ("--participant-key", f("coordinator-key.pem")),
+            ("--participant-token-file", f("coordinator.token")),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .chain(["--require-client-cert".into(), "--require-tls".into()])
+        .collect()
+    }
 }
 
 /// Runs the bench and returns its report.
@@ -117,12 +167,32 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     anyhow::ensure!(options.branches >= 1, "--branches must be at least 1");
     anyhow::ensure!(options.concurrency >= 1, "--concurrency must be at least 1");
     let data = tempfile::Builder::new().prefix("tandem-bench-").tempdir()?;
+    let certs = tempfile::Builder::new()
+        .prefix("tandem-bench-certs-")
+        .tempdir()?;
+    let secure = if options.secure {
+        anyhow::ensure!(
+            options.coordinator.is_none() && options.participant_urls.is_empty(),
+            "--secure needs a coordinator and participants the bench starts"
+        );
+        crate::certs::write_dev(certs.path())?;
+        Some(Secure {
+            dir: certs.path().to_path_buf(),
+        })
+    } else {
+        None
+    };
     let mut procs: Vec<Proc> = Vec::new();
     let participant_urls = if options.participant_urls.is_empty() {
         let mut urls = Vec::new();
         for _ in 0..options.participants.max(1) {
-            let p = Proc::spawn(&["bench-participant", "--listen", "127.0.0.1:0"])?;
-            urls.push(p.url());
+            let mut args = vec!["bench-participant", "--listen", "127.0.0.1:0"];
+            let dir = certs.path().to_string_lossy().into_owned();
+            if secure.is_some() {
+                args.extend(["--secure-dir", &dir]);
+            }
+            let p = Proc::spawn(&args)?;
+            urls.push(p.url(secure.is_some()));
             procs.push(p);
         }
         urls
@@ -133,8 +203,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let coordinator_url = match &options.coordinator {
         Some(url) => url.clone(),
         None => {
-            let p = start_coordinator(data.path(), "127.0.0.1:0", &options)?;
-            let url = p.url();
+            let p = start_coordinator(data.path(), "127.0.0.1:0", &options, secure.as_ref())?;
+            let url = p.url(secure.is_some());
             coordinator_proc = Some(p);
             url
         }
@@ -142,12 +212,22 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
 
     let benches: Vec<BenchParticipantClient<Channel>> = participant_urls
         .iter()
-        .map(|u| channel(u).map(BenchParticipantClient::new))
+        .map(|u| channel(u, secure.as_ref(), "coordinator").map(BenchParticipantClient::new))
         .collect::<anyhow::Result<_>>()?;
     let floor = floor(&benches, options.concurrency, options.floor_duration).await?;
 
-    let client = TransactionClient::from_channel(channel(&coordinator_url)?);
-    let mut admin = AdminClient::new(channel(&coordinator_url)?);
+    let token = |party: &str| match &secure {
+        Some(s) => s.token(party),
+        None => Ok(BearerToken::none()),
+    };
+    let client = TransactionClient::from_channel_with(
+        channel(&coordinator_url, secure.as_ref(), "client")?,
+        token("client")?,
+    );
+    let mut admin = AdminClient::with_interceptor(
+        channel(&coordinator_url, secure.as_ref(), "admin")?,
+        token("admin")?,
+    );
     let before_stats = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
     let before_proc = coordinator_proc.as_ref().map(Proc::stats).transpose()?;
     let before_counts = counts(&benches).await?;
@@ -177,15 +257,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         report.coordinator_cpu_s = Some(a.cpu_s - b.cpu_s);
         report.coordinator_peak_rss_kb = Some(a.peak_rss_kb);
     }
-    if let (Some(k), Some(p)) = (options.recovery, coordinator_proc.take()) {
+    if let (Some(_), Some(p)) = (options.recovery, coordinator_proc.take()) {
         let (recovery, restarted) = recover(
-            k,
             p,
             data.path(),
             &client,
             &benches,
             &participant_urls,
             &options,
+            secure.as_ref(),
         )
         .await?;
         report.recovery = Some(recovery);
@@ -204,6 +284,7 @@ fn start_coordinator(
     dir: &std::path::Path,
     listen: &str,
     options: &BenchOptions,
+    secure: Option<&Secure>,
 ) -> anyhow::Result<Proc> {
     let data = dir.to_string_lossy().to_string();
     let retention = format!("{}ms", options.retention.as_millis());
@@ -226,6 +307,8 @@ fn start_coordinator(
             "none",
         ]);
     }
+    let secure_args = secure.map(Secure::serve_args).unwrap_or_default();
+    args.extend(secure_args.iter().map(String::as_str));
     Proc::spawn(&args)
 }
 
@@ -304,7 +387,7 @@ async fn counts(benches: &[BenchParticipantClient<Channel>]) -> anyhow::Result<p
 }
 
 /// Waits until the coordinator has no live transaction (phase 2 done).
-async fn drain(admin: &mut AdminClient<Channel>) -> anyhow::Result<()> {
+async fn drain(admin: &mut crate::cli::Admin) -> anyhow::Result<()> {
     for _ in 0..3000 {
         if admin
             .get_stats(pb::GetStatsRequest {})
@@ -420,23 +503,24 @@ async fn transactions(
     stats
 }
 
-/// Piles up `k` in-flight transactions (participants fail phase 2), kills
-/// the coordinator, restarts it on the same data dir with participants
-/// healthy, and times how long it takes to finish all of them.
+/// Piles up `options.recovery` in-flight transactions (participants fail
+/// phase 2), kills the coordinator, restarts it on the same data dir with
+/// participants healthy, and times how long it takes to finish all of them.
 async fn recover(
-    k: usize,
     coordinator: Proc,
     dir: &std::path::Path,
     client: &TransactionClient,
     benches: &[BenchParticipantClient<Channel>],
     urls: &[String],
     options: &BenchOptions,
+    secure: Option<&Secure>,
 ) -> anyhow::Result<(Recovery, Proc)> {
     for b in benches {
         b.clone()
             .set_fail_phase_two(pb::SetFailPhaseTwoRequest { fail: true })
             .await?;
     }
+    let k = options.recovery.unwrap_or(0);
     let base = counts(benches).await?.commits;
     let piled = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -473,7 +557,7 @@ async fn recover(
             .await?;
     }
     let restarted_at = Instant::now();
-    let restarted = start_coordinator(dir, &addr, options)?;
+    let restarted = start_coordinator(dir, &addr, options, secure)?;
     let want = base + piled * options.branches as u64;
     loop {
         if counts(benches).await?.commits >= want {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::bench_participant_server::{BenchParticipant, BenchParticipantServer};
 use tandem_sdk::barrier::Retention;
+use tandem_sdk::security::{AccessList, ServerTls, ServerTlsFiles};
 use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -114,14 +115,31 @@ impl BenchParticipant for BenchService {
 /// # Errors
 ///
 /// The address cannot be bound or the transport fails.
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+pub async fn serve(listen: SocketAddr, secure_dir: Option<&std::path::Path>) -> anyhow::Result<()> {
     let counters = Arc::new(Counters::default());
     let noop = Noop(counters.clone());
     // Barrier records (in memory) of finished branches are kept 10 s: the
     // barrier does its real work while memory stays flat in long runs.
-    let participant = ParticipantServer::new()
+    let mut participant = ParticipantServer::new()
         .two_phase(RESOURCE_2PC, noop.clone())
         .tcc(RESOURCE_TCC, noop);
+    // --secure: TLS with the coordinator's certificate required, and only
+    // the coordinator obeyed (development files of `tandem certs dev`).
+    let tls = match secure_dir {
+        Some(dir) => {
+            let tls = ServerTls::load(ServerTlsFiles {
+                cert: dir.join("participant.pem"),
+                key: dir.join("participant-key.pem"),
+                client_ca: Some(dir.join("ca.pem")),
+                require_client_cert: true,
+            })?;
+            let access = AccessList::load(&dir.join("participant-access.txt"))
+                .map_err(anyhow::Error::msg)?;
+            participant = participant.only_coordinators(access);
+            Some(tls)
+        }
+        None => None,
+    };
     let retention = tandem_sdk::barrier::spawn_retention(
         participant.barrier_store(),
         Retention {
@@ -132,17 +150,28 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
     );
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {}", listener.local_addr()?);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(participant.into_service())
-        .add_service(BenchParticipantServer::new(BenchService(counters)))
-        .serve_with_incoming_shutdown(
-            // Without nodelay a reply's trailers wait for the peer's delayed ACK.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
+        .add_service(BenchParticipantServer::new(BenchService(counters)));
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), stop)
+                .await?
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    // Without nodelay a reply's trailers wait for the peer's delayed ACK.
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stop,
+                )
+                .await?
+        }
+    }
     retention.abort();
     Ok(())
 }

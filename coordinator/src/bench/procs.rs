@@ -55,8 +55,10 @@ impl Proc {
         &self.addr
     }
 
-    pub(super) fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// `http://addr`, or `https://addr` for a process serving TLS.
+    pub(super) fn url(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Kills it with SIGKILL and waits until it is gone.

@@ -110,6 +110,9 @@ impl SledLog {
                 return Err(LogError::Damaged(report.refusal()));
             }
             quarantine(&db, &txns, &report).map_err(|e| storage("cannot quarantine in", &e))?;
+            // Durable before anything is served: a crash right after must
+            // not bring the undecodable record back.
+            db.flush().map_err(|e| storage("cannot flush", &e))?;
         }
         // From here on the mark and sled agree.
         let round = report.sled_round.max(report.mark.unwrap_or(0));
