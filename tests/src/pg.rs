@@ -184,6 +184,33 @@ impl PgServer {
         postgres::pool(&self.url(database), 8).expect("pool")
     }
 
+    /// Turns TLS on with this certificate and key (PEM) and reloads the
+    /// configuration: clients may then use TLS; plaintext stays allowed
+    /// (`--auth=trust` over `host`), so `sslmode` decides.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert, key) = (self.data.join("server.crt"), self.data.join("server.key"));
+        std::fs::write(&cert, cert_pem).expect("write server.crt");
+        std::fs::write(&key, key_pem).expect("write server.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+        if let Some(user) = &self.run_as {
+            let id = |flag: &str| -> u32 {
+                output(Command::new("id").args([flag, user]))
+                    .parse()
+                    .expect("id")
+            };
+            for f in [&cert, &key] {
+                std::os::unix::fs::chown(f, Some(id("-u")), Some(id("-g"))).expect("chown");
+            }
+        }
+        let conf = self.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).expect("write postgresql.conf");
+        let data = self.data.to_string_lossy().to_string();
+        self.run("pg_ctl", &["reload", "-D", &data]);
+    }
+
     /// Stops the server (fast shutdown: clients are disconnected).
     pub fn stop(&self) {
         let data = self.data.to_string_lossy().to_string();

@@ -359,4 +359,53 @@ impl ClientTls {
         }
         Ok(config)
     }
+
+    /// The same settings as a rustls configuration, for connections tonic
+    /// does not make (PostgreSQL). The server's certificate is always
+    /// verified, against `ca` or the system's roots; `domain` is not used
+    /// (the connection's host name is checked).
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientTls::config`]; or the system's roots cannot be read.
+    pub fn rustls_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let roots = match &self.ca {
+            Some(ca) => root_store(ca)?,
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                let mut roots = RootCertStore::empty();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(TlsError(format!(
+                        "no CA given and no usable system root certificate ({} errors)",
+                        found.errors.len()
+                    )));
+                }
+                Arc::new(roots)
+            }
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(e.to_string()))?
+            .with_root_certificates(roots);
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert)?;
+                check_validity(cert, &chain[0])?;
+                builder
+                    .with_client_auth_cert(chain, read_key(key)?)
+                    .map_err(|e| {
+                        TlsError(format!(
+                            "{} and {} do not make a client identity: {e}",
+                            cert.display(),
+                            key.display()
+                        ))
+                    })
+            }
+            (None, None) => Ok(builder.with_no_client_auth()),
+            _ => Err(TlsError(
+                "a client certificate needs both the certificate and its key".into(),
+            )),
+        }
+    }
 }
