@@ -66,6 +66,17 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn rpc_error(gtid: Option<&str>, status: tonic::Status) -> CliError {
+    if let Some(source) = std::error::Error::source(&status) {
+        // A connection that failed under the call: say why, and what
+        // usually causes it.
+        return CliError(format!(
+            "cannot talk to the coordinator: {}: {} (plaintext to a TLS port or the reverse? \
+             an https:// coordinator needs --ca; one that requires client certificates needs \
+             --cert and --key)",
+            status.message(),
+            source_chain(source)
+        ));
+    }
     match (status.code(), gtid) {
         (tonic::Code::NotFound, Some(g)) => CliError(format!("no transaction {g}")),
         (tonic::Code::FailedPrecondition, _) => CliError(format!("refused: {}", status.message())),

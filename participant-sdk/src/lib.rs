@@ -79,7 +79,7 @@ pub use client::{
 };
 pub use error::Error;
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
-pub use server::{ParticipantServer, RunningParticipant};
+pub use server::{ParticipantServer, RunningParticipant, ServeError};
 
 /// A global transaction id (UUID v7).
 pub type Gtid = uuid::Uuid;

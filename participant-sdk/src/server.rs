@@ -90,6 +90,17 @@ impl Default for ParticipantServer {
     }
 }
 
+/// Why [`ParticipantServer::serve`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] std::io::Error),
+    /// The gRPC transport failed.
+    #[error("participant server: {0}")]
+    Transport(#[source] tonic::transport::Error),
+}
+
 impl ParticipantServer {
     /// A server with no handlers and an in-memory barrier.
     pub fn new() -> Self {
@@ -215,14 +226,13 @@ impl ParticipantServer {
     /// # Errors
     ///
     /// The address cannot be bound or the transport fails.
-    pub async fn serve(
-        self,
-        addr: SocketAddr,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        let listener = TcpListener::bind(addr).await?;
+    pub async fn serve(self, addr: SocketAddr) -> Result<(), ServeError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServeError::Bind(addr, e))?;
         self.serve_with_shutdown(listener, std::future::pending())
-            .await?;
-        Ok(())
+            .await
+            .map_err(ServeError::Transport)
     }
 
     /// Serves on an already bound `listener` until `shutdown` resolves, then

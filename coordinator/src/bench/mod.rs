@@ -138,7 +138,8 @@ impl Secure {
     }
 
     /// `tandem serve` flags: mutual TLS required, tokens and roles, TLS to
-    /// participants with the coordinator's certificate and token.
+    /// participants with the coordinator's certificate and token, and only
+    /// loopback participants allowed.
     fn serve_args(&self) -> Vec<String> {
         let f = |n: &str| self.file(n);
         [
@@ -150,6 +151,7 @@ impl Secure {
             ("--participant-cert", f("coordinator.pem")),
             ("--participant-key", f("coordinator-key.pem")),
             ("--participant-token-file", f("coordinator.token")),
+            ("--allow-participant", "https://127.0.0.1:*".to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
