@@ -32,6 +32,7 @@ pub mod error;
 pub mod failpoint;
 pub mod log;
 pub mod log_cli;
+pub mod logging;
 pub mod model;
 pub mod runtime;
 pub mod security;

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::SledLog;
+use tandem_coordinator::logging::{self, LogFormat};
 use tandem_coordinator::runtime::Environment;
 use tandem_coordinator::security::{
     ClientSecurityArgs, ParticipantAccess, ServeSecurityArgs, ServerSecurity,
@@ -25,6 +26,16 @@ use tracing::info;
 #[derive(Parser)]
 #[command(name = "tandem", version, about, long_about = None)]
 struct Cli {
+    /// Log lines on stderr: text (colours only on a terminal) or json (one
+    /// object per line)
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "TANDEM_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -457,14 +468,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,sled=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Tx(args) => return tx(args).await,
         Command::Log {

@@ -229,3 +229,60 @@ async fn undecided_transactions_and_error_paths() {
     assert_eq!(down.stderr.lines().count(), 1, "{}", down.stderr);
     assert!(down.stderr.contains("unreachable"), "{}", down.stderr);
 }
+
+/// Runs `tandem serve` with stderr piped (not a terminal) until it printed
+/// `listening on ADDR`, stops it, and returns (first stdout line, stderr).
+fn serve_logs(extra: &[&str]) -> (String, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let data = tempfile::tempdir().expect("data dir");
+    let dir = data.path().to_str().expect("utf-8");
+    let mut args = extra.to_vec();
+    args.extend(["serve", "--listen", "127.0.0.1:0", "--data-dir", dir]);
+    let mut child = std::process::Command::new(tandem_tests::process::tandem_bin())
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tandem serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    (line, err)
+}
+
+// Rule: `listening on ADDR` is the first stdout line (scripts read it); logs
+// in a pipe carry no colour codes; --log-format json gives one object per
+// line with level and message.
+#[test]
+fn logs_are_plain_in_a_pipe_and_json_on_request() {
+    let (first, text) = serve_logs(&[]);
+    assert!(first.starts_with("listening on 127.0.0.1:"), "{first:?}");
+    assert!(text.contains("tandem coordinator serving"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a pipe: {text:?}");
+
+    let (first, json_lines) = serve_logs(&["--log-format", "json"]);
+    assert!(first.starts_with("listening on 127.0.0.1:"), "{first:?}");
+    let lines: Vec<serde_json::Value> = json_lines
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(json)
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["fields"]["message"] == "tandem coordinator serving"
+            && l["level"] == "INFO"),
+        "{json_lines}"
+    );
+    let bad = tandem(&["--log-format", "xml", "tx", "list"]);
+    assert!(!bad.ok && bad.stderr.contains("xml"), "{}", bad.stderr);
+}
