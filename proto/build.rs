@@ -7,7 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tandem/v1/coordinator.proto",
         "tandem/v1/participant.proto",
         "tandem/v1/admin.proto",
-        "tandem/v1/bench.proto",
+        "tandem/bench/v1/bench.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

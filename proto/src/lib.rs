@@ -4,7 +4,9 @@
 //! - `coordinator.proto`: the `Coordinator` service business services call;
 //! - `participant.proto`: the `Participant` service the coordinator calls;
 //! - `admin.proto`: the `Admin` service operators and `tandem tx` call;
-//! - `bench.proto`: the echo and counters of `tandem bench`'s participants.
+//!
+//! - `tandem/bench/v1/bench.proto` (package `tandem.bench.v1`, internal): the
+//!   echo and counters of `tandem bench`'s participants.
 //!
 //! Wire types only: no behaviour lives here.
 
@@ -12,4 +14,13 @@
 pub mod v1 {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
     tonic::include_proto!("tandem.v1");
+}
+
+/// Package `tandem.bench.v1`: internal to `tandem bench`, not public API.
+pub mod bench {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, clippy::all)]
+        tonic::include_proto!("tandem.bench.v1");
+    }
 }

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
-use tandem_proto::v1::bench_participant_client::BenchParticipantClient;
+use tandem_proto::bench::v1 as bench_pb;
+use tandem_proto::bench::v1::bench_participant_client::BenchParticipantClient;
 use tandem_sdk::security::{BearerToken, ClientTls};
 use tandem_sdk::{Branch, Mode, TransactionClient};
 use tonic::transport::Channel;
@@ -338,7 +339,7 @@ async fn floor(
     // Warm the connections first.
     for b in benches {
         b.clone()
-            .echo(pb::EchoMessage { data: Bytes::new() })
+            .echo(bench_pb::EchoMessage { data: Bytes::new() })
             .await?;
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -353,7 +354,7 @@ async fn floor(
             );
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if b.echo(pb::EchoMessage {
+                    if b.echo(bench_pb::EchoMessage {
                         data: Bytes::from_static(b"0123456789abcdef"),
                     })
                     .await
@@ -376,10 +377,10 @@ async fn floor(
     })
 }
 
-async fn counts(benches: &[BenchParticipantClient<Channel>]) -> anyhow::Result<pb::CountsResponse> {
-    let mut total = pb::CountsResponse::default();
+async fn counts(benches: &[BenchParticipantClient<Channel>]) -> anyhow::Result<bench_pb::CountsResponse> {
+    let mut total = bench_pb::CountsResponse::default();
     for b in benches {
-        let c = b.clone().counts(pb::CountsRequest {}).await?.into_inner();
+        let c = b.clone().counts(bench_pb::CountsRequest {}).await?.into_inner();
         total.phase_one += c.phase_one;
         total.commits += c.commits;
         total.rollbacks += c.rollbacks;
@@ -519,7 +520,7 @@ async fn recover(
 ) -> anyhow::Result<(Recovery, Proc)> {
     for b in benches {
         b.clone()
-            .set_fail_phase_two(pb::SetFailPhaseTwoRequest { fail: true })
+            .set_fail_phase_two(bench_pb::SetFailPhaseTwoRequest { fail: true })
             .await?;
     }
     let k = options.recovery.unwrap_or(0);
@@ -555,7 +556,7 @@ async fn recover(
     coordinator.kill();
     for b in benches {
         b.clone()
-            .set_fail_phase_two(pb::SetFailPhaseTwoRequest { fail: false })
+            .set_fail_phase_two(bench_pb::SetFailPhaseTwoRequest { fail: false })
             .await?;
     }
     let restarted_at = Instant::now();

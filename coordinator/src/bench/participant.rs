@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tandem_proto::v1 as pb;
-use tandem_proto::v1::bench_participant_server::{BenchParticipant, BenchParticipantServer};
+use tandem_proto::bench::v1 as pb;
+use tandem_proto::bench::v1::bench_participant_server::{BenchParticipant, BenchParticipantServer};
 use tandem_sdk::barrier::Retention;
 use tandem_sdk::security::{AccessList, ServerTls, ServerTlsFiles};
 use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
