@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tandem_proto::v1 as pb;
-use tandem_proto::v1::admin_client::AdminClient;
 use tandem_proto::bench::v1 as bench_pb;
 use tandem_proto::bench::v1::bench_participant_client::BenchParticipantClient;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::admin_client::AdminClient;
 use tandem_sdk::security::{BearerToken, ClientTls};
 use tandem_sdk::{Branch, Mode, TransactionClient};
 use tonic::transport::Channel;
@@ -377,10 +377,16 @@ async fn floor(
     })
 }
 
-async fn counts(benches: &[BenchParticipantClient<Channel>]) -> anyhow::Result<bench_pb::CountsResponse> {
+async fn counts(
+    benches: &[BenchParticipantClient<Channel>],
+) -> anyhow::Result<bench_pb::CountsResponse> {
     let mut total = bench_pb::CountsResponse::default();
     for b in benches {
-        let c = b.clone().counts(bench_pb::CountsRequest {}).await?.into_inner();
+        let c = b
+            .clone()
+            .counts(bench_pb::CountsRequest {})
+            .await?
+            .into_inner();
         total.phase_one += c.phase_one;
         total.commits += c.commits;
         total.rollbacks += c.rollbacks;
