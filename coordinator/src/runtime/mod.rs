@@ -14,7 +14,7 @@
 //! Writing under that lock keeps the log's versions of a record in the same
 //! order as the engine's states. Calls and timers run outside it. Readers
 //! (`GetTransaction`, `GetOutcome`, Admin, repeated requests) see
-//! [`Txn::visible_record`]: a commit decision only once it is durable.
+//! [`Txn::visible_record`]: a forced decision only once it is durable.
 //!
 //! - `mod.rs`: [`Coordinator`], the live-transaction table and its entries;
 //! - `requests`: the request API (begin, enlist, commit, submit, …);

@@ -164,9 +164,9 @@ impl Coordinator {
                 },
             );
         };
-        // A commit being forced is answered once it is durable (then the
-        // refusal below), never before.
-        inner.wait_for(&entry, |t| !t.commit_pending()).await?;
+        // A decision being forced is answered once it is durable (then the
+        // refusal below, or the abort's state), never before.
+        inner.wait_for(&entry, |t| !t.decision_pending()).await?;
         let cmds = inner.step(&entry, Event::Rollback { reason })?;
         inner.spawn_round(&entry, cmds).await?;
         let state = reported_state(&entry.lock().visible_record());
@@ -276,7 +276,7 @@ impl Coordinator {
                 None => return inner.settled_state(gtid, event),
             },
         };
-        inner.wait_for(&entry, |t| !t.commit_pending()).await?;
+        inner.wait_for(&entry, |t| !t.decision_pending()).await?;
         let cmds = match inner.step(&entry, event) {
             Ok(cmds) => cmds,
             Err(e) => {

@@ -1,0 +1,217 @@
+//! A decision that must be forced (a commit; an abort of a client-chosen
+//! gtid) is invisible until its force completes: no phase-2 call, no answer
+//! and no refusal reveals it before. The log's forces are held at a gate
+//! and participants answer phase 1 when the test says, so each window is
+//! entered on purpose rather than by timing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_coordinator::engine::NewBranch;
+use tandem_coordinator::log::{ForceFuture, LogError, MemLog, TxnLog};
+use tandem_coordinator::model::{BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
+use tandem_coordinator::runtime::{CallFuture, Environment, Transport};
+use tandem_coordinator::{Coordinator, CoordinatorConfig};
+use tandem_proto::v1::{BranchRequest, VoteResponse};
+use tandem_tests::{Journal, eventually};
+use tokio::sync::Semaphore;
+
+/// A [`MemLog`] whose forces wait for a permit of `gate`; it journals
+/// "force asked" and "forced".
+struct GateLog {
+    inner: MemLog,
+    gate: Arc<Semaphore>,
+    journal: Journal,
+}
+
+impl TxnLog for GateLog {
+    fn write(&self, r: &TxnRecord) -> Result<(), LogError> {
+        self.inner.write(r)
+    }
+    fn force(&self) -> ForceFuture {
+        let (gate, journal) = (self.gate.clone(), self.journal.clone());
+        journal.push("force asked");
+        Box::pin(async move {
+            gate.acquire().await.expect("gate").forget();
+            journal.push("forced");
+            Ok(())
+        })
+    }
+    fn get(&self, g: &Gtid) -> Result<Option<TxnRecord>, LogError> {
+        self.inner.get(g)
+    }
+    fn scan(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.inner.scan(after, states, limit)
+    }
+    fn remove(&self, g: &Gtid) -> Result<(), LogError> {
+        self.inner.remove(g)
+    }
+}
+
+/// Participants in this process: phase 1 journals "phase1", waits for a
+/// permit of `votes`, then votes yes; phase 2 journals "phase2".
+struct Net {
+    votes: Arc<Semaphore>,
+    journal: Journal,
+}
+
+impl Transport for Net {
+    fn phase_one(
+        &self,
+        _: &str,
+        _: Mode,
+        _: BranchRequest,
+        _: Duration,
+    ) -> CallFuture<'_, VoteResponse> {
+        self.journal.push("phase1");
+        let votes = self.votes.clone();
+        Box::pin(async move {
+            votes.acquire().await.expect("votes").forget();
+            Ok(VoteResponse {
+                yes: true,
+                ..Default::default()
+            })
+        })
+    }
+    fn phase_two(
+        &self,
+        _: &str,
+        _: Mode,
+        commit: bool,
+        _: BranchRequest,
+        _: Duration,
+    ) -> CallFuture<'_, ()> {
+        self.journal.push(format!("phase2 commit={commit}"));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Permits of an open gate.
+const OPEN: usize = 1 << 20;
+
+struct Setup {
+    coord: Coordinator,
+    /// Forces complete while this has permits.
+    gate: Arc<Semaphore>,
+    /// Each permit lets one phase-1 call answer yes.
+    votes: Arc<Semaphore>,
+    journal: Journal,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let journal = Journal::default();
+        let gate = Arc::new(Semaphore::new(OPEN));
+        let votes = Arc::new(Semaphore::new(0));
+        let log = Arc::new(GateLog {
+            inner: MemLog::new(),
+            gate: gate.clone(),
+            journal: journal.clone(),
+        });
+        let net = Arc::new(Net {
+            votes: votes.clone(),
+            journal: journal.clone(),
+        });
+        let env = Environment {
+            transport: Some(net),
+            ..Environment::default()
+        };
+        let coord = Coordinator::with_environment(CoordinatorConfig::default(), log, env)
+            .expect("coordinator");
+        coord.start_recovery().expect("recovery");
+        Setup {
+            coord,
+            gate,
+            votes,
+            journal,
+        }
+    }
+
+    /// From now on forces hang until [`Setup::open`].
+    fn close(&self) {
+        let n = self.gate.available_permits() as u32;
+        self.gate.try_acquire_many(n).expect("close").forget();
+    }
+
+    fn open(&self) {
+        self.gate.add_permits(OPEN);
+    }
+
+    fn count(&self, entry: &str) -> usize {
+        self.journal
+            .entries()
+            .iter()
+            .filter(|e| *e == entry)
+            .count()
+    }
+}
+
+fn branch() -> NewBranch {
+    NewBranch {
+        endpoint: "http://p1:1".into(),
+        resource: "r".into(),
+        payload: Bytes::new(),
+    }
+}
+
+// Rule 1 (client-chosen gtid): a rollback decides abort while the branch's
+// try is out; the try's reply arrives while that abort is being forced.
+// The cancel waits for the force, and nobody learns of the abort before
+// it is on disk (a crash would lose it, and a repeated Submit start the
+// gtid again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
+    let s = Setup::new();
+    let gtid = Gtid::now_v7();
+    let c = s.coord.clone();
+    let submit =
+        tokio::spawn(async move { c.submit(Mode::Tcc, None, vec![branch()], Some(gtid)).await });
+    eventually("the try is out", || s.count("phase1") == 1).await;
+    s.close();
+    let c = s.coord.clone();
+    let rollback = tokio::spawn(async move { c.rollback(gtid, String::new()).await });
+    eventually("the abort is being forced", || s.count("force asked") == 1).await;
+    s.votes.add_permits(1);
+    eventually("the try's reply is taken", || {
+        s.coord.get(gtid).expect("get").branches[0].state != BranchState::Registered
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let journal = s.journal.entries();
+    assert_eq!(s.count("forced"), 0);
+    assert!(
+        !journal.iter().any(|e| e.starts_with("phase2")),
+        "a cancel went out before the abort was durable: {journal:?}"
+    );
+    assert_eq!(s.coord.outcome(gtid).expect("outcome"), None);
+    let seen = s.coord.get(gtid).expect("get");
+    assert_eq!((seen.state, seen.decision), (TxState::Preparing, None));
+    assert!(!rollback.is_finished() && !submit.is_finished());
+
+    s.open();
+    let outcome = submit.await.expect("join").expect("submit");
+    assert!(matches!(
+        outcome.state,
+        TxState::Aborted | TxState::Aborting
+    ));
+    let state = rollback.await.expect("join").expect("rollback");
+    assert!(matches!(state, TxState::Aborted | TxState::Aborting));
+    let journal = s.journal.entries();
+    let forced = journal.iter().position(|e| e == "forced").expect("forced");
+    let cancel = journal
+        .iter()
+        .position(|e| e == "phase2 commit=false")
+        .expect("cancelled");
+    assert!(forced < cancel, "{journal:?}");
+    assert_eq!(
+        s.coord.outcome(gtid).expect("outcome"),
+        Some(Decision::Abort)
+    );
+}
