@@ -203,9 +203,24 @@ impl Txn {
     /// # Errors
     ///
     /// [`EngineError`] when a client request does not fit the state; the
-    /// transaction is unchanged then. Participant replies and timers never
+    /// transaction is unchanged then. [`EngineError::DecisionPending`] for
+    /// a commit, rollback or operator request while a decision is being
+    /// forced: its answer depends on that decision, so the caller asks
+    /// again once it is durable. Participant replies and timers never
     /// fail: late or repeated ones are absorbed.
     pub fn handle(&mut self, event: Event, now: u64) -> Result<Vec<Command>, EngineError> {
+        let answers_on_decision = matches!(
+            event,
+            Event::Commit
+                | Event::Rollback { .. }
+                | Event::OperatorRetry
+                | Event::OperatorAbort { .. }
+        );
+        if answers_on_decision && self.decision_pending() {
+            return Err(EngineError::DecisionPending {
+                gtid: self.rec.gtid,
+            });
+        }
         match event {
             Event::Enlist(branch) => self.on_enlist(branch, now),
             Event::PhaseOne { branch, vote } => Ok(self.on_phase_one(branch, vote, now)),
@@ -252,16 +267,22 @@ impl Txn {
         }
     }
 
+    /// A refusal, told from what others may see: a decision still being
+    /// forced is neither named nor hinted at by its reason.
     fn wrong_state(&self, action: &'static str, detail: &str) -> EngineError {
+        let seen = self.visible_record();
+        let detail = if self.decision_pending() {
+            "; it is being decided".to_string()
+        } else if seen.reason.is_empty() {
+            detail.to_string()
+        } else {
+            format!("{detail}; reason: {}", seen.reason)
+        };
         EngineError::WrongState {
-            gtid: self.rec.gtid,
-            state: self.rec.state,
+            gtid: seen.gtid,
+            state: seen.state,
             action,
-            detail: if self.rec.reason.is_empty() {
-                detail.to_string()
-            } else {
-                format!("{detail}; reason: {}", self.rec.reason)
-            },
+            detail,
         }
     }
 

@@ -215,3 +215,49 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
         Some(Decision::Abort)
     );
 }
+
+/// An interactive transaction with one tried branch, its commit decision
+/// made and hanging in the force.
+async fn commit_being_forced(s: &Setup) -> (Gtid, tokio::task::JoinHandle<()>) {
+    let gtid = s.coord.begin(Mode::Tcc, None, None).await.expect("begin");
+    s.votes.add_permits(1);
+    s.coord.enlist(gtid, branch()).await.expect("enlist");
+    s.close();
+    let asked = s.count("force asked");
+    let c = s.coord.clone();
+    let commit = tokio::spawn(async move {
+        let state = c.commit(gtid).await.expect("commit");
+        assert!(matches!(state, TxState::Committed | TxState::Committing));
+    });
+    eventually("the commit is being forced", || {
+        s.count("force asked") > asked
+    })
+    .await;
+    (gtid, commit)
+}
+
+// Rule 2: a refusal names the state others may see. An Enlist during the
+// commit's force is refused without telling that a commit was decided
+// (a crash now reads back as undecided, and aborts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_during_a_commit_force_does_not_reveal_it() {
+    let s = Setup::new();
+    let (gtid, commit) = commit_being_forced(&s).await;
+    let err = s.coord.enlist(gtid, branch()).await.expect_err("refused");
+    let err = err.to_string();
+    assert!(!err.contains("COMMITTING"), "decision leaked: {err}");
+    assert_eq!(s.coord.get(gtid).expect("get").state, TxState::Active);
+    assert_eq!(s.coord.outcome(gtid).expect("outcome"), None);
+    // A rollback is answered once the decision is durable, never before.
+    let c = s.coord.clone();
+    let rollback = tokio::spawn(async move { c.rollback(gtid, String::new()).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !rollback.is_finished(),
+        "rollback answered before the force"
+    );
+    s.open();
+    commit.await.expect("commit");
+    let err = rollback.await.expect("join").expect_err("refused");
+    assert!(err.to_string().contains("COMMITT"), "{err}");
+}

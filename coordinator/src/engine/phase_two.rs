@@ -10,12 +10,10 @@ use crate::model::{
 };
 
 impl Txn {
+    /// Never called while a decision is being forced (`handle` answers
+    /// [`EngineError::DecisionPending`]): phase 2 starts when it is on
+    /// disk, never before.
     pub(super) fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
-        if self.decision_pending() {
-            // The decision is being forced; phase 2 starts when it is on
-            // disk, never before.
-            return Ok(Vec::new());
-        }
         let mut cmds = vec![Command::Persist];
         match self.rec.state {
             TxState::Active | TxState::Preparing => {

@@ -128,6 +128,14 @@ pub enum EngineError {
         /// More words, starting with "; " or empty.
         detail: String,
     },
+    /// A commit, rollback or operator request came while a decision is
+    /// being forced. Its answer depends on that decision, which may not be
+    /// told yet: ask again once it is durable. Nothing changed.
+    #[error("transaction {gtid} is being decided; ask again")]
+    DecisionPending {
+        /// Which transaction.
+        gtid: Gtid,
+    },
     /// Commit was asked while a branch's phase 1 had not returned.
     #[error("transaction {gtid}: branch {branch} has not answered its phase-1 call yet")]
     BranchInFlight {

@@ -43,18 +43,79 @@ fn a_commit_decision_is_hidden_until_durable() {
     assert!(t.settled());
 }
 
-// An operator's retry while the decision is being forced sends nothing:
-// phase 2 starts only once the decision is on disk.
+// An operator's retry while the decision is being forced sends nothing
+// (it is told to ask again): phase 2 starts only once the decision is on
+// disk.
 #[test]
 fn operator_retry_never_starts_phase_two_before_the_force() {
     let mut t = decided_not_forced(Mode::Tcc);
-    let cmds = t.handle(Event::OperatorRetry, NOW).expect("retry");
-    assert!(cmds.is_empty(), "{cmds:?}");
+    let gtid = t.record().gtid;
+    let refused = t.handle(Event::OperatorRetry, NOW);
+    assert_eq!(refused, Err(EngineError::DecisionPending { gtid }));
     let cmds = t.handle(Event::DecisionDurable, NOW).expect("durable");
     assert!(
         cmds.iter()
             .any(|c| matches!(c, Command::PhaseTwo { commit: true, .. }))
     );
+}
+
+// While a commit decision is being forced, a request whose answer depends
+// on it is told to ask again (the runtime does, once it is durable), and a
+// refusal names the state others may see: the decision does not leak
+// before a crash could no longer undo it.
+#[test]
+fn requests_are_not_answered_from_a_decision_being_forced() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE);
+    let gtid = t.record().gtid;
+    let b = NewBranch {
+        endpoint: "http://127.0.0.1:9001".into(),
+        resource: "r".into(),
+        payload: Bytes::new(),
+    };
+    t.handle(Event::Enlist(b.clone()), NOW).expect("enlist");
+    let vote = Vote::Yes(Bytes::new());
+    t.handle(Event::PhaseOne { branch: 1, vote }, NOW)
+        .expect("vote");
+    assert_eq!(
+        t.handle(Event::Commit, NOW).expect("commit"),
+        vec![Command::ForceDecision]
+    );
+    let written = t.record().clone();
+    for event in [
+        Event::Commit,
+        Event::Rollback {
+            reason: String::new(),
+        },
+        Event::OperatorAbort {
+            reason: String::new(),
+        },
+        Event::OperatorRetry,
+    ] {
+        let answer = t.handle(event.clone(), NOW);
+        assert_eq!(
+            answer,
+            Err(EngineError::DecisionPending { gtid }),
+            "{event:?}"
+        );
+    }
+    assert_eq!(t.record(), &written, "nothing changed");
+    let refused = t.handle(Event::Enlist(b), NOW).expect_err("refused");
+    let EngineError::WrongState { state, .. } = &refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(*state, TxState::Active, "{refused}");
+    assert!(!refused.to_string().contains("COMMIT"), "{refused}");
+
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    let refused = t
+        .handle(
+            Event::Rollback {
+                reason: String::new(),
+            },
+            NOW,
+        )
+        .expect_err("never reversed");
+    assert!(refused.to_string().contains("COMMITTING"), "{refused}");
 }
 
 // An abort needs no force (presumed abort): it is visible at once.
