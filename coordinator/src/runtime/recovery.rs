@@ -48,20 +48,32 @@ impl RecoveryReport {
 
 impl Coordinator {
     /// Takes stock of the unfinished transactions in the log (before
-    /// serving: these, and only these, are recovery's) and starts taking
-    /// them over in the background: undecided → abort; decided → phase 2
-    /// again, at most `recovery_concurrency` at a time, while new
-    /// transactions are served. STUCK ones are left for an operator. A
-    /// request for one of them takes it over at once. The task's result
-    /// says how many of each were found.
+    /// serving: these, and only these, are recovery's), forces the log,
+    /// and starts taking them over in the background: undecided → abort;
+    /// decided → phase 2 again, at most `recovery_concurrency` at a time,
+    /// while new transactions are served. STUCK ones are left for an
+    /// operator. A request for one of them takes it over at once. The
+    /// task's result says how many of each were found.
+    ///
+    /// The force comes first because what a crashed process wrote may
+    /// read back without being on disk (sled writes reach the OS before
+    /// they are synced): a COMMITTING record read back unforced must not
+    /// be acted on or told, since a power cut could still undo it.
     ///
     /// # Errors
     ///
-    /// The log cannot be read.
-    pub fn start_recovery(
+    /// The log cannot be read, or the force fails: then the coordinator
+    /// halts (it decides nothing on records that may not be durable).
+    pub async fn start_recovery(
         &self,
     ) -> Result<tokio::task::JoinHandle<Result<RecoveryReport, CoordError>>, CoordError> {
         let (report, pending) = self.inner.take_stock()?;
+        // Everything read back is made durable before anyone acts on it.
+        self.inner
+            .log
+            .force()
+            .await
+            .map_err(|e| self.inner.halt(e))?;
         let inner = self.inner.clone();
         Ok(self.inner.tasks.spawn(async move {
             let report = inner.recover_all(report, pending).await;
