@@ -35,6 +35,9 @@ pub struct RecoveryReport {
     pub aborting: usize,
     /// STUCK: left for an operator.
     pub stuck: usize,
+    /// Could not be taken over (their record did not read back); each is
+    /// logged with its gtid, and the rest were recovered all the same.
+    pub failed: usize,
     /// Until every recovered transaction finished its first round of calls.
     pub elapsed: Duration,
 }
@@ -83,6 +86,7 @@ impl Coordinator {
                     commits_resumed = r.committing,
                     aborts_resumed = r.aborting,
                     stuck_left = r.stuck,
+                    failed = r.failed,
                     elapsed_ms = r.elapsed.as_millis() as u64,
                     "recovery finished"
                 ),
@@ -150,7 +154,14 @@ impl Inner {
             if live.contains_key(&gtid) {
                 continue; // a request took it over first
             }
-            self.claim_locked(&mut live, gtid, Some(permit))?;
+            if let Err(e) = self.claim_locked(&mut live, gtid, Some(permit)) {
+                drop(live);
+                // One record that cannot be taken over does not stop the
+                // others; a halted coordinator stops everything.
+                self.check_halted()?;
+                tracing::error!(%gtid, error = %e, "recovery cannot take this transaction over; its participants may need resolving by hand");
+                report.failed += 1;
+            }
         }
         // Wait for the last first rounds, so the report's time means "done".
         let _ = permits
