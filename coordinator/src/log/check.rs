@@ -120,8 +120,7 @@ pub(super) fn inspect(txns: &sled::Tree, payloads: &sled::Tree, report: &mut Log
             Ok(payloads
                 .get(k)
                 .map_err(|e| LogError::Storage(e.to_string()))?
-                .map(|v| Bytes::copy_from_slice(&v))
-                .unwrap_or_default())
+                .map(|v| Bytes::copy_from_slice(&v)))
         });
         match decoded {
             Ok(rec) => *report.counts.entry(rec.state.name().into()).or_default() += 1,
