@@ -257,3 +257,36 @@ fn a_record_whose_payload_is_missing_is_refused() {
     let report = tandem_coordinator::log::check_dir(dir.path()).expect("check");
     assert_eq!(report.undecodable.len(), 1, "{:?}", report.problems());
 }
+
+// Rule: a log whose forced mark file is gone, though sled has counted
+// forced rounds, cannot be checked for lost writes: it is refused like a
+// damaged one, and --accept-log-damage resets the mark and goes on. (A new
+// directory has neither, and opens.)
+#[test]
+fn a_missing_mark_is_damage_once_sled_has_forced_rounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let log = SledLog::open(dir.path()).expect("a new directory opens");
+        for _ in 0..3 {
+            log.write(&sample_record(Mode::Tcc, 1)).expect("write");
+            rt.block_on(log.force()).expect("force");
+        }
+    }
+    let mark = dir.path().join(tandem_coordinator::log::mark::MARK_FILE);
+    std::fs::remove_file(&mark).expect("remove the mark");
+
+    let refused = SledLog::open(dir.path()).err().expect("refused");
+    assert!(
+        refused.to_string().contains("mark") && refused.to_string().contains("missing"),
+        "{refused}"
+    );
+    let report = tandem_coordinator::log::check_dir(dir.path()).expect("check");
+    assert!(report.is_damaged(), "{report:?}");
+
+    let (log, report) = SledLog::open_with(dir.path(), true).expect("accepted");
+    assert!(report.is_damaged());
+    drop(log);
+    assert!(mark.exists(), "the mark is written again");
+    SledLog::open(dir.path()).expect("healthy again");
+}

@@ -43,6 +43,18 @@ impl LogReport {
         if let Some(e) = &self.mark_error {
             out.push(format!("its forced mark cannot be read: {e}"));
         }
+        // The mark is written (and synced) at the first open, before sled
+        // counts any round: sled past round 0 without one means it was
+        // removed, and nothing tells whether sled lost forced writes.
+        if self.mark.is_none() && self.mark_error.is_none() && self.sled_round > 0 {
+            out.push(format!(
+                "its forced mark ({}) is missing though sled holds forced round {}: whether \
+                 forced writes were lost cannot be checked (the file was deleted, or the \
+                 directory restored without it)",
+                mark::MARK_FILE,
+                self.sled_round
+            ));
+        }
         if let Some(m) = self.mark.filter(|m| *m > self.sled_round) {
             out.push(format!(
                 "it is behind its forced mark: sled holds forced round {}, the mark says {m} \
