@@ -28,7 +28,8 @@ pub struct CoordinatorConfig {
     /// How phase-2 calls are retried.
     pub retry: RetryPolicy,
     /// Finished (COMMITTED / ABORTED) records are removed from the log once
-    /// unchanged for this long; STUCK and unfinished ones never are.
+    /// unchanged for this long; STUCK and unfinished ones never are. At
+    /// least [`MIN_RETENTION`].
     pub retention: Duration,
     /// Transactions recovery drives at once after a restart.
     pub recovery_concurrency: usize,
@@ -40,6 +41,12 @@ pub struct CoordinatorConfig {
     /// Refuse `http://` participant endpoints (and serve only TLS).
     pub require_tls: bool,
 }
+
+/// The shortest retention accepted. A new client-chosen gtid is accepted
+/// while younger than min(1 h, retention) less the minute it may be ahead
+/// of the coordinator's clock (so that no record with it can have been
+/// removed yet); two minutes leave that window at least a minute long.
+pub const MIN_RETENTION: Duration = Duration::from_secs(120);
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -177,8 +184,12 @@ impl CoordinatorConfig {
         if self.max_concurrent_requests == 0 {
             return bad("max concurrent requests must be above zero".into());
         }
-        if self.retention.is_zero() {
-            return bad("retention must be above zero".into());
+        if self.retention < MIN_RETENTION {
+            return bad(format!(
+                "retention {:?} must be at least {:?}: a client-chosen gtid may be a minute \
+                 ahead, and a repeat must be told apart from a new transaction for a while",
+                self.retention, MIN_RETENTION
+            ));
         }
         self.retry.validate()
     }
@@ -332,6 +343,16 @@ mod tests {
             ..CoordinatorConfig::default()
         };
         assert!(c.validate().unwrap_err().0.contains("max attempts"));
+        let c = CoordinatorConfig {
+            retention: MIN_RETENTION - Duration::from_millis(1),
+            ..CoordinatorConfig::default()
+        };
+        assert!(c.validate().unwrap_err().0.contains("retention"));
+        let c = CoordinatorConfig {
+            retention: MIN_RETENTION,
+            ..CoordinatorConfig::default()
+        };
+        assert!(c.validate().is_ok());
     }
 
     // Rule: a branch is given up on at max attempts or max duration,

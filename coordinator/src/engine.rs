@@ -11,7 +11,9 @@
 //! - a commit decision is forced ([`Command::ForceDecision`]) and no
 //!   commit / confirm call is emitted until [`Event::DecisionDurable`];
 //! - an abort needs no force (presumed abort: a lost abort record reads as
-//!   undecided, and undecided means abort);
+//!   undecided, and undecided means abort), except for a transaction whose
+//!   gtid the client chose: that abort is forced like a commit, and
+//!   nothing of it (phase 2, the outcome) shows before it is durable;
 //! - an enlisted branch is forced ([`Command::Force`]) before its phase-1
 //!   call, so that recovery knows every branch that may hold a reservation;
 //! - a decision never changes;
@@ -41,9 +43,11 @@ use crate::model::{
 #[derive(Clone, Debug)]
 pub struct Txn {
     rec: TxnRecord,
-    /// A commit decision is on disk (always true for abort decisions).
+    /// The decision may be acted on and told: a forced one (a commit, or
+    /// an abort of a client-chosen gtid) is on disk; an unforced abort is
+    /// durable as soon as it is made.
     durable: bool,
-    /// The state before a commit decision, shown to readers until that
+    /// The state before a forced decision, shown to readers until that
     /// decision is durable (see [`Txn::visible_record`]).
     undecided: TxState,
     /// Branches whose phase-1 call has not returned.
@@ -60,8 +64,8 @@ pub struct Txn {
     /// operator retry), ms.
     budget_start: u64,
     policy: RetryPolicy,
-    /// Force the record before the first abort's phase 2 (client-chosen
-    /// gtid whose record is not known to be durable yet).
+    /// An abort decision is forced like a commit (client-chosen gtid whose
+    /// record is not known to be durable yet).
     force_abort: bool,
 }
 
@@ -120,8 +124,9 @@ impl Txn {
         self
     }
 
-    /// Forces an abort decision before its rollback / cancel calls (for a
-    /// transaction whose gtid the client chose; see DESIGN.md rule 1).
+    /// Forces an abort decision like a commit one: no rollback / cancel
+    /// call and no outcome before it is durable (for a transaction whose
+    /// gtid the client chose; see DESIGN.md rule 1).
     pub fn with_forced_abort(mut self) -> Txn {
         self.force_abort = true;
         self
@@ -144,21 +149,23 @@ impl Txn {
     }
 
     /// The record as it stands (what [`Command::Persist`] writes). It may
-    /// carry a commit decision that is not durable yet: only the runtime's
-    /// log writes use it; readers get [`Txn::visible_record`].
+    /// carry a decision that is not durable yet: only the runtime's log
+    /// writes use it; readers get [`Txn::visible_record`].
     pub fn record(&self) -> &TxnRecord {
         &self.rec
     }
 
-    /// The record as others may see it: a commit decision appears only
+    /// The record as others may see it: a forced decision appears only
     /// once it is durable ([`Event::DecisionDurable`]). Until then the
     /// transaction reads as it was before the decision, undecided, since a
-    /// crash in that window reads back as undecided and aborts.
+    /// crash in that window may read back as undecided (or, for a new
+    /// client-chosen gtid, as nothing at all).
     pub fn visible_record(&self) -> std::borrow::Cow<'_, TxnRecord> {
-        if self.commit_pending() {
+        if self.decision_pending() {
             let mut rec = self.rec.clone();
             rec.state = self.undecided;
             rec.decision = None;
+            rec.reason = String::new();
             std::borrow::Cow::Owned(rec)
         } else {
             std::borrow::Cow::Borrowed(&self.rec)
@@ -166,22 +173,22 @@ impl Txn {
     }
 
     /// The decision as others may learn it: `None` while undecided or while
-    /// a commit decision is still being forced.
+    /// the decision is still being forced.
     pub fn durable_decision(&self) -> Option<Decision> {
-        if self.commit_pending() {
+        if self.decision_pending() {
             None
         } else {
             self.rec.decision
         }
     }
 
-    /// Whether a commit decision is made but not durable yet.
-    pub fn commit_pending(&self) -> bool {
-        self.rec.decision == Some(Decision::Commit) && !self.durable
+    /// Whether a decision is made but being forced: not durable yet.
+    pub fn decision_pending(&self) -> bool {
+        self.rec.decision.is_some() && !self.durable
     }
 
-    /// Whether phase 1 is over: decided (durably, for a commit), and no
-    /// phase-1 call is in flight.
+    /// Whether phase 1 is over: decided durably, and no phase-1 call is in
+    /// flight.
     pub fn settled(&self) -> bool {
         self.durable_decision().is_some() && self.phase_one.is_empty()
     }
@@ -196,9 +203,24 @@ impl Txn {
     /// # Errors
     ///
     /// [`EngineError`] when a client request does not fit the state; the
-    /// transaction is unchanged then. Participant replies and timers never
+    /// transaction is unchanged then. [`EngineError::DecisionPending`] for
+    /// a commit, rollback or operator request while a decision is being
+    /// forced: its answer depends on that decision, so the caller asks
+    /// again once it is durable. Participant replies and timers never
     /// fail: late or repeated ones are absorbed.
     pub fn handle(&mut self, event: Event, now: u64) -> Result<Vec<Command>, EngineError> {
+        let answers_on_decision = matches!(
+            event,
+            Event::Commit
+                | Event::Rollback { .. }
+                | Event::OperatorRetry
+                | Event::OperatorAbort { .. }
+        );
+        if answers_on_decision && self.decision_pending() {
+            return Err(EngineError::DecisionPending {
+                gtid: self.rec.gtid,
+            });
+        }
         match event {
             Event::Enlist(branch) => self.on_enlist(branch, now),
             Event::PhaseOne { branch, vote } => Ok(self.on_phase_one(branch, vote, now)),
@@ -218,7 +240,7 @@ impl Txn {
             }),
             Event::DecisionDurable => {
                 let mut cmds = Vec::new();
-                if self.rec.state == TxState::Committing && !self.durable {
+                if self.decision_pending() {
                     self.durable = true;
                     self.start_phase_two(&mut cmds, now);
                 }
@@ -245,16 +267,22 @@ impl Txn {
         }
     }
 
+    /// A refusal, told from what others may see: a decision still being
+    /// forced is neither named nor hinted at by its reason.
     fn wrong_state(&self, action: &'static str, detail: &str) -> EngineError {
+        let seen = self.visible_record();
+        let detail = if self.decision_pending() {
+            "; it is being decided".to_string()
+        } else if seen.reason.is_empty() {
+            detail.to_string()
+        } else {
+            format!("{detail}; reason: {}", seen.reason)
+        };
         EngineError::WrongState {
-            gtid: self.rec.gtid,
-            state: self.rec.state,
+            gtid: seen.gtid,
+            state: seen.state,
             action,
-            detail: if self.rec.reason.is_empty() {
-                detail.to_string()
-            } else {
-                format!("{detail}; reason: {}", self.rec.reason)
-            },
+            detail,
         }
     }
 
@@ -394,6 +422,7 @@ impl Txn {
 
     fn decide_commit(&mut self, now: u64) -> Vec<Command> {
         self.undecided = self.rec.state;
+        self.durable = false;
         self.rec.state = TxState::Committing;
         self.rec.decision = Some(Decision::Commit);
         self.rec.updated_ms = now;
@@ -401,21 +430,26 @@ impl Txn {
         vec![Command::ForceDecision]
     }
 
-    /// Decides abort and starts rollback / cancel where needed.
+    /// Decides abort and starts rollback / cancel where needed; a forced
+    /// abort starts them once it is durable.
     fn abort(&mut self, reason: String, now: u64) -> Vec<Command> {
+        self.undecided = self.rec.state;
         self.rec.state = TxState::Aborting;
         self.rec.decision = Some(Decision::Abort);
         self.rec.reason = reason;
         self.rec.updated_ms = now;
         self.budget_start = now;
-        self.durable = true;
-        let mut cmds = vec![Command::Persist];
         if std::mem::take(&mut self.force_abort) {
             // The gtid was the client's: it must not vanish in a crash
-            // while its rollbacks are on the wire, or a repeat would start
-            // it again and those rollbacks could meet the new one.
-            cmds.push(Command::Force);
+            // while its rollbacks are on the wire or once the client was
+            // told, or a repeat would start it again (and could commit it,
+            // or meet those rollbacks). Like a commit: nothing goes out or
+            // shows before the force.
+            self.durable = false;
+            return vec![Command::ForceDecision];
         }
+        self.durable = true;
+        let mut cmds = vec![Command::Persist];
         self.start_phase_two(&mut cmds, now);
         cmds
     }

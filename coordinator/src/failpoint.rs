@@ -11,8 +11,8 @@
 //!   sent;
 //! - `after-phase-one`: a participant answered phase 1, the answer not
 //!   recorded;
-//! - `after-decision-forced`: the commit decision is on disk, no phase-2
-//!   call sent;
+//! - `after-decision-forced`: a forced decision (a commit, or the abort of
+//!   a client-chosen gtid) is on disk, no phase-2 call sent;
 //! - `between-phase-two`: one phase-2 call was acknowledged, the
 //!   acknowledgement not recorded, other calls possibly outstanding.
 

@@ -121,8 +121,9 @@ struct BenchArgs {
     #[arg(long)]
     recovery: Option<usize>,
     /// Retention of the coordinator the bench starts (finished records
-    /// older than this are purged; keeps long runs' data dir bounded).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// older than this are purged; keeps long runs' data dir bounded; at
+    /// least 2m).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
     retention: Duration,
     /// table or json.
     #[arg(long, default_value = "table", value_parser = parse_output)]
@@ -235,7 +236,7 @@ struct ServeArgs {
     retry_max_duration: OptionalDuration,
     /// Finished transactions are removed from the log once unchanged for
     /// this long (`tandem tx show` finds them until then). STUCK and
-    /// unfinished ones are never removed.
+    /// unfinished ones are never removed. At least 2m.
     #[arg(long, env = "TANDEM_RETENTION", default_value = "24h", value_parser = parse_duration)]
     retention: Duration,
     /// Requests served at once; past it a request is answered

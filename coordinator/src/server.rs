@@ -54,8 +54,9 @@ pub async fn serve_with(
     security: ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Takes stock of the log before the first request is served.
-    let _recovery = coord.start_recovery()?;
+    // Takes stock of the log and forces it before the first request is
+    // served.
+    let _recovery = coord.start_recovery().await?;
     let _retention = coord.start_retention();
     let finishing = coord.clone();
     let draining = coord.clone();

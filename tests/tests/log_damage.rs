@@ -215,3 +215,78 @@ fn an_undecodable_record_is_refused_then_quarantined_on_request() {
     assert!(check.ok, "still damaged after quarantine: {}", check.stdout);
     assert!(check.stdout.contains("quarantined 1"), "{}", check.stdout);
 }
+
+// Rule: a record whose payload, stored apart, is gone is damage, not an
+// empty payload: the start is refused with its gtid named, and `tandem log
+// check` reports it (a phase-2 call with an empty payload could apply
+// nothing, or the wrong thing).
+#[test]
+fn a_record_whose_payload_is_missing_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rec = sample_record(Mode::Tcc, 2);
+    rec.state = TxState::Committing;
+    rec.decision = Some(Decision::Commit);
+    rec.branches[1].payload = Bytes::from(vec![7u8; 2000]);
+    {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let log = SledLog::open(dir.path()).expect("open");
+        log.write(&rec).expect("write");
+        rt.block_on(log.force()).expect("force");
+    }
+    {
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(8 * 1024 * 1024)
+            .open()
+            .expect("open sled");
+        let payloads = db.open_tree("payloads").expect("payloads");
+        let mut key = rec.gtid.as_bytes().to_vec();
+        key.extend_from_slice(&2u32.to_be_bytes());
+        assert!(
+            payloads.remove(key).expect("remove").is_some(),
+            "stored apart"
+        );
+        db.flush().expect("flush");
+    }
+    let refused = SledLog::open(dir.path()).err().expect("refused");
+    let refused = refused.to_string();
+    assert!(
+        refused.contains(&rec.gtid.to_string()) && refused.contains("payload"),
+        "{refused}"
+    );
+    let report = tandem_coordinator::log::check_dir(dir.path()).expect("check");
+    assert_eq!(report.undecodable.len(), 1, "{:?}", report.problems());
+}
+
+// Rule: a log whose forced mark file is gone, though sled has counted
+// forced rounds, cannot be checked for lost writes: it is refused like a
+// damaged one, and --accept-log-damage resets the mark and goes on. (A new
+// directory has neither, and opens.)
+#[test]
+fn a_missing_mark_is_damage_once_sled_has_forced_rounds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let log = SledLog::open(dir.path()).expect("a new directory opens");
+        for _ in 0..3 {
+            log.write(&sample_record(Mode::Tcc, 1)).expect("write");
+            rt.block_on(log.force()).expect("force");
+        }
+    }
+    let mark = dir.path().join(tandem_coordinator::log::mark::MARK_FILE);
+    std::fs::remove_file(&mark).expect("remove the mark");
+
+    let refused = SledLog::open(dir.path()).err().expect("refused");
+    assert!(
+        refused.to_string().contains("mark") && refused.to_string().contains("missing"),
+        "{refused}"
+    );
+    let report = tandem_coordinator::log::check_dir(dir.path()).expect("check");
+    assert!(report.is_damaged(), "{report:?}");
+
+    let (log, report) = SledLog::open_with(dir.path(), true).expect("accepted");
+    assert!(report.is_damaged());
+    drop(log);
+    assert!(mark.exists(), "the mark is written again");
+    SledLog::open(dir.path()).expect("healthy again");
+}

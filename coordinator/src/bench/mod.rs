@@ -67,7 +67,8 @@ pub struct BenchOptions {
     /// (needs a coordinator the bench started).
     pub recovery: Option<usize>,
     /// Retention of the coordinator the bench starts: finished records
-    /// older than this are purged, so long runs show a bounded data dir.
+    /// older than this are purged, so long runs show a bounded data dir
+    /// (at least [`crate::config::MIN_RETENTION`]).
     pub retention: Duration,
     /// Mutual TLS and tokens on every hop (development certificates made
     /// in the bench's temp dir; needs processes the bench starts).
@@ -88,7 +89,7 @@ impl Default for BenchOptions {
             coordinator: None,
             participant_urls: Vec::new(),
             recovery: None,
-            retention: Duration::from_secs(60),
+            retention: crate::config::MIN_RETENTION,
             secure: false,
         }
     }

@@ -10,12 +10,10 @@ use crate::model::{
 };
 
 impl Txn {
+    /// Never called while a decision is being forced (`handle` answers
+    /// [`EngineError::DecisionPending`]): phase 2 starts when it is on
+    /// disk, never before.
     pub(super) fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
-        if self.commit_pending() {
-            // The decision is being forced; phase 2 starts when it is on
-            // disk, never before.
-            return Ok(Vec::new());
-        }
         let mut cmds = vec![Command::Persist];
         match self.rec.state {
             TxState::Active | TxState::Preparing => {
@@ -125,9 +123,13 @@ impl Txn {
         self.maybe_finish(cmds, now);
     }
 
-    /// Whether branch `id` still needs a phase-2 call under the decision.
+    /// Whether branch `id` still needs a phase-2 call under the decision
+    /// (none before the decision is durable).
     pub(super) fn needs_phase_two(&self, id: BranchId) -> bool {
-        if self.phase_one.contains(&id) || self.phase_two.contains(&id) || self.parked.contains(&id)
+        if !self.durable
+            || self.phase_one.contains(&id)
+            || self.phase_two.contains(&id)
+            || self.parked.contains(&id)
         {
             return false;
         }

@@ -177,6 +177,7 @@ fn phase_two_failures_are_retried_until_acknowledged() {
 fn a_decision_never_changes() {
     let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE);
     t.handle(Event::Commit, NOW).expect("commit");
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
     let before = t.record().clone();
     let err = t
         .handle(
@@ -502,6 +503,7 @@ fn operator_abort_only_undecided() {
 
     let (mut t, _) = one_shot(Mode::TwoPhase, 1);
     yes(&mut t, 1);
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
     let err = t
         .handle(
             Event::OperatorAbort {

@@ -28,7 +28,8 @@ pub enum Event {
     },
     /// The global deadline passed.
     DeadlinePassed,
-    /// The commit decision requested by [`Command::ForceDecision`] is on disk.
+    /// The decision whose record [`Command::ForceDecision`] forced is on
+    /// disk.
     DecisionDurable,
     /// A phase-2 call returned.
     PhaseTwo {
@@ -83,7 +84,8 @@ pub enum Command {
     /// Write the record and wait until it is durable before carrying out the
     /// commands after this one (a new branch before its phase-1 call).
     Force,
-    /// Write the record and force it; then send [`Event::DecisionDurable`].
+    /// Write the record and force it; then send [`Event::DecisionDurable`]
+    /// (a commit decision, or an abort that must be forced).
     ForceDecision,
     /// Send the phase-1 call (prepare / try) of this branch.
     PhaseOne {
@@ -125,6 +127,14 @@ pub enum EngineError {
         action: &'static str,
         /// More words, starting with "; " or empty.
         detail: String,
+    },
+    /// A commit, rollback or operator request came while a decision is
+    /// being forced. Its answer depends on that decision, which may not be
+    /// told yet: ask again once it is durable. Nothing changed.
+    #[error("transaction {gtid} is being decided; ask again")]
+    DecisionPending {
+        /// Which transaction.
+        gtid: Gtid,
     },
     /// Commit was asked while a branch's phase 1 had not returned.
     #[error("transaction {gtid}: branch {branch} has not answered its phase-1 call yet")]

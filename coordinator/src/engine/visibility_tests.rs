@@ -32,7 +32,7 @@ fn a_commit_decision_is_hidden_until_durable() {
     let seen = t.visible_record();
     assert_eq!((seen.state, seen.decision), (TxState::Preparing, None));
     assert_eq!(t.durable_decision(), None);
-    assert!(t.commit_pending() && !t.settled());
+    assert!(t.decision_pending() && !t.settled());
     t.handle(Event::DecisionDurable, NOW).expect("durable");
     let seen = t.visible_record();
     assert_eq!(
@@ -43,18 +43,79 @@ fn a_commit_decision_is_hidden_until_durable() {
     assert!(t.settled());
 }
 
-// An operator's retry while the decision is being forced sends nothing:
-// phase 2 starts only once the decision is on disk.
+// An operator's retry while the decision is being forced sends nothing
+// (it is told to ask again): phase 2 starts only once the decision is on
+// disk.
 #[test]
 fn operator_retry_never_starts_phase_two_before_the_force() {
     let mut t = decided_not_forced(Mode::Tcc);
-    let cmds = t.handle(Event::OperatorRetry, NOW).expect("retry");
-    assert!(cmds.is_empty(), "{cmds:?}");
+    let gtid = t.record().gtid;
+    let refused = t.handle(Event::OperatorRetry, NOW);
+    assert_eq!(refused, Err(EngineError::DecisionPending { gtid }));
     let cmds = t.handle(Event::DecisionDurable, NOW).expect("durable");
     assert!(
         cmds.iter()
             .any(|c| matches!(c, Command::PhaseTwo { commit: true, .. }))
     );
+}
+
+// While a commit decision is being forced, a request whose answer depends
+// on it is told to ask again (the runtime does, once it is durable), and a
+// refusal names the state others may see: the decision does not leak
+// before a crash could no longer undo it.
+#[test]
+fn requests_are_not_answered_from_a_decision_being_forced() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE);
+    let gtid = t.record().gtid;
+    let b = NewBranch {
+        endpoint: "http://127.0.0.1:9001".into(),
+        resource: "r".into(),
+        payload: Bytes::new(),
+    };
+    t.handle(Event::Enlist(b.clone()), NOW).expect("enlist");
+    let vote = Vote::Yes(Bytes::new());
+    t.handle(Event::PhaseOne { branch: 1, vote }, NOW)
+        .expect("vote");
+    assert_eq!(
+        t.handle(Event::Commit, NOW).expect("commit"),
+        vec![Command::ForceDecision]
+    );
+    let written = t.record().clone();
+    for event in [
+        Event::Commit,
+        Event::Rollback {
+            reason: String::new(),
+        },
+        Event::OperatorAbort {
+            reason: String::new(),
+        },
+        Event::OperatorRetry,
+    ] {
+        let answer = t.handle(event.clone(), NOW);
+        assert_eq!(
+            answer,
+            Err(EngineError::DecisionPending { gtid }),
+            "{event:?}"
+        );
+    }
+    assert_eq!(t.record(), &written, "nothing changed");
+    let refused = t.handle(Event::Enlist(b), NOW).expect_err("refused");
+    let EngineError::WrongState { state, .. } = &refused else {
+        panic!("{refused:?}");
+    };
+    assert_eq!(*state, TxState::Active, "{refused}");
+    assert!(!refused.to_string().contains("COMMIT"), "{refused}");
+
+    t.handle(Event::DecisionDurable, NOW).expect("durable");
+    let refused = t
+        .handle(
+            Event::Rollback {
+                reason: String::new(),
+            },
+            NOW,
+        )
+        .expect_err("never reversed");
+    assert!(refused.to_string().contains("COMMITTING"), "{refused}");
 }
 
 // An abort needs no force (presumed abort): it is visible at once.
@@ -91,29 +152,67 @@ fn replies_are_kept_and_reasons_capped() {
     assert!(t.record().reason.len() <= MAX_STORED_TEXT + 100);
 }
 
-// Rule 1 (client-chosen gtids): the abort is forced before any rollback /
-// cancel goes out, so a crash cannot lose the record while they are on
-// the wire (a repeat would start the gtid again and meet them).
+// Rule 1 (client-chosen gtids): the abort is forced like a commit. Until
+// it is durable nothing of it shows and nothing goes out, whatever else
+// happens meanwhile (a late phase-1 reply, the deadline, an operator's
+// retry): a crash would lose it, and a repeat would start the gtid again.
 #[test]
-fn an_abort_of_a_client_gtid_is_forced_before_its_rollbacks() {
-    let b = NewBranch {
-        endpoint: "http://127.0.0.1:9001".into(),
+fn a_forced_abort_sends_and_shows_nothing_until_durable() {
+    let b = |n: u16| NewBranch {
+        endpoint: format!("http://127.0.0.1:{n}"),
         resource: "r".into(),
         payload: Bytes::new(),
     };
-    let (t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b]);
+    let (t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b(1), b(2)]);
     let mut t = t.with_forced_abort();
     let vote = Vote::Failed("refused".into());
     let cmds = t
         .handle(Event::PhaseOne { branch: 1, vote }, NOW)
         .expect("vote");
-    let force = cmds
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    assert_eq!(t.record().decision, Some(Decision::Abort)); // what is written
+    let vote = Vote::Yes(Bytes::new());
+    let late = t
+        .handle(Event::PhaseOne { branch: 2, vote }, NOW)
+        .expect("late yes");
+    assert_eq!(late, vec![Command::Persist], "nothing may go out yet");
+    let timer = t.handle(Event::DeadlinePassed, DEADLINE).expect("deadline");
+    assert!(timer.is_empty(), "{timer:?}");
+    assert_eq!(t.durable_decision(), None);
+    let seen = t.visible_record();
+    assert_eq!((seen.state, seen.decision), (TxState::Preparing, None));
+    assert!(seen.reason.is_empty());
+    assert!(t.decision_pending() && !t.settled());
+
+    let cmds = t.handle(Event::DecisionDurable, NOW).expect("durable");
+    let cancels: Vec<_> = cmds
         .iter()
-        .position(|c| *c == Command::Force)
-        .expect("forced");
-    let call = cmds
-        .iter()
-        .position(|c| matches!(c, Command::PhaseTwo { .. }))
-        .expect("cancel");
-    assert!(force < call, "{cmds:?}");
+        .filter(|c| matches!(c, Command::PhaseTwo { commit: false, .. }))
+        .collect();
+    assert_eq!(cancels.len(), 2, "{cmds:?}");
+    assert_eq!(t.durable_decision(), Some(Decision::Abort));
+    assert_eq!(t.visible_record().state, TxState::Aborting);
+    assert!(t.settled());
+}
+
+// Without a client-chosen gtid an abort is not forced (presumed abort): a
+// lost abort reads back as undecided or unknown, which is abort too.
+#[test]
+fn an_unforced_abort_starts_its_rollbacks_at_once() {
+    let b = NewBranch {
+        endpoint: "http://127.0.0.1:9001".into(),
+        resource: "r".into(),
+        payload: Bytes::new(),
+    };
+    let (mut t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b]);
+    let vote = Vote::Failed("refused".into());
+    let cmds = t
+        .handle(Event::PhaseOne { branch: 1, vote }, NOW)
+        .expect("vote");
+    assert_eq!(cmds[0], Command::Persist);
+    assert!(!cmds.contains(&Command::ForceDecision) && !cmds.contains(&Command::Force));
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::PhaseTwo { commit: false, .. }))
+    );
 }

@@ -43,6 +43,18 @@ impl LogReport {
         if let Some(e) = &self.mark_error {
             out.push(format!("its forced mark cannot be read: {e}"));
         }
+        // The mark is written (and synced) at the first open, before sled
+        // counts any round: sled past round 0 without one means it was
+        // removed, and nothing tells whether sled lost forced writes.
+        if self.mark.is_none() && self.mark_error.is_none() && self.sled_round > 0 {
+            out.push(format!(
+                "its forced mark ({}) is missing though sled holds forced round {}: whether \
+                 forced writes were lost cannot be checked (the file was deleted, or the \
+                 directory restored without it)",
+                mark::MARK_FILE,
+                self.sled_round
+            ));
+        }
         if let Some(m) = self.mark.filter(|m| *m > self.sled_round) {
             out.push(format!(
                 "it is behind its forced mark: sled holds forced round {}, the mark says {m} \
@@ -120,8 +132,7 @@ pub(super) fn inspect(txns: &sled::Tree, payloads: &sled::Tree, report: &mut Log
             Ok(payloads
                 .get(k)
                 .map_err(|e| LogError::Storage(e.to_string()))?
-                .map(|v| Bytes::copy_from_slice(&v))
-                .unwrap_or_default())
+                .map(|v| Bytes::copy_from_slice(&v)))
         });
         match decoded {
             Ok(rec) => *report.counts.entry(rec.state.name().into()).or_default() += 1,

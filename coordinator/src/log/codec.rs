@@ -133,11 +133,12 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
 }
 
 /// Decodes a record; `payload(branch_id)` supplies each payload stored
-/// apart.
+/// apart (`None` when there is none: the record is corrupt then, since it
+/// names a payload that is not there).
 pub(super) fn decode(
     gtid: Gtid,
     bytes: &[u8],
-    mut payload: impl FnMut(u32) -> Result<Bytes, LogError>,
+    mut payload: impl FnMut(u32) -> Result<Option<Bytes>, LogError>,
 ) -> Result<TxnRecord, LogError> {
     let corrupt = |detail: String| LogError::Corrupt {
         gtid: gtid.to_string(),
@@ -179,7 +180,11 @@ pub(super) fn decode(
             resource: b.resource,
             payload: match b.inline_payload {
                 Some(p) => p,
-                None => payload(id)?,
+                None => payload(id)?.ok_or_else(|| {
+                    corrupt(format!(
+                        "branch {id}: its payload, stored apart, is missing"
+                    ))
+                })?,
             },
             reply: b.reply,
             state,

@@ -47,7 +47,8 @@ fn encode(round: u64) -> [u8; LEN] {
 }
 
 /// Reads the mark in `dir`: `Ok(None)` when there is none (a new log, or
-/// one from before marks existed).
+/// one from before marks existed: sled holds no round then either; one
+/// that does has lost its mark, which the check reports as damage).
 ///
 /// # Errors
 ///

@@ -168,9 +168,7 @@ impl SledLog {
                 .payloads
                 .get(payload_key(&gtid, branch))
                 .map_err(|e| self.latch(e))?;
-            Ok(stored
-                .map(|v| Bytes::copy_from_slice(&v))
-                .unwrap_or_default())
+            Ok(stored.map(|v| Bytes::copy_from_slice(&v)))
         })
     }
 }

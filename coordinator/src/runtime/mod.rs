@@ -14,7 +14,7 @@
 //! Writing under that lock keeps the log's versions of a record in the same
 //! order as the engine's states. Calls and timers run outside it. Readers
 //! (`GetTransaction`, `GetOutcome`, Admin, repeated requests) see
-//! [`Txn::visible_record`]: a commit decision only once it is durable.
+//! [`Txn::visible_record`]: a forced decision only once it is durable.
 //!
 //! - `mod.rs`: [`Coordinator`], the live-transaction table and its entries;
 //! - `requests`: the request API (begin, enlist, commit, submit, …);
@@ -55,7 +55,7 @@ pub use requests::SubmitOutcome;
 pub use transport::{CallFuture, Transport};
 
 use crate::config::CoordinatorConfig;
-use crate::engine::Txn;
+use crate::engine::{Command, EngineError, Event, Txn};
 use crate::error::CoordError;
 use crate::log::{LogError, LogStats, TxnLog};
 use crate::model::Gtid;
@@ -336,6 +336,36 @@ impl Inner {
         ))
     }
 
+    /// Feeds a request's event. While a decision is being forced the
+    /// engine refuses it ([`EngineError::DecisionPending`]) and it is fed
+    /// again once that changes: the check and the step are one engine call
+    /// under one lock, so nothing can decide in between, and no answer is
+    /// built from a decision before it is durable.
+    async fn step_request(&self, entry: &Entry, event: Event) -> Result<Vec<Command>, CoordError> {
+        let mut changed = entry.changed.subscribe();
+        loop {
+            match self.step(entry, event.clone()) {
+                Err(CoordError::WrongState(EngineError::DecisionPending { .. })) => {}
+                result => return result,
+            }
+            self.wait_change(&mut changed).await?;
+        }
+    }
+
+    /// Waits for the next engine step of a transaction. Fails when the
+    /// coordinator halts or is stopped first.
+    async fn wait_change(&self, changed: &mut watch::Receiver<()>) -> Result<(), CoordError> {
+        self.check_halted()?;
+        tokio::select! {
+            biased;
+            r = changed.changed() => if r.is_err() {
+                return Err(CoordError::Unavailable("transaction dropped".into()));
+            },
+            () = self.halted_token.cancelled() => self.check_halted()?,
+        }
+        Ok(())
+    }
+
     /// Waits until `ready` holds for the transaction. Fails when the
     /// coordinator halts or is stopped first.
     async fn wait_for(
@@ -348,14 +378,7 @@ impl Inner {
             if ready(&entry.lock()) {
                 return Ok(());
             }
-            self.check_halted()?;
-            tokio::select! {
-                biased;
-                r = changed.changed() => if r.is_err() {
-                    return Err(CoordError::Unavailable("transaction dropped".into()));
-                },
-                () = self.halted_token.cancelled() => self.check_halted()?,
-            }
+            self.wait_change(&mut changed).await?;
         }
     }
 }

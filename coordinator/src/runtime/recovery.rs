@@ -35,6 +35,9 @@ pub struct RecoveryReport {
     pub aborting: usize,
     /// STUCK: left for an operator.
     pub stuck: usize,
+    /// Could not be taken over (their record did not read back); each is
+    /// logged with its gtid, and the rest were recovered all the same.
+    pub failed: usize,
     /// Until every recovered transaction finished its first round of calls.
     pub elapsed: Duration,
 }
@@ -48,20 +51,32 @@ impl RecoveryReport {
 
 impl Coordinator {
     /// Takes stock of the unfinished transactions in the log (before
-    /// serving: these, and only these, are recovery's) and starts taking
-    /// them over in the background: undecided → abort; decided → phase 2
-    /// again, at most `recovery_concurrency` at a time, while new
-    /// transactions are served. STUCK ones are left for an operator. A
-    /// request for one of them takes it over at once. The task's result
-    /// says how many of each were found.
+    /// serving: these, and only these, are recovery's), forces the log,
+    /// and starts taking them over in the background: undecided → abort;
+    /// decided → phase 2 again, at most `recovery_concurrency` at a time,
+    /// while new transactions are served. STUCK ones are left for an
+    /// operator. A request for one of them takes it over at once. The
+    /// task's result says how many of each were found.
+    ///
+    /// The force comes first because what a crashed process wrote may
+    /// read back without being on disk (sled writes reach the OS before
+    /// they are synced): a COMMITTING record read back unforced must not
+    /// be acted on or told, since a power cut could still undo it.
     ///
     /// # Errors
     ///
-    /// The log cannot be read.
-    pub fn start_recovery(
+    /// The log cannot be read, or the force fails: then the coordinator
+    /// halts (it decides nothing on records that may not be durable).
+    pub async fn start_recovery(
         &self,
     ) -> Result<tokio::task::JoinHandle<Result<RecoveryReport, CoordError>>, CoordError> {
         let (report, pending) = self.inner.take_stock()?;
+        // Everything read back is made durable before anyone acts on it.
+        self.inner
+            .log
+            .force()
+            .await
+            .map_err(|e| self.inner.halt(e))?;
         let inner = self.inner.clone();
         Ok(self.inner.tasks.spawn(async move {
             let report = inner.recover_all(report, pending).await;
@@ -71,6 +86,7 @@ impl Coordinator {
                     commits_resumed = r.committing,
                     aborts_resumed = r.aborting,
                     stuck_left = r.stuck,
+                    failed = r.failed,
                     elapsed_ms = r.elapsed.as_millis() as u64,
                     "recovery finished"
                 ),
@@ -138,7 +154,14 @@ impl Inner {
             if live.contains_key(&gtid) {
                 continue; // a request took it over first
             }
-            self.claim_locked(&mut live, gtid, Some(permit))?;
+            if let Err(e) = self.claim_locked(&mut live, gtid, Some(permit)) {
+                drop(live);
+                // One record that cannot be taken over does not stop the
+                // others; a halted coordinator stops everything.
+                self.check_halted()?;
+                tracing::error!(%gtid, error = %e, "recovery cannot take this transaction over; its participants may need resolving by hand");
+                report.failed += 1;
+            }
         }
         // Wait for the last first rounds, so the report's time means "done".
         let _ = permits

@@ -130,7 +130,7 @@ impl Coordinator {
         let Some(entry) = inner.live_or_claim(&gtid)? else {
             return inner.settled_state(gtid, Event::Commit);
         };
-        let cmds = inner.step(&entry, Event::Commit)?;
+        let cmds = inner.step_request(&entry, Event::Commit).await?;
         inner.spawn_round(&entry, cmds).await?;
         inner
             .wait_for(&entry, |t| t.durable_decision().is_some())
@@ -164,10 +164,11 @@ impl Coordinator {
                 },
             );
         };
-        // A commit being forced is answered once it is durable (then the
-        // refusal below), never before.
-        inner.wait_for(&entry, |t| !t.commit_pending()).await?;
-        let cmds = inner.step(&entry, Event::Rollback { reason })?;
+        // A decision being forced is answered once it is durable (then a
+        // refusal, or the abort's state), never before.
+        let cmds = inner
+            .step_request(&entry, Event::Rollback { reason })
+            .await?;
         inner.spawn_round(&entry, cmds).await?;
         let state = reported_state(&entry.lock().visible_record());
         Ok(state)
@@ -276,8 +277,7 @@ impl Coordinator {
                 None => return inner.settled_state(gtid, event),
             },
         };
-        inner.wait_for(&entry, |t| !t.commit_pending()).await?;
-        let cmds = match inner.step(&entry, event) {
+        let cmds = match inner.step_request(&entry, event).await {
             Ok(cmds) => cmds,
             Err(e) => {
                 if entry.lock().record().state == TxState::Stuck {

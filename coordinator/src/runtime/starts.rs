@@ -13,8 +13,10 @@ use crate::model::{Gtid, Mode, TxnRecord};
 /// clock (clock skew between the client and the coordinator).
 const MAX_GTID_AHEAD: Duration = Duration::from_secs(60);
 /// ... and a new transaction's gtid at most this old (or the retention
-/// period, if shorter): a repeat older than that cannot be told apart from
-/// one whose record retention already removed.
+/// period, if shorter), less [`MAX_GTID_AHEAD`]: a repeat older than that
+/// cannot be told apart from one whose record retention already removed.
+/// (A record is removed no sooner than `retention` after it was created,
+/// and its gtid's time may be up to `MAX_GTID_AHEAD` past that creation.)
 const MAX_GTID_AGE: Duration = Duration::from_secs(3600);
 
 /// What a start request found for its gtid.
@@ -100,7 +102,12 @@ impl Inner {
         let (secs, nanos) = ts.to_unix();
         let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
         let now = self.now();
-        let max_age = MAX_GTID_AGE.min(self.config.retention).as_millis() as u64;
+        // Config validation keeps retention at least 2 min, so this is at
+        // least a minute.
+        let max_age = MAX_GTID_AGE
+            .min(self.config.retention)
+            .saturating_sub(MAX_GTID_AHEAD)
+            .as_millis() as u64;
         if ms > now + MAX_GTID_AHEAD.as_millis() as u64 {
             return bad("its time is ahead of the coordinator's clock".into());
         }

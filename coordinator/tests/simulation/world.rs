@@ -42,6 +42,9 @@ pub struct World {
     pub violations: Mutex<Vec<String>>,
     pub restarts: AtomicU64,
     pub reported_commits: AtomicU64,
+    /// Held through a restart: a new coordinator takes stock and forces
+    /// its log before it is served, and one restart happens at a time.
+    restarting: tokio::sync::Mutex<()>,
 }
 
 fn config(recovery_concurrency: usize) -> CoordinatorConfig {
@@ -60,7 +63,7 @@ fn config(recovery_concurrency: usize) -> CoordinatorConfig {
 }
 
 impl World {
-    fn new(seed: u64) -> Arc<World> {
+    async fn new(seed: u64) -> Arc<World> {
         let rng = Arc::new(Mutex::new(Rng::new(seed)));
         let faults_on = Arc::new(AtomicBool::new(true));
         let clock = Clock::tokio(1_800_000_000_000);
@@ -83,7 +86,7 @@ impl World {
         }
         let disk = Arc::new(Disk::default());
         let log = SimLog::open(disk.clone(), log_faults.clone(), rng.clone());
-        let coord = Self::coordinator(&log, &net, &clock, &rng);
+        let coord = Self::coordinator(&log, &net, &clock, &rng).await;
         Arc::new(World {
             rng,
             disk,
@@ -98,10 +101,11 @@ impl World {
             violations: Mutex::new(Vec::new()),
             restarts: AtomicU64::new(0),
             reported_commits: AtomicU64::new(0),
+            restarting: tokio::sync::Mutex::new(()),
         })
     }
 
-    fn coordinator(
+    async fn coordinator(
         log: &Arc<SimLog>,
         net: &Arc<SimNet>,
         clock: &Clock,
@@ -116,8 +120,10 @@ impl World {
         };
         let coord = Coordinator::with_environment(config(recovery_concurrency), log.clone(), env)
             .expect("config");
-        // Recovery takes stock of the log, then works beside new traffic.
-        let _ = coord.start_recovery();
+        // Recovery takes stock of the log and forces it before the
+        // coordinator is served, then works beside new traffic. (A failed
+        // force halts it; the supervisor restarts it.)
+        let _ = coord.start_recovery().await;
         coord
     }
 
@@ -134,13 +140,18 @@ impl World {
     }
 
     /// Kills the coordinator (a crash: only the disk survives) and starts
-    /// a new one, which recovers while clients keep calling.
-    fn restart(&self) {
+    /// a new one, which recovers while clients keep calling. With
+    /// `only_if_halted`, only a coordinator that halted is restarted.
+    async fn restart(&self, only_if_halted: bool) {
+        let _one = self.restarting.lock().await;
+        if only_if_halted && !self.coord().is_halted() {
+            return;
+        }
         self.coord().kill();
         let old = self.log();
         old.crash();
         let log = SimLog::open(self.disk.clone(), self.log_faults.clone(), self.rng.clone());
-        let coord = Self::coordinator(&log, &self.net, &self.clock, &self.rng);
+        let coord = Self::coordinator(&log, &self.net, &self.clock, &self.rng).await;
         *self.log.lock().unwrap() = log;
         *self.coord.lock().unwrap() = coord;
         self.restarts.fetch_add(1, Ordering::SeqCst);
@@ -295,7 +306,7 @@ async fn hoarder(world: Arc<World>, n: usize) {
     }
     // Crash with the backlog in the log, then leave recovery to work
     // through it beside the clients' traffic.
-    world.restart();
+    world.restart(false).await;
 }
 
 async fn hoard(world: Arc<World>, k: usize, n: usize) {
@@ -348,7 +359,7 @@ async fn supervisor(world: Arc<World>) {
         next_crash = next_crash.saturating_sub(Duration::from_millis(200));
         let faults = world.faults_on.load(Ordering::SeqCst) && !world.calm.load(Ordering::SeqCst);
         if world.coord().is_halted() || (faults && next_crash.is_zero()) {
-            world.restart();
+            world.restart(!(faults && next_crash.is_zero())).await;
             next_crash = world.draw(|r| r.ms(1000, every));
         }
     }
@@ -366,7 +377,7 @@ pub struct Summary {
 
 /// Runs one seed to the end of the quiet phase and checks the invariants.
 pub async fn run(seed: u64) -> Result<Summary, String> {
-    let world = World::new(seed);
+    let world = World::new(seed).await;
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
         tasks.push(tokio::spawn(client(world.clone())));
@@ -389,7 +400,7 @@ pub async fn run(seed: u64) -> Result<Summary, String> {
         t.abort();
     }
     if world.draw(|r| r.chance(0.5)) {
-        world.restart(); // one more crash, so recovery runs with nothing else
+        world.restart(false).await; // one more crash, so recovery runs with nothing else
     }
     tokio::time::sleep(QUIET_PHASE).await;
     let result = crate::invariants::check(&world);
