@@ -120,7 +120,7 @@ impl Dev {
             ..Environment::default()
         };
         RunningCoordinator::start_with(
-            test_config(),
+            secure_config(),
             Arc::new(MemLog::new()),
             env,
             self.coordinator_security(require_client_cert),
@@ -128,6 +128,14 @@ impl Dev {
         .await
         .expect("start coordinator")
     }
+}
+
+/// [`test_config`] calling only TLS participants on loopback: the
+/// allowlist a coordinator holding a participant token needs.
+fn secure_config() -> tandem_coordinator::config::CoordinatorConfig {
+    let mut config = test_config();
+    config.allowed_endpoints = vec!["https://127.0.0.1:*".parse().expect("pattern")];
+    config
 }
 
 fn code(e: &Error) -> Option<tonic::Code> {
@@ -443,7 +451,7 @@ async fn certificates_reload_without_dropping_transactions() {
         participants: dev.participant_access(),
         ..Environment::default()
     };
-    let mut config = test_config();
+    let mut config = secure_config();
     config.call_timeout = Duration::from_secs(5);
     let coord = RunningCoordinator::start_with(config, Arc::new(MemLog::new()), env, security)
         .await
@@ -553,4 +561,78 @@ async fn the_bank_demo_runs_with_mutual_tls_and_tokens() {
         assert!(report.coordinator.starts_with("https://"), "{report}");
         assert!(report.shards.iter().all(|s| s.starts_with("https://")));
     }
+}
+
+/// A plaintext server that answers as a participant voting yes and
+/// records the `authorization` header of every call it gets: what an
+/// endpoint a client names would learn from the coordinator.
+async fn recording_participant() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = {
+        let seen = seen.clone();
+        move |req: tonic::Request<()>| {
+            if let Some(v) = req.metadata().get("authorization") {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                seen.lock().expect("seen").push(v);
+            }
+            Ok(req)
+        }
+    };
+    let participant = ParticipantServer::new().two_phase("r", Scripted::yes("evil"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(record))
+            .add_service(participant.into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (format!("http://{addr}"), seen)
+}
+
+// Rule: the coordinator's participant token is a credential every
+// participant obeys; it goes only to the participants the allowlist
+// names. A coordinator holding one does not start without an allowlist,
+// so a client cannot name its own endpoint and collect the token.
+#[tokio::test]
+async fn the_participant_token_never_reaches_an_endpoint_a_client_names() {
+    let dev = Dev::new();
+    let (evil, seen) = recording_participant().await;
+    let env = Environment {
+        participants: dev.participant_access(),
+        ..Environment::default()
+    };
+    let started = RunningCoordinator::start_with(
+        test_config(),
+        Arc::new(MemLog::new()),
+        env,
+        dev.coordinator_security(false),
+    )
+    .await;
+    let coord = match started {
+        Err(e) => {
+            assert!(e.to_string().contains("allow"), "{e}");
+            return;
+        }
+        Ok(coord) => coord,
+    };
+    // Had it started: any client names its own endpoint...
+    let client = TransactionClient::connect_with(coord.url(), &dev.options(None, Some("client")))
+        .await
+        .expect("connect");
+    let _ = client
+        .submit(Mode::TwoPhase, vec![Branch::new(evil, "r", "x")])
+        .await;
+    let token = dev.token("coordinator");
+    let leaked = seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|v| v.contains(&token));
+    assert!(
+        !leaked,
+        "the coordinator sent its participant token to an endpoint a client named"
+    );
 }

@@ -150,6 +150,7 @@ impl Secure {
             ("--participant-cert", f("coordinator.pem")),
             ("--participant-key", f("coordinator-key.pem")),
             ("--participant-token-file", f("coordinator.token")),
+            ("--allow-participant", "https://127.0.0.1:*".into()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
