@@ -636,3 +636,43 @@ async fn the_participant_token_never_reaches_an_endpoint_a_client_names() {
         "the coordinator sent its participant token to an endpoint a client named"
     );
 }
+
+// Rule: a participant that obeys only its coordinator refuses anyone else
+// on the request's headers, before reading its message: a stranger cannot
+// make it wait for (and buffer) a message of up to 64 MiB per call.
+#[tokio::test]
+async fn participants_refuse_strangers_before_reading_their_message() {
+    let dev = Dev::new();
+    let p = Scripted::yes("p");
+    let part = spawn(
+        ParticipantServer::new()
+            .two_phase("r", p.clone())
+            .only_coordinators(
+                AccessList::load(&dev.file("participant-access.txt")).expect("access"),
+            ),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(part.url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    // The call's headers go out; its message never comes.
+    let never = tonic::Request::new(tokio_stream::pending::<pb::BranchRequest>());
+    let codec = tonic_prost::ProstCodec::<pb::BranchRequest, pb::AckResponse>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/tandem.v1.Participant/Commit");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(3),
+        grpc.client_streaming(never, path, codec),
+    )
+    .await
+    .expect("no answer: the participant waits for the message of a caller it refuses");
+    assert_eq!(
+        answer.map(drop).map_err(|s| s.code()),
+        Err(tonic::Code::Unauthenticated)
+    );
+    assert_eq!(p.counts(), (0, 0, 0));
+}
