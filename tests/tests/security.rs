@@ -676,3 +676,31 @@ async fn participants_refuse_strangers_before_reading_their_message() {
     );
     assert_eq!(p.counts(), (0, 0, 0));
 }
+
+// Rule: an access file that cannot be used when reloaded — a bad line, or
+// one granting nothing (say, truncated while being rewritten) — leaves the
+// list in use in force, as at start, where both are refused.
+#[test]
+fn a_bad_access_file_on_reload_keeps_the_list_in_use() {
+    let dev = Dev::new();
+    let path = dev.file("coordinator-access.txt");
+    let access = AccessControl::load(&path).expect("load");
+    let security = ServerSecurity {
+        tls: None,
+        access: Some(access.clone()),
+    };
+    let bearer = format!("Bearer {}", dev.token("admin"));
+    let admin = || {
+        access.shared().read().expect("list").check(
+            Some(bearer.as_bytes()),
+            None,
+            tandem_sdk::security::Role::Admin,
+        )
+    };
+    for bad in ["client x\n", "", "# nothing granted yet\n"] {
+        std::fs::write(&path, bad).expect("write");
+        assert!(AccessControl::load(&path).is_err(), "{bad:?} at start");
+        security.reload(true);
+        assert_eq!(admin(), Ok("admin".into()), "after reloading {bad:?}");
+    }
+}
