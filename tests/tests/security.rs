@@ -704,3 +704,23 @@ fn a_bad_access_file_on_reload_keeps_the_list_in_use() {
         assert_eq!(admin(), Ok("admin".into()), "after reloading {bad:?}");
     }
 }
+
+// Rule: TLS settings with an http:// address are refused rather than
+// ignored: the call would go, token included, in cleartext.
+#[tokio::test]
+async fn tls_settings_with_an_http_address_are_refused() {
+    let dev = Dev::new();
+    let coord = RunningCoordinator::start(test_config(), Arc::new(MemLog::new()))
+        .await
+        .expect("start");
+    let options = dev.options(Some("client"), Some("client"));
+    let plain = format!("http://{}", coord.addr);
+    let e = TransactionClient::connect_with(&plain, &options)
+        .await
+        .expect_err("TLS settings for an http:// address were ignored");
+    assert_eq!(code(&e), Some(tonic::Code::InvalidArgument), "{e:?}");
+    let e = tandem_coordinator::cli::connect(&plain, &options)
+        .await
+        .expect_err("tandem tx ignored its TLS flags for an http:// address");
+    assert!(e.to_string().contains("https://"), "{e}");
+}
