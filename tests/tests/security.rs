@@ -724,3 +724,45 @@ async fn tls_settings_with_an_http_address_are_refused() {
         .expect_err("tandem tx ignored its TLS flags for an http:// address");
     assert!(e.to_string().contains("https://"), "{e}");
 }
+
+// Rule: one host holding connections open without ever finishing a TLS
+// handshake takes only its share of the handshake slots: a client from
+// another host still connects and is served.
+#[tokio::test]
+async fn one_host_cannot_take_every_tls_handshake_slot() {
+    let dev = Dev::new();
+    let tls = ServerTls::load(dev.server_files("participant", false))
+        .expect("tls")
+        .handshake_limits(16, 4);
+    let p = Scripted::yes("p");
+    let part = spawn(ParticipantServer::new().tls(tls).two_phase("r", p.clone())).await;
+    // From 127.0.0.2: connections that never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        idle.push(socket.connect(part.addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // From 127.0.0.1: a client completes its handshake and is answered.
+    let channel = tandem_sdk::security::endpoint(&part.url(), Some(&dev.client_tls(None)))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("a client from another host could not connect");
+    let vote = ParticipantClient::new(channel)
+        .prepare(pb::BranchRequest {
+            gtid: uuid::Uuid::now_v7().to_string(),
+            branch_id: 1,
+            resource: "r".into(),
+            payload: b"x".to_vec().into(),
+            attempt: 1,
+        })
+        .await
+        .expect("prepare");
+    assert!(vote.into_inner().yes);
+    drop(idle);
+}
