@@ -376,6 +376,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     config.validate()?;
     let (security, participants) = args.security.load().map_err(|e| anyhow::anyhow!(e))?;
+    if security.access.is_some() && security.tls.is_none() {
+        tracing::warn!(
+            "TOKENS IN CLEARTEXT: --auth-file without --tls-cert: callers' bearer tokens cross \
+             the network unencrypted, for anyone on the path to read and replay (give --tls-cert \
+             and --tls-key)"
+        );
+    }
+    if participants.token.is_set()
+        && let Some(p) = config
+            .allowed_endpoints
+            .iter()
+            .find(|p| p.to_string().starts_with("http://"))
+    {
+        tracing::warn!(
+            pattern = %p,
+            "TOKENS IN CLEARTEXT: the participant token goes unencrypted to http:// participants, \
+             for anyone on the path to read and replay (allow only https:// participants)"
+        );
+    }
     let (log, report) = SledLog::open_with(&config.data_dir, args.accept_log_damage)?;
     if report.is_damaged() {
         tracing::error!(

@@ -766,3 +766,52 @@ async fn one_host_cannot_take_every_tls_handshake_slot() {
     assert!(vote.into_inner().yes);
     drop(idle);
 }
+
+// Rule: `tandem serve` says so when bearer tokens would cross the network
+// in cleartext: an access file without TLS on its listener, and a
+// participant token allowed to go to http:// participants.
+#[test]
+fn serving_tokens_in_cleartext_is_warned() {
+    use std::io::{BufRead, BufReader, Read};
+    let dev = Dev::new();
+    let data = tempfile::tempdir().expect("data dir");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (data_dir, auth, token) = (
+        path(data.path()),
+        path(&dev.file("coordinator-access.txt")),
+        path(&dev.file("coordinator.token")),
+    );
+    let mut child = std::process::Command::new(tandem_tests::process::tandem_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", &data_dir])
+        .args(["--auth-file", &auth, "--participant-token-file", &token])
+        .args(["--allow-participant", "http://127.0.0.1:*"])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tandem serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    child.kill().expect("kill");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let _ = child.wait();
+    assert!(line.starts_with("listening on"), "{line}\n{stderr}");
+    assert!(
+        stderr.contains("--auth-file without --tls-cert"),
+        "no warning about client tokens in cleartext:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("participant token") && stderr.contains("http://"),
+        "no warning about the participant token in cleartext:\n{stderr}"
+    );
+    assert!(!stderr.contains(&dev.token("coordinator")), "{stderr}");
+}
