@@ -815,3 +815,60 @@ fn serving_tokens_in_cleartext_is_warned() {
     );
     assert!(!stderr.contains(&dev.token("coordinator")), "{stderr}");
 }
+
+// Rule: the participant policy holds for transactions already in the log:
+// after a restart with an allowlist, recovery does not call (nor send the
+// participant token to) an endpoint a branch named before it.
+#[tokio::test]
+async fn recovery_does_not_call_endpoints_outside_the_policy() {
+    let dev = Dev::new();
+    let (evil, seen) = recording_participant().await;
+    let log: Arc<MemLog> = Arc::new(MemLog::new());
+    // Before: no allowlist, no token; a transaction enlists `evil` and
+    // stays undecided.
+    let before = RunningCoordinator::start(test_config(), log.clone())
+        .await
+        .expect("start");
+    let client = TransactionClient::connect(before.url())
+        .await
+        .expect("connect");
+    let gtid = client.begin(Mode::TwoPhase).await.expect("begin");
+    client
+        .enlist(gtid, Branch::new(evil, "r", "x"))
+        .await
+        .expect("prepare");
+    before.shutdown().await.expect("shutdown");
+    // After: an allowlist and a participant token. Recovery aborts the
+    // transaction; its rollback must not go to `evil`.
+    let env = Environment {
+        participants: dev.participant_access(),
+        ..Environment::default()
+    };
+    let after = RunningCoordinator::start_with(
+        secure_config(),
+        log.clone(),
+        env,
+        ServerSecurity::default(),
+    )
+    .await
+    .expect("restart");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = dev.token("coordinator");
+    let leaked = seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|v| v.contains(&token));
+    assert!(
+        !leaked,
+        "recovery sent the participant token to an endpoint outside the allowlist"
+    );
+    let record = after.coordinator.get(gtid).expect("record");
+    assert!(
+        record
+            .branches
+            .iter()
+            .any(|b| b.last_error.contains("allowed")),
+        "{record:?}"
+    );
+}
