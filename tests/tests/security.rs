@@ -872,3 +872,32 @@ async fn recovery_does_not_call_endpoints_outside_the_policy() {
         "{record:?}"
     );
 }
+
+// Rule: `tandem certs dev` leaves keys and tokens readable by their owner
+// only, even over files already there, and never writes through a link
+// planted in the directory.
+#[test]
+fn dev_keys_and_tokens_are_private_even_over_existing_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("certs");
+    std::fs::create_dir(&out).expect("mkdir");
+    let open = std::fs::Permissions::from_mode(0o644);
+    for name in ["admin-key.pem", "admin.token"] {
+        std::fs::write(out.join(name), "old").expect("write");
+        std::fs::set_permissions(out.join(name), open.clone()).expect("chmod");
+    }
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "untouched").expect("write");
+    std::os::unix::fs::symlink(&elsewhere, out.join("client.token")).expect("symlink");
+    write_dev(&out).expect("dev certs");
+    for name in ["admin-key.pem", "admin.token", "client.token"] {
+        let meta = std::fs::symlink_metadata(out.join(name)).expect("meta");
+        assert!(meta.is_file(), "{name} is not a plain file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&elsewhere).expect("read"),
+        "untouched"
+    );
+}
