@@ -901,3 +901,25 @@ fn dev_keys_and_tokens_are_private_even_over_existing_files() {
         "untouched"
     );
 }
+
+// Rule: `tandem serve` with a participant token and no allowlist stops
+// before it listens, saying why.
+#[test]
+fn serve_refuses_a_participant_token_without_an_allowlist() {
+    let dev = Dev::new();
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let token = dev.file("coordinator.token").to_string_lossy().into_owned();
+    let ran = tandem_tests::process::tandem(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir,
+        "--participant-token-file",
+        &token,
+    ]);
+    assert!(!ran.ok, "served: {}", ran.stdout);
+    assert!(!ran.stdout.contains("listening on"), "{}", ran.stdout);
+    assert!(ran.stderr.contains("--allow-participant"), "{}", ran.stderr);
+}
