@@ -132,13 +132,19 @@ impl DevFiles {
     }
 }
 
+/// Writes a new file at `path` (owner-only when `secret`): whatever was
+/// there is removed first, so an existing file's looser mode or a planted
+/// link is never written through.
 fn write(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(if secret { 0o600 } else { 0o644 })
         .open(path)?;
     file.write_all(text.as_bytes())

@@ -388,6 +388,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     config.validate()?;
     let (security, participants) = args.security.load().map_err(|e| anyhow::anyhow!(e))?;
+    if security.access.is_some() && security.tls.is_none() {
+        tracing::warn!(
+            "TOKENS IN CLEARTEXT: --auth-file without --tls-cert: callers' bearer tokens cross \
+             the network unencrypted, for anyone on the path to read and replay (give --tls-cert \
+             and --tls-key)"
+        );
+    }
+    if participants.token.is_set()
+        && let Some(p) = config
+            .allowed_endpoints
+            .iter()
+            .find(|p| p.to_string().starts_with("http://"))
+    {
+        tracing::warn!(
+            pattern = %p,
+            "TOKENS IN CLEARTEXT: the participant token goes unencrypted to http:// participants, \
+             for anyone on the path to read and replay (allow only https:// participants)"
+        );
+    }
     let (log, report) = SledLog::open_with(&config.data_dir, args.accept_log_damage)?;
     if report.is_damaged() {
         tracing::error!(
@@ -396,22 +415,25 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let log = Arc::new(log);
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    info!(listen = %listener.local_addr()?, data_dir = %config.data_dir.display(), "tandem coordinator serving");
-    // Printed for scripts and tests that start us on port 0.
-    println!("listening on {}", listener.local_addr()?);
-    if config.allowed_endpoints.is_empty() {
-        tracing::warn!(
-            "no participant allowlist: a branch may name any host:port (give --allow-participant)"
-        );
-    }
+    let listen = config.listen;
+    let any_endpoint = config.allowed_endpoints.is_empty();
     let env = Environment {
         participants: participants.clone(),
         ..Environment::default()
     };
+    // Before listening: refuses a participant token without an allowlist.
     let coord = Coordinator::with_environment(config, log, env)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    info!(listen = %listener.local_addr()?, data_dir = %coord.config().data_dir.display(), "tandem coordinator serving");
+    // Printed for scripts and tests that start us on port 0.
+    println!("listening on {}", listener.local_addr()?);
+    if any_endpoint {
+        tracing::warn!(
+            "no participant allowlist: a branch may name any host:port (give --allow-participant)"
+        );
+    }
     let _hup = reload_on_hangup(security.clone(), coord.clone(), participants);
     server::serve_with(coord, listener, security, shutdown_signal()).await?;
     info!("stopped");

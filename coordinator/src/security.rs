@@ -141,13 +141,7 @@ impl AccessControl {
     ///
     /// The file cannot be read or has a bad line.
     pub fn load(path: &Path) -> Result<AccessControl, String> {
-        let list = AccessList::load(path)?;
-        if list.is_empty() {
-            return Err(format!(
-                "access file {} grants nothing: every call would be refused",
-                path.display()
-            ));
-        }
+        let list = read_access(path)?;
         Ok(AccessControl {
             path: path.to_path_buf(),
             list: Arc::new(RwLock::new(list)),
@@ -177,11 +171,24 @@ impl AccessControl {
         if !force && *self.stamp.read().unwrap_or_else(|p| p.into_inner()) == now {
             return Ok(false);
         }
-        let list = AccessList::load(&self.path)?;
+        let list = read_access(&self.path)?;
         *self.list.write().unwrap_or_else(|p| p.into_inner()) = list;
         *self.stamp.write().unwrap_or_else(|p| p.into_inner()) = now;
         Ok(true)
     }
+}
+
+/// An access file that grants something (an empty one, perhaps caught
+/// while being rewritten, would refuse every call).
+fn read_access(path: &Path) -> Result<AccessList, String> {
+    let list = AccessList::load(path)?;
+    if list.is_empty() {
+        return Err(format!(
+            "access file {} grants nothing: every call would be refused",
+            path.display()
+        ));
+    }
+    Ok(list)
 }
 
 fn modified(path: &Path) -> Option<SystemTime> {

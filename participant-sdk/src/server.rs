@@ -14,6 +14,7 @@ use tandem_proto::v1::participant_server::{
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -191,15 +192,20 @@ impl ParticipantServer {
     /// The tonic service, to add to your own `tonic::transport::Server`.
     /// Barrier retention and in-doubt resolution are not started; run
     /// [`spawn_retention`](crate::barrier::spawn_retention) alongside.
-    pub fn into_service(self) -> ParticipantRpcServer<ParticipantService> {
-        ParticipantRpcServer::new(self.service()).max_decoding_message_size(64 * 1024 * 1024)
+    pub fn into_service(
+        self,
+    ) -> InterceptedService<ParticipantRpcServer<ParticipantService>, CallerCheck> {
+        let check = CallerCheck(self.coordinators.clone());
+        InterceptedService::new(
+            ParticipantRpcServer::new(self.service()).max_decoding_message_size(64 * 1024 * 1024),
+            check,
+        )
     }
 
     fn service(&self) -> ParticipantService {
         ParticipantService {
             handlers: Arc::new(self.handlers.clone()),
             barrier: self.barrier.clone(),
-            coordinators: self.coordinators.clone(),
         }
     }
 
@@ -355,7 +361,33 @@ impl Drop for Background {
 pub struct ParticipantService {
     handlers: Arc<Handlers>,
     barrier: Arc<dyn BarrierStore>,
-    coordinators: Option<AccessList>,
+}
+
+/// Refuses a caller that is not an allowed coordinator (when
+/// [`ParticipantServer::only_coordinators`] is set) on the request's
+/// headers, before its message is read.
+#[derive(Clone)]
+pub struct CallerCheck(Option<AccessList>);
+
+impl tonic::service::Interceptor for CallerCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(access) = &self.0 else {
+            return Ok(req);
+        };
+        let auth = req.metadata().get("authorization").map(|v| v.as_bytes());
+        let certs = req.peer_certs();
+        match access.check(
+            auth,
+            certs.as_deref().map(|c| c.as_slice()),
+            Role::Coordinator,
+        ) {
+            Ok(_) => Ok(req),
+            Err(r) => {
+                tracing::warn!(refused = %r, "participant call refused");
+                Err(Status::from(r))
+            }
+        }
+    }
 }
 
 /// Longest text this server puts in a status (statuses travel in HTTP/2
@@ -438,27 +470,6 @@ impl ParticipantService {
         barrier::gate::phase_two(self.barrier.as_ref(), &ctx, verb, call).await
     }
 
-    /// Refuses a caller that is not an allowed coordinator (when
-    /// [`ParticipantServer::only_coordinators`] is set).
-    fn check_caller<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(access) = &self.coordinators else {
-            return Ok(());
-        };
-        let auth = req.metadata().get("authorization").map(|v| v.as_bytes());
-        let certs = req.peer_certs();
-        access
-            .check(
-                auth,
-                certs.as_deref().map(|c| c.as_slice()),
-                Role::Coordinator,
-            )
-            .map(drop)
-            .map_err(|r| {
-                tracing::warn!(refused = %r, "participant call refused");
-                Status::from(r)
-            })
-    }
-
     fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
         match self.handlers.get(resource) {
             Some((p, h)) if *p == protocol => Ok(h),
@@ -482,7 +493,6 @@ impl ParticipantService {
         protocol: Protocol,
         verb: &str,
     ) -> Result<Response<pb::VoteResponse>, Status> {
-        self.check_caller(&req)?;
         let req = req.into_inner();
         let ctx = context(&req, Phase::Try)?;
         let handler = self.handler(&req.resource, protocol)?;
@@ -499,7 +509,6 @@ impl ParticipantService {
         commit: bool,
         verb: &str,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        self.check_caller(&req)?;
         let req = req.into_inner();
         let phase = if commit {
             Phase::Confirm

@@ -120,7 +120,7 @@ impl Dev {
             ..Environment::default()
         };
         RunningCoordinator::start_with(
-            test_config(),
+            secure_config(),
             Arc::new(MemLog::new()),
             env,
             self.coordinator_security(require_client_cert),
@@ -128,6 +128,14 @@ impl Dev {
         .await
         .expect("start coordinator")
     }
+}
+
+/// [`test_config`] calling only TLS participants on loopback: the
+/// allowlist a coordinator holding a participant token needs.
+fn secure_config() -> tandem_coordinator::config::CoordinatorConfig {
+    let mut config = test_config();
+    config.allowed_endpoints = vec!["https://127.0.0.1:*".parse().expect("pattern")];
+    config
 }
 
 fn code(e: &Error) -> Option<tonic::Code> {
@@ -443,7 +451,7 @@ async fn certificates_reload_without_dropping_transactions() {
         participants: dev.participant_access(),
         ..Environment::default()
     };
-    let mut config = test_config();
+    let mut config = secure_config();
     config.call_timeout = Duration::from_secs(5);
     let coord = RunningCoordinator::start_with(config, Arc::new(MemLog::new()), env, security)
         .await
@@ -553,4 +561,365 @@ async fn the_bank_demo_runs_with_mutual_tls_and_tokens() {
         assert!(report.coordinator.starts_with("https://"), "{report}");
         assert!(report.shards.iter().all(|s| s.starts_with("https://")));
     }
+}
+
+/// A plaintext server that answers as a participant voting yes and
+/// records the `authorization` header of every call it gets: what an
+/// endpoint a client names would learn from the coordinator.
+async fn recording_participant() -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = {
+        let seen = seen.clone();
+        move |req: tonic::Request<()>| {
+            if let Some(v) = req.metadata().get("authorization") {
+                let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                seen.lock().expect("seen").push(v);
+            }
+            Ok(req)
+        }
+    };
+    let participant = ParticipantServer::new().two_phase("r", Scripted::yes("evil"));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(record))
+            .add_service(participant.into_service())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (format!("http://{addr}"), seen)
+}
+
+// Rule: the coordinator's participant token is a credential every
+// participant obeys; it goes only to the participants the allowlist
+// names. A coordinator holding one does not start without an allowlist,
+// so a client cannot name its own endpoint and collect the token.
+#[tokio::test]
+async fn the_participant_token_never_reaches_an_endpoint_a_client_names() {
+    let dev = Dev::new();
+    let (evil, seen) = recording_participant().await;
+    let env = Environment {
+        participants: dev.participant_access(),
+        ..Environment::default()
+    };
+    let started = RunningCoordinator::start_with(
+        test_config(),
+        Arc::new(MemLog::new()),
+        env,
+        dev.coordinator_security(false),
+    )
+    .await;
+    let coord = match started {
+        Err(e) => {
+            assert!(e.to_string().contains("allow"), "{e}");
+            return;
+        }
+        Ok(coord) => coord,
+    };
+    // Had it started: any client names its own endpoint...
+    let client = TransactionClient::connect_with(coord.url(), &dev.options(None, Some("client")))
+        .await
+        .expect("connect");
+    let _ = client
+        .submit(Mode::TwoPhase, vec![Branch::new(evil, "r", "x")])
+        .await;
+    let token = dev.token("coordinator");
+    let leaked = seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|v| v.contains(&token));
+    assert!(
+        !leaked,
+        "the coordinator sent its participant token to an endpoint a client named"
+    );
+}
+
+// Rule: a participant that obeys only its coordinator refuses anyone else
+// on the request's headers, before reading its message: a stranger cannot
+// make it wait for (and buffer) a message of up to 64 MiB per call.
+#[tokio::test]
+async fn participants_refuse_strangers_before_reading_their_message() {
+    let dev = Dev::new();
+    let p = Scripted::yes("p");
+    let part = spawn(
+        ParticipantServer::new()
+            .two_phase("r", p.clone())
+            .only_coordinators(
+                AccessList::load(&dev.file("participant-access.txt")).expect("access"),
+            ),
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(part.url())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    // The call's headers go out; its message never comes.
+    let never = tonic::Request::new(tokio_stream::pending::<pb::BranchRequest>());
+    let codec = tonic_prost::ProstCodec::<pb::BranchRequest, pb::AckResponse>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/tandem.v1.Participant/Commit");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(3),
+        grpc.client_streaming(never, path, codec),
+    )
+    .await
+    .expect("no answer: the participant waits for the message of a caller it refuses");
+    assert_eq!(
+        answer.map(drop).map_err(|s| s.code()),
+        Err(tonic::Code::Unauthenticated)
+    );
+    assert_eq!(p.counts(), (0, 0, 0));
+}
+
+// Rule: an access file that cannot be used when reloaded — a bad line, or
+// one granting nothing (say, truncated while being rewritten) — leaves the
+// list in use in force, as at start, where both are refused.
+#[test]
+fn a_bad_access_file_on_reload_keeps_the_list_in_use() {
+    let dev = Dev::new();
+    let path = dev.file("coordinator-access.txt");
+    let access = AccessControl::load(&path).expect("load");
+    let security = ServerSecurity {
+        tls: None,
+        access: Some(access.clone()),
+    };
+    let bearer = format!("Bearer {}", dev.token("admin"));
+    let admin = || {
+        access.shared().read().expect("list").check(
+            Some(bearer.as_bytes()),
+            None,
+            tandem_sdk::security::Role::Admin,
+        )
+    };
+    for bad in ["client x\n", "", "# nothing granted yet\n"] {
+        std::fs::write(&path, bad).expect("write");
+        assert!(AccessControl::load(&path).is_err(), "{bad:?} at start");
+        security.reload(true);
+        assert_eq!(admin(), Ok("admin".into()), "after reloading {bad:?}");
+    }
+}
+
+// Rule: TLS settings with an http:// address are refused rather than
+// ignored: the call would go, token included, in cleartext.
+#[tokio::test]
+async fn tls_settings_with_an_http_address_are_refused() {
+    let dev = Dev::new();
+    let coord = RunningCoordinator::start(test_config(), Arc::new(MemLog::new()))
+        .await
+        .expect("start");
+    let options = dev.options(Some("client"), Some("client"));
+    let plain = format!("http://{}", coord.addr);
+    let e = TransactionClient::connect_with(&plain, &options)
+        .await
+        .expect_err("TLS settings for an http:// address were ignored");
+    assert_eq!(code(&e), Some(tonic::Code::InvalidArgument), "{e:?}");
+    let e = tandem_coordinator::cli::connect(&plain, &options)
+        .await
+        .expect_err("tandem tx ignored its TLS flags for an http:// address");
+    assert!(e.to_string().contains("https://"), "{e}");
+}
+
+// Rule: one host holding connections open without ever finishing a TLS
+// handshake takes only its share of the handshake slots: a client from
+// another host still connects and is served.
+#[tokio::test]
+async fn one_host_cannot_take_every_tls_handshake_slot() {
+    let dev = Dev::new();
+    let tls = ServerTls::load(dev.server_files("participant", false))
+        .expect("tls")
+        .handshake_limits(16, 4);
+    let p = Scripted::yes("p");
+    let part = spawn(ParticipantServer::new().tls(tls).two_phase("r", p.clone())).await;
+    // From 127.0.0.2: connections that never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind 127.0.0.2");
+        idle.push(socket.connect(part.addr).await.expect("connect"));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // From 127.0.0.1: a client completes its handshake and is answered.
+    let channel = tandem_sdk::security::endpoint(&part.url(), Some(&dev.client_tls(None)))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .expect("a client from another host could not connect");
+    let vote = ParticipantClient::new(channel)
+        .prepare(pb::BranchRequest {
+            gtid: uuid::Uuid::now_v7().to_string(),
+            branch_id: 1,
+            resource: "r".into(),
+            payload: b"x".to_vec().into(),
+            attempt: 1,
+        })
+        .await
+        .expect("prepare");
+    assert!(vote.into_inner().yes);
+    drop(idle);
+}
+
+// Rule: `tandem serve` says so when bearer tokens would cross the network
+// in cleartext: an access file without TLS on its listener, and a
+// participant token allowed to go to http:// participants.
+#[test]
+fn serving_tokens_in_cleartext_is_warned() {
+    use std::io::{BufRead, BufReader, Read};
+    let dev = Dev::new();
+    let data = tempfile::tempdir().expect("data dir");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let (data_dir, auth, token) = (
+        path(data.path()),
+        path(&dev.file("coordinator-access.txt")),
+        path(&dev.file("coordinator.token")),
+    );
+    let mut child = std::process::Command::new(tandem_tests::process::tandem_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", &data_dir])
+        .args(["--auth-file", &auth, "--participant-token-file", &token])
+        .args(["--allow-participant", "http://127.0.0.1:*"])
+        .env("RUST_LOG", "warn")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tandem serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read");
+    child.kill().expect("kill");
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let _ = child.wait();
+    assert!(line.starts_with("listening on"), "{line}\n{stderr}");
+    assert!(
+        stderr.contains("--auth-file without --tls-cert"),
+        "no warning about client tokens in cleartext:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("participant token") && stderr.contains("http://"),
+        "no warning about the participant token in cleartext:\n{stderr}"
+    );
+    assert!(!stderr.contains(&dev.token("coordinator")), "{stderr}");
+}
+
+// Rule: the participant policy holds for transactions already in the log:
+// after a restart with an allowlist, recovery does not call (nor send the
+// participant token to) an endpoint a branch named before it.
+#[tokio::test]
+async fn recovery_does_not_call_endpoints_outside_the_policy() {
+    let dev = Dev::new();
+    let (evil, seen) = recording_participant().await;
+    let log: Arc<MemLog> = Arc::new(MemLog::new());
+    // Before: no allowlist, no token; a transaction enlists `evil` and
+    // stays undecided.
+    let before = RunningCoordinator::start(test_config(), log.clone())
+        .await
+        .expect("start");
+    let client = TransactionClient::connect(before.url())
+        .await
+        .expect("connect");
+    let gtid = client.begin(Mode::TwoPhase).await.expect("begin");
+    client
+        .enlist(gtid, Branch::new(evil, "r", "x"))
+        .await
+        .expect("prepare");
+    before.shutdown().await.expect("shutdown");
+    // After: an allowlist and a participant token. Recovery aborts the
+    // transaction; its rollback must not go to `evil`.
+    let env = Environment {
+        participants: dev.participant_access(),
+        ..Environment::default()
+    };
+    let after = RunningCoordinator::start_with(
+        secure_config(),
+        log.clone(),
+        env,
+        ServerSecurity::default(),
+    )
+    .await
+    .expect("restart");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let token = dev.token("coordinator");
+    let leaked = seen
+        .lock()
+        .expect("seen")
+        .iter()
+        .any(|v| v.contains(&token));
+    assert!(
+        !leaked,
+        "recovery sent the participant token to an endpoint outside the allowlist"
+    );
+    let record = after.coordinator.get(gtid).expect("record");
+    assert!(
+        record
+            .branches
+            .iter()
+            .any(|b| b.last_error.contains("allowed")),
+        "{record:?}"
+    );
+}
+
+// Rule: `tandem certs dev` leaves keys and tokens readable by their owner
+// only, even over files already there, and never writes through a link
+// planted in the directory.
+#[test]
+fn dev_keys_and_tokens_are_private_even_over_existing_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("certs");
+    std::fs::create_dir(&out).expect("mkdir");
+    let open = std::fs::Permissions::from_mode(0o644);
+    for name in ["admin-key.pem", "admin.token"] {
+        std::fs::write(out.join(name), "old").expect("write");
+        std::fs::set_permissions(out.join(name), open.clone()).expect("chmod");
+    }
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::write(&elsewhere, "untouched").expect("write");
+    std::os::unix::fs::symlink(&elsewhere, out.join("client.token")).expect("symlink");
+    write_dev(&out).expect("dev certs");
+    for name in ["admin-key.pem", "admin.token", "client.token"] {
+        let meta = std::fs::symlink_metadata(out.join(name)).expect("meta");
+        assert!(meta.is_file(), "{name} is not a plain file");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&elsewhere).expect("read"),
+        "untouched"
+    );
+}
+
+// Rule: `tandem serve` with a participant token and no allowlist stops
+// before it listens, saying why.
+#[test]
+fn serve_refuses_a_participant_token_without_an_allowlist() {
+    let dev = Dev::new();
+    let data = tempfile::tempdir().expect("data dir");
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let token = dev.file("coordinator.token").to_string_lossy().into_owned();
+    let ran = tandem_tests::process::tandem(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data_dir,
+        "--participant-token-file",
+        &token,
+    ]);
+    assert!(!ran.ok, "served: {}", ran.stdout);
+    assert!(!ran.stdout.contains("listening on"), "{}", ran.stdout);
+    assert!(ran.stderr.contains("--allow-participant"), "{}", ran.stderr);
 }

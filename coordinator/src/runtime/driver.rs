@@ -191,6 +191,10 @@ impl Inner {
             let vote = Vote::Failed("branch vanished".into());
             return Event::PhaseOne { branch, vote };
         };
+        if let Err(e) = self.check_policy(&endpoint) {
+            let vote = Vote::Failed(e.to_string());
+            return Event::PhaseOne { branch, vote };
+        }
         // Cut at the global deadline: a call still out then counts as
         // failed (and gets its rollback / cancel once it returns).
         let left = Duration::from_millis(deadline.saturating_sub(self.now()).max(1));
@@ -218,10 +222,15 @@ impl Inner {
             };
         };
         let timeout = self.config.call_timeout;
-        let call = self
-            .transport
-            .phase_two(&endpoint, mode, commit, req, timeout);
-        let result = bounded(timeout, call).await;
+        let result = match self.check_policy(&endpoint) {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => {
+                let call = self
+                    .transport
+                    .phase_two(&endpoint, mode, commit, req, timeout);
+                bounded(timeout, call).await
+            }
+        };
         if let Err(error) = &result {
             let gtid = entry.lock().record().gtid;
             warn!(%gtid, branch, attempt, %error, "phase-2 call failed");

@@ -113,6 +113,23 @@ struct Entry {
     changed: watch::Sender<()>,
 }
 
+/// The participant token is sent with every call to a participant, and
+/// every participant obeys it: without an allowlist a client could name an
+/// endpoint of its own and collect it.
+fn token_needs_allowlist(
+    config: &CoordinatorConfig,
+    access: &crate::security::ParticipantAccess,
+) -> Result<(), String> {
+    if access.token.is_set() && config.allowed_endpoints.is_empty() {
+        return Err(
+            "a participant token needs an allowlist of participants (--allow-participant): \
+             without one it would be sent to any endpoint a client names"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 impl Coordinator {
     /// A coordinator over `log`, calling participants over gRPC. Call
     /// [`Coordinator::start_recovery`] before serving.
@@ -129,7 +146,8 @@ impl Coordinator {
     ///
     /// # Errors
     ///
-    /// [`CoordError::InvalidArgument`] when `config` does not validate.
+    /// [`CoordError::InvalidArgument`] when `config` does not validate, or
+    /// a participant token is given without an allowlist of participants.
     pub fn with_environment(
         config: CoordinatorConfig,
         log: Arc<dyn TxnLog>,
@@ -138,6 +156,7 @@ impl Coordinator {
         config
             .validate()
             .map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
+        token_needs_allowlist(&config, &env.participants).map_err(CoordError::InvalidArgument)?;
         let pool =
             Arc::new(ParticipantPool::new(&env.participants).map_err(CoordError::InvalidArgument)?);
         let transport = env.transport.unwrap_or_else(|| pool.clone());
@@ -203,11 +222,13 @@ impl Coordinator {
     ///
     /// # Errors
     ///
-    /// The TLS files cannot be used; nothing changes then.
+    /// The TLS files cannot be used, or a token is given without an
+    /// allowlist of participants; nothing changes then.
     pub fn set_participant_access(
         &self,
         access: &crate::security::ParticipantAccess,
     ) -> Result<(), String> {
+        token_needs_allowlist(&self.inner.config, access)?;
         self.inner.pool.set_access(access)
     }
 

@@ -80,16 +80,23 @@ impl tonic::service::Interceptor for BearerToken {
 
 /// A channel endpoint for `url` (TCP_NODELAY set). An `https://` address
 /// gets TLS — `tls`, or the system's roots without it — and is never
-/// called in cleartext; `http://` is plaintext.
+/// called in cleartext; `http://` is plaintext, and refused with `tls`.
 ///
 /// # Errors
 ///
-/// A malformed address or unusable TLS files.
+/// A malformed address, unusable TLS files, or TLS settings for an
+/// address that is not `https://`.
 pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad address {url:?}: {e}"))?
         .tcp_nodelay(true);
     if endpoint.uri().scheme_str() != Some("https") {
+        if tls.is_some() {
+            return Err(format!(
+                "TLS settings were given for {url:?}, which would be called in cleartext: \
+                 use an https:// address"
+            ));
+        }
         return Ok(endpoint);
     }
     let config = tls

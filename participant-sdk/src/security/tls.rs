@@ -5,6 +5,8 @@
 //! Files are PEM. A certificate that has expired or is not yet valid is
 //! refused when loaded, with the file and the dates in the error.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -27,6 +29,10 @@ pub struct TlsError(pub String);
 
 /// Handshakes in progress at once; past it new connections are closed.
 const MAX_HANDSHAKES: usize = 1024;
+/// Handshakes in progress at once from one host (an IPv4 address, an IPv6
+/// /64): one host holding connections open without a handshake cannot
+/// take every slot.
+const MAX_HANDSHAKES_PER_PEER: usize = 64;
 /// A connection that has not finished its handshake by then is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,6 +59,8 @@ pub struct ServerTls {
     files: Arc<ServerTlsFiles>,
     current: Arc<RwLock<Arc<ServerConfig>>>,
     stamps: Arc<Mutex<Vec<Option<SystemTime>>>>,
+    /// Handshakes in progress at once: in all, and from one host.
+    max_handshakes: (usize, usize),
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -76,7 +84,16 @@ impl ServerTls {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(Arc::new(config))),
             stamps: Arc::new(Mutex::new(stamps)),
+            max_handshakes: (MAX_HANDSHAKES, MAX_HANDSHAKES_PER_PEER),
         })
+    }
+
+    /// At most `total` handshakes in progress at once, `per_peer` of them
+    /// from one host (defaults 1024 and 64); past either, new connections
+    /// are closed.
+    pub fn handshake_limits(mut self, total: usize, per_peer: usize) -> Self {
+        self.max_handshakes = (total.max(1), per_peer.max(1));
+        self
     }
 
     /// Reads the files again and serves new connections with them. On an
@@ -143,8 +160,10 @@ impl ServerTls {
     ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
         let (tx, rx) = mpsc::channel(64);
         let tls = self.clone();
+        let (total, per_peer) = self.max_handshakes;
         tokio::spawn(async move {
-            let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+            let handshakes = Arc::new(Semaphore::new(total));
+            let peers = PeerHandshakes::default();
             loop {
                 let accepted = tokio::select! {
                     r = listener.accept() => r,
@@ -158,6 +177,10 @@ impl ServerTls {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                let Some(peer_permit) = peers.acquire(peer.ip(), per_peer) else {
+                    tracing::warn!(%peer, "too many TLS handshakes in progress from this host; connection closed");
+                    continue;
                 };
                 let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
@@ -175,11 +198,65 @@ impl ServerTls {
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                    drop(permit);
+                    drop((permit, peer_permit));
                 });
             }
         });
         ReceiverStream::new(rx)
+    }
+}
+
+/// Handshakes in progress by host.
+#[derive(Clone, Default)]
+struct PeerHandshakes(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One handshake of a host in progress; released when dropped.
+struct PeerPermit {
+    peers: PeerHandshakes,
+    host: IpAddr,
+}
+
+impl PeerHandshakes {
+    /// A slot for a handshake from `ip`, unless its host has `max`.
+    fn acquire(&self, ip: IpAddr, max: usize) -> Option<PeerPermit> {
+        let host = host_of(ip);
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(host).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerPermit {
+            peers: self.clone(),
+            host,
+        })
+    }
+}
+
+impl Drop for PeerPermit {
+    fn drop(&mut self) {
+        let mut map = self.peers.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.host);
+            }
+        }
+    }
+}
+
+/// The host an address belongs to: an IPv4 address (or one mapped into
+/// IPv6) itself, an IPv6 address's /64 (one host commonly holds a /64).
+fn host_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -407,5 +484,30 @@ impl ClientTls {
                 "a client certificate needs both the certificate and its key".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // An IPv6 /64 is one host; an IPv4 address mapped into IPv6 is that
+    // address; each host has its own count, released with its permits.
+    #[test]
+    fn handshakes_are_counted_by_host() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(host_of(ip("2001:db8::1")), host_of(ip("2001:db8::ffff:2")));
+        assert_ne!(host_of(ip("2001:db8::1")), host_of(ip("2001:db8:0:1::1")));
+        assert_eq!(host_of(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+        let peers = PeerHandshakes::default();
+        let held: Vec<_> = (1..=2)
+            .map(|i| peers.acquire(ip(&format!("2001:db8::{i}")), 2))
+            .collect();
+        assert!(held.iter().all(Option::is_some));
+        assert!(peers.acquire(ip("2001:db8::3"), 2).is_none());
+        assert!(peers.acquire(ip("10.0.0.1"), 2).is_some());
+        drop(held);
+        assert!(peers.acquire(ip("2001:db8::3"), 2).is_some());
+        assert!(peers.0.lock().expect("map").is_empty());
     }
 }
