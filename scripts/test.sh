@@ -2,7 +2,11 @@
 # Tandem's test suite on a machine with a Rust toolchain: installs what the
 # tests need and is missing (PostgreSQL's server binaries, which the
 # PostgreSQL tests start themselves with initdb + pg_ctl in temp dirs), then
-# runs every test. Extra arguments go to `cargo test`.
+# runs every test. Extra arguments go to `cargo test`. Last, the Python
+# example (examples/python/run.sh: a participant and a client in another
+# language against the `tandem` binary that cargo test built; it installs
+# python3-venv when missing and grpcio from PyPI); SKIP_PYTHON_EXAMPLE=1
+# skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,3 +42,14 @@ fi
 
 echo "== cargo test --workspace"
 cargo test --workspace "$@"
+
+if [ "${SKIP_PYTHON_EXAMPLE:-0}" != 1 ]; then
+  # cargo test --workspace built target/debug/tandem; a filtered run may not have.
+  tandem_bin="${CARGO_TARGET_DIR:-target}/debug/tandem"
+  if [ ! -x "$tandem_bin" ]; then
+    echo "== cargo build -p tandem-coordinator"
+    cargo build -p tandem-coordinator
+  fi
+  echo "== examples/python/run.sh"
+  bash examples/python/run.sh
+fi
