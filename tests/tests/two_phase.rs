@@ -282,7 +282,15 @@ async fn decision_is_forced_before_phase_two() {
             .unwrap_or_else(|| panic!("no {e} in {:?}", journal.entries()))
     };
     let decided = pos("write:COMMITTING");
-    let forced = pos("forced");
+    // Recovery forces the log once before serving; the decision's own
+    // force is the first one after the decision was written.
+    let forced = journal
+        .entries()
+        .iter()
+        .skip(decided)
+        .position(|e| e == "forced")
+        .map(|i| decided + i)
+        .unwrap_or_else(|| panic!("no force after the decision: {:?}", journal.entries()));
     assert!(
         pos("prepare:a") < decided && pos("prepare:b") < decided,
         "{:?}",
