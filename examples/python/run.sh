@@ -121,6 +121,7 @@ listening() {
 "$tandem" serve --listen 127.0.0.1:0 --data-dir "$work/coordinator" \
   --auth-file "$work/access.txt" \
   --participant-token-file "$work/to-participants.token" \
+  --allow-participant 'http://127.0.0.1:*' \
   --call-timeout 3s --retry-max 1s \
   >"$work/coordinator.out" 2>"$work/coordinator.err" &
 pids+=($!)
