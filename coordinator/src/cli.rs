@@ -210,6 +210,12 @@ struct TxView {
     state: String,
     decision: String,
     reason: String,
+    /// What made it abort ("VOTED_NO", …); empty when not aborted.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    abort_cause: String,
+    /// The branch that made it abort; 0 when none did.
+    #[serde(skip_serializing_if = "is_zero")]
+    abort_branch: u32,
     created_at_ms: u64,
     updated_at_ms: u64,
     deadline_ms: u64,
@@ -229,6 +235,10 @@ struct BranchView {
     updated_at_ms: u64,
     next_attempt_at_ms: u64,
     payload_len: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `TX_STATE_COMMITTED` → `COMMITTED`.
@@ -261,6 +271,10 @@ impl From<pb::TransactionInfo> for TxView {
             state: short(state.as_str_name(), "TX_STATE_"),
             decision: short(decision.as_str_name(), "DECISION_"),
             reason: t.reason,
+            abort_cause: t.abort.as_ref().map_or(String::new(), |a| {
+                short(a.cause().as_str_name(), "ABORT_CAUSE_")
+            }),
+            abort_branch: t.abort.as_ref().map_or(0, |a| a.branch_id),
             age_ms: now_ms().saturating_sub(t.created_at_ms),
             created_at_ms: t.created_at_ms,
             updated_at_ms: t.updated_at_ms,
@@ -340,6 +354,15 @@ fn render_one(t: TxView, output: Output) -> String {
     let _ = writeln!(out, "  decision   {}", t.decision);
     if !t.reason.is_empty() {
         let _ = writeln!(out, "  reason     {}", t.reason);
+    }
+    match (t.abort_cause.as_str(), t.abort_branch) {
+        ("", _) => {}
+        (cause, 0) => {
+            let _ = writeln!(out, "  cause      {cause}");
+        }
+        (cause, b) => {
+            let _ = writeln!(out, "  cause      {cause} (branch {b})");
+        }
     }
     let _ = writeln!(
         out,

@@ -35,8 +35,8 @@ use crate::config::RetryPolicy;
 use bytes::Bytes;
 
 use crate::model::{
-    BranchId, BranchRecord, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState, TxnRecord,
-    cap_text,
+    AbortCause, AbortInfo, BranchId, BranchRecord, BranchState, Decision, Gtid, MAX_STORED_TEXT,
+    Mode, TxState, TxnRecord, cap_text,
 };
 
 /// One transaction's state machine.
@@ -101,7 +101,7 @@ impl Txn {
         txn.budget_start = now;
         let cmds = match txn.rec.state {
             TxState::Active | TxState::Preparing => {
-                txn.abort("coordinator restarted before a decision".into(), now)
+                txn.abort(AbortInfo::new(AbortCause::CoordinatorRestart, ""), now)
             }
             TxState::Committing | TxState::Aborting => {
                 txn.durable = true;
@@ -166,6 +166,7 @@ impl Txn {
             rec.state = self.undecided;
             rec.decision = None;
             rec.reason = String::new();
+            rec.abort = None;
             std::borrow::Cow::Owned(rec)
         } else {
             std::borrow::Cow::Borrowed(&self.rec)
@@ -226,17 +227,12 @@ impl Txn {
             Event::PhaseOne { branch, vote } => Ok(self.on_phase_one(branch, vote, now)),
             Event::Commit => self.on_commit(now),
             Event::Rollback { reason } => {
-                let reason = if reason.is_empty() {
-                    "rolled back by the client".to_string()
-                } else {
-                    format!("rolled back by the client: {reason}")
-                };
-                self.on_rollback(reason, now)
+                self.on_rollback(AbortInfo::new(AbortCause::ClientRollback, reason), now)
             }
             Event::DeadlinePassed => Ok(if self.rec.state.is_decided() {
                 Vec::new()
             } else {
-                self.abort("deadline passed before a decision".into(), now)
+                self.abort(AbortInfo::new(AbortCause::Deadline, ""), now)
             }),
             Event::DecisionDurable => {
                 let mut cmds = Vec::new();
@@ -257,12 +253,7 @@ impl Txn {
             }
             Event::OperatorRetry => self.on_operator_retry(now),
             Event::OperatorAbort { reason } => {
-                let reason = if reason.is_empty() {
-                    "aborted by an operator".to_string()
-                } else {
-                    format!("aborted by an operator: {reason}")
-                };
-                self.on_rollback(reason, now)
+                self.on_rollback(AbortInfo::new(AbortCause::OperatorAbort, reason), now)
             }
         }
     }
@@ -314,7 +305,7 @@ impl Txn {
             return Err(self.wrong_state("enlist a branch", detail));
         }
         if now >= self.rec.deadline_ms {
-            return Ok(self.abort("deadline passed before a decision".into(), now));
+            return Ok(self.abort(AbortInfo::new(AbortCause::Deadline, ""), now));
         }
         let id = self.add_branch(branch, now);
         // Durable before the participant hears of it: if the coordinator
@@ -340,21 +331,28 @@ impl Txn {
                 let reason = cap_text(&reason, MAX_STORED_TEXT);
                 b.state = BranchState::Refused;
                 b.last_error = reason.clone();
-                Some(format!("branch {id} ({}) voted no: {reason}", b.resource))
+                Some(AbortInfo::by_branch(
+                    AbortCause::VotedNo,
+                    id,
+                    &b.resource,
+                    &reason,
+                ))
             }
             Vote::Failed(error) => {
                 let error = cap_text(&error, MAX_STORED_TEXT);
                 b.state = BranchState::Failed;
                 b.last_error = error.clone();
-                Some(format!(
-                    "branch {id} ({}) failed in phase 1: {error}",
-                    b.resource
+                Some(AbortInfo::by_branch(
+                    AbortCause::PhaseOneFailed,
+                    id,
+                    &b.resource,
+                    &error,
                 ))
             }
         };
         self.rec.updated_ms = now;
         match (self.rec.state, failure) {
-            (TxState::Active | TxState::Preparing, Some(reason)) => self.abort(reason, now),
+            (TxState::Active | TxState::Preparing, Some(why)) => self.abort(why, now),
             (TxState::Preparing, None) if self.all_prepared() => self.decide_commit(now),
             // A yes is not written on its own: losing it changes nothing
             // (undecided means abort, and every recorded branch gets its
@@ -397,16 +395,16 @@ impl Txn {
             });
         }
         if now >= self.rec.deadline_ms {
-            return Ok(self.abort("deadline passed before commit".into(), now));
+            return Ok(self.abort(AbortInfo::new(AbortCause::Deadline, ""), now));
         }
         Ok(self.decide_commit(now))
     }
 
     /// Aborts an undecided transaction with `reason` (client rollback or
     /// operator abort); a repeat on an aborted one is a no-op.
-    fn on_rollback(&mut self, reason: String, now: u64) -> Result<Vec<Command>, EngineError> {
+    fn on_rollback(&mut self, why: AbortInfo, now: u64) -> Result<Vec<Command>, EngineError> {
         match (self.rec.state, self.rec.decision) {
-            (TxState::Active | TxState::Preparing, _) => Ok(self.abort(reason, now)),
+            (TxState::Active | TxState::Preparing, _) => Ok(self.abort(why, now)),
             (TxState::Aborting | TxState::Aborted, _) => Ok(Vec::new()),
             (TxState::Stuck, Some(Decision::Abort)) => Ok(Vec::new()),
             _ => Err(self.wrong_state("abort", "; a commit decision is never reversed")),
@@ -432,11 +430,12 @@ impl Txn {
 
     /// Decides abort and starts rollback / cancel where needed; a forced
     /// abort starts them once it is durable.
-    fn abort(&mut self, reason: String, now: u64) -> Vec<Command> {
+    fn abort(&mut self, why: AbortInfo, now: u64) -> Vec<Command> {
         self.undecided = self.rec.state;
         self.rec.state = TxState::Aborting;
         self.rec.decision = Some(Decision::Abort);
-        self.rec.reason = reason;
+        self.rec.reason = why.text();
+        self.rec.abort = Some(why);
         self.rec.updated_ms = now;
         self.budget_start = now;
         if std::mem::take(&mut self.force_abort) {
@@ -454,6 +453,9 @@ impl Txn {
         cmds
     }
 }
+
+#[cfg(test)]
+mod abort_tests;
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,8 @@ use tonic::{Code, Status};
 
 use crate::engine::EngineError;
 use crate::log::LogError;
-use crate::model::{Gtid, cap_text};
+use crate::model::{AbortInfo, Gtid, cap_text};
+use crate::service::abort_detail;
 
 /// Longest message put in a gRPC status: status messages travel in HTTP/2
 /// headers, and clients (grpcio, grpc-java: 8 KiB) reject large ones.
@@ -34,8 +35,11 @@ pub enum CoordError {
     Aborted {
         /// Which transaction.
         gtid: Gtid,
-        /// Why.
+        /// Why, for people.
         reason: String,
+        /// Why, as fields (sent as a status detail); `None` for a record
+        /// written by a version that did not keep it.
+        abort: Option<AbortInfo>,
     },
     /// The coordinator stopped deciding after a log failure, or is stopping.
     #[error("coordinator unavailable: {0}")]
@@ -58,6 +62,16 @@ impl From<CoordError> for Status {
             CoordError::Log(LogError::Corrupt { .. }) => Code::DataLoss,
             CoordError::Log(_) => Code::Unavailable,
         };
-        Status::new(code, cap_text(&e.to_string(), MAX_STATUS_TEXT))
+        let message = cap_text(&e.to_string(), MAX_STATUS_TEXT);
+        if let CoordError::Aborted {
+            gtid,
+            abort: Some(abort),
+            ..
+        } = &e
+        {
+            let details = abort_detail::status_details(code as i32, &message, *gtid, abort);
+            return Status::with_details(code, message, details.into());
+        }
+        Status::new(code, message)
     }
 }

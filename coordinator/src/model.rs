@@ -141,6 +141,82 @@ impl BranchState {
     }
 }
 
+/// What made a transaction abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AbortCause {
+    /// A branch's participant voted no (refused its prepare / try).
+    VotedNo,
+    /// A branch's phase-1 call failed: an error, unreachable, its deadline.
+    PhaseOneFailed,
+    /// The transaction's deadline passed before a decision.
+    Deadline,
+    /// The client rolled it back.
+    ClientRollback,
+    /// An operator aborted it (Admin), or retried it past its deadline.
+    OperatorAbort,
+    /// The coordinator restarted before deciding it.
+    CoordinatorRestart,
+}
+
+/// Why a transaction aborted, as fields; [`TxnRecord::reason`] says the
+/// same for people.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbortInfo {
+    /// What made it abort.
+    pub cause: AbortCause,
+    /// The branch whose phase 1 aborted it; 0 when no branch did.
+    pub branch: BranchId,
+    /// That branch's resource; empty when no branch did.
+    pub resource: String,
+    /// The participant's own reason (a no vote's text, possibly empty), the
+    /// phase-1 error, or the client's / operator's reason; at most
+    /// [`MAX_STORED_TEXT`] bytes.
+    pub detail: String,
+}
+
+impl AbortInfo {
+    /// An abort no branch caused.
+    pub fn new(cause: AbortCause, detail: impl Into<String>) -> Self {
+        AbortInfo {
+            cause,
+            branch: 0,
+            resource: String::new(),
+            detail: cap_text(&detail.into(), MAX_STORED_TEXT),
+        }
+    }
+
+    /// An abort caused by branch `branch` (of `resource`) in phase 1.
+    pub fn by_branch(cause: AbortCause, branch: BranchId, resource: &str, detail: &str) -> Self {
+        AbortInfo {
+            cause,
+            branch,
+            resource: resource.to_string(),
+            detail: cap_text(detail, MAX_STORED_TEXT),
+        }
+    }
+
+    /// The text kept in [`TxnRecord::reason`].
+    pub fn text(&self) -> String {
+        let (b, r, d) = (self.branch, &self.resource, &self.detail);
+        let with = |what: &str| {
+            if d.is_empty() {
+                what.to_string()
+            } else {
+                format!("{what}: {d}")
+            }
+        };
+        match self.cause {
+            AbortCause::VotedNo if d.is_empty() => format!("branch {b} ({r}) voted no"),
+            AbortCause::VotedNo => format!("branch {b} ({r}) voted no: {d}"),
+            AbortCause::PhaseOneFailed => format!("branch {b} ({r}) failed in phase 1: {d}"),
+            AbortCause::Deadline => with("deadline passed before a decision"),
+            AbortCause::ClientRollback => with("rolled back by the client"),
+            AbortCause::OperatorAbort => with("aborted by an operator"),
+            AbortCause::CoordinatorRestart => with("coordinator restarted before a decision"),
+        }
+    }
+}
+
 /// One branch: one participant resource called in both phases.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BranchRecord {
@@ -181,6 +257,9 @@ pub struct TxnRecord {
     pub decision: Option<Decision>,
     /// Why it aborted; empty otherwise.
     pub reason: String,
+    /// Why it aborted, as fields; `None` when not aborted (or written by a
+    /// version that did not record it).
+    pub abort: Option<AbortInfo>,
     /// Creation time, ms since the Unix epoch.
     pub created_ms: u64,
     /// Last change, ms since the Unix epoch.
@@ -200,6 +279,7 @@ impl TxnRecord {
             state,
             decision: None,
             reason: String::new(),
+            abort: None,
             created_ms: now_ms,
             updated_ms: now_ms,
             deadline_ms,

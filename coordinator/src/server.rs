@@ -17,7 +17,9 @@ use crate::log::TxnLog;
 use crate::runtime::Coordinator;
 use crate::runtime::Environment;
 use crate::security::{RELOAD_EVERY, ServerSecurity};
-use crate::service::{AdminService, AuthLayer, ConcurrencyLimitLayer, CoordinatorService};
+use crate::service::{
+    AdminService, AuthLayer, ConcurrencyLimitLayer, CoordinatorService, MalformedRequestLayer,
+};
 
 /// Largest gRPC message accepted: room for many branches of maximum payload.
 const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -83,7 +85,10 @@ pub async fn serve_with(
     let auth = security.access.as_ref().map(|a| AuthLayer::new(a.shared()));
     let admin = AdminServer::new(AdminService::new(coord));
     // Callers are authenticated before they take a request slot.
-    let layers = tower::ServiceBuilder::new().option_layer(auth).layer(limit);
+    let layers = tower::ServiceBuilder::new()
+        .layer(MalformedRequestLayer)
+        .option_layer(auth)
+        .layer(limit);
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(layers)

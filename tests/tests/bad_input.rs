@@ -91,6 +91,15 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
             },
         ),
         (
+            "endpoint with a path",
+            pb::SubmitRequest {
+                mode: 1,
+                timeout_ms: 0,
+                branches: vec![branch("http://127.0.0.1:9/bank", "r", vec![])],
+                gtid: String::new(),
+            },
+        ),
+        (
             "endpoint wrong scheme",
             pb::SubmitRequest {
                 mode: 1,
@@ -278,4 +287,77 @@ async fn bad_enlist_leaves_the_transaction_unchanged() {
     let info = client.get(gtid).await.expect("get");
     assert_eq!(info.state, pb::TxState::Active as i32);
     assert!(info.branches.is_empty());
+}
+
+/// A `SubmitRequest` / `GetTransactionRequest` with its gtid as raw bytes,
+/// so that a test can send a gtid that is not UTF-8 (the field's tag and
+/// wire type are those of the real messages).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGtid {
+    #[prost(bytes = "vec", tag = "1")]
+    gtid: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawSubmit {
+    #[prost(int32, tag = "1")]
+    mode: i32,
+    #[prost(message, repeated, tag = "3")]
+    branches: Vec<pb::BranchSpec>,
+    #[prost(bytes = "vec", tag = "4")]
+    gtid: Vec<u8>,
+}
+
+async fn raw_call<M: prost::Message + Send + Sync + 'static>(
+    url: &str,
+    path: &'static str,
+    msg: M,
+) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<M, pb::TransactionInfo>::default();
+    grpc.unary(
+        tonic::Request::new(msg),
+        http::uri::PathAndQuery::from_static(path),
+        codec,
+    )
+    .await
+    .expect_err("a gtid that is not UTF-8 is refused")
+}
+
+// Rule: a request that is not a valid message (here a gtid that is not
+// UTF-8) is INVALID_ARGUMENT, like any other bad input, and records nothing.
+#[tokio::test]
+async fn a_gtid_that_is_not_utf8_is_invalid_and_changes_nothing() {
+    let (log, coord, _raw) = setup().await;
+    let p = Scripted::yes("p");
+    let pp = p.serve().await;
+    let before = log_snapshot(&log);
+    let bad = vec![0xff, 0xfe, b'a'];
+    let get = raw_call(
+        &coord.url(),
+        "/tandem.v1.Coordinator/GetTransaction",
+        RawGtid { gtid: bad.clone() },
+    )
+    .await;
+    assert_eq!(get.code(), Code::InvalidArgument, "{get:?}");
+    assert!(get.message().contains("UTF-8"), "{}", get.message());
+    let submit = raw_call(
+        &coord.url(),
+        "/tandem.v1.Coordinator/Submit",
+        RawSubmit {
+            mode: pb::Mode::TwoPhase as i32,
+            branches: vec![branch(&pp.url(), "r", b"x".to_vec())],
+            gtid: bad,
+        },
+    )
+    .await;
+    assert_eq!(submit.code(), Code::InvalidArgument, "{submit:?}");
+    assert_eq!(log_snapshot(&log), before);
+    assert_eq!(p.counts(), (0, 0, 0), "no participant was called");
 }

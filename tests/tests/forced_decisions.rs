@@ -227,7 +227,7 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
         outcome.state,
         TxState::Aborted | TxState::Aborting
     ));
-    let state = rollback.await.expect("join").expect("rollback");
+    let state = rollback.await.expect("join").expect("rollback").state;
     assert!(matches!(state, TxState::Aborted | TxState::Aborting));
     let journal = s.journal.entries().split_off(before);
     let forced = journal.iter().position(|e| e == "forced").expect("forced");

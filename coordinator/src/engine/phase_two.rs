@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::{Command, EngineError, Txn};
 use crate::model::{
-    BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState, cap_text,
+    AbortCause, AbortInfo, BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState,
+    cap_text,
 };
 
 impl Txn {
@@ -24,7 +25,7 @@ impl Txn {
                     ));
                 }
                 return Ok(self.abort(
-                    "deadline passed; aborted by an operator's retry".into(),
+                    AbortInfo::new(AbortCause::OperatorAbort, "retried past its deadline"),
                     now,
                 ));
             }

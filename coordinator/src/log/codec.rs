@@ -8,7 +8,9 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::LogError;
-use crate::model::{BranchRecord, BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
+use crate::model::{
+    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, TxState, TxnRecord,
+};
 
 /// Format version written in every record.
 const VERSION: u32 = 1;
@@ -34,6 +36,23 @@ struct StoredTxn {
     /// 0 none, 1 commit, 2 abort.
     #[prost(uint32, tag = "9")]
     decision: u32,
+    /// Why it aborted, as fields (absent in records of older versions:
+    /// added fields need no new format version, old readers skip them).
+    #[prost(message, optional, tag = "10")]
+    abort: Option<StoredAbort>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredAbort {
+    /// See [`abort_code`].
+    #[prost(uint32, tag = "1")]
+    cause: u32,
+    #[prost(uint32, tag = "2")]
+    branch: u32,
+    #[prost(string, tag = "3")]
+    resource: String,
+    #[prost(string, tag = "4")]
+    detail: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -75,6 +94,26 @@ fn mode_code(mode: Mode) -> u32 {
     }
 }
 
+const ABORT_CAUSES: [AbortCause; 6] = [
+    AbortCause::VotedNo,
+    AbortCause::PhaseOneFailed,
+    AbortCause::Deadline,
+    AbortCause::ClientRollback,
+    AbortCause::OperatorAbort,
+    AbortCause::CoordinatorRestart,
+];
+
+fn abort_code(cause: AbortCause) -> u32 {
+    match cause {
+        AbortCause::VotedNo => 1,
+        AbortCause::PhaseOneFailed => 2,
+        AbortCause::Deadline => 3,
+        AbortCause::ClientRollback => 4,
+        AbortCause::OperatorAbort => 5,
+        AbortCause::CoordinatorRestart => 6,
+    }
+}
+
 fn state_code(state: TxState) -> u32 {
     match state {
         TxState::Active => 1,
@@ -113,6 +152,12 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
             Some(Decision::Commit) => 1,
             Some(Decision::Abort) => 2,
         },
+        abort: rec.abort.as_ref().map(|a| StoredAbort {
+            cause: abort_code(a.cause),
+            branch: a.branch,
+            resource: a.resource.clone(),
+            detail: a.detail.clone(),
+        }),
         branches: rec
             .branches
             .iter()
@@ -200,12 +245,25 @@ pub(super) fn decode(
         0 => None,
         d => return Err(corrupt(format!("unknown decision {d}"))),
     };
+    let abort = match stored.abort {
+        None => None,
+        Some(a) => Some(AbortInfo {
+            cause: ABORT_CAUSES
+                .into_iter()
+                .find(|c| abort_code(*c) == a.cause)
+                .ok_or_else(|| corrupt(format!("unknown abort cause {}", a.cause)))?,
+            branch: a.branch,
+            resource: a.resource,
+            detail: a.detail,
+        }),
+    };
     Ok(TxnRecord {
         gtid,
         mode,
         state,
         decision,
         reason: stored.reason,
+        abort,
         created_ms: stored.created_ms,
         updated_ms: stored.updated_ms,
         deadline_ms: stored.deadline_ms,

@@ -95,7 +95,14 @@ pub fn get_unknown_is_none(log: &impl TxnLog) {
 /// A written record reads back equal, field for field, payloads included.
 pub fn write_then_get_round_trips(log: &impl TxnLog) {
     let mut rec = sample_record(Mode::Tcc, 3);
-    rec.reason = "why not".into();
+    let why = crate::model::AbortInfo::by_branch(
+        crate::model::AbortCause::PhaseOneFailed,
+        2,
+        "resource-2",
+        "deadline",
+    );
+    rec.reason = why.text();
+    rec.abort = Some(why);
     rec.branches[1].state = BranchState::Failed;
     rec.branches[1].last_error = "deadline".into();
     rec.branches[1].next_attempt_ms = 12_345;

@@ -51,7 +51,7 @@ pub use clock::Clock;
 use participants::ParticipantPool;
 pub(crate) use participants::{endpoint_parts, validate_endpoint};
 pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};
-pub use requests::SubmitOutcome;
+pub use requests::{RollbackOutcome, SubmitOutcome};
 pub use transport::{CallFuture, Transport};
 
 use crate::config::CoordinatorConfig;

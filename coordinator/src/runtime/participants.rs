@@ -88,6 +88,12 @@ pub(crate) fn validate_endpoint(endpoint: &str) -> Result<(), String> {
     {
         return Err(format!("endpoint {endpoint:?} has no host"));
     }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "endpoint {endpoint:?} has a path or query; a participant endpoint is \
+             scheme://host[:port] (gRPC adds the method's path)"
+        ));
+    }
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use super::validate::check_reason;
 use super::{Coordinator, Entry, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
-use crate::model::{BranchId, Decision, Gtid, Mode, TxState, TxnRecord};
+use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, TxState, TxnRecord};
 
 /// The outcome of a one-shot transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +28,17 @@ pub struct SubmitOutcome {
     pub reason: String,
     /// Phase-1 reply of each branch, in request order (empty unless yes).
     pub replies: Vec<Bytes>,
+    /// Why it aborted, as fields; `None` when committed.
+    pub abort: Option<AbortInfo>,
+}
+
+/// The outcome of a rollback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RollbackOutcome {
+    /// ABORTED, or ABORTING while some branch is being retried.
+    pub state: TxState,
+    /// Why it aborted: the client's rollback, or the earlier cause.
+    pub abort: Option<AbortInfo>,
 }
 
 impl Coordinator {
@@ -112,6 +123,7 @@ impl Coordinator {
             _ => Err(CoordError::Aborted {
                 gtid,
                 reason: rec.reason.clone(),
+                abort: rec.abort.clone(),
             }),
         }
     }
@@ -141,6 +153,7 @@ impl Coordinator {
             TxState::Aborting | TxState::Aborted => Err(CoordError::Aborted {
                 gtid,
                 reason: rec.reason.clone(),
+                abort: rec.abort.clone(),
             }),
             state => Ok(state),
         }
@@ -152,17 +165,25 @@ impl Coordinator {
     /// # Errors
     ///
     /// `NotFound`, `WrongState` (already decided commit), `Unavailable`.
-    pub async fn rollback(&self, gtid: Gtid, reason: String) -> Result<TxState, CoordError> {
+    pub async fn rollback(
+        &self,
+        gtid: Gtid,
+        reason: String,
+    ) -> Result<RollbackOutcome, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
         check_reason(&reason)?;
         let Some(entry) = inner.live_or_claim(&gtid)? else {
-            return inner.settled_state(
+            let rec = inner.settled(
                 gtid,
                 Event::Rollback {
                     reason: String::new(),
                 },
-            );
+            )?;
+            return Ok(RollbackOutcome {
+                state: rec.state,
+                abort: rec.abort,
+            });
         };
         // A decision being forced is answered once it is durable (then a
         // refusal, or the abort's state), never before.
@@ -170,8 +191,12 @@ impl Coordinator {
             .step_request(&entry, Event::Rollback { reason })
             .await?;
         inner.spawn_round(&entry, cmds).await?;
-        let state = reported_state(&entry.lock().visible_record());
-        Ok(state)
+        let txn = entry.lock();
+        let rec = txn.visible_record();
+        Ok(RollbackOutcome {
+            state: reported_state(&rec),
+            abort: rec.abort.clone(),
+        })
     }
 
     /// Runs a whole transaction: records all branches, phase 1 in parallel,
@@ -382,6 +407,7 @@ fn submit_outcome(rec: &TxnRecord) -> SubmitOutcome {
         state: reported_state(rec),
         reason: rec.reason.clone(),
         replies: rec.branches.iter().map(|b| b.reply.clone()).collect(),
+        abort: rec.abort.clone(),
     }
 }
 
@@ -406,6 +432,12 @@ impl Inner {
     /// Answers a request for a transaction no longer live: the same engine
     /// rules, applied to the record in the log (nothing is written).
     fn settled_state(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
+        Ok(self.settled(gtid, event)?.state)
+    }
+
+    /// The record of a settled transaction that `event` leaves as it is;
+    /// the engine's refusal otherwise.
+    fn settled(&self, gtid: Gtid, event: Event) -> Result<TxnRecord, CoordError> {
         let rec = self.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
         if !rec.state.is_terminal() && rec.state != TxState::Stuck {
             return Err(CoordError::Unavailable(format!(
@@ -415,6 +447,6 @@ impl Inner {
         let now = self.now();
         let mut txn = Txn::recover(rec.clone(), now).0;
         txn.handle(event, now)?;
-        Ok(rec.state)
+        Ok(rec)
     }
 }

@@ -84,6 +84,7 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
             Some(Decision::Commit) => pb::Decision::Commit,
             Some(Decision::Abort) => pb::Decision::Abort,
         } as i32,
+        abort: r.abort.as_ref().map(super::abort_detail::to_wire),
         branches: r
             .branches
             .iter()

@@ -8,7 +8,7 @@ use tracing::instrument;
 use super::convert::{
     branch_from_wire, mode_from_wire, record_to_wire, state_to_wire, timeout_from_wire,
 };
-use super::{optional_gtid, parse_gtid};
+use super::{abort_detail, optional_gtid, parse_gtid};
 use crate::model::Decision;
 use crate::runtime::Coordinator;
 
@@ -76,9 +76,10 @@ impl CoordinatorRpc for CoordinatorService {
     ) -> Result<Response<pb::RollbackResponse>, Status> {
         let req = req.into_inner();
         let gtid = parse_gtid(&req.gtid)?;
-        let state = self.coord.rollback(gtid, req.reason).await?;
+        let out = self.coord.rollback(gtid, req.reason).await?;
         Ok(Response::new(pb::RollbackResponse {
-            state: state_to_wire(state) as i32,
+            state: state_to_wire(out.state) as i32,
+            abort: out.abort.as_ref().map(abort_detail::to_wire),
         }))
     }
 
@@ -105,6 +106,7 @@ impl CoordinatorRpc for CoordinatorService {
             state: state_to_wire(out.state) as i32,
             reason: out.reason,
             replies: out.replies,
+            abort: out.abort.as_ref().map(abort_detail::to_wire),
         }))
     }
 

@@ -2,16 +2,19 @@
 //! [`AdminService`] for operators. They validate and convert at the edge and
 //! map every error to a status through `From<CoordError> for Status`.
 
+pub mod abort_detail;
 mod admin;
 mod auth;
 mod convert;
 mod coordinator;
 mod limit;
+mod malformed;
 
 pub use admin::AdminService;
 pub use auth::{Auth, AuthLayer, SharedAccess, required_role};
 pub use coordinator::CoordinatorService;
 pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
+pub use malformed::{MalformedRequest, MalformedRequestLayer};
 
 use tonic::Status;
 
