@@ -31,6 +31,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from grpc_status import rpc_status
 
 from tandem.v1 import coordinator_pb2 as cpb
 from tandem.v1 import coordinator_pb2_grpc
@@ -48,6 +49,17 @@ TIMEOUT_MS = 20_000
 
 failures = []
 failures_lock = threading.Lock()
+
+
+def abort_detail(error):
+    """The AbortInfo an ABORTED status carries (google.rpc.Status detail)."""
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(tpb.AbortInfo.DESCRIPTOR):
+            info = tpb.AbortInfo()
+            detail.Unpack(info)
+            return info
+    return None
 
 
 def fail(message):
@@ -279,6 +291,7 @@ class Workload:
             t["outcome"] = "committed"
         elif resp.state in ABORTED:
             t["outcome"], t["reason"] = "aborted", resp.reason
+            t["cause"] = resp.abort.cause
         else:
             t["outcome"], t["reason"] = "error", f"Submit answered state {resp.state}"
 
@@ -292,9 +305,10 @@ class Workload:
                 self.stub.Enlist(cpb.EnlistRequest(gtid=t["gtid"], branch=leg),
                                  timeout=30, metadata=self.metadata)
             if t["path"] == "client-rollback":
-                self.call("Rollback", cpb.RollbackRequest(gtid=t["gtid"],
-                                                          reason="the client changed its mind"))
+                resp = self.call("Rollback", cpb.RollbackRequest(
+                    gtid=t["gtid"], reason="the client changed its mind"))
                 t["outcome"], t["reason"] = "aborted", "rolled back by the client"
+                t["cause"] = resp.abort.cause
                 return
             resp = self.call("Commit", cpb.CommitRequest(gtid=t["gtid"]))
             t["reply_state"] = resp.state
@@ -306,6 +320,9 @@ class Workload:
             if e.code() != grpc.StatusCode.ABORTED:
                 raise
             t["outcome"], t["reason"] = "aborted", e.details()
+            info = abort_detail(e)
+            expect(info is not None, f"transfer {t['i']}: ABORTED without an AbortInfo detail")
+            t["cause"] = info.cause if info else None
 
     def settle(self, transfers, deadline_s):
         """Waits until every transaction is COMMITTED or ABORTED; returns gtid -> info."""
@@ -427,15 +444,27 @@ def main():
         elif t["outcome"] == "aborted":
             expect(state == tpb.TX_STATE_ABORTED,
                    f"transfer {t['i']} reported aborted but ended {tpb.TxState.Name(state)}")
+        cause = info.abort.cause
+        if state == tpb.TX_STATE_ABORTED and t.get("cause") is not None:
+            expect(t["cause"] == cause,
+                   f"transfer {t['i']}: the reply said {tpb.AbortCause.Name(t['cause'])}, "
+                   f"the record says {tpb.AbortCause.Name(cause)}")
         if t["must_abort"]:
-            # The debit votes no; unless the other branch failed first (its
-            # participant being down), that no is the reason.
-            expect(state == tpb.TX_STATE_ABORTED and ("insufficient funds" in info.reason
-                                                      or "failed in phase 1" in info.reason),
+            # The debit votes no, and says why in its own words; unless the
+            # other branch failed first (its participant being down).
+            voted_no = (cause == tpb.ABORT_CAUSE_VOTED_NO
+                        and info.abort.detail.startswith("insufficient funds"))
+            expect(state == tpb.TX_STATE_ABORTED
+                   and (voted_no or cause == tpb.ABORT_CAUSE_PHASE_ONE_FAILED),
                    f"transfer {t['i']} of {t['amount']} must abort for insufficient funds: "
-                   f"{tpb.TxState.Name(state)} {info.reason!r}")
+                   f"{tpb.TxState.Name(state)} {info.abort!r}")
         if t["path"] == "client-rollback":
-            expect(state == tpb.TX_STATE_ABORTED, f"transfer {t['i']} was rolled back by the client")
+            # (unless an enlist aborted it first: a no, or a failure)
+            expect(state == tpb.TX_STATE_ABORTED and cause in (tpb.ABORT_CAUSE_CLIENT_ROLLBACK,
+                                                                tpb.ABORT_CAUSE_VOTED_NO,
+                                                                tpb.ABORT_CAUSE_PHASE_ONE_FAILED),
+                   f"transfer {t['i']} was rolled back by the client: "
+                   f"{tpb.TxState.Name(state)} {info.abort!r}")
         t["final"] = state
         if state == tpb.TX_STATE_COMMITTED:
             expected[t["src"]] -= t["amount"]
@@ -472,10 +501,10 @@ def main():
         mine = [t for t in transfers if t["mode"] == mode]
         committed = sum(t.get("final") == tpb.TX_STATE_COMMITTED for t in mine)
         aborted = [t for t in mine if t.get("final") == tpb.TX_STATE_ABORTED]
-        why = [final[t["gtid"]].reason for t in aborted]
-        funds = sum("insufficient funds" in r for r in why)
-        by_client = sum("rolled back by the client" in r for r in why)
-        failed = sum("failed in phase 1" in r and "insufficient funds" not in r for r in why)
+        why = [final[t["gtid"]].abort.cause for t in aborted]
+        funds = why.count(tpb.ABORT_CAUSE_VOTED_NO)
+        by_client = why.count(tpb.ABORT_CAUSE_CLIENT_ROLLBACK)
+        failed = why.count(tpb.ABORT_CAUSE_PHASE_ONE_FAILED)
         late = sum(t.get("reply_state") in (tpb.TX_STATE_COMMITTING, tpb.TX_STATE_ABORTING)
                    for t in mine)
         errors = sum(t["outcome"] == "error" for t in mine)
@@ -484,8 +513,8 @@ def main():
         print(f"  {mode:<13} {len(mine)} transfers ({paths['submit']} Submit, "
               f"{paths['interactive']} Begin/Enlist/Commit, {paths['client-rollback']} "
               f"rolled back by the client): committed {committed}, aborted {len(aborted)} "
-              f"(insufficient funds {funds}, by the client {by_client}, participant "
-              f"unreachable {failed}, other {len(aborted) - funds - by_client - failed}), "
+              f"(by cause: voted no {funds}, by the client {by_client}, phase 1 failed "
+              f"{failed}, other {len(aborted) - funds - by_client - failed}), "
               f"phase 2 finished after the reply {late}, errors {errors}", flush=True)
         expect(committed > 0, f"no {mode} transfer committed")
         expect(funds > 0, f"no {mode} transfer aborted for insufficient funds")
