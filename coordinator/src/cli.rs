@@ -227,6 +227,7 @@ struct TxView {
 #[derive(Serialize)]
 struct BranchView {
     branch_id: u32,
+    mode: &'static str,
     endpoint: String,
     resource: String,
     state: String,
@@ -235,6 +236,13 @@ struct BranchView {
     updated_at_ms: u64,
     next_attempt_at_ms: u64,
     payload_len: u32,
+}
+
+fn mode_name(mode: pb::Mode) -> &'static str {
+    match mode {
+        pb::Mode::Tcc => "TCC",
+        _ => "2PC",
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -254,6 +262,7 @@ impl From<pb::TransactionInfo> for TxView {
             .map(|b| BranchView {
                 state: short(b.state().as_str_name(), "BRANCH_STATE_"),
                 branch_id: b.branch_id,
+                mode: mode_name(b.mode()),
                 endpoint: b.endpoint,
                 resource: b.resource,
                 attempts: b.attempts,
@@ -264,10 +273,7 @@ impl From<pb::TransactionInfo> for TxView {
             })
             .collect();
         TxView {
-            mode: match mode {
-                pb::Mode::Tcc => "TCC",
-                _ => "2PC",
-            },
+            mode: mode_name(mode),
             state: short(state.as_str_name(), "TX_STATE_"),
             decision: short(decision.as_str_name(), "DECISION_"),
             reason: t.reason,
@@ -384,9 +390,15 @@ fn render_one(t: TxView, output: Output) -> String {
     let _ = writeln!(out, "  deadline   {deadline} ({} ms)", t.deadline_ms);
     let _ = write!(out, "  branches   {}", t.branches.len());
     for b in &t.branches {
+        // A branch's own protocol is named when it is not the transaction's.
+        let own = if b.mode == t.mode {
+            String::new()
+        } else {
+            format!(" ({})", b.mode)
+        };
         let _ = write!(
             out,
-            "\n  #{} {} {} at {}\n      attempts {}, updated {} ago, payload {} bytes",
+            "\n  #{}{own} {} {} at {}\n      attempts {}, updated {} ago, payload {} bytes",
             b.branch_id,
             b.state,
             b.resource,

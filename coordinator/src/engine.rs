@@ -281,6 +281,7 @@ impl Txn {
         let id = self.rec.branches.len() as BranchId + 1;
         self.rec.branches.push(BranchRecord {
             id,
+            mode: b.mode.unwrap_or(self.rec.mode),
             endpoint: b.endpoint,
             resource: b.resource,
             payload: b.payload,
@@ -456,6 +457,9 @@ impl Txn {
 
 #[cfg(test)]
 mod abort_tests;
+
+#[cfg(test)]
+mod mixed_tests;
 
 #[cfg(test)]
 mod tests;

@@ -222,6 +222,9 @@ impl AbortInfo {
 pub struct BranchRecord {
     /// Id within the transaction, starting at 1.
     pub id: BranchId,
+    /// The branch's protocol: the transaction's unless the branch named
+    /// another, so one transaction can hold 2PC and TCC branches.
+    pub mode: Mode,
     /// Participant gRPC endpoint (validated URI).
     pub endpoint: String,
     /// Handler name in the participant.

@@ -39,9 +39,14 @@ from tandem.v1 import participant_pb2 as ppb
 from tandem.v1 import participant_pb2_grpc
 from tandem.v1 import types_pb2 as tpb
 
+# Transaction mode, then each leg's (mode, resource): a "mixed" transfer
+# debits through TCC and credits through 2PC in one transaction (a branch's
+# own mode; MODE_UNSPECIFIED is the transaction's).
 MODES = {
-    "2pc": (tpb.MODE_TWO_PHASE, "accounts"),
-    "tcc": (tpb.MODE_TCC, "accounts-tcc"),
+    "2pc": (tpb.MODE_TWO_PHASE, [(tpb.MODE_UNSPECIFIED, "accounts")] * 2),
+    "tcc": (tpb.MODE_TCC, [(tpb.MODE_UNSPECIFIED, "accounts-tcc")] * 2),
+    "mixed": (tpb.MODE_TCC, [(tpb.MODE_UNSPECIFIED, "accounts-tcc"),
+                             (tpb.MODE_TWO_PHASE, "accounts")]),
 }
 COMMITTED = (tpb.TX_STATE_COMMITTED, tpb.TX_STATE_COMMITTING)
 ABORTED = (tpb.TX_STATE_ABORTED, tpb.TX_STATE_ABORTING)
@@ -223,11 +228,11 @@ class Workload:
         return self.banks[account[0]]
 
     def legs(self, t):
-        _, resource = MODES[t["mode"]]
+        _, ((debit_mode, debit), (credit_mode, credit)) = MODES[t["mode"]]
         return [
-            tpb.BranchSpec(endpoint=self.endpoint(t["src"]), resource=resource,
+            tpb.BranchSpec(endpoint=self.endpoint(t["src"]), resource=debit, mode=debit_mode,
                            payload=f"{t['src']}:{-t['amount']}".encode()),
-            tpb.BranchSpec(endpoint=self.endpoint(t["dst"]), resource=resource,
+            tpb.BranchSpec(endpoint=self.endpoint(t["dst"]), resource=credit, mode=credit_mode,
                            payload=f"{t['dst']}:{t['amount']}".encode()),
         ]
 
@@ -243,7 +248,7 @@ class Workload:
                 path = "interactive"
             elif i % 11 == 6 and not must_abort:
                 path = "client-rollback"
-            transfers.append({"i": i, "mode": ("2pc", "tcc")[i % 2], "path": path,
+            transfers.append({"i": i, "mode": ("2pc", "tcc", "mixed")[i % 3], "path": path,
                               "src": src, "dst": dst, "amount": amount,
                               "must_abort": must_abort})
         return transfers
@@ -445,6 +450,10 @@ def main():
             expect(state == tpb.TX_STATE_ABORTED,
                    f"transfer {t['i']} reported aborted but ended {tpb.TxState.Name(state)}")
         cause = info.abort.cause
+        if t["mode"] == "mixed":
+            modes = [b.mode for b in info.branches]
+            expect(modes in ([tpb.MODE_TCC, tpb.MODE_TWO_PHASE], [tpb.MODE_TCC]),
+                   f"transfer {t['i']}: mixed branches recorded as {modes}")
         if state == tpb.TX_STATE_ABORTED and t.get("cause") is not None:
             expect(t["cause"] == cause,
                    f"transfer {t['i']}: the reply said {tpb.AbortCause.Name(t['cause'])}, "
@@ -497,7 +506,7 @@ def main():
            f"total balance not conserved: before {total}, after {sum(after.values())}")
 
     # The report.
-    for mode in ("2pc", "tcc"):
+    for mode in ("2pc", "tcc", "mixed"):
         mine = [t for t in transfers if t["mode"] == mode]
         committed = sum(t.get("final") == tpb.TX_STATE_COMMITTED for t in mine)
         aborted = [t for t in mine if t.get("final") == tpb.TX_STATE_ABORTED]

@@ -22,7 +22,8 @@ pub struct ClientOptions {
     pub token: BearerToken,
 }
 
-/// The protocol of a transaction.
+/// The protocol of a transaction, and the default of its branches (a
+/// [`Branch`] may name its own with [`Branch::mode`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Two-phase commit: participants implement [`crate::TwoPhase`].
@@ -41,7 +42,21 @@ impl Mode {
 }
 
 /// One branch: a participant endpoint, the resource (handler name) there,
-/// and the payload its handler receives.
+/// the payload its handler receives, and optionally its own protocol.
+///
+/// One transaction may hold 2PC and TCC branches: give a branch its mode
+/// and it is called with that protocol whatever the transaction's (a TCC
+/// inventory reservation and a 2PC payment in one order):
+///
+/// ```
+/// use tandem_sdk::{Branch, Mode};
+///
+/// let order = vec![
+///     Branch::new("http://inventory:9001", "stock", "sku-7:1").mode(Mode::Tcc),
+///     Branch::new("http://payments:9002", "payments", "card-7:80").mode(Mode::TwoPhase),
+/// ];
+/// # let _ = order;
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Branch {
     /// e.g. `http://127.0.0.1:9001`.
@@ -50,6 +65,8 @@ pub struct Branch {
     pub resource: String,
     /// Bytes passed to every call of the branch.
     pub payload: Bytes,
+    /// The branch's protocol; `None` (the default): the transaction's.
+    pub mode: Option<Mode>,
 }
 
 impl Branch {
@@ -63,7 +80,17 @@ impl Branch {
             endpoint: endpoint.into(),
             resource: resource.into(),
             payload: payload.into(),
+            mode: None,
         }
+    }
+
+    /// This branch runs `mode` (prepare / commit / rollback for
+    /// [`Mode::TwoPhase`], try / confirm / cancel for [`Mode::Tcc`]),
+    /// whatever the transaction's mode.
+    #[must_use]
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = Some(mode);
+        self
     }
 
     fn wire(self) -> pb::BranchSpec {
@@ -71,6 +98,7 @@ impl Branch {
             endpoint: self.endpoint,
             resource: self.resource,
             payload: self.payload,
+            mode: self.mode.map_or(pb::Mode::Unspecified as i32, Mode::wire),
         }
     }
 }

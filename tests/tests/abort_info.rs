@@ -18,6 +18,7 @@ fn spec(url: &str) -> pb::BranchSpec {
         endpoint: url.to_string(),
         resource: "r".into(),
         payload: b"x".to_vec().into(),
+        ..Default::default()
     }
 }
 

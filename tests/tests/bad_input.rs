@@ -36,6 +36,7 @@ fn branch(endpoint: &str, resource: &str, payload: Vec<u8>) -> pb::BranchSpec {
         endpoint: endpoint.into(),
         resource: resource.into(),
         payload: payload.into(),
+        ..Default::default()
     }
 }
 

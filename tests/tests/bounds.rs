@@ -94,7 +94,7 @@ async fn a_long_vote_no_reason_is_capped() {
             branch: Some(pb::BranchSpec {
                 endpoint: p.url(),
                 resource: "r".into(),
-                payload: Default::default(),
+                ..Default::default()
             }),
         })
         .await

@@ -20,6 +20,7 @@ fn spec(url: String) -> pb::BranchSpec {
         endpoint: url,
         resource: "r".into(),
         payload: b"x".to_vec().into(),
+        ..Default::default()
     }
 }
 

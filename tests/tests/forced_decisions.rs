@@ -178,6 +178,7 @@ fn branch() -> NewBranch {
         endpoint: "http://p1:1".into(),
         resource: "r".into(),
         payload: Bytes::new(),
+        mode: None,
     }
 }
 
@@ -302,6 +303,7 @@ fn committing_record() -> TxnRecord {
     let b = branch();
     rec.branches.push(BranchRecord {
         id: 1,
+        mode: Mode::TwoPhase,
         endpoint: b.endpoint,
         resource: b.resource,
         payload: b.payload,

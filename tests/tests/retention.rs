@@ -91,6 +91,7 @@ fn branch(endpoint: &str) -> NewBranch {
         endpoint: endpoint.into(),
         resource: "r".into(),
         payload: Bytes::from_static(b"x"),
+        mode: None,
     }
 }
 

@@ -13,6 +13,7 @@ fn one_shot(n: u32) -> Txn {
             endpoint: format!("http://127.0.0.1:{}", 9000 + i),
             resource: format!("bank-{i}"),
             payload: Bytes::from_static(b"p"),
+            mode: None,
         })
         .collect();
     Txn::submit(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE, branches).0

@@ -143,7 +143,7 @@ impl Txn {
                 BranchState::Registered | BranchState::Prepared | BranchState::Failed => true,
                 // A 2PC "no" holds nothing; a failed TCC try may have
                 // reserved part of the resource, so cancel it too.
-                BranchState::Refused => self.rec.mode == Mode::Tcc,
+                BranchState::Refused => b.mode == Mode::Tcc,
                 BranchState::Committed | BranchState::RolledBack => false,
             },
             _ => false,

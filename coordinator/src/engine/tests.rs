@@ -12,6 +12,7 @@ fn branch(n: u32) -> NewBranch {
         endpoint: format!("http://127.0.0.1:{}", 9000 + n),
         resource: "r".into(),
         payload: Bytes::from_static(b"p"),
+        mode: None,
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::model::{BranchId, Gtid, TxState};
+use crate::model::{BranchId, Gtid, Mode, TxState};
 
 /// Something that happened to a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub struct NewBranch {
     pub resource: String,
     /// Payload.
     pub payload: Bytes,
+    /// The branch's protocol; `None`: the transaction's.
+    pub mode: Option<Mode>,
 }
 
 /// The result of a phase-1 call.

@@ -13,6 +13,7 @@ fn decided_not_forced(mode: Mode) -> Txn {
         endpoint: "http://127.0.0.1:9001".into(),
         resource: "r".into(),
         payload: Bytes::from_static(b"p"),
+        mode: None,
     };
     let (mut t, _) = Txn::submit(Gtid::now_v7(), mode, NOW, DEADLINE, vec![b]);
     let vote = Vote::Yes(Bytes::from_static(b"hold-1"));
@@ -71,6 +72,7 @@ fn requests_are_not_answered_from_a_decision_being_forced() {
         endpoint: "http://127.0.0.1:9001".into(),
         resource: "r".into(),
         payload: Bytes::new(),
+        mode: None,
     };
     t.handle(Event::Enlist(b.clone()), NOW).expect("enlist");
     let vote = Vote::Yes(Bytes::new());
@@ -143,6 +145,7 @@ fn replies_are_kept_and_reasons_capped() {
         endpoint: "http://127.0.0.1:9001".into(),
         resource: "r".into(),
         payload: Bytes::new(),
+        mode: None,
     };
     let (mut t, _) = Txn::submit(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE, vec![b]);
     let vote = Vote::No("x".repeat(20_000));
@@ -162,6 +165,7 @@ fn a_forced_abort_sends_and_shows_nothing_until_durable() {
         endpoint: format!("http://127.0.0.1:{n}"),
         resource: "r".into(),
         payload: Bytes::new(),
+        mode: None,
     };
     let (t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b(1), b(2)]);
     let mut t = t.with_forced_abort();
@@ -203,6 +207,7 @@ fn an_unforced_abort_starts_its_rollbacks_at_once() {
         endpoint: "http://127.0.0.1:9001".into(),
         resource: "r".into(),
         payload: Bytes::new(),
+        mode: None,
     };
     let (mut t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b]);
     let vote = Vote::Failed("refused".into());

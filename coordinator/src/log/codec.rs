@@ -77,6 +77,10 @@ struct StoredBranch {
     /// The phase-1 reply of a yes vote (empty otherwise).
     #[prost(bytes = "bytes", tag = "9")]
     reply: Bytes,
+    /// The branch's mode when it differs from the transaction's; 0 (and
+    /// in records of older versions, absent): the transaction's.
+    #[prost(uint32, tag = "10")]
+    mode: u32,
 }
 
 /// Largest payload kept inside the record.
@@ -162,6 +166,11 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
             .branches
             .iter()
             .map(|b| StoredBranch {
+                mode: if b.mode == rec.mode {
+                    0
+                } else {
+                    mode_code(b.mode)
+                },
                 endpoint: b.endpoint.clone(),
                 resource: b.resource.clone(),
                 state: branch_code(b.state),
@@ -221,6 +230,12 @@ pub(super) fn decode(
         .ok_or_else(|| corrupt(format!("branch {id}: unknown state {}", b.state)))?;
         branches.push(BranchRecord {
             id,
+            mode: match b.mode {
+                0 => mode,
+                1 => Mode::TwoPhase,
+                2 => Mode::Tcc,
+                m => return Err(corrupt(format!("branch {id}: unknown mode {m}"))),
+            },
             endpoint: b.endpoint,
             resource: b.resource,
             payload: match b.inline_payload {

@@ -67,6 +67,8 @@ pub fn sample_record(mode: Mode, n: u32) -> TxnRecord {
     for id in 1..=n {
         rec.branches.push(BranchRecord {
             id,
+            // Every other branch runs the other protocol (a mixed record).
+            mode: if id % 2 == 0 { Mode::TwoPhase } else { mode },
             endpoint: format!("http://127.0.0.1:{}", 9000 + id),
             resource: format!("resource-{id}"),
             payload: Bytes::from(vec![id as u8; id as usize]),

@@ -174,7 +174,7 @@ impl Inner {
         let b = rec.branch(branch)?;
         Some((
             b.endpoint.clone(),
-            rec.mode,
+            b.mode,
             rec.deadline_ms,
             BranchRequest {
                 gtid: rec.gtid.to_string(),

@@ -48,7 +48,10 @@ pub(super) fn same_branches(
     same_mode(rec, mode)?;
     let same = rec.branches.len() == branches.len()
         && rec.branches.iter().zip(branches).all(|(r, b)| {
-            r.endpoint == b.endpoint && r.resource == b.resource && r.payload == b.payload
+            r.endpoint == b.endpoint
+                && r.resource == b.resource
+                && r.payload == b.payload
+                && r.mode == b.mode.unwrap_or(mode)
         });
     if !same {
         return Err(CoordError::AlreadyExists(format!(

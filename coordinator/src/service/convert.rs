@@ -18,16 +18,34 @@ pub(super) fn mode_from_wire(mode: i32) -> Result<Mode, Status> {
     }
 }
 
+fn mode_to_wire(mode: Mode) -> pb::Mode {
+    match mode {
+        Mode::TwoPhase => pb::Mode::TwoPhase,
+        Mode::Tcc => pb::Mode::Tcc,
+    }
+}
+
 pub(super) fn timeout_from_wire(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
 pub(super) fn branch_from_wire(b: Option<pb::BranchSpec>) -> Result<NewBranch, Status> {
     let b = b.ok_or_else(|| Status::invalid_argument("branch is missing"))?;
+    let mode = match pb::Mode::try_from(b.mode) {
+        Ok(pb::Mode::Unspecified) => None,
+        Ok(pb::Mode::TwoPhase) => Some(Mode::TwoPhase),
+        Ok(pb::Mode::Tcc) => Some(Mode::Tcc),
+        Err(_) => {
+            return Err(Status::invalid_argument(
+                "branch mode must be MODE_TWO_PHASE, MODE_TCC or unset (the transaction's)",
+            ));
+        }
+    };
     Ok(NewBranch {
         endpoint: b.endpoint,
         resource: b.resource,
         payload: b.payload,
+        mode,
     })
 }
 
@@ -70,10 +88,7 @@ fn branch_state_to_wire(s: BranchState, mode: Mode) -> pb::BranchState {
 pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
     pb::TransactionInfo {
         gtid: r.gtid.to_string(),
-        mode: match r.mode {
-            Mode::TwoPhase => pb::Mode::TwoPhase,
-            Mode::Tcc => pb::Mode::Tcc,
-        } as i32,
+        mode: mode_to_wire(r.mode) as i32,
         state: state_to_wire(r.state) as i32,
         reason: r.reason.clone(),
         created_at_ms: r.created_ms,
@@ -92,7 +107,8 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
                 branch_id: b.id,
                 endpoint: b.endpoint.clone(),
                 resource: b.resource.clone(),
-                state: branch_state_to_wire(b.state, r.mode) as i32,
+                state: branch_state_to_wire(b.state, b.mode) as i32,
+                mode: mode_to_wire(b.mode) as i32,
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
                 updated_at_ms: b.updated_ms,

@@ -16,7 +16,28 @@ pub fn check(world: &World) -> Result<(), String> {
     nothing_reported_committed_that_was_not_durable(world)?;
     every_transaction_terminal(world)?;
     no_reservation_held(world)?;
+    each_branch_called_with_its_own_protocol(world)?;
     nothing_leaks(world)
+}
+
+/// Every call of a branch used the branch's recorded protocol (in a
+/// transaction mixing 2PC and TCC branches, each keeps its own).
+fn each_branch_called_with_its_own_protocol(world: &World) -> Result<(), String> {
+    for (gtid, (_, rec)) in world.log().view() {
+        for b in &rec.branches {
+            for p in &world.net.participants {
+                if let Some(seen) = p.modes.lock().unwrap().get(&(gtid, b.id))
+                    && *seen != b.mode
+                {
+                    return Err(format!(
+                        "{gtid} branch {} is {:?} but was called with {seen:?}",
+                        b.id, b.mode
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// No participant saw a phase-2 call contradicting an earlier one (confirm

@@ -44,9 +44,23 @@ pub struct Participant {
     pub applied: Mutex<Vec<(Gtid, u32, bool)>>,
     /// Calls that contradict a decision (confirm after cancel, …).
     pub violations: Mutex<Vec<String>>,
+    /// The protocol each branch was called with (first call).
+    pub modes: Mutex<BTreeMap<(Gtid, u32), Mode>>,
 }
 
 impl Participant {
+    /// Notes the protocol a call of branch `key` came with; a branch called
+    /// with both protocols is a violation.
+    fn saw(&self, key: (Gtid, u32), mode: Mode) {
+        let first = *self.modes.lock().unwrap().entry(key).or_insert(mode);
+        if first != mode {
+            let (gtid, branch) = key;
+            self.violations.lock().unwrap().push(format!(
+                "{gtid} branch {branch} called with {mode:?} after {first:?}"
+            ));
+        }
+    }
+
     fn try_(&self, key: (Gtid, u32), now: u64) -> bool {
         let mut marks = self.marks.lock().unwrap();
         if marks.contains_key(&key) {
@@ -172,11 +186,14 @@ impl Transport for SimNet {
     fn phase_one(
         &self,
         endpoint: &str,
-        _mode: Mode,
+        mode: Mode,
         req: BranchRequest,
         _timeout: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         let p = self.participant(endpoint);
+        if let (Some(p), Some(key)) = (&p, key(&req)) {
+            p.saw(key, mode);
+        }
         let plan = self.plan(true);
         let clock = self.clock.clone();
         let work = tokio::spawn(async move {
@@ -217,12 +234,15 @@ impl Transport for SimNet {
     fn phase_two(
         &self,
         endpoint: &str,
-        _mode: Mode,
+        mode: Mode,
         commit: bool,
         req: BranchRequest,
         _timeout: Duration,
     ) -> CallFuture<'_, ()> {
         let p = self.participant(endpoint);
+        if let (Some(p), Some(key)) = (&p, key(&req)) {
+            p.saw(key, mode);
+        }
         let plan = self.plan(false);
         let work = tokio::spawn(async move {
             let (Some(p), Some(key)) = (p, key(&req)) else {

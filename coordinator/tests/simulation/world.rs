@@ -197,11 +197,22 @@ async fn client(world: Arc<World>) {
                 r.ms(1000, 8000),
             )
         });
+        // A third of the branches name their own protocol (mixed-mode
+        // transactions); the rest run the transaction's.
         let branches: Vec<NewBranch> = (0..n)
             .map(|i| NewBranch {
                 endpoint: SimNet::endpoint(world.draw(|r| r.below(PARTICIPANTS as u64)) as usize),
                 resource: "acct".into(),
                 payload: Bytes::from(vec![i as u8; 8]),
+                mode: world.draw(|r| {
+                    r.chance(0.33).then(|| {
+                        if r.chance(0.5) {
+                            Mode::TwoPhase
+                        } else {
+                            Mode::Tcc
+                        }
+                    })
+                }),
             })
             .collect();
         if interactive {
@@ -322,6 +333,7 @@ async fn hoard(world: Arc<World>, k: usize, n: usize) {
             endpoint: SimNet::endpoint(i % PARTICIPANTS),
             resource: "hold".into(),
             payload: Bytes::new(),
+            mode: None,
         };
         let _ = coord.enlist(gtid, b).await;
     }
