@@ -1,4 +1,4 @@
-//! `tandem tx list|show|retry|abort`: the operator's view of a running
+//! `tandem tx list|show|retry|abort|resolve`: the operator's view of a running
 //! coordinator, through its Admin gRPC service. Each verb returns the text
 //! to print (a table or JSON); errors are one line, ready for stderr.
 
@@ -202,6 +202,60 @@ pub async fn abort(
     one(gtid, reply, output)
 }
 
+/// `--as committed|rolled-back` of `tandem tx resolve` (TCC words too).
+///
+/// # Errors
+///
+/// Any other word.
+pub fn parse_settled(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "committed" | "confirmed" | "commit" => Ok(true),
+        "rolled-back" | "rolledback" | "rolled_back" | "cancelled" | "rollback" => Ok(false),
+        _ => Err(format!(
+            "unknown outcome {s:?}; use committed or rolled-back (confirmed / cancelled for TCC)"
+        )),
+    }
+}
+
+/// `tandem tx resolve GTID --branch N --as committed|rolled-back --reason …`.
+///
+/// # Errors
+///
+/// Unknown gtid, refused (not STUCK, branch settled, or against the
+/// decision), or unreachable.
+pub async fn resolve(
+    client: &mut Admin,
+    gtid: &str,
+    branch: u32,
+    commit: bool,
+    reason: &str,
+    output: Output,
+) -> Result<String, CliError> {
+    let outcome = if commit {
+        pb::Decision::Commit
+    } else {
+        pb::Decision::Abort
+    };
+    let reply = client
+        .resolve_branch(pb::ResolveBranchRequest {
+            gtid: gtid.to_string(),
+            branch_id: branch,
+            outcome: outcome as i32,
+            reason: reason.to_string(),
+        })
+        .await;
+    let text = one(gtid, reply, output)?;
+    if output == Output::Json {
+        return Ok(text);
+    }
+    let what = if commit { "committed" } else { "rolled back" };
+    Ok(format!(
+        "WARNING: branch {branch} is now recorded as {what} on your word; the coordinator will \
+         not call its participant again. Whatever that participant holds for it is now yours \
+         to make consistent.\n{text}"
+    ))
+}
+
 /// A transaction as the CLI shows it (and as its JSON reads).
 #[derive(Serialize)]
 struct TxView {
@@ -236,6 +290,16 @@ struct BranchView {
     updated_at_ms: u64,
     next_attempt_at_ms: u64,
     payload_len: u32,
+    /// Who settled it by hand, and why; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resolution: Option<ResolutionView>,
+}
+
+#[derive(Serialize)]
+struct ResolutionView {
+    by: String,
+    reason: String,
+    at_ms: u64,
 }
 
 fn mode_name(mode: pb::Mode) -> &'static str {
@@ -270,6 +334,11 @@ impl From<pb::TransactionInfo> for TxView {
                 updated_at_ms: b.updated_at_ms,
                 next_attempt_at_ms: b.next_attempt_at_ms,
                 payload_len: b.payload_len,
+                resolution: b.resolution.map(|r| ResolutionView {
+                    by: r.by,
+                    reason: r.reason,
+                    at_ms: r.at_ms,
+                }),
             })
             .collect();
         TxView {
@@ -416,6 +485,15 @@ fn render_one(t: TxView, output: Output) -> String {
         }
         if !b.last_error.is_empty() {
             let _ = write!(out, "\n      last error: {}", b.last_error);
+        }
+        if let Some(r) = &b.resolution {
+            let _ = write!(
+                out,
+                "\n      settled by hand by {} {} ago: {}",
+                r.by,
+                human(now.saturating_sub(r.at_ms)),
+                r.reason
+            );
         }
     }
     out

@@ -243,6 +243,14 @@ impl Txn {
                 Ok(cmds)
             }
             Event::PhaseTwo { branch, result } => Ok(self.on_phase_two(branch, result, now)),
+            Event::PhaseTwoRefused { branch, error } => {
+                Ok(self.on_phase_two_refused(branch, error, now))
+            }
+            Event::OperatorResolve {
+                branch,
+                commit,
+                resolution,
+            } => self.on_operator_resolve(branch, commit, resolution, now),
             Event::RetryDue { branch } => {
                 let mut cmds = Vec::new();
                 if self.waiting.remove(&branch) {
@@ -291,6 +299,7 @@ impl Txn {
             last_error: String::new(),
             next_attempt_ms: 0,
             updated_ms: now,
+            resolution: None,
         });
         self.phase_one.insert(id);
         self.rec.updated_ms = now;
@@ -337,6 +346,18 @@ impl Txn {
                     id,
                     &b.resource,
                     &reason,
+                ))
+            }
+            Vote::NotRun(error) => {
+                // Nothing ran there and phase 1 is never sent twice, so
+                // there is nothing to roll back: settled now (DESIGN.md
+                // rule 3a). Only a failure decides this; a yes never comes.
+                b.state = BranchState::RolledBack;
+                Some(AbortInfo::by_branch(
+                    AbortCause::PhaseOneFailed,
+                    id,
+                    &b.resource,
+                    &error,
                 ))
             }
             Vote::Failed(error) => {
@@ -460,6 +481,9 @@ mod abort_tests;
 
 #[cfg(test)]
 mod mixed_tests;
+
+#[cfg(test)]
+mod permanent_tests;
 
 #[cfg(test)]
 mod tests;

@@ -190,6 +190,24 @@ enum TxVerb {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Settle one branch of a STUCK transaction by hand, as its decision
+    /// says, after making its participant consistent by other means: the
+    /// coordinator stops calling it, and that participant's state becomes
+    /// your responsibility. Kept in the record with who and why.
+    Resolve {
+        /// Transaction id.
+        gtid: String,
+        /// The branch's id (see `tandem tx show`).
+        #[arg(long)]
+        branch: u32,
+        /// How it was settled: committed or rolled-back (must be the
+        /// transaction's decision).
+        #[arg(long = "as", value_parser = cli::parse_settled)]
+        settled: bool,
+        /// Why (required); kept in the record.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Args)]
@@ -566,6 +584,12 @@ async fn tx(args: TxArgs) -> ExitCode {
             TxVerb::Show { gtid } => cli::show(&mut client, &gtid, out).await,
             TxVerb::Retry { gtid } => cli::retry(&mut client, &gtid, out).await,
             TxVerb::Abort { gtid, reason } => cli::abort(&mut client, &gtid, &reason, out).await,
+            TxVerb::Resolve {
+                gtid,
+                branch,
+                settled,
+                reason,
+            } => cli::resolve(&mut client, &gtid, branch, settled, &reason, out).await,
         }
     }
     .await;

@@ -245,6 +245,20 @@ pub struct BranchRecord {
     pub next_attempt_ms: u64,
     /// Last change, ms since the Unix epoch.
     pub updated_ms: u64,
+    /// Set when an operator settled this branch by hand.
+    pub resolution: Option<Resolution>,
+}
+
+/// An operator's settling of a branch (`tandem tx resolve`): the
+/// participant's state is the operator's word from then on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    /// The operator's authenticated name ("anonymous" without auth).
+    pub by: String,
+    /// Why, in the operator's words.
+    pub reason: String,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
 }
 
 /// One global transaction.

@@ -8,7 +8,10 @@
 //! - `tandem/bench/v1/bench.proto` (package `tandem.bench.v1`, internal): the
 //!   echo and counters of `tandem bench`'s participants.
 //!
-//! Wire types only: no behaviour lives here.
+//! Wire types only: no behaviour lives here ([`rpc`] adds the few
+//! `google.rpc` messages of gRPC's richer error model).
+
+pub mod rpc;
 
 /// Package `tandem.v1`.
 pub mod v1 {

@@ -313,6 +313,7 @@ fn committing_record() -> TxnRecord {
         last_error: String::new(),
         next_attempt_ms: 0,
         updated_ms: now,
+        resolution: None,
     });
     rec
 }

@@ -150,7 +150,7 @@ impl Transport for Calls {
         _: BranchRequest,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
-        Box::pin(async { Err("no phase 1 in this test".to_string()) })
+        Box::pin(async { Err("no phase 1 in this test".into()) })
     }
     fn phase_two(
         &self,

@@ -62,7 +62,7 @@ impl Transport for Acks {
         _: BranchRequest,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
-        Box::pin(async { Err("no phase 1 in this test".to_string()) })
+        Box::pin(async { Err("no phase 1 in this test".into()) })
     }
     fn phase_two(
         &self,

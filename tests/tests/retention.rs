@@ -56,7 +56,7 @@ impl Transport for Net {
         let down = endpoint == DOWN;
         Box::pin(async move {
             if down {
-                Err("down for maintenance".to_string())
+                Err("down for maintenance".into())
             } else {
                 Ok(())
             }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::{Command, EngineError, Txn};
 use crate::model::{
-    AbortCause, AbortInfo, BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode, TxState,
-    cap_text,
+    AbortCause, AbortInfo, BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode,
+    Resolution, TxState, cap_text,
 };
 
 impl Txn {
@@ -80,6 +80,8 @@ impl Txn {
                 } else {
                     BranchState::RolledBack
                 };
+                // What a transaction shows is what is still failing.
+                b.last_error.clear();
                 self.failures.remove(&id);
                 // Written with the final state, not on its own: a lost ack
                 // only means the call is repeated after a restart, which
@@ -106,6 +108,125 @@ impl Txn {
                 vec![Command::Persist, Command::RetryLater { branch: id, delay }]
             }
         }
+    }
+
+    /// A participant answered that this branch's phase 2 will never
+    /// succeed: no retry; the branch waits for an operator (the
+    /// transaction ends STUCK once nothing else is pending).
+    pub(super) fn on_phase_two_refused(
+        &mut self,
+        id: BranchId,
+        error: String,
+        now: u64,
+    ) -> Vec<Command> {
+        if !self.phase_two.remove(&id) {
+            return Vec::new();
+        }
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Vec::new();
+        };
+        b.updated_ms = now;
+        b.next_attempt_ms = 0;
+        b.last_error = cap_text(
+            &format!("will not succeed (not retried): {error}"),
+            MAX_STORED_TEXT,
+        );
+        self.rec.updated_ms = now;
+        self.parked.insert(id);
+        let mut cmds = vec![Command::Persist];
+        self.maybe_finish(&mut cmds, now);
+        cmds
+    }
+
+    /// An operator settles branch `id` of a STUCK transaction by hand, as
+    /// its decision says; the transaction finishes once no branch is left.
+    pub(super) fn on_operator_resolve(
+        &mut self,
+        id: BranchId,
+        commit: bool,
+        resolution: Resolution,
+        now: u64,
+    ) -> Result<Vec<Command>, EngineError> {
+        if self.rec.state != TxState::Stuck {
+            return Err(self.wrong_state(
+                "settle a branch by hand",
+                "; only a STUCK transaction's branches can be (tandem tx retry drives the others)",
+            ));
+        }
+        let decided_commit = self.rec.decision == Some(Decision::Commit);
+        if commit != decided_commit {
+            let (decision, what) = if decided_commit {
+                ("COMMIT", "committed")
+            } else {
+                ("ABORT", "rolled back")
+            };
+            return Err(self.wrong_state(
+                "settle a branch against its decision",
+                &format!(
+                    "; the decision is {decision}, so a branch can only be settled as {what} (a decision is never reversed)"
+                ),
+            ));
+        }
+        let open = self.open_in_phase_two();
+        let Some(state) = self.rec.branch(id).map(|b| b.state.name(b.mode)) else {
+            let n = self.rec.branches.len();
+            return Err(self.wrong_state(
+                "settle a branch by hand",
+                &format!("; it has no branch {id} (its branches are 1 to {n})"),
+            ));
+        };
+        if !open.contains(&id) {
+            return Err(self.wrong_state(
+                "settle a branch by hand",
+                &format!("; branch {id} is {state}, it needs no phase 2"),
+            ));
+        }
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Ok(Vec::new());
+        };
+        b.state = if commit {
+            BranchState::Committed
+        } else {
+            BranchState::RolledBack
+        };
+        b.last_error.clear();
+        b.next_attempt_ms = 0;
+        b.updated_ms = now;
+        b.resolution = Some(resolution);
+        self.parked.remove(&id);
+        self.failures.remove(&id);
+        self.rec.updated_ms = now;
+        // Durable before the operator hears it.
+        let mut cmds = vec![Command::Force];
+        if open.len() == 1 {
+            self.rec.state = if commit {
+                TxState::Committed
+            } else {
+                TxState::Aborted
+            };
+            cmds.push(Command::Finished);
+        }
+        Ok(cmds)
+    }
+
+    /// Branches of a STUCK transaction still owed their phase 2 (as if it
+    /// were being driven).
+    fn open_in_phase_two(&self) -> Vec<BranchId> {
+        let mut probe = self.clone();
+        probe.rec.state = match self.rec.decision {
+            Some(Decision::Commit) => TxState::Committing,
+            Some(Decision::Abort) => TxState::Aborting,
+            None => return Vec::new(),
+        };
+        probe.durable = true;
+        probe.parked.clear();
+        probe
+            .rec
+            .branches
+            .iter()
+            .map(|b| b.id)
+            .filter(|id| probe.needs_phase_two(*id))
+            .collect()
     }
 
     /// Emits the phase-2 call of every branch that needs one and has none

@@ -170,6 +170,11 @@ fn phase_two_failures_are_retried_until_acknowledged() {
     assert_eq!(cmds, vec![Command::Persist, Command::Finished]);
     assert_eq!(t.record().state, TxState::Committed);
     assert_eq!(t.record().branches[0].attempts, 2);
+    assert_eq!(
+        t.record().branches[0].last_error,
+        "",
+        "an acknowledged branch shows no error"
+    );
 }
 
 // Rule 2: a decision never changes — rollback after commit is refused and

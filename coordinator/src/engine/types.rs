@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::model::{BranchId, Gtid, Mode, TxState};
+use crate::model::{BranchId, Gtid, Mode, Resolution, TxState};
 
 /// Something that happened to a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,6 +38,16 @@ pub enum Event {
         /// `Err` carries the error text; the call will be retried.
         result: Result<(), String>,
     },
+    /// A phase-2 call was answered "this will never succeed" (the
+    /// participant does not implement the call, or says the failure is
+    /// permanent): the branch is not retried; the transaction ends STUCK
+    /// with the reason, for an operator.
+    PhaseTwoRefused {
+        /// Which branch.
+        branch: BranchId,
+        /// The participant's answer.
+        error: String,
+    },
     /// A retry scheduled by [`Command::RetryLater`] is due.
     RetryDue {
         /// Which branch.
@@ -51,6 +61,18 @@ pub enum Event {
     OperatorAbort {
         /// Why, from the operator; may be empty.
         reason: String,
+    },
+    /// An operator settles one branch of a STUCK transaction by hand
+    /// (`tandem tx resolve`): its phase 2 is taken as done, as the
+    /// decision says, on the operator's word.
+    OperatorResolve {
+        /// Which branch.
+        branch: BranchId,
+        /// Settled as committed (`true`) or rolled back; must match the
+        /// decision.
+        commit: bool,
+        /// Who and why, kept in the record.
+        resolution: Resolution,
     },
 }
 
@@ -76,6 +98,11 @@ pub enum Vote {
     No(String),
     /// The call failed or timed out; the participant may hold work.
     Failed(String),
+    /// The call provably never ran at the participant (its connection was
+    /// refused, the policy stopped it before dialling, or the participant
+    /// does not implement the call): it holds nothing and needs no
+    /// rollback / cancel.
+    NotRun(String),
 }
 
 /// Something the runtime must do, in the order given.

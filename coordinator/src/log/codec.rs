@@ -9,7 +9,8 @@ use prost::Message;
 
 use super::LogError;
 use crate::model::{
-    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, TxState, TxnRecord,
+    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, Resolution, TxState,
+    TxnRecord,
 };
 
 /// Format version written in every record.
@@ -81,6 +82,19 @@ struct StoredBranch {
     /// in records of older versions, absent): the transaction's.
     #[prost(uint32, tag = "10")]
     mode: u32,
+    /// An operator's settling of the branch, if any.
+    #[prost(message, optional, tag = "11")]
+    resolution: Option<StoredResolution>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredResolution {
+    #[prost(string, tag = "1")]
+    by: String,
+    #[prost(string, tag = "2")]
+    reason: String,
+    #[prost(uint64, tag = "3")]
+    at_ms: u64,
 }
 
 /// Largest payload kept inside the record.
@@ -177,6 +191,11 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
                 updated_ms: b.updated_ms,
+                resolution: b.resolution.as_ref().map(|r| StoredResolution {
+                    by: r.by.clone(),
+                    reason: r.reason.clone(),
+                    at_ms: r.at_ms,
+                }),
                 next_attempt_ms: b.next_attempt_ms,
                 inline_payload: (!stored_apart(&b.payload)).then(|| b.payload.clone()),
                 reply: b.reply.clone(),
@@ -252,6 +271,11 @@ pub(super) fn decode(
             last_error: b.last_error,
             next_attempt_ms: b.next_attempt_ms,
             updated_ms: b.updated_ms,
+            resolution: b.resolution.map(|r| Resolution {
+                by: r.by,
+                reason: r.reason,
+                at_ms: r.at_ms,
+            }),
         });
     }
     let decision = match stored.decision {

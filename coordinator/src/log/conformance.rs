@@ -78,6 +78,7 @@ pub fn sample_record(mode: Mode, n: u32) -> TxnRecord {
             last_error: String::new(),
             next_attempt_ms: 0,
             updated_ms: 1_000,
+            resolution: None,
         });
     }
     rec
@@ -108,6 +109,11 @@ pub fn write_then_get_round_trips(log: &impl TxnLog) {
     rec.branches[1].state = BranchState::Failed;
     rec.branches[1].last_error = "deadline".into();
     rec.branches[1].next_attempt_ms = 12_345;
+    rec.branches[0].resolution = Some(crate::model::Resolution {
+        by: "ops-alice".into(),
+        reason: "INC-7: applied by hand".into(),
+        at_ms: 5_000,
+    });
     rec.branches[2].payload = Bytes::new();
     rec.state = TxState::Stuck;
     rec.decision = Some(crate::model::Decision::Abort);

@@ -17,7 +17,7 @@ use tandem_proto::v1::BranchRequest;
 use tokio::task::AbortHandle;
 use tracing::warn;
 
-use super::transport::bounded;
+use super::transport::{CallError, Failure, bounded};
 use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
@@ -192,7 +192,8 @@ impl Inner {
             return Event::PhaseOne { branch, vote };
         };
         if let Err(e) = self.check_policy(&endpoint) {
-            let vote = Vote::Failed(e.to_string());
+            // Refused before dialling: the participant never heard of it.
+            let vote = Vote::NotRun(e.to_string());
             return Event::PhaseOne { branch, vote };
         }
         // Cut at the global deadline: a call still out then counts as
@@ -203,7 +204,11 @@ impl Inner {
         let vote = match bounded(timeout, call).await {
             Ok(v) if v.yes => Vote::Yes(v.reply),
             Ok(v) => Vote::No(v.reason),
-            Err(e) => Vote::Failed(e),
+            // Never ran there: nothing to roll back (DESIGN.md rule 3a).
+            Err(e) if matches!(e.kind, Failure::NotDelivered | Failure::Unimplemented) => {
+                Vote::NotRun(e.message)
+            }
+            Err(e) => Vote::Failed(e.message),
         };
         Event::PhaseOne { branch, vote }
     }
@@ -223,7 +228,7 @@ impl Inner {
         };
         let timeout = self.config.call_timeout;
         let result = match self.check_policy(&endpoint) {
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(CallError::from(e.to_string())),
             Ok(()) => {
                 let call = self
                     .transport
@@ -231,11 +236,26 @@ impl Inner {
                 bounded(timeout, call).await
             }
         };
-        if let Err(error) = &result {
-            let gtid = entry.lock().record().gtid;
-            warn!(%gtid, branch, attempt, %error, "phase-2 call failed");
+        match result {
+            Ok(()) => Event::PhaseTwo {
+                branch,
+                result: Ok(()),
+            },
+            Err(e) => {
+                let gtid = entry.lock().record().gtid;
+                let error = e.message;
+                if matches!(e.kind, Failure::Permanent | Failure::Unimplemented) {
+                    warn!(%gtid, branch, attempt, %error, "phase-2 call refused for good; not retried");
+                    Event::PhaseTwoRefused { branch, error }
+                } else {
+                    warn!(%gtid, branch, attempt, %error, "phase-2 call failed");
+                    Event::PhaseTwo {
+                        branch,
+                        result: Err(error),
+                    }
+                }
+            }
         }
-        Event::PhaseTwo { branch, result }
     }
 
     pub(super) fn start_deadline_timer(self: &Arc<Self>, entry: &Arc<Entry>, deadline_ms: u64) {

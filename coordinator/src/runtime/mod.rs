@@ -52,7 +52,7 @@ use participants::ParticipantPool;
 pub(crate) use participants::{endpoint_parts, validate_endpoint};
 pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};
 pub use requests::{RollbackOutcome, SubmitOutcome};
-pub use transport::{CallFuture, Transport};
+pub use transport::{CallError, CallFuture, Failure, Transport};
 
 use crate::config::CoordinatorConfig;
 use crate::engine::{Command, EngineError, Event, Txn};

@@ -13,7 +13,9 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::security::ParticipantAccess;
 
+use super::transport::{CallError, Failure};
 use crate::model::{MAX_STORED_TEXT, Mode, cap_text};
+use tandem_proto::rpc;
 
 /// Most channels held at once; past it the least recently used idle one
 /// is closed, and with none idle a call fails (phase 2 is retried).
@@ -104,17 +106,44 @@ pub(crate) fn validate_endpoint(endpoint: &str) -> Result<(), String> {
 async fn bounded<T>(
     timeout: Duration,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
-    let no_reply = || format!("no reply within {} ms", timeout.as_millis());
+) -> Result<T, CallError> {
+    let no_reply = || CallError::from(format!("no reply within {} ms", timeout.as_millis()));
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
         Ok(Err(status)) if is_deadline(&status) => Err(no_reply()),
-        Ok(Err(status)) => Err(cap_text(
-            &format!("{:?}: {}", status.code(), status.message()),
-            MAX_STORED_TEXT,
+        Ok(Err(status)) => Err(CallError::new(
+            failure_of(&status),
+            cap_text(
+                &format!("{:?}: {}", status.code(), status.message()),
+                MAX_STORED_TEXT,
+            ),
         )),
         Err(_) => Err(no_reply()),
     }
+}
+
+/// What a call's error status proves (see [`Failure`]).
+fn failure_of(status: &tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::Unimplemented => Failure::Unimplemented,
+        tonic::Code::FailedPrecondition if rpc::is_permanent(status) => Failure::Permanent,
+        tonic::Code::Unavailable if connection_refused(status) => Failure::NotDelivered,
+        _ => Failure::Unknown,
+    }
+}
+
+/// The connection to the participant was refused: nothing was sent on it.
+fn connection_refused(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn is_deadline(status: &tonic::Status) -> bool {
@@ -245,8 +274,11 @@ impl ParticipantPool {
         mode: Mode,
         req: BranchRequest,
         timeout: Duration,
-    ) -> Result<VoteResponse, String> {
-        let (mut client, _in_use) = self.client(endpoint)?;
+    ) -> Result<VoteResponse, CallError> {
+        // No channel, no call: the request never left.
+        let (mut client, _in_use) = self
+            .client(endpoint)
+            .map_err(|e| CallError::new(Failure::NotDelivered, e))?;
         let mut request = tonic::Request::new(req);
         request.set_timeout(timeout);
         let call = async {
@@ -266,8 +298,10 @@ impl ParticipantPool {
         commit: bool,
         req: BranchRequest,
         timeout: Duration,
-    ) -> Result<(), String> {
-        let (mut client, _in_use) = self.client(endpoint)?;
+    ) -> Result<(), CallError> {
+        let (mut client, _in_use) = self
+            .client(endpoint)
+            .map_err(|e| CallError::new(Failure::NotDelivered, e))?;
         let mut request = tonic::Request::new(req);
         request.set_timeout(timeout);
         let call = async {

@@ -15,7 +15,7 @@ use super::validate::check_reason;
 use super::{Coordinator, Entry, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
-use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, TxState, TxnRecord};
+use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, Resolution, TxState, TxnRecord};
 
 /// The outcome of a one-shot transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -289,6 +289,49 @@ impl Coordinator {
     pub async fn abort(&self, gtid: Gtid, reason: String) -> Result<TxState, CoordError> {
         check_reason(&reason)?;
         self.operator(gtid, Event::OperatorAbort { reason }).await
+    }
+
+    /// An operator settles branch `branch` of a STUCK transaction by hand
+    /// (`tandem tx resolve`), as committed or rolled back (which must be
+    /// its decision); kept in the record with who and why, durably before
+    /// this returns. Returns the state after it.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`; `WrongState` unless STUCK with that branch owing its
+    /// phase 2, or when `commit` contradicts the decision;
+    /// `InvalidArgument` for a missing or over-long reason; `Unavailable`.
+    pub async fn resolve(
+        &self,
+        gtid: Gtid,
+        branch: BranchId,
+        commit: bool,
+        by: String,
+        reason: String,
+    ) -> Result<TxState, CoordError> {
+        check_reason(&reason)?;
+        if reason.trim().is_empty() {
+            return Err(CoordError::InvalidArgument(
+                "a reason is required to settle a branch by hand".into(),
+            ));
+        }
+        let resolution = Resolution {
+            by,
+            reason,
+            at_ms: self.inner.now(),
+        };
+        let event = Event::OperatorResolve {
+            branch,
+            commit,
+            resolution,
+        };
+        let state = self.operator(gtid, event).await?;
+        if state == TxState::Stuck {
+            // Still waiting for the operator on another branch: nothing
+            // runs for it until then.
+            self.inner.forget(&gtid);
+        }
+        Ok(state)
     }
 
     async fn operator(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {

@@ -2,61 +2,17 @@
 //! (`grpc-status-details-bin` holds a `google.rpc.Status`), carrying a
 //! `tandem.v1.AbortInfo` and a `google.rpc.ErrorInfo`, so that any gRPC
 //! client can read the branch, resource and the participant's reason
-//! without parsing the message. The three `google.rpc` / `google.protobuf`
-//! messages are declared here by their field numbers; they are stable and
-//! tiny, and generating them would need their .proto files.
+//! without parsing the message (`tandem_proto::rpc` declares those
+//! messages).
 
 use prost::Message;
+use tandem_proto::rpc::{Any, DOMAIN, ErrorInfo, RpcStatus};
 use tandem_proto::v1 as pb;
 
 use crate::model::{AbortInfo, Gtid};
 
-/// The domain of the ErrorInfo detail.
-pub const DOMAIN: &str = "tandem.v1";
-
 /// Type URL of the AbortInfo detail.
 pub const ABORT_INFO_TYPE_URL: &str = "type.googleapis.com/tandem.v1.AbortInfo";
-
-const ERROR_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.ErrorInfo";
-
-/// `google.rpc.Status`.
-#[derive(Clone, PartialEq, Message)]
-pub struct RpcStatus {
-    /// The gRPC code.
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-    /// The status message.
-    #[prost(string, tag = "2")]
-    pub message: String,
-    /// Typed details.
-    #[prost(message, repeated, tag = "3")]
-    pub details: Vec<Any>,
-}
-
-/// `google.protobuf.Any`.
-#[derive(Clone, PartialEq, Message)]
-pub struct Any {
-    /// Which message `value` holds.
-    #[prost(string, tag = "1")]
-    pub type_url: String,
-    /// The encoded message.
-    #[prost(bytes = "vec", tag = "2")]
-    pub value: Vec<u8>,
-}
-
-/// `google.rpc.ErrorInfo`.
-#[derive(Clone, PartialEq, Message)]
-pub struct ErrorInfo {
-    /// The cause, e.g. "VOTED_NO".
-    #[prost(string, tag = "1")]
-    pub reason: String,
-    /// "tandem.v1".
-    #[prost(string, tag = "2")]
-    pub domain: String,
-    /// `gtid`, `branch_id`, `resource`.
-    #[prost(map = "string, string", tag = "3")]
-    pub metadata: std::collections::HashMap<String, String>,
-}
 
 /// The wire form of an abort.
 pub fn to_wire(a: &AbortInfo) -> pb::AbortInfo {
@@ -98,15 +54,12 @@ pub fn status_details(code: i32, message: &str, gtid: Gtid, abort: &AbortInfo) -
                 type_url: ABORT_INFO_TYPE_URL.to_string(),
                 value: info.encode_to_vec(),
             },
-            Any {
-                type_url: ERROR_INFO_TYPE_URL.to_string(),
-                value: ErrorInfo {
-                    reason: cause,
-                    domain: DOMAIN.to_string(),
-                    metadata,
-                }
-                .encode_to_vec(),
-            },
+            ErrorInfo {
+                reason: cause,
+                domain: DOMAIN.to_string(),
+                metadata,
+            }
+            .to_any(),
         ],
     }
     .encode_to_vec()

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::convert::{record_to_wire, state_from_wire};
-use super::parse_gtid;
+use super::{Caller, parse_gtid};
 use crate::runtime::Coordinator;
 
 /// Default and largest page sizes of `ListTransactions`.
@@ -100,6 +100,37 @@ impl AdminRpc for AdminService {
         let gtid = parse_gtid(&req.get_ref().gtid)?;
         self.coord.retry(gtid).await?;
         tracing::info!(%gtid, "operator retry");
+        Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
+    async fn resolve_branch(
+        &self,
+        req: Request<pb::ResolveBranchRequest>,
+    ) -> Result<Response<pb::TransactionInfo>, Status> {
+        let by = req
+            .extensions()
+            .get::<Caller>()
+            .map_or_else(|| "anonymous".to_string(), |c| c.0.clone());
+        let req = req.into_inner();
+        let gtid = parse_gtid(&req.gtid)?;
+        let commit = match pb::Decision::try_from(req.outcome) {
+            Ok(pb::Decision::Commit) => true,
+            Ok(pb::Decision::Abort) => false,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "outcome must be DECISION_COMMIT or DECISION_ABORT",
+                ));
+            }
+        };
+        let branch = req.branch_id;
+        self.coord
+            .resolve(gtid, branch, commit, by.clone(), req.reason.clone())
+            .await?;
+        tracing::warn!(
+            %gtid, branch, commit, by = %by, reason = %req.reason,
+            "branch settled by hand: its participant's state is now the operator's responsibility"
+        );
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
     }
 

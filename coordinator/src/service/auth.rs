@@ -26,6 +26,11 @@ pub fn required_role(path: &str) -> Option<Role> {
     }
 }
 
+/// The authenticated caller's name (its token's or certificate's), put in
+/// the request's extensions for the services (e.g. who settled a branch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller(pub String);
+
 /// The access list in force; replaced on reload.
 pub type SharedAccess = Arc<RwLock<AccessList>>;
 
@@ -77,7 +82,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
         if let Some(role) = required_role(req.uri().path()) {
             let auth = req
                 .headers()
@@ -92,10 +97,15 @@ where
                 certs.as_deref().map(|c| c.as_slice()),
                 role,
             );
-            if let Err(refusal) = checked {
-                tracing::warn!(path = req.uri().path(), refused = %refusal, "call refused");
-                let status = tonic::Status::from(refusal);
-                return Box::pin(std::future::ready(Ok(status.into_http())));
+            match checked {
+                Ok(name) => {
+                    req.extensions_mut().insert(Caller(name));
+                }
+                Err(refusal) => {
+                    tracing::warn!(path = req.uri().path(), refused = %refusal, "call refused");
+                    let status = tonic::Status::from(refusal);
+                    return Box::pin(std::future::ready(Ok(status.into_http())));
+                }
             }
         }
         Box::pin(self.inner.call(req))

@@ -109,6 +109,11 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
                 resource: b.resource.clone(),
                 state: branch_state_to_wire(b.state, b.mode) as i32,
                 mode: mode_to_wire(b.mode) as i32,
+                resolution: b.resolution.as_ref().map(|r| pb::Resolution {
+                    by: r.by.clone(),
+                    reason: r.reason.clone(),
+                    at_ms: r.at_ms,
+                }),
                 attempts: b.attempts,
                 last_error: b.last_error.clone(),
                 updated_at_ms: b.updated_ms,

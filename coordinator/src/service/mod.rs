@@ -11,7 +11,7 @@ mod limit;
 mod malformed;
 
 pub use admin::AdminService;
-pub use auth::{Auth, AuthLayer, SharedAccess, required_role};
+pub use auth::{Auth, AuthLayer, Caller, SharedAccess, required_role};
 pub use coordinator::CoordinatorService;
 pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use malformed::{MalformedRequest, MalformedRequestLayer};

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_coordinator::model::{Gtid, Mode};
-use tandem_coordinator::runtime::{CallFuture, Transport};
+use tandem_coordinator::runtime::{CallError, CallFuture, Failure, Transport};
 use tandem_proto::v1::{BranchRequest, VoteResponse};
 
 use crate::rng::Rng;
@@ -198,11 +198,15 @@ impl Transport for SimNet {
         let clock = self.clock.clone();
         let work = tokio::spawn(async move {
             let (Some(p), Some(key)) = (p, key(&req)) else {
-                return Err("unknown participant".to_string());
+                return Err("unknown participant".into());
             };
             tokio::time::sleep(plan.delay).await;
             if plan.fail_before {
-                return Err("Unavailable: connection refused".into());
+                // Refused before anything ran, as a refused connection is.
+                return Err(CallError::new(
+                    Failure::NotDelivered,
+                    "Unavailable: connection refused",
+                ));
             }
             if plan.vote_no {
                 p.refuse(key);
@@ -228,7 +232,7 @@ impl Transport for SimNet {
                 reply: Bytes::from(format!("hold-{}", req.branch_id)),
             })
         });
-        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string())) })
+        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string().into())) })
     }
 
     fn phase_two(
@@ -246,7 +250,7 @@ impl Transport for SimNet {
         let plan = self.plan(false);
         let work = tokio::spawn(async move {
             let (Some(p), Some(key)) = (p, key(&req)) else {
-                return Err("unknown participant".to_string());
+                return Err("unknown participant".into());
             };
             tokio::time::sleep(plan.delay).await;
             if plan.fail_before {
@@ -258,6 +262,6 @@ impl Transport for SimNet {
             }
             Ok(())
         });
-        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string())) })
+        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string().into())) })
     }
 }
