@@ -106,6 +106,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("participant server: {0}")]
     Transport(#[source] tonic::transport::Error),
+    /// The server's task panicked or was cancelled.
+    #[error("participant server task: {0}")]
+    Task(#[source] tokio::task::JoinError),
     /// Two handlers were registered under one resource name: a resource
     /// speaks one protocol through one handler, so the server refuses to
     /// start rather than silently pick one.
@@ -396,12 +399,11 @@ impl RunningParticipant {
     /// # Errors
     ///
     /// The server task failed.
-    pub async fn shutdown(mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        (&mut self.task).await??;
-        Ok(())
+        (&mut self.task).await.map_err(ServeError::Task)?
     }
 }
 

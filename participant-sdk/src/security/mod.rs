@@ -6,6 +6,8 @@ pub mod auth;
 pub mod tls;
 
 pub use auth::{AccessList, Refusal, Role};
+/// The TLS library behind [`ClientTls::rustls_config`].
+pub use rustls;
 pub use tls::{ClientTls, ServerTls, ServerTlsFiles, TlsError};
 
 use tonic::metadata::{Ascii, MetadataValue};
