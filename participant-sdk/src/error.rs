@@ -12,7 +12,7 @@ pub enum Error {
     /// The transaction aborted: a participant voted no or failed, its
     /// deadline passed, or it was rolled back. Every branch is (or is being)
     /// rolled back.
-    #[error("transaction {gtid} aborted: {reason}", gtid = gtid.map(|g| g.to_string()).unwrap_or_default())]
+    #[error("transaction{} aborted: {reason}", gtid.map(|g| format!(" {g}")).unwrap_or_default())]
     Aborted {
         /// The transaction, when the coordinator named it.
         gtid: Option<Gtid>,
@@ -166,5 +166,43 @@ impl From<tonic::transport::Error> for Error {
             gtid: None,
             cause: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The ambiguous errors say which transaction to ask about, when known.
+    #[test]
+    fn ambiguous_errors_name_their_gtid() {
+        let gtid = Gtid::now_v7();
+        let timed_out = Error::from(Status::deadline_exceeded("slow")).about(gtid);
+        assert!(
+            timed_out
+                .to_string()
+                .contains(&format!("ask the coordinator with gtid {gtid}")),
+            "{timed_out}"
+        );
+        let unavailable = Error::from(Status::unavailable("down")).about(gtid);
+        assert!(matches!(unavailable, Error::Unavailable { gtid: Some(g), .. } if g == gtid));
+        let anonymous = Error::from(Status::unavailable("down"));
+        assert_eq!(anonymous.to_string(), "coordinator unavailable: down");
+    }
+
+    // tonic reports a client-side deadline (`Endpoint::timeout`) as
+    // CANCELLED "Timeout expired": that is a timeout, not an RPC failure.
+    #[test]
+    fn a_client_side_deadline_is_a_timeout() {
+        let e = Error::from(Status::cancelled(TimeoutExpired(()).to_string()));
+        assert!(matches!(e, Error::TimedOut { gtid: None, .. }), "{e:?}");
+        let other = Error::from(Status::cancelled("the caller went away"));
+        assert!(matches!(other, Error::Rpc(_)), "{other:?}");
+    }
+
+    #[test]
+    fn an_abort_without_gtid_reads_well() {
+        let e = Error::from(Status::aborted("no funds"));
+        assert_eq!(e.to_string(), "transaction aborted: no funds");
     }
 }
