@@ -271,7 +271,8 @@ impl TransactionClient {
                 timeout_ms: timeout_ms(timeout),
                 gtid: gtid.to_string(),
             })
-            .await?
+            .await
+            .map_err(|s| with_gtid(s, gtid))?
             .into_inner();
         gtid_from_wire(&resp.gtid)
     }
@@ -390,7 +391,7 @@ impl TransactionClient {
     /// let outcome = loop {
     ///     match client.submit_as(gtid, Mode::TwoPhase, branches.clone(), None).await {
     ///         // No answer: the same gtid again is safe.
-    ///         Err(Error::TimedOut(_) | Error::Unavailable(_)) => continue,
+    ///         Err(Error::TimedOut { .. } | Error::Unavailable { .. }) => continue,
     ///         other => break other,
     ///     }
     /// };
@@ -418,7 +419,8 @@ impl TransactionClient {
                 branches: branches.into_iter().map(Branch::wire).collect(),
                 gtid: gtid.to_string(),
             })
-            .await?
+            .await
+            .map_err(|s| with_gtid(s, gtid))?
             .into_inner();
         let gtid = gtid_from_wire(&resp.gtid)?;
         let state = resp.state;
@@ -516,11 +518,5 @@ impl TransactionClient {
 }
 
 fn with_gtid(s: tonic::Status, gtid: Gtid) -> Error {
-    match Error::from(s) {
-        Error::Aborted { reason, .. } => Error::Aborted {
-            gtid: Some(gtid),
-            reason,
-        },
-        e => e,
-    }
+    Error::from(s).about(gtid)
 }

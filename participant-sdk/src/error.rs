@@ -1,6 +1,6 @@
 //! Typed errors of [`crate::TransactionClient`].
 
-use tonic::{Code, Status};
+use tonic::{Code, Status, TimeoutExpired};
 
 use crate::Gtid;
 
@@ -12,7 +12,7 @@ pub enum Error {
     /// The transaction aborted: a participant voted no or failed, its
     /// deadline passed, or it was rolled back. Every branch is (or is being)
     /// rolled back.
-    #[error("transaction {gtid} aborted: {reason}", gtid = gtid.map(|g| g.to_string()).unwrap_or_default())]
+    #[error("transaction{} aborted: {reason}", gtid.map(|g| format!(" {g}")).unwrap_or_default())]
     Aborted {
         /// The transaction, when the coordinator named it.
         gtid: Option<Gtid>,
@@ -20,10 +20,18 @@ pub enum Error {
         reason: String,
     },
     /// No answer within the deadline; the outcome is unknown to the caller.
-    /// A `begin` / `submit` that picked its own gtid reports
-    /// [`Error::OutcomeUnknown`] instead, naming it.
-    #[error("timed out: {0}")]
-    TimedOut(String),
+    /// `gtid` names the transaction when the call was about a known one
+    /// (`submit_as` / `begin_as`, `enlist`, `commit`, `rollback`): ask the
+    /// coordinator about it ([`TransactionClient::get`](crate::TransactionClient::get),
+    /// `tandem tx show <gtid>`) or repeat the call. A `begin` / `submit`
+    /// that picked its own gtid reports [`Error::OutcomeUnknown`] instead.
+    #[error("timed out: {cause}{}", ask(gtid))]
+    TimedOut {
+        /// The transaction the call was about, when there is one.
+        gtid: Option<Gtid>,
+        /// The transport's or coordinator's explanation.
+        cause: String,
+    },
     /// `begin` / `submit` got no answer (deadline, lost connection, the
     /// coordinator restarting or stopping): the transaction `gtid` may or
     /// may not have started. Repeat the call with the same gtid
@@ -38,9 +46,16 @@ pub enum Error {
         cause: String,
     },
     /// The coordinator could not be reached or is not deciding (stopping, or
-    /// halted after a storage failure). Retrying later may succeed.
-    #[error("coordinator unavailable: {0}")]
-    Unavailable(String),
+    /// halted after a storage failure). Retrying later may succeed. `gtid`
+    /// as for [`Error::TimedOut`]: a call about a known transaction may
+    /// have reached the coordinator before the connection failed.
+    #[error("coordinator unavailable: {cause}{}", ask(gtid))]
+    Unavailable {
+        /// The transaction the call was about, when there is one.
+        gtid: Option<Gtid>,
+        /// The transport's or coordinator's explanation.
+        cause: String,
+    },
     /// The request was refused and changed nothing: bad argument, unknown
     /// gtid, or wrong state (e.g. commit after rollback).
     #[error("invalid request ({code:?}): {message}")]
@@ -62,8 +77,20 @@ impl From<Status> for Error {
                 gtid: None,
                 reason: s.message().to_string(),
             },
-            Code::DeadlineExceeded => Error::TimedOut(s.message().to_string()),
-            Code::Unavailable => Error::Unavailable(s.message().to_string()),
+            // A client-side deadline (`Endpoint::timeout`) ends the call
+            // with CANCELLED "Timeout expired" in tonic.
+            Code::Cancelled if s.message() == TimeoutExpired(()).to_string() => Error::TimedOut {
+                gtid: None,
+                cause: s.message().to_string(),
+            },
+            Code::DeadlineExceeded => Error::TimedOut {
+                gtid: None,
+                cause: s.message().to_string(),
+            },
+            Code::Unavailable => Error::Unavailable {
+                gtid: None,
+                cause: s.message().to_string(),
+            },
             Code::InvalidArgument
             | Code::AlreadyExists
             | Code::NotFound
@@ -82,7 +109,7 @@ impl Error {
     /// answer) becomes [`Error::OutcomeUnknown`]; answers pass through.
     pub(crate) fn unknown_outcome(self, gtid: Gtid) -> Error {
         match self {
-            Error::TimedOut(cause) | Error::Unavailable(cause) => {
+            Error::TimedOut { cause, .. } | Error::Unavailable { cause, .. } => {
                 Error::OutcomeUnknown { gtid, cause }
             }
             // A refusal before anything ran (RESOURCE_EXHAUSTED, …) stays
@@ -100,8 +127,82 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Names `gtid` in the errors that leave its outcome unknown to the
+    /// caller (`TimedOut`, `Unavailable`) and in `Aborted`.
+    pub(crate) fn about(self, gtid: Gtid) -> Error {
+        match self {
+            Error::Aborted { reason, .. } => Error::Aborted {
+                gtid: Some(gtid),
+                reason,
+            },
+            Error::TimedOut { cause, .. } => Error::TimedOut {
+                gtid: Some(gtid),
+                cause,
+            },
+            Error::Unavailable { cause, .. } => Error::Unavailable {
+                gtid: Some(gtid),
+                cause,
+            },
+            e => e,
+        }
+    }
+}
+
+/// The advice of an ambiguous error about `gtid`.
+fn ask(gtid: &Option<Gtid>) -> String {
+    match gtid {
+        Some(g) => format!(
+            "; the outcome is unknown here: ask the coordinator with gtid {g} \
+             (TransactionClient::get, or `tandem tx show {g}`)"
+        ),
+        None => String::new(),
+    }
+}
+
 impl From<tonic::transport::Error> for Error {
     fn from(e: tonic::transport::Error) -> Self {
-        Error::Unavailable(e.to_string())
+        Error::Unavailable {
+            gtid: None,
+            cause: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The ambiguous errors say which transaction to ask about, when known.
+    #[test]
+    fn ambiguous_errors_name_their_gtid() {
+        let gtid = Gtid::now_v7();
+        let timed_out = Error::from(Status::deadline_exceeded("slow")).about(gtid);
+        assert!(
+            timed_out
+                .to_string()
+                .contains(&format!("ask the coordinator with gtid {gtid}")),
+            "{timed_out}"
+        );
+        let unavailable = Error::from(Status::unavailable("down")).about(gtid);
+        assert!(matches!(unavailable, Error::Unavailable { gtid: Some(g), .. } if g == gtid));
+        let anonymous = Error::from(Status::unavailable("down"));
+        assert_eq!(anonymous.to_string(), "coordinator unavailable: down");
+    }
+
+    // tonic reports a client-side deadline (`Endpoint::timeout`) as
+    // CANCELLED "Timeout expired": that is a timeout, not an RPC failure.
+    #[test]
+    fn a_client_side_deadline_is_a_timeout() {
+        let e = Error::from(Status::cancelled(TimeoutExpired(()).to_string()));
+        assert!(matches!(e, Error::TimedOut { gtid: None, .. }), "{e:?}");
+        let other = Error::from(Status::cancelled("the caller went away"));
+        assert!(matches!(other, Error::Rpc(_)), "{other:?}");
+    }
+
+    #[test]
+    fn an_abort_without_gtid_reads_well() {
+        let e = Error::from(Status::aborted("no funds"));
+        assert_eq!(e.to_string(), "transaction aborted: no funds");
     }
 }

@@ -18,7 +18,14 @@ pub struct BranchContext {
     pub branch_id: u32,
     /// The resource name the branch was enlisted with.
     pub resource: String,
-    /// 1 for the first call of this phase, 2 for the first retry, and so on.
+    /// Which call of this phase it is, as the coordinator counts: always 1
+    /// for try / prepare (phase 1 is never repeated by the coordinator);
+    /// for confirm / cancel (commit / rollback) 1 for the first call, 2 for
+    /// the first retry, and so on. The count is not durable: after a
+    /// coordinator restart a call may come again with a number already
+    /// seen. 0 when the SDK itself finishes a branch found in doubt
+    /// ([`ParticipantServer::resolve_in_doubt`](crate::ParticipantServer::resolve_in_doubt)).
+    /// A hint for logs; never key idempotency on it.
     pub attempt: u32,
     /// Which call: try / prepare, confirm / commit, or cancel / rollback.
     pub phase: Phase,
@@ -102,6 +109,17 @@ impl HandlerError {
 ///
 /// Implement the methods as `async fn`; the futures must be `Send`.
 ///
+/// # Cancellation
+///
+/// Each call runs to completion in a task of its own, barrier record
+/// included: when the coordinator's call is cancelled (its deadline passes,
+/// the connection drops), the SDK stops waiting for the answer but does not
+/// cut the handler off at an `.await`. Only a crash of the process stops a
+/// handler midway, which the barrier and the durable-store advice cover. A
+/// handler that never returns holds its branch's barrier lock, so repeats
+/// of that branch wait: bound your own waits (lock timeouts, I/O
+/// timeouts).
+///
 /// # Examples
 ///
 /// ```
@@ -160,6 +178,17 @@ pub trait TwoPhase: Send + Sync + 'static {
 ///
 /// `cancel` is called after a try that failed, timed out or crashed, so it
 /// must release whatever part of the try took effect, possibly nothing.
+///
+/// # Cancellation
+///
+/// Each call runs to completion in a task of its own, barrier record
+/// included: when the coordinator's call is cancelled (its deadline passes,
+/// the connection drops), the SDK stops waiting for the answer but does not
+/// cut the handler off at an `.await`. Only a crash of the process stops a
+/// handler midway, which the barrier and the durable-store advice cover. A
+/// handler that never returns holds its branch's barrier lock, so repeats
+/// of that branch wait: bound your own waits (lock timeouts, I/O
+/// timeouts).
 ///
 /// # Examples
 ///

@@ -17,6 +17,9 @@
 //!   coordinator ([`ParticipantServer::resolve_in_doubt`]).
 //! - [`error`]: [`Error`], the typed errors of the client.
 //! - [`sled_sync`]: durable writes to a sled database, with group commit.
+//! - [`proto`]: the gRPC contract's generated types; [`tonic`], [`bytes`],
+//!   [`sled`], [`tokio`] and [`uuid`] re-exported, so a service needs no
+//!   other dependency to use the types in the SDK's signatures.
 //! - `postgres` (feature `postgres`): 2PC on PostgreSQL prepared
 //!   transactions, a barrier store in the handler's own transaction, and
 //!   resolution of prepared transactions a crash left behind.
@@ -83,3 +86,22 @@ pub use server::{ParticipantServer, RunningParticipant, ServeError};
 
 /// A global transaction id (UUID v7).
 pub type Gtid = uuid::Uuid;
+
+// The crates whose types appear in the SDK's API, re-exported so that a
+// service depends on `tandem-sdk` alone and always gets the versions the
+// SDK was built with. `tokio` is the runtime the SDK runs on: with
+// `tandem_sdk::tokio`, `#[tandem_sdk::tokio::main(crate = "tandem_sdk::tokio")]`
+// starts it without a direct dependency.
+pub use bytes::{self, Bytes};
+pub use sled;
+pub use tokio;
+pub use tonic::transport::{Channel, Endpoint};
+pub use tonic::{self, Code, Status};
+pub use uuid;
+
+/// The gRPC contract (`tandem.v1`) as generated types: what
+/// [`TransactionClient::get`] returns ([`proto::TransactionInfo`], with
+/// [`proto::TxState`] and the branches' states), and the raw
+/// `Participant` / `Coordinator` clients and servers for anything the SDK
+/// does not wrap.
+pub use tandem_proto::v1 as proto;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::participant_server::{
     Participant, ParticipantServer as ParticipantRpcServer,
@@ -17,6 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use tracing::instrument;
 
 use crate::Gtid;
@@ -76,6 +78,9 @@ pub struct ParticipantServer {
     in_doubt: Option<(String, Duration, ClientOptions)>,
     tls: Option<ServerTls>,
     coordinators: Option<AccessList>,
+    /// A resource registered more than once (the first such name, its
+    /// first and second protocol): refused when the server is built.
+    duplicate: Option<(String, &'static str, &'static str)>,
 }
 
 impl Default for ParticipantServer {
@@ -87,6 +92,7 @@ impl Default for ParticipantServer {
             in_doubt: None,
             tls: None,
             coordinators: None,
+            duplicate: None,
         }
     }
 }
@@ -100,6 +106,24 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("participant server: {0}")]
     Transport(#[source] tonic::transport::Error),
+    /// The server's task panicked or was cancelled.
+    #[error("participant server task: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// Two handlers were registered under one resource name: a resource
+    /// speaks one protocol through one handler, so the server refuses to
+    /// start rather than silently pick one.
+    #[error(
+        "resource {resource:?} has two handlers: registered as {first}, then again as {second}; \
+         give each handler its own resource name"
+    )]
+    DuplicateResource {
+        /// The resource name.
+        resource: String,
+        /// The protocol of the first registration (`2PC` or `TCC`).
+        first: &'static str,
+        /// The protocol of the second registration.
+        second: &'static str,
+    },
 }
 
 impl ParticipantServer {
@@ -109,21 +133,59 @@ impl ParticipantServer {
     }
 
     /// Registers `handler` for 2PC branches enlisted with `resource`.
-    /// Registering a name twice keeps the last handler.
-    pub fn two_phase(mut self, resource: impl Into<String>, handler: impl TwoPhase) -> Self {
-        let handler = Arc::new(TwoPhaseHandler(handler));
-        self.handlers
-            .insert(resource.into(), (Protocol::TwoPhase, handler));
-        self
+    ///
+    /// A resource name takes one handler: registering it again (2PC or
+    /// TCC) makes [`serve`](Self::serve), [`spawn`](Self::spawn) and
+    /// [`into_service`](Self::into_service) fail with
+    /// [`ServeError::DuplicateResource`].
+    pub fn two_phase(self, resource: impl Into<String>, handler: impl TwoPhase) -> Self {
+        self.register(
+            resource.into(),
+            Protocol::TwoPhase,
+            Arc::new(TwoPhaseHandler(handler)),
+        )
     }
 
     /// Registers `handler` for TCC branches enlisted with `resource`.
-    /// Registering a name twice keeps the last handler.
-    pub fn tcc(mut self, resource: impl Into<String>, handler: impl Tcc) -> Self {
-        let handler = Arc::new(TccHandler(handler));
-        self.handlers
-            .insert(resource.into(), (Protocol::Tcc, handler));
+    ///
+    /// A resource name takes one handler; see [`two_phase`](Self::two_phase).
+    pub fn tcc(self, resource: impl Into<String>, handler: impl Tcc) -> Self {
+        self.register(
+            resource.into(),
+            Protocol::Tcc,
+            Arc::new(TccHandler(handler)),
+        )
+    }
+
+    fn register(
+        mut self,
+        resource: String,
+        protocol: Protocol,
+        handler: Arc<dyn DynHandler>,
+    ) -> Self {
+        match self.handlers.get(&resource) {
+            Some((first, _)) => {
+                if self.duplicate.is_none() {
+                    self.duplicate = Some((resource, first.name(), protocol.name()));
+                }
+            }
+            None => {
+                self.handlers.insert(resource, (protocol, handler));
+            }
+        }
         self
+    }
+
+    /// The registration error, if any.
+    fn check(&self) -> Result<(), ServeError> {
+        match &self.duplicate {
+            Some((resource, first, second)) => Err(ServeError::DuplicateResource {
+                resource: resource.clone(),
+                first,
+                second,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Keeps barrier records in `store` instead of memory. Use a durable
@@ -192,9 +254,17 @@ impl ParticipantServer {
     /// The tonic service, to add to your own `tonic::transport::Server`.
     /// Barrier retention and in-doubt resolution are not started; run
     /// [`spawn_retention`](crate::barrier::spawn_retention) alongside.
-    pub fn into_service(
-        self,
-    ) -> InterceptedService<ParticipantRpcServer<ParticipantService>, CallerCheck> {
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::DuplicateResource`] when a resource name was
+    /// registered twice.
+    pub fn into_service(self) -> Result<ParticipantGrpcService, ServeError> {
+        self.check()?;
+        Ok(self.grpc_service())
+    }
+
+    fn grpc_service(&self) -> ParticipantGrpcService {
         let check = CallerCheck(self.coordinators.clone());
         InterceptedService::new(
             ParticipantRpcServer::new(self.service()).max_decoding_message_size(64 * 1024 * 1024),
@@ -231,14 +301,15 @@ impl ParticipantServer {
     ///
     /// # Errors
     ///
-    /// The address cannot be bound or the transport fails.
+    /// A resource was registered twice, the address cannot be bound, or
+    /// the transport fails.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), ServeError> {
+        self.check()?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| ServeError::Bind(addr, e))?;
         self.serve_with_shutdown(listener, std::future::pending())
             .await
-            .map_err(ServeError::Transport)
     }
 
     /// Serves on an already bound `listener` until `shutdown` resolves, then
@@ -246,25 +317,26 @@ impl ParticipantServer {
     ///
     /// # Errors
     ///
-    /// The transport fails.
+    /// A resource was registered twice, or the transport fails.
     pub async fn serve_with_shutdown(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), ServeError> {
+        self.check()?;
         let background = self.start_background();
         let watch = self.tls.as_ref().map(|t| t.watch(Duration::from_secs(10)));
         let mut builder = tonic::transport::Server::builder();
         let served = match self.tls.clone() {
             Some(tls) => {
                 builder
-                    .add_service(self.into_service())
+                    .add_service(self.grpc_service())
                     .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
                     .await
             }
             None => {
                 builder
-                    .add_service(self.into_service())
+                    .add_service(self.grpc_service())
                     .serve_with_incoming_shutdown(
                         // Without nodelay a reply's trailers wait for the peer's delayed ACK.
                         TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -277,7 +349,7 @@ impl ParticipantServer {
             w.abort();
         }
         background.stop().await;
-        served
+        served.map_err(ServeError::Transport)
     }
 
     /// Binds `addr` (port 0 picks a free port) and serves in a background
@@ -285,10 +357,12 @@ impl ParticipantServer {
     ///
     /// # Errors
     ///
-    /// The address cannot be bound.
-    pub async fn spawn(self, addr: SocketAddr) -> std::io::Result<RunningParticipant> {
-        let listener = TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
+    /// A resource was registered twice, or the address cannot be bound.
+    pub async fn spawn(self, addr: SocketAddr) -> Result<RunningParticipant, ServeError> {
+        self.check()?;
+        let bind = |e| ServeError::Bind(addr, e);
+        let listener = TcpListener::bind(addr).await.map_err(bind)?;
+        let addr = listener.local_addr().map_err(bind)?;
         let tls = self.tls.is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(self.serve_with_shutdown(listener, async move {
@@ -309,7 +383,7 @@ pub struct RunningParticipant {
     pub addr: SocketAddr,
     tls: bool,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    task: JoinHandle<Result<(), ServeError>>,
 }
 
 impl RunningParticipant {
@@ -325,12 +399,11 @@ impl RunningParticipant {
     /// # Errors
     ///
     /// The server task failed.
-    pub async fn shutdown(mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        (&mut self.task).await??;
-        Ok(())
+        (&mut self.task).await.map_err(ServeError::Task)?
     }
 }
 
@@ -354,6 +427,12 @@ impl Drop for Background {
         }
     }
 }
+
+/// What [`ParticipantServer::into_service`] returns: the `Participant`
+/// gRPC service behind the caller check, ready for
+/// `tonic::transport::Server::add_service`.
+pub type ParticipantGrpcService =
+    InterceptedService<ParticipantRpcServer<ParticipantService>, CallerCheck>;
 
 /// The `Participant` gRPC service over registered handlers. Built by
 /// [`ParticipantServer::into_service`].
@@ -466,8 +545,15 @@ impl ParticipantService {
             (Protocol::Tcc, true) => "confirm",
             (Protocol::Tcc, false) => "cancel",
         };
-        let call = handler.phase_two(&ctx, &d.payload, commit);
-        barrier::gate::phase_two(self.barrier.as_ref(), &ctx, verb, call).await
+        let call = PhaseTwo {
+            handler: handler.clone(),
+            barrier: self.barrier.clone(),
+            ctx,
+            payload: d.payload.clone(),
+            commit,
+            verb,
+        };
+        call.run().await
     }
 
     fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
@@ -491,15 +577,18 @@ impl ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
         protocol: Protocol,
-        verb: &str,
+        verb: &'static str,
     ) -> Result<Response<pb::VoteResponse>, Status> {
         let req = req.into_inner();
         let ctx = context(&req, Phase::Try)?;
-        let handler = self.handler(&req.resource, protocol)?;
-        let call = handler.phase_one(&ctx, &req.payload);
-        let vote =
-            barrier::gate::phase_one(self.barrier.as_ref(), &ctx, &req.payload, verb, call).await?;
-        Ok(Response::new(vote_response(vote)))
+        let call = PhaseOne {
+            handler: self.handler(&req.resource, protocol)?.clone(),
+            barrier: self.barrier.clone(),
+            ctx,
+            payload: req.payload,
+            verb,
+        };
+        Ok(Response::new(vote_response(call.run().await?)))
     }
 
     async fn phase_two(
@@ -507,7 +596,7 @@ impl ParticipantService {
         req: Request<pb::BranchRequest>,
         protocol: Protocol,
         commit: bool,
-        verb: &str,
+        verb: &'static str,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let req = req.into_inner();
         let phase = if commit {
@@ -516,11 +605,86 @@ impl ParticipantService {
             Phase::Cancel
         };
         let ctx = context(&req, phase)?;
-        let handler = self.handler(&req.resource, protocol)?;
-        let call = handler.phase_two(&ctx, &req.payload, commit);
-        barrier::gate::phase_two(self.barrier.as_ref(), &ctx, verb, call).await?;
+        let call = PhaseTwo {
+            handler: self.handler(&req.resource, protocol)?.clone(),
+            barrier: self.barrier.clone(),
+            ctx,
+            payload: req.payload,
+            commit,
+            verb,
+        };
+        call.run().await?;
         Ok(Response::new(pb::AckResponse {}))
     }
+}
+
+/// A try / prepare call with everything it needs, owned, so that it can run
+/// in a task of its own.
+struct PhaseOne {
+    handler: Arc<dyn DynHandler>,
+    barrier: Arc<dyn BarrierStore>,
+    ctx: BranchContext,
+    payload: Bytes,
+    verb: &'static str,
+}
+
+impl PhaseOne {
+    /// Runs the call (barrier and handler) to completion in a spawned task
+    /// and waits for it. Dropping the returned future (the coordinator's
+    /// deadline passed, it disconnected) leaves the task running, so a
+    /// handler is never cut off halfway and its barrier record is written.
+    async fn run(self) -> Result<Vote, Status> {
+        let verb = self.verb;
+        let task = tokio::spawn(
+            async move {
+                let call = self.handler.phase_one(&self.ctx, &self.payload);
+                barrier::gate::phase_one(
+                    self.barrier.as_ref(),
+                    &self.ctx,
+                    &self.payload,
+                    self.verb,
+                    call,
+                )
+                .await
+            }
+            .in_current_span(),
+        );
+        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
+    }
+}
+
+/// A confirm / cancel (commit / rollback) call, owned; see [`PhaseOne`].
+struct PhaseTwo {
+    handler: Arc<dyn DynHandler>,
+    barrier: Arc<dyn BarrierStore>,
+    ctx: BranchContext,
+    payload: Bytes,
+    commit: bool,
+    verb: &'static str,
+}
+
+impl PhaseTwo {
+    /// As [`PhaseOne::run`].
+    async fn run(self) -> Result<(), Status> {
+        let verb = self.verb;
+        let task = tokio::spawn(
+            async move {
+                let call = self
+                    .handler
+                    .phase_two(&self.ctx, &self.payload, self.commit);
+                barrier::gate::phase_two(self.barrier.as_ref(), &self.ctx, self.verb, call).await
+            }
+            .in_current_span(),
+        );
+        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
+    }
+}
+
+/// A handler task that panicked (the branch's barrier lock is released as
+/// it unwinds): reported as INTERNAL, like a handler error.
+fn panicked(verb: &str, e: tokio::task::JoinError) -> Status {
+    tracing::error!(error = %e, "{verb} handler panicked");
+    Status::internal(format!("{verb} failed: the handler panicked"))
 }
 
 #[tonic::async_trait]

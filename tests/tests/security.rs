@@ -586,7 +586,11 @@ async fn recording_participant() -> (String, Arc<std::sync::Mutex<Vec<String>>>)
     tokio::spawn(
         tonic::transport::Server::builder()
             .layer(tonic::service::InterceptorLayer::new(record))
-            .add_service(participant.into_service())
+            .add_service(
+                participant
+                    .into_service()
+                    .expect("one handler per resource"),
+            )
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     (format!("http://{addr}"), seen)

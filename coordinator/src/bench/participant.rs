@@ -151,7 +151,7 @@ pub async fn serve(listen: SocketAddr, secure_dir: Option<&std::path::Path>) -> 
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("listening on {}", listener.local_addr()?);
     let router = tonic::transport::Server::builder()
-        .add_service(participant.into_service())
+        .add_service(participant.into_service()?)
         .add_service(BenchParticipantServer::new(BenchService(counters)));
     let stop = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -80,7 +80,7 @@ pub async fn resolve_prepared(
             Ok(Outcome::Commit) => true,
             Ok(Outcome::Abort) => false,
             // Unreachable: no point asking about the rest now.
-            Err(e @ crate::Error::Unavailable(_)) => return Err(e.into()),
+            Err(e @ crate::Error::Unavailable { .. }) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(gtid = %key.gtid, branch = key.branch_id, error = %e, "cannot learn the outcome; skipping this branch");
                 done.failed += 1;

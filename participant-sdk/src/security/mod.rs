@@ -6,7 +6,13 @@ pub mod auth;
 pub mod tls;
 
 pub use auth::{AccessList, Refusal, Role};
+/// The TLS library behind [`ClientTls::rustls_config`]; its `pki_types`
+/// hold the [`CertificateDer`] of [`tls::read_certs`] and [`auth::cert_names`].
+pub use rustls;
+pub use rustls::pki_types::CertificateDer;
 pub use tls::{ClientTls, ServerTls, ServerTlsFiles, TlsError};
+/// What [`ClientTls::config`] returns, for your own tonic `Endpoint`.
+pub use tonic::transport::ClientTlsConfig;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Endpoint;
