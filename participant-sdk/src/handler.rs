@@ -80,19 +80,42 @@ impl Vote {
     }
 }
 
-/// A handler could not do its work right now (database down, bug, ...).
+/// A handler could not do its work (database down, bug, ...).
 ///
 /// In phase 1 this aborts the transaction like a no vote, but the
 /// coordinator still calls rollback, since the work may have been done. In
-/// phase 2 the coordinator retries the call later.
+/// phase 2 the coordinator retries the call later, unless the error is
+/// [`permanent`](HandlerError::permanent).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct HandlerError(pub String);
+#[error("{message}")]
+pub struct HandlerError {
+    /// What went wrong; sent to the coordinator (capped) and kept in its
+    /// record.
+    pub message: String,
+    /// The call will never succeed, however often it is repeated.
+    pub permanent: bool,
+}
 
 impl HandlerError {
-    /// An error with this message.
+    /// An error with this message: a phase-2 call is retried.
     pub fn new(message: impl Into<String>) -> Self {
-        HandlerError(message.into())
+        HandlerError {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    /// A phase-2 call that will never succeed (the account is gone, the
+    /// data it needs was deleted): the coordinator stops retrying, marks the
+    /// transaction STUCK with this message, and an operator settles the
+    /// branch (`tandem tx resolve`). Sent as `FAILED_PRECONDITION` with the
+    /// `PERMANENT` ErrorInfo (docs/participant-protocol.md §5). In phase 1
+    /// it is like [`HandlerError::new`].
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            permanent: true,
+        }
     }
 }
 

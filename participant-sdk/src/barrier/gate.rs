@@ -64,7 +64,12 @@ pub(crate) async fn phase_two(
         }
         Step::Run => {
             call.await.map_err(|e| {
-                Status::unavailable(cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT))
+                let message = cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT);
+                if e.permanent {
+                    tandem_proto::rpc::permanent(message)
+                } else {
+                    Status::unavailable(message)
+                }
             })?;
             if let Some(mark) = ctx.phase.done_mark() {
                 entry.put(mark).await.map_err(unavailable)?;

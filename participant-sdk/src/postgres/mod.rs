@@ -77,7 +77,7 @@ impl From<deadpool_postgres::PoolError> for PgError {
 
 impl From<PgError> for HandlerError {
     fn from(e: PgError) -> Self {
-        HandlerError(e.to_string())
+        HandlerError::new(e.to_string())
     }
 }
 
