@@ -434,6 +434,7 @@ impl TransactionClient {
             Err(Error::Aborted {
                 gtid: Some(gtid),
                 reason: resp.reason,
+                abort: resp.abort,
             })
         }
     }

@@ -3,6 +3,7 @@
 use tonic::{Code, Status, TimeoutExpired};
 
 use crate::Gtid;
+use tandem_proto::v1::{AbortCause, AbortInfo};
 
 /// Why a transaction call failed. Match on it to decide what to do next:
 /// `Aborted` is a business outcome (show the reason), `Unavailable` and
@@ -16,8 +17,13 @@ pub enum Error {
     Aborted {
         /// The transaction, when the coordinator named it.
         gtid: Option<Gtid>,
-        /// Why.
+        /// Why, for people.
         reason: String,
+        /// Why, as fields: the cause (`VOTED_NO`, `DEADLINE`, …), the
+        /// branch and resource that caused it, the participant's own
+        /// reason. Branch on this, not on `reason`. `None` from a
+        /// coordinator too old to send it.
+        abort: Option<AbortInfo>,
     },
     /// No answer within the deadline; the outcome is unknown to the caller.
     /// `gtid` names the transaction when the call was about a known one
@@ -76,6 +82,7 @@ impl From<Status> for Error {
             Code::Aborted => Error::Aborted {
                 gtid: None,
                 reason: s.message().to_string(),
+                abort: tandem_proto::rpc::abort_info(&s),
             },
             // A client-side deadline (`Endpoint::timeout`) ends the call
             // with CANCELLED "Timeout expired" in tonic.
@@ -128,13 +135,23 @@ impl Error {
 }
 
 impl Error {
+    /// What made an [`Error::Aborted`] abort (`None` for other errors, or
+    /// from a coordinator too old to say).
+    pub fn abort_cause(&self) -> Option<AbortCause> {
+        match self {
+            Error::Aborted { abort: Some(a), .. } => AbortCause::try_from(a.cause).ok(),
+            _ => None,
+        }
+    }
+
     /// Names `gtid` in the errors that leave its outcome unknown to the
     /// caller (`TimedOut`, `Unavailable`) and in `Aborted`.
     pub(crate) fn about(self, gtid: Gtid) -> Error {
         match self {
-            Error::Aborted { reason, .. } => Error::Aborted {
+            Error::Aborted { reason, abort, .. } => Error::Aborted {
                 gtid: Some(gtid),
                 reason,
+                abort,
             },
             Error::TimedOut { cause, .. } => Error::TimedOut {
                 gtid: Some(gtid),

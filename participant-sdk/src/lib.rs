@@ -83,6 +83,7 @@ pub use client::{
 pub use error::Error;
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
 pub use server::{ParticipantServer, RunningParticipant, ServeError};
+pub use tandem_proto::v1::{AbortCause, AbortInfo};
 
 /// A global transaction id (UUID v7).
 pub type Gtid = uuid::Uuid;

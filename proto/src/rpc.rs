@@ -80,6 +80,18 @@ pub fn error_infos(status: &tonic::Status) -> Vec<ErrorInfo> {
         .collect()
 }
 
+/// Type URL of a `tandem.v1.AbortInfo` detail.
+pub const ABORT_INFO_TYPE_URL: &str = "type.googleapis.com/tandem.v1.AbortInfo";
+
+/// The `tandem.v1.AbortInfo` detail of an ABORTED status, if it has one.
+pub fn abort_info(status: &tonic::Status) -> Option<crate::v1::AbortInfo> {
+    let rpc = RpcStatus::decode(status.details()).ok()?;
+    rpc.details
+        .iter()
+        .find(|d| d.type_url == ABORT_INFO_TYPE_URL)
+        .and_then(|d| crate::v1::AbortInfo::decode(d.value.as_slice()).ok())
+}
+
 /// Whether a status says "this will never succeed": `FAILED_PRECONDITION`
 /// with an ErrorInfo of domain [`DOMAIN`] and reason [`PERMANENT`].
 pub fn is_permanent(status: &tonic::Status) -> bool {

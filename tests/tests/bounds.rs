@@ -71,6 +71,7 @@ async fn a_long_vote_no_reason_is_capped() {
     let Err(Error::Aborted {
         gtid: Some(gtid),
         reason,
+        ..
     }) = client
         .submit(Mode::TwoPhase, vec![Branch::new(p.url(), "r", "x")])
         .await

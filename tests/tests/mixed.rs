@@ -106,11 +106,28 @@ async fn a_declined_payment_cancels_the_reservation_only() {
         matches!(&err, Error::Aborted { reason, .. } if reason.contains("card declined")),
         "{err:?}"
     );
+    // The SDK hands over the fields: cause, branch, resource, the
+    // participant's own words.
+    assert_eq!(err.abort_cause(), Some(tandem_sdk::AbortCause::VotedNo));
+    let Error::Aborted { abort: Some(a), .. } = &err else {
+        panic!("no AbortInfo: {err:?}")
+    };
+    assert_eq!(
+        (a.branch_id, a.resource.as_str(), a.detail.as_str()),
+        (2, "payments", "card declined")
+    );
+    // Interactively, the same fields arrive as the ABORTED status's detail.
+    let gtid = client.begin(Mode::TwoPhase).await.expect("begin");
+    let err = client
+        .enlist(gtid, Branch::new(p.url(), "payments", "card-7:80"))
+        .await
+        .expect_err("declined");
+    assert_eq!(err.abort_cause(), Some(tandem_sdk::AbortCause::VotedNo));
     eventually("the reservation is cancelled", || {
         inventory.counts() == (1, 0, 1)
     })
     .await;
-    assert_eq!(payments.counts(), (1, 0, 0), "a 2PC no gets no rollback");
+    assert_eq!(payments.counts(), (2, 0, 0), "a 2PC no gets no rollback");
 }
 
 // Without its mode, a branch runs the transaction's protocol: a TCC

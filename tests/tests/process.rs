@@ -53,6 +53,7 @@ async fn acknowledged_commit_survives_sigkill_and_restart() {
     let Error::Aborted {
         gtid: Some(aborted),
         reason,
+        ..
     } = refused
     else {
         panic!("{refused:?}")

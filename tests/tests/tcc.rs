@@ -96,7 +96,7 @@ async fn a_failed_try_cancels_every_enlisted_branch() {
         .submit(Mode::Tcc, pair(&p_ok, &p_broken))
         .await
         .expect_err("must abort");
-    let Error::Aborted { gtid, reason } = err else {
+    let Error::Aborted { gtid, reason, .. } = err else {
         panic!("{err:?}");
     };
     assert!(reason.contains("disk full"), "{reason}");

@@ -108,6 +108,7 @@ async fn one_no_vote_rolls_back_everywhere() {
     let Error::Aborted {
         gtid: Some(gtid),
         reason,
+        ..
     } = err
     else {
         panic!("not an abort: {err:?}")
@@ -164,6 +165,7 @@ async fn unreachable_participant_aborts_everywhere() {
     let Error::Aborted {
         gtid: Some(gtid),
         reason,
+        ..
     } = err
     else {
         panic!("{err:?}")

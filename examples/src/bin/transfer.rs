@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     ];
     match client.submit(mode, branches).await {
         Ok(done) => println!("committed {}", done.gtid),
-        Err(Error::Aborted { gtid, reason }) => {
+        Err(Error::Aborted { gtid, reason, .. }) => {
             println!(
                 "aborted {}: {reason}",
                 gtid.map(|g| g.to_string()).unwrap_or_default()
