@@ -15,11 +15,11 @@ async fn raw_client(url: String) -> CoordinatorClient<tonic::transport::Channel>
     CoordinatorClient::connect(url).await.expect("connect")
 }
 
-// Rule: endpoints that differ only in their path (or letter case) share
-// one channel: 500 submits to `…/u1` … `…/u500` leave one channel, not 500
-// (they once took the process from 16 to 1016 open files).
+// Rule: an endpoint with a path is refused before anything is dialled
+// (500 paths once took the process from 16 to 1016 open files), and
+// spellings of one address share one channel.
 #[tokio::test]
-async fn endpoint_paths_share_one_channel() {
+async fn endpoint_paths_are_refused_and_spellings_share_one_channel() {
     let coord = start_coordinator(Arc::new(MemLog::new())).await;
     let p = Scripted::yes("p").serve().await;
     let client = TransactionClient::connect(coord.url())
@@ -27,6 +27,15 @@ async fn endpoint_paths_share_one_channel() {
         .expect("connect");
     for i in 0..500 {
         let endpoint = format!("{}/u{i}", p.url());
+        let err = client
+            .submit(Mode::TwoPhase, vec![Branch::new(endpoint, "r", "x")])
+            .await
+            .expect_err("a path is refused");
+        assert!(err.to_string().contains("path"), "{err}");
+    }
+    assert_eq!(coord.coordinator.participant_channels(), 0);
+    let shouted = p.url().replace("http://", "HTTP://");
+    for endpoint in [p.url(), shouted, format!("{}/", p.url())] {
         client
             .submit(Mode::TwoPhase, vec![Branch::new(endpoint, "r", "x")])
             .await
