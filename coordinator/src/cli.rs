@@ -202,15 +202,22 @@ pub async fn abort(
     one(gtid, reply, output)
 }
 
+/// How `tandem tx resolve` settles a branch: committed (`true`) or rolled
+/// back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settled(pub bool);
+
 /// `--as committed|rolled-back` of `tandem tx resolve` (TCC words too).
 ///
 /// # Errors
 ///
 /// Any other word.
-pub fn parse_settled(s: &str) -> Result<bool, String> {
+pub fn parse_settled(s: &str) -> Result<Settled, String> {
     match s.to_ascii_lowercase().as_str() {
-        "committed" | "confirmed" | "commit" => Ok(true),
-        "rolled-back" | "rolledback" | "rolled_back" | "cancelled" | "rollback" => Ok(false),
+        "committed" | "confirmed" | "commit" => Ok(Settled(true)),
+        "rolled-back" | "rolledback" | "rolled_back" | "cancelled" | "rollback" => {
+            Ok(Settled(false))
+        }
         _ => Err(format!(
             "unknown outcome {s:?}; use committed or rolled-back (confirmed / cancelled for TCC)"
         )),

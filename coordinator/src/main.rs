@@ -203,7 +203,7 @@ enum TxVerb {
         /// How it was settled: committed or rolled-back (must be the
         /// transaction's decision).
         #[arg(long = "as", value_parser = cli::parse_settled)]
-        settled: bool,
+        settled: cli::Settled,
         /// Why (required); kept in the record.
         #[arg(long)]
         reason: String,
@@ -589,7 +589,7 @@ async fn tx(args: TxArgs) -> ExitCode {
                 branch,
                 settled,
                 reason,
-            } => cli::resolve(&mut client, &gtid, branch, settled, &reason, out).await,
+            } => cli::resolve(&mut client, &gtid, branch, settled.0, &reason, out).await,
         }
     }
     .await;

@@ -1,4 +1,4 @@
-//! `tandem tx list|show|retry|abort` against a real `tandem serve` process,
+//! `tandem tx list|show|retry|abort|resolve` against a real `tandem serve` process,
 //! with participants in this test process. Tables for people, JSON for
 //! scripts, and a one-line error with a non-zero exit code on failure.
 
@@ -137,6 +137,98 @@ async fn stuck_transaction_is_listed_shown_refused_and_retried() {
     assert!(retried.ok, "{}", retried.stderr);
     assert_eq!(json(&retried.stdout)["state"], "COMMITTED");
     assert_eq!((ok.counts(), down.counts()), ((1, 1, 0), (1, 1, 0)));
+}
+
+// `tx resolve` settles a STUCK branch by hand: refused against the
+// decision and without a reason; accepted as the decision says, with a
+// warning, and `tx show` says who settled it and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_branch_is_settled_by_hand() {
+    let data = tempfile::tempdir().expect("data dir");
+    let serve = Serve::start_with(
+        data.path(),
+        &[
+            "--retry-initial",
+            "10ms",
+            "--retry-max",
+            "20ms",
+            "--retry-max-attempts",
+            "2",
+        ],
+        &[],
+    );
+    let url = serve.url.as_str();
+    let down = Scripted::phase_two_down("down");
+    let p_down = down.serve().await;
+    let client = TransactionClient::connect(url).await.expect("connect");
+    let done = client
+        .submit(Mode::TwoPhase, vec![Branch::new(p_down.url(), "r", "y")])
+        .await
+        .expect("submit");
+    let gtid = done.gtid.to_string();
+    eventually("STUCK", || {
+        let ran = tandem(&["tx", "show", &gtid, "--coordinator", url]);
+        ran.stdout.contains("state      STUCK")
+    })
+    .await;
+    let resolve = |outcome: &str, reason: &str| {
+        tandem(&[
+            "tx",
+            "resolve",
+            &gtid,
+            "--branch",
+            "1",
+            "--as",
+            outcome,
+            "--reason",
+            reason,
+            "--coordinator",
+            url,
+        ])
+    };
+    let against = resolve("rolled-back", "wrong way");
+    assert!(
+        !against.ok && against.stderr.contains("never reversed"),
+        "{}",
+        against.stderr
+    );
+    let garbage = resolve("maybe", "x");
+    assert!(
+        !garbage.ok && garbage.stderr.contains("committed or rolled-back"),
+        "{}",
+        garbage.stderr
+    );
+    let settled = resolve("committed", "INC-9: applied by hand");
+    assert!(settled.ok, "{}", settled.stderr);
+    assert!(
+        settled.stdout.starts_with("WARNING: branch 1"),
+        "{}",
+        settled.stdout
+    );
+    assert!(
+        settled.stdout.contains("state      COMMITTED"),
+        "{}",
+        settled.stdout
+    );
+    let show = tandem(&["tx", "show", &gtid, "--coordinator", url]);
+    assert!(
+        show.stdout.contains("settled by hand by anonymous") && show.stdout.contains("INC-9"),
+        "{}",
+        show.stdout
+    );
+    let json_show = tandem(&[
+        "tx",
+        "show",
+        &gtid,
+        "--output",
+        "json",
+        "--coordinator",
+        url,
+    ]);
+    assert_eq!(
+        json(&json_show.stdout)["branches"][0]["resolution"]["reason"],
+        "INC-9: applied by hand"
+    );
 }
 
 // The verbs on undecided transactions and the error paths: abort of an
