@@ -559,7 +559,10 @@ impl ParticipantService {
     fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
         match self.handlers.get(resource) {
             Some((p, h)) if *p == protocol => Ok(h),
-            Some((p, _)) => Err(Status::failed_precondition(format!(
+            // The resource does not implement this protocol's calls: like
+            // a method a server does not serve, and before anything ran,
+            // so UNIMPLEMENTED (a phase 1 answered so needs no rollback).
+            Some((p, _)) => Err(Status::unimplemented(format!(
                 "resource {:?} is registered as {}, but was called with {}",
                 cap(resource, 256),
                 p.name(),

@@ -153,6 +153,17 @@ async fn a_branch_without_a_mode_runs_the_transactions() {
         "{err:?}"
     );
     assert_eq!(inventory.counts().1, 0);
+    // The participant answered UNIMPLEMENTED (nothing ran), so the branch
+    // needs no rollback: the abort is finished, not retried for an hour.
+    let Error::Aborted {
+        gtid: Some(gtid), ..
+    } = err
+    else {
+        panic!("no gtid")
+    };
+    let info = client.get(gtid).await.expect("get");
+    assert_eq!(info.state, pb::TxState::Aborted as i32);
+    assert_eq!(info.branches[0].attempts, 0);
 }
 
 /// Acknowledges every phase-2 call and notes its protocol.
