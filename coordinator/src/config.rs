@@ -40,6 +40,9 @@ pub struct CoordinatorConfig {
     pub allowed_endpoints: Vec<EndpointPattern>,
     /// Refuse `http://` participant endpoints (and serve only TLS).
     pub require_tls: bool,
+    /// How often to look for transactions of other coordinators whose
+    /// lease expired in a shared store (a quarter of the lease).
+    pub takeover_every: Duration,
 }
 
 /// The shortest retention accepted. A new client-chosen gtid is accepted
@@ -64,6 +67,7 @@ impl Default for CoordinatorConfig {
             max_concurrent_requests: 1024,
             allowed_endpoints: Vec::new(),
             require_tls: false,
+            takeover_every: Duration::from_millis(2500),
         }
     }
 }

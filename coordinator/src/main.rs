@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
-use tandem_coordinator::log::SledLog;
+use tandem_coordinator::log::{PgLog, PgOptions, SledLog, TxnLog};
 use tandem_coordinator::logging::{self, LogFormat};
 use tandem_coordinator::runtime::Environment;
 use tandem_coordinator::security::{
@@ -270,7 +270,72 @@ struct ServeArgs {
     #[arg(long, env = "TANDEM_ACCEPT_LOG_DAMAGE")]
     accept_log_damage: bool,
     #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
     security: ServeSecurityArgs,
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Keep the transaction log in PostgreSQL instead of --data-dir
+    /// (`postgres://user@host/db?sslmode=verify-full&sslrootcert=ca.pem`;
+    /// several hosts with `target_session_attrs=read-write` follow a
+    /// promoted standby). Several coordinators may share one store.
+    #[arg(long, env = "TANDEM_STORE")]
+    store: Option<String>,
+    /// This coordinator's name in a shared store: unique per instance; a
+    /// restart under the same name takes its transactions over at once.
+    /// Default: the host name.
+    #[arg(long, env = "TANDEM_INSTANCE_NAME")]
+    instance_name: Option<String>,
+    /// The address clients reach this coordinator at, as shown by
+    /// `tandem cluster status`. Default: the listen address.
+    #[arg(long, env = "TANDEM_ADVERTISE")]
+    advertise: Option<String>,
+    /// In a shared store, how long a coordinator's transactions stay its
+    /// own without a renewal (renewed every third of it); once it expires,
+    /// another coordinator takes them over.
+    #[arg(long, env = "TANDEM_LEASE", default_value = "10s", value_parser = parse_duration)]
+    lease: Duration,
+}
+
+impl StoreArgs {
+    /// Opens the log these arguments name: PostgreSQL, or sled in `data_dir`.
+    fn open(
+        &self,
+        data_dir: &std::path::Path,
+        listen: SocketAddr,
+        accept_damage: bool,
+    ) -> anyhow::Result<Arc<dyn TxnLog>> {
+        let Some(url) = &self.store else {
+            let (log, report) = SledLog::open_with(data_dir, accept_damage)?;
+            if report.is_damaged() {
+                tracing::error!(
+                    problems = %report.problems().join("; "),
+                    "serving a damaged log (--accept-log-damage)"
+                );
+            }
+            return Ok(Arc::new(log));
+        };
+        if accept_damage {
+            anyhow::bail!("--accept-log-damage is for a sled log; it means nothing with --store");
+        }
+        if self.lease < Duration::from_millis(300) {
+            anyhow::bail!("--lease must be at least 300ms (it is renewed every third of it)");
+        }
+        let name = self.instance_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "tandem".into())
+        });
+        let mut options = PgOptions::new(url.clone(), name);
+        options.address = self.advertise.clone().unwrap_or_else(|| listen.to_string());
+        options.lease = self.lease;
+        let log = tokio::task::block_in_place(|| PgLog::open(options))?;
+        Ok(Arc::new(log))
+    }
 }
 
 #[derive(Subcommand)]
@@ -403,6 +468,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         recovery_concurrency: args.recovery_concurrency,
         allowed_endpoints: args.security.allow_participant.clone(),
         require_tls: args.security.require_tls,
+        takeover_every: (args.store.lease / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5)),
     };
     config.validate()?;
     let (security, participants) = args.security.load().map_err(|e| anyhow::anyhow!(e))?;
@@ -425,14 +492,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              for anyone on the path to read and replay (allow only https:// participants)"
         );
     }
-    let (log, report) = SledLog::open_with(&config.data_dir, args.accept_log_damage)?;
-    if report.is_damaged() {
-        tracing::error!(
-            problems = %report.problems().join("; "),
-            "serving a damaged log (--accept-log-damage)"
-        );
-    }
-    let log = Arc::new(log);
+    let log = args
+        .store
+        .open(&config.data_dir, config.listen, args.accept_log_damage)?;
     let listen = config.listen;
     let any_endpoint = config.allowed_endpoints.is_empty();
     let env = Environment {

@@ -60,6 +60,7 @@ pub async fn serve_with(
     // served.
     let _recovery = coord.start_recovery().await?;
     let _retention = coord.start_retention();
+    let _takeover = coord.start_takeover(coord.config().takeover_every);
     let finishing = coord.clone();
     let draining = coord.clone();
     let shutdown = async move {

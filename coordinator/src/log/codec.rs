@@ -132,7 +132,7 @@ fn abort_code(cause: AbortCause) -> u32 {
     }
 }
 
-fn state_code(state: TxState) -> u32 {
+pub(super) fn state_code(state: TxState) -> u32 {
     match state {
         TxState::Active => 1,
         TxState::Preparing => 2,

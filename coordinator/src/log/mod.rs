@@ -7,6 +7,7 @@ mod codec;
 pub mod conformance;
 pub mod mark;
 mod mem;
+mod pg;
 mod sled_log;
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use std::pin::Pin;
 
 pub use check::{LogReport, check_dir};
 pub use mem::MemLog;
+pub use pg::{ClusterStatus, InstanceStatus, PgLog, PgOptions};
 pub use sled_log::SledLog;
 
 use crate::model::{Gtid, TxState, TxnRecord};
@@ -37,6 +39,10 @@ pub enum LogError {
     /// says what and what to do. Found at open: nothing was served.
     #[error("{0}")]
     Damaged(String),
+    /// A shared store refused a write: another coordinator took the
+    /// transaction over (this one was paused or cut off past its lease).
+    #[error("{0}")]
+    Fenced(String),
     /// An earlier failure latched the log; it refuses all further work.
     #[error("log halted after an earlier failure: {0}")]
     Halted(String),
@@ -44,6 +50,10 @@ pub enum LogError {
 
 /// A future returned by [`TxnLog::force`].
 pub type ForceFuture = Pin<Box<dyn Future<Output = Result<(), LogError>> + Send + 'static>>;
+
+/// A future returned by [`TxnLog::take_over_expired`].
+pub type TakeOverFuture =
+    Pin<Box<dyn Future<Output = Result<Vec<Gtid>, LogError>> + Send + 'static>>;
 
 /// Where the coordinator keeps transaction records.
 ///
@@ -86,6 +96,26 @@ pub trait TxnLog: Send + Sync + 'static {
         states: &[TxState],
         limit: usize,
     ) -> Result<Vec<TxnRecord>, LogError>;
+
+    /// As [`scan`](TxnLog::scan), but only the records this coordinator
+    /// owns: what it recovers at start. A log only one coordinator uses
+    /// owns everything in it.
+    fn scan_own(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.scan(after, states, limit)
+    }
+
+    /// Takes over up to `limit` unfinished transactions of other
+    /// coordinators whose lease has expired, and returns their gtids for
+    /// recovery. A log only one coordinator uses has none.
+    fn take_over_expired(&self, limit: usize) -> TakeOverFuture {
+        let _ = limit;
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
 
     /// Removes the record of `gtid` and its payloads (retention of finished
     /// transactions). Removing an unknown gtid is not an error. Not durable

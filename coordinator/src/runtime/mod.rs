@@ -34,6 +34,7 @@ mod recovery;
 mod requests;
 mod retention;
 mod starts;
+mod takeover;
 mod transport;
 mod validate;
 

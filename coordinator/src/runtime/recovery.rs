@@ -112,7 +112,7 @@ impl Inner {
         let mut pending = Vec::new();
         let mut after = None;
         loop {
-            let page = self.log.scan(after.as_ref(), &UNFINISHED, 1000)?;
+            let page = self.log.scan_own(after.as_ref(), &UNFINISHED, 1000)?;
             let Some(last) = page.last() else { break };
             after = Some(last.gtid);
             for rec in page {
@@ -133,7 +133,7 @@ impl Inner {
     }
 
     /// Takes over every transaction of `pending` not taken over already.
-    async fn recover_all(
+    pub(super) async fn recover_all(
         self: &Arc<Self>,
         mut report: RecoveryReport,
         pending: Vec<Gtid>,

@@ -95,7 +95,7 @@ impl From<tokio_postgres::Error> for HandlerError {
 }
 
 /// The server's message, detail and SQLSTATE, or the driver's error.
-fn describe(e: &tokio_postgres::Error) -> String {
+pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());

@@ -1,0 +1,356 @@
+//! [`PgLog`]: the transaction log on PostgreSQL, which several coordinators
+//! can share.
+//!
+//! # Writes and group commit
+//!
+//! [`TxnLog::write`] is called with a transaction locked, so it must not
+//! wait for the network: it puts the record in a buffer (the newest
+//! version per gtid) and returns. A flusher on the log's own I/O thread
+//! writes the buffer to PostgreSQL in one transaction (one multi-row
+//! upsert), whenever a [`TxnLog::force`] waits or a few milliseconds after
+//! a plain write. Every `force` that arrives while a flush runs is served
+//! by the next one, so concurrent decisions share one PostgreSQL commit.
+//! A commit decision is durable when that commit returns: the database must
+//! run with `synchronous_commit = on` (the default; with a synchronous
+//! standby, see the README, on both).
+//!
+//! Reads see the buffer first, then the database. `scan` flushes the
+//! buffer before it reads, so it never misses a write.
+//!
+//! # Ownership and fencing
+//!
+//! Each coordinator process is an *incarnation* (a fresh UUID) of an
+//! *instance name*. A transaction row carries `owner` (the incarnation
+//! driving it), `epoch` (bumped by every takeover) and `lease_until` (on
+//! the database's clock, renewed for all of an owner's unfinished rows by
+//! one statement per period). Every write is conditional on
+//! `owner = this incarnation`, and a row's `decision` is written once: a
+//! write that would change it is refused. A write refused either way means
+//! another coordinator took the transaction over while this one was paused
+//! or cut off: the log latches ([`LogError::Fenced`]) and this coordinator
+//! stops deciding, so nothing it still holds in memory can reach the store
+//! or, after a decision, a participant. At start an incarnation takes over
+//! the unfinished rows of earlier incarnations of its name at once (a
+//! restart); rows of other instances are taken over when their lease has
+//! expired ([`PgLog::take_over_expired`]).
+
+mod io;
+mod schema;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{ForceFuture, LogError, LogStats, TakeOverFuture, TxnLog, codec};
+use crate::model::{Gtid, TxState, TxnRecord};
+
+/// How to reach the store and who this coordinator is in it.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/db?sslmode=…` or `host=… dbname=…`;
+    /// several hosts with `target_session_attrs=read-write` follow a
+    /// promoted standby.
+    pub url: String,
+    /// This instance's name (unique in the cluster; a restart under the
+    /// same name takes over the previous process's transactions at once).
+    pub name: String,
+    /// The address clients reach this instance at (shown to operators and
+    /// in redirects).
+    pub address: String,
+    /// How long a transaction stays this instance's without a renewal;
+    /// renewed every third of it.
+    pub lease: Duration,
+    /// How long a flush or read retries a store that does not answer
+    /// (connection lost, failover in progress) before the log latches.
+    pub store_timeout: Duration,
+    /// Connections to the store.
+    pub pool_size: usize,
+}
+
+impl PgOptions {
+    /// Options with the defaults: a 10 s lease, 30 s store timeout, 8
+    /// connections.
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        PgOptions {
+            url: url.into(),
+            name: name.into(),
+            address: String::new(),
+            lease: Duration::from_secs(10),
+            store_timeout: Duration::from_secs(30),
+            pool_size: 8,
+        }
+    }
+}
+
+/// One buffered change of a record.
+#[derive(Clone)]
+enum Op {
+    Write(Arc<Pending>),
+    Remove,
+}
+
+/// A record waiting to be flushed, with the payloads that go with it.
+struct Pending {
+    record: TxnRecord,
+    /// Payloads stored apart that the store does not have yet.
+    payloads: Vec<(u32, Bytes)>,
+}
+
+/// What the flusher has not written yet.
+#[derive(Default)]
+struct Buffer {
+    /// Newest change per gtid, not yet taken by a flush.
+    pending: BTreeMap<Gtid, Op>,
+    /// Taken by the flush in progress (read until it commits).
+    inflight: BTreeMap<Gtid, Op>,
+    /// Per unfinished record: how many branches' payloads were queued.
+    payloads_queued: HashMap<Gtid, u32>,
+    /// Forces waiting for the next flush.
+    waiters: Vec<oneshot::Sender<Result<(), LogError>>>,
+}
+
+/// State shared by the handle and the I/O thread.
+struct Shared {
+    options: PgOptions,
+    incarnation: Uuid,
+    buffer: Mutex<Buffer>,
+    wake: tokio::sync::Notify,
+    halted: OnceLock<String>,
+    forces: AtomicU64,
+    flushes: AtomicU64,
+}
+
+impl Shared {
+    fn buffer(&self) -> std::sync::MutexGuard<'_, Buffer> {
+        // Every mutation is a handful of map operations: a panic cannot
+        // leave it half done.
+        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> Result<(), LogError> {
+        match self.halted.get() {
+            Some(why) => Err(LogError::Halted(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Latches the log with `e` (the first failure wins) and fails every
+    /// waiting force.
+    fn latch(&self, e: LogError) -> LogError {
+        let why = self.halted.get_or_init(|| e.to_string()).clone();
+        let waiters = std::mem::take(&mut self.buffer().waiters);
+        for w in waiters {
+            let _ = w.send(Err(LogError::Halted(why.clone())));
+        }
+        e
+    }
+}
+
+/// The PostgreSQL-backed log. See the module docs.
+pub struct PgLog {
+    shared: Arc<Shared>,
+    io: io::IoHandle,
+}
+
+impl PgLog {
+    /// Largest branch payload the store takes (as [`super::SledLog`]).
+    pub const MAX_PAYLOAD_BYTES: usize = super::SledLog::MAX_PAYLOAD_BYTES;
+
+    /// Connects, brings the schema up to date, registers this incarnation
+    /// and takes over the unfinished transactions of earlier incarnations
+    /// of its name. Blocks until done (it runs before serving).
+    ///
+    /// # Errors
+    ///
+    /// [`LogError::Storage`] when the store cannot be reached within the
+    /// store timeout or the schema cannot be brought up to date.
+    pub fn open(options: PgOptions) -> Result<Self, LogError> {
+        let shared = Arc::new(Shared {
+            options,
+            incarnation: Uuid::now_v7(),
+            buffer: Mutex::new(Buffer::default()),
+            wake: tokio::sync::Notify::new(),
+            halted: OnceLock::new(),
+            forces: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        });
+        let io = io::IoHandle::start(shared.clone())?;
+        Ok(PgLog { shared, io })
+    }
+
+    /// This process's incarnation (the `owner` of its rows).
+    pub fn incarnation(&self) -> Uuid {
+        self.shared.incarnation
+    }
+
+    /// The cluster as the store sees it: every registered instance, what
+    /// it owns and how many leases wait to be taken over.
+    ///
+    /// # Errors
+    ///
+    /// The store cannot be read.
+    pub async fn cluster(&self) -> Result<ClusterStatus, LogError> {
+        self.io.cluster().await
+    }
+}
+
+/// One coordinator instance as registered in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceStatus {
+    /// Its name.
+    pub name: String,
+    /// This process of it.
+    pub incarnation: Uuid,
+    /// Where clients reach it.
+    pub address: String,
+    /// Milliseconds since its last heartbeat (database clock).
+    pub heartbeat_age_ms: u64,
+    /// Unfinished transactions it owns.
+    pub owned: u64,
+}
+
+/// The cluster as the store sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// Registered instances, alive or not (dead ones are forgotten once
+    /// they own nothing).
+    pub instances: Vec<InstanceStatus>,
+    /// Unfinished transactions whose lease has expired, waiting to be
+    /// taken over.
+    pub expired: u64,
+}
+
+/// Waits for `rx` from synchronous code, letting the runtime move other
+/// tasks off this thread while it blocks when that is possible.
+fn wait<T>(rx: std::sync::mpsc::Receiver<T>) -> Option<T> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| rx.recv().ok())
+        }
+        _ => rx.recv().ok(),
+    }
+}
+
+impl TxnLog for PgLog {
+    fn write(&self, record: &TxnRecord) -> Result<(), LogError> {
+        self.shared.check()?;
+        let mut guard = self.shared.buffer();
+        let buf = &mut *guard;
+        let queued = buf.payloads_queued.entry(record.gtid).or_insert(0);
+        let mut payloads: Vec<(u32, Bytes)> = record
+            .branches
+            .iter()
+            .filter(|b| b.id > *queued && codec::stored_apart(&b.payload))
+            .map(|b| (b.id, b.payload.clone()))
+            .collect();
+        *queued = (*queued).max(record.branches.len() as u32);
+        if record.state.is_terminal() {
+            buf.payloads_queued.remove(&record.gtid);
+        }
+        // A newer version replaces an unflushed older one; the payloads
+        // that one carried still have to go.
+        if let Some(Op::Write(older)) = buf.pending.get(&record.gtid) {
+            for p in &older.payloads {
+                if !payloads.iter().any(|q| q.0 == p.0) {
+                    payloads.push(p.clone());
+                }
+            }
+        }
+        buf.pending.insert(
+            record.gtid,
+            Op::Write(Arc::new(Pending {
+                record: record.clone(),
+                payloads,
+            })),
+        );
+        drop(guard);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    fn force(&self) -> ForceFuture {
+        self.shared.forces.fetch_add(1, Ordering::Relaxed);
+        let rx = match self.shared.check() {
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+            Ok(()) => {
+                let (tx, rx) = oneshot::channel();
+                self.shared.buffer().waiters.push(tx);
+                rx
+            }
+        };
+        // A latch between the check and the push would leave the waiter
+        // unanswered: look again.
+        if let Err(e) = self.shared.check() {
+            self.shared.latch(e);
+        }
+        self.shared.wake.notify_one();
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(LogError::Halted("the log was closed".into())))
+        })
+    }
+
+    fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {
+        self.shared.check()?;
+        {
+            let buf = self.shared.buffer();
+            if let Some(op) = buf.pending.get(gtid).or_else(|| buf.inflight.get(gtid)) {
+                return Ok(match op {
+                    Op::Write(p) => Some(p.record.clone()),
+                    Op::Remove => None,
+                });
+            }
+        }
+        let rx = self.io.get(*gtid);
+        wait(rx).unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+    }
+
+    fn scan(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.shared.check()?;
+        let rx = self.io.scan(after.copied(), states.to_vec(), limit, false);
+        wait(rx).unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+    }
+
+    fn scan_own(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.shared.check()?;
+        let rx = self.io.scan(after.copied(), states.to_vec(), limit, true);
+        wait(rx).unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+    }
+
+    fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
+        self.shared.check()?;
+        let mut buf = self.shared.buffer();
+        buf.payloads_queued.remove(gtid);
+        buf.pending.insert(*gtid, Op::Remove);
+        drop(buf);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    fn take_over_expired(&self, limit: usize) -> TakeOverFuture {
+        self.io.take_over(limit)
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            forces: self.shared.forces.load(Ordering::Relaxed),
+            flushes: self.shared.flushes.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! Takeover: on a store several coordinators share, the unfinished
+//! transactions of an instance that stopped renewing its leases (killed,
+//! paused, cut off) are claimed by a live one and finished as recovery
+//! finishes them: decided → phase 2 again, undecided → abort. The claim
+//! (`epoch + 1`, on the store) fences the former owner: none of its later
+//! writes lands, so it can neither decide nor record anything about them.
+//! On a log only one coordinator uses there is never anything to take.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use super::Coordinator;
+use super::recovery::RecoveryReport;
+
+/// Transactions claimed per sweep; a sweep that fills it goes on at once.
+const BATCH: usize = 256;
+
+impl Coordinator {
+    /// Starts sweeping for expired leases every `every`, taking over what
+    /// it finds. Abort the task to stop it.
+    pub fn start_takeover(&self, every: Duration) -> JoinHandle<()> {
+        let inner = self.inner.clone();
+        inner.tasks.clone().spawn(async move {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = tokio::time::sleep(every) => {}
+                    () = inner.timers_stop.cancelled() => return,
+                }
+                loop {
+                    if inner.check_halted().is_err() {
+                        return;
+                    }
+                    let gtids = match inner.log.take_over_expired(BATCH).await {
+                        Ok(gtids) => gtids,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot sweep for expired leases");
+                            break;
+                        }
+                    };
+                    if gtids.is_empty() {
+                        break;
+                    }
+                    let full = gtids.len() >= BATCH;
+                    tracing::info!(
+                        count = gtids.len(),
+                        "taking over transactions of a coordinator whose leases expired"
+                    );
+                    inner.recovering_set().extend(gtids.iter().copied());
+                    match inner.recover_all(RecoveryReport::default(), gtids).await {
+                        Ok(r) => tracing::info!(
+                            failed = r.failed,
+                            elapsed_ms = r.elapsed.as_millis() as u64,
+                            "takeover finished its first round"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "takeover stopped"),
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+        })
+    }
+}
