@@ -89,6 +89,20 @@ impl Serve {
         self.url.trim_start_matches("http://")
     }
 
+    /// Its process id (to SIGSTOP / SIGCONT it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
     /// Kills it with SIGKILL and waits for it to be gone.
     pub fn kill(mut self) {
         self.child.kill().expect("SIGKILL");
