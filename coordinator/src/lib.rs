@@ -38,6 +38,7 @@ pub mod runtime;
 pub mod security;
 pub mod server;
 pub mod service;
+pub mod store_cli;
 
 pub use config::CoordinatorConfig;
 pub use runtime::Coordinator;

@@ -8,12 +8,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
-use tandem_coordinator::log::{PgLog, PgOptions, SledLog, TxnLog};
+
 use tandem_coordinator::logging::{self, LogFormat};
 use tandem_coordinator::runtime::Environment;
 use tandem_coordinator::security::{
@@ -64,6 +63,11 @@ enum Command {
     Certs {
         #[command(subcommand)]
         verb: CertsVerb,
+    },
+    /// Look at the coordinators sharing a PostgreSQL store.
+    Cluster {
+        #[command(subcommand)]
+        verb: ClusterVerb,
     },
     /// Make and hash bearer tokens for --auth-file.
     Auth {
@@ -270,72 +274,23 @@ struct ServeArgs {
     #[arg(long, env = "TANDEM_ACCEPT_LOG_DAMAGE")]
     accept_log_damage: bool,
     #[command(flatten)]
-    store: StoreArgs,
+    store: tandem_coordinator::store_cli::StoreArgs,
     #[command(flatten)]
     security: ServeSecurityArgs,
 }
 
-#[derive(Args)]
-struct StoreArgs {
-    /// Keep the transaction log in PostgreSQL instead of --data-dir
-    /// (`postgres://user@host/db?sslmode=verify-full&sslrootcert=ca.pem`;
-    /// several hosts with `target_session_attrs=read-write` follow a
-    /// promoted standby). Several coordinators may share one store.
-    #[arg(long, env = "TANDEM_STORE")]
-    store: Option<String>,
-    /// This coordinator's name in a shared store: unique per instance; a
-    /// restart under the same name takes its transactions over at once.
-    /// Default: the host name.
-    #[arg(long, env = "TANDEM_INSTANCE_NAME")]
-    instance_name: Option<String>,
-    /// The address clients reach this coordinator at, as shown by
-    /// `tandem cluster status`. Default: the listen address.
-    #[arg(long, env = "TANDEM_ADVERTISE")]
-    advertise: Option<String>,
-    /// In a shared store, how long a coordinator's transactions stay its
-    /// own without a renewal (renewed every third of it); once it expires,
-    /// another coordinator takes them over.
-    #[arg(long, env = "TANDEM_LEASE", default_value = "10s", value_parser = parse_duration)]
-    lease: Duration,
-}
-
-impl StoreArgs {
-    /// Opens the log these arguments name: PostgreSQL, or sled in `data_dir`.
-    fn open(
-        &self,
-        data_dir: &std::path::Path,
-        listen: SocketAddr,
-        accept_damage: bool,
-    ) -> anyhow::Result<Arc<dyn TxnLog>> {
-        let Some(url) = &self.store else {
-            let (log, report) = SledLog::open_with(data_dir, accept_damage)?;
-            if report.is_damaged() {
-                tracing::error!(
-                    problems = %report.problems().join("; "),
-                    "serving a damaged log (--accept-log-damage)"
-                );
-            }
-            return Ok(Arc::new(log));
-        };
-        if accept_damage {
-            anyhow::bail!("--accept-log-damage is for a sled log; it means nothing with --store");
-        }
-        if self.lease < Duration::from_millis(300) {
-            anyhow::bail!("--lease must be at least 300ms (it is renewed every third of it)");
-        }
-        let name = self.instance_name.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "tandem".into())
-        });
-        let mut options = PgOptions::new(url.clone(), name);
-        options.address = self.advertise.clone().unwrap_or_else(|| listen.to_string());
-        options.lease = self.lease;
-        let log = tokio::task::block_in_place(|| PgLog::open(options))?;
-        Ok(Arc::new(log))
-    }
+#[derive(Subcommand)]
+enum ClusterVerb {
+    /// Every coordinator registered in the store: heartbeat, transactions
+    /// owned, and the expired leases waiting to be taken over.
+    Status {
+        /// The store (as `tandem serve --store`).
+        #[arg(long, env = "TANDEM_STORE")]
+        store: String,
+        /// table or json.
+        #[arg(long, default_value = "table", value_parser = parse_output)]
+        output: cli::Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -423,29 +378,13 @@ fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct OptionalDuration(Option<Duration>);
 
+use tandem_coordinator::cli::parse_duration;
+
 fn parse_optional_duration(s: &str) -> Result<OptionalDuration, String> {
     if s.trim().eq_ignore_ascii_case("none") {
         return Ok(OptionalDuration(None));
     }
     parse_duration(s).map(|d| OptionalDuration(Some(d)))
-}
-
-/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of milliseconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
-    let ms = match unit {
-        "" | "ms" => n,
-        "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
-    };
-    Ok(Duration::from_millis(ms))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -468,8 +407,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         recovery_concurrency: args.recovery_concurrency,
         allowed_endpoints: args.security.allow_participant.clone(),
         require_tls: args.security.require_tls,
-        takeover_every: (args.store.lease / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        takeover_every: args.store.takeover_every(),
     };
     config.validate()?;
     let (security, participants) = args.security.load().map_err(|e| anyhow::anyhow!(e))?;
@@ -588,6 +526,9 @@ async fn main() -> ExitCode {
             verb: CertsVerb::Dev { out },
         } => certs_dev(&out),
         Command::Auth { verb } => auth(verb),
+        Command::Cluster {
+            verb: ClusterVerb::Status { store, output },
+        } => tandem_coordinator::store_cli::cluster_status(&store, output).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

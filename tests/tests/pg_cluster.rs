@@ -375,6 +375,22 @@ async fn killed_coordinators_are_taken_over_under_load() {
         );
     }
     println!("acknowledged commits: {}", acked.len());
+
+    // The operator's view: three live instances, nothing owned, nothing
+    // waiting.
+    let ran =
+        tandem_tests::process::tandem(&["cluster", "status", "--store", &url, "--output", "json"]);
+    assert!(ran.ok, "tandem cluster status: {}", ran.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&ran.stdout).expect("json");
+    let mut names: Vec<&str> = doc["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["name"].as_str().expect("name"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "b", "c"], "{doc}");
+    assert_eq!(doc["expired_leases"], 0, "{doc}");
 }
 
 // An owner paused (SIGSTOP) past its lease while it holds a decided

@@ -15,7 +15,7 @@ use std::pin::Pin;
 
 pub use check::{LogReport, check_dir};
 pub use mem::MemLog;
-pub use pg::{ClusterStatus, InstanceStatus, PgLog, PgOptions};
+pub use pg::{ClusterStatus, InstanceStatus, PgLog, PgOptions, cluster_status};
 pub use sled_log::SledLog;
 
 use crate::model::{Gtid, TxState, TxnRecord};

@@ -34,7 +34,10 @@
 //! restart); rows of other instances are taken over when their lease has
 //! expired ([`PgLog::take_over_expired`]).
 
+mod flush;
 mod io;
+mod lease;
+mod read;
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
@@ -223,6 +226,22 @@ pub struct ClusterStatus {
     /// Unfinished transactions whose lease has expired, waiting to be
     /// taken over.
     pub expired: u64,
+}
+
+/// The cluster as the store at `url` sees it, read without joining it
+/// (`tandem cluster status`).
+///
+/// # Errors
+///
+/// The store cannot be reached or read.
+pub async fn cluster_status(url: &str) -> Result<ClusterStatus, LogError> {
+    let pool = tandem_sdk::postgres::pool(url, 1)
+        .map_err(|e| LogError::Storage(format!("cannot use the store: {e}")))?;
+    let fail = |e: io::Fail| match e {
+        io::Fail::Transient(e) | io::Fail::Fatal(e) => LogError::Storage(e),
+    };
+    let client = pool.get().await.map_err(|e| fail(e.into()))?;
+    lease::read_cluster(&client).await.map_err(fail)
 }
 
 /// Waits for `rx` from synchronous code, letting the runtime move other

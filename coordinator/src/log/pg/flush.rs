@@ -1,0 +1,197 @@
+//! The flusher of [`super::PgLog`]: group commit of buffered writes, each
+//! conditional on this incarnation still owning the row and on the
+//! decision never changing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::Op;
+use super::io::{Fail, Store};
+use super::schema::code;
+use crate::log::{LogError, codec};
+use crate::model::Gtid;
+
+/// How long a plain write may wait for company before it is flushed.
+const LINGER: Duration = Duration::from_millis(20);
+
+impl Store {
+    /// Flushes the buffer whenever a force waits, or [`LINGER`] after a
+    /// plain write, until the log stops or latches.
+    pub(super) async fn flush_loop(self: Arc<Self>) {
+        loop {
+            if !self.work().await {
+                return;
+            }
+            let (ops, waiters) = {
+                let mut buf = self.shared.buffer();
+                let ops = std::mem::take(&mut buf.pending);
+                buf.inflight = ops.clone();
+                (ops, std::mem::take(&mut buf.waiters))
+            };
+            if self.shared.halted.get().is_some() {
+                return; // the latch answered every waiter
+            }
+            let result = if ops.is_empty() {
+                Ok(())
+            } else {
+                match self.retry("write the log", || self.write_batch(&ops)).await {
+                    Ok(fenced) if fenced.is_empty() => Ok(()),
+                    Ok(fenced) => Err(LogError::Fenced(format!(
+                        "{} transaction(s) (first {}) were taken over by another coordinator \
+                         while this one was paused or cut off from the store past its lease; \
+                         this coordinator stops deciding: restart it",
+                        fenced.len(),
+                        fenced
+                            .iter()
+                            .next()
+                            .map(|g| g.to_string())
+                            .unwrap_or_default()
+                    ))),
+                    Err(e) => Err(e),
+                }
+            };
+            match result {
+                Ok(()) => {
+                    if !ops.is_empty() {
+                        self.shared.flushes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.shared.buffer().inflight.clear();
+                    for w in waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "transaction log on PostgreSQL failed");
+                    let e = self.shared.latch(e);
+                    for w in waiters {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits until there is something to flush: a force waiting, or a
+    /// plain write that has lingered. False when the log is closing with
+    /// nothing left, or latched.
+    pub(super) async fn work(&self) -> bool {
+        loop {
+            if self.shared.halted.get().is_some() {
+                return false;
+            }
+            let (waiting, pending) = {
+                let buf = self.shared.buffer();
+                (!buf.waiters.is_empty(), !buf.pending.is_empty())
+            };
+            if waiting {
+                return true;
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return pending;
+            }
+            if !pending {
+                self.shared.wake.notified().await;
+                continue;
+            }
+            // A plain write waits for company, unless a force comes.
+            let until = tokio::time::Instant::now() + LINGER;
+            loop {
+                if tokio::time::timeout_at(until, self.shared.wake.notified())
+                    .await
+                    .is_err()
+                    || !self.shared.buffer().waiters.is_empty()
+                    || self.stopping.load(Ordering::SeqCst)
+                {
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Writes `ops` in one database transaction; returns the gtids whose
+    /// write was refused (owned by another incarnation now, or a decision
+    /// that would change).
+    pub(super) async fn write_batch(
+        &self,
+        ops: &BTreeMap<Gtid, Op>,
+    ) -> Result<HashSet<Gtid>, Fail> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let (mut gtids, mut states, mut decisions, mut records) = (vec![], vec![], vec![], vec![]);
+        let (mut pay_g, mut pay_b, mut pay_p) = (vec![], vec![], vec![]);
+        let mut removed = vec![];
+        for (gtid, op) in ops {
+            match op {
+                Op::Remove => removed.push(*gtid),
+                Op::Write(p) => {
+                    gtids.push(*gtid);
+                    states.push(code(p.record.state));
+                    decisions.push(p.record.decision.map(|d| match d {
+                        crate::model::Decision::Commit => 1i16,
+                        crate::model::Decision::Abort => 2i16,
+                    }));
+                    records.push(codec::encode(&p.record));
+                    for (branch, payload) in &p.payloads {
+                        pay_g.push(*gtid);
+                        pay_b.push(*branch as i32);
+                        pay_p.push(payload.to_vec());
+                    }
+                }
+            }
+        }
+        if !removed.is_empty() {
+            tx.execute("DELETE FROM tandem_txns WHERE gtid = ANY($1)", &[&removed])
+                .await?;
+            tx.execute(
+                "DELETE FROM tandem_payloads WHERE gtid = ANY($1)",
+                &[&removed],
+            )
+            .await?;
+        }
+        if !pay_g.is_empty() {
+            tx.execute(
+                "INSERT INTO tandem_payloads (gtid, branch, payload)
+                 SELECT * FROM unnest($1::uuid[], $2::int4[], $3::bytea[])
+                 ON CONFLICT (gtid, branch) DO UPDATE SET payload = excluded.payload",
+                &[&pay_g, &pay_b, &pay_p],
+            )
+            .await?;
+        }
+        let mut fenced = HashSet::new();
+        if !gtids.is_empty() {
+            let written = tx
+                .query(
+                    "INSERT INTO tandem_txns AS t
+                         (gtid, state, decision, record, owner, epoch, lease_until)
+                     SELECT g, s, d, r, $5, 1, now() + $6::bigint * interval '1 millisecond'
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[]) AS b(g, s, d, r)
+                     ON CONFLICT (gtid) DO UPDATE
+                     SET state = excluded.state, decision = excluded.decision,
+                         record = excluded.record, updated_at = now()
+                     WHERE t.owner = excluded.owner
+                       AND (t.decision IS NULL OR t.decision = excluded.decision)
+                     RETURNING gtid",
+                    &[
+                        &gtids,
+                        &states,
+                        &decisions,
+                        &records,
+                        &self.shared.incarnation,
+                        &self.lease_ms(),
+                    ],
+                )
+                .await?;
+            let written: HashSet<Gtid> = written.into_iter().map(|r| r.get(0)).collect();
+            fenced = gtids.into_iter().filter(|g| !written.contains(g)).collect();
+        }
+        if fenced.is_empty() {
+            tx.commit().await?;
+        }
+        // Refused: nothing of this batch lands (the transaction is dropped
+        // uncommitted), and the log latches.
+        Ok(fenced)
+    }
+}

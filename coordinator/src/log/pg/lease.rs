@@ -1,0 +1,164 @@
+//! Ownership in [`super::PgLog`]'s store: registering an incarnation,
+//! renewing its heartbeat and leases, claiming expired leases, and the
+//! cluster view.
+
+use std::sync::Arc;
+
+use tandem_sdk::postgres::tokio_postgres;
+use tracing::warn;
+
+use super::io::{Fail, Store};
+use super::schema::{self, unfinished_codes};
+use super::{ClusterStatus, InstanceStatus};
+use crate::log::LogError;
+use crate::model::Gtid;
+
+impl Store {
+    /// Migrates, registers this incarnation, and takes over the unfinished
+    /// rows of earlier incarnations of this name. Returns how many.
+    pub(super) async fn register(&self) -> Result<u64, Fail> {
+        let mut client = self.pool.get().await?;
+        schema::migrate(&mut client).await.map_err(Fail::Fatal)?;
+        let o = &self.shared.options;
+        let me = self.shared.incarnation;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO tandem_instances (incarnation, name, address) VALUES ($1, $2, $3)
+             ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now()",
+            &[&me, &o.name, &o.address],
+        )
+        .await?;
+        let claimed = tx
+            .execute(
+                "UPDATE tandem_txns SET owner = $1, epoch = epoch + 1,
+                     lease_until = now() + $3::bigint * interval '1 millisecond'
+                 WHERE state = ANY($4) AND owner IN (
+                     SELECT incarnation FROM tandem_instances
+                     WHERE name = $2 AND incarnation <> $1)",
+                &[&me, &o.name, &self.lease_ms(), &unfinished_codes()],
+            )
+            .await?;
+        // Earlier incarnations of this name own nothing unfinished now.
+        tx.execute(
+            "DELETE FROM tandem_instances WHERE name = $1 AND incarnation <> $2",
+            &[&o.name, &me],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(claimed)
+    }
+
+    /// Renews this incarnation's heartbeat and the leases of all it owns,
+    /// one statement each, every third of the lease.
+    pub(super) async fn renew_loop(self: Arc<Self>) {
+        let period = self.shared.options.lease / 3;
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.shared.halted.get().is_some() {
+                return;
+            }
+            match self.renew().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.shared.latch(LogError::Fenced(format!(
+                        "another process registered as instance {:?}: this one stops deciding",
+                        self.shared.options.name
+                    )));
+                    return;
+                }
+                Err(Fail::Transient(e) | Fail::Fatal(e)) => {
+                    warn!(error = %e, "cannot renew the leases in the store; retrying")
+                }
+            }
+        }
+    }
+
+    pub(super) async fn renew(&self) -> Result<bool, Fail> {
+        let client = self.pool.get().await?;
+        let me = self.shared.incarnation;
+        let alive = client
+            .execute(
+                "UPDATE tandem_instances SET heartbeat_at = now() WHERE incarnation = $1",
+                &[&me],
+            )
+            .await?;
+        client
+            .execute(
+                "UPDATE tandem_txns SET lease_until = now() + $2::bigint * interval '1 millisecond'
+                 WHERE owner = $1 AND state = ANY($3)",
+                &[&me, &self.lease_ms(), &unfinished_codes()],
+            )
+            .await?;
+        Ok(alive == 1)
+    }
+
+    /// Claims up to `limit` unfinished transactions whose lease expired
+    /// (`epoch + 1`), skipping rows another instance is claiming; and
+    /// forgets instances long dead that own nothing.
+    pub(super) async fn claim_expired(&self, limit: usize) -> Result<Vec<Gtid>, Fail> {
+        let client = self.pool.get().await?;
+        let me = self.shared.incarnation;
+        let rows = client
+            .query(
+                "WITH due AS (
+                     SELECT gtid FROM tandem_txns
+                     WHERE state = ANY($3) AND lease_until < now() AND owner <> $1
+                     ORDER BY lease_until LIMIT $4
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE tandem_txns t SET owner = $1, epoch = t.epoch + 1,
+                     lease_until = now() + $2::bigint * interval '1 millisecond'
+                 FROM due WHERE t.gtid = due.gtid
+                 RETURNING t.gtid",
+                &[&me, &self.lease_ms(), &unfinished_codes(), &(limit as i64)],
+            )
+            .await?;
+        client
+            .execute(
+                "DELETE FROM tandem_instances i
+                 WHERE heartbeat_at < now() - 10 * $1::bigint * interval '1 millisecond'
+                   AND NOT EXISTS (SELECT 1 FROM tandem_txns t
+                                   WHERE t.owner = i.incarnation AND t.state = ANY($2))",
+                &[&self.lease_ms(), &unfinished_codes()],
+            )
+            .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// The cluster as the store sees it (read only).
+pub(super) async fn read_cluster(client: &tokio_postgres::Client) -> Result<ClusterStatus, Fail> {
+    {
+        let rows = client
+            .query(
+                "SELECT i.name, i.incarnation, i.address,
+                            (extract(epoch FROM now() - i.heartbeat_at) * 1000)::bigint,
+                            (SELECT count(*) FROM tandem_txns t
+                             WHERE t.owner = i.incarnation AND t.state = ANY($1))
+                     FROM tandem_instances i ORDER BY i.name, i.started_at",
+                &[&unfinished_codes()],
+            )
+            .await?;
+        let expired: i64 = client
+            .query_one(
+                "SELECT count(*) FROM tandem_txns WHERE state = ANY($1) AND lease_until < now()",
+                &[&unfinished_codes()],
+            )
+            .await?
+            .get(0);
+        Ok(ClusterStatus {
+            instances: rows
+                .into_iter()
+                .map(|r| InstanceStatus {
+                    name: r.get(0),
+                    incarnation: r.get(1),
+                    address: r.get(2),
+                    heartbeat_age_ms: r.get::<_, i64>(3).max(0) as u64,
+                    owned: r.get::<_, i64>(4).max(0) as u64,
+                })
+                .collect(),
+            expired: expired.max(0) as u64,
+        })
+    }
+}

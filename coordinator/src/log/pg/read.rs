@@ -1,0 +1,108 @@
+//! Reads of [`super::PgLog`]: one record, or a page of them, with the
+//! payloads stored apart.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use tandem_sdk::postgres::tokio_postgres;
+
+use super::io::{Fail, Store};
+use super::schema::code;
+use crate::log::{LogError, codec};
+use crate::model::{Gtid, TxState, TxnRecord};
+
+impl Store {
+    pub(super) fn decode_row(
+        gtid: Gtid,
+        bytes: &[u8],
+        payloads: &HashMap<(Gtid, u32), Bytes>,
+    ) -> Result<TxnRecord, LogError> {
+        codec::decode(gtid, bytes, |branch| {
+            Ok(payloads.get(&(gtid, branch)).cloned())
+        })
+    }
+
+    pub(super) async fn payloads_of(
+        &self,
+        client: &tokio_postgres::Client,
+        gtids: &[Gtid],
+    ) -> Result<HashMap<(Gtid, u32), Bytes>, Fail> {
+        if gtids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows = client
+            .query(
+                "SELECT gtid, branch, payload FROM tandem_payloads WHERE gtid = ANY($1)",
+                &[&gtids],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let branch: i32 = r.get(1);
+                (
+                    (r.get(0), branch as u32),
+                    Bytes::from(r.get::<_, Vec<u8>>(2)),
+                )
+            })
+            .collect())
+    }
+
+    pub(super) async fn read_one(
+        &self,
+        gtid: Gtid,
+    ) -> Result<Result<Option<TxnRecord>, LogError>, Fail> {
+        let client = self.pool.get().await?;
+        let Some(row) = client
+            .query_opt("SELECT record FROM tandem_txns WHERE gtid = $1", &[&gtid])
+            .await?
+        else {
+            return Ok(Ok(None));
+        };
+        let bytes: Vec<u8> = row.get(0);
+        let payloads = if codec::has_payloads_apart(&bytes) {
+            self.payloads_of(&client, &[gtid]).await?
+        } else {
+            HashMap::new()
+        };
+        Ok(Self::decode_row(gtid, &bytes, &payloads).map(Some))
+    }
+
+    pub(super) async fn read_many(
+        &self,
+        after: Option<Gtid>,
+        states: &[TxState],
+        limit: usize,
+        own: bool,
+    ) -> Result<Result<Vec<TxnRecord>, LogError>, Fail> {
+        let client = self.pool.get().await?;
+        let codes: Vec<i16> = states.iter().map(|s| code(*s)).collect();
+        let owner = own.then_some(self.shared.incarnation);
+        let rows = client
+            .query(
+                "SELECT gtid, record FROM tandem_txns
+                 WHERE ($1::uuid IS NULL OR gtid > $1)
+                   AND (cardinality($2::int2[]) = 0 OR state = ANY($2))
+                   AND ($3::uuid IS NULL OR owner = $3)
+                 ORDER BY gtid LIMIT $4",
+                &[
+                    &after,
+                    &codes,
+                    &owner,
+                    &(limit.min(i64::MAX as usize) as i64),
+                ],
+            )
+            .await?;
+        let rows: Vec<(Gtid, Vec<u8>)> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+        let apart: Vec<Gtid> = rows
+            .iter()
+            .filter(|(_, b)| codec::has_payloads_apart(b))
+            .map(|(g, _)| *g)
+            .collect();
+        let payloads = self.payloads_of(&client, &apart).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, b)| Self::decode_row(g, &b, &payloads))
+            .collect())
+    }
+}
