@@ -522,3 +522,66 @@ async fn a_paused_owner_is_fenced() {
     );
     drop(b);
 }
+
+// One client-chosen gtid submitted to two instances at the same moment (a
+// hedged request): one of them runs it; the other is refused that
+// transaction alone and keeps serving. No branch gets both outcomes, and
+// an acknowledged commit is the store's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_gtid_started_at_two_instances_at_once() {
+    let pg = PgServer::start();
+    let url = pg.create_database("hedged").await;
+    let sql = pg.connect("hedged").await;
+    let ledger = Ledger::default();
+    let part = ledger.serve().await;
+    let data = tempfile::tempdir().expect("dir");
+    let a = start(&data, &url, "a", "127.0.0.1:0");
+    let b = start(&data, &url, "b", "127.0.0.1:0");
+    let ca = TransactionClient::connect(&a.url).await.expect("a");
+    let cb = TransactionClient::connect(&b.url).await.expect("b");
+    let mut refused = 0;
+    let mut committed = Vec::new();
+    for i in 0..20 {
+        let gtid = tandem_sdk::Gtid::now_v7();
+        let mode = if i % 2 == 0 {
+            Mode::TwoPhase
+        } else {
+            Mode::Tcc
+        };
+        let branches = vec![Branch::new(&part, "r", "x"), Branch::new(&part, "r", "y")];
+        let (ra, rb) = tokio::join!(
+            ca.submit_as(gtid, mode, branches.clone(), None),
+            cb.submit_as(gtid, mode, branches, None)
+        );
+        for r in [&ra, &rb] {
+            match r {
+                Ok(_) => committed.push(gtid),
+                Err(e) if e.to_string().contains("another coordinator") => refused += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    println!("refused as started elsewhere: {refused} of 40 calls");
+    // Both still serve.
+    for (name, c) in [("a", &ca), ("b", &cb)] {
+        let gtid = c
+            .begin(Mode::TwoPhase)
+            .await
+            .unwrap_or_else(|e| panic!("{name} stopped serving: {e}"));
+        c.rollback(gtid, "check").await.expect("rollback");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while unfinished(&sql).await > 0 {
+        assert!(Instant::now() < deadline, "transactions left unfinished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for gtid in &committed {
+        assert_eq!(
+            state_of(&sql, *gtid).await,
+            Some(4),
+            "{gtid} acknowledged, not committed in the store"
+        );
+    }
+    let acked: HashSet<String> = committed.iter().map(|g| g.to_string()).collect();
+    check_ledger(&ledger, &acked, 2, &sql, &a.url).await;
+}

@@ -43,6 +43,14 @@ pub enum LogError {
     /// transaction over (this one was paused or cut off past its lease).
     #[error("{0}")]
     Fenced(String),
+    /// A shared store refused the first write of a new transaction:
+    /// another coordinator started one with the same (client-chosen) gtid
+    /// first. Only this transaction is affected; the log does not latch.
+    #[error(
+        "transaction {0} is run by another coordinator (it started it first); ask that one, \
+         or repeat the request here to get its outcome"
+    )]
+    Refused(Gtid),
     /// An earlier failure latched the log; it refuses all further work.
     #[error("log halted after an earlier failure: {0}")]
     Halted(String),
@@ -83,6 +91,22 @@ pub trait TxnLog: Send + Sync + 'static {
 
     /// Makes every earlier `write` durable; see the contract above.
     fn force(&self) -> ForceFuture;
+
+    /// As [`force`](TxnLog::force), and then fails with
+    /// [`LogError::Refused`] if the store refused `gtid`'s record (a shared
+    /// store where another coordinator started the same gtid first): what
+    /// the caller was about to announce is not durable *as its own*.
+    fn force_txn(&self, gtid: &Gtid) -> ForceFuture {
+        let _ = gtid;
+        self.force()
+    }
+
+    /// Whether the store refused `gtid`'s record (see
+    /// [`LogError::Refused`]); the coordinator then forgets it.
+    fn refused(&self, gtid: &Gtid) -> bool {
+        let _ = gtid;
+        false
+    }
 
     /// The latest record for `gtid`, or `None`.
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError>;

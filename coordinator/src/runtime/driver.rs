@@ -89,8 +89,13 @@ impl Inner {
     ) -> Result<(), CoordError> {
         let result = self.drive(entry, cmds).await;
         if let Err(e) = &result {
-            let gtid = entry.lock().record().gtid;
+            let gtid = entry.gtid();
             warn!(%gtid, error = %e, "round of calls stopped");
+            if self.log.refused(&gtid) {
+                // Another coordinator runs it: nothing of ours was made
+                // durable or sent in phase 2; drop our copy.
+                self.forget(&gtid);
+            }
             entry.changed.send_replace(());
         }
         result
@@ -107,9 +112,16 @@ impl Inner {
             while let Some(cmd) = queue.pop_front() {
                 match cmd {
                     Command::Persist => {} // written by `step`
-                    Command::Force => self.log.force().await.map_err(|e| self.halt(e))?,
+                    Command::Force => self
+                        .log
+                        .force_txn(&entry.gtid())
+                        .await
+                        .map_err(|e| self.halt(e))?,
                     Command::ForceDecision => {
-                        self.log.force().await.map_err(|e| self.halt(e))?;
+                        self.log
+                            .force_txn(&entry.gtid())
+                            .await
+                            .map_err(|e| self.halt(e))?;
                         failpoint::hit("after-decision-forced");
                         queue.extend(self.step(entry, Event::DecisionDurable)?);
                     }

@@ -268,6 +268,11 @@ impl Coordinator {
 }
 
 impl Entry {
+    /// Its transaction's id.
+    fn gtid(&self) -> Gtid {
+        self.lock().record().gtid
+    }
+
     fn new(txn: Txn) -> Arc<Entry> {
         Arc::new(Entry {
             txn: Mutex::new(txn),
@@ -347,6 +352,10 @@ impl Inner {
     }
 
     fn halt(&self, e: LogError) -> CoordError {
+        if let LogError::Refused(_) = e {
+            // One transaction, not the log: nothing latches.
+            return CoordError::Unavailable(e.to_string());
+        }
         let why = self.halted.get_or_init(|| e.to_string());
         tracing::error!(error = %why, "log failure: the coordinator stops deciding");
         // Wake every waiting request: none of them gets an answer now. (No

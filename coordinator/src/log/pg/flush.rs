@@ -16,7 +16,47 @@ use crate::model::Gtid;
 /// How long a plain write may wait for company before it is flushed.
 const LINGER: Duration = Duration::from_millis(20);
 
+/// Writes of a batch the store refused.
+#[derive(Default)]
+pub(super) struct Refusals {
+    /// Rows another incarnation owns now, or decisions that would change.
+    taken_over: Vec<Gtid>,
+    /// New transactions another coordinator started first.
+    started_elsewhere: HashSet<Gtid>,
+}
+
 impl Store {
+    /// Writes `ops`; a new transaction another coordinator started first is
+    /// refused on its own (remembered, so its coordinator forgets it) and
+    /// the rest written again. Returns the rows taken over, if any (then
+    /// nothing was written).
+    async fn write_all(&self, ops: &BTreeMap<Gtid, Op>) -> Result<Vec<Gtid>, LogError> {
+        let mut ops = std::borrow::Cow::Borrowed(ops);
+        loop {
+            let refusals = self
+                .retry("write the log", || self.write_batch(&ops))
+                .await?;
+            if !refusals.taken_over.is_empty() || refusals.started_elsewhere.is_empty() {
+                return Ok(refusals.taken_over);
+            }
+            let mut buf = self.shared.buffer();
+            for gtid in &refusals.started_elsewhere {
+                tracing::warn!(%gtid, "another coordinator started this transaction first; it is theirs");
+                buf.refuse(*gtid);
+            }
+            drop(buf);
+            let rest: BTreeMap<Gtid, Op> = ops
+                .iter()
+                .filter(|(g, _)| !refusals.started_elsewhere.contains(g))
+                .map(|(g, op)| (*g, op.clone()))
+                .collect();
+            if rest.is_empty() {
+                return Ok(Vec::new());
+            }
+            ops = std::borrow::Cow::Owned(rest);
+        }
+    }
+
     /// Flushes the buffer whenever a force waits, or [`LINGER`] after a
     /// plain write, until the log stops or latches.
     pub(super) async fn flush_loop(self: Arc<Self>) {
@@ -36,18 +76,14 @@ impl Store {
             let result = if ops.is_empty() {
                 Ok(())
             } else {
-                match self.retry("write the log", || self.write_batch(&ops)).await {
+                match self.write_all(&ops).await {
                     Ok(fenced) if fenced.is_empty() => Ok(()),
                     Ok(fenced) => Err(LogError::Fenced(format!(
                         "{} transaction(s) (first {}) were taken over by another coordinator \
                          while this one was paused or cut off from the store past its lease; \
                          this coordinator stops deciding: restart it",
                         fenced.len(),
-                        fenced
-                            .iter()
-                            .next()
-                            .map(|g| g.to_string())
-                            .unwrap_or_default()
+                        fenced.first().map(|g| g.to_string()).unwrap_or_default()
                     ))),
                     Err(e) => Err(e),
                 }
@@ -111,13 +147,9 @@ impl Store {
         }
     }
 
-    /// Writes `ops` in one database transaction; returns the gtids whose
-    /// write was refused (owned by another incarnation now, or a decision
-    /// that would change).
-    pub(super) async fn write_batch(
-        &self,
-        ops: &BTreeMap<Gtid, Op>,
-    ) -> Result<HashSet<Gtid>, Fail> {
+    /// Writes `ops` in one database transaction, all or nothing; says which
+    /// writes were refused (then nothing was written).
+    pub(super) async fn write_batch(&self, ops: &BTreeMap<Gtid, Op>) -> Result<Refusals, Fail> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let (mut gtids, mut states, mut decisions, mut records) = (vec![], vec![], vec![], vec![]);
@@ -189,9 +221,30 @@ impl Store {
         }
         if fenced.is_empty() {
             tx.commit().await?;
+            return Ok(Refusals::default());
         }
-        // Refused: nothing of this batch lands (the transaction is dropped
-        // uncommitted), and the log latches.
-        Ok(fenced)
+        // A row at epoch 1 owned by another incarnation was never this
+        // one's: another coordinator started the same gtid first. Any
+        // other refusal is a row taken over, or a decision that would
+        // change.
+        let fenced: Vec<Gtid> = fenced.into_iter().collect();
+        let started_elsewhere: HashSet<Gtid> = tx
+            .query(
+                "SELECT gtid FROM tandem_txns WHERE gtid = ANY($1) AND epoch = 1 AND owner <> $2",
+                &[&fenced, &self.shared.incarnation],
+            )
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Nothing of this batch lands (the transaction is dropped
+        // uncommitted); the caller writes it again without the refused.
+        Ok(Refusals {
+            taken_over: fenced
+                .into_iter()
+                .filter(|g| !started_elsewhere.contains(g))
+                .collect(),
+            started_elsewhere,
+        })
     }
 }

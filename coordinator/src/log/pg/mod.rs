@@ -40,7 +40,7 @@ mod lease;
 mod read;
 mod schema;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -106,7 +106,7 @@ struct Pending {
 
 /// What the flusher has not written yet.
 #[derive(Default)]
-struct Buffer {
+pub(super) struct Buffer {
     /// Newest change per gtid, not yet taken by a flush.
     pending: BTreeMap<Gtid, Op>,
     /// Taken by the flush in progress (read until it commits).
@@ -115,6 +115,30 @@ struct Buffer {
     payloads_queued: HashMap<Gtid, u32>,
     /// Forces waiting for the next flush.
     waiters: Vec<oneshot::Sender<Result<(), LogError>>>,
+    /// New transactions whose first write the store refused (another
+    /// coordinator started the same gtid first), the newest
+    /// [`REFUSED_KEPT`] of them.
+    refused: HashSet<Gtid>,
+    refused_order: VecDeque<Gtid>,
+}
+
+/// How many refused gtids are remembered (each is forgotten by the
+/// coordinator at once; the set only has to outlive that).
+const REFUSED_KEPT: usize = 4096;
+
+impl Buffer {
+    pub(super) fn refuse(&mut self, gtid: Gtid) {
+        self.payloads_queued.remove(&gtid);
+        self.pending.remove(&gtid);
+        if self.refused.insert(gtid) {
+            self.refused_order.push_back(gtid);
+            if self.refused_order.len() > REFUSED_KEPT
+                && let Some(old) = self.refused_order.pop_front()
+            {
+                self.refused.remove(&old);
+            }
+        }
+    }
 }
 
 /// State shared by the handle and the I/O thread.
@@ -261,6 +285,9 @@ impl TxnLog for PgLog {
         self.shared.check()?;
         let mut guard = self.shared.buffer();
         let buf = &mut *guard;
+        if buf.refused.contains(&record.gtid) {
+            return Err(LogError::Refused(record.gtid));
+        }
         let queued = buf.payloads_queued.entry(record.gtid).or_insert(0);
         let mut payloads: Vec<(u32, Bytes)> = record
             .branches
@@ -313,6 +340,22 @@ impl TxnLog for PgLog {
             rx.await
                 .unwrap_or_else(|_| Err(LogError::Halted("the log was closed".into())))
         })
+    }
+
+    fn force_txn(&self, gtid: &Gtid) -> ForceFuture {
+        let forced = self.force();
+        let (shared, gtid) = (self.shared.clone(), *gtid);
+        Box::pin(async move {
+            forced.await?;
+            if shared.buffer().refused.contains(&gtid) {
+                return Err(LogError::Refused(gtid));
+            }
+            Ok(())
+        })
+    }
+
+    fn refused(&self, gtid: &Gtid) -> bool {
+        self.shared.buffer().refused.contains(gtid)
     }
 
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {
