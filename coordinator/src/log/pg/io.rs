@@ -201,6 +201,8 @@ fn transient(e: &tokio_postgres::Error) -> bool {
                 || c == "40001" // serialization failure
                 || c == "40P01" // deadlock detected
                 || c == "25006" // read-only transaction: a standby, until promoted
+                || c.starts_with("53") // insufficient resources: too many connections, …
+                || c == "57014" // query cancelled (statement_timeout, an operator)
         }
         // No SQLSTATE: an I/O error on the socket is worth waiting out;
         // anything else (a parameter that does not serialise) is a bug.
@@ -283,7 +285,14 @@ impl Store {
         let deadline = tokio::time::Instant::now() + self.shared.options.store_timeout;
         let mut pause = Duration::from_millis(50);
         loop {
-            match op().await {
+            // A store that stops answering mid-call (a half-open connection
+            // after a failover) is cut at the deadline, not left to TCP.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = match tokio::time::timeout(left, op()).await {
+                Ok(r) => r,
+                Err(_) => Err(Fail::Transient("no answer from the store".into())),
+            };
+            match attempt {
                 Ok(v) => return Ok(v),
                 Err(Fail::Fatal(e)) => return Err(LogError::Storage(format!("{what}: {e}"))),
                 Err(Fail::Transient(e)) => {
@@ -309,7 +318,9 @@ impl Store {
         match job {
             Job::Get(gtid, reply) => {
                 let r = self.retry("read the log", || self.read_one(gtid)).await;
-                let _ = reply.send(r.map_err(|e| self.shared.latch(e)).and_then(|r| r));
+                // A failed read risks nothing durable: the caller gets the
+                // error, the log does not latch.
+                let _ = reply.send(r.and_then(|r| r));
             }
             Job::Scan {
                 after,
@@ -324,7 +335,6 @@ impl Store {
                             self.read_many(after, &states, limit, own)
                         })
                         .await
-                        .map_err(|e| self.shared.latch(e))
                         .and_then(|r| r),
                     Err(e) => Err(e),
                 };

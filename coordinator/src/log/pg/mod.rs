@@ -130,6 +130,8 @@ impl Buffer {
     pub(super) fn refuse(&mut self, gtid: Gtid) {
         self.payloads_queued.remove(&gtid);
         self.pending.remove(&gtid);
+        // Never durable as ours: reads must go to the store's record.
+        self.inflight.remove(&gtid);
         if self.refused.insert(gtid) {
             self.refused_order.push_back(gtid);
             if self.refused_order.len() > REFUSED_KEPT
