@@ -272,13 +272,28 @@ pub async fn cluster_status(url: &str) -> Result<ClusterStatus, LogError> {
 
 /// Waits for `rx` from synchronous code, letting the runtime move other
 /// tasks off this thread while it blocks when that is possible.
-fn wait<T>(rx: std::sync::mpsc::Receiver<T>) -> Option<T> {
+fn wait<T>(rx: std::sync::mpsc::Receiver<Result<T, LogError>>) -> Result<T, LogError> {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
+    let answer = match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(|| rx.recv().ok())
         }
         _ => rx.recv().ok(),
+    };
+    answer.unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+}
+
+impl PgLog {
+    /// `scan`, of every record or (`own`) only of this incarnation's.
+    fn scan_by(
+        &self,
+        after: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+        own: bool,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.shared.check()?;
+        wait(self.io.scan(after.copied(), states.to_vec(), limit, own))
     }
 }
 
@@ -371,8 +386,7 @@ impl TxnLog for PgLog {
                 });
             }
         }
-        let rx = self.io.get(*gtid);
-        wait(rx).unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+        wait(self.io.get(*gtid))
     }
 
     fn scan(
@@ -381,9 +395,7 @@ impl TxnLog for PgLog {
         states: &[TxState],
         limit: usize,
     ) -> Result<Vec<TxnRecord>, LogError> {
-        self.shared.check()?;
-        let rx = self.io.scan(after.copied(), states.to_vec(), limit, false);
-        wait(rx).unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+        self.scan_by(after, states, limit, false)
     }
 
     fn scan_own(
@@ -392,9 +404,7 @@ impl TxnLog for PgLog {
         states: &[TxState],
         limit: usize,
     ) -> Result<Vec<TxnRecord>, LogError> {
-        self.shared.check()?;
-        let rx = self.io.scan(after.copied(), states.to_vec(), limit, true);
-        wait(rx).unwrap_or_else(|| Err(LogError::Halted("the log was closed".into())))
+        self.scan_by(after, states, limit, true)
     }
 
     fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
