@@ -285,6 +285,10 @@ pub struct TxnRecord {
     pub deadline_ms: u64,
     /// Branches in enlistment order; `branches[i].id == i + 1`.
     pub branches: Vec<BranchRecord>,
+    /// Which owner drives it: 1 for the coordinator that started it, one
+    /// more for every takeover on a shared store (DESIGN.md, fencing).
+    /// Every participant call carries it; a barrier refuses an older one.
+    pub epoch: u64,
 }
 
 impl TxnRecord {
@@ -301,6 +305,7 @@ impl TxnRecord {
             updated_ms: now_ms,
             deadline_ms,
             branches: Vec::new(),
+            epoch: 1,
         }
     }
 

@@ -26,6 +26,7 @@ fn req(gtid: Uuid, branch: u32) -> BranchRequest {
         resource: "r".into(),
         payload: "x".into(),
         attempt: 1,
+        epoch: 1,
     }
 }
 

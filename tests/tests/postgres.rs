@@ -262,6 +262,7 @@ async fn tcc_empty_rollback_and_late_try_on_postgres() {
         resource: "accounts-tcc".into(),
         payload: Leg::debit("alice", 500).encode(),
         attempt,
+        epoch: 1,
     };
     rpc.cancel(req(1)).await.expect("empty cancel is OK");
     let vote = rpc.r#try(req(1)).await.expect("try").into_inner();

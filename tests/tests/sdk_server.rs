@@ -20,6 +20,7 @@ fn req(gtid: Uuid) -> BranchRequest {
         resource: "r".into(),
         payload: "x".into(),
         attempt: 1,
+        epoch: 1,
     }
 }
 

@@ -293,6 +293,7 @@ async fn participants_refuse_calls_not_from_their_coordinator() {
         resource: "r".into(),
         payload: b"x".to_vec().into(),
         attempt: 1,
+        epoch: 1,
     };
     for (who, options) in [
         ("nobody", dev.options(None, None)),
@@ -764,6 +765,7 @@ async fn one_host_cannot_take_every_tls_handshake_slot() {
             resource: "r".into(),
             payload: b"x".to_vec().into(),
             attempt: 1,
+            epoch: 1,
         })
         .await
         .expect("prepare");

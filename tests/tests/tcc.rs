@@ -262,6 +262,7 @@ async fn in_doubt_branches_ask_the_coordinator() {
             resource: "r".into(),
             payload: "x".into(),
             attempt: 1,
+            epoch: 1,
         })
         .await
         .expect("try")

@@ -41,6 +41,9 @@ struct StoredTxn {
     /// added fields need no new format version, old readers skip them).
     #[prost(message, optional, tag = "10")]
     abort: Option<StoredAbort>,
+    /// The owner's epoch; 0 (absent, records of older versions): 1.
+    #[prost(uint64, tag = "11")]
+    epoch: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -170,6 +173,7 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
             Some(Decision::Commit) => 1,
             Some(Decision::Abort) => 2,
         },
+        epoch: rec.epoch,
         abort: rec.abort.as_ref().map(|a| StoredAbort {
             cause: abort_code(a.cause),
             branch: a.branch,
@@ -307,6 +311,7 @@ pub(super) fn decode(
         updated_ms: stored.updated_ms,
         deadline_ms: stored.deadline_ms,
         branches,
+        epoch: stored.epoch.max(1),
     })
 }
 

@@ -194,6 +194,7 @@ impl Inner {
                 resource: b.resource.clone(),
                 payload: b.payload.clone(),
                 attempt,
+                epoch: rec.epoch,
             },
         ))
     }

@@ -1,6 +1,7 @@
 //! The flusher of [`super::PgLog`]: group commit of buffered writes, each
-//! conditional on this incarnation still owning the row and on the
-//! decision never changing.
+//! conditional on this incarnation still owning the row at the epoch it
+//! read (so an owner that lost a row and claimed it back cannot write from
+//! its stale copy) and on the decision never changing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -153,6 +154,7 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let (mut gtids, mut states, mut decisions, mut records) = (vec![], vec![], vec![], vec![]);
+        let mut epochs: Vec<i64> = vec![];
         let (mut pay_g, mut pay_b, mut pay_p) = (vec![], vec![], vec![]);
         let mut removed = vec![];
         for (gtid, op) in ops {
@@ -166,6 +168,7 @@ impl Store {
                         crate::model::Decision::Abort => 2i16,
                     }));
                     records.push(codec::encode(&p.record));
+                    epochs.push(p.record.epoch.min(i64::MAX as u64) as i64);
                     for (branch, payload) in &p.payloads {
                         pay_g.push(*gtid);
                         pay_b.push(*branch as i32);
@@ -198,12 +201,13 @@ impl Store {
                 .query(
                     "INSERT INTO tandem_txns AS t
                          (gtid, state, decision, record, owner, epoch, lease_until)
-                     SELECT g, s, d, r, $5, 1, now() + $6::bigint * interval '1 millisecond'
-                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[]) AS b(g, s, d, r)
+                     SELECT g, s, d, r, $5, e, now() + $6::bigint * interval '1 millisecond'
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $7::int8[])
+                         AS b(g, s, d, r, e)
                      ON CONFLICT (gtid) DO UPDATE
                      SET state = excluded.state, decision = excluded.decision,
                          record = excluded.record, updated_at = now()
-                     WHERE t.owner = excluded.owner
+                     WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
                        AND (t.decision IS NULL OR t.decision = excluded.decision)
                      RETURNING gtid",
                     &[
@@ -213,6 +217,7 @@ impl Store {
                         &records,
                         &self.shared.incarnation,
                         &self.lease_ms(),
+                        &epochs,
                     ],
                 )
                 .await?;

@@ -12,14 +12,19 @@ use crate::log::{LogError, codec};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 impl Store {
+    /// A row's record, at the row's epoch (the column is the truth: a
+    /// takeover raises it without rewriting the record).
     pub(super) fn decode_row(
         gtid: Gtid,
         bytes: &[u8],
+        epoch: i64,
         payloads: &HashMap<(Gtid, u32), Bytes>,
     ) -> Result<TxnRecord, LogError> {
-        codec::decode(gtid, bytes, |branch| {
+        let mut rec = codec::decode(gtid, bytes, |branch| {
             Ok(payloads.get(&(gtid, branch)).cloned())
-        })
+        })?;
+        rec.epoch = epoch.max(1) as u64;
+        Ok(rec)
     }
 
     pub(super) async fn payloads_of(
@@ -54,18 +59,22 @@ impl Store {
     ) -> Result<Result<Option<TxnRecord>, LogError>, Fail> {
         let client = self.pool.get().await?;
         let Some(row) = client
-            .query_opt("SELECT record FROM tandem_txns WHERE gtid = $1", &[&gtid])
+            .query_opt(
+                "SELECT record, epoch FROM tandem_txns WHERE gtid = $1",
+                &[&gtid],
+            )
             .await?
         else {
             return Ok(Ok(None));
         };
         let bytes: Vec<u8> = row.get(0);
+        let epoch: i64 = row.get(1);
         let payloads = if codec::has_payloads_apart(&bytes) {
             self.payloads_of(&client, &[gtid]).await?
         } else {
             HashMap::new()
         };
-        Ok(Self::decode_row(gtid, &bytes, &payloads).map(Some))
+        Ok(Self::decode_row(gtid, &bytes, epoch, &payloads).map(Some))
     }
 
     pub(super) async fn read_many(
@@ -80,7 +89,7 @@ impl Store {
         let owner = own.then_some(self.shared.incarnation);
         let rows = client
             .query(
-                "SELECT gtid, record FROM tandem_txns
+                "SELECT gtid, record, epoch FROM tandem_txns
                  WHERE ($1::uuid IS NULL OR gtid > $1)
                    AND (cardinality($2::int2[]) = 0 OR state = ANY($2))
                    AND ($3::uuid IS NULL OR owner = $3)
@@ -93,16 +102,19 @@ impl Store {
                 ],
             )
             .await?;
-        let rows: Vec<(Gtid, Vec<u8>)> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
+        let rows: Vec<(Gtid, Vec<u8>, i64)> = rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         let apart: Vec<Gtid> = rows
             .iter()
-            .filter(|(_, b)| codec::has_payloads_apart(b))
-            .map(|(g, _)| *g)
+            .filter(|(_, b, _)| codec::has_payloads_apart(b))
+            .map(|(g, _, _)| *g)
             .collect();
         let payloads = self.payloads_of(&client, &apart).await?;
         Ok(rows
             .into_iter()
-            .map(|(g, b)| Self::decode_row(g, &b, &payloads))
+            .map(|(g, b, e)| Self::decode_row(g, &b, e, &payloads))
             .collect())
     }
 }
