@@ -280,6 +280,13 @@ struct TxView {
     created_at_ms: u64,
     updated_at_ms: u64,
     deadline_ms: u64,
+    /// 1, one more per takeover by another coordinator.
+    epoch: u64,
+    /// On a shared store: the coordinator that drives it, and its address.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    owner: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    owner_address: String,
     age_ms: u64,
     attempts: u32,
     branches: Vec<BranchView>,
@@ -361,6 +368,9 @@ impl From<pb::TransactionInfo> for TxView {
             created_at_ms: t.created_at_ms,
             updated_at_ms: t.updated_at_ms,
             deadline_ms: t.deadline_ms,
+            epoch: t.epoch.max(1),
+            owner: t.owner,
+            owner_address: t.owner_address,
             attempts: branches.iter().map(|b| b.attempts).sum(),
             branches,
             gtid: t.gtid,
@@ -464,6 +474,15 @@ fn render_one(t: TxView, output: Output) -> String {
         format!("{} ago", human(now - t.deadline_ms))
     };
     let _ = writeln!(out, "  deadline   {deadline} ({} ms)", t.deadline_ms);
+    if !t.owner.is_empty() {
+        let _ = writeln!(
+            out,
+            "  owner      {} at {} (epoch {})",
+            t.owner, t.owner_address, t.epoch
+        );
+    } else if t.epoch > 1 {
+        let _ = writeln!(out, "  epoch      {}", t.epoch);
+    }
     let _ = write!(out, "  branches   {}", t.branches.len());
     for b in &t.branches {
         // A branch's own protocol is named when it is not the transaction's.

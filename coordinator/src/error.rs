@@ -44,6 +44,19 @@ pub enum CoordError {
     /// The coordinator stopped deciding after a log failure, or is stopping.
     #[error("coordinator unavailable: {0}")]
     Unavailable(String),
+    /// Another coordinator of the cluster runs this transaction; the
+    /// client should send the request there (nothing changed here).
+    #[error(
+        "transaction {gtid} is run by coordinator {owner} at {address}; send this request there"
+    )]
+    Moved {
+        /// Which transaction.
+        gtid: Gtid,
+        /// The owner's instance name.
+        owner: String,
+        /// Where it serves.
+        address: String,
+    },
     /// The log failed on a read; see [`LogError`].
     #[error(transparent)]
     Log(#[from] LogError),
@@ -58,11 +71,24 @@ impl From<CoordError> for Status {
             CoordError::PermissionDenied(_) => Code::PermissionDenied,
             CoordError::WrongState(_) => Code::FailedPrecondition,
             CoordError::Aborted { .. } => Code::Aborted,
-            CoordError::Unavailable(_) => Code::Unavailable,
+            CoordError::Unavailable(_) | CoordError::Moved { .. } => Code::Unavailable,
             CoordError::Log(LogError::Corrupt { .. }) => Code::DataLoss,
             CoordError::Log(_) => Code::Unavailable,
         };
         let message = cap_text(&e.to_string(), MAX_STATUS_TEXT);
+        if let CoordError::Moved {
+            gtid,
+            owner,
+            address,
+        } = &e
+        {
+            return tandem_proto::rpc::moved(
+                message,
+                &gtid.to_string(),
+                &cap_text(owner, 256),
+                &cap_text(address, 512),
+            );
+        }
         if let CoordError::Aborted {
             gtid,
             abort: Some(abort),

@@ -430,10 +430,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              for anyone on the path to read and replay (allow only https:// participants)"
         );
     }
-    let log = args
-        .store
-        .open(&config.data_dir, config.listen, args.accept_log_damage)?;
     let listen = config.listen;
+    // Bound before the log opens: a shared store records the address this
+    // instance really serves at (port 0 picks one).
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let log = args.store.open(
+        &config.data_dir,
+        listener.local_addr()?,
+        security.tls.is_some(),
+        args.accept_log_damage,
+    )?;
     let any_endpoint = config.allowed_endpoints.is_empty();
     let env = Environment {
         participants: participants.clone(),
@@ -441,9 +449,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Before listening: refuses a participant token without an allowlist.
     let coord = Coordinator::with_environment(config, log, env)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     info!(listen = %listener.local_addr()?, data_dir = %coord.config().data_dir.display(), "tandem coordinator serving");
     // Printed for scripts and tests that start us on port 0.
     println!("listening on {}", listener.local_addr()?);

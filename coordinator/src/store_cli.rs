@@ -24,8 +24,11 @@ pub struct StoreArgs {
     /// Default: the host name.
     #[arg(long, env = "TANDEM_INSTANCE_NAME")]
     pub instance_name: Option<String>,
-    /// The address clients reach this coordinator at, as shown by
-    /// `tandem cluster status`. Default: the listen address.
+    /// The address clients reach this coordinator at (a URL such as
+    /// `https://coord-2.internal:7070`): where other coordinators redirect
+    /// requests for the transactions this one runs, and what `tandem
+    /// cluster status` shows. Default: the listen address (`http://` or
+    /// `https://` with `--tls-cert`), right only when it is reachable as is.
     #[arg(long, env = "TANDEM_ADVERTISE")]
     pub advertise: Option<String>,
     /// In a shared store, how long a coordinator's transactions stay its
@@ -50,6 +53,7 @@ impl StoreArgs {
         &self,
         data_dir: &std::path::Path,
         listen: SocketAddr,
+        tls: bool,
         accept_damage: bool,
     ) -> anyhow::Result<Arc<dyn TxnLog>> {
         let Some(url) = &self.store else {
@@ -76,7 +80,11 @@ impl StoreArgs {
                 .unwrap_or_else(|| "tandem".into())
         });
         let mut options = PgOptions::new(url.clone(), name);
-        options.address = self.advertise.clone().unwrap_or_else(|| listen.to_string());
+        let scheme = if tls { "https" } else { "http" };
+        options.address = self
+            .advertise
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{listen}"));
         options.lease = self.lease;
         let log = tokio::task::block_in_place(|| PgLog::open(options))?;
         Ok(Arc::new(log))

@@ -15,6 +15,14 @@ pub const DOMAIN: &str = "tandem.v1";
 /// will never succeed (with `FAILED_PRECONDITION`).
 pub const PERMANENT: &str = "PERMANENT";
 
+/// The ErrorInfo reason with which a coordinator says that another
+/// coordinator of the same cluster runs the transaction (with
+/// `UNAVAILABLE`); metadata [`OWNER_ADDRESS`] says where to send it.
+pub const MOVED: &str = "MOVED";
+
+/// The ErrorInfo metadata key of a [`MOVED`] status: the owner's address.
+pub const OWNER_ADDRESS: &str = "owner_address";
+
 /// Type URL of a `google.rpc.ErrorInfo` detail.
 pub const ERROR_INFO_TYPE_URL: &str = "type.googleapis.com/google.rpc.ErrorInfo";
 
@@ -124,9 +132,57 @@ pub fn permanent(message: impl Into<String>) -> tonic::Status {
     )
 }
 
+/// An `UNAVAILABLE` status that redirects the caller: the coordinator at
+/// `address` (named `owner`) runs the transaction `gtid`.
+pub fn moved(message: impl Into<String>, gtid: &str, owner: &str, address: &str) -> tonic::Status {
+    let message = message.into();
+    let metadata = HashMap::from([
+        ("gtid".to_string(), gtid.to_string()),
+        ("owner".to_string(), owner.to_string()),
+        (OWNER_ADDRESS.to_string(), address.to_string()),
+    ]);
+    let details = RpcStatus {
+        code: tonic::Code::Unavailable as i32,
+        message: message.clone(),
+        details: vec![
+            ErrorInfo {
+                reason: MOVED.to_string(),
+                domain: DOMAIN.to_string(),
+                metadata,
+            }
+            .to_any(),
+        ],
+    };
+    tonic::Status::with_details(
+        tonic::Code::Unavailable,
+        message,
+        details.encode_to_vec().into(),
+    )
+}
+
+/// The owner's address of a [`moved`] status, if `status` is one.
+pub fn moved_to(status: &tonic::Status) -> Option<String> {
+    if status.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    error_infos(status)
+        .into_iter()
+        .find(|i| i.domain == DOMAIN && i.reason == MOVED)
+        .and_then(|mut i| i.metadata.remove(OWNER_ADDRESS))
+        .filter(|a| !a.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_moved_status_names_the_owner_and_others_do_not() {
+        let s = moved("run elsewhere", "g", "b", "http://10.0.0.2:7070");
+        assert_eq!(moved_to(&s).as_deref(), Some("http://10.0.0.2:7070"));
+        assert_eq!(moved_to(&tonic::Status::unavailable("x")), None);
+        assert_eq!(moved_to(&permanent("x")), None);
+    }
 
     #[test]
     fn a_permanent_status_reads_as_permanent_and_others_do_not() {

@@ -57,6 +57,9 @@ async fn forced_records_survive_and_a_restart_takes_them_over() {
 
     let second = PgLog::open(options(&url, "a")).expect("reopen");
     assert_ne!(second.incarnation(), first_incarnation);
+    // Taken over: the same record, one epoch later.
+    let stale = rec.clone();
+    rec.epoch = 2;
     assert_eq!(second.get(&rec.gtid).expect("get").as_ref(), Some(&rec));
     let own = second.scan_own(None, &[], 10).expect("scan own");
     assert_eq!(
@@ -64,10 +67,15 @@ async fn forced_records_survive_and_a_restart_takes_them_over() {
         1,
         "the restart owns its predecessor's transaction"
     );
-    // It may write it (it is the owner now).
+    // It may write it (it is the owner now), at the epoch it read.
     rec.state = TxState::Committed;
     second.write(&rec).expect("write");
     second.force().await.expect("force by the new owner");
+    // A copy from the earlier epoch is refused even from the owner: an
+    // owner that lost a row and claimed it back cannot write its stale copy.
+    second.write(&stale).expect("buffered");
+    let refused = second.force().await.expect_err("stale epoch refused");
+    assert!(matches!(refused, LogError::Fenced(_)), "{refused}");
 }
 
 // Another instance takes over only once the lease has expired; the

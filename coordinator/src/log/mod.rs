@@ -101,6 +101,13 @@ pub trait TxnLog: Send + Sync + 'static {
         self.force()
     }
 
+    /// Whether several coordinators share this store: then a new
+    /// transaction is made visible to the others before its gtid is given
+    /// out, and requests may belong to another instance.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Whether the store refused `gtid`'s record (see
     /// [`LogError::Refused`]); the coordinator then forgets it.
     fn refused(&self, gtid: &Gtid) -> bool {
@@ -141,6 +148,20 @@ pub trait TxnLog: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
 
+    /// Takes over `gtid` alone if it is unfinished and its owner's lease
+    /// expired (a request for it came here); returns it if claimed.
+    fn take_over(&self, gtid: &Gtid) -> TakeOverFuture {
+        let _ = gtid;
+        Box::pin(std::future::ready(Ok(Vec::new())))
+    }
+
+    /// Who drives `gtid` on a shared store; `None` on a log only one
+    /// coordinator uses, or when there is no record.
+    fn locate(&self, gtid: &Gtid) -> Result<Option<Ownership>, LogError> {
+        let _ = gtid;
+        Ok(None)
+    }
+
     /// Removes the record of `gtid` and its payloads (retention of finished
     /// transactions). Removing an unknown gtid is not an error. Not durable
     /// until a later `force` (or never, harmlessly: a removal that is lost
@@ -151,6 +172,21 @@ pub trait TxnLog: Send + Sync + 'static {
     fn stats(&self) -> LogStats {
         LogStats::default()
     }
+}
+
+/// Who drives a transaction on a store several coordinators share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ownership {
+    /// This coordinator (this incarnation of it).
+    pub here: bool,
+    /// The owner still holds its lease (or the transaction is finished).
+    pub live: bool,
+    /// The owner's instance name (empty once it left the cluster).
+    pub name: String,
+    /// Where the owner serves (its advertised address).
+    pub address: String,
+    /// The transaction's epoch.
+    pub epoch: u64,
 }
 
 /// What a log has done since it was opened.

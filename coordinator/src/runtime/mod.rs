@@ -33,6 +33,7 @@ mod participants;
 mod recovery;
 mod requests;
 mod retention;
+mod routing;
 mod starts;
 mod takeover;
 mod transport;

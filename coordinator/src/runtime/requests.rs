@@ -71,9 +71,28 @@ impl Coordinator {
                     return Err(inner.halt(e));
                 }
                 inner.start_deadline_timer(&entry, deadline);
+                if inner.log.shared() {
+                    // In the store before the client has the gtid: the
+                    // other instances must find it, to send its requests
+                    // here, not answer "no such transaction".
+                    if let Err(e) = inner.log.force_txn(&gtid).await {
+                        inner.forget(&gtid);
+                        if matches!(e, crate::log::LogError::Refused(_)) {
+                            // Another instance began it first: go there.
+                            inner.route(gtid).await?;
+                        }
+                        return Err(inner.halt(e));
+                    }
+                }
             }
             Start::Live(entry) => same_mode(&entry.lock().visible_record(), mode)?,
-            Start::Stored(rec) => same_mode(&rec, mode)?,
+            Start::Stored(rec) => {
+                same_mode(&rec, mode)?;
+                if !rec.state.is_terminal() {
+                    // Run by another instance: the client goes there.
+                    inner.route(gtid).await?;
+                }
+            }
         }
         Ok(gtid)
     }
@@ -92,7 +111,7 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         inner.validate_branch(&branch)?;
-        let Some(entry) = inner.live_or_claim(&gtid)? else {
+        let Some(entry) = inner.find_for_request(&gtid).await? else {
             return Err(match inner.log.get(&gtid)? {
                 Some(rec) => EngineError::WrongState {
                     gtid,
@@ -139,7 +158,7 @@ impl Coordinator {
     pub async fn commit(&self, gtid: Gtid) -> Result<TxState, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
-        let Some(entry) = inner.live_or_claim(&gtid)? else {
+        let Some(entry) = inner.find_for_request(&gtid).await? else {
             return inner.settled_state(gtid, Event::Commit);
         };
         let cmds = inner.step_request(&entry, Event::Commit).await?;
@@ -173,7 +192,7 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         check_reason(&reason)?;
-        let Some(entry) = inner.live_or_claim(&gtid)? else {
+        let Some(entry) = inner.find_for_request(&gtid).await? else {
             let rec = inner.settled(
                 gtid,
                 Event::Rollback {
@@ -258,7 +277,15 @@ impl Coordinator {
             }
             Start::Stored(rec) => {
                 same_branches(&rec, mode, &branches)?;
-                return Ok(submit_outcome(&rec));
+                // Unfinished and run by another instance: the client goes
+                // there, or (its owner gone) this instance finishes it.
+                if rec.state.is_terminal() {
+                    return Ok(submit_outcome(&rec));
+                }
+                match inner.route(gtid).await? {
+                    Some(entry) => entry,
+                    None => return Ok(submit_outcome(&rec)),
+                }
             }
         };
         inner.wait_for(&entry, Txn::settled).await?;
@@ -337,7 +364,7 @@ impl Coordinator {
     async fn operator(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
-        let entry = match inner.live_or_claim(&gtid)? {
+        let entry = match inner.find_for_request(&gtid).await? {
             Some(entry) => entry,
             None => match inner.adopt_stuck(gtid)? {
                 Some(entry) => entry,
@@ -400,6 +427,16 @@ impl Coordinator {
             return Ok(entry.lock().visible_record().into_owned());
         }
         self.inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))
+    }
+
+    /// Who drives `gtid` on a shared store (`None` on a log only this
+    /// coordinator uses).
+    ///
+    /// # Errors
+    ///
+    /// A log failure.
+    pub fn owner(&self, gtid: Gtid) -> Result<Option<crate::log::Ownership>, CoordError> {
+        Ok(self.inner.log.locate(&gtid)?)
     }
 
     /// Records in creation order after `after`, filtered by state and

@@ -76,7 +76,13 @@ impl AdminRpc for AdminService {
         req: Request<pb::AdminGetTransactionRequest>,
     ) -> Result<Response<pb::TransactionInfo>, Status> {
         let gtid = parse_gtid(&req.get_ref().gtid)?;
-        Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
+        let mut info = record_to_wire(&self.coord.get(gtid)?);
+        if let Some(owner) = self.coord.owner(gtid)? {
+            info.epoch = owner.epoch;
+            info.owner = owner.name;
+            info.owner_address = owner.address;
+        }
+        Ok(Response::new(info))
     }
 
     async fn get_stats(

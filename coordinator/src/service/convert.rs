@@ -100,6 +100,9 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
             Some(Decision::Abort) => pb::Decision::Abort,
         } as i32,
         abort: r.abort.as_ref().map(super::abort_detail::to_wire),
+        epoch: r.epoch,
+        owner: String::new(),
+        owner_address: String::new(),
         branches: r
             .branches
             .iter()

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{ClusterStatus, Shared};
+use crate::log::Ownership;
 use crate::log::{LogError, TakeOverFuture};
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -26,7 +27,12 @@ enum Job {
         own: bool,
         reply: Reply<Vec<TxnRecord>>,
     },
-    TakeOver(usize, oneshot::Sender<Result<Vec<Gtid>, LogError>>),
+    TakeOver(
+        usize,
+        Option<Gtid>,
+        oneshot::Sender<Result<Vec<Gtid>, LogError>>,
+    ),
+    Locate(Gtid, Reply<Option<Ownership>>),
     Cluster(oneshot::Sender<Result<ClusterStatus, LogError>>),
 }
 
@@ -120,10 +126,20 @@ impl IoHandle {
         rx
     }
 
-    pub(super) fn take_over(&self, limit: usize) -> TakeOverFuture {
+    /// Claims up to `limit` expired leases, or only `only`'s.
+    pub(super) fn take_over(&self, limit: usize, only: Option<Gtid>) -> TakeOverFuture {
         let (tx, rx) = oneshot::channel();
-        self.send(Job::TakeOver(limit, tx));
+        self.send(Job::TakeOver(limit, only, tx));
         Box::pin(async move { rx.await.unwrap_or_else(|_| Err(closed())) })
+    }
+
+    pub(super) fn locate(
+        &self,
+        gtid: Gtid,
+    ) -> std::sync::mpsc::Receiver<Result<Option<Ownership>, LogError>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.send(Job::Locate(gtid, tx));
+        rx
     }
 
     pub(super) async fn cluster(&self) -> Result<ClusterStatus, LogError> {
@@ -340,10 +356,16 @@ impl Store {
                 };
                 let _ = reply.send(r);
             }
-            Job::TakeOver(limit, reply) => {
+            Job::TakeOver(limit, only, reply) => {
                 let r = self
-                    .retry("take over expired leases", || self.claim_expired(limit))
+                    .retry("take over expired leases", || {
+                        self.claim_expired(limit, only)
+                    })
                     .await;
+                let _ = reply.send(r);
+            }
+            Job::Locate(gtid, reply) => {
+                let r = self.retry("read an owner", || self.owner_of(gtid)).await;
                 let _ = reply.send(r);
             }
             Job::Cluster(reply) => {

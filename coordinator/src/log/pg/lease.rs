@@ -10,7 +10,7 @@ use tracing::warn;
 use super::io::{Fail, Store};
 use super::schema::{self, unfinished_codes};
 use super::{ClusterStatus, InstanceStatus};
-use crate::log::LogError;
+use crate::log::{LogError, Ownership};
 use crate::model::Gtid;
 
 impl Store {
@@ -97,7 +97,13 @@ impl Store {
     /// Claims up to `limit` unfinished transactions whose lease expired
     /// (`epoch + 1`), skipping rows another instance is claiming; and
     /// forgets instances long dead that own nothing.
-    pub(super) async fn claim_expired(&self, limit: usize) -> Result<Vec<Gtid>, Fail> {
+    /// With `only`, that one transaction alone (a request for it came to
+    /// this instance).
+    pub(super) async fn claim_expired(
+        &self,
+        limit: usize,
+        only: Option<Gtid>,
+    ) -> Result<Vec<Gtid>, Fail> {
         let client = self.pool.get().await?;
         let me = self.shared.incarnation;
         let rows = client
@@ -105,15 +111,25 @@ impl Store {
                 "WITH due AS (
                      SELECT gtid FROM tandem_txns
                      WHERE state = ANY($3) AND lease_until < now() AND owner <> $1
+                       AND ($5::uuid IS NULL OR gtid = $5)
                      ORDER BY lease_until LIMIT $4
                      FOR UPDATE SKIP LOCKED)
                  UPDATE tandem_txns t SET owner = $1, epoch = t.epoch + 1,
                      lease_until = now() + $2::bigint * interval '1 millisecond'
                  FROM due WHERE t.gtid = due.gtid
                  RETURNING t.gtid",
-                &[&me, &self.lease_ms(), &unfinished_codes(), &(limit as i64)],
+                &[
+                    &me,
+                    &self.lease_ms(),
+                    &unfinished_codes(),
+                    &(limit as i64),
+                    &only,
+                ],
             )
             .await?;
+        if only.is_some() {
+            return Ok(rows.into_iter().map(|r| r.get(0)).collect());
+        }
         client
             .execute(
                 "DELETE FROM tandem_instances i
@@ -124,6 +140,29 @@ impl Store {
             )
             .await?;
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+}
+
+impl Store {
+    /// Who drives `gtid`: its row's owner, whether that lease still runs.
+    pub(super) async fn owner_of(&self, gtid: Gtid) -> Result<Option<Ownership>, Fail> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT t.owner = $2, t.lease_until > now() OR NOT (t.state = ANY($3)),
+                        coalesce(i.name, ''), coalesce(i.address, ''), t.epoch
+                 FROM tandem_txns t LEFT JOIN tandem_instances i ON i.incarnation = t.owner
+                 WHERE t.gtid = $1",
+                &[&gtid, &self.shared.incarnation, &unfinished_codes()],
+            )
+            .await?;
+        Ok(row.map(|r| Ownership {
+            here: r.get(0),
+            live: r.get(1),
+            name: r.get(2),
+            address: r.get(3),
+            epoch: r.get::<_, i64>(4).max(1) as u64,
+        }))
     }
 }
 

@@ -49,7 +49,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{ForceFuture, LogError, LogStats, TakeOverFuture, TxnLog, codec};
+use super::{ForceFuture, LogError, LogStats, Ownership, TakeOverFuture, TxnLog, codec};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 /// How to reach the store and who this coordinator is in it.
@@ -417,8 +417,21 @@ impl TxnLog for PgLog {
         Ok(())
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn take_over_expired(&self, limit: usize) -> TakeOverFuture {
-        self.io.take_over(limit)
+        self.io.take_over(limit, None)
+    }
+
+    fn take_over(&self, gtid: &Gtid) -> TakeOverFuture {
+        self.io.take_over(1, Some(*gtid))
+    }
+
+    fn locate(&self, gtid: &Gtid) -> Result<Option<Ownership>, LogError> {
+        self.shared.check()?;
+        wait(self.io.locate(*gtid))
     }
 
     fn stats(&self) -> LogStats {

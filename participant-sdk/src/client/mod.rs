@@ -1,12 +1,15 @@
 //! [`TransactionClient`]: run global transactions from a business service.
 
+mod cluster;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_proto::v1 as pb;
-use tandem_proto::v1::coordinator_client::CoordinatorClient;
-use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
+
+use cluster::{Cluster, Repeat};
 
 use crate::security::{BearerToken, ClientTls};
 use crate::{Error, Gtid};
@@ -156,9 +159,15 @@ pub struct Submitted {
 /// client.commit(gtid).await?;
 /// # Ok(()) }
 /// ```
+///
+/// Several coordinators sharing one store ([`connect_many`]): the client
+/// calls one, moves on to the next when it cannot be reached, and follows
+/// a coordinator's redirect to the one that runs the transaction.
+///
+/// [`connect_many`]: TransactionClient::connect_many
 #[derive(Clone, Debug)]
 pub struct TransactionClient {
-    rpc: CoordinatorClient<InterceptedService<Channel, BearerToken>>,
+    cluster: Arc<Cluster>,
 }
 
 fn gtid_from_wire(s: &str) -> Result<Gtid, Error> {
@@ -204,7 +213,62 @@ impl TransactionClient {
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await?;
-        Ok(Self::from_channel_with(channel, options.token.clone()))
+        Ok(Self::single(endpoint, channel, options))
+    }
+
+    /// Several coordinators sharing one store (`tandem serve --store
+    /// postgres://…`), tried in order: a request goes to the first that
+    /// answers, and a request for a transaction another one runs is
+    /// redirected there. Connections are made on first use, so a
+    /// coordinator that is down now does not fail this call.
+    ///
+    /// A request is sent to the next coordinator only when that cannot run
+    /// it twice: it never reached one, or it is idempotent (`begin_as`,
+    /// `submit_as` — and so `begin` and `submit`, whose gtid the client
+    /// makes —, `commit`, `rollback`, the reads). An `enlist` whose answer
+    /// was lost is not repeated; the transaction then aborts at its
+    /// deadline, or by `rollback`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] for no endpoint, a malformed one, or TLS files
+    /// that cannot be used.
+    pub fn connect_many<I, S>(endpoints: I, options: &ClientOptions) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let invalid = |message: String| Error::Invalid {
+            code: tonic::Code::InvalidArgument,
+            message,
+        };
+        let mut all = Vec::new();
+        for endpoint in endpoints {
+            let endpoint = endpoint.into();
+            let channel = crate::security::endpoint(&endpoint, options.tls.as_ref())
+                .map_err(invalid)?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy();
+            all.push((endpoint, cluster::rpc(channel, options.token.clone())));
+        }
+        if all.is_empty() {
+            return Err(invalid("no coordinator endpoint given".into()));
+        }
+        Ok(TransactionClient {
+            cluster: Arc::new(Cluster::new(all, options.clone())),
+        })
+    }
+
+    /// The coordinators this client calls, in order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.cluster.addresses()
+    }
+
+    fn single(address: String, channel: Channel, options: &ClientOptions) -> Self {
+        let rpc = cluster::rpc(channel, options.token.clone());
+        TransactionClient {
+            cluster: Arc::new(Cluster::new(vec![(address, rpc)], options.clone())),
+        }
     }
 
     /// Uses an existing channel (TLS, custom timeouts, load balancing).
@@ -214,10 +278,8 @@ impl TransactionClient {
 
     /// Uses an existing channel, sending `token` with every call.
     pub fn from_channel_with(channel: Channel, token: BearerToken) -> Self {
-        TransactionClient {
-            rpc: CoordinatorClient::with_interceptor(channel, token)
-                .max_decoding_message_size(64 * 1024 * 1024),
-        }
+        let options = ClientOptions { tls: None, token };
+        Self::single(String::new(), channel, &options)
     }
 
     /// Starts an interactive transaction with the coordinator's default
@@ -263,17 +325,19 @@ impl TransactionClient {
         mode: Mode,
         timeout: Option<Duration>,
     ) -> Result<Gtid, Error> {
+        let req = pb::BeginRequest {
+            mode: mode.wire(),
+            timeout_ms: timeout_ms(timeout),
+            gtid: gtid.to_string(),
+        };
         let resp = self
-            .rpc
-            .clone()
-            .begin(pb::BeginRequest {
-                mode: mode.wire(),
-                timeout_ms: timeout_ms(timeout),
-                gtid: gtid.to_string(),
+            .cluster
+            .call(Repeat::Safe, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.begin(req).await }
             })
             .await
-            .map_err(|s| with_gtid(s, gtid))?
-            .into_inner();
+            .map_err(|s| with_gtid(s, gtid))?;
         gtid_from_wire(&resp.gtid)
     }
 
@@ -285,16 +349,18 @@ impl TransactionClient {
     /// transaction is rolled back. [`Error::Invalid`] for a bad branch, an
     /// unknown gtid, or a transaction no longer active.
     pub async fn enlist(&self, gtid: Gtid, branch: Branch) -> Result<Enlisted, Error> {
+        let req = pb::EnlistRequest {
+            gtid: gtid.to_string(),
+            branch: Some(branch.wire()),
+        };
         let resp = self
-            .rpc
-            .clone()
-            .enlist(pb::EnlistRequest {
-                gtid: gtid.to_string(),
-                branch: Some(branch.wire()),
+            .cluster
+            .call(Repeat::Undelivered, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.enlist(req).await }
             })
             .await
-            .map_err(|s| with_gtid(s, gtid))?
-            .into_inner();
+            .map_err(|s| with_gtid(s, gtid))?;
         Ok(Enlisted {
             branch_id: resp.branch_id,
             reply: resp.reply,
@@ -309,15 +375,17 @@ impl TransactionClient {
     /// [`Error::Aborted`] if the deadline passed first; [`Error::Invalid`]
     /// if the transaction was rolled back or aborted already.
     pub async fn commit(&self, gtid: Gtid) -> Result<CommitOutcome, Error> {
+        let req = pb::CommitRequest {
+            gtid: gtid.to_string(),
+        };
         let resp = self
-            .rpc
-            .clone()
-            .commit(pb::CommitRequest {
-                gtid: gtid.to_string(),
+            .cluster
+            .call(Repeat::Safe, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.commit(req).await }
             })
             .await
-            .map_err(|s| with_gtid(s, gtid))?
-            .into_inner();
+            .map_err(|s| with_gtid(s, gtid))?;
         Ok(CommitOutcome {
             complete: resp.state == pb::TxState::Committed as i32,
         })
@@ -329,11 +397,14 @@ impl TransactionClient {
     ///
     /// [`Error::Invalid`] if the transaction is already decided commit.
     pub async fn rollback(&self, gtid: Gtid, reason: &str) -> Result<(), Error> {
-        self.rpc
-            .clone()
-            .rollback(pb::RollbackRequest {
-                gtid: gtid.to_string(),
-                reason: reason.to_string(),
+        let req = pb::RollbackRequest {
+            gtid: gtid.to_string(),
+            reason: reason.to_string(),
+        };
+        self.cluster
+            .call(Repeat::Safe, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.rollback(req).await }
             })
             .await
             .map_err(|s| with_gtid(s, gtid))?;
@@ -410,18 +481,20 @@ impl TransactionClient {
         branches: Vec<Branch>,
         timeout: Option<Duration>,
     ) -> Result<Submitted, Error> {
+        let req = pb::SubmitRequest {
+            mode: mode.wire(),
+            timeout_ms: timeout_ms(timeout),
+            branches: branches.into_iter().map(Branch::wire).collect(),
+            gtid: gtid.to_string(),
+        };
         let resp = self
-            .rpc
-            .clone()
-            .submit(pb::SubmitRequest {
-                mode: mode.wire(),
-                timeout_ms: timeout_ms(timeout),
-                branches: branches.into_iter().map(Branch::wire).collect(),
-                gtid: gtid.to_string(),
+            .cluster
+            .call(Repeat::Safe, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.submit(req).await }
             })
             .await
-            .map_err(|s| with_gtid(s, gtid))?
-            .into_inner();
+            .map_err(|s| with_gtid(s, gtid))?;
         let gtid = gtid_from_wire(&resp.gtid)?;
         let state = resp.state;
         if state == pb::TxState::Committed as i32 || state == pb::TxState::Committing as i32 {
@@ -446,14 +519,16 @@ impl TransactionClient {
     ///
     /// [`Error::Invalid`] with NOT_FOUND for an unknown gtid.
     pub async fn get(&self, gtid: Gtid) -> Result<pb::TransactionInfo, Error> {
+        let req = pb::GetTransactionRequest {
+            gtid: gtid.to_string(),
+        };
         Ok(self
-            .rpc
-            .clone()
-            .get_transaction(pb::GetTransactionRequest {
-                gtid: gtid.to_string(),
+            .cluster
+            .call(Repeat::Safe, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.get_transaction(req).await }
             })
-            .await?
-            .into_inner())
+            .await?)
     }
 }
 
@@ -502,14 +577,16 @@ impl TransactionClient {
     ///
     /// [`Error::Unavailable`] when the coordinator cannot be reached.
     pub async fn outcome(&self, gtid: Gtid) -> Result<Outcome, Error> {
+        let req = pb::GetOutcomeRequest {
+            gtid: gtid.to_string(),
+        };
         let resp = self
-            .rpc
-            .clone()
-            .get_outcome(pb::GetOutcomeRequest {
-                gtid: gtid.to_string(),
+            .cluster
+            .call(Repeat::Safe, |mut rpc| {
+                let req = req.clone();
+                async move { rpc.get_outcome(req).await }
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok(match resp.outcome() {
             pb::Outcome::Pending => Outcome::Pending,
             pb::Outcome::Commit => Outcome::Commit,
