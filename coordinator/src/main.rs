@@ -124,6 +124,14 @@ struct BenchArgs {
     /// coordinator, restart it and time how fast it finishes them.
     #[arg(long)]
     recovery: Option<usize>,
+    /// Start the coordinators on this shared PostgreSQL store (a
+    /// connection string) instead of a sled log in a temp dir.
+    #[arg(long)]
+    store: Option<String>,
+    /// Coordinator instances to start on the --store; the client load is
+    /// spread over them.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
     /// Retention of the coordinator the bench starts (finished records
     /// older than this are purged; keeps long runs' data dir bounded; at
     /// least 2m).
@@ -628,6 +636,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         recovery: args.recovery,
         retention: args.retention,
         secure: args.secure,
+        store: args.store,
+        instances: args.instances,
     })
     .await?;
     match args.output {

@@ -73,6 +73,12 @@ pub struct BenchOptions {
     /// Mutual TLS and tokens on every hop (development certificates made
     /// in the bench's temp dir; needs processes the bench starts).
     pub secure: bool,
+    /// Start the coordinators on this shared PostgreSQL store instead of
+    /// a sled log in a temp dir.
+    pub store: Option<String>,
+    /// Coordinator instances to start on the store (1 without one); the
+    /// workers are spread over them.
+    pub instances: usize,
 }
 
 impl Default for BenchOptions {
@@ -91,6 +97,8 @@ impl Default for BenchOptions {
             recovery: None,
             retention: crate::config::MIN_RETENTION,
             secure: false,
+            store: None,
+            instances: 1,
         }
     }
 }
@@ -203,15 +211,34 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     } else {
         options.participant_urls.clone()
     };
-    let mut coordinator_proc = None;
-    let coordinator_url = match &options.coordinator {
-        Some(url) => url.clone(),
+    anyhow::ensure!(options.instances >= 1, "--instances must be at least 1");
+    anyhow::ensure!(
+        options.instances == 1 || options.store.is_some(),
+        "several --instances need a shared --store"
+    );
+    anyhow::ensure!(
+        options.store.is_none() || (options.coordinator.is_none() && options.recovery.is_none()),
+        "--store starts the coordinators: not with --coordinator or --recovery"
+    );
+    let mut coordinator_procs = Vec::new();
+    let coordinator_urls = match &options.coordinator {
+        Some(url) => vec![url.clone()],
         None => {
-            let p = start_coordinator(data.path(), "127.0.0.1:0", &options, secure.as_ref())?;
-            let url = p.url(secure.is_some());
-            coordinator_proc = Some(p);
-            url
+            for i in 0..options.instances {
+                let dir = data.path().join(format!("instance-{i}"));
+                std::fs::create_dir_all(&dir)?;
+                let p = start_coordinator(&dir, "127.0.0.1:0", &options, secure.as_ref(), i)?;
+                coordinator_procs.push(p);
+            }
+            coordinator_procs
+                .iter()
+                .map(|p| p.url(secure.is_some()))
+                .collect()
         }
+    };
+    let store_commits = match &options.store {
+        Some(url) => Some(StoreCommits::connect(url).await?),
+        None => None,
     };
 
     let benches: Vec<BenchParticipantClient<Channel>> = participant_urls
@@ -224,48 +251,76 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         Some(s) => s.token(party),
         None => Ok(BearerToken::none()),
     };
-    let client = TransactionClient::from_channel_with(
-        channel(&coordinator_url, secure.as_ref(), "client")?,
-        token("client")?,
-    );
-    let mut admin = AdminClient::with_interceptor(
-        channel(&coordinator_url, secure.as_ref(), "admin")?,
-        token("admin")?,
-    );
-    let before_stats = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
-    let before_proc = coordinator_proc.as_ref().map(Proc::stats).transpose()?;
+    let clients: Vec<TransactionClient> = coordinator_urls
+        .iter()
+        .map(|url| {
+            Ok(TransactionClient::from_channel_with(
+                channel(url, secure.as_ref(), "client")?,
+                token("client")?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut admins: Vec<crate::cli::Admin> = coordinator_urls
+        .iter()
+        .map(|url| {
+            Ok(AdminClient::with_interceptor(
+                channel(url, secure.as_ref(), "admin")?,
+                token("admin")?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let before_stats = log_stats(&mut admins).await?;
+    let before_store = match &store_commits {
+        Some(s) => Some(s.read().await?),
+        None => None,
+    };
+    let before_proc = procs_stats(&coordinator_procs)?;
     let before_counts = counts(&benches).await?;
     let run = transactions(
-        &client,
+        &clients,
         &participant_urls,
         &options,
-        coordinator_proc.as_ref(),
+        coordinator_procs.first(),
     )
     .await;
-    let after_proc = coordinator_proc.as_ref().map(Proc::stats).transpose()?;
-    drain(&mut admin).await?;
-    let after_stats = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    let after_proc = procs_stats(&coordinator_procs)?;
+    for admin in &mut admins {
+        drain(admin).await?;
+    }
+    let after_stats = log_stats(&mut admins).await?;
+    let after_store = match &store_commits {
+        Some(s) => Some(s.read().await?),
+        None => None,
+    };
     let after_counts = counts(&benches).await?;
     let commits = after_counts.commits - before_counts.commits;
 
     let mut report = Report::new(&options, floor, run);
-    report.forces = after_stats.forces - before_stats.forces;
-    report.flushes = after_stats.flushes - before_stats.flushes;
+    report.forces = after_stats.0 - before_stats.0;
+    report.flushes = after_stats.1 - before_stats.1;
+    if let (Some(b), Some(a)) = (before_store, after_store) {
+        report.store_commits_per_tx =
+            Some(a.saturating_sub(b) as f64 / report.run.committed.max(1) as f64);
+    }
     report.participant_commits = commits;
     report.verified = commits == report.run.committed * options.branches as u64;
     report.finish();
-    report.data_dir_mb = coordinator_proc
-        .as_ref()
-        .map(|_| dir_size(data.path()) as f64 / (1024.0 * 1024.0));
+    report.data_dir_mb = (!coordinator_procs.is_empty() && options.store.is_none())
+        .then(|| dir_size(data.path()) as f64 / (1024.0 * 1024.0));
     if let (Some(b), Some(a)) = (before_proc, after_proc) {
         report.coordinator_cpu_s = Some(a.cpu_s - b.cpu_s);
         report.coordinator_peak_rss_kb = Some(a.peak_rss_kb);
     }
+    let mut coordinator_proc = if coordinator_procs.len() == 1 {
+        coordinator_procs.pop()
+    } else {
+        None
+    };
     if let (Some(_), Some(p)) = (options.recovery, coordinator_proc.take()) {
         let (recovery, restarted) = recover(
             p,
-            data.path(),
-            &client,
+            &data.path().join("instance-0"),
+            &clients[0],
             &benches,
             &participant_urls,
             &options,
@@ -276,10 +331,69 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         coordinator_proc = Some(restarted);
     }
     drop(coordinator_proc);
+    drop(coordinator_procs);
     drop(procs);
     Ok(report)
 }
 
+/// Forced writes and physical flushes so far, summed over coordinators.
+async fn log_stats(admins: &mut [crate::cli::Admin]) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for admin in admins {
+        let s = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+        total.0 += s.forces;
+        total.1 += s.flushes;
+    }
+    Ok(total)
+}
+
+/// CPU summed and peak RSS (the largest) over the coordinators started.
+fn procs_stats(procs: &[Proc]) -> anyhow::Result<Option<procs::ProcStats>> {
+    let mut total: Option<procs::ProcStats> = None;
+    for p in procs {
+        let s = p.stats()?;
+        total = Some(match total {
+            None => s,
+            Some(t) => procs::ProcStats {
+                cpu_s: t.cpu_s + s.cpu_s,
+                rss_kb: t.rss_kb.max(s.rss_kb),
+                peak_rss_kb: t.peak_rss_kb.max(s.peak_rss_kb),
+            },
+        });
+    }
+    Ok(total)
+}
+
+/// PostgreSQL's count of committed transactions in the store's database
+/// (`pg_stat_database.xact_commit`): what a shared store costs per
+/// coordinator transaction.
+struct StoreCommits {
+    pool: tandem_sdk::postgres::Pool,
+}
+
+impl StoreCommits {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        let pool = tandem_sdk::postgres::pool(url, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(StoreCommits { pool })
+    }
+
+    async fn read(&self) -> anyhow::Result<u64> {
+        // The statistics reach pg_stat_database when a backend reports
+        // them (at most every second): wait that out, then read afresh.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let client = self.pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        client
+            .execute("SELECT pg_stat_clear_snapshot()", &[])
+            .await?;
+        let row = client
+            .query_one(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
+    }
+}
 /// Starts `tandem serve` for the bench: the default config, except the
 /// retention, and with a recovery measurement retries that wait long (the
 /// backlog is built while participants fail, and should not be busy
@@ -289,8 +403,10 @@ fn start_coordinator(
     listen: &str,
     options: &BenchOptions,
     secure: Option<&Secure>,
+    instance: usize,
 ) -> anyhow::Result<Proc> {
     let data = dir.to_string_lossy().to_string();
+    let name = format!("bench-{instance}");
     let retention = format!("{}ms", options.retention.as_millis());
     let mut args = vec![
         "serve",
@@ -310,6 +426,9 @@ fn start_coordinator(
             "--retry-max-duration",
             "none",
         ]);
+    }
+    if let Some(store) = &options.store {
+        args.extend(["--store", store, "--instance-name", &name]);
     }
     let secure_args = secure.map(Secure::serve_args).unwrap_or_default();
     args.extend(secure_args.iter().map(String::as_str));
@@ -444,7 +563,7 @@ async fn one(
 }
 
 async fn transactions(
-    client: &TransactionClient,
+    clients: &[TransactionClient],
     urls: &[String],
     options: &BenchOptions,
     coordinator: Option<&Proc>,
@@ -453,9 +572,9 @@ async fn transactions(
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..options.concurrency)
-        .map(|_| {
+        .map(|w| {
             let (client, urls, options, stop, next) = (
-                client.clone(),
+                clients[w % clients.len()].clone(),
                 urls.to_vec(),
                 options.clone(),
                 stop.clone(),
@@ -567,7 +686,7 @@ async fn recover(
             .await?;
     }
     let restarted_at = Instant::now();
-    let restarted = start_coordinator(dir, &addr, options, secure)?;
+    let restarted = start_coordinator(dir, &addr, options, secure, 0)?;
     let want = base + piled * options.branches as u64;
     loop {
         if counts(benches).await?.commits >= want {

@@ -117,6 +117,13 @@ pub struct Report {
     pub verified: bool,
     /// The recovery measurement, if asked for.
     pub recovery: Option<Recovery>,
+    /// Coordinator instances (on one shared store when more than one).
+    pub instances: usize,
+    /// Whether the store was PostgreSQL (else the coordinator's sled log).
+    pub store: &'static str,
+    /// PostgreSQL transactions committed per coordinator transaction (on a
+    /// PostgreSQL store).
+    pub store_commits_per_tx: Option<f64>,
 }
 
 impl Report {
@@ -148,6 +155,13 @@ impl Report {
             participant_commits: 0,
             verified: false,
             recovery: None,
+            instances: options.instances,
+            store: if options.store.is_some() {
+                "postgres"
+            } else {
+                "sled"
+            },
+            store_commits_per_tx: None,
         }
     }
 
@@ -174,13 +188,16 @@ impl fmt::Display for Report {
         };
         writeln!(
             f,
-            "tandem bench: {} {}, {} branches, concurrency {}, payload {} B, {:.1} s",
+            "tandem bench: {} {}, {} branches, concurrency {}, payload {} B, {:.1} s, \
+             {} coordinator(s) on {}",
             self.mode,
             shape,
             self.branches,
             self.concurrency,
             self.payload,
-            r.elapsed.as_secs_f64()
+            r.elapsed.as_secs_f64(),
+            self.instances,
+            self.store
         )?;
         writeln!(
             f,
@@ -202,6 +219,13 @@ impl fmt::Display for Report {
             "  durability   {:.3} forced writes/tx, {:.3} fdatasyncs/tx, {:.1} writes per group commit",
             self.forces_per_tx, self.flushes_per_tx, self.batch
         )?;
+        if let Some(c) = self.store_commits_per_tx {
+            writeln!(
+                f,
+                "  store        {c:.3} PostgreSQL commits/tx ({:.1} coordinator writes per commit)",
+                1.0 / c.max(1e-9)
+            )?;
+        }
         match (self.coordinator_cpu_s, self.coordinator_peak_rss_kb) {
             (Some(cpu), Some(rss)) => writeln!(
                 f,

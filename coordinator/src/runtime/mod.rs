@@ -91,6 +91,9 @@ struct Inner {
     /// Unfinished transactions found in the log at start and not taken over
     /// yet; whoever takes one over removes it under the live-table lock.
     recovering: Mutex<BTreeSet<Gtid>>,
+    /// Starts of client-chosen gtids, serialised per gtid (by stripe), so
+    /// the idempotency check can read the log without the live-table lock.
+    start_locks: starts::StartLocks,
     pool: Arc<ParticipantPool>,
     transport: Arc<dyn Transport>,
     clock: Clock,
@@ -168,6 +171,7 @@ impl Coordinator {
                 config,
                 live: Mutex::new(HashMap::new()),
                 recovering: Mutex::new(BTreeSet::new()),
+                start_locks: starts::StartLocks::default(),
                 pool,
                 transport,
                 clock: env.clock,
@@ -331,6 +335,17 @@ impl Inner {
             if let Some(t) = timer {
                 t.abort();
             }
+        }
+    }
+
+    /// Forgets `entry` if it is still the live one for `gtid` and still
+    /// STUCK: nothing runs for it until an operator acts again. A request
+    /// that took it further (or a newer entry) is left alone.
+    fn forget_if_stuck(&self, gtid: &Gtid, entry: &Arc<Entry>) {
+        let mut live = self.live_table();
+        let same = live.get(gtid).is_some_and(|e| Arc::ptr_eq(e, entry));
+        if same && entry.lock().record().state == crate::model::TxState::Stuck {
+            live.remove(gtid);
         }
     }
 

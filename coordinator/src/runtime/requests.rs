@@ -64,7 +64,10 @@ impl Coordinator {
         let chosen = gtid.is_some();
         let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
         let now = inner.now();
-        match inner.start(gtid, chosen, || Txn::begin(gtid, mode, now, deadline))? {
+        match inner
+            .start(gtid, chosen, || Txn::begin(gtid, mode, now, deadline))
+            .await?
+        {
             Start::New(entry, _) => {
                 if let Err(e) = inner.log.write(entry.lock().record()) {
                     inner.forget(&gtid);
@@ -259,9 +262,12 @@ impl Coordinator {
         let chosen = gtid.is_some();
         let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
         let now = inner.now();
-        let entry = match inner.start(gtid, chosen, || {
-            Txn::submit(gtid, mode, now, deadline, branches.clone())
-        })? {
+        let entry = match inner
+            .start(gtid, chosen, || {
+                Txn::submit(gtid, mode, now, deadline, branches.clone())
+            })
+            .await?
+        {
             Start::New(entry, cmds) => {
                 if let Err(e) = inner.log.write(entry.lock().record()) {
                     inner.forget(&gtid);
@@ -352,16 +358,28 @@ impl Coordinator {
             commit,
             resolution,
         };
-        let state = self.operator(gtid, event).await?;
-        if state == TxState::Stuck {
+        let (state, entry) = self.operator_on(gtid, event).await?;
+        if state == TxState::Stuck
+            && let Some(entry) = entry
+        {
             // Still waiting for the operator on another branch: nothing
             // runs for it until then.
-            self.inner.forget(&gtid);
+            self.inner.forget_if_stuck(&gtid, &entry);
         }
         Ok(state)
     }
 
     async fn operator(&self, gtid: Gtid, event: Event) -> Result<TxState, CoordError> {
+        Ok(self.operator_on(gtid, event).await?.0)
+    }
+
+    /// An operator's `event` on `gtid`; the state after its first round,
+    /// and the live entry it acted on (none for a finished transaction).
+    async fn operator_on(
+        &self,
+        gtid: Gtid,
+        event: Event,
+    ) -> Result<(TxState, Option<Arc<Entry>>), CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
         let entry = match inner.find_for_request(&gtid).await? {
@@ -369,21 +387,19 @@ impl Coordinator {
             None => match inner.adopt_stuck(gtid)? {
                 Some(entry) => entry,
                 // Finished: the engine's answer on the stored record.
-                None => return inner.settled_state(gtid, event),
+                None => return Ok((inner.settled_state(gtid, event)?, None)),
             },
         };
         let cmds = match inner.step_request(&entry, event).await {
             Ok(cmds) => cmds,
             Err(e) => {
-                if entry.lock().record().state == TxState::Stuck {
-                    inner.forget(&gtid);
-                }
+                inner.forget_if_stuck(&gtid, &entry);
                 return Err(e);
             }
         };
         inner.spawn_round(&entry, cmds).await?;
         let state = entry.lock().visible_record().state;
-        Ok(state)
+        Ok((state, Some(entry)))
     }
 
     /// What a participant holding a branch of `gtid` should do: `None`

@@ -1,6 +1,7 @@
 //! Idempotent starts: a `Begin` or `Submit` with a client-chosen gtid finds
 //! the transaction a first call started instead of starting a second.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,37 +63,83 @@ pub(super) fn same_branches(
     Ok(())
 }
 
+/// Stripes of [`StartLocks`]: starts of different gtids rarely wait for
+/// each other.
+const STRIPES: usize = 64;
+
+/// One async lock per stripe of gtids: two starts of the same client-chosen
+/// gtid run one after the other, whatever the log's latency.
+pub(super) struct StartLocks([tokio::sync::Mutex<()>; STRIPES]);
+
+impl Default for StartLocks {
+    fn default() -> Self {
+        StartLocks(std::array::from_fn(|_| tokio::sync::Mutex::new(())))
+    }
+}
+
+impl StartLocks {
+    fn of(&self, gtid: &Gtid) -> &tokio::sync::Mutex<()> {
+        let b = gtid.as_bytes();
+        // The low bytes of a UUID v7 are random.
+        &self.0[(b[15] as usize ^ (b[14] as usize) << 3) % STRIPES]
+    }
+}
+
 impl Inner {
-    /// Finds or starts the transaction `gtid`, atomically against the live
-    /// table: a live one, a stored one (taken over first if it is waiting
-    /// for recovery), or a new one made by `make`.
-    pub(super) fn start(
+    /// Finds or starts the transaction `gtid`: a live one, a stored one
+    /// (taken over first if it is waiting for recovery), or a new one made
+    /// by `make`.
+    ///
+    /// A client-chosen gtid is checked against the log (a repeat finds the
+    /// first call's transaction). That read is made under the gtid's start
+    /// lock, not the live-table lock, so a slow store (a shared one is a
+    /// network round trip away) holds up only starts of the same stripe;
+    /// the live table is checked again, locked, before a new one goes in.
+    /// Only a start can make a gtid live here, and starts of one gtid are
+    /// serialised, so nothing can start and finish it in between.
+    pub(super) async fn start(
         self: &Arc<Self>,
         gtid: Gtid,
         chosen: bool,
         make: impl FnOnce() -> (Txn, Vec<Command>),
     ) -> Result<Start, CoordError> {
-        let mut live = self.live_table();
-        // A gtid this coordinator just made is new; a client's may repeat.
-        if chosen {
+        if !chosen {
+            // A gtid this coordinator just made is new.
+            return Ok(self.insert_new(self.live_table(), gtid, make()));
+        }
+        let _start = self.start_locks.of(&gtid).lock().await;
+        {
+            let mut live = self.live_table();
             if let Some(entry) = live.get(&gtid) {
                 return Ok(Start::Live(entry.clone()));
             }
             if let Some(entry) = self.claim_locked(&mut live, gtid, None)? {
                 return Ok(Start::Live(entry));
             }
-            if let Some(rec) = self.log.get(&gtid)? {
-                return Ok(Start::Stored(rec));
-            }
-            self.check_new_gtid(&gtid)?;
         }
-        let (mut txn, cmds) = make();
-        if chosen {
-            txn = txn.with_forced_abort();
+        let stored = self.log.get(&gtid)?;
+        let live = self.live_table();
+        if let Some(entry) = live.get(&gtid) {
+            // Taken over by recovery or a request meanwhile.
+            return Ok(Start::Live(entry.clone()));
         }
+        if let Some(rec) = stored {
+            return Ok(Start::Stored(rec));
+        }
+        self.check_new_gtid(&gtid)?;
+        let (txn, cmds) = make();
+        Ok(self.insert_new(live, gtid, (txn.with_forced_abort(), cmds)))
+    }
+
+    fn insert_new(
+        &self,
+        mut live: std::sync::MutexGuard<'_, HashMap<Gtid, Arc<Entry>>>,
+        gtid: Gtid,
+        (txn, cmds): (Txn, Vec<Command>),
+    ) -> Start {
         let entry = self.new_entry(txn);
         live.insert(gtid, entry.clone());
-        Ok(Start::New(entry, cmds))
+        Start::New(entry, cmds)
     }
 
     /// A client-chosen gtid must be a UUID v7 of about now: the log keeps

@@ -546,24 +546,43 @@ pub enum Outcome {
 
 /// A client for a participant's background questions to the coordinator
 /// (`GetOutcome`): connects on first use, 5 s to connect, 10 s per call;
-/// `None` (logged, naming `what`) for an address that does not parse.
+/// `coordinator` may list several coordinators of one store, separated by
+/// commas (any of them answers). `None` (logged, naming `what`) for an
+/// address that does not parse.
 pub(crate) fn background_client(
     coordinator: &str,
     what: &str,
     options: &ClientOptions,
 ) -> Option<TransactionClient> {
-    match crate::security::endpoint(coordinator, options.tls.as_ref()) {
-        Ok(e) => Some(TransactionClient::from_channel_with(
-            e.connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(10))
-                .connect_lazy(),
-            options.token.clone(),
-        )),
-        Err(e) => {
-            tracing::error!(%coordinator, error = %e, "{what} disabled: bad coordinator address or TLS files");
-            None
+    let mut all = Vec::new();
+    for address in coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+    {
+        match crate::security::endpoint(address, options.tls.as_ref()) {
+            Ok(e) => all.push((
+                address.to_string(),
+                cluster::rpc(
+                    e.connect_timeout(Duration::from_secs(5))
+                        .timeout(Duration::from_secs(10))
+                        .connect_lazy(),
+                    options.token.clone(),
+                ),
+            )),
+            Err(e) => {
+                tracing::error!(%coordinator, error = %e, "{what} disabled: bad coordinator address or TLS files");
+                return None;
+            }
         }
     }
+    if all.is_empty() {
+        tracing::error!(%coordinator, "{what} disabled: no coordinator address");
+        return None;
+    }
+    Some(TransactionClient {
+        cluster: Arc::new(Cluster::new(all, options.clone())),
+    })
 }
 
 impl TransactionClient {
