@@ -121,8 +121,8 @@ pub struct Report {
     pub instances: usize,
     /// Whether the store was PostgreSQL (else the coordinator's sled log).
     pub store: &'static str,
-    /// PostgreSQL transactions committed per coordinator transaction (on a
-    /// PostgreSQL store).
+    /// PostgreSQL transactions (`pg_stat_database.xact_commit`, reads
+    /// included) per coordinator transaction, on a PostgreSQL store.
     pub store_commits_per_tx: Option<f64>,
 }
 
@@ -214,16 +214,21 @@ impl fmt::Display for Report {
             r.p99_us as f64 / 1000.0,
             r.p999_us as f64 / 1000.0
         )?;
+        let flush = if self.store == "postgres" {
+            "PostgreSQL write commits"
+        } else {
+            "fdatasyncs"
+        };
         writeln!(
             f,
-            "  durability   {:.3} forced writes/tx, {:.3} fdatasyncs/tx, {:.1} writes per group commit",
+            "  durability   {:.3} forced writes/tx, {:.3} {flush}/tx, {:.1} writes per group commit",
             self.forces_per_tx, self.flushes_per_tx, self.batch
         )?;
         if let Some(c) = self.store_commits_per_tx {
             writeln!(
                 f,
-                "  store        {c:.3} PostgreSQL commits/tx ({:.1} coordinator writes per commit)",
-                1.0 / c.max(1e-9)
+                "  store        {c:.3} PostgreSQL transactions/tx in all (the writes, the \
+                 idempotency read of each start, lease renewals, sweeps)"
             )?;
         }
         match (self.coordinator_cpu_s, self.coordinator_peak_rss_kb) {

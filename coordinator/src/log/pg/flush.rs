@@ -197,8 +197,8 @@ impl Store {
         }
         let mut fenced = HashSet::new();
         if !gtids.is_empty() {
-            let written = tx
-                .query(
+            let statement = tx
+                .prepare_cached(
                     "INSERT INTO tandem_txns AS t
                          (gtid, state, decision, record, owner, epoch, lease_until)
                      SELECT g, s, d, r, $5, e, now() + $6::bigint * interval '1 millisecond'
@@ -210,6 +210,11 @@ impl Store {
                      WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
                        AND (t.decision IS NULL OR t.decision = excluded.decision)
                      RETURNING gtid",
+                )
+                .await?;
+            let written = tx
+                .query(
+                    &statement,
                     &[
                         &gtids,
                         &states,

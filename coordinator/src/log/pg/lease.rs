@@ -147,12 +147,17 @@ impl Store {
     /// Who drives `gtid`: its row's owner, whether that lease still runs.
     pub(super) async fn owner_of(&self, gtid: Gtid) -> Result<Option<Ownership>, Fail> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_opt(
+        let statement = client
+            .prepare_cached(
                 "SELECT t.owner = $2, t.lease_until > now() OR NOT (t.state = ANY($3)),
                         coalesce(i.name, ''), coalesce(i.address, ''), t.epoch
                  FROM tandem_txns t LEFT JOIN tandem_instances i ON i.incarnation = t.owner
                  WHERE t.gtid = $1",
+            )
+            .await?;
+        let row = client
+            .query_opt(
+                &statement,
                 &[&gtid, &self.shared.incarnation, &unfinished_codes()],
             )
             .await?;

@@ -58,13 +58,12 @@ impl Store {
         gtid: Gtid,
     ) -> Result<Result<Option<TxnRecord>, LogError>, Fail> {
         let client = self.pool.get().await?;
-        let Some(row) = client
-            .query_opt(
-                "SELECT record, epoch FROM tandem_txns WHERE gtid = $1",
-                &[&gtid],
-            )
-            .await?
-        else {
+        // Prepared once per connection: a statement prepared per call costs
+        // the store a round trip and a transaction of its own.
+        let statement = client
+            .prepare_cached("SELECT record, epoch FROM tandem_txns WHERE gtid = $1")
+            .await?;
+        let Some(row) = client.query_opt(&statement, &[&gtid]).await? else {
             return Ok(Ok(None));
         };
         let bytes: Vec<u8> = row.get(0);
