@@ -69,6 +69,14 @@ impl StoreArgs {
         if accept_damage {
             anyhow::bail!("--accept-log-damage is for a sled log; it means nothing with --store");
         }
+        if let Some(a) = &self.advertise
+            && !(a.starts_with("http://") || a.starts_with("https://"))
+        {
+            anyhow::bail!(
+                "--advertise {a:?}: give the URL clients reach this coordinator at, \
+                 such as https://coord-1.internal:7070"
+            );
+        }
         if self.lease < Duration::from_millis(300) {
             anyhow::bail!("--lease must be at least 300ms (it is renewed every third of it)");
         }

@@ -23,6 +23,8 @@ struct Calls {
     phase_one: usize,
     commits: usize,
     rollbacks: usize,
+    /// The epoch of every phase-2 call, in arrival order.
+    phase_two_epochs: Vec<u64>,
 }
 
 /// A participant that votes yes, records every call per (gtid, branch),
@@ -64,6 +66,7 @@ impl Ledger {
         }
         let req = req.into_inner();
         self.note(&req, |c| {
+            c.phase_two_epochs.push(req.epoch);
             if commit {
                 c.commits += 1
             } else {
@@ -499,6 +502,11 @@ async fn a_paused_owner_is_fenced() {
     assert_eq!(state(undecided).await, (6, 2), "undecided: aborted by B");
     let calls = ledger.snapshot();
     for ((gtid, branch), c) in &calls {
+        // B's calls carry the epoch of its takeover.
+        assert!(
+            c.phase_two_epochs.contains(&2),
+            "branch {branch} of {gtid} never heard epoch 2: {c:?}"
+        );
         if *gtid == undecided.to_string() {
             assert_eq!(
                 c.commits, 0,
