@@ -17,6 +17,13 @@ use crate::log::{LogError, TakeOverFuture};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 type Reply<T> = std::sync::mpsc::SyncSender<Result<T, LogError>>;
+type ReadAnswer = Result<Option<TxnRecord>, LogError>;
+type ReadReply = Reply<Option<TxnRecord>>;
+
+/// Batched read queries the log runs at once.
+const READS_IN_FLIGHT: usize = 2;
+/// Records one read query asks for at most.
+const MAX_READ_BATCH: usize = 256;
 
 enum Job {
     Get(Gtid, Reply<Option<TxnRecord>>),
@@ -180,15 +187,20 @@ async fn run(
     let _ = ready.send(Ok(()));
     let flusher = tokio::spawn(store.clone().flush_loop());
     let renewer = tokio::spawn(store.clone().renew_loop());
+    let (reads, read_queue) = mpsc::unbounded_channel();
+    let reader = tokio::spawn(store.clone().read_loop(read_queue));
     loop {
         tokio::select! {
             job = jobs.recv() => match job {
+                Some(Job::Get(gtid, reply)) => { let _ = reads.send((gtid, reply)); }
                 Some(job) => { tokio::spawn(store.clone().serve(job)); }
                 None => break,
             },
             () = stop.notified() => break,
         }
     }
+    drop(reads);
+    reader.abort();
     renewer.abort();
     // A last flush of what was written, as a clean close does.
     store.stopping.store(true, Ordering::SeqCst);
@@ -332,12 +344,7 @@ impl Store {
 
     async fn serve(self: Arc<Self>, job: Job) {
         match job {
-            Job::Get(gtid, reply) => {
-                let r = self.retry("read the log", || self.read_one(gtid)).await;
-                // A failed read risks nothing durable: the caller gets the
-                // error, the log does not latch.
-                let _ = reply.send(r.and_then(|r| r));
-            }
+            Job::Get(gtid, reply) => Self::answer_reads(self.read_batch(vec![(gtid, reply)]).await),
             Job::Scan {
                 after,
                 states,
@@ -371,6 +378,60 @@ impl Store {
             Job::Cluster(reply) => {
                 let _ = reply.send(self.retry("read the cluster", || self.cluster()).await);
             }
+        }
+    }
+
+    /// Serves single-record reads in batches: one query for every read
+    /// that waits, at most [`READS_IN_FLIGHT`] queries at a time, so under
+    /// load the store sees one statement per batch, not per request.
+    async fn read_loop(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<(Gtid, ReadReply)>) {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(READS_IN_FLIGHT));
+        loop {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_READ_BATCH {
+                match queue.try_recv() {
+                    Ok(read) => batch.push(read),
+                    Err(_) => break,
+                }
+            }
+            let store = self.clone();
+            tokio::spawn(async move {
+                Self::answer_reads(store.read_batch(batch).await);
+                drop(permit);
+            });
+        }
+    }
+
+    /// Reads the records of `batch` (retried like every store call) and
+    /// pairs each reply with its answer.
+    async fn read_batch(&self, batch: Vec<(Gtid, ReadReply)>) -> Vec<(ReadReply, ReadAnswer)> {
+        let mut gtids: Vec<Gtid> = batch.iter().map(|(g, _)| *g).collect();
+        gtids.sort_unstable();
+        gtids.dedup();
+        // A failed read risks nothing durable: the callers get the error,
+        // the log does not latch.
+        let found = self.retry("read the log", || self.read_some(&gtids)).await;
+        batch
+            .into_iter()
+            .map(|(gtid, reply)| {
+                let answer = match &found {
+                    Ok(found) => found.get(&gtid).cloned().unwrap_or(Ok(None)),
+                    Err(e) => Err(e.clone()),
+                };
+                (reply, answer)
+            })
+            .collect()
+    }
+
+    fn answer_reads(answers: Vec<(ReadReply, ReadAnswer)>) {
+        for (reply, answer) in answers {
+            let _ = reply.send(answer);
         }
     }
 

@@ -53,27 +53,33 @@ impl Store {
             .collect())
     }
 
-    pub(super) async fn read_one(
+    /// The records of `gtids` that exist, each decoded on its own (one
+    /// that does not decode fails only its own reads).
+    pub(super) async fn read_some(
         &self,
-        gtid: Gtid,
-    ) -> Result<Result<Option<TxnRecord>, LogError>, Fail> {
+        gtids: &[Gtid],
+    ) -> Result<HashMap<Gtid, Result<Option<TxnRecord>, LogError>>, Fail> {
         let client = self.pool.get().await?;
         // Prepared once per connection: a statement prepared per call costs
         // the store a round trip and a transaction of its own.
         let statement = client
-            .prepare_cached("SELECT record, epoch FROM tandem_txns WHERE gtid = $1")
+            .prepare_cached("SELECT gtid, record, epoch FROM tandem_txns WHERE gtid = ANY($1)")
             .await?;
-        let Some(row) = client.query_opt(&statement, &[&gtid]).await? else {
-            return Ok(Ok(None));
-        };
-        let bytes: Vec<u8> = row.get(0);
-        let epoch: i64 = row.get(1);
-        let payloads = if codec::has_payloads_apart(&bytes) {
-            self.payloads_of(&client, &[gtid]).await?
-        } else {
-            HashMap::new()
-        };
-        Ok(Self::decode_row(gtid, &bytes, epoch, &payloads).map(Some))
+        let rows = client.query(&statement, &[&gtids]).await?;
+        let rows: Vec<(Gtid, Vec<u8>, i64)> = rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let apart: Vec<Gtid> = rows
+            .iter()
+            .filter(|(_, b, _)| codec::has_payloads_apart(b))
+            .map(|(g, _, _)| *g)
+            .collect();
+        let payloads = self.payloads_of(&client, &apart).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, b, e)| (g, Self::decode_row(g, &b, e, &payloads).map(Some)))
+            .collect())
     }
 
     pub(super) async fn read_many(
