@@ -29,6 +29,13 @@ pub struct BranchContext {
     pub attempt: u32,
     /// Which call: try / prepare, confirm / commit, or cancel / rollback.
     pub phase: Phase,
+    /// The transaction's epoch as the calling coordinator knows it: 1 for
+    /// the coordinator that started it, one more after every takeover by
+    /// another coordinator of a shared store; 0 from a coordinator that
+    /// does not number owners, and when the SDK itself finishes a branch
+    /// in doubt. The barrier refuses a call from an older epoch than it has
+    /// seen for the branch.
+    pub epoch: u64,
 }
 
 impl BranchContext {

@@ -496,6 +496,7 @@ fn context(req: &pb::BranchRequest, phase: Phase) -> Result<BranchContext, Statu
         resource: req.resource.clone(),
         attempt: req.attempt,
         phase,
+        epoch: req.epoch,
     })
 }
 
@@ -538,6 +539,9 @@ impl ParticipantService {
             } else {
                 Phase::Cancel
             },
+            // In-doubt resolution acts on the coordinator's durable answer:
+            // never refused for its epoch, and it raises none.
+            epoch: 0,
         };
         let verb = match (protocol, commit) {
             (Protocol::TwoPhase, true) => "commit",

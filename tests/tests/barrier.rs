@@ -335,3 +335,41 @@ async fn business_writes_commit_with_the_barrier_record() {
     confirm(&mut d, gtid, 1).await.expect("repeat");
     assert_eq!(items.len(), 1);
 }
+
+// Rule (fencing): every call carries the coordinator's epoch for the
+// transaction; once a branch has seen a call from a newer epoch (another
+// coordinator took the transaction over), a call from an older one is
+// refused without running the handler, in each phase.
+#[tokio::test]
+async fn calls_from_a_former_owner_are_refused_by_their_epoch() {
+    let tcc = Scripted::yes("tcc");
+    let p = tcc.serve_tcc().await;
+    let mut d = driver(&p).await;
+    let gtid = Uuid::now_v7();
+    let at = |branch, epoch| BranchRequest {
+        epoch,
+        ..req(gtid, branch)
+    };
+
+    // Branch 1: tried by the first owner, confirmed by its successor; the
+    // first owner's cancel then arrives and is refused.
+    assert!(d.r#try(at(1, 1)).await.expect("try").into_inner().yes);
+    d.confirm(at(1, 2)).await.expect("confirm at epoch 2");
+    let refused = d.cancel(at(1, 1)).await.expect_err("stale cancel");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("epoch"), "{refused:?}");
+    assert!(!tandem_proto::rpc::is_permanent(&refused));
+
+    // Branch 2: the successor cancels first (nothing tried); the first
+    // owner's late try is a no vote.
+    d.cancel(at(2, 2)).await.expect("empty cancel at epoch 2");
+    let late = d.r#try(at(2, 1)).await.expect("answered").into_inner();
+    assert!(!late.yes && late.reason.contains("epoch"), "{late:?}");
+
+    // Branch 3: the same epoch, and a newer one, run as always.
+    assert!(d.r#try(at(3, 2)).await.expect("try").into_inner().yes);
+    d.cancel(at(3, 3)).await.expect("cancel at a newer epoch");
+
+    // The handler ran try 1, confirm 1, try 3, cancel 3: nothing stale.
+    assert_eq!(tcc.counts(), (2, 1, 1));
+}

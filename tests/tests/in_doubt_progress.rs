@@ -36,7 +36,7 @@ async fn pending_branches_do_not_starve_the_rest() {
             branch_id: 1,
         };
         let mut entry = barrier.enter(key).await.expect("enter");
-        entry.put_tried("r", b"x").await.expect("tried");
+        entry.put_tried("r", b"x", 1).await.expect("tried");
     }
     let handler = Scripted::yes("p");
     let _p = spawn(

@@ -10,7 +10,7 @@ use tandem_tests::pg::PgServer;
 async fn pg_barrier_passes_the_conformance_suite() {
     let pg = PgServer::start();
     let mut stores = Vec::new();
-    for i in 0..8 {
+    for i in 0..9 {
         let db = format!("conformance_{i}");
         pg.create_database(&db).await;
         stores.push(PgBarrier::open(pg.pool(&db)).await.expect("open"));
@@ -67,11 +67,12 @@ async fn branch_transaction_commits_the_record_with_the_change_or_nothing() {
         resource: "r".into(),
         attempt: 1,
         phase: Phase::Confirm,
+        epoch: 1,
     };
     let (dropped, committed) = (ctx(1), ctx(2));
     for c in [&dropped, &committed] {
         let mut entry = barrier.enter(c.key()).await.expect("enter");
-        entry.put_tried("r", b"").await.expect("tried");
+        entry.put_tried("r", b"", 1).await.expect("tried");
     }
 
     {

@@ -25,6 +25,39 @@ pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
     purge_pages_cover_every_record(&make()).await;
     in_doubt_lists_old_tried_branches_with_their_payload(&make()).await;
     nothing_remains_of_finished_branches(&make()).await;
+    the_epoch_is_read_back(&make()).await;
+}
+
+/// Rule: the epoch given to `put` / `put_tried` is what the next `enter`
+/// reads (the gate passes the highest seen; the store keeps what it is
+/// given, and a store that keeps the maximum itself is right too).
+pub async fn the_epoch_is_read_back(store: &dyn BarrierStore) {
+    let k = key(9, 1);
+    {
+        let mut entry = store.enter(k).await.expect("enter");
+        entry.put_tried("res", b"pay", 3).await.expect("put_tried");
+        assert_eq!(entry.record().map(|r| r.epoch), Some(3), "own put");
+    }
+    let epoch_of = |k| async move {
+        let entry = store.enter(k).await.expect("enter");
+        entry.record().map(|r| r.epoch)
+    };
+    assert_eq!(epoch_of(k).await, Some(3), "put_tried's epoch");
+    {
+        let mut entry = store.enter(k).await.expect("enter");
+        entry
+            .put(Mark::Tried, 7)
+            .await
+            .expect("same mark, newer epoch");
+    }
+    assert_eq!(epoch_of(k).await, Some(7), "a newer epoch on the same mark");
+    {
+        let mut entry = store.enter(k).await.expect("enter");
+        entry.put(Mark::Confirmed, 7).await.expect("put");
+    }
+    let entry = store.enter(k).await.expect("enter");
+    let record = entry.record().expect("record");
+    assert_eq!((record.mark, record.epoch), (Mark::Confirmed, 7));
 }
 
 /// A key for tests: branch `branch` of a fixed-prefix gtid `n`.
@@ -39,7 +72,7 @@ pub fn key(n: u8, branch: u32) -> BranchKey {
 
 async fn put(store: &dyn BarrierStore, key: BranchKey, mark: Mark) {
     let mut entry = store.enter(key).await.expect("enter");
-    entry.put(mark).await.expect("put");
+    entry.put(mark, 1).await.expect("put");
 }
 
 async fn mark_of(store: &dyn BarrierStore, key: BranchKey) -> Option<Mark> {
@@ -58,7 +91,7 @@ pub async fn put_is_read_back(store: &dyn BarrierStore) {
     let before = now_ms();
     {
         let mut entry = store.enter(key(2, 1)).await.expect("enter");
-        entry.put(Mark::Tried).await.expect("put");
+        entry.put(Mark::Tried, 1).await.expect("put");
         assert_eq!(
             entry.record().map(|r| r.mark),
             Some(Mark::Tried),
@@ -95,7 +128,7 @@ pub async fn same_branch_waits_for_the_holder(store: &dyn BarrierStore) {
             .is_err(),
         "second enter went through while the first held the branch"
     );
-    first.put(Mark::Cancelled).await.expect("put");
+    first.put(Mark::Cancelled, 1).await.expect("put");
     drop(first);
     let second = tokio::time::timeout(Duration::from_secs(5), second)
         .await
@@ -171,7 +204,11 @@ pub async fn in_doubt_lists_old_tried_branches_with_their_payload(store: &dyn Ba
     for branch in 1..=3 {
         let mut entry = store.enter(key(7, branch)).await.expect("enter");
         entry
-            .put_tried(&format!("res-{branch}"), format!("pay-{branch}").as_bytes())
+            .put_tried(
+                &format!("res-{branch}"),
+                format!("pay-{branch}").as_bytes(),
+                1,
+            )
             .await
             .expect("put_tried");
     }
@@ -229,7 +266,7 @@ pub async fn nothing_remains_of_finished_branches(store: &dyn BarrierStore) {
     for branch in 1..=50 {
         let mut entry = store.enter(key(9, branch)).await.expect("enter");
         entry
-            .put_tried("res", &[7u8; 1000])
+            .put_tried("res", &[7u8; 1000], 1)
             .await
             .expect("put_tried");
         let done = if branch % 2 == 0 {
@@ -237,7 +274,7 @@ pub async fn nothing_remains_of_finished_branches(store: &dyn BarrierStore) {
         } else {
             Mark::Cancelled
         };
-        entry.put(done).await.expect("finish");
+        entry.put(done, 1).await.expect("finish");
     }
     assert!(
         store

@@ -64,10 +64,11 @@ impl BarrierEntry for MemEntry {
         self.record
     }
 
-    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
+    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
         let record = BarrierRecord {
             mark,
             updated_ms: now_ms(),
+            epoch,
         };
         self.store.map().insert(self.key, record);
         if mark != Mark::Tried {
@@ -85,12 +86,13 @@ impl BarrierEntry for MemEntry {
         &'a mut self,
         resource: &'a str,
         payload: &'a [u8],
+        epoch: u64,
     ) -> BoxFuture<'a, Result<(), BarrierError>> {
         self.store.tried().insert(
             self.key,
             (resource.to_string(), Bytes::copy_from_slice(payload)),
         );
-        self.put(Mark::Tried)
+        self.put(Mark::Tried, epoch)
     }
 }
 

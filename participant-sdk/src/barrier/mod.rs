@@ -20,6 +20,14 @@
 //! [`decide`] is that table as code. Calls for one branch are serialised by
 //! the store, so sixteen concurrent confirms run the handler once.
 //!
+//! Before the table, the epoch rule ([`stale_epoch`]): every call carries
+//! the coordinator's epoch for the transaction (1, one more after every
+//! takeover by another coordinator of a shared store), each record keeps
+//! the highest seen, and a call from an older epoch is refused whatever it
+//! asks (a no vote, or `FAILED_PRECONDITION`): a coordinator that was
+//! paused past its lease cannot act behind its successor's back. Epoch 0
+//! is never refused.
+//!
 //! # The window, and how to close it
 //!
 //! The record of a confirm or cancel is written *after* the handler returns.
@@ -167,26 +175,51 @@ pub struct BarrierRecord {
     pub mark: Mark,
     /// When it was stored (Unix ms); retention counts from here.
     pub updated_ms: u64,
+    /// The highest coordinator epoch seen for the branch (0: none).
+    pub epoch: u64,
 }
 
 impl BarrierRecord {
-    /// 9 bytes: the mark's code, then `updated_ms` big-endian.
-    pub fn encode(self) -> [u8; 9] {
-        let mut out = [0u8; 9];
+    /// 17 bytes: the mark's code, `updated_ms` and `epoch`, big-endian.
+    pub fn encode(self) -> [u8; 17] {
+        let mut out = [0u8; 17];
         out[0] = self.mark.code();
-        out[1..].copy_from_slice(&self.updated_ms.to_be_bytes());
+        out[1..9].copy_from_slice(&self.updated_ms.to_be_bytes());
+        out[9..].copy_from_slice(&self.epoch.to_be_bytes());
         out
     }
 
-    /// The inverse of [`BarrierRecord::encode`]; `None` if malformed.
+    /// The inverse of [`BarrierRecord::encode`]; `None` if malformed. The
+    /// 9-byte records of earlier versions read with epoch 0.
     pub fn decode(bytes: &[u8]) -> Option<BarrierRecord> {
         let mark = Mark::from_code(*bytes.first()?)?;
         let ms: [u8; 8] = bytes.get(1..9)?.try_into().ok()?;
-        (bytes.len() == 9).then_some(BarrierRecord {
+        let epoch = match bytes.len() {
+            9 => 0,
+            17 => u64::from_be_bytes(bytes.get(9..17)?.try_into().ok()?),
+            _ => return None,
+        };
+        Some(BarrierRecord {
             mark,
             updated_ms: u64::from_be_bytes(ms),
+            epoch,
         })
     }
+}
+
+/// The epoch rule, before the table: a call from an older coordinator
+/// epoch than the branch has seen comes from a coordinator that no longer
+/// owns the transaction (another took it over), and is refused whatever
+/// it asks. `seen` is the stored epoch, `call` the call's; epoch 0 (a
+/// coordinator that does not number owners, or in-doubt resolution acting
+/// on the coordinator's durable answer) is never refused.
+pub fn stale_epoch(seen: u64, call: u64) -> Option<String> {
+    (call != 0 && call < seen).then(|| {
+        format!(
+            "barrier: a call from coordinator epoch {call}, but this branch has seen epoch \
+             {seen}: it comes from a coordinator that no longer owns the transaction"
+        )
+    })
 }
 
 /// What the barrier does with one call.
@@ -257,10 +290,11 @@ pub trait BarrierEntry: Send {
     /// The branch's record as read on entry (and updated by `put`).
     fn record(&self) -> Option<BarrierRecord>;
 
-    /// Stores `mark` (stamped with the current time) and returns once it is
-    /// on stable storage. Any other mark than `Tried` also drops what
-    /// [`put_tried`](BarrierEntry::put_tried) kept.
-    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>>;
+    /// Stores `mark` with `epoch` (stamped with the current time) and
+    /// returns once it is on stable storage. Any other mark than `Tried`
+    /// also drops what [`put_tried`](BarrierEntry::put_tried) kept. The
+    /// caller passes the highest epoch seen (never lower than the stored).
+    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>>;
 
     /// Returns once everything written to the store so far is durable,
     /// including a handler's own writes in the same store (see
@@ -275,6 +309,7 @@ pub trait BarrierEntry: Send {
         &'a mut self,
         resource: &'a str,
         payload: &'a [u8],
+        epoch: u64,
     ) -> BoxFuture<'a, Result<(), BarrierError>>;
 }
 

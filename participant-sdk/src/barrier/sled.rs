@@ -145,14 +145,21 @@ impl SledBarrier {
     ) -> Result<T, HandlerError> {
         let key = ctx.key().to_bytes();
         let mark = ctx.phase.done_mark().unwrap_or(Mark::Tried);
-        let record = BarrierRecord {
-            mark,
-            updated_ms: now_ms(),
-        }
-        .encode();
+        let updated_ms = now_ms();
         (&self.inner.tree, &self.inner.tried, tree)
             .transaction(|(barrier, tried, business)| {
                 let value = f(business)?;
+                // The highest epoch seen stays (the gate checked this call's).
+                let seen = barrier
+                    .get(&key[..])?
+                    .and_then(|b| BarrierRecord::decode(&b))
+                    .map_or(0, |r| r.epoch);
+                let record = BarrierRecord {
+                    mark,
+                    updated_ms,
+                    epoch: seen.max(ctx.epoch),
+                }
+                .encode();
                 barrier.insert(&key[..], &record[..])?;
                 if mark != Mark::Tried {
                     // The branch leaves Tried: its in-doubt entry goes with
@@ -196,11 +203,12 @@ impl BarrierEntry for SledEntry {
         self.record
     }
 
-    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
+    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
         Box::pin(async move {
             let record = BarrierRecord {
                 mark,
                 updated_ms: now_ms(),
+                epoch,
             };
             let inner = &self.store.inner;
             inner
@@ -239,6 +247,7 @@ impl BarrierEntry for SledEntry {
         &'a mut self,
         resource: &'a str,
         payload: &'a [u8],
+        epoch: u64,
     ) -> BoxFuture<'a, Result<(), BarrierError>> {
         Box::pin(async move {
             // Written before the record, so a `Tried` record always has it.
@@ -247,7 +256,7 @@ impl BarrierEntry for SledEntry {
                 .tried
                 .insert(self.key.to_bytes(), super::encode_tried(resource, payload))
                 .map_err(|e| self.store.storage(e))?;
-            self.put(Mark::Tried).await
+            self.put(Mark::Tried, epoch).await
         })
     }
 }

@@ -99,8 +99,14 @@ fn records_and_keys_round_trip() {
         let r = BarrierRecord {
             mark: current,
             updated_ms: 1_700_000_000_123,
+            epoch: 42,
         };
         assert_eq!(BarrierRecord::decode(&r.encode()), Some(r));
+        // A record of an earlier version (9 bytes) reads with epoch 0.
+        assert_eq!(
+            BarrierRecord::decode(&r.encode()[..9]),
+            Some(BarrierRecord { epoch: 0, ..r })
+        );
     }
     assert_eq!(BarrierRecord::decode(&[9; 9]), None);
     assert_eq!(BarrierRecord::decode(&[1; 3]), None);
@@ -148,8 +154,8 @@ impl BarrierEntry for CountingEntry {
     fn record(&self) -> Option<BarrierRecord> {
         self.inner.record()
     }
-    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
-        self.inner.put(mark)
+    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
+        self.inner.put(mark, epoch)
     }
     fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
         self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -159,8 +165,9 @@ impl BarrierEntry for CountingEntry {
         &'a mut self,
         resource: &'a str,
         payload: &'a [u8],
+        epoch: u64,
     ) -> BoxFuture<'a, Result<(), BarrierError>> {
-        self.inner.put_tried(resource, payload)
+        self.inner.put_tried(resource, payload, epoch)
     }
 }
 
@@ -209,6 +216,7 @@ async fn a_yes_vote_waits_for_the_store_to_be_synced() {
         resource: "r".into(),
         attempt: 1,
         phase: Phase::Try,
+        epoch: 1,
     };
     let yes: crate::handler::BoxFuture<'_, _> = Box::pin(async { Ok(Vote::yes()) });
     let vote = gate::phase_one(&store, &ctx, b"p", "try", yes)
@@ -229,4 +237,123 @@ async fn a_yes_vote_waits_for_the_store_to_be_synced() {
         1,
         "a no is stored (durably) by put, not by an extra sync"
     );
+}
+
+// The epoch rule, through the gate: a call from an older epoch than the
+// branch has seen is refused in every phase without running the handler;
+// an equal or newer one runs and raises the epoch stored; epoch 0 (in-doubt
+// resolution) is never refused.
+#[tokio::test]
+async fn calls_from_an_older_epoch_are_refused() {
+    use crate::handler::{BranchContext, HandlerError, Vote};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let store = MemBarrier::new();
+    let ran = std::sync::Arc::new(AtomicUsize::new(0));
+    let ctx = |branch_id, phase, epoch| BranchContext {
+        gtid: uuid::Uuid::from_u128(7),
+        branch_id,
+        resource: "r".into(),
+        attempt: 1,
+        phase,
+        epoch,
+    };
+    let yes = |ran: &std::sync::Arc<AtomicUsize>| -> crate::handler::BoxFuture<'static, Result<Vote, HandlerError>> {
+        let ran = ran.clone();
+        Box::pin(async move {
+            ran.fetch_add(1, SeqCst);
+            Ok(Vote::yes())
+        })
+    };
+    let ack = |ran: &std::sync::Arc<AtomicUsize>| -> crate::handler::BoxFuture<'static, Result<(), HandlerError>> {
+        let ran = ran.clone();
+        Box::pin(async move {
+            ran.fetch_add(1, SeqCst);
+            Ok(())
+        })
+    };
+    let epoch_of = |branch_id| {
+        let store = store.clone();
+        async move {
+            let key = BranchKey {
+                gtid: uuid::Uuid::from_u128(7),
+                branch_id,
+            };
+            store
+                .enter(key)
+                .await
+                .expect("enter")
+                .record()
+                .map(|r| r.epoch)
+        }
+    };
+
+    // Branch 1: tried at epoch 1, then the new owner (epoch 2) confirms;
+    // the former owner's cancel (epoch 1) is refused, its repeated confirm
+    // too, and the handler ran twice (try, confirm).
+    let c = ctx(1, Phase::Try, 1);
+    assert_eq!(
+        gate::phase_one(&store, &c, b"p", "try", yes(&ran))
+            .await
+            .expect("try"),
+        Vote::yes()
+    );
+    assert_eq!(epoch_of(1).await, Some(1));
+    let c = ctx(1, Phase::Confirm, 2);
+    gate::phase_two(&store, &c, "confirm", ack(&ran))
+        .await
+        .expect("confirm at 2");
+    assert_eq!(epoch_of(1).await, Some(2), "raised");
+    let c = ctx(1, Phase::Cancel, 1);
+    let refused = gate::phase_two(&store, &c, "cancel", ack(&ran))
+        .await
+        .expect_err("stale cancel");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("epoch 1"), "{refused:?}");
+    assert!(
+        !tandem_proto::rpc::is_permanent(&refused),
+        "retried, not permanent"
+    );
+    let c = ctx(1, Phase::Confirm, 1);
+    gate::phase_two(&store, &c, "confirm", ack(&ran))
+        .await
+        .expect_err("stale confirm");
+    assert_eq!(ran.load(SeqCst), 2, "the stale calls ran nothing");
+
+    // Branch 2: the new owner (epoch 2) cancels before any try; the former
+    // owner's late try (epoch 1) is a no vote for its epoch.
+    let c = ctx(2, Phase::Cancel, 2);
+    gate::phase_two(&store, &c, "cancel", ack(&ran))
+        .await
+        .expect("empty cancel");
+    let c = ctx(2, Phase::Try, 1);
+    match gate::phase_one(&store, &c, b"p", "try", yes(&ran))
+        .await
+        .expect("answered")
+    {
+        Vote::No { reason } => assert!(reason.contains("epoch"), "{reason}"),
+        v => panic!("stale try voted {v:?}"),
+    }
+    assert_eq!(ran.load(SeqCst), 2);
+
+    // Branch 3: a repeat at a newer epoch raises the stored epoch even when
+    // it runs nothing; epoch 0 is never refused and lowers nothing.
+    let c = ctx(3, Phase::Try, 1);
+    gate::phase_one(&store, &c, b"p", "try", yes(&ran))
+        .await
+        .expect("try");
+    let c = ctx(3, Phase::Confirm, 1);
+    gate::phase_two(&store, &c, "confirm", ack(&ran))
+        .await
+        .expect("confirm");
+    let c = ctx(3, Phase::Confirm, 3);
+    gate::phase_two(&store, &c, "confirm", ack(&ran))
+        .await
+        .expect("repeat at 3");
+    assert_eq!(epoch_of(3).await, Some(3));
+    let c = ctx(3, Phase::Confirm, 0);
+    gate::phase_two(&store, &c, "confirm", ack(&ran))
+        .await
+        .expect("epoch 0");
+    assert_eq!(epoch_of(3).await, Some(3));
+    assert_eq!(ran.load(SeqCst), 4, "each handler call once");
 }

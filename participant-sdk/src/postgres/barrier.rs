@@ -169,21 +169,23 @@ const SELECT_MARK: &str = "SELECT mark FROM tandem_barrier WHERE gtid = $1 AND b
 const SELECT_FOR_UPDATE: &str =
     "SELECT mark FROM tandem_barrier WHERE gtid = $1 AND branch_id = $2 FOR UPDATE";
 const SELECT_RECORD: &str =
-    "SELECT mark, updated_ms FROM tandem_barrier WHERE gtid = $1 AND branch_id = $2";
-/// Writes a mark; a repeat of the same mark changes nothing (and so costs
-/// no WAL flush).
-const PUT: &str = "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms)
-    VALUES ($1, $2, $3, $4)
+    "SELECT mark, updated_ms, epoch FROM tandem_barrier WHERE gtid = $1 AND branch_id = $2";
+/// Writes a mark; a repeat of the same mark at no newer epoch changes
+/// nothing (and so costs no WAL flush).
+const PUT: &str = "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms, epoch)
+    VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (gtid, branch_id) DO UPDATE SET mark = EXCLUDED.mark,
         updated_ms = EXCLUDED.updated_ms,
+        epoch = GREATEST(tandem_barrier.epoch, EXCLUDED.epoch),
         resource = CASE WHEN EXCLUDED.mark = 1 THEN tandem_barrier.resource END,
         payload = CASE WHEN EXCLUDED.mark = 1 THEN tandem_barrier.payload END
-    WHERE tandem_barrier.mark <> EXCLUDED.mark";
+    WHERE tandem_barrier.mark <> EXCLUDED.mark OR tandem_barrier.epoch < EXCLUDED.epoch";
 const PUT_TRIED: &str =
-    "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms, resource, payload)
-    VALUES ($1, $2, 1, $3, $4, $5)
+    "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms, resource, payload, epoch)
+    VALUES ($1, $2, 1, $3, $4, $5, $6)
     ON CONFLICT (gtid, branch_id) DO UPDATE SET mark = 1, updated_ms = EXCLUDED.updated_ms,
-        resource = EXCLUDED.resource, payload = EXCLUDED.payload";
+        resource = EXCLUDED.resource, payload = EXCLUDED.payload,
+        epoch = GREATEST(tandem_barrier.epoch, EXCLUDED.epoch)";
 const UPDATE_MARK: &str = "UPDATE tandem_barrier SET mark = $3, updated_ms = $4,
     resource = NULL, payload = NULL WHERE gtid = $1 AND branch_id = $2";
 const IN_DOUBT: &str = "SELECT gtid, branch_id, resource, payload, updated_ms FROM tandem_barrier
@@ -327,18 +329,20 @@ impl BarrierEntry for PgEntry {
         self.record
     }
 
-    fn put(&mut self, mark: Mark) -> BoxFuture<'_, Result<(), BarrierError>> {
+    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
         Box::pin(async move {
             let record = BarrierRecord {
                 mark,
                 updated_ms: now_ms(),
+                epoch,
             };
-            let (branch, code, ms) = (
+            let (branch, code, ms, e) = (
                 self.key.branch_id as i64,
                 mark.code() as i16,
                 record.updated_ms as i64,
+                epoch.min(i64::MAX as u64) as i64,
             );
-            self.write(PUT, &[&self.key.gtid, &branch, &code, &ms])
+            self.write(PUT, &[&self.key.gtid, &branch, &code, &ms, &e])
                 .await?;
             self.record = Some(record);
             Ok(())
@@ -355,30 +359,46 @@ impl BarrierEntry for PgEntry {
         &'a mut self,
         resource: &'a str,
         payload: &'a [u8],
+        epoch: u64,
     ) -> BoxFuture<'a, Result<(), BarrierError>> {
         Box::pin(async move {
             let ms = now_ms();
             let branch = self.key.branch_id as i64;
+            let e = epoch.min(i64::MAX as u64) as i64;
             self.write(
                 PUT_TRIED,
-                &[&self.key.gtid, &branch, &(ms as i64), &resource, &payload],
+                &[
+                    &self.key.gtid,
+                    &branch,
+                    &(ms as i64),
+                    &resource,
+                    &payload,
+                    &e,
+                ],
             )
             .await?;
             self.record = Some(BarrierRecord {
                 mark: Mark::Tried,
                 updated_ms: ms,
+                epoch,
             });
             Ok(())
         })
     }
 }
 
-fn decode_record(key: BranchKey, code: i16, ms: i64) -> Result<BarrierRecord, BarrierError> {
+fn decode_record(
+    key: BranchKey,
+    code: i16,
+    ms: i64,
+    epoch: i64,
+) -> Result<BarrierRecord, BarrierError> {
     let mark = u8::try_from(code).ok().and_then(Mark::from_code);
     match mark {
         Some(mark) => Ok(BarrierRecord {
             mark,
             updated_ms: ms.max(0) as u64,
+            epoch: epoch.max(0) as u64,
         }),
         None => Err(BarrierError(format!(
             "record of {} branch {} has unknown mark {code}",
@@ -402,7 +422,7 @@ impl BarrierStore for PgBarrier {
                 .map_err(PgError::from)?;
             let record = match row {
                 None => None,
-                Some(row) => Some(decode_record(key, row.get(0), row.get(1))?),
+                Some(row) => Some(decode_record(key, row.get(0), row.get(1), row.get(2))?),
             };
             Ok(Box::new(PgEntry {
                 store: self.clone(),

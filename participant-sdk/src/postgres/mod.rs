@@ -202,6 +202,9 @@ CREATE TABLE IF NOT EXISTS tandem_barrier (
 );
 CREATE INDEX IF NOT EXISTS tandem_barrier_tried
     ON tandem_barrier (updated_ms) WHERE mark = 1;
+-- The highest coordinator epoch seen per branch (added later: existing
+-- tables get it here, their rows at 0).
+ALTER TABLE tandem_barrier ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS tandem_prepared_commits (
     gtid uuid NOT NULL,
     branch_id bigint NOT NULL,

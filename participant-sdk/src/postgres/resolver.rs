@@ -111,14 +111,13 @@ async fn finish_one(
         // Under the branch's lock, as a phase-2 call would run.
         let mut entry = barrier.enter(key).await?;
         finish_prepared(barrier.pool(), key, commit).await?;
-        if entry.record().map(|r| r.mark) == Some(Mark::Tried) {
-            entry
-                .put(if commit {
-                    Mark::Confirmed
-                } else {
-                    Mark::Cancelled
-                })
-                .await?;
+        if let Some(record) = entry.record().filter(|r| r.mark == Mark::Tried) {
+            let done = if commit {
+                Mark::Confirmed
+            } else {
+                Mark::Cancelled
+            };
+            entry.put(done, record.epoch).await?;
         }
         let outcome = if commit { "commit" } else { "rollback" };
         tracing::info!(gtid = %key.gtid, branch = key.branch_id, outcome, "prepared transaction resolved");
