@@ -211,6 +211,99 @@ impl PgServer {
         self.run("pg_ctl", &["reload", "-D", &data]);
     }
 
+    /// A streaming standby of `primary`, cloned with `pg_basebackup -R`
+    /// (replication connections are trusted on loopback by initdb's
+    /// defaults) and started on its own port; it connects to the primary
+    /// as `application_name = standby1`.
+    pub fn standby_of(primary: &PgServer) -> PgServer {
+        let root = tempfile::tempdir().expect("tempdir");
+        let data = root.path().join("data");
+        let run_as = primary.run_as.clone();
+        if let Some(user) = &run_as {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o777))
+                .expect("chmod");
+            let _ = user;
+        }
+        let server = PgServer {
+            port: free_port(),
+            data,
+            run_as,
+            _root: root,
+        };
+        let data = server.data.to_string_lossy().to_string();
+        let source = format!(
+            "host=127.0.0.1 port={} user=postgres application_name=standby1",
+            primary.port
+        );
+        server.run(
+            "pg_basebackup",
+            &[
+                "-d",
+                &source,
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        );
+        assert!(server.pg_start(), "the standby did not start");
+        server
+    }
+
+    /// Makes `standby1` this primary's synchronous standby
+    /// (`synchronous_standby_names`, `synchronous_commit = on`) and waits
+    /// until it streams as `sync`: from then on a commit returns only once
+    /// the standby has it.
+    pub async fn require_sync_standby(&self) {
+        let client = self.connect("postgres").await;
+        for sql in [
+            "ALTER SYSTEM SET synchronous_standby_names = 'standby1'",
+            "ALTER SYSTEM SET synchronous_commit = 'on'",
+            "SELECT pg_reload_conf()",
+        ] {
+            client
+                .batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let sync = client
+                .query(
+                    "SELECT 1 FROM pg_stat_replication WHERE application_name = 'standby1' \
+                     AND sync_state = 'sync'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_replication");
+            if !sync.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "standby1 never became synchronous"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the server as a crash would (`pg_ctl stop -m immediate`).
+    pub fn kill_immediate(&self) {
+        let data = self.data.to_string_lossy().to_string();
+        self.run("pg_ctl", &["stop", "-m", "immediate", "-w", "-D", &data]);
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&self) {
+        let data = self.data.to_string_lossy().to_string();
+        self.run("pg_ctl", &["promote", "-w", "-D", &data]);
+    }
+
     /// Stops the server (fast shutdown: clients are disconnected).
     pub fn stop(&self) {
         let data = self.data.to_string_lossy().to_string();
