@@ -65,7 +65,7 @@ async fn coordinators_survive_the_promotion_of_a_synchronous_standby() {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     n += 1;
                     let gtid = Gtid::now_v7();
-                    let mode = if (w + n) % 2 == 0 {
+                    let mode = if (w + n).is_multiple_of(2) {
                         Mode::TwoPhase
                     } else {
                         Mode::Tcc
