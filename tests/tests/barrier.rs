@@ -366,10 +366,21 @@ async fn calls_from_a_former_owner_are_refused_by_their_epoch() {
     let late = d.r#try(at(2, 1)).await.expect("answered").into_inner();
     assert!(!late.yes && late.reason.contains("epoch"), "{late:?}");
 
+    // Branch 4: tried by the successor, whose cancel has not come yet; the
+    // first owner's cancel is refused for its epoch alone (the table
+    // would run it).
+    assert!(d.r#try(at(4, 2)).await.expect("try").into_inner().yes);
+    let refused = d
+        .cancel(at(4, 1))
+        .await
+        .expect_err("stale cancel of a tried branch");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+
     // Branch 3: the same epoch, and a newer one, run as always.
     assert!(d.r#try(at(3, 2)).await.expect("try").into_inner().yes);
     d.cancel(at(3, 3)).await.expect("cancel at a newer epoch");
 
-    // The handler ran try 1, confirm 1, try 3, cancel 3: nothing stale.
-    assert_eq!(tcc.counts(), (2, 1, 1));
+    // The handler ran try 1, confirm 1, try 4, try 3, cancel 3: nothing
+    // stale.
+    assert_eq!(tcc.counts(), (3, 1, 1));
 }

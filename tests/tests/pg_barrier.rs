@@ -103,3 +103,59 @@ async fn branch_transaction_commits_the_record_with_the_change_or_nothing() {
         "recorded with the change"
     );
 }
+
+// A barrier table made before records had an epoch gets the column when
+// the store opens: old rows read as epoch 0, new writes keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_barrier_table_gains_the_epoch_column() {
+    let pg = PgServer::start();
+    pg.create_database("old").await;
+    let gtid = Gtid::now_v7();
+    pg.connect("old")
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE tandem_barrier (
+                gtid uuid NOT NULL, branch_id bigint NOT NULL, mark smallint NOT NULL,
+                updated_ms bigint NOT NULL, resource text, payload bytea,
+                PRIMARY KEY (gtid, branch_id));
+             INSERT INTO tandem_barrier VALUES ('{gtid}', 1, 3, 1, NULL, NULL);"
+        ))
+        .await
+        .expect("old schema");
+    let barrier = PgBarrier::open(pg.pool("old")).await.expect("open");
+    let key = tandem_sdk::barrier::BranchKey { gtid, branch_id: 1 };
+    let mut entry = barrier.enter(key).await.expect("enter");
+    let old = entry.record().expect("old row");
+    assert_eq!((old.mark, old.epoch), (Mark::Confirmed, 0));
+    entry.put(Mark::Confirmed, 4).await.expect("put");
+    drop(entry);
+    let entry = barrier.enter(key).await.expect("enter");
+    assert_eq!(entry.record().map(|r| r.epoch), Some(4));
+}
+
+// Opening the store again (a participant restart) does not wait for a
+// prepared transaction that read the barrier table: only the restarted
+// participant would finish it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_does_not_wait_for_prepared_transactions() {
+    let pg = PgServer::start();
+    pg.create_database("held").await;
+    PgBarrier::open(pg.pool("held")).await.expect("first open");
+    let conn = pg.connect("held").await;
+    conn.batch_execute(
+        "BEGIN; SELECT count(*) FROM tandem_barrier; PREPARE TRANSACTION 'tandem-test-held'",
+    )
+    .await
+    .expect("prepare");
+    let reopened = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        PgBarrier::open(pg.pool("held")),
+    )
+    .await;
+    conn.batch_execute("ROLLBACK PREPARED 'tandem-test-held'")
+        .await
+        .expect("rollback prepared");
+    reopened
+        .expect("open waited for the prepared transaction")
+        .expect("open");
+}

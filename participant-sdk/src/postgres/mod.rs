@@ -198,13 +198,23 @@ CREATE TABLE IF NOT EXISTS tandem_barrier (
     updated_ms bigint NOT NULL,
     resource text,
     payload bytea,
+    epoch bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (gtid, branch_id)
 );
 CREATE INDEX IF NOT EXISTS tandem_barrier_tried
     ON tandem_barrier (updated_ms) WHERE mark = 1;
--- The highest coordinator epoch seen per branch (added later: existing
--- tables get it here, their rows at 0).
-ALTER TABLE tandem_barrier ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+-- The highest coordinator epoch seen per branch, added to tables an earlier
+-- version made (their rows at 0). Only when the column is missing: ALTER
+-- TABLE takes an ACCESS EXCLUSIVE lock even when it has nothing to do, and
+-- would wait for every prepared transaction that read the table
+-- (PgTwoPhase), which only this participant, once started, finishes.
+DO $$ BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+            WHERE attrelid = 'tandem_barrier'::regclass
+              AND attname = 'epoch' AND NOT attisdropped) THEN
+        ALTER TABLE tandem_barrier ADD COLUMN IF NOT EXISTS epoch bigint NOT NULL DEFAULT 0;
+    END IF;
+END $$;
 CREATE TABLE IF NOT EXISTS tandem_prepared_commits (
     gtid uuid NOT NULL,
     branch_id bigint NOT NULL,
