@@ -69,6 +69,19 @@ impl StoreArgs {
         if accept_damage {
             anyhow::bail!("--accept-log-damage is for a sled log; it means nothing with --store");
         }
+        let printable = |v: &str, max: usize| {
+            !v.is_empty() && v.len() <= max && !v.chars().any(char::is_control)
+        };
+        if let Some(n) = &self.instance_name
+            && !printable(n, 64)
+        {
+            anyhow::bail!("--instance-name must be 1 to 64 printable characters");
+        }
+        if let Some(a) = &self.advertise
+            && !printable(a, 256)
+        {
+            anyhow::bail!("--advertise must be 1 to 256 printable characters");
+        }
         if let Some(a) = &self.advertise
             && !(a.starts_with("http://") || a.starts_with("https://"))
         {

@@ -186,8 +186,15 @@ impl Inner {
         if !self.recovering_set().remove(&gtid) {
             return Ok(None);
         }
-        let Some(rec) = self.log.get(&gtid)? else {
-            return Ok(None);
+        let rec = match self.log.get(&gtid) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                // A read that failed (a shared store's reads do not latch
+                // the log) leaves it waiting for recovery, not orphaned.
+                self.recovering_set().insert(gtid);
+                return Err(e.into());
+            }
         };
         if rec.state.is_terminal() || rec.state == TxState::Stuck {
             return Ok(None);

@@ -74,21 +74,14 @@ impl Coordinator {
                     return Err(inner.halt(e));
                 }
                 inner.start_deadline_timer(&entry, deadline);
-                if inner.log.shared() {
-                    // In the store before the client has the gtid: the
-                    // other instances must find it, to send its requests
-                    // here, not answer "no such transaction".
-                    if let Err(e) = inner.log.force_txn(&gtid).await {
-                        inner.forget(&gtid);
-                        if matches!(e, crate::log::LogError::Refused(_)) {
-                            // Another instance began it first: go there.
-                            inner.route(gtid).await?;
-                        }
-                        return Err(inner.halt(e));
-                    }
-                }
+                inner.publish_then(gtid, async { Ok(()) }).await?;
             }
-            Start::Live(entry) => same_mode(&entry.lock().visible_record(), mode)?,
+            Start::Live(entry) => {
+                same_mode(&entry.lock().visible_record(), mode)?;
+                // A repeat is answered once the first one's record is in a
+                // shared store too.
+                inner.published(gtid).await?;
+            }
             Start::Stored(rec) => {
                 same_mode(&rec, mode)?;
                 if !rec.state.is_terminal() {
@@ -274,7 +267,11 @@ impl Coordinator {
                     return Err(inner.halt(e));
                 }
                 inner.start_deadline_timer(&entry, deadline);
-                inner.spawn_round(&entry, cmds).await?;
+                let round = {
+                    let (inner, entry) = (inner.clone(), entry.clone());
+                    async move { inner.spawn_round(&entry, cmds).await }
+                };
+                inner.publish_then(gtid, round).await?;
                 entry
             }
             Start::Live(entry) => {
@@ -290,7 +287,15 @@ impl Coordinator {
                 }
                 match inner.route(gtid).await? {
                     Some(entry) => entry,
-                    None => return Ok(submit_outcome(&rec)),
+                    // Decided (STUCK here): the outcome stands.
+                    None if rec.decision.is_some() => return Ok(submit_outcome(&rec)),
+                    // Undecided and not live here yet (being taken over):
+                    // a stale copy must not be reported as an outcome.
+                    None => {
+                        return Err(CoordError::Unavailable(format!(
+                            "transaction {gtid} is being taken over; ask again shortly"
+                        )));
+                    }
                 }
             }
         };

@@ -13,13 +13,59 @@
 //!
 //! On a log only one coordinator uses, there is nobody to route to.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use super::{Entry, Inner};
 use crate::error::CoordError;
+use crate::log::LogError;
 use crate::model::Gtid;
 
 impl Inner {
+    /// On a shared store, makes a new transaction's first record durable
+    /// before `then` runs (its phase-1 calls) and before the caller hears
+    /// of it — otherwise another instance, asked by a participant about a
+    /// gtid it cannot find, would answer "presumed abort" for a
+    /// transaction that may still commit here. Both run in a tracked task,
+    /// so a request dropped meanwhile cuts neither short. When another
+    /// instance started the same gtid first, this copy is forgotten and
+    /// the caller is sent there.
+    pub(super) async fn publish_then(
+        self: &Arc<Self>,
+        gtid: Gtid,
+        then: impl Future<Output = Result<(), CoordError>> + Send + 'static,
+    ) -> Result<(), CoordError> {
+        if !self.log.shared() {
+            return then.await;
+        }
+        let inner = self.clone();
+        let task = self.tasks.spawn(async move {
+            inner.published(gtid).await?;
+            then.await
+        });
+        task.await
+            .unwrap_or_else(|e| Err(CoordError::Unavailable(format!("start ended: {e}"))))
+    }
+
+    /// Waits until `gtid`'s record is in a shared store (nothing to wait
+    /// for otherwise); forgets a copy the store refused.
+    pub(super) async fn published(self: &Arc<Self>, gtid: Gtid) -> Result<(), CoordError> {
+        if !self.log.shared() {
+            return Ok(());
+        }
+        match self.log.force_txn(&gtid).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.forget(&gtid);
+                if matches!(e, LogError::Refused(_)) {
+                    // Another instance began it first: go there.
+                    self.route(gtid).await?;
+                }
+                Err(self.halt(e))
+            }
+        }
+    }
+
     /// The live entry for a request about `gtid`: live here, waiting for
     /// recovery here, or taken over now from an owner whose lease expired.
     /// `None` when it is not to be run here (finished, STUCK here, or
@@ -64,11 +110,24 @@ impl Inner {
                     address: owner.address,
                 });
             }
-            let claimed = self.log.take_over(&gtid).await?;
-            if claimed.contains(&gtid) {
+            // The claim and its handing to recovery run in a tracked task:
+            // a request dropped meanwhile must not leave a row claimed here
+            // that nothing drives.
+            let inner = self.clone();
+            let claimed = self
+                .tasks
+                .spawn(async move {
+                    let claimed = inner.log.take_over(&gtid).await?.contains(&gtid);
+                    if claimed {
+                        inner.recovering_set().insert(gtid);
+                    }
+                    Ok::<bool, CoordError>(claimed)
+                })
+                .await
+                .unwrap_or_else(|e| Err(CoordError::Unavailable(format!("takeover ended: {e}"))))?;
+            if claimed {
                 tracing::info!(%gtid, former_owner = %owner.name, epoch = owner.epoch + 1,
                     "took over a transaction whose owner's lease expired, for a request");
-                self.recovering_set().insert(gtid);
                 return self.live_or_claim(&gtid);
             }
         }

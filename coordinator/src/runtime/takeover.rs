@@ -10,11 +10,62 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use super::Coordinator;
+use std::sync::Arc;
+
 use super::recovery::RecoveryReport;
+use super::{Coordinator, Inner};
+use crate::model::TxState;
 
 /// Transactions claimed per sweep; a sweep that fills it goes on at once.
 const BATCH: usize = 256;
+
+impl Inner {
+    /// Recovers the unfinished transactions this instance owns in a shared
+    /// store that nothing here drives: a claim whose answer was lost (the
+    /// store committed it, the reply did not arrive), or one a failed read
+    /// dropped. STUCK ones wait for an operator, as always.
+    async fn adopt_orphans(self: &Arc<Self>) {
+        const DRIVEN: [TxState; 4] = [
+            TxState::Active,
+            TxState::Preparing,
+            TxState::Committing,
+            TxState::Aborting,
+        ];
+        if !self.log.shared() || self.check_halted().is_err() {
+            return;
+        }
+        let mut orphans = Vec::new();
+        let mut after = None;
+        loop {
+            let page = match self.log.scan_own(after.as_ref(), &DRIVEN, 1000) {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for transactions nothing drives");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.gtid);
+            let live = self.live_table();
+            let mut recovering = self.recovering_set();
+            for rec in page {
+                if !live.contains_key(&rec.gtid) && recovering.insert(rec.gtid) {
+                    orphans.push(rec.gtid);
+                }
+            }
+        }
+        if orphans.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            count = orphans.len(),
+            "recovering transactions owned here that nothing drove"
+        );
+        if let Err(e) = self.recover_all(RecoveryReport::default(), orphans).await {
+            tracing::warn!(error = %e, "recovering them stopped");
+        }
+    }
+}
 
 impl Coordinator {
     /// Starts sweeping for expired leases every `every`, taking over what
@@ -28,6 +79,7 @@ impl Coordinator {
                     () = tokio::time::sleep(every) => {}
                     () = inner.timers_stop.cancelled() => return,
                 }
+                inner.adopt_orphans().await;
                 loop {
                     if inner.check_halted().is_err() {
                         return;

@@ -77,12 +77,15 @@ impl Cluster {
         if let Some((_, rpc)) = self.endpoints.iter().find(|(a, _)| a == address) {
             return Ok(rpc.clone());
         }
+        self.may_follow(address)?;
         let mut learnt = self.learnt.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(rpc) = learnt.get(address) {
             return Ok(rpc.clone());
         }
         let channel = crate::security::endpoint(address, self.options.tls.as_ref())?
             .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
         let client = rpc(channel, self.options.token.clone());
         if learnt.len() >= MAX_LEARNT {
@@ -90,6 +93,36 @@ impl Cluster {
         }
         learnt.insert(address.to_string(), client.clone());
         Ok(client)
+    }
+
+    /// Whether a redirect to `address`, which is not one of the configured
+    /// coordinators, may be followed: never to another scheme than the
+    /// configured ones (no downgrade to cleartext); over `https://` only
+    /// with a CA of the client's own (a private CA certifies the cluster's
+    /// members; with the system's roots any public certificate would do,
+    /// and the token would go to whoever holds one); over `http://` only
+    /// without a token. Otherwise the caller gets the redirect as an error
+    /// and can list every coordinator instead.
+    fn may_follow(&self, address: &str) -> Result<(), String> {
+        let scheme = |a: &str| {
+            a.split("://")
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        };
+        let wanted = scheme(&self.endpoints[0].0);
+        let refuse = |why: &str| Err(format!("not following a redirect to {address:?}: {why}"));
+        if scheme(address) != wanted {
+            return refuse("another scheme than the configured coordinators'");
+        }
+        match wanted.as_str() {
+            "https" if self.options.tls.as_ref().is_some_and(|t| t.ca.is_some()) => Ok(()),
+            "https" => {
+                refuse("a coordinator not listed, and no CA of the client's own to check it by")
+            }
+            "http" if !self.options.token.is_set() => Ok(()),
+            _ => refuse("a coordinator not listed would receive the token in cleartext"),
+        }
     }
 
     /// Sends `call` to the current coordinator; follows redirects, and

@@ -248,6 +248,8 @@ impl TransactionClient {
             let channel = crate::security::endpoint(&endpoint, options.tls.as_ref())
                 .map_err(invalid)?
                 .connect_timeout(Duration::from_secs(5))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
                 .connect_lazy();
             all.push((endpoint, cluster::rpc(channel, options.token.clone())));
         }

@@ -69,6 +69,12 @@ impl Store {
                     return;
                 }
                 Err(Fail::Transient(e) | Fail::Fatal(e)) => {
+                    let until = std::time::Instant::now() + self.shared.options.lease;
+                    *self
+                        .shared
+                        .claims_paused_until
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(until);
                     warn!(error = %e, "cannot renew the leases in the store; retrying")
                 }
             }
@@ -104,6 +110,17 @@ impl Store {
         limit: usize,
         only: Option<Gtid>,
     ) -> Result<Vec<Gtid>, Fail> {
+        let paused = *self
+            .shared
+            .claims_paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if paused.is_some_and(|until| std::time::Instant::now() < until) {
+            // This instance could not renew its own leases lately: others
+            // may not have either (a store outage), so nothing is claimed
+            // until every live instance had a lease period to renew.
+            return Ok(Vec::new());
+        }
         let client = self.pool.get().await?;
         let me = self.shared.incarnation;
         let rows = client

@@ -152,6 +152,10 @@ struct Shared {
     halted: OnceLock<String>,
     forces: AtomicU64,
     flushes: AtomicU64,
+    /// No claims of others' leases before this: set a lease ahead on every
+    /// failed renewal, so after a store outage (when every lease has run
+    /// out) the live instances renew theirs before anyone claims.
+    claims_paused_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
@@ -207,6 +211,7 @@ impl PgLog {
             halted: OnceLock::new(),
             forces: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            claims_paused_until: Mutex::new(None),
         });
         let io = io::IoHandle::start(shared.clone())?;
         Ok(PgLog { shared, io })
