@@ -53,6 +53,29 @@ impl Store {
             .collect())
     }
 
+    /// Rows of `(gtid, record, epoch)` decoded, in order, with the
+    /// payloads stored apart fetched in one query.
+    async fn decode_rows(
+        &self,
+        client: &tokio_postgres::Client,
+        rows: Vec<tokio_postgres::Row>,
+    ) -> Result<Vec<(Gtid, Result<TxnRecord, LogError>)>, Fail> {
+        let rows: Vec<(Gtid, Vec<u8>, i64)> = rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let apart: Vec<Gtid> = rows
+            .iter()
+            .filter(|(_, b, _)| codec::has_payloads_apart(b))
+            .map(|(g, _, _)| *g)
+            .collect();
+        let payloads = self.payloads_of(client, &apart).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(g, b, e)| (g, Self::decode_row(g, &b, e, &payloads)))
+            .collect())
+    }
+
     /// The records of `gtids` that exist, each decoded on its own (one
     /// that does not decode fails only its own reads).
     pub(super) async fn read_some(
@@ -66,19 +89,11 @@ impl Store {
             .prepare_cached("SELECT gtid, record, epoch FROM tandem_txns WHERE gtid = ANY($1)")
             .await?;
         let rows = client.query(&statement, &[&gtids]).await?;
-        let rows: Vec<(Gtid, Vec<u8>, i64)> = rows
+        Ok(self
+            .decode_rows(&client, rows)
+            .await?
             .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        let apart: Vec<Gtid> = rows
-            .iter()
-            .filter(|(_, b, _)| codec::has_payloads_apart(b))
-            .map(|(g, _, _)| *g)
-            .collect();
-        let payloads = self.payloads_of(&client, &apart).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(g, b, e)| (g, Self::decode_row(g, &b, e, &payloads).map(Some)))
+            .map(|(g, r)| (g, r.map(Some)))
             .collect())
     }
 
@@ -107,19 +122,11 @@ impl Store {
                 ],
             )
             .await?;
-        let rows: Vec<(Gtid, Vec<u8>, i64)> = rows
+        Ok(self
+            .decode_rows(&client, rows)
+            .await?
             .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        let apart: Vec<Gtid> = rows
-            .iter()
-            .filter(|(_, b, _)| codec::has_payloads_apart(b))
-            .map(|(g, _, _)| *g)
-            .collect();
-        let payloads = self.payloads_of(&client, &apart).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(g, b, e)| Self::decode_row(g, &b, e, &payloads))
+            .map(|(_, r)| r)
             .collect())
     }
 }
