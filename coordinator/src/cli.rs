@@ -105,6 +105,74 @@ pub fn parse_state(s: &str) -> Result<pb::TxState, String> {
         })
 }
 
+/// What `tandem tx list` looks for.
+#[derive(Clone, Debug, Default)]
+pub struct ListFilter {
+    /// Only these states (any when empty).
+    pub states: Vec<pb::TxState>,
+    /// Only created longer ago than this.
+    pub older_than: Option<Duration>,
+    /// Only carrying every one of these caller labels.
+    pub labels: Vec<(String, String)>,
+    /// Only with a branch of this resource.
+    pub resource: Option<String>,
+    /// Only with a branch calling this endpoint.
+    pub endpoint: Option<String>,
+    /// Only of this protocol.
+    pub mode: Option<pb::Mode>,
+    /// Only gtids starting with this.
+    pub gtid_prefix: Option<String>,
+    /// Newest first.
+    pub newest_first: bool,
+}
+
+/// Parses a `key=value` label.
+///
+/// # Errors
+///
+/// No `=`, or an empty key.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("label {s:?}: expected key=value")),
+    }
+}
+
+/// `tandem tx stats`: the coordinator's counters (Admin GetStats).
+///
+/// # Errors
+///
+/// The coordinator refused or could not be reached.
+pub async fn stats(client: &mut Admin, output: Output) -> Result<String, CliError> {
+    let s = client
+        .get_stats(pb::GetStatsRequest {})
+        .await
+        .map_err(|s| rpc_error(None, s))?
+        .into_inner();
+    let batch = if s.flushes == 0 {
+        0.0
+    } else {
+        s.forces as f64 / s.flushes as f64
+    };
+    Ok(match output {
+        Output::Json => json(&serde_json::json!({
+            "forces": s.forces,
+            "flushes": s.flushes,
+            "forces_per_flush": batch,
+            "live": s.live,
+            "purged": s.purged,
+        })),
+        Output::Table => format!(
+            "live transactions      {}\n\
+             forced writes          {}\n\
+             flushes (fdatasync)    {}\n\
+             forces per flush       {batch:.2}\n\
+             purged by retention    {}",
+            s.live, s.forces, s.flushes, s.purged
+        ),
+    })
+}
+
 /// `tandem tx list`.
 ///
 /// # Errors
@@ -112,21 +180,28 @@ pub fn parse_state(s: &str) -> Result<pb::TxState, String> {
 /// The coordinator refused or could not be reached.
 pub async fn list(
     client: &mut Admin,
-    states: &[pb::TxState],
-    older_than: Option<Duration>,
+    filter: &ListFilter,
     limit: usize,
     output: Output,
 ) -> Result<String, CliError> {
-    let created_before_ms = older_than.map_or(0, |d| now_ms().saturating_sub(d.as_millis() as u64));
+    let created_before_ms = filter
+        .older_than
+        .map_or(0, |d| now_ms().saturating_sub(d.as_millis() as u64));
     let mut rows = Vec::new();
     let mut page_token = String::new();
     while rows.len() < limit {
         let page = client
             .list_transactions(pb::ListTransactionsRequest {
-                states: states.iter().map(|s| *s as i32).collect(),
+                states: filter.states.iter().map(|s| *s as i32).collect(),
                 page_size: (limit - rows.len()).min(1000) as u32,
                 page_token,
                 created_before_ms,
+                labels: filter.labels.iter().cloned().collect(),
+                resource: filter.resource.clone().unwrap_or_default(),
+                endpoint: filter.endpoint.clone().unwrap_or_default(),
+                newest_first: filter.newest_first,
+                mode: filter.mode.map_or(0, |m| m as i32),
+                gtid_prefix: filter.gtid_prefix.clone().unwrap_or_default(),
             })
             .await
             .map_err(|s| rpc_error(None, s))?
@@ -287,6 +362,9 @@ struct TxView {
     owner: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     owner_address: String,
+    /// Caller labels, by key.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    labels: std::collections::BTreeMap<String, String>,
     age_ms: u64,
     attempts: u32,
     branches: Vec<BranchView>,
@@ -371,6 +449,7 @@ impl From<pb::TransactionInfo> for TxView {
             epoch: t.epoch.max(1),
             owner: t.owner,
             owner_address: t.owner_address,
+            labels: t.labels.into_iter().collect(),
             attempts: branches.iter().map(|b| b.attempts).sum(),
             branches,
             gtid: t.gtid,
@@ -412,21 +491,30 @@ fn last_error(t: &TxView) -> String {
         .unwrap_or_default()
 }
 
+fn labels_text(labels: &std::collections::BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn list_table(rows: &[TxView]) -> String {
     let mut out = format!(
-        "{:<36}  {:<4}  {:<10}  {:>7}  {:>8}  {:>8}  LAST ERROR\n",
-        "GTID", "MODE", "STATE", "AGE", "BRANCHES", "ATTEMPTS"
+        "{:<36}  {:<4}  {:<10}  {:>7}  {:>8}  {:>8}  {:<24}  LAST ERROR\n",
+        "GTID", "MODE", "STATE", "AGE", "BRANCHES", "ATTEMPTS", "LABELS"
     );
     for t in rows {
         let _ = writeln!(
             out,
-            "{:<36}  {:<4}  {:<10}  {:>7}  {:>8}  {:>8}  {}",
+            "{:<36}  {:<4}  {:<10}  {:>7}  {:>8}  {:>8}  {:<24}  {}",
             t.gtid,
             t.mode,
             t.state,
             human(t.age_ms),
             t.branches.len(),
             t.attempts,
+            clip(&labels_text(&t.labels), 24),
             clip(&last_error(t), 60)
         );
     }
@@ -474,6 +562,9 @@ fn render_one(t: TxView, output: Output) -> String {
         format!("{} ago", human(now - t.deadline_ms))
     };
     let _ = writeln!(out, "  deadline   {deadline} ({} ms)", t.deadline_ms);
+    if !t.labels.is_empty() {
+        let _ = writeln!(out, "  labels     {}", labels_text(&t.labels));
+    }
     if !t.owner.is_empty() {
         let _ = writeln!(
             out,

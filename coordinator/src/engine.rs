@@ -148,6 +148,11 @@ impl Txn {
         }
     }
 
+    /// Attaches the caller's labels (before the first write).
+    pub fn label(&mut self, labels: Vec<crate::labels::Label>) {
+        self.rec.labels = labels;
+    }
+
     /// The record as it stands (what [`Command::Persist`] writes). It may
     /// carry a decision that is not durable yet: only the runtime's log
     /// writes use it; readers get [`Txn::visible_record`].

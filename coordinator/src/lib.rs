@@ -3,6 +3,7 @@
 //!
 //! Module map:
 //! - [`model`]: the transaction record (states, branches); plain data.
+//! - [`labels`]: caller labels (`order_id=42`) kept with a record.
 //! - [`engine`]: the pure per-transaction state machine (events → commands).
 //! - [`log`]: the durable log — the [`log::TxnLog`] contract, [`log::SledLog`],
 //!   [`log::MemLog`], and the conformance suite.
@@ -30,6 +31,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod failpoint;
+pub mod labels;
 pub mod log;
 pub mod log_cli;
 pub mod logging;

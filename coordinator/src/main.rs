@@ -167,8 +167,8 @@ struct TxArgs {
 
 #[derive(Subcommand)]
 enum TxVerb {
-    /// List transactions, oldest first: gtid, mode, state, age, branches,
-    /// attempts, last error.
+    /// List transactions, oldest first (or --newest-first): gtid, mode,
+    /// state, age, branches, attempts, labels, last error.
     List {
         /// Only these states (comma-separated): active, preparing,
         /// committing, committed, aborting, aborted, stuck.
@@ -177,10 +177,34 @@ enum TxVerb {
         /// Only transactions created longer ago than this (e.g. 5m, 1h).
         #[arg(long, value_parser = parse_duration)]
         older_than: Option<Duration>,
+        /// Only transactions carrying this caller label (key=value);
+        /// repeat for several (all must match).
+        #[arg(long, value_parser = cli::parse_label)]
+        label: Vec<(String, String)>,
+        /// Only transactions with a branch of this resource ("what is
+        /// waiting on inventory?").
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only transactions with a branch calling this participant
+        /// endpoint (as given in the branch, e.g. http://10.0.0.7:9001).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Only this protocol: 2pc or tcc.
+        #[arg(long, value_parser = parse_wire_mode)]
+        mode: Option<tandem_proto::v1::Mode>,
+        /// Only gtids starting with this.
+        #[arg(long)]
+        gtid_prefix: Option<String>,
+        /// Newest first.
+        #[arg(long)]
+        newest_first: bool,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// The coordinator's counters: live transactions, forced writes and
+    /// flushes (group commit), records purged by retention.
+    Stats,
     /// Show one transaction's whole record: branches, endpoints, states,
     /// attempts, last errors, timestamps, decision.
     Show {
@@ -380,6 +404,14 @@ fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
         "tcc" => Ok(tandem_sdk::Mode::Tcc),
         _ => Err(format!("unknown mode {s:?}; use 2pc or tcc")),
     }
+}
+
+/// Parses `2pc` or `tcc` as the wire's mode.
+fn parse_wire_mode(s: &str) -> Result<tandem_proto::v1::Mode, String> {
+    Ok(match parse_mode(s)? {
+        tandem_sdk::Mode::TwoPhase => tandem_proto::v1::Mode::TwoPhase,
+        tandem_sdk::Mode::Tcc => tandem_proto::v1::Mode::Tcc,
+    })
 }
 
 /// A duration, or `none` for no limit.
@@ -595,8 +627,27 @@ async fn tx(args: TxArgs) -> ExitCode {
             TxVerb::List {
                 state,
                 older_than,
+                label,
+                resource,
+                endpoint,
+                mode,
+                gtid_prefix,
+                newest_first,
                 limit,
-            } => cli::list(&mut client, &state, older_than, limit, out).await,
+            } => {
+                let filter = cli::ListFilter {
+                    states: state,
+                    older_than,
+                    labels: label,
+                    resource,
+                    endpoint,
+                    mode,
+                    gtid_prefix,
+                    newest_first,
+                };
+                cli::list(&mut client, &filter, limit, out).await
+            }
+            TxVerb::Stats => cli::stats(&mut client, out).await,
             TxVerb::Show { gtid } => cli::show(&mut client, &gtid, out).await,
             TxVerb::Retry { gtid } => cli::retry(&mut client, &gtid, out).await,
             TxVerb::Abort { gtid, reason } => cli::abort(&mut client, &gtid, &reason, out).await,

@@ -289,6 +289,8 @@ pub struct TxnRecord {
     /// more for every takeover on a shared store (DESIGN.md, fencing).
     /// Every participant call carries it; a barrier refuses an older one.
     pub epoch: u64,
+    /// Caller labels from Begin / Submit, sorted by key.
+    pub labels: Vec<crate::labels::Label>,
 }
 
 impl TxnRecord {
@@ -306,6 +308,7 @@ impl TxnRecord {
             deadline_ms,
             branches: Vec::new(),
             epoch: 1,
+            labels: Vec::new(),
         }
     }
 

@@ -49,6 +49,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "no mode",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 0,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "r", vec![])],
@@ -58,6 +59,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "unknown mode",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 42,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "r", vec![])],
@@ -67,6 +69,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "no branches",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![],
@@ -76,6 +79,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "empty endpoint",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("", "r", vec![])],
@@ -85,6 +89,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "endpoint not a URI",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("not a uri", "r", vec![])],
@@ -94,6 +99,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "endpoint with a path",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("http://127.0.0.1:9/bank", "r", vec![])],
@@ -103,6 +109,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "endpoint wrong scheme",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch("ftp://h:1", "r", vec![])],
@@ -112,6 +119,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "empty resource",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "", vec![])],
@@ -121,6 +129,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "payload over 1 MiB",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: 0,
                 branches: vec![branch(ok, "r", vec![0; 1024 * 1024 + 1])],
@@ -130,6 +139,7 @@ async fn malformed_submits_are_invalid_and_change_nothing() {
         (
             "timeout above max",
             pb::SubmitRequest {
+                labels: Default::default(),
                 mode: 1,
                 timeout_ms: u64::MAX / 2,
                 branches: vec![branch(ok, "r", vec![])],

@@ -62,6 +62,7 @@ async fn submit_cancelled_during_phase_two_still_commits() {
     let mut rpc = Rpc::connect(coord.url()).await.expect("connect");
     let gtid = uuid::Uuid::now_v7().to_string();
     let req = pb::SubmitRequest {
+        labels: Default::default(),
         mode: pb::Mode::TwoPhase as i32,
         timeout_ms: 0,
         branches: vec![spec(p.url())],
@@ -94,6 +95,7 @@ async fn submit_cancelled_during_phase_one_aborts_at_its_deadline() {
     let mut rpc = Rpc::connect(coord.url()).await.expect("connect");
     let gtid = uuid::Uuid::now_v7().to_string();
     let req = pb::SubmitRequest {
+        labels: Default::default(),
         mode: pb::Mode::Tcc as i32,
         timeout_ms: 400,
         branches: vec![spec(p.url())],
@@ -180,6 +182,7 @@ async fn a_repeated_submit_returns_the_same_transaction() {
     let mut rpc = Rpc::connect(coord.url()).await.expect("connect");
     let gtid = uuid::Uuid::now_v7();
     let req = |branches| pb::SubmitRequest {
+        labels: Default::default(),
         mode: pb::Mode::TwoPhase as i32,
         timeout_ms: 0,
         branches,

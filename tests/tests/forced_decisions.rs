@@ -192,8 +192,10 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
     let s = Setup::new().await;
     let gtid = Gtid::now_v7();
     let c = s.coord.clone();
-    let submit =
-        tokio::spawn(async move { c.submit(Mode::Tcc, None, vec![branch()], Some(gtid)).await });
+    let submit = tokio::spawn(async move {
+        c.submit(Mode::Tcc, None, vec![branch()], Some(gtid), Vec::new())
+            .await
+    });
     eventually("the try is out", || s.count("phase1") == 1).await;
     s.close();
     // What happened before (the start's force) does not count.
@@ -246,7 +248,11 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
 /// An interactive transaction with one tried branch, its commit decision
 /// made and hanging in the force.
 async fn commit_being_forced(s: &Setup) -> (Gtid, tokio::task::JoinHandle<()>) {
-    let gtid = s.coord.begin(Mode::Tcc, None, None).await.expect("begin");
+    let gtid = s
+        .coord
+        .begin(Mode::Tcc, None, None, Vec::new())
+        .await
+        .expect("begin");
     s.votes.add_permits(1);
     s.coord.enlist(gtid, branch()).await.expect("enlist");
     s.close();

@@ -109,14 +109,14 @@ async fn retention_removes_finished_records_and_keeps_stuck_ones() {
     let mut finished = Vec::new();
     for _ in 0..5 {
         let out = coord
-            .submit(Mode::TwoPhase, None, pair("http://b:1"), None)
+            .submit(Mode::TwoPhase, None, pair("http://b:1"), None, Vec::new())
             .await
             .expect("submit");
         assert_eq!(out.state, TxState::Committed);
         finished.push(out.gtid);
     }
     let stuck = coord
-        .submit(Mode::TwoPhase, None, pair(DOWN), None)
+        .submit(Mode::TwoPhase, None, pair(DOWN), None, Vec::new())
         .await
         .expect("submit")
         .gtid;
@@ -150,7 +150,7 @@ async fn a_repeat_after_retention_never_starts_the_gtid_again() {
     let ahead = now_ms() + 59_000;
     let gtid: Gtid = uuid::Builder::from_unix_timestamp_millis(ahead, &[7; 10]).into_uuid();
     let first = coord
-        .submit(Mode::Tcc, None, pair("http://b:1"), Some(gtid))
+        .submit(Mode::Tcc, None, pair("http://b:1"), Some(gtid), Vec::new())
         .await
         .expect("submit");
     assert_eq!(first.state, TxState::Committed);
@@ -161,7 +161,7 @@ async fn a_repeat_after_retention_never_starts_the_gtid_again() {
     assert!(coord.get(gtid).is_err(), "removed by retention");
 
     let again = coord
-        .submit(Mode::Tcc, None, pair("http://b:1"), Some(gtid))
+        .submit(Mode::Tcc, None, pair("http://b:1"), Some(gtid), Vec::new())
         .await;
     assert_eq!(
         net.tries.load(Ordering::SeqCst),

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::LogError;
+use crate::labels::Label;
 use crate::model::{
     AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, Resolution, TxState,
     TxnRecord,
@@ -44,6 +45,17 @@ struct StoredTxn {
     /// The owner's epoch; 0 (absent, records of older versions): 1.
     #[prost(uint64, tag = "11")]
     epoch: u64,
+    /// Caller labels (absent in records of older versions: none).
+    #[prost(message, repeated, tag = "12")]
+    labels: Vec<StoredLabel>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredLabel {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(string, tag = "2")]
+    value: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -174,6 +186,14 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
             Some(Decision::Abort) => 2,
         },
         epoch: rec.epoch,
+        labels: rec
+            .labels
+            .iter()
+            .map(|l| StoredLabel {
+                key: l.key.clone(),
+                value: l.value.clone(),
+            })
+            .collect(),
         abort: rec.abort.as_ref().map(|a| StoredAbort {
             cause: abort_code(a.cause),
             branch: a.branch,
@@ -312,6 +332,14 @@ pub(super) fn decode(
         deadline_ms: stored.deadline_ms,
         branches,
         epoch: stored.epoch.max(1),
+        labels: stored
+            .labels
+            .into_iter()
+            .map(|l| Label {
+                key: l.key,
+                value: l.value,
+            })
+            .collect(),
     })
 }
 

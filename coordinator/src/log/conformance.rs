@@ -26,6 +26,7 @@ pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
     write_replaces_and_keeps_payloads(&make());
     scan_is_ordered_and_pages(&make());
     scan_filters_by_state(&make());
+    scan_back_is_newest_first_and_pages(&make());
     force_covers_concurrent_writers(&make()).await;
     remove_forgets_record_and_payloads(&make());
 }
@@ -117,6 +118,16 @@ pub fn write_then_get_round_trips(log: &impl TxnLog) {
     rec.branches[2].payload = Bytes::new();
     rec.state = TxState::Stuck;
     rec.decision = Some(crate::model::Decision::Abort);
+    rec.labels = vec![
+        crate::labels::Label {
+            key: "order_id".into(),
+            value: "A-42".into(),
+        },
+        crate::labels::Label {
+            key: "tenant".into(),
+            value: "acme ☂".into(),
+        },
+    ];
     log.write(&rec)
         .expect("write_then_get_round_trips: write failed");
     let got = log
@@ -160,6 +171,34 @@ pub fn scan_is_ordered_and_pages(log: &impl TxnLog) {
     assert_eq!(page2, want[2..4], "scan_is_ordered_and_pages: second page");
     let last = ids(log.scan(Some(&want[4]), &[], 2).expect("scan"));
     assert!(last.is_empty(), "scan_is_ordered_and_pages: past the end");
+}
+
+/// `scan_back` returns records newest first, resumes strictly before
+/// `before`, honours `limit` and filters by state.
+pub fn scan_back_is_newest_first_and_pages(log: &impl TxnLog) {
+    let mut recs: Vec<TxnRecord> = (0..5).map(|_| sample_record(Mode::TwoPhase, 1)).collect();
+    recs[2].state = TxState::Committed;
+    for r in &recs {
+        log.write(r).expect("scan_back: write");
+    }
+    let ids = |v: Vec<TxnRecord>| v.into_iter().map(|r| r.gtid).collect::<Vec<_>>();
+    let want: Vec<Gtid> = recs.iter().rev().map(|r| r.gtid).collect();
+    let all = ids(log.scan_back(None, &[], 100).expect("scan_back"));
+    assert_eq!(all, want, "scan_back_is_newest_first: order");
+    let page1 = ids(log.scan_back(None, &[], 2).expect("scan_back"));
+    assert_eq!(page1, want[..2], "scan_back_is_newest_first: first page");
+    let page2 = ids(log.scan_back(Some(&want[1]), &[], 2).expect("scan_back"));
+    assert_eq!(page2, want[2..4], "scan_back_is_newest_first: second page");
+    let none = ids(log.scan_back(Some(&want[4]), &[], 2).expect("scan_back"));
+    assert!(none.is_empty(), "scan_back_is_newest_first: past the start");
+    let committed = ids(log
+        .scan_back(None, &[TxState::Committed], 10)
+        .expect("scan_back"));
+    assert_eq!(
+        committed,
+        vec![recs[2].gtid],
+        "scan_back_is_newest_first: states"
+    );
 }
 
 /// `scan` with states keeps only records in those states.

@@ -67,6 +67,25 @@ impl TxnLog for MemLog {
             .collect())
     }
 
+    fn scan_back(
+        &self,
+        before: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        use std::ops::Bound;
+        let upper = before.map_or(Bound::Unbounded, |g| Bound::Excluded(*g));
+        Ok(self
+            .records()
+            .range((Bound::Unbounded, upper))
+            .rev()
+            .map(|(_, r)| r)
+            .filter(|r| states.is_empty() || states.contains(&r.state))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
     fn stats(&self) -> LogStats {
         let forces = self.forces.load(Ordering::Relaxed);
         LogStats {

@@ -128,6 +128,41 @@ pub trait TxnLog: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<TxnRecord>, LogError>;
 
+    /// As [`scan`](TxnLog::scan), newest first: records in reverse gtid
+    /// order, strictly before `before` when given (operators' "what
+    /// happened last"). The default reads forward and keeps the last
+    /// `limit`; stores override it with a reverse read.
+    fn scan_back(
+        &self,
+        before: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        let mut kept = std::collections::VecDeque::with_capacity(limit.min(1024));
+        let mut after = None;
+        loop {
+            let page = self.scan(after.as_ref(), states, 1024)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.gtid);
+            let full = page.len() == 1024;
+            for rec in page {
+                if before.is_some_and(|b| rec.gtid >= *b) {
+                    return Ok(kept.into_iter().rev().collect());
+                }
+                if kept.len() == limit {
+                    kept.pop_front();
+                }
+                if limit > 0 {
+                    kept.push_back(rec);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(kept.into_iter().rev().collect())
+    }
+
     /// As [`scan`](TxnLog::scan), but only the records this coordinator
     /// owns: what it recovers at start. A log only one coordinator uses
     /// owns everything in it.

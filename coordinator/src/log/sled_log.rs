@@ -46,6 +46,31 @@ impl From<SyncError> for LogError {
 }
 
 impl SledLog {
+    /// Decodes up to `limit` records of `range` whose state is in
+    /// `states` (all when empty), filtering on the state alone first.
+    fn collect(
+        &self,
+        range: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        let mut out = Vec::new();
+        for item in range {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.latch(e))?;
+            if !states.is_empty() && codec::peek_state(&v).is_some_and(|s| !states.contains(&s)) {
+                continue;
+            }
+            let rec = self.decode(&k, &v)?;
+            if states.is_empty() || states.contains(&rec.state) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
     /// Largest branch payload this log accepts; the coordinator's
     /// `max_payload_bytes` may not exceed it. Bounded so that a transaction's
     /// payloads fit the 64 MiB gRPC messages the services accept.
@@ -262,22 +287,21 @@ impl TxnLog for SledLog {
         use std::ops::Bound;
         self.sync().check()?;
         let lower = after.map_or(Bound::Unbounded, |g| Bound::Excluded(g.as_bytes().to_vec()));
-        let mut out = Vec::new();
-        for item in self.txns.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = item.map_err(|e| self.latch(e))?;
-            // Filter on the state alone; decode only what is returned.
-            if !states.is_empty() && codec::peek_state(&v).is_some_and(|s| !states.contains(&s)) {
-                continue;
-            }
-            let rec = self.decode(&k, &v)?;
-            if states.is_empty() || states.contains(&rec.state) {
-                out.push(rec);
-            }
-        }
-        Ok(out)
+        let range = self.txns.range::<Vec<u8>, _>((lower, Bound::Unbounded));
+        self.collect(range, states, limit)
+    }
+
+    fn scan_back(
+        &self,
+        before: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        use std::ops::Bound;
+        self.sync().check()?;
+        let upper = before.map_or(Bound::Unbounded, |g| Bound::Excluded(g.as_bytes().to_vec()));
+        let range = self.txns.range::<Vec<u8>, _>((Bound::Unbounded, upper));
+        self.collect(range.rev(), states, limit)
     }
 
     fn stats(&self) -> LogStats {

@@ -29,6 +29,7 @@
 
 mod clock;
 mod driver;
+mod listing;
 mod participants;
 mod recovery;
 mod requests;
@@ -50,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use clock::Clock;
+pub use listing::{ListPage, ListQuery, SCAN_BUDGET};
 use participants::ParticipantPool;
 pub(crate) use participants::{endpoint_parts, validate_endpoint};
 pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};

@@ -15,6 +15,7 @@ use super::validate::check_reason;
 use super::{Coordinator, Entry, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
+use crate::labels::Label;
 use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, Resolution, TxState, TxnRecord};
 
 /// The outcome of a one-shot transaction.
@@ -56,6 +57,7 @@ impl Coordinator {
         mode: Mode,
         timeout: Option<Duration>,
         gtid: Option<Gtid>,
+        labels: Vec<Label>,
     ) -> Result<Gtid, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -65,7 +67,11 @@ impl Coordinator {
         let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
         let now = inner.now();
         match inner
-            .start(gtid, chosen, || Txn::begin(gtid, mode, now, deadline))
+            .start(gtid, chosen, || {
+                let (mut txn, cmds) = Txn::begin(gtid, mode, now, deadline);
+                txn.label(labels.clone());
+                (txn, cmds)
+            })
             .await?
         {
             Start::New(entry, _) => {
@@ -232,6 +238,7 @@ impl Coordinator {
         timeout: Option<Duration>,
         branches: Vec<NewBranch>,
         gtid: Option<Gtid>,
+        labels: Vec<Label>,
     ) -> Result<SubmitOutcome, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -257,7 +264,9 @@ impl Coordinator {
         let now = inner.now();
         let entry = match inner
             .start(gtid, chosen, || {
-                Txn::submit(gtid, mode, now, deadline, branches.clone())
+                let (mut txn, cmds) = Txn::submit(gtid, mode, now, deadline, branches.clone());
+                txn.label(labels.clone());
+                (txn, cmds)
             })
             .await?
         {
@@ -458,36 +467,6 @@ impl Coordinator {
     /// A log failure.
     pub fn owner(&self, gtid: Gtid) -> Result<Option<crate::log::Ownership>, CoordError> {
         Ok(self.inner.log.locate(&gtid)?)
-    }
-
-    /// Records in creation order after `after`, filtered by state and
-    /// created before `created_before_ms` when given; live transactions
-    /// show their live state.
-    ///
-    /// # Errors
-    ///
-    /// A log failure.
-    pub fn list(
-        &self,
-        after: Option<Gtid>,
-        states: &[TxState],
-        created_before_ms: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<TxnRecord>, CoordError> {
-        let mut records = self.inner.log.scan(after.as_ref(), states, limit)?;
-        for rec in &mut records {
-            if let Some(entry) = self.inner.find_live(&rec.gtid) {
-                *rec = entry.lock().visible_record().into_owned();
-            }
-        }
-        records.retain(|r| states.is_empty() || states.contains(&r.state));
-        if let Some(before) = created_before_ms {
-            // Gtids are UUID v7: creation order, so the rest is newer too.
-            if let Some(cut) = records.iter().position(|r| r.created_ms >= before) {
-                records.truncate(cut);
-            }
-        }
-        Ok(records)
     }
 }
 

@@ -6,9 +6,10 @@ use tandem_proto::v1::admin_server::Admin as AdminRpc;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::convert::{record_to_wire, state_from_wire};
+use super::convert::{mode_from_wire, record_to_wire, state_from_wire};
 use super::{Caller, parse_gtid};
-use crate::runtime::Coordinator;
+use crate::labels;
+use crate::runtime::{Coordinator, ListQuery};
 
 /// Default and largest page sizes of `ListTransactions`.
 const DEFAULT_PAGE: usize = 100;
@@ -35,16 +36,11 @@ impl AdminRpc for AdminService {
         req: Request<pb::ListTransactionsRequest>,
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
         let req = req.into_inner();
-        let states = req
-            .states
-            .iter()
-            .map(|s| state_from_wire(*s))
-            .collect::<Result<Vec<_>, _>>()?;
         let size = match req.page_size as usize {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let after = if req.page_token.is_empty() {
+        let cursor = if req.page_token.is_empty() {
             None
         } else {
             Some(
@@ -52,21 +48,11 @@ impl AdminRpc for AdminService {
                     .map_err(|_| Status::invalid_argument("bad page_token"))?,
             )
         };
-        // One extra record tells whether another page exists.
-        let before = (req.created_before_ms > 0).then_some(req.created_before_ms);
-        let mut records = self.coord.list(after, &states, before, size + 1)?;
-        let next_page_token = if records.len() > size {
-            records.truncate(size);
-            records
-                .last()
-                .map(|r| r.gtid.to_string())
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let query = list_query(req)?;
+        let page = self.coord.list_page(cursor, &query, size)?;
         Ok(Response::new(pb::ListTransactionsResponse {
-            transactions: records.iter().map(record_to_wire).collect(),
-            next_page_token,
+            transactions: page.records.iter().map(record_to_wire).collect(),
+            next_page_token: page.next.map(|g| g.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -151,4 +137,52 @@ impl AdminRpc for AdminService {
         tracing::info!(%gtid, "operator abort");
         Ok(Response::new(record_to_wire(&self.coord.get(gtid)?)))
     }
+}
+
+/// The filters of a ListTransactions request, checked.
+fn list_query(req: pb::ListTransactionsRequest) -> Result<ListQuery, Status> {
+    let states = req
+        .states
+        .iter()
+        .map(|s| state_from_wire(*s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let wanted = labels::from_wire(req.labels)
+        .map_err(|e| Status::invalid_argument(format!("labels filter: {e}")))?;
+    if req.resource.len() > 256 {
+        return Err(Status::invalid_argument(
+            "resource filter: at most 256 bytes",
+        ));
+    }
+    if req.endpoint.len() > 1024 {
+        return Err(Status::invalid_argument(
+            "endpoint filter: at most 1024 bytes",
+        ));
+    }
+    let prefix = req.gtid_prefix.to_ascii_lowercase();
+    if prefix.len() > 36 || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(Status::invalid_argument(
+            "gtid_prefix: at most 36 hex digits and hyphens",
+        ));
+    }
+    let mode = match pb::Mode::try_from(req.mode) {
+        Ok(pb::Mode::Unspecified) => None,
+        Ok(_) => Some(mode_from_wire(req.mode)?),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown mode {}",
+                req.mode
+            )));
+        }
+    };
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    Ok(ListQuery {
+        states,
+        created_before_ms: (req.created_before_ms > 0).then_some(req.created_before_ms),
+        labels: wanted,
+        resource: some(req.resource),
+        endpoint: some(req.endpoint),
+        mode,
+        gtid_prefix: some(prefix),
+        newest_first: req.newest_first,
+    })
 }

@@ -103,6 +103,7 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
         epoch: r.epoch,
         owner: String::new(),
         owner_address: String::new(),
+        labels: crate::labels::to_wire(&r.labels),
         branches: r
             .branches
             .iter()

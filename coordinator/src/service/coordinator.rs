@@ -35,9 +35,10 @@ impl CoordinatorRpc for CoordinatorService {
         let req = req.into_inner();
         let mode = mode_from_wire(req.mode)?;
         let chosen = optional_gtid(&req.gtid)?;
+        let labels = labels_from_wire(req.labels)?;
         let gtid = self
             .coord
-            .begin(mode, timeout_from_wire(req.timeout_ms), chosen)
+            .begin(mode, timeout_from_wire(req.timeout_ms), chosen, labels)
             .await?;
         tracing::debug!(%gtid, ?mode, "begun");
         Ok(Response::new(pb::BeginResponse {
@@ -91,6 +92,7 @@ impl CoordinatorRpc for CoordinatorService {
         let req = req.into_inner();
         let mode = mode_from_wire(req.mode)?;
         let chosen = optional_gtid(&req.gtid)?;
+        let labels = labels_from_wire(req.labels)?;
         let branches = req
             .branches
             .into_iter()
@@ -98,7 +100,13 @@ impl CoordinatorRpc for CoordinatorService {
             .collect::<Result<Vec<_>, _>>()?;
         let out = self
             .coord
-            .submit(mode, timeout_from_wire(req.timeout_ms), branches, chosen)
+            .submit(
+                mode,
+                timeout_from_wire(req.timeout_ms),
+                branches,
+                chosen,
+                labels,
+            )
             .await?;
         tracing::debug!(gtid = %out.gtid, state = %out.state, "submitted");
         Ok(Response::new(pb::SubmitResponse {
@@ -134,4 +142,11 @@ impl CoordinatorRpc for CoordinatorService {
             outcome: outcome as i32,
         }))
     }
+}
+
+/// Caller labels from the wire, checked (INVALID_ARGUMENT naming the key).
+fn labels_from_wire(
+    map: std::collections::HashMap<String, String>,
+) -> Result<Vec<crate::labels::Label>, Status> {
+    crate::labels::from_wire(map).map_err(|e| Status::invalid_argument(e.to_string()))
 }

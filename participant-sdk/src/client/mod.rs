@@ -327,10 +327,31 @@ impl TransactionClient {
         mode: Mode,
         timeout: Option<Duration>,
     ) -> Result<Gtid, Error> {
+        self.begin_labeled(gtid, mode, timeout, &[]).await
+    }
+
+    /// As [`begin_as`](Self::begin_as), with caller labels kept in the
+    /// transaction's record (`("order_id", "A-42")`), to find it later with
+    /// `tandem tx list --label order_id=A-42` or in the console. At most 8;
+    /// keys are letters, digits, `_ - . /` starting with a letter (at most
+    /// 64 bytes); values printable, at most 256 bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`begin_as`](Self::begin_as); [`Error::Invalid`] naming the key
+    /// of a label the coordinator refuses.
+    pub async fn begin_labeled(
+        &self,
+        gtid: Gtid,
+        mode: Mode,
+        timeout: Option<Duration>,
+        labels: &[(&str, &str)],
+    ) -> Result<Gtid, Error> {
         let req = pb::BeginRequest {
             mode: mode.wire(),
             timeout_ms: timeout_ms(timeout),
             gtid: gtid.to_string(),
+            labels: wire_labels(labels),
         };
         let resp = self
             .cluster
@@ -483,11 +504,32 @@ impl TransactionClient {
         branches: Vec<Branch>,
         timeout: Option<Duration>,
     ) -> Result<Submitted, Error> {
+        self.submit_labeled(gtid, mode, branches, timeout, &[])
+            .await
+    }
+
+    /// As [`submit_as`](Self::submit_as), with caller labels kept in the
+    /// transaction's record (see [`begin_labeled`](Self::begin_labeled)).
+    /// A repeat with the same gtid keeps the first call's labels.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit_as`](Self::submit_as); [`Error::Invalid`] naming the
+    /// key of a label the coordinator refuses.
+    pub async fn submit_labeled(
+        &self,
+        gtid: Gtid,
+        mode: Mode,
+        branches: Vec<Branch>,
+        timeout: Option<Duration>,
+        labels: &[(&str, &str)],
+    ) -> Result<Submitted, Error> {
         let req = pb::SubmitRequest {
             mode: mode.wire(),
             timeout_ms: timeout_ms(timeout),
             branches: branches.into_iter().map(Branch::wire).collect(),
             gtid: gtid.to_string(),
+            labels: wire_labels(labels),
         };
         let resp = self
             .cluster
@@ -618,4 +660,12 @@ impl TransactionClient {
 
 fn with_gtid(s: tonic::Status, gtid: Gtid) -> Error {
     Error::from(s).about(gtid)
+}
+
+/// Caller labels as the wire's map.
+fn wire_labels(labels: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

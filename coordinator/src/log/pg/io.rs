@@ -32,6 +32,7 @@ enum Job {
         states: Vec<TxState>,
         limit: usize,
         own: bool,
+        back: bool,
         reply: Reply<Vec<TxnRecord>>,
     },
     TakeOver(
@@ -121,6 +122,7 @@ impl IoHandle {
         states: Vec<TxState>,
         limit: usize,
         own: bool,
+        back: bool,
     ) -> std::sync::mpsc::Receiver<Result<Vec<TxnRecord>, LogError>> {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         self.send(Job::Scan {
@@ -128,6 +130,7 @@ impl IoHandle {
             states,
             limit,
             own,
+            back,
             reply,
         });
         rx
@@ -350,12 +353,13 @@ impl Store {
                 states,
                 limit,
                 own,
+                back,
                 reply,
             } => {
                 let r = match self.flushed().await {
                     Ok(()) => self
                         .retry("scan the log", || {
-                            self.read_many(after, &states, limit, own)
+                            self.read_many(after, &states, limit, own, back)
                         })
                         .await
                         .and_then(|r| r),

@@ -298,7 +298,10 @@ impl PgLog {
         own: bool,
     ) -> Result<Vec<TxnRecord>, LogError> {
         self.shared.check()?;
-        wait(self.io.scan(after.copied(), states.to_vec(), limit, own))
+        wait(
+            self.io
+                .scan(after.copied(), states.to_vec(), limit, own, false),
+        )
     }
 }
 
@@ -401,6 +404,19 @@ impl TxnLog for PgLog {
         limit: usize,
     ) -> Result<Vec<TxnRecord>, LogError> {
         self.scan_by(after, states, limit, false)
+    }
+
+    fn scan_back(
+        &self,
+        before: Option<&Gtid>,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        self.shared.check()?;
+        wait(
+            self.io
+                .scan(before.copied(), states.to_vec(), limit, false, true),
+        )
     }
 
     fn scan_own(

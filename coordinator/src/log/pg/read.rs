@@ -103,17 +103,26 @@ impl Store {
         states: &[TxState],
         limit: usize,
         own: bool,
+        back: bool,
     ) -> Result<Result<Vec<TxnRecord>, LogError>, Fail> {
         let client = self.pool.get().await?;
         let codes: Vec<i16> = states.iter().map(|s| code(*s)).collect();
         let owner = own.then_some(self.shared.incarnation);
         let rows = client
             .query(
-                "SELECT gtid, record, epoch FROM tandem_txns
-                 WHERE ($1::uuid IS NULL OR gtid > $1)
-                   AND (cardinality($2::int2[]) = 0 OR state = ANY($2))
-                   AND ($3::uuid IS NULL OR owner = $3)
-                 ORDER BY gtid LIMIT $4",
+                if back {
+                    "SELECT gtid, record, epoch FROM tandem_txns
+                     WHERE ($1::uuid IS NULL OR gtid < $1)
+                       AND (cardinality($2::int2[]) = 0 OR state = ANY($2))
+                       AND ($3::uuid IS NULL OR owner = $3)
+                     ORDER BY gtid DESC LIMIT $4"
+                } else {
+                    "SELECT gtid, record, epoch FROM tandem_txns
+                     WHERE ($1::uuid IS NULL OR gtid > $1)
+                       AND (cardinality($2::int2[]) = 0 OR state = ANY($2))
+                       AND ($3::uuid IS NULL OR owner = $3)
+                     ORDER BY gtid LIMIT $4"
+                },
                 &[
                     &after,
                     &codes,
