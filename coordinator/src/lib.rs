@@ -10,6 +10,7 @@
 //!   forces, participant calls, retries, deadlines).
 //! - [`service`]: the tonic Coordinator and Admin services.
 //! - [`server`]: serving both services with recovery and graceful shutdown.
+//! - [`admin_http`]: the admin HTTP listener: JSON API, web console, `/metrics`.
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
@@ -22,6 +23,7 @@
 //!
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
+pub mod admin_http;
 pub mod bench;
 pub mod certs;
 pub mod cli;
@@ -33,6 +35,7 @@ pub mod failpoint;
 pub mod log;
 pub mod log_cli;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod security;
