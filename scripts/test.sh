@@ -40,6 +40,23 @@ if ! have_postgres; then
   }
 fi
 
+# The web console is tested in a real browser (tests/tests/console_browser.rs):
+# headless Chromium driven over WebDriver by chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    echo "== installing chromium and chromium-driver (the console's browser test)"
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+  command -v chromedriver >/dev/null 2>&1 || {
+    echo "tandem tests: chromium and chromedriver are missing (the console's browser test);" \
+      "install them (Debian: chromium chromium-driver) and run this again" >&2
+    exit 1
+  }
+fi
+
 echo "== cargo test --workspace"
 cargo test --workspace "$@"
 

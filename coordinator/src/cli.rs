@@ -338,9 +338,10 @@ pub async fn resolve(
     ))
 }
 
-/// A transaction as the CLI shows it (and as its JSON reads).
+/// A transaction as the CLI shows it (and as its JSON reads); the admin
+/// HTTP API answers in the same shape.
 #[derive(Serialize)]
-struct TxView {
+pub struct TxView {
     gtid: String,
     mode: &'static str,
     state: String,

@@ -11,6 +11,7 @@
 //!   forces, participant calls, retries, deadlines).
 //! - [`service`]: the tonic Coordinator and Admin services.
 //! - [`server`]: serving both services with recovery and graceful shutdown.
+//! - [`admin_http`]: the admin HTTP listener: JSON API, web console, `/metrics`.
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
@@ -23,6 +24,7 @@
 //!
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
+pub mod admin_http;
 pub mod bench;
 pub mod certs;
 pub mod cli;
@@ -35,6 +37,7 @@ pub mod labels;
 pub mod log;
 pub mod log_cli;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod security;

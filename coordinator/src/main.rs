@@ -5,6 +5,7 @@
 //!   running coordinator.
 //! - `tandem demo`: bank transfers across two participants, end to end.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -309,6 +310,11 @@ struct ServeArgs {
     store: tandem_coordinator::store_cli::StoreArgs,
     #[command(flatten)]
     security: ServeSecurityArgs,
+    /// Serve the admin HTTP listener here: the web console, its JSON API
+    /// and /metrics (admin role needed with --auth-file; HTTPS with
+    /// --tls-cert). Unset: none.
+    #[arg(long, env = "TANDEM_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -492,13 +498,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     info!(listen = %listener.local_addr()?, data_dir = %coord.config().data_dir.display(), "tandem coordinator serving");
     // Printed for scripts and tests that start us on port 0.
     println!("listening on {}", listener.local_addr()?);
+    let admin = match args.admin_listen {
+        Some(at) => {
+            let admin = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {at} (--admin-listen): {e}"))?;
+            // Second line for scripts and tests (a closed stdout is no error).
+            let _ = writeln!(
+                std::io::stdout(),
+                "admin listening on {}",
+                admin.local_addr()?
+            );
+            let instance = args.store.instance_name.clone().unwrap_or_else(|| {
+                listener
+                    .local_addr()
+                    .map_or_else(|_| listen.to_string(), |a| a.to_string())
+            });
+            Some(server::AdminListener {
+                listener: admin,
+                instance,
+            })
+        }
+        None => None,
+    };
     if any_endpoint {
         tracing::warn!(
             "no participant allowlist: a branch may name any host:port (give --allow-participant)"
         );
     }
     let _hup = reload_on_hangup(security.clone(), coord.clone(), participants);
-    server::serve_with(coord, listener, security, shutdown_signal()).await?;
+    server::serve_with_admin(coord, listener, admin, security, shutdown_signal()).await?;
     info!("stopped");
     Ok(())
 }

@@ -10,8 +10,10 @@ use tandem_proto::v1::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 
+pub use crate::admin_http::AdminListener;
 use crate::config::CoordinatorConfig;
 use crate::log::TxnLog;
 use crate::runtime::Coordinator;
@@ -56,6 +58,23 @@ pub async fn serve_with(
     security: ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with_admin(coord, listener, None, security, shutdown).await
+}
+
+/// As [`serve_with`], with the admin HTTP listener (JSON API, web console,
+/// `/metrics`) on `admin` when given, under the same TLS and access list
+/// and stopped by the same shutdown.
+///
+/// # Errors
+///
+/// The transport failed.
+pub async fn serve_with_admin(
+    coord: Coordinator,
+    listener: TcpListener,
+    admin: Option<AdminListener>,
+    security: ServerSecurity,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // Takes stock of the log and forces it before the first request is
     // served.
     let _recovery = coord.start_recovery().await?;
@@ -63,8 +82,19 @@ pub async fn serve_with(
     let _takeover = coord.start_takeover(coord.config().takeover_every);
     let finishing = coord.clone();
     let draining = coord.clone();
+    let stopping = CancellationToken::new();
+    let admin_http = admin.map(|admin| {
+        tokio::spawn(crate::admin_http::serve(
+            coord.clone(),
+            admin,
+            security.clone(),
+            stopping.clone(),
+        ))
+    });
+    let stop_admin = stopping.clone();
     let shutdown = async move {
         shutdown.await;
+        stop_admin.cancel();
         draining.drain();
     };
     let reload = security.clone();
@@ -112,6 +142,10 @@ pub async fn serve_with(
         }
     };
     reloading.abort();
+    stopping.cancel();
+    if let Some(admin_http) = admin_http {
+        let _ = admin_http.await;
+    }
     served?;
     // Rounds of calls in flight finish (their decisions reach the log);
     // sleeping timers, recovery and retention stop.

@@ -5,6 +5,7 @@
 
 pub mod pg;
 pub mod process;
+pub mod webdriver;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};

@@ -27,6 +27,23 @@ pub fn tandem_bin() -> PathBuf {
 /// Spawns `bin args…` and waits for its first stdout line,
 /// `listening on ADDR`; returns the child and ADDR.
 pub fn spawn_listening(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
+    let (child, mut lines) = spawn_lines(bin, args, env, 1);
+    let line = lines.remove(0);
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{}: unexpected first line {line:?}", bin.display()))
+        .to_string();
+    (child, addr)
+}
+
+/// Spawns `bin args…` and returns the child and its first `n` stdout lines.
+pub fn spawn_lines(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    n: usize,
+) -> (Child, Vec<String>) {
     let mut child = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "warn")
@@ -36,16 +53,14 @@ pub fn spawn_listening(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (Chil
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
     let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read address");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("{}: unexpected first line {line:?}", bin.display()))
-        .to_string();
-    (child, addr)
+    let mut reader = BufReader::new(stdout);
+    let mut lines = Vec::new();
+    for _ in 0..n {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read a line");
+        lines.push(line);
+    }
+    (child, lines)
 }
 
 /// A free loopback port (bound, then released for a process to take).
@@ -82,6 +97,43 @@ impl Serve {
             url: format!("http://{addr}"),
             child,
         }
+    }
+
+    /// Starts `tandem serve` with `--admin-listen 127.0.0.1:0` and extra
+    /// arguments; returns it and the admin listener's address.
+    pub fn start_with_admin(
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Serve, String) {
+        let data = data_dir.to_string_lossy();
+        let mut all = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        all.extend_from_slice(args);
+        let bin = tandem_bin();
+        let (child, lines) = spawn_lines(&bin, &all, env, 2);
+        let addr = |line: &str, prefix: &str| {
+            line.trim()
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("unexpected line {line:?}, wanted {prefix:?}…"))
+                .to_string()
+        };
+        let grpc = addr(&lines[0], "listening on ");
+        let admin = addr(&lines[1], "admin listening on ");
+        (
+            Serve {
+                url: format!("http://{grpc}"),
+                child,
+            },
+            admin,
+        )
     }
 
     /// The address it listens on (`127.0.0.1:port`).

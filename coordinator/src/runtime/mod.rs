@@ -225,6 +225,12 @@ impl Coordinator {
     pub fn is_halted(&self) -> bool {
         self.inner.halted.get().is_some()
     }
+
+    /// Whether it stopped taking new transactions (shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
     /// Calls participants as `access` says from now on (certificates and
     /// token re-read after a change); calls in flight keep their channels.
     ///

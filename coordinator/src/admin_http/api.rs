@@ -1,0 +1,795 @@
+//! The JSON API under `/api/`, answered by the Admin gRPC service in
+//! process ([`AdminService`]'s methods, called directly) in the shape of
+//! `tandem tx --output json` ([`TxView`]).
+//!
+//! - `GET /api/overview`: counters, counts by state, oldest ages.
+//! - `GET /api/transactions?state=&mode=&resource=&min_age=&gtid=&page_token=&page_size=&newest_first=`
+//! - `GET /api/transactions/{gtid}`: the record, a timeline, its labels.
+//! - `POST /api/transactions/{gtid}/retry`, `POST …/abort` (`{"reason": …}`).
+//!
+//! Filters the Admin service does not take (mode, resource, gtid prefix,
+//! newest first) are applied here over pages of its list, with a bounded
+//! number of records read per request; a page cut short by that bound
+//! still carries a `next_page_token` to go on from.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use http::StatusCode;
+use serde::Serialize;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::admin_server::Admin as _;
+use tonic::Request;
+
+use super::{AdminCaller, AppState, error, json, query};
+use crate::cli::{TxView, parse_duration, parse_state};
+use crate::model::now_ms;
+
+/// Default and largest page of `GET /api/transactions`.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 200;
+/// Records read per page of the Admin list while filtering here.
+const SCAN_PAGE: u32 = 500;
+/// Most records one list request reads before answering with what it has.
+const MAX_SCAN: usize = 20_000;
+/// Most records the overview counts by state.
+const MAX_COUNT: usize = 20_000;
+/// Longest abort reason (as the Admin service).
+const MAX_REASON_BYTES: usize = 1024;
+/// Largest request body (an abort reason with room for JSON escapes).
+const MAX_BODY_BYTES: usize = 8 * 1024;
+/// Longest resource filter.
+const MAX_RESOURCE_BYTES: usize = 256;
+
+/// The `/api` routes.
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/overview", get(overview))
+        .route("/transactions", get(list))
+        .route("/transactions/{gtid}", get(detail))
+        .route("/transactions/{gtid}/retry", post(retry))
+        .route("/transactions/{gtid}/abort", post(abort))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// A gRPC status as an HTTP answer with its message.
+fn from_status(s: &tonic::Status) -> Response {
+    use tonic::Code;
+    let code = match s.code() {
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition | Code::Aborted | Code::AlreadyExists => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(code, s.message())
+}
+
+fn bad(message: impl AsRef<str>) -> Response {
+    error(StatusCode::BAD_REQUEST, message.as_ref())
+}
+
+/// `GET /api/overview`.
+#[derive(Serialize)]
+struct Overview {
+    /// The coordinator's instance name (or its gRPC address).
+    instance: String,
+    /// Transactions held in memory (not terminal, not STUCK).
+    live: u64,
+    /// Records by state name (`STUCK`, `COMMITTED`, …), over at most
+    /// [`MAX_COUNT`] records.
+    counts: BTreeMap<String, u64>,
+    /// The log held more records than were counted.
+    counts_partial: bool,
+    /// Decided but not finished: COMMITTING + ABORTING.
+    in_doubt: u64,
+    stuck: u64,
+    /// Age of the oldest unfinished (not STUCK) transaction; 0 when none.
+    oldest_live_age_ms: u64,
+    oldest_live_gtid: String,
+    /// Age of the oldest STUCK transaction; 0 when none.
+    oldest_stuck_age_ms: u64,
+    oldest_stuck_gtid: String,
+    forces: u64,
+    flushes: u64,
+    purged: u64,
+    /// Unfinished transactions found at start not yet taken up.
+    recovery_backlog: u64,
+    /// Stopped deciding after a log failure.
+    halted: bool,
+    /// Shutting down: no new transactions.
+    draining: bool,
+    now_ms: u64,
+}
+
+async fn overview(State(s): State<AppState>) -> Response {
+    let stats = match s
+        .admin
+        .get_stats(Request::new(pb::GetStatsRequest {}))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => return from_status(&e),
+    };
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut counted = 0usize;
+    let mut token = String::new();
+    let mut partial = false;
+    loop {
+        let page = match s
+            .admin
+            .list_transactions(Request::new(pb::ListTransactionsRequest {
+                states: Vec::new(),
+                page_size: 1000,
+                page_token: token,
+                created_before_ms: 0,
+            }))
+            .await
+        {
+            Ok(p) => p.into_inner(),
+            Err(e) => return from_status(&e),
+        };
+        for t in &page.transactions {
+            *counts.entry(state_name(t.state())).or_default() += 1;
+        }
+        counted += page.transactions.len();
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+        if counted >= MAX_COUNT {
+            partial = true;
+            break;
+        }
+    }
+    let unfinished = [
+        pb::TxState::Active,
+        pb::TxState::Preparing,
+        pb::TxState::Committing,
+        pb::TxState::Aborting,
+    ];
+    let (oldest_live_gtid, oldest_live_age_ms) = match oldest(&s, &unfinished).await {
+        Ok(o) => o,
+        Err(e) => return from_status(&e),
+    };
+    let (oldest_stuck_gtid, oldest_stuck_age_ms) = match oldest(&s, &[pb::TxState::Stuck]).await {
+        Ok(o) => o,
+        Err(e) => return from_status(&e),
+    };
+    let count = |name: &str| counts.get(name).copied().unwrap_or(0);
+    let body = Overview {
+        instance: s.instance.clone(),
+        live: stats.live,
+        in_doubt: count("COMMITTING") + count("ABORTING"),
+        stuck: count("STUCK"),
+        counts_partial: partial,
+        oldest_live_age_ms,
+        oldest_live_gtid,
+        oldest_stuck_age_ms,
+        oldest_stuck_gtid,
+        forces: stats.forces,
+        flushes: stats.flushes,
+        purged: stats.purged,
+        recovery_backlog: s.coord.recovery_backlog() as u64,
+        halted: s.coord.is_halted(),
+        draining: s.coord.is_draining(),
+        now_ms: now_ms(),
+        counts,
+    };
+    json(StatusCode::OK, &body)
+}
+
+/// The oldest transaction in `states` (gtids are creation-ordered): its
+/// gtid and age, or empty and 0.
+async fn oldest(s: &AppState, states: &[pb::TxState]) -> Result<(String, u64), tonic::Status> {
+    let page = s
+        .admin
+        .list_transactions(Request::new(pb::ListTransactionsRequest {
+            states: states.iter().map(|s| *s as i32).collect(),
+            page_size: 1,
+            page_token: String::new(),
+            created_before_ms: 0,
+        }))
+        .await?
+        .into_inner();
+    Ok(page.transactions.first().map_or((String::new(), 0), |t| {
+        (t.gtid.clone(), now_ms().saturating_sub(t.created_at_ms))
+    }))
+}
+
+fn state_name(s: pb::TxState) -> String {
+    let name = s.as_str_name();
+    name.strip_prefix("TX_STATE_").unwrap_or(name).to_string()
+}
+
+/// How the gtid filter matches.
+#[derive(Debug, PartialEq, Eq)]
+enum GtidSearch {
+    /// A whole gtid: read it directly.
+    Exact(String),
+    /// The start of one (lower case, canonical form).
+    Prefix(String),
+}
+
+/// The filters of `GET /api/transactions`.
+#[derive(Debug, Default)]
+struct ListQuery {
+    states: Vec<pb::TxState>,
+    mode: Option<pb::Mode>,
+    resource: Option<String>,
+    min_age_ms: Option<u64>,
+    gtid: Option<GtidSearch>,
+    page_token: String,
+    page_size: usize,
+    newest_first: bool,
+}
+
+impl ListQuery {
+    fn parse(raw: Option<&str>) -> Result<ListQuery, String> {
+        let mut q = ListQuery {
+            page_size: DEFAULT_PAGE,
+            ..ListQuery::default()
+        };
+        for (k, v) in query::pairs(raw)? {
+            let v = v.trim();
+            if v.is_empty() {
+                continue;
+            }
+            match k.as_str() {
+                "state" => {
+                    for one in v.split(',').filter(|s| !s.trim().is_empty()) {
+                        let st = parse_state(one)?;
+                        if !q.states.contains(&st) {
+                            q.states.push(st);
+                        }
+                    }
+                }
+                "mode" => {
+                    q.mode = Some(match v.to_ascii_lowercase().as_str() {
+                        "2pc" => pb::Mode::TwoPhase,
+                        "tcc" => pb::Mode::Tcc,
+                        _ => return Err(format!("unknown mode {:?}; use 2pc or tcc", clip(v))),
+                    });
+                }
+                "resource" => {
+                    if v.len() > MAX_RESOURCE_BYTES {
+                        return Err(format!(
+                            "resource is longer than {MAX_RESOURCE_BYTES} bytes"
+                        ));
+                    }
+                    q.resource = Some(v.to_string());
+                }
+                "min_age" => {
+                    let d = parse_duration(v)?;
+                    q.min_age_ms = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                }
+                "gtid" => q.gtid = Some(gtid_search(v)?),
+                "page_token" => {
+                    if uuid::Uuid::parse_str(v).is_err() {
+                        return Err("bad page_token".into());
+                    }
+                    q.page_token = v.to_ascii_lowercase();
+                }
+                "page_size" => {
+                    let n: usize = v
+                        .parse()
+                        .map_err(|_| format!("page_size {:?} is not a number", clip(v)))?;
+                    q.page_size = n.clamp(1, MAX_PAGE);
+                }
+                "newest_first" => q.newest_first = matches!(v, "1" | "true" | "yes" | "on"),
+                _ => return Err(format!("unknown parameter {:?}", clip(&k))),
+            }
+        }
+        Ok(q)
+    }
+
+    /// Whether `t` passes the filters the Admin list does not apply.
+    fn keeps(&self, t: &pb::TransactionInfo) -> bool {
+        if let Some(m) = self.mode
+            && t.mode() != m
+        {
+            return false;
+        }
+        if let Some(r) = &self.resource
+            && !t.branches.iter().any(|b| &b.resource == r)
+        {
+            return false;
+        }
+        match &self.gtid {
+            Some(GtidSearch::Prefix(p)) => t.gtid.starts_with(p.as_str()),
+            _ => true,
+        }
+    }
+
+    /// Past every gtid the prefix can match (the list is in gtid order).
+    fn past_prefix(&self, gtid: &str) -> bool {
+        matches!(&self.gtid, Some(GtidSearch::Prefix(p)) if !gtid.starts_with(p.as_str()) && gtid > p.as_str())
+    }
+
+    fn request(&self, token: String, size: u32) -> pb::ListTransactionsRequest {
+        pb::ListTransactionsRequest {
+            states: self.states.iter().map(|s| *s as i32).collect(),
+            page_size: size,
+            page_token: token,
+            created_before_ms: self
+                .min_age_ms
+                .map_or(0, |a| now_ms().saturating_sub(a).max(1)),
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    crate::model::cap_text(s, 64)
+}
+
+/// A whole gtid, or the start of one in canonical form.
+fn gtid_search(v: &str) -> Result<GtidSearch, String> {
+    let v = v.to_ascii_lowercase();
+    if v.len() == 36 && uuid::Uuid::parse_str(&v).is_ok() {
+        return Ok(GtidSearch::Exact(v));
+    }
+    const TEMPLATE: &str = "00000000-0000-0000-0000-000000000000";
+    let ok = v.len() <= TEMPLATE.len()
+        && v.bytes().zip(TEMPLATE.bytes()).all(|(c, t)| {
+            if t == b'-' {
+                c == b'-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    if !ok {
+        return Err(format!(
+            "gtid {:?}: give a whole gtid or its start (hex digits and hyphens, as in {TEMPLATE})",
+            clip(&v)
+        ));
+    }
+    Ok(GtidSearch::Prefix(v))
+}
+
+/// The first gtid a prefix can match, less one step: where to scan from.
+fn prefix_start(p: &str) -> String {
+    const TEMPLATE: &str = "00000000-0000-0000-0000-000000000000";
+    format!("{p}{}", &TEMPLATE[p.len()..])
+}
+
+/// `GET /api/transactions`.
+#[derive(Serialize)]
+struct Page {
+    transactions: Vec<TxView>,
+    /// Pass as `page_token` for the next page (older ones when
+    /// `newest_first`); empty on the last.
+    next_page_token: String,
+    /// Records read to answer.
+    scanned: usize,
+    /// The read bound was reached: `newest_first` answered from the oldest
+    /// records only; narrow the filters.
+    partial: bool,
+}
+
+async fn list(State(s): State<AppState>, RawQuery(raw): RawQuery) -> Response {
+    let q = match ListQuery::parse(raw.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return bad(e),
+    };
+    let result = match &q.gtid {
+        Some(GtidSearch::Exact(g)) => exact(&s, &q, g).await,
+        _ if q.newest_first => newest_first(&s, &q).await,
+        _ => oldest_first(&s, &q).await,
+    };
+    match result {
+        Ok(page) => json(StatusCode::OK, &page),
+        Err(e) => from_status(&e),
+    }
+}
+
+async fn exact(s: &AppState, q: &ListQuery, gtid: &str) -> Result<Page, tonic::Status> {
+    let got = s
+        .admin
+        .get_transaction(Request::new(pb::AdminGetTransactionRequest {
+            gtid: gtid.to_string(),
+        }))
+        .await;
+    let t = match got {
+        Ok(t) => t.into_inner(),
+        Err(e) if e.code() == tonic::Code::NotFound => {
+            return Ok(Page {
+                transactions: Vec::new(),
+                next_page_token: String::new(),
+                scanned: 0,
+                partial: false,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let age_ok = q
+        .min_age_ms
+        .is_none_or(|a| now_ms().saturating_sub(t.created_at_ms) >= a);
+    let state_ok = q.states.is_empty() || q.states.contains(&t.state());
+    let keep = age_ok && state_ok && q.keeps(&t);
+    Ok(Page {
+        transactions: if keep {
+            vec![TxView::from(t)]
+        } else {
+            Vec::new()
+        },
+        next_page_token: String::new(),
+        scanned: 1,
+        partial: false,
+    })
+}
+
+async fn oldest_first(s: &AppState, q: &ListQuery) -> Result<Page, tonic::Status> {
+    let mut token = q.page_token.clone();
+    if let Some(GtidSearch::Prefix(p)) = &q.gtid {
+        token = token.max(prefix_start(p));
+    }
+    let mut out = Vec::new();
+    let mut scanned = 0;
+    loop {
+        let page = s
+            .admin
+            .list_transactions(Request::new(q.request(token.clone(), SCAN_PAGE)))
+            .await?
+            .into_inner();
+        let last = page.next_page_token.is_empty();
+        for t in page.transactions {
+            scanned += 1;
+            if q.past_prefix(&t.gtid) {
+                return Ok(done(out, scanned));
+            }
+            token.clone_from(&t.gtid);
+            if q.keeps(&t) {
+                out.push(TxView::from(t));
+                if out.len() == q.page_size {
+                    return Ok(Page {
+                        transactions: out,
+                        next_page_token: token,
+                        scanned,
+                        partial: false,
+                    });
+                }
+            }
+        }
+        if last {
+            return Ok(done(out, scanned));
+        }
+        if scanned >= MAX_SCAN {
+            // Go on from here on the next page.
+            return Ok(Page {
+                transactions: out,
+                next_page_token: token,
+                scanned,
+                partial: false,
+            });
+        }
+    }
+}
+
+fn done(transactions: Vec<TxView>, scanned: usize) -> Page {
+    Page {
+        transactions,
+        next_page_token: String::new(),
+        scanned,
+        partial: false,
+    }
+}
+
+/// Newest first over a list kept oldest first: reads forward up to the
+/// page token (the oldest gtid shown so far), keeping the last page of
+/// matches. Bounded by [`MAX_SCAN`] records.
+async fn newest_first(s: &AppState, q: &ListQuery) -> Result<Page, tonic::Status> {
+    let before = (!q.page_token.is_empty()).then(|| q.page_token.clone());
+    let mut token = match &q.gtid {
+        Some(GtidSearch::Prefix(p)) => prefix_start(p),
+        _ => String::new(),
+    };
+    let mut kept: VecDeque<pb::TransactionInfo> = VecDeque::new();
+    let mut dropped = false;
+    let mut scanned = 0;
+    let mut partial = false;
+    'scan: loop {
+        let page = s
+            .admin
+            .list_transactions(Request::new(q.request(token.clone(), SCAN_PAGE)))
+            .await?
+            .into_inner();
+        let last = page.next_page_token.is_empty();
+        for t in page.transactions {
+            scanned += 1;
+            if q.past_prefix(&t.gtid) || before.as_ref().is_some_and(|b| &t.gtid >= b) {
+                break 'scan;
+            }
+            token.clone_from(&t.gtid);
+            if q.keeps(&t) {
+                kept.push_back(t);
+                if kept.len() > q.page_size {
+                    kept.pop_front();
+                    dropped = true;
+                }
+            }
+        }
+        if last {
+            break;
+        }
+        if scanned >= MAX_SCAN {
+            partial = true;
+            break;
+        }
+    }
+    let next_page_token = if dropped {
+        kept.front().map(|t| t.gtid.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Ok(Page {
+        transactions: kept.into_iter().rev().map(TxView::from).collect(),
+        next_page_token,
+        scanned,
+        partial,
+    })
+}
+
+/// One moment of a transaction's life.
+#[derive(Serialize)]
+struct Moment {
+    /// When, ms since the Unix epoch; `null` when the record does not keep
+    /// the time (the decision: placed before its phase 2).
+    at_ms: Option<u64>,
+    what: String,
+}
+
+/// `GET /api/transactions/{gtid}`.
+#[derive(Serialize)]
+struct Detail {
+    #[serde(flatten)]
+    tx: TxView,
+    timeline: Vec<Moment>,
+    /// The caller's labels of the transaction (empty until the record
+    /// carries them).
+    labels: BTreeMap<String, String>,
+}
+
+/// The record's timestamps in order: created, each branch's last change,
+/// the decision, the deadline, the last change.
+fn timeline(t: &pb::TransactionInfo) -> Vec<Moment> {
+    let mut moments: Vec<(u64, Moment)> = Vec::new();
+    let mut at = |key: u64, at_ms: Option<u64>, what: String| {
+        moments.push((key, Moment { at_ms, what }));
+    };
+    let mode = if t.mode() == pb::Mode::Tcc {
+        "TCC"
+    } else {
+        "2PC"
+    };
+    at(
+        t.created_at_ms,
+        Some(t.created_at_ms),
+        format!("created ({mode}, {} branches)", t.branches.len()),
+    );
+    let decision = t.decision();
+    if decision != pb::Decision::None {
+        // Not timed in the record: before the first phase-2 acknowledgement.
+        let phase_two = t
+            .branches
+            .iter()
+            .filter(|b| {
+                matches!(
+                    b.state(),
+                    pb::BranchState::Committed | pb::BranchState::RolledBack
+                )
+            })
+            .map(|b| b.updated_at_ms)
+            .min()
+            .unwrap_or(t.updated_at_ms);
+        let name = decision.as_str_name();
+        at(
+            phase_two,
+            None,
+            format!("decided {}", name.strip_prefix("DECISION_").unwrap_or(name)),
+        );
+    }
+    for b in &t.branches {
+        let state = b.state().as_str_name();
+        let mut what = format!(
+            "branch #{} {} at {}: {}",
+            b.branch_id,
+            b.resource,
+            b.endpoint,
+            state.strip_prefix("BRANCH_STATE_").unwrap_or(state)
+        );
+        if b.attempts > 0 {
+            what.push_str(&format!(" after {} phase-2 attempts", b.attempts));
+        }
+        if !b.last_error.is_empty() {
+            what.push_str(&format!(
+                "; last error: {}",
+                crate::model::cap_text(&b.last_error, 300)
+            ));
+        }
+        at(b.updated_at_ms, Some(b.updated_at_ms), what);
+        if let Some(r) = &b.resolution {
+            at(
+                r.at_ms,
+                Some(r.at_ms),
+                format!(
+                    "branch #{} settled by hand by {}: {}",
+                    b.branch_id, r.by, r.reason
+                ),
+            );
+        }
+        if b.next_attempt_at_ms > 0 {
+            at(
+                b.next_attempt_at_ms,
+                Some(b.next_attempt_at_ms),
+                format!("branch #{}: next attempt due", b.branch_id),
+            );
+        }
+    }
+    if t.deadline_ms > 0 {
+        at(
+            t.deadline_ms,
+            Some(t.deadline_ms),
+            "deadline (undecided past it means abort)".into(),
+        );
+    }
+    let state = state_name(t.state());
+    at(
+        t.updated_at_ms,
+        Some(t.updated_at_ms),
+        format!("last change: {state}"),
+    );
+    moments.sort_by_key(|(k, _)| *k);
+    moments.into_iter().map(|(_, m)| m).collect()
+}
+
+async fn detail(State(s): State<AppState>, Path(gtid): Path<String>) -> Response {
+    match s
+        .admin
+        .get_transaction(Request::new(pb::AdminGetTransactionRequest { gtid }))
+        .await
+    {
+        Ok(t) => {
+            let t = t.into_inner();
+            let timeline = timeline(&t);
+            json(
+                StatusCode::OK,
+                &Detail {
+                    tx: TxView::from(t),
+                    timeline,
+                    labels: BTreeMap::new(),
+                },
+            )
+        }
+        Err(e) => from_status(&e),
+    }
+}
+
+async fn retry(
+    State(s): State<AppState>,
+    caller: Option<Extension<AdminCaller>>,
+    Path(gtid): Path<String>,
+) -> Response {
+    let by = caller.map_or_else(|| "anonymous".into(), |c| c.0.0);
+    let got = s
+        .admin
+        .retry_transaction(Request::new(pb::RetryTransactionRequest {
+            gtid: gtid.clone(),
+        }))
+        .await;
+    match got {
+        Ok(t) => {
+            tracing::info!(gtid = %clip(&gtid), by = %by, "console: retry");
+            json(StatusCode::OK, &TxView::from(t.into_inner()))
+        }
+        Err(e) => from_status(&e),
+    }
+}
+
+/// The body of `POST …/abort`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AbortBody {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn abort(
+    State(s): State<AppState>,
+    caller: Option<Extension<AdminCaller>>,
+    Path(gtid): Path<String>,
+    body: Bytes,
+) -> Response {
+    let by = caller.map_or_else(|| "anonymous".into(), |c| c.0.0);
+    let reason = if body.iter().all(u8::is_ascii_whitespace) {
+        String::new()
+    } else {
+        match serde_json::from_slice::<AbortBody>(&body) {
+            Ok(b) => b.reason,
+            Err(e) => return bad(format!("the body must be {{\"reason\": \"…\"}}: {e}")),
+        }
+    };
+    if reason.len() > MAX_REASON_BYTES {
+        return bad(format!(
+            "the reason is {} bytes; at most {MAX_REASON_BYTES}",
+            reason.len()
+        ));
+    }
+    let reason = if reason.trim().is_empty() {
+        format!("aborted from the console by {by}")
+    } else {
+        reason
+    };
+    let got = s
+        .admin
+        .abort_transaction(Request::new(pb::AbortTransactionRequest {
+            gtid: gtid.clone(),
+            reason,
+        }))
+        .await;
+    match got {
+        Ok(t) => {
+            tracing::info!(gtid = %clip(&gtid), by = %by, "console: abort");
+            json(StatusCode::OK, &TxView::from(t.into_inner()))
+        }
+        Err(e) => from_status(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_queries_parse_and_garbage_is_refused() {
+        let q = ListQuery::parse(Some(
+            "state=stuck,ACTIVE&state=stuck&mode=TCC&resource=r&min_age=5s&gtid=0199AB&page_size=9999&newest_first=1",
+        ))
+        .expect("parses");
+        assert_eq!(q.states, vec![pb::TxState::Stuck, pb::TxState::Active]);
+        assert_eq!(q.mode, Some(pb::Mode::Tcc));
+        assert_eq!(q.min_age_ms, Some(5000));
+        assert_eq!(q.gtid, Some(GtidSearch::Prefix("0199ab".into())));
+        assert_eq!(q.page_size, MAX_PAGE);
+        assert!(q.newest_first);
+        for bad in [
+            "state=done",
+            "mode=3pc",
+            "min_age=5 parsecs",
+            "gtid=xyz",
+            "gtid=0199ab-",
+            "page_token=nope",
+            "page_size=-1",
+            "colour=blue",
+        ] {
+            assert!(ListQuery::parse(Some(bad)).is_err(), "{bad}");
+        }
+        let long = format!("resource={}", "r".repeat(MAX_RESOURCE_BYTES + 1));
+        assert!(ListQuery::parse(Some(&long)).is_err());
+    }
+
+    #[test]
+    fn a_prefix_scans_from_its_first_possible_gtid() {
+        assert_eq!(
+            prefix_start("0199ab"),
+            "0199ab00-0000-0000-0000-000000000000"
+        );
+        let g = "0199ab12-3456-7000-8000-000000000000";
+        assert_eq!(gtid_search(g), Ok(GtidSearch::Exact(g.into())));
+        let q = ListQuery {
+            gtid: Some(GtidSearch::Prefix("0199ab".into())),
+            ..ListQuery::default()
+        };
+        assert!(!q.past_prefix(g));
+        assert!(!q.past_prefix("0199aa00-0000-0000-0000-000000000000"));
+        assert!(q.past_prefix("0199ac00-0000-0000-0000-000000000000"));
+    }
+}

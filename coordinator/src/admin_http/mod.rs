@@ -1,0 +1,298 @@
+//! The admin HTTP listener (`tandem serve --admin-listen`): a JSON API over
+//! the Admin service, the web console, and `/metrics`, on a port of its own
+//! beside the gRPC one, stopped by the same shutdown.
+//!
+//! - [`api`]: `/api/…` (overview, list, detail, retry, abort).
+//! - [`console`]: the console's HTML / JS / CSS, embedded in the binary.
+//!
+//! Everything under `/api/` and `/metrics` needs the admin role when
+//! `--auth-file` is given (bearer token, or the client certificate when the
+//! listener is TLS with `--tls-client-ca`): 401 without a credential, 403
+//! with one lacking the role. Without `--auth-file` reads are open but
+//! actions are refused: a console is never a write path open to everyone.
+//! The console's own files load without a credential (they hold no data).
+
+mod api;
+mod console;
+mod query;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, Method, StatusCode, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tandem_sdk::security::Role;
+use tandem_sdk::security::rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::runtime::Coordinator;
+use crate::security::ServerSecurity;
+use crate::service::{AdminService, SharedAccess};
+
+/// How long open connections get to finish after shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Connections served at once; past it new ones are closed.
+const MAX_CONNECTIONS: usize = 256;
+
+/// The admin listener's socket, bound by the caller (port 0 picks one).
+pub struct AdminListener {
+    /// Where it accepts connections.
+    pub listener: TcpListener,
+    /// This coordinator's name (instance name, or its gRPC address).
+    pub instance: String,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+struct AppState {
+    admin: AdminService,
+    coord: Coordinator,
+    /// This coordinator's name, shown by the console.
+    instance: String,
+    /// `None`: authentication off (reads open, actions refused).
+    access: Option<SharedAccess>,
+}
+
+/// The client certificates of a TLS connection, put in each request's
+/// extensions for the admin check.
+#[derive(Clone)]
+struct PeerCerts(Arc<Vec<CertificateDer<'static>>>);
+
+/// The caller who passed the admin check (logged with actions).
+#[derive(Clone)]
+struct AdminCaller(String);
+
+/// The router: API and metrics behind the admin check, console open.
+fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .nest("/api", api::routes())
+        .route("/metrics", axum::routing::get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
+    Router::new()
+        .merge(console::routes())
+        .merge(protected)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such page") })
+        .layer(axum::middleware::from_fn(common_headers))
+        .with_state(state)
+}
+
+/// Serves the admin listener until `shutdown` is cancelled; then open
+/// connections get [`SHUTDOWN_GRACE`] to finish. TLS (and client
+/// certificates) as `security` says, with the gRPC port's certificate.
+pub async fn serve(
+    coord: Coordinator,
+    listener: AdminListener,
+    security: ServerSecurity,
+    shutdown: CancellationToken,
+) {
+    let AdminListener { listener, instance } = listener;
+    let state = AppState {
+        admin: AdminService::new(coord.clone()),
+        coord,
+        instance,
+        access: security.access.as_ref().map(|a| a.shared()),
+    };
+    if state.access.is_none() {
+        tracing::warn!(
+            "admin HTTP listener without --auth-file: the console and API can be READ by anyone \
+             who reaches the port; retry and abort are refused until --auth-file is given"
+        );
+    }
+    let app = router(state);
+    let connections = TaskTracker::new();
+    match &security.tls {
+        Some(tls) => {
+            let mut incoming = tls.incoming(listener);
+            loop {
+                let next = tokio::select! {
+                    n = incoming.next() => n,
+                    () = shutdown.cancelled() => break,
+                };
+                let Some(Ok(stream)) = next else {
+                    if next.is_none() {
+                        break;
+                    }
+                    continue;
+                };
+                let certs = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| PeerCerts(Arc::new(c.to_vec())));
+                spawn_connection(&connections, &app, stream, certs, &shutdown);
+            }
+        }
+        None => loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = shutdown.cancelled() => break,
+            };
+            match accepted {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    spawn_connection(&connections, &app, tcp, None, &shutdown);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        },
+    }
+    connections.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("admin listener: connections still open after the grace period; closed");
+    }
+}
+
+/// Serves one connection (HTTP/1.1 or HTTP/2) in a tracked task, closing
+/// it gracefully on shutdown.
+fn spawn_connection<S>(
+    tracker: &TaskTracker,
+    app: &Router,
+    stream: S,
+    certs: Option<PeerCerts>,
+    shutdown: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if tracker.len() >= MAX_CONNECTIONS {
+        tracing::warn!("admin listener: too many connections; one closed");
+        return;
+    }
+    let app = app.clone();
+    let shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let svc = tower::ServiceExt::map_request(app, move |mut req: Request<_>| {
+            if let Some(c) = &certs {
+                req.extensions_mut().insert(c.clone());
+            }
+            req
+        });
+        let svc = TowerToHyperService::new(svc);
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    });
+}
+
+/// The admin check in front of `/api/` and `/metrics`.
+async fn require_admin(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let write = req.method() != Method::GET && req.method() != Method::HEAD;
+    let Some(access) = &state.access else {
+        if write {
+            return error(
+                StatusCode::FORBIDDEN,
+                "actions are refused while authentication is off: configure --auth-file with an \
+                 admin token on the coordinator to retry or abort from the console",
+            );
+        }
+        return next.run(req).await;
+    };
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let certs = req.extensions().get::<PeerCerts>().map(|c| c.0.clone());
+    let checked = access.read().unwrap_or_else(|p| p.into_inner()).check(
+        auth,
+        certs.as_deref().map(Vec::as_slice),
+        Role::Admin,
+    );
+    match checked {
+        Ok(name) => {
+            req.extensions_mut().insert(AdminCaller(name));
+            next.run(req).await
+        }
+        Err(refusal) => {
+            tracing::warn!(path = req.uri().path(), refused = %refusal, "admin HTTP call refused");
+            let status = match refusal {
+                tandem_sdk::security::Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                tandem_sdk::security::Refusal::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            };
+            let mut resp = error(status, &refusal.to_string());
+            if status == StatusCode::UNAUTHORIZED {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tandem-admin\""),
+                );
+            }
+            resp
+        }
+    }
+}
+
+/// Headers on every answer: no sniffing, no framing, no referrer.
+async fn common_headers(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::metrics::render(&state.coord),
+    )
+        .into_response()
+}
+
+/// A JSON error answer `{"error": message}`.
+fn error(status: StatusCode, message: &str) -> Response {
+    json(status, &serde_json::json!({ "error": message }))
+}
+
+/// A JSON answer, never cached.
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response {
+    let body = serde_json::to_vec(value)
+        .unwrap_or_else(|_| br#"{"error":"the answer could not be encoded"}"#.to_vec());
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
