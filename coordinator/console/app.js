@@ -196,6 +196,8 @@ function listQuery(token) {
   if (mode) p.set("mode", mode);
   const resource = $("f-resource").value.trim();
   if (resource) p.set("resource", resource);
+  const label = $("f-label").value.trim();
+  if (label) p.set("label", label);
   const age = $("f-age").value.trim();
   if (age) p.set("min_age", age);
   const gtid = $("f-gtid").value.trim();
@@ -233,7 +235,9 @@ async function loadList() {
   for (const t of page.transactions) {
     const open = () => { location.hash = "#/tx/" + encodeURIComponent(t.gtid); };
     const tr = el("tr", { "data-gtid": t.gtid, tabindex: "0" },
-      el("td", { class: "mono", "data-label": "GTID" }, el("a", { href: "#/tx/" + encodeURIComponent(t.gtid), text: t.gtid })),
+      el("td", { class: "mono", "data-label": "GTID" },
+        el("a", { href: "#/tx/" + encodeURIComponent(t.gtid), text: t.gtid }),
+        el("div", { class: "tx-labels", text: Object.entries(t.labels || {}).map(([k, v]) => k + "=" + v).join(" ") })),
       el("td", { "data-label": "State" }, badge(t.state)),
       el("td", { "data-label": "Mode", text: t.mode }),
       el("td", { class: "num", "data-label": "Age", text: human(t.age_ms) }),
@@ -249,7 +253,7 @@ async function loadList() {
   $("next").disabled = !page.next_page_token;
   $("page-no").textContent = "page " + (ui.list.page + 1);
   $("list-note").textContent = page.partial
-    ? "Only the oldest " + page.scanned + " records were read for newest-first order; narrow the filters."
+    ? "Fewer matches than a page in the records read at once; press Next to keep looking."
     : "";
 }
 

@@ -12,7 +12,6 @@
 //! number of records read per request; a page cut short by that bound
 //! still carries a `next_page_token` to go on from.
 
-use std::collections::{BTreeMap, VecDeque};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -227,7 +226,9 @@ struct ListQuery {
     mode: Option<pb::Mode>,
     resource: Option<String>,
     min_age_ms: Option<u64>,
-    gtid: Option<GtidSearch>,
+    gtid: Option<String>,
+    labels: Vec<(String, String)>,
+    endpoint: Option<String>,
     page_token: String,
     page_size: usize,
     newest_first: bool,
@@ -273,6 +274,23 @@ impl ListQuery {
                     q.min_age_ms = Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 }
                 "gtid" => q.gtid = Some(gtid_search(v)?),
+                "label" => {
+                    if q.labels.len() == crate::labels::MAX_LABELS {
+                        return Err("too many label filters".into());
+                    }
+                    match v.split_once('=') {
+                        Some((k, val)) if !k.trim().is_empty() => {
+                            q.labels.push((k.trim().to_string(), val.to_string()));
+                        }
+                        _ => return Err(format!("label {:?}: expected key=value", clip(v))),
+                    }
+                }
+                "endpoint" => {
+                    if v.len() > 1024 {
+                        return Err("endpoint is longer than 1024 bytes".into());
+                    }
+                    q.endpoint = Some(v.to_string());
+                }
                 "page_token" => {
                     if uuid::Uuid::parse_str(v).is_err() {
                         return Err("bad page_token".into());
@@ -292,37 +310,21 @@ impl ListQuery {
         Ok(q)
     }
 
-    /// Whether `t` passes the filters the Admin list does not apply.
-    fn keeps(&self, t: &pb::TransactionInfo) -> bool {
-        if let Some(m) = self.mode
-            && t.mode() != m
-        {
-            return false;
-        }
-        if let Some(r) = &self.resource
-            && !t.branches.iter().any(|b| &b.resource == r)
-        {
-            return false;
-        }
-        match &self.gtid {
-            Some(GtidSearch::Prefix(p)) => t.gtid.starts_with(p.as_str()),
-            _ => true,
-        }
-    }
-
-    /// Past every gtid the prefix can match (the list is in gtid order).
-    fn past_prefix(&self, gtid: &str) -> bool {
-        matches!(&self.gtid, Some(GtidSearch::Prefix(p)) if !gtid.starts_with(p.as_str()) && gtid > p.as_str())
-    }
-
-    fn request(&self, token: String, size: u32) -> pb::ListTransactionsRequest {
+    /// The Admin list request: every filter is applied by the coordinator.
+    fn request(&self) -> pb::ListTransactionsRequest {
         pb::ListTransactionsRequest {
             states: self.states.iter().map(|s| *s as i32).collect(),
-            page_size: size,
-            page_token: token,
+            page_size: self.page_size as u32,
+            page_token: self.page_token.clone(),
             created_before_ms: self
                 .min_age_ms
                 .map_or(0, |a| now_ms().saturating_sub(a).max(1)),
+            labels: self.labels.iter().cloned().collect(),
+            resource: self.resource.clone().unwrap_or_default(),
+            endpoint: self.endpoint.clone().unwrap_or_default(),
+            newest_first: self.newest_first,
+            mode: self.mode.map_or(0, |m| m as i32),
+            gtid_prefix: self.gtid.clone().unwrap_or_default(),
         }
     }
 }
@@ -331,12 +333,10 @@ fn clip(s: &str) -> String {
     crate::model::cap_text(s, 64)
 }
 
-/// A whole gtid, or the start of one in canonical form.
-fn gtid_search(v: &str) -> Result<GtidSearch, String> {
+/// A whole gtid or its start, lower case (hex digits and hyphens where a
+/// gtid has them).
+fn gtid_search(v: &str) -> Result<String, String> {
     let v = v.to_ascii_lowercase();
-    if v.len() == 36 && uuid::Uuid::parse_str(&v).is_ok() {
-        return Ok(GtidSearch::Exact(v));
-    }
     const TEMPLATE: &str = "00000000-0000-0000-0000-000000000000";
     let ok = v.len() <= TEMPLATE.len()
         && v.bytes().zip(TEMPLATE.bytes()).all(|(c, t)| {
@@ -352,13 +352,7 @@ fn gtid_search(v: &str) -> Result<GtidSearch, String> {
             clip(&v)
         ));
     }
-    Ok(GtidSearch::Prefix(v))
-}
-
-/// The first gtid a prefix can match, less one step: where to scan from.
-fn prefix_start(p: &str) -> String {
-    const TEMPLATE: &str = "00000000-0000-0000-0000-000000000000";
-    format!("{p}{}", &TEMPLATE[p.len()..])
+    Ok(v)
 }
 
 /// `GET /api/transactions`.
@@ -368,10 +362,8 @@ struct Page {
     /// Pass as `page_token` for the next page (older ones when
     /// `newest_first`); empty on the last.
     next_page_token: String,
-    /// Records read to answer.
-    scanned: usize,
-    /// The read bound was reached: `newest_first` answered from the oldest
-    /// records only; narrow the filters.
+    /// Fewer than a page was found in the records the coordinator reads
+    /// per request, and more remain: go on with `next_page_token`.
     partial: bool,
 }
 
@@ -380,162 +372,21 @@ async fn list(State(s): State<AppState>, RawQuery(raw): RawQuery) -> Response {
         Ok(q) => q,
         Err(e) => return bad(e),
     };
-    let result = match &q.gtid {
-        Some(GtidSearch::Exact(g)) => exact(&s, &q, g).await,
-        _ if q.newest_first => newest_first(&s, &q).await,
-        _ => oldest_first(&s, &q).await,
-    };
-    match result {
-        Ok(page) => json(StatusCode::OK, &page),
+    let got = s.admin.list_transactions(Request::new(q.request())).await;
+    match got {
+        Ok(page) => {
+            let page = page.into_inner();
+            let partial =
+                !page.next_page_token.is_empty() && page.transactions.len() < q.page_size;
+            let page = Page {
+                transactions: page.transactions.into_iter().map(TxView::from).collect(),
+                next_page_token: page.next_page_token,
+                partial,
+            };
+            json(StatusCode::OK, &page)
+        }
         Err(e) => from_status(&e),
     }
-}
-
-async fn exact(s: &AppState, q: &ListQuery, gtid: &str) -> Result<Page, tonic::Status> {
-    let got = s
-        .admin
-        .get_transaction(Request::new(pb::AdminGetTransactionRequest {
-            gtid: gtid.to_string(),
-        }))
-        .await;
-    let t = match got {
-        Ok(t) => t.into_inner(),
-        Err(e) if e.code() == tonic::Code::NotFound => {
-            return Ok(Page {
-                transactions: Vec::new(),
-                next_page_token: String::new(),
-                scanned: 0,
-                partial: false,
-            });
-        }
-        Err(e) => return Err(e),
-    };
-    let age_ok = q
-        .min_age_ms
-        .is_none_or(|a| now_ms().saturating_sub(t.created_at_ms) >= a);
-    let state_ok = q.states.is_empty() || q.states.contains(&t.state());
-    let keep = age_ok && state_ok && q.keeps(&t);
-    Ok(Page {
-        transactions: if keep {
-            vec![TxView::from(t)]
-        } else {
-            Vec::new()
-        },
-        next_page_token: String::new(),
-        scanned: 1,
-        partial: false,
-    })
-}
-
-async fn oldest_first(s: &AppState, q: &ListQuery) -> Result<Page, tonic::Status> {
-    let mut token = q.page_token.clone();
-    if let Some(GtidSearch::Prefix(p)) = &q.gtid {
-        token = token.max(prefix_start(p));
-    }
-    let mut out = Vec::new();
-    let mut scanned = 0;
-    loop {
-        let page = s
-            .admin
-            .list_transactions(Request::new(q.request(token.clone(), SCAN_PAGE)))
-            .await?
-            .into_inner();
-        let last = page.next_page_token.is_empty();
-        for t in page.transactions {
-            scanned += 1;
-            if q.past_prefix(&t.gtid) {
-                return Ok(done(out, scanned));
-            }
-            token.clone_from(&t.gtid);
-            if q.keeps(&t) {
-                out.push(TxView::from(t));
-                if out.len() == q.page_size {
-                    return Ok(Page {
-                        transactions: out,
-                        next_page_token: token,
-                        scanned,
-                        partial: false,
-                    });
-                }
-            }
-        }
-        if last {
-            return Ok(done(out, scanned));
-        }
-        if scanned >= MAX_SCAN {
-            // Go on from here on the next page.
-            return Ok(Page {
-                transactions: out,
-                next_page_token: token,
-                scanned,
-                partial: false,
-            });
-        }
-    }
-}
-
-fn done(transactions: Vec<TxView>, scanned: usize) -> Page {
-    Page {
-        transactions,
-        next_page_token: String::new(),
-        scanned,
-        partial: false,
-    }
-}
-
-/// Newest first over a list kept oldest first: reads forward up to the
-/// page token (the oldest gtid shown so far), keeping the last page of
-/// matches. Bounded by [`MAX_SCAN`] records.
-async fn newest_first(s: &AppState, q: &ListQuery) -> Result<Page, tonic::Status> {
-    let before = (!q.page_token.is_empty()).then(|| q.page_token.clone());
-    let mut token = match &q.gtid {
-        Some(GtidSearch::Prefix(p)) => prefix_start(p),
-        _ => String::new(),
-    };
-    let mut kept: VecDeque<pb::TransactionInfo> = VecDeque::new();
-    let mut dropped = false;
-    let mut scanned = 0;
-    let mut partial = false;
-    'scan: loop {
-        let page = s
-            .admin
-            .list_transactions(Request::new(q.request(token.clone(), SCAN_PAGE)))
-            .await?
-            .into_inner();
-        let last = page.next_page_token.is_empty();
-        for t in page.transactions {
-            scanned += 1;
-            if q.past_prefix(&t.gtid) || before.as_ref().is_some_and(|b| &t.gtid >= b) {
-                break 'scan;
-            }
-            token.clone_from(&t.gtid);
-            if q.keeps(&t) {
-                kept.push_back(t);
-                if kept.len() > q.page_size {
-                    kept.pop_front();
-                    dropped = true;
-                }
-            }
-        }
-        if last {
-            break;
-        }
-        if scanned >= MAX_SCAN {
-            partial = true;
-            break;
-        }
-    }
-    let next_page_token = if dropped {
-        kept.front().map(|t| t.gtid.clone()).unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Ok(Page {
-        transactions: kept.into_iter().rev().map(TxView::from).collect(),
-        next_page_token,
-        scanned,
-        partial,
-    })
 }
 
 /// One moment of a transaction's life.
@@ -553,9 +404,6 @@ struct Detail {
     #[serde(flatten)]
     tx: TxView,
     timeline: Vec<Moment>,
-    /// The caller's labels of the transaction (empty until the record
-    /// carries them).
-    labels: BTreeMap<String, String>,
 }
 
 /// The record's timestamps in order: created, each branch's last change,
@@ -665,7 +513,6 @@ async fn detail(State(s): State<AppState>, Path(gtid): Path<String>) -> Response
                 &Detail {
                     tx: TxView::from(t),
                     timeline,
-                    labels: BTreeMap::new(),
                 },
             )
         }
@@ -757,7 +604,7 @@ mod tests {
         assert_eq!(q.states, vec![pb::TxState::Stuck, pb::TxState::Active]);
         assert_eq!(q.mode, Some(pb::Mode::Tcc));
         assert_eq!(q.min_age_ms, Some(5000));
-        assert_eq!(q.gtid, Some(GtidSearch::Prefix("0199ab".into())));
+        assert_eq!(q.gtid, Some("0199ab".into()));
         assert_eq!(q.page_size, MAX_PAGE);
         assert!(q.newest_first);
         for bad in [
@@ -777,19 +624,13 @@ mod tests {
     }
 
     #[test]
-    fn a_prefix_scans_from_its_first_possible_gtid() {
-        assert_eq!(
-            prefix_start("0199ab"),
-            "0199ab00-0000-0000-0000-000000000000"
-        );
+    fn label_and_endpoint_filters_parse() {
+        let q = ListQuery::parse(Some("label=order_id%3DA-1&label=tenant=acme&endpoint=http://h:1"))
+            .expect("parses");
+        assert_eq!(q.labels.len(), 2);
+        assert_eq!(q.endpoint.as_deref(), Some("http://h:1"));
+        assert!(ListQuery::parse(Some("label=novalue")).is_err());
         let g = "0199ab12-3456-7000-8000-000000000000";
-        assert_eq!(gtid_search(g), Ok(GtidSearch::Exact(g.into())));
-        let q = ListQuery {
-            gtid: Some(GtidSearch::Prefix("0199ab".into())),
-            ..ListQuery::default()
-        };
-        assert!(!q.past_prefix(g));
-        assert!(!q.past_prefix("0199aa00-0000-0000-0000-000000000000"));
-        assert!(q.past_prefix("0199ac00-0000-0000-0000-000000000000"));
+        assert_eq!(gtid_search(g), Ok(g.to_string()));
     }
 }
