@@ -11,6 +11,8 @@
 //! - [`service`]: the tonic Coordinator and Admin services.
 //! - [`server`]: serving both services with recovery and graceful shutdown.
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
+//! - [`config_file`]: `--config FILE`, any flag of `tandem serve` from TOML.
+//! - [`serve_cli`]: `tandem serve`'s flags and running a coordinator.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
 //!   `failpoints`; no-ops otherwise).
@@ -26,6 +28,7 @@ pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod engine;
 pub mod error;
@@ -36,6 +39,7 @@ pub mod logging;
 pub mod model;
 pub mod runtime;
 pub mod security;
+pub mod serve_cli;
 pub mod server;
 pub mod service;
 pub mod store_cli;
