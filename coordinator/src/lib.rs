@@ -16,6 +16,7 @@
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
 //!   `failpoints`; no-ops otherwise).
+//! - [`alerts`]: the webhook told of STUCK transactions and failing branches.
 //! - [`bench`]: `tandem bench`, throughput / latency / durability cost against
 //!   the machine's echo floor.
 //! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
@@ -24,6 +25,7 @@
 //!
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
+pub mod alerts;
 pub mod bench;
 pub mod certs;
 pub mod cli;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use tracing::info;
 
+use crate::alerts::AlertSettings;
 use crate::cli::parse_duration;
 use crate::config::{CoordinatorConfig, RetryPolicy};
 use crate::runtime::Environment;
@@ -91,6 +92,60 @@ pub struct ServeArgs {
     /// TLS, access list and participant access.
     #[command(flatten)]
     pub security: ServeSecurityArgs,
+    /// The alert webhook.
+    #[command(flatten)]
+    pub alerts: AlertArgs,
+}
+
+/// Where STUCK transactions and failing branches are reported.
+#[derive(Args, Clone, Debug)]
+pub struct AlertArgs {
+    /// POST a JSON alert to this http:// or https:// URL when a
+    /// transaction becomes STUCK or a branch's failed commit / rollback
+    /// calls reach --alert-after-attempts (retried, never blocking
+    /// transactions).
+    #[arg(long, env = "TANDEM_ALERT_WEBHOOK")]
+    pub alert_webhook: Option<String>,
+    /// CA bundle an https webhook's certificate is verified against
+    /// (default: the system's roots).
+    #[arg(long, env = "TANDEM_ALERT_CA", requires = "alert_webhook")]
+    pub alert_ca: Option<PathBuf>,
+    /// File holding a token sent to the webhook as `Authorization: Bearer`.
+    #[arg(long, env = "TANDEM_ALERT_TOKEN_FILE", requires = "alert_webhook")]
+    pub alert_token_file: Option<PathBuf>,
+    /// One alert per branch when its failed commit / rollback calls reach
+    /// this many.
+    #[arg(long, env = "TANDEM_ALERT_AFTER_ATTEMPTS", default_value_t = 5)]
+    pub alert_after_attempts: u32,
+}
+
+impl AlertArgs {
+    /// The alert settings, if a webhook is given; `instance` names this
+    /// coordinator in the alerts.
+    ///
+    /// # Errors
+    ///
+    /// The token file cannot be read or is empty.
+    pub fn settings(&self, instance: String) -> anyhow::Result<Option<AlertSettings>> {
+        let Some(url) = &self.alert_webhook else {
+            return Ok(None);
+        };
+        let mut settings = AlertSettings::new(url.clone(), instance);
+        settings.ca = self.alert_ca.clone();
+        settings.after_attempts = self.alert_after_attempts;
+        if let Some(path) = &self.alert_token_file {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--alert-token-file {}: {e}", path.display()))?;
+            let token = token.trim();
+            anyhow::ensure!(
+                !token.is_empty() && !token.chars().any(char::is_control),
+                "--alert-token-file {}: empty or not one line",
+                path.display()
+            );
+            settings.token = Some(token.to_string());
+        }
+        Ok(Some(settings))
+    }
 }
 
 /// A duration, or `none` for no limit.
@@ -166,8 +221,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.accept_log_damage,
     )?;
     let any_endpoint = config.allowed_endpoints.is_empty();
+    let instance = args.store.instance_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "tandem".into())
+    });
     let env = Environment {
         participants: participants.clone(),
+        alerts: args.alerts.settings(instance)?,
         ..Environment::default()
     };
     // Before listening: refuses a participant token without an allowlist.
