@@ -13,9 +13,12 @@
 //! - [`server`]: serving both services with recovery and graceful shutdown.
 //! - [`admin_http`]: the admin HTTP listener: JSON API, web console, `/metrics`.
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
+//! - [`config_file`]: `--config FILE`, any flag of `tandem serve` from TOML.
+//! - [`serve_cli`]: `tandem serve`'s flags and running a coordinator.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
 //!   `failpoints`; no-ops otherwise).
+//! - [`alerts`]: the webhook told of STUCK transactions and failing branches.
 //! - [`bench`]: `tandem bench`, throughput / latency / durability cost against
 //!   the machine's echo floor.
 //! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
@@ -25,10 +28,12 @@
 //! The `tandem` binary (`src/main.rs`) only parses arguments and calls these.
 
 pub mod admin_http;
+pub mod alerts;
 pub mod bench;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod engine;
 pub mod error;
@@ -41,6 +46,7 @@ pub mod metrics;
 pub mod model;
 pub mod runtime;
 pub mod security;
+pub mod serve_cli;
 pub mod server;
 pub mod service;
 pub mod store_cli;

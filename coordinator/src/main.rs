@@ -5,22 +5,16 @@
 //!   running coordinator.
 //! - `tandem demo`: bank transfers across two participants, end to end.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
-
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tandem_coordinator::logging::{self, LogFormat};
-use tandem_coordinator::runtime::Environment;
-use tandem_coordinator::security::{
-    ClientSecurityArgs, ParticipantAccess, ServeSecurityArgs, ServerSecurity,
-};
-use tandem_coordinator::{Coordinator, bench, cli, demo, log_cli, server};
-use tracing::info;
+use tandem_coordinator::security::ClientSecurityArgs;
+use tandem_coordinator::serve_cli::{self, ServeArgs};
+use tandem_coordinator::{bench, cli, config_file, demo, log_cli};
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
 #[derive(Parser)]
@@ -247,76 +241,6 @@ enum TxVerb {
     },
 }
 
-#[derive(Args)]
-struct ServeArgs {
-    /// Address the gRPC services listen on.
-    #[arg(long, env = "TANDEM_LISTEN", default_value = "127.0.0.1:7070")]
-    listen: SocketAddr,
-    /// Directory of the transaction log (created if missing). Only one
-    /// coordinator may use a directory at a time.
-    #[arg(long, env = "TANDEM_DATA_DIR", default_value = "./tandem-data")]
-    data_dir: PathBuf,
-    /// Deadline of a transaction whose client sets none (e.g. 30s, 2m);
-    /// undecided past it, the transaction aborts.
-    #[arg(long, env = "TANDEM_DEFAULT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    default_timeout: Duration,
-    /// Longest deadline a client may ask for.
-    #[arg(long, env = "TANDEM_MAX_TIMEOUT", default_value = "24h", value_parser = parse_duration)]
-    max_timeout: Duration,
-    /// Deadline of each call to a participant (prepare, commit, ...).
-    #[arg(long, env = "TANDEM_CALL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
-    call_timeout: Duration,
-    /// Largest branch payload in bytes; larger requests are refused.
-    #[arg(long, env = "TANDEM_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
-    max_payload_bytes: usize,
-    /// Most branches in one transaction.
-    #[arg(long, env = "TANDEM_MAX_BRANCHES", default_value_t = 64)]
-    max_branches: usize,
-    /// First delay before retrying a failed commit / rollback call; doubles
-    /// on each failure, with jitter.
-    #[arg(long, env = "TANDEM_RETRY_INITIAL", default_value = "100ms", value_parser = parse_duration)]
-    retry_initial: Duration,
-    /// Longest delay between two retries of a commit / rollback call.
-    #[arg(long, env = "TANDEM_RETRY_MAX", default_value = "30s", value_parser = parse_duration)]
-    retry_max: Duration,
-    /// Give up on a branch after this many failed commit / rollback calls in
-    /// a row; the transaction then becomes STUCK until `tandem tx retry`.
-    /// Unset: no limit.
-    #[arg(long, env = "TANDEM_RETRY_MAX_ATTEMPTS")]
-    retry_max_attempts: Option<u32>,
-    /// Give up on a branch retried for this long since the decision (or the
-    /// last restart or operator retry); the transaction then becomes STUCK.
-    /// `none` for no limit.
-    #[arg(long, env = "TANDEM_RETRY_MAX_DURATION", default_value = "1h", value_parser = parse_optional_duration)]
-    retry_max_duration: OptionalDuration,
-    /// Finished transactions are removed from the log once unchanged for
-    /// this long (`tandem tx show` finds them until then). STUCK and
-    /// unfinished ones are never removed. At least 2m.
-    #[arg(long, env = "TANDEM_RETENTION", default_value = "24h", value_parser = parse_duration)]
-    retention: Duration,
-    /// Requests served at once; past it a request is answered
-    /// RESOURCE_EXHAUSTED at once instead of queueing.
-    #[arg(long, env = "TANDEM_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
-    max_concurrent_requests: usize,
-    /// Unfinished transactions recovery drives at once after a restart.
-    #[arg(long, env = "TANDEM_RECOVERY_CONCURRENCY", default_value_t = 256)]
-    recovery_concurrency: usize,
-    /// Serve from a damaged log anyway: records that cannot be read are
-    /// moved to a quarantine tree (every gtid is logged) and the forced
-    /// mark is reset. Without it a damaged log stops the start.
-    #[arg(long, env = "TANDEM_ACCEPT_LOG_DAMAGE")]
-    accept_log_damage: bool,
-    #[command(flatten)]
-    store: tandem_coordinator::store_cli::StoreArgs,
-    #[command(flatten)]
-    security: ServeSecurityArgs,
-    /// Serve the admin HTTP listener here: the web console, its JSON API
-    /// and /metrics (admin role needed with --auth-file; HTTPS with
-    /// --tls-cert). Unset: none.
-    #[arg(long, env = "TANDEM_ADMIN_LISTEN")]
-    admin_listen: Option<SocketAddr>,
-}
-
 #[derive(Subcommand)]
 enum ClusterVerb {
     /// Every coordinator registered in the store: heartbeat, transactions
@@ -403,6 +327,14 @@ fn parse_output(s: &str) -> Result<cli::Output, String> {
     }
 }
 
+/// Parses `2pc` or `tcc` as the wire's mode.
+fn parse_wire_mode(s: &str) -> Result<tandem_proto::v1::Mode, String> {
+    Ok(match parse_mode(s)? {
+        tandem_sdk::Mode::TwoPhase => tandem_proto::v1::Mode::TwoPhase,
+        tandem_sdk::Mode::Tcc => tandem_proto::v1::Mode::Tcc,
+    })
+}
+
 /// Parses `2pc` or `tcc`.
 fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -412,169 +344,7 @@ fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
     }
 }
 
-/// Parses `2pc` or `tcc` as the wire's mode.
-fn parse_wire_mode(s: &str) -> Result<tandem_proto::v1::Mode, String> {
-    Ok(match parse_mode(s)? {
-        tandem_sdk::Mode::TwoPhase => tandem_proto::v1::Mode::TwoPhase,
-        tandem_sdk::Mode::Tcc => tandem_proto::v1::Mode::Tcc,
-    })
-}
-
-/// A duration, or `none` for no limit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct OptionalDuration(Option<Duration>);
-
 use tandem_coordinator::cli::parse_duration;
-
-fn parse_optional_duration(s: &str) -> Result<OptionalDuration, String> {
-    if s.trim().eq_ignore_ascii_case("none") {
-        return Ok(OptionalDuration(None));
-    }
-    parse_duration(s).map(|d| OptionalDuration(Some(d)))
-}
-
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = CoordinatorConfig {
-        listen: args.listen,
-        data_dir: args.data_dir,
-        default_timeout: args.default_timeout,
-        max_timeout: args.max_timeout,
-        call_timeout: args.call_timeout,
-        max_payload_bytes: args.max_payload_bytes,
-        max_branches: args.max_branches,
-        retry: RetryPolicy {
-            initial: args.retry_initial,
-            max: args.retry_max,
-            max_attempts: args.retry_max_attempts,
-            max_duration: args.retry_max_duration.0,
-        },
-        retention: args.retention,
-        max_concurrent_requests: args.max_concurrent_requests,
-        recovery_concurrency: args.recovery_concurrency,
-        allowed_endpoints: args.security.allow_participant.clone(),
-        require_tls: args.security.require_tls,
-        takeover_every: args.store.takeover_every(),
-    };
-    config.validate()?;
-    let (security, participants) = args.security.load().map_err(|e| anyhow::anyhow!(e))?;
-    if security.access.is_some() && security.tls.is_none() {
-        tracing::warn!(
-            "TOKENS IN CLEARTEXT: --auth-file without --tls-cert: callers' bearer tokens cross \
-             the network unencrypted, for anyone on the path to read and replay (give --tls-cert \
-             and --tls-key)"
-        );
-    }
-    if participants.token.is_set()
-        && let Some(p) = config
-            .allowed_endpoints
-            .iter()
-            .find(|p| p.to_string().starts_with("http://"))
-    {
-        tracing::warn!(
-            pattern = %p,
-            "TOKENS IN CLEARTEXT: the participant token goes unencrypted to http:// participants, \
-             for anyone on the path to read and replay (allow only https:// participants)"
-        );
-    }
-    let listen = config.listen;
-    // Bound before the log opens: a shared store records the address this
-    // instance really serves at (port 0 picks one).
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    let log = args.store.open(
-        &config.data_dir,
-        listener.local_addr()?,
-        security.tls.is_some(),
-        args.accept_log_damage,
-    )?;
-    let any_endpoint = config.allowed_endpoints.is_empty();
-    let env = Environment {
-        participants: participants.clone(),
-        ..Environment::default()
-    };
-    // Before listening: refuses a participant token without an allowlist.
-    let coord = Coordinator::with_environment(config, log, env)?;
-    info!(listen = %listener.local_addr()?, data_dir = %coord.config().data_dir.display(), "tandem coordinator serving");
-    // Printed for scripts and tests that start us on port 0.
-    println!("listening on {}", listener.local_addr()?);
-    let admin = match args.admin_listen {
-        Some(at) => {
-            let admin = tokio::net::TcpListener::bind(at)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {at} (--admin-listen): {e}"))?;
-            // Second line for scripts and tests (a closed stdout is no error).
-            let _ = writeln!(
-                std::io::stdout(),
-                "admin listening on {}",
-                admin.local_addr()?
-            );
-            let instance = args.store.instance_name.clone().unwrap_or_else(|| {
-                listener
-                    .local_addr()
-                    .map_or_else(|_| listen.to_string(), |a| a.to_string())
-            });
-            Some(server::AdminListener {
-                listener: admin,
-                instance,
-            })
-        }
-        None => None,
-    };
-    if any_endpoint {
-        tracing::warn!(
-            "no participant allowlist: a branch may name any host:port (give --allow-participant)"
-        );
-    }
-    let _hup = reload_on_hangup(security.clone(), coord.clone(), participants);
-    server::serve_with_admin(coord, listener, admin, security, shutdown_signal()).await?;
-    info!("stopped");
-    Ok(())
-}
-
-/// SIGHUP re-reads every certificate, key, token and access file.
-fn reload_on_hangup(
-    security: ServerSecurity,
-    coord: Coordinator,
-    mut participants: ParticipantAccess,
-) -> Option<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup()).ok()?;
-    Some(tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            info!("SIGHUP: reloading certificates, tokens and the access file");
-            security.reload(true);
-            let result = participants
-                .reread_token()
-                .and_then(|()| coord.set_participant_access(&participants));
-            if let Err(e) = result {
-                tracing::error!(error = %e, "participant TLS / token not reloaded; keeping the ones in use");
-            }
-        }
-    }))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    info!("shutdown requested: finishing in-flight calls");
-}
 
 /// mimalloc instead of the system allocator: glibc malloc/free was ~16% of
 /// the coordinator's CPU under load (`perf record` during `tandem bench`).
@@ -583,10 +353,26 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `tandem serve --config FILE` fills the flags the command line and the
+    // environment leave unset.
+    let layered =
+        match config_file::parse_layered(Cli::command(), std::env::args_os().collect(), "serve") {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tandem: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    let cli = Cli::from_arg_matches(&layered.matches).unwrap_or_else(|e| e.exit());
+    if let Command::Serve(args) = &cli.command
+        && args.print_config
+    {
+        print!("{}", layered.render());
+        return ExitCode::SUCCESS;
+    }
     logging::init(cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => serve(*args).await,
+        Command::Serve(args) => serve_cli::serve(*args).await,
         Command::Tx(args) => return tx(args).await,
         Command::Log {
             verb: LogVerb::Check { data_dir, output },

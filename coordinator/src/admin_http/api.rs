@@ -12,7 +12,6 @@
 //! number of records read per request; a page cut short by that bound
 //! still carries a `next_page_token` to go on from.
 
-
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Extension, Path, RawQuery, State};
@@ -31,12 +30,6 @@ use crate::model::now_ms;
 /// Default and largest page of `GET /api/transactions`.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 200;
-/// Records read per page of the Admin list while filtering here.
-const SCAN_PAGE: u32 = 500;
-/// Most records one list request reads before answering with what it has.
-const MAX_SCAN: usize = 20_000;
-/// Most records the overview counts by state.
-const MAX_COUNT: usize = 20_000;
 /// Longest abort reason (as the Admin service).
 const MAX_REASON_BYTES: usize = 1024;
 /// Largest request body (an abort reason with room for JSON escapes).
@@ -84,10 +77,9 @@ struct Overview {
     instance: String,
     /// Transactions held in memory (not terminal, not STUCK).
     live: u64,
-    /// Records by state name (`STUCK`, `COMMITTED`, …), over at most
-    /// [`MAX_COUNT`] records.
-    counts: BTreeMap<String, u64>,
-    /// The log held more records than were counted.
+    /// Live and STUCK transactions by state name.
+    counts: std::collections::BTreeMap<String, u64>,
+    /// More STUCK records than were counted.
     counts_partial: bool,
     /// Decided but not finished: COMMITTING + ABORTING.
     in_doubt: u64,
@@ -98,6 +90,9 @@ struct Overview {
     /// Age of the oldest STUCK transaction; 0 when none.
     oldest_stuck_age_ms: u64,
     oldest_stuck_gtid: String,
+    /// Age of the oldest decided but unfinished transaction; 0 when none.
+    oldest_in_doubt_age_ms: u64,
+    oldest_in_doubt_gtid: String,
     forces: u64,
     flushes: u64,
     purged: u64,
@@ -119,104 +114,50 @@ async fn overview(State(s): State<AppState>) -> Response {
         Ok(r) => r.into_inner(),
         Err(e) => return from_status(&e),
     };
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut counted = 0usize;
-    let mut token = String::new();
-    let mut partial = false;
-    loop {
-        let page = match s
-            .admin
-            .list_transactions(Request::new(pb::ListTransactionsRequest {
-                states: Vec::new(),
-                page_size: 1000,
-                page_token: token,
-                created_before_ms: 0,
-            }))
-            .await
-        {
-            Ok(p) => p.into_inner(),
-            Err(e) => return from_status(&e),
-        };
-        for t in &page.transactions {
-            *counts.entry(state_name(t.state())).or_default() += 1;
-        }
-        counted += page.transactions.len();
-        token = page.next_page_token;
-        if token.is_empty() {
-            break;
-        }
-        if counted >= MAX_COUNT {
-            partial = true;
-            break;
-        }
-    }
-    let unfinished = [
-        pb::TxState::Active,
-        pb::TxState::Preparing,
-        pb::TxState::Committing,
-        pb::TxState::Aborting,
-    ];
-    let (oldest_live_gtid, oldest_live_age_ms) = match oldest(&s, &unfinished).await {
-        Ok(o) => o,
-        Err(e) => return from_status(&e),
+    let census = match s.coord.census() {
+        Ok(c) => c,
+        Err(e) => return from_status(&tonic::Status::from(e)),
     };
-    let (oldest_stuck_gtid, oldest_stuck_age_ms) = match oldest(&s, &[pb::TxState::Stuck]).await {
-        Ok(o) => o,
-        Err(e) => return from_status(&e),
+    let now = now_ms();
+    let age = |o: Option<crate::runtime::Oldest>| {
+        o.map_or((String::new(), 0), |o| {
+            (o.gtid.to_string(), now.saturating_sub(o.created_ms))
+        })
     };
-    let count = |name: &str| counts.get(name).copied().unwrap_or(0);
+    let (oldest_live_gtid, oldest_live_age_ms) = age(census.oldest_live);
+    let (oldest_stuck_gtid, oldest_stuck_age_ms) = age(census.oldest_stuck);
+    let (oldest_in_doubt_gtid, oldest_in_doubt_age_ms) = age(census.oldest_in_doubt);
     let body = Overview {
         instance: s.instance.clone(),
-        live: stats.live,
-        in_doubt: count("COMMITTING") + count("ABORTING"),
-        stuck: count("STUCK"),
-        counts_partial: partial,
+        live: census.live,
+        in_doubt: census.in_doubt,
+        stuck: census.stuck,
+        counts_partial: census.stuck_capped,
         oldest_live_age_ms,
         oldest_live_gtid,
         oldest_stuck_age_ms,
         oldest_stuck_gtid,
+        oldest_in_doubt_age_ms,
+        oldest_in_doubt_gtid,
         forces: stats.forces,
         flushes: stats.flushes,
         purged: stats.purged,
         recovery_backlog: s.coord.recovery_backlog() as u64,
         halted: s.coord.is_halted(),
         draining: s.coord.is_draining(),
-        now_ms: now_ms(),
-        counts,
+        now_ms: now,
+        counts: census
+            .by_state
+            .iter()
+            .map(|(st, n)| (st.to_string(), *n))
+            .collect(),
     };
     json(StatusCode::OK, &body)
-}
-
-/// The oldest transaction in `states` (gtids are creation-ordered): its
-/// gtid and age, or empty and 0.
-async fn oldest(s: &AppState, states: &[pb::TxState]) -> Result<(String, u64), tonic::Status> {
-    let page = s
-        .admin
-        .list_transactions(Request::new(pb::ListTransactionsRequest {
-            states: states.iter().map(|s| *s as i32).collect(),
-            page_size: 1,
-            page_token: String::new(),
-            created_before_ms: 0,
-        }))
-        .await?
-        .into_inner();
-    Ok(page.transactions.first().map_or((String::new(), 0), |t| {
-        (t.gtid.clone(), now_ms().saturating_sub(t.created_at_ms))
-    }))
 }
 
 fn state_name(s: pb::TxState) -> String {
     let name = s.as_str_name();
     name.strip_prefix("TX_STATE_").unwrap_or(name).to_string()
-}
-
-/// How the gtid filter matches.
-#[derive(Debug, PartialEq, Eq)]
-enum GtidSearch {
-    /// A whole gtid: read it directly.
-    Exact(String),
-    /// The start of one (lower case, canonical form).
-    Prefix(String),
 }
 
 /// The filters of `GET /api/transactions`.
@@ -376,8 +317,7 @@ async fn list(State(s): State<AppState>, RawQuery(raw): RawQuery) -> Response {
     match got {
         Ok(page) => {
             let page = page.into_inner();
-            let partial =
-                !page.next_page_token.is_empty() && page.transactions.len() < q.page_size;
+            let partial = !page.next_page_token.is_empty() && page.transactions.len() < q.page_size;
             let page = Page {
                 transactions: page.transactions.into_iter().map(TxView::from).collect(),
                 next_page_token: page.next_page_token,
@@ -625,8 +565,10 @@ mod tests {
 
     #[test]
     fn label_and_endpoint_filters_parse() {
-        let q = ListQuery::parse(Some("label=order_id%3DA-1&label=tenant=acme&endpoint=http://h:1"))
-            .expect("parses");
+        let q = ListQuery::parse(Some(
+            "label=order_id%3DA-1&label=tenant=acme&endpoint=http://h:1",
+        ))
+        .expect("parses");
         assert_eq!(q.labels.len(), 2);
         assert_eq!(q.endpoint.as_deref(), Some("http://h:1"));
         assert!(ListQuery::parse(Some("label=novalue")).is_err());

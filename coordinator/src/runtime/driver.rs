@@ -171,6 +171,11 @@ impl Inner {
                 last_errors = %errors.join("; "),
                 "retry policy exhausted: transaction is STUCK until `tandem tx retry`"
             );
+            // The one place a transaction becomes STUCK: the engine says
+            // Finished with the record STUCK (once per time it does).
+            if let Some(alerter) = &self.alerter {
+                alerter.stuck(&rec, self.now());
+            }
         }
         self.forget(&rec.gtid);
     }
@@ -262,6 +267,15 @@ impl Inner {
                     Event::PhaseTwoRefused { branch, error }
                 } else {
                     warn!(%gtid, branch, attempt, %error, "phase-2 call failed");
+                    if let Some(alerter) = &self.alerter {
+                        alerter.branch_failed(
+                            entry.lock().record(),
+                            branch,
+                            attempt,
+                            &error,
+                            self.now(),
+                        );
+                    }
                     Event::PhaseTwo {
                         branch,
                         result: Err(error),

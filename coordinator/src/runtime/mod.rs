@@ -27,6 +27,7 @@
 //! - `transport` / `participants`: how participants are called;
 //! - `clock`: time and new gtids (the wall clock, or tokio's for simulation).
 
+mod census;
 mod clock;
 mod driver;
 mod listing;
@@ -50,6 +51,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use census::{CENSUS_TTL, Census, Oldest, STUCK_COUNT_MAX};
 pub use clock::Clock;
 pub use listing::{ListPage, ListQuery, SCAN_BUDGET};
 use participants::ParticipantPool;
@@ -80,6 +82,9 @@ pub struct Environment {
     pub clock: Clock,
     /// TLS and token of gRPC calls to participants.
     pub participants: crate::security::ParticipantAccess,
+    /// Where STUCK transactions and failing branches are reported; `None`:
+    /// nowhere.
+    pub alerts: Option<crate::alerts::AlertSettings>,
 }
 
 struct Inner {
@@ -89,6 +94,8 @@ struct Inner {
     draining: AtomicBool,
     /// Records removed by retention.
     purged: AtomicU64,
+    /// The last head count and when it was made.
+    census: Mutex<Option<(std::time::Instant, Census)>>,
     live: Mutex<HashMap<Gtid, Arc<Entry>>>,
     /// Unfinished transactions found in the log at start and not taken over
     /// yet; whoever takes one over removes it under the live-table lock.
@@ -110,6 +117,11 @@ struct Inner {
     killed: CancellationToken,
     /// Cancelled when the log fails (`halt`): wakes every waiting request.
     halted_token: CancellationToken,
+    /// Reports STUCK transactions and failing branches to the webhook.
+    alerter: Option<crate::alerts::Alerter>,
+    /// Stops the alert delivery task (after the rounds, on shutdown).
+    alerts_stop: CancellationToken,
+    alerts_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// One live transaction.
@@ -167,6 +179,15 @@ impl Coordinator {
         let pool =
             Arc::new(ParticipantPool::new(&env.participants).map_err(CoordError::InvalidArgument)?);
         let transport = env.transport.unwrap_or_else(|| pool.clone());
+        let alerts_stop = CancellationToken::new();
+        let (alerter, alerts_task) = match env.alerts {
+            Some(settings) => {
+                let (a, t) = crate::alerts::Alerter::start(settings, alerts_stop.clone())
+                    .map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
+                (Some(a), Some(t))
+            }
+            None => (None, None),
+        };
         Ok(Coordinator {
             inner: Arc::new(Inner {
                 log,
@@ -180,10 +201,14 @@ impl Coordinator {
                 halted: OnceLock::new(),
                 draining: AtomicBool::new(false),
                 purged: AtomicU64::new(0),
+                census: Mutex::new(None),
                 tasks: TaskTracker::new(),
                 timers_stop: CancellationToken::new(),
                 killed: CancellationToken::new(),
                 halted_token: CancellationToken::new(),
+                alerter,
+                alerts_stop,
+                alerts_task: Mutex::new(alerts_task),
             }),
         })
     }
@@ -267,6 +292,21 @@ impl Coordinator {
                 "shutdown: rounds still in flight after the grace period; recovery finishes them"
             );
         }
+        self.stop_alerts().await;
+    }
+
+    /// Ends the alert delivery task (alerts still queued are not sent).
+    async fn stop_alerts(&self) {
+        self.inner.alerts_stop.cancel();
+        let task = self
+            .inner
+            .alerts_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
     }
 
     /// Stops this coordinator at once, as a crash would: every task ends at
@@ -277,6 +317,7 @@ impl Coordinator {
         self.inner.halted_token.cancel();
         self.inner.killed.cancel();
         self.inner.timers_stop.cancel();
+        self.inner.alerts_stop.cancel();
     }
 }
 

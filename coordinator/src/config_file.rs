@@ -1,0 +1,597 @@
+//! `--config FILE`: a TOML file giving any flag of a subcommand, under the
+//! flag's long name.
+//!
+//! The file is read against the subcommand's clap definition, not a struct
+//! of its own, so every flag is covered as soon as it exists: a key is a
+//! flag's long name (`retry-max-attempts`, or `retry_max_attempts`), and a
+//! table joins its name to its keys with `-` (`[retry] initial = "100ms"`
+//! is `--retry-initial`). Values go through the flag's own parser.
+//!
+//! Precedence: a flag on the command line, then its `TANDEM_*` environment
+//! variable, then the file, then the built-in default. The file's values
+//! are added to the command line for the flags set by neither, and the
+//! whole line parsed again: one parser, one set of checks.
+//!
+//! [`Layered::render`] prints the configuration in force as TOML, with
+//! where each value came from and secrets redacted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use toml::de::{DeTable, DeValue};
+
+/// Flags that make no sense inside the file itself.
+const NOT_IN_FILE: &[&str] = &["help", "version", "config", "print-config"];
+
+/// A configuration file that cannot be used; the message names the file,
+/// the key and its line.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigFileError(pub String);
+
+/// The parsed command line with the file's values in.
+pub struct Layered {
+    /// The matches of the whole command line (file values included).
+    pub matches: ArgMatches,
+    /// The command, built (global flags propagated).
+    command: Command,
+    /// The subcommand the file was for.
+    sub: String,
+    /// Ids of the arguments whose value came from the file.
+    from_file: BTreeSet<String>,
+    /// The file, if one was given.
+    path: Option<PathBuf>,
+}
+
+/// One value read from the file.
+struct FileValue {
+    key: String,
+    line: usize,
+    value: Scalar,
+}
+
+enum Scalar {
+    One(String),
+    Bool(bool),
+    Many(Vec<String>),
+}
+
+/// Parses `argv` with `command`. When subcommand `sub` was given `--config
+/// FILE`, the file's values fill every flag of `sub` that neither the
+/// command line nor the environment set. Help, version and command-line
+/// errors exit the process, as clap does.
+///
+/// # Errors
+///
+/// The file cannot be read or parsed, names an unknown key (the message
+/// names it, its line, and the nearest flag), or has a value the flag's
+/// parser refuses.
+pub fn parse_layered(
+    mut command: Command,
+    argv: Vec<OsString>,
+    sub: &str,
+) -> Result<Layered, ConfigFileError> {
+    command.build();
+    let first = command.clone().get_matches_from(argv.clone());
+    let mut layered = Layered {
+        matches: first,
+        command,
+        sub: sub.to_string(),
+        from_file: BTreeSet::new(),
+        path: None,
+    };
+    let Some(sub_m) = layered.matches.subcommand_matches(sub) else {
+        return Ok(layered);
+    };
+    let Some(path) = sub_m.get_one::<PathBuf>("config").cloned() else {
+        return Ok(layered);
+    };
+    let sub_cmd = layered
+        .command
+        .find_subcommand(sub)
+        .ok_or_else(|| ConfigFileError(format!("no subcommand {sub}")))?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigFileError(format!("cannot read {}: {e}", path.display())))?;
+    let name = path.display().to_string();
+    let values = read_file(&text, &name)?;
+    let mut extra = Vec::new();
+    let mut by_long = BTreeMap::new();
+    for v in values {
+        let arg = find_arg(sub_cmd, &v.key).ok_or_else(|| unknown_key(&name, &v, sub_cmd))?;
+        let id = arg.get_id().to_string();
+        let long = arg.get_long().unwrap_or(&id).to_string();
+        if let Some(first) = by_long.insert(long.clone(), v.line) {
+            return Err(ConfigFileError(format!(
+                "{name}: {long:?} is given twice (lines {first} and {})",
+                v.line
+            )));
+        }
+        if matches!(
+            sub_m.value_source(&id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let bad = |why: &str| {
+            ConfigFileError(format!("{name}: key {:?} (line {}): {why}", v.key, v.line))
+        };
+        match (arg.get_action(), v.value) {
+            (ArgAction::SetTrue, Scalar::Bool(true)) => extra.push(format!("--{long}")),
+            (ArgAction::SetTrue, Scalar::Bool(false)) => {}
+            (ArgAction::SetTrue, _) => return Err(bad("expected true or false")),
+            (ArgAction::Append, Scalar::Many(items)) => {
+                extra.extend(items.iter().map(|i| format!("--{long}={i}")));
+            }
+            (ArgAction::Append | ArgAction::Set, Scalar::One(s)) => {
+                extra.push(format!("--{long}={s}"));
+            }
+            (ArgAction::Set, Scalar::Bool(b)) => extra.push(format!("--{long}={b}")),
+            (ArgAction::Set, Scalar::Many(_)) => {
+                return Err(bad("takes one value, not a list"));
+            }
+            (_, _) => return Err(bad("this kind of value is not accepted here")),
+        }
+        layered.from_file.insert(id);
+    }
+    let mut argv2 = argv;
+    argv2.extend(extra.into_iter().map(OsString::from));
+    layered.matches = layered
+        .command
+        .clone()
+        .try_get_matches_from(argv2)
+        .map_err(|e| clap_error(&name, &text, sub_cmd, &e))?;
+    layered.path = Some(path);
+    Ok(layered)
+}
+
+/// Finds the flag a key names: its long name, with `_` for `-`.
+fn find_arg<'a>(cmd: &'a Command, key: &str) -> Option<&'a Arg> {
+    let key = key.replace('_', "-");
+    if NOT_IN_FILE.contains(&key.as_str()) {
+        return None;
+    }
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(key.as_str()))
+}
+
+fn unknown_key(file: &str, v: &FileValue, cmd: &Command) -> ConfigFileError {
+    let key = v.key.replace('_', "-");
+    let nearest = cmd
+        .get_arguments()
+        .filter_map(Arg::get_long)
+        .filter(|l| !NOT_IN_FILE.contains(l))
+        .map(|l| (edit_distance(&key, l), l))
+        .min();
+    let hint = match nearest {
+        Some((d, l)) if d <= 3.max(key.len() / 4) => format!("; did you mean {l:?}?"),
+        _ => String::new(),
+    };
+    let why = if NOT_IN_FILE.contains(&key.as_str()) {
+        " (only on the command line)"
+    } else {
+        ""
+    };
+    ConfigFileError(format!(
+        "unknown key {:?} in {file} (line {}){why}{hint}",
+        v.key, v.line
+    ))
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A second-parse error, pointed at the file's key when it names a flag.
+fn clap_error(file: &str, text: &str, cmd: &Command, e: &clap::Error) -> ConfigFileError {
+    let rendered = e.render().to_string();
+    let first = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_string();
+    let long = e
+        .get(clap::error::ContextKind::InvalidArg)
+        .map(|v| v.to_string())
+        .and_then(|s| {
+            s.trim_start_matches("--")
+                .split([' ', '='])
+                .next()
+                .map(str::to_string)
+        });
+    let key = long.and_then(|l| {
+        let spans = key_lines(text).ok()?;
+        spans
+            .into_iter()
+            .find(|(k, _)| find_arg(cmd, k).and_then(Arg::get_long) == Some(l.as_str()))
+    });
+    match key {
+        Some((k, line)) => ConfigFileError(format!("{file}: key {k:?} (line {line}): {first}")),
+        None => ConfigFileError(format!("{file}: {first}")),
+    }
+}
+
+/// Every key of the file (tables joined with `-`) and its line.
+fn key_lines(text: &str) -> Result<Vec<(String, usize)>, toml::de::Error> {
+    let table = DeTable::parse(text)?;
+    let mut out = Vec::new();
+    flatten(text, "", table.get_ref(), &mut |key, line, _| {
+        out.push((key, line));
+        Ok(())
+    })
+    .ok();
+    Ok(out)
+}
+
+fn read_file(text: &str, name: &str) -> Result<Vec<FileValue>, ConfigFileError> {
+    let table = DeTable::parse(text).map_err(|e| ConfigFileError(format!("{name}: {e}")))?;
+    let mut out = Vec::new();
+    flatten(text, "", table.get_ref(), &mut |key, line, value| {
+        let scalar = match value {
+            DeValue::Boolean(b) => Scalar::Bool(*b),
+            DeValue::Array(items) => Scalar::Many(
+                items
+                    .iter()
+                    .map(|i| scalar_text(i.get_ref()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or("a list of strings or numbers")?,
+            ),
+            v => Scalar::One(scalar_text(v).ok_or("a string, number, boolean or list")?),
+        };
+        out.push(FileValue {
+            key,
+            line,
+            value: scalar,
+        });
+        Ok(())
+    })
+    .map_err(|(key, line, why)| {
+        ConfigFileError(format!("{name}: key {key:?} (line {line}): expected {why}"))
+    })?;
+    Ok(out)
+}
+
+type Visit<'a> = dyn FnMut(String, usize, &DeValue<'_>) -> Result<(), &'static str> + 'a;
+
+/// Walks the tables, calling `visit` for every non-table value with its
+/// joined key and line.
+fn flatten(
+    text: &str,
+    prefix: &str,
+    table: &DeTable<'_>,
+    visit: &mut Visit<'_>,
+) -> Result<(), (String, usize, &'static str)> {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{prefix}-{}", k.get_ref())
+        };
+        let line = text[..k.span().start.min(text.len())].matches('\n').count() + 1;
+        match v.get_ref() {
+            DeValue::Table(t) => flatten(text, &key, t, visit)?,
+            value => visit(key.clone(), line, value).map_err(|why| (key, line, why))?,
+        }
+    }
+    Ok(())
+}
+
+fn scalar_text(v: &DeValue<'_>) -> Option<String> {
+    match v {
+        DeValue::String(s) => Some(s.to_string()),
+        DeValue::Integer(i) => {
+            let digits = i.as_str().replace('_', "");
+            let digits = digits
+                .trim_start_matches("0x")
+                .trim_start_matches("0o")
+                .trim_start_matches("0b");
+            i64::from_str_radix(digits, i.radix())
+                .ok()
+                .map(|n| n.to_string())
+        }
+        DeValue::Float(f) => Some(f.as_str().to_string()),
+        DeValue::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl Layered {
+    /// The file given with `--config`, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The configuration in force for the subcommand, as TOML: every flag
+    /// under its long name, with where its value came from (`default`,
+    /// `file`, `env NAME`, `flag`); unset ones commented out. Secrets are
+    /// redacted: passwords in connection strings and URLs, and the value
+    /// of any flag named like a token, secret or password (files holding
+    /// them are paths and shown).
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "# tandem {}: the configuration in force ({})\n",
+            self.sub,
+            match &self.path {
+                Some(p) => format!("file {}", p.display()),
+                None => "no --config file".into(),
+            }
+        );
+        let (Some(cmd), Some(m)) = (
+            self.command.find_subcommand(&self.sub),
+            self.matches.subcommand_matches(&self.sub),
+        ) else {
+            return out;
+        };
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if NOT_IN_FILE.contains(&long) {
+                continue;
+            }
+            let id = arg.get_id().as_str();
+            let source = if self.from_file.contains(id) {
+                "file".to_string()
+            } else {
+                match m.value_source(id) {
+                    Some(ValueSource::CommandLine) => "flag".into(),
+                    Some(ValueSource::EnvVariable) => format!(
+                        "env {}",
+                        arg.get_env()
+                            .map(|e| e.to_string_lossy())
+                            .unwrap_or_default()
+                    ),
+                    Some(ValueSource::DefaultValue) => "default".into(),
+                    _ => "unset".into(),
+                }
+            };
+            let secret = secret_name(long);
+            let raw: Vec<String> = m
+                .get_raw(id)
+                .map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            let shown = |s: &str| {
+                let s = if secret { "***".to_string() } else { redact(s) };
+                toml_value(&s)
+            };
+            let value = match arg.get_action() {
+                ArgAction::SetTrue => Some(m.get_flag(id).to_string()),
+                ArgAction::Append if !raw.is_empty() || source != "unset" => Some(format!(
+                    "[{}]",
+                    raw.iter().map(|s| shown(s)).collect::<Vec<_>>().join(", ")
+                )),
+                _ => raw.first().map(|s| shown(s)),
+            };
+            match value {
+                Some(v) => out.push_str(&format!("{long} = {v}  # {source}\n")),
+                None => out.push_str(&format!("# {long} =  # unset\n")),
+            }
+        }
+        out
+    }
+}
+
+/// A flag whose value is itself a secret (a file holding one is a path).
+fn secret_name(long: &str) -> bool {
+    ["token", "secret", "password"]
+        .iter()
+        .any(|w| long.contains(w))
+        && !long.ends_with("-file")
+}
+
+/// A number as a TOML number, anything else as a TOML string.
+fn toml_value(s: &str) -> String {
+    if !s.is_empty() && s.parse::<i64>().is_ok() && !s.starts_with(['+', '0']) || s == "0" {
+        return s.to_string();
+    }
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Hides passwords in a connection string or URL: `user:pass@` becomes
+/// `user:***@`, and `password=…` (also `token=`, `secret=`) becomes
+/// `password=***`, in key=value and in query-string form.
+pub fn redact(s: &str) -> String {
+    let mut out = s.to_string();
+    // user:pass@ in a URL (before the host).
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            let end = scheme_end + 3 + at;
+            out.replace_range(start..end, "***");
+        }
+    }
+    // key=value pairs (space- or &-separated).
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while !rest.is_empty() {
+        let lower = rest.to_ascii_lowercase();
+        let hit = ["password=", "token=", "secret="]
+            .iter()
+            .filter_map(|k| lower.find(k).map(|i| (i, k.len())))
+            .filter(|&(i, _)| {
+                i == 0 || matches!(rest.as_bytes()[i - 1], b' ' | b'&' | b'?' | b';' | b'_')
+            })
+            .min();
+        let Some((i, len)) = hit else {
+            result.push_str(rest);
+            break;
+        };
+        result.push_str(&rest[..i + len]);
+        let value = &rest[i + len..];
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map_or(value.len(), |q| q + 2)
+        } else {
+            value.find([' ', '&', ';', '#']).unwrap_or(value.len())
+        };
+        result.push_str("***");
+        rest = &value[end..];
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Args, Parser, Subcommand};
+    use std::io::Write;
+
+    #[derive(Parser)]
+    struct Top {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+    #[derive(Subcommand)]
+    enum Cmd {
+        Serve(TestArgs),
+    }
+    #[derive(Args)]
+    struct TestArgs {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        print_config: bool,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        max_branches: usize,
+        #[arg(long, default_value = "100ms")]
+        retry_initial: String,
+        #[arg(long)]
+        require_tls: bool,
+        #[arg(long, value_delimiter = ',')]
+        allow_participant: Vec<String>,
+        #[arg(long)]
+        store: Option<String>,
+        #[arg(long)]
+        api_token: Option<String>,
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        f
+    }
+
+    fn parse(text: &str, extra: &[&str]) -> Result<Layered, ConfigFileError> {
+        use clap::CommandFactory;
+        let f = file(text);
+        let mut argv: Vec<OsString> = vec!["t".into(), "serve".into(), "--config".into()];
+        argv.push(f.path().into());
+        argv.extend(extra.iter().map(OsString::from));
+        parse_layered(Top::command(), argv, "serve")
+    }
+
+    fn serve(l: &Layered) -> &ArgMatches {
+        l.matches.subcommand_matches("serve").expect("serve")
+    }
+
+    // Keys in either spelling and tables joined with `-` set their flags.
+    #[test]
+    fn file_values_fill_flags() {
+        let l = parse(
+            "listen = \"127.0.0.1:9\"\nmax_branches = 7\nrequire-tls = true\n\
+             allow-participant = [\"a\", \"b\"]\n[retry]\ninitial = \"5s\"\n",
+            &[],
+        )
+        .expect("parses");
+        let m = serve(&l);
+        assert_eq!(
+            m.get_one::<std::net::SocketAddr>("listen")
+                .map(|a| a.port()),
+            Some(9)
+        );
+        assert_eq!(m.get_one::<usize>("max_branches"), Some(&7));
+        assert!(m.get_flag("require_tls"));
+        assert_eq!(
+            m.get_many::<String>("allow_participant")
+                .map(|v| v.cloned().collect::<Vec<_>>()),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(
+            m.get_one::<String>("retry_initial").map(String::as_str),
+            Some("5s")
+        );
+        let shown = l.render();
+        assert!(shown.contains("max-branches = 7  # file"), "{shown}");
+        assert!(shown.contains("# store =  # unset"), "{shown}");
+    }
+
+    // The command line wins over the file.
+    #[test]
+    fn command_line_wins() {
+        let l = parse("max-branches = 7\n", &["--max-branches", "9"]).expect("parses");
+        assert_eq!(serve(&l).get_one::<usize>("max_branches"), Some(&9));
+        assert!(l.render().contains("max-branches = 9  # flag"));
+    }
+
+    // An unknown key is refused, named with its line and the nearest flag.
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("listen = \"127.0.0.1:1\"\n\nmax-branchs = 3\n", &[])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("unknown key \"max-branchs\""), "{e}");
+        assert!(e.contains("(line 3)"), "{e}");
+        assert!(e.contains("did you mean \"max-branches\""), "{e}");
+        let e = parse("config = \"x\"\n", &[]).err().expect("refused");
+        assert!(e.to_string().contains("unknown key \"config\""), "{e}");
+    }
+
+    // A value the flag's parser refuses names the key.
+    #[test]
+    fn bad_value_names_the_key() {
+        let e = parse("\nlisten = \"nowhere\"\n", &[])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("key \"listen\" (line 2)"), "{e}");
+        let e = parse("require-tls = \"yes\"\n", &[])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("\"require-tls\""), "{e}");
+        let e = parse("max-branches = [1, 2]\n", &[])
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("\"max-branches\""), "{e}");
+        let e = parse("listen = \n", &[]).err().expect("refused");
+        assert!(!e.to_string().is_empty());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let l = parse(
+            "store = \"postgres://tandem:hunter2@db/tandem?password=x&sslmode=require\"\n\
+             api-token = \"abc\"\n",
+            &[],
+        )
+        .expect("parses");
+        let shown = l.render();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("\"abc\""), "{shown}");
+        assert!(shown.contains("postgres://tandem:***@db/tandem?password=***&sslmode=require"));
+        assert_eq!(
+            redact("host=db user=t password=s3cret dbname=x"),
+            "host=db user=t password=*** dbname=x"
+        );
+        assert_eq!(redact("password='a b' x=1"), "password=*** x=1");
+        assert_eq!(redact("http://127.0.0.1:7070"), "http://127.0.0.1:7070");
+    }
+}
