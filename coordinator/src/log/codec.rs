@@ -9,8 +9,8 @@ use prost::Message;
 
 use super::LogError;
 use crate::model::{
-    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, Resolution, TxState,
-    TxnRecord,
+    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, Resolution,
+    TraceContext, TxState, TxnRecord,
 };
 
 /// Format version written in every record.
@@ -44,6 +44,20 @@ struct StoredTxn {
     /// The owner's epoch; 0 (absent, records of older versions): 1.
     #[prost(uint64, tag = "11")]
     epoch: u64,
+    /// The trace context of the call that started it (tag 12 is the
+    /// caller's labels).
+    #[prost(message, optional, tag = "13")]
+    trace: Option<StoredTrace>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredTrace {
+    /// The W3C `traceparent` header.
+    #[prost(string, tag = "1")]
+    traceparent: String,
+    /// The W3C `tracestate` header; empty for none.
+    #[prost(string, tag = "2")]
+    tracestate: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -174,6 +188,10 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
             Some(Decision::Abort) => 2,
         },
         epoch: rec.epoch,
+        trace: rec.traceparent.as_ref().map(|t| StoredTrace {
+            traceparent: t.parent.to_string(),
+            tracestate: t.state.clone().unwrap_or_default(),
+        }),
         abort: rec.abort.as_ref().map(|a| StoredAbort {
             cause: abort_code(a.cause),
             branch: a.branch,
@@ -312,6 +330,14 @@ pub(super) fn decode(
         deadline_ms: stored.deadline_ms,
         branches,
         epoch: stored.epoch.max(1),
+        // Tracing is never a reason to refuse a record: one that does not
+        // parse is dropped.
+        traceparent: stored.trace.and_then(|t| {
+            TraceContext::from_headers(
+                &t.traceparent,
+                Some(t.tracestate.as_str()).filter(|s| !s.is_empty()),
+            )
+        }),
     })
 }
 

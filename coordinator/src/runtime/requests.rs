@@ -15,7 +15,9 @@ use super::validate::check_reason;
 use super::{Coordinator, Entry, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
-use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, Resolution, TxState, TxnRecord};
+use crate::model::{
+    AbortInfo, BranchId, Decision, Gtid, Mode, Resolution, TraceContext, TxState, TxnRecord,
+};
 
 /// The outcome of a one-shot transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +46,8 @@ pub struct RollbackOutcome {
 impl Coordinator {
     /// Starts an interactive transaction. With `gtid` (client-chosen, a
     /// UUID v7), a repeat returns the same transaction instead of a second
-    /// one, for as long as its record is retained.
+    /// one, for as long as its record is retained. `trace` (the client's
+    /// trace context) is kept for every participant call to carry.
     ///
     /// # Errors
     ///
@@ -56,6 +59,7 @@ impl Coordinator {
         mode: Mode,
         timeout: Option<Duration>,
         gtid: Option<Gtid>,
+        trace: Option<TraceContext>,
     ) -> Result<Gtid, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -65,7 +69,10 @@ impl Coordinator {
         let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
         let now = inner.now();
         match inner
-            .start(gtid, chosen, || Txn::begin(gtid, mode, now, deadline))
+            .start(gtid, chosen, || {
+                let (txn, cmds) = Txn::begin(gtid, mode, now, deadline);
+                (txn.with_trace(trace), cmds)
+            })
             .await?
         {
             Start::New(entry, _) => {
@@ -218,7 +225,8 @@ impl Coordinator {
     /// decision, phase 2. With `gtid` (client-chosen, a UUID v7), a repeat
     /// with the same branches waits for and returns the same transaction's
     /// outcome instead of starting a second one, for as long as its record
-    /// is retained.
+    /// is retained. `trace` (the client's trace context) is kept for every
+    /// participant call to carry.
     ///
     /// # Errors
     ///
@@ -232,6 +240,7 @@ impl Coordinator {
         timeout: Option<Duration>,
         branches: Vec<NewBranch>,
         gtid: Option<Gtid>,
+        trace: Option<TraceContext>,
     ) -> Result<SubmitOutcome, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -257,7 +266,8 @@ impl Coordinator {
         let now = inner.now();
         let entry = match inner
             .start(gtid, chosen, || {
-                Txn::submit(gtid, mode, now, deadline, branches.clone())
+                let (txn, cmds) = Txn::submit(gtid, mode, now, deadline, branches.clone());
+                (txn.with_trace(trace), cmds)
             })
             .await?
         {

@@ -237,7 +237,7 @@ async fn one_shot(world: &Arc<World>, mode: Mode, timeout: Duration, branches: V
     loop {
         tries += 1;
         let coord = world.coord();
-        let call = coord.submit(mode, Some(timeout), branches.clone(), chosen);
+        let call = coord.submit(mode, Some(timeout), branches.clone(), chosen, None);
         match maybe_cancel(cancel_point(world), call).await {
             Some(Ok(out)) => {
                 if is_commit(out.state) {
@@ -262,8 +262,11 @@ async fn interactive_txn(
     branches: Vec<NewBranch>,
 ) {
     let coord = world.coord();
-    let Some(Ok(gtid)) =
-        maybe_cancel(cancel_point(world), coord.begin(mode, Some(timeout), None)).await
+    let Some(Ok(gtid)) = maybe_cancel(
+        cancel_point(world),
+        coord.begin(mode, Some(timeout), None, None),
+    )
+    .await
     else {
         return;
     };
@@ -324,7 +327,7 @@ async fn hoard(world: Arc<World>, k: usize, n: usize) {
     for i in k..k + n {
         let coord = world.coord();
         let Ok(gtid) = coord
-            .begin(Mode::Tcc, Some(Duration::from_secs(120)), None)
+            .begin(Mode::Tcc, Some(Duration::from_secs(120)), None, None)
             .await
         else {
             continue;
