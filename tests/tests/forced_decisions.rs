@@ -75,6 +75,7 @@ impl Transport for Net {
         _: &str,
         _: Mode,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         self.journal.push("phase1");
@@ -93,6 +94,7 @@ impl Transport for Net {
         _: Mode,
         commit: bool,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, ()> {
         self.journal.push(format!("phase2 commit={commit}"));
@@ -192,8 +194,10 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
     let s = Setup::new().await;
     let gtid = Gtid::now_v7();
     let c = s.coord.clone();
-    let submit =
-        tokio::spawn(async move { c.submit(Mode::Tcc, None, vec![branch()], Some(gtid)).await });
+    let submit = tokio::spawn(async move {
+        c.submit(Mode::Tcc, None, vec![branch()], Some(gtid), None)
+            .await
+    });
     eventually("the try is out", || s.count("phase1") == 1).await;
     s.close();
     // What happened before (the start's force) does not count.
@@ -246,7 +250,11 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
 /// An interactive transaction with one tried branch, its commit decision
 /// made and hanging in the force.
 async fn commit_being_forced(s: &Setup) -> (Gtid, tokio::task::JoinHandle<()>) {
-    let gtid = s.coord.begin(Mode::Tcc, None, None).await.expect("begin");
+    let gtid = s
+        .coord
+        .begin(Mode::Tcc, None, None, None)
+        .await
+        .expect("begin");
     s.votes.add_permits(1);
     s.coord.enlist(gtid, branch()).await.expect("enlist");
     s.close();
