@@ -18,7 +18,7 @@ use tandem_coordinator::runtime::Environment;
 use tandem_coordinator::security::{
     ClientSecurityArgs, ParticipantAccess, ServeSecurityArgs, ServerSecurity,
 };
-use tandem_coordinator::{Coordinator, bench, cli, demo, log_cli, server};
+use tandem_coordinator::{Coordinator, bench, cli, demo, log_cli, otel, server};
 use tracing::info;
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
@@ -285,6 +285,18 @@ struct ServeArgs {
     store: tandem_coordinator::store_cli::StoreArgs,
     #[command(flatten)]
     security: ServeSecurityArgs,
+    /// Export the coordinator's spans by OTLP/gRPC to this collector
+    /// (e.g. http://127.0.0.1:4317); each participant call is a child of
+    /// the trace the client sent. Unset: nothing is exported.
+    #[arg(long, env = "TANDEM_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[arg(
+        long,
+        env = "TANDEM_SERVICE_NAME",
+        default_value = "tandem-coordinator"
+    )]
+    service_name: String,
 }
 
 #[derive(Subcommand)]
@@ -523,7 +535,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let otlp = match &cli.command {
+        Command::Serve(a) => a.otlp_endpoint.clone().map(|endpoint| otel::OtlpConfig {
+            endpoint,
+            service_name: a.service_name.clone(),
+        }),
+        _ => None,
+    };
+    let _otel = match logging::init(cli.log_format, otlp.as_ref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Tx(args) => return tx(args).await,

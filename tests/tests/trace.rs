@@ -231,7 +231,20 @@ async fn phase_two_after_a_crash_carries_the_trace() {
         assert_eq!(r.verbs(), ["prepare"], "no phase 2 before the restart");
     }
 
-    let _serve = Serve::start_on(data.path(), &addr, &["--retry-initial", "20ms"], &[]);
+    // Restarted with OpenTelemetry on (a collector that is not there):
+    // the participant calls are children of the coordinator's exported
+    // spans, in the same trace, and a failing export changes nothing.
+    let _serve = Serve::start_on(
+        data.path(),
+        &addr,
+        &[
+            "--retry-initial",
+            "20ms",
+            "--otlp-endpoint",
+            "http://127.0.0.1:9",
+        ],
+        &[],
+    );
     eventually("recovery commits both branches", || {
         a.verbs().len() == 2 && b.verbs().len() == 2
     })
