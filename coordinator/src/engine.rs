@@ -124,6 +124,13 @@ impl Txn {
         self
     }
 
+    /// Keeps `trace` (the starting call's trace context) in the record,
+    /// for every participant call to carry.
+    pub fn with_trace(mut self, trace: Option<crate::model::TraceContext>) -> Txn {
+        self.rec.traceparent = trace;
+        self
+    }
+
     /// Forces an abort decision like a commit one: no rollback / cancel
     /// call and no outcome before it is durable (for a transaction whose
     /// gtid the client chose; see DESIGN.md rule 1).

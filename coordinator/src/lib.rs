@@ -21,6 +21,8 @@
 //! - [`alerts`]: the webhook told of STUCK transactions and failing branches.
 //! - [`bench`]: `tandem bench`, throughput / latency / durability cost against
 //!   the machine's echo floor.
+//! - [`otel`]: OpenTelemetry export of the coordinator's spans
+//!   (`--otlp-endpoint`).
 //! - [`cli`]: `tandem tx list|show|retry|abort` over the Admin service.
 //! - [`log_cli`]: `tandem log check`, the offline report on a log.
 //! - [`demo`]: `tandem demo`, bank transfers across two participant services.
@@ -44,6 +46,7 @@ pub mod log_cli;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod otel;
 pub mod runtime;
 pub mod security;
 pub mod serve_cli;

@@ -17,10 +17,47 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. Call once, first thing.
-pub fn init(format: LogFormat) {
+/// Installs the global subscriber. Call once, first thing (inside the
+/// Tokio runtime when `otlp` is given). With `otlp`, the coordinator's
+/// spans are exported too (see [`crate::otel`]); keep the returned guard
+/// until the end of `main` so that queued spans are flushed.
+///
+/// # Errors
+///
+/// The OTLP endpoint is not usable.
+pub fn init(
+    format: LogFormat,
+    otlp: Option<&crate::otel::OtlpConfig>,
+) -> Result<Option<crate::otel::OtelGuard>, String> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,sled=warn"));
+    let Some(otlp) = otlp else {
+        init_logs(format, filter);
+        return Ok(None);
+    };
+    use tracing_subscriber::prelude::*;
+    let provider = crate::otel::provider(otlp)?;
+    let (otel, guard) = crate::otel::layer(provider);
+    // Tandem's own spans, at every level, whatever the log filter says.
+    let spans = tracing_subscriber::filter::filter_fn(|meta| {
+        meta.is_span() && meta.target().starts_with("tandem")
+    });
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => logs.json().with_ansi(false).with_filter(filter).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(otel.with_filter(spans))
+        .init();
+    Ok(Some(guard))
+}
+
+fn init_logs(format: LogFormat, filter: EnvFilter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -14,7 +14,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tandem_coordinator::logging::{self, LogFormat};
 use tandem_coordinator::security::ClientSecurityArgs;
 use tandem_coordinator::serve_cli::{self, ServeArgs};
-use tandem_coordinator::{bench, cli, config_file, demo, log_cli};
+use tandem_coordinator::{bench, cli, config_file, demo, log_cli, otel};
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
 #[derive(Parser)]
@@ -370,7 +370,20 @@ async fn main() -> ExitCode {
         print!("{}", layered.render());
         return ExitCode::SUCCESS;
     }
-    logging::init(cli.log_format);
+    let otlp = match &cli.command {
+        Command::Serve(a) => a.otlp_endpoint.clone().map(|endpoint| otel::OtlpConfig {
+            endpoint,
+            service_name: a.service_name.clone(),
+        }),
+        _ => None,
+    };
+    let _otel = match logging::init(cli.log_format, otlp.as_ref()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("tandem: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => serve_cli::serve(*args).await,
         Command::Tx(args) => return tx(args).await,

@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+pub use tandem_sdk::trace::TraceContext;
 use uuid::Uuid;
 
 /// Global transaction id: a UUID v7, so ids sort by creation time.
@@ -22,6 +23,26 @@ pub enum Mode {
     TwoPhase,
     /// Try / confirm / cancel.
     Tcc,
+}
+
+impl Mode {
+    /// The name of a branch's phase-1 call in this mode.
+    pub fn phase_one_verb(self) -> &'static str {
+        match self {
+            Mode::TwoPhase => "prepare",
+            Mode::Tcc => "try",
+        }
+    }
+
+    /// The name of a branch's phase-2 call in this mode.
+    pub fn phase_two_verb(self, commit: bool) -> &'static str {
+        match (self, commit) {
+            (Mode::TwoPhase, true) => "commit",
+            (Mode::TwoPhase, false) => "rollback",
+            (Mode::Tcc, true) => "confirm",
+            (Mode::Tcc, false) => "cancel",
+        }
+    }
 }
 
 /// Transaction states; see DESIGN.md "States".
@@ -291,6 +312,11 @@ pub struct TxnRecord {
     pub epoch: u64,
     /// Caller labels from Begin / Submit, sorted by key.
     pub labels: Vec<crate::labels::Label>,
+    /// The W3C trace context (`traceparent`, `tracestate`) of the client
+    /// call that started it; every participant call carries its trace id,
+    /// phase 2 after a restart or a takeover too. `None` when the client
+    /// sent none (or an invalid one).
+    pub traceparent: Option<TraceContext>,
 }
 
 impl TxnRecord {
@@ -309,6 +335,7 @@ impl TxnRecord {
             branches: Vec::new(),
             epoch: 1,
             labels: Vec::new(),
+            traceparent: None,
         }
     }
 

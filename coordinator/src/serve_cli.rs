@@ -101,6 +101,18 @@ pub struct ServeArgs {
     /// --tls-cert). Unset: none.
     #[arg(long, env = "TANDEM_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
+    /// Export the coordinator's spans by OTLP/gRPC to this collector
+    /// (e.g. http://127.0.0.1:4317); each participant call is a child of
+    /// the trace the client sent. Unset: nothing is exported.
+    #[arg(long, env = "TANDEM_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[arg(
+        long,
+        env = "TANDEM_SERVICE_NAME",
+        default_value = "tandem-coordinator"
+    )]
+    pub service_name: String,
 }
 
 /// Where STUCK transactions and failing branches are reported.

@@ -36,9 +36,24 @@ pub struct BranchContext {
     /// in doubt. The barrier refuses a call from an older epoch than it has
     /// seen for the branch.
     pub epoch: u64,
+    /// The W3C trace context the coordinator sent: the trace of the
+    /// business call that started the transaction (the same in every phase,
+    /// after a coordinator restart too), with the coordinator's span as the
+    /// parent. `None` when the transaction was started without one, when
+    /// the header was invalid, and when the SDK itself finishes a branch in
+    /// doubt. The handler's span (`tandem.branch`, fields `trace_id`,
+    /// `gtid`, `branch_id`, `resource`, `phase`) is already its child; use
+    /// this to pass the trace on, e.g. to a downstream call.
+    pub traceparent: Option<crate::TraceParent>,
 }
 
 impl BranchContext {
+    /// The trace context the coordinator sent, if any (see
+    /// [`BranchContext::traceparent`](field@BranchContext::traceparent)).
+    pub fn traceparent(&self) -> Option<&crate::TraceParent> {
+        self.traceparent.as_ref()
+    }
+
     /// The branch's key in the barrier.
     pub fn key(&self) -> BranchKey {
         BranchKey {

@@ -15,6 +15,9 @@
 //!   one-shot `submit`).
 //! - `in_doubt`: resolving branches that heard nothing, by asking the
 //!   coordinator ([`ParticipantServer::resolve_in_doubt`]).
+//! - [`trace`]: W3C trace context ([`TraceParent`], [`TraceContext`]) carried
+//!   from the business client through the coordinator into each handler's
+//!   span.
 //! - [`error`]: [`Error`], the typed errors of the client.
 //! - [`sled_sync`]: durable writes to a sled database, with group commit.
 //! - [`proto`]: the gRPC contract's generated types; [`tonic`], [`bytes`],
@@ -75,6 +78,7 @@ pub mod postgres;
 pub mod security;
 pub mod server;
 pub mod sled_sync;
+pub mod trace;
 
 pub use barrier::{Phase, SledBarrier};
 pub use client::{
@@ -84,6 +88,7 @@ pub use error::Error;
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
 pub use server::{ParticipantServer, RunningParticipant, ServeError};
 pub use tandem_proto::v1::{AbortCause, AbortInfo};
+pub use trace::{TraceContext, TraceParent};
 
 /// A global transaction id (UUID v7).
 pub type Gtid = uuid::Uuid;

@@ -486,7 +486,11 @@ pub(crate) fn cap(text: &str, max: usize) -> String {
     format!("{}{MARK}", &text[..end])
 }
 
-fn context(req: &pb::BranchRequest, phase: Phase) -> Result<BranchContext, Status> {
+fn context(
+    req: &pb::BranchRequest,
+    phase: Phase,
+    trace: Option<&crate::TraceContext>,
+) -> Result<BranchContext, Status> {
     let gtid = Gtid::parse_str(&req.gtid).map_err(|e| {
         Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", cap(&req.gtid, 64)))
     })?;
@@ -497,6 +501,7 @@ fn context(req: &pb::BranchRequest, phase: Phase) -> Result<BranchContext, Statu
         attempt: req.attempt,
         phase,
         epoch: req.epoch,
+        traceparent: trace.map(|t| t.parent),
     })
 }
 
@@ -542,6 +547,7 @@ impl ParticipantService {
             // In-doubt resolution acts on the coordinator's durable answer:
             // never refused for its epoch, and it raises none.
             epoch: 0,
+            traceparent: None,
         };
         let verb = match (protocol, commit) {
             (Protocol::TwoPhase, true) => "commit",
@@ -586,8 +592,10 @@ impl ParticipantService {
         protocol: Protocol,
         verb: &'static str,
     ) -> Result<Response<pb::VoteResponse>, Status> {
+        let trace = crate::TraceContext::from_metadata(req.metadata());
         let req = req.into_inner();
-        let ctx = context(&req, Phase::Try)?;
+        let ctx = context(&req, Phase::Try, trace.as_ref())?;
+        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
         let call = PhaseOne {
             handler: self.handler(&req.resource, protocol)?.clone(),
             barrier: self.barrier.clone(),
@@ -595,7 +603,9 @@ impl ParticipantService {
             payload: req.payload,
             verb,
         };
-        Ok(Response::new(vote_response(call.run().await?)))
+        Ok(Response::new(vote_response(
+            call.run().instrument(span).await?,
+        )))
     }
 
     async fn phase_two(
@@ -605,13 +615,15 @@ impl ParticipantService {
         commit: bool,
         verb: &'static str,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        let trace = crate::TraceContext::from_metadata(req.metadata());
         let req = req.into_inner();
         let phase = if commit {
             Phase::Confirm
         } else {
             Phase::Cancel
         };
-        let ctx = context(&req, phase)?;
+        let ctx = context(&req, phase, trace.as_ref())?;
+        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
         let call = PhaseTwo {
             handler: self.handler(&req.resource, protocol)?.clone(),
             barrier: self.barrier.clone(),
@@ -620,7 +632,7 @@ impl ParticipantService {
             commit,
             verb,
         };
-        call.run().await?;
+        call.run().instrument(span).await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 }

@@ -75,6 +75,7 @@ impl Transport for Net {
         _: &str,
         _: Mode,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         self.journal.push("phase1");
@@ -93,6 +94,7 @@ impl Transport for Net {
         _: Mode,
         commit: bool,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, ()> {
         self.journal.push(format!("phase2 commit={commit}"));
@@ -193,8 +195,15 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
     let gtid = Gtid::now_v7();
     let c = s.coord.clone();
     let submit = tokio::spawn(async move {
-        c.submit(Mode::Tcc, None, vec![branch()], Some(gtid), Vec::new())
-            .await
+        c.submit(
+            Mode::Tcc,
+            None,
+            vec![branch()],
+            Some(gtid),
+            Vec::new(),
+            None,
+        )
+        .await
     });
     eventually("the try is out", || s.count("phase1") == 1).await;
     s.close();
@@ -250,7 +259,7 @@ async fn a_forced_abort_is_invisible_and_sends_nothing_until_durable() {
 async fn commit_being_forced(s: &Setup) -> (Gtid, tokio::task::JoinHandle<()>) {
     let gtid = s
         .coord
-        .begin(Mode::Tcc, None, None, Vec::new())
+        .begin(Mode::Tcc, None, None, Vec::new(), None)
         .await
         .expect("begin");
     s.votes.add_permits(1);

@@ -176,6 +176,7 @@ impl Transport for Calls {
         _: &str,
         _: LogMode,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         Box::pin(async { Err("no phase 1 in this test".into()) })
@@ -186,6 +187,7 @@ impl Transport for Calls {
         mode: LogMode,
         commit: bool,
         req: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, ()> {
         self.0

@@ -68,6 +68,7 @@ async fn branch_transaction_commits_the_record_with_the_change_or_nothing() {
         attempt: 1,
         phase: Phase::Confirm,
         epoch: 1,
+        traceparent: None,
     };
     let (dropped, committed) = (ctx(1), ctx(2));
     for c in [&dropped, &committed] {

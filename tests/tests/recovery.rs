@@ -60,6 +60,7 @@ impl Transport for Acks {
         _: &str,
         _: Mode,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         Box::pin(async { Err("no phase 1 in this test".into()) })
@@ -70,6 +71,7 @@ impl Transport for Acks {
         _: Mode,
         commit: bool,
         req: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, ()> {
         self.0.lock().expect("acks").push((req.gtid, commit));

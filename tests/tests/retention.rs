@@ -35,6 +35,7 @@ impl Transport for Net {
         _: &str,
         _: Mode,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         self.tries.fetch_add(1, Ordering::SeqCst);
@@ -51,6 +52,7 @@ impl Transport for Net {
         _: Mode,
         _: bool,
         _: BranchRequest,
+        _trace: Option<tandem_coordinator::model::TraceContext>,
         _: Duration,
     ) -> CallFuture<'_, ()> {
         let down = endpoint == DOWN;
@@ -109,14 +111,21 @@ async fn retention_removes_finished_records_and_keeps_stuck_ones() {
     let mut finished = Vec::new();
     for _ in 0..5 {
         let out = coord
-            .submit(Mode::TwoPhase, None, pair("http://b:1"), None, Vec::new())
+            .submit(
+                Mode::TwoPhase,
+                None,
+                pair("http://b:1"),
+                None,
+                Vec::new(),
+                None,
+            )
             .await
             .expect("submit");
         assert_eq!(out.state, TxState::Committed);
         finished.push(out.gtid);
     }
     let stuck = coord
-        .submit(Mode::TwoPhase, None, pair(DOWN), None, Vec::new())
+        .submit(Mode::TwoPhase, None, pair(DOWN), None, Vec::new(), None)
         .await
         .expect("submit")
         .gtid;
@@ -150,7 +159,14 @@ async fn a_repeat_after_retention_never_starts_the_gtid_again() {
     let ahead = now_ms() + 59_000;
     let gtid: Gtid = uuid::Builder::from_unix_timestamp_millis(ahead, &[7; 10]).into_uuid();
     let first = coord
-        .submit(Mode::Tcc, None, pair("http://b:1"), Some(gtid), Vec::new())
+        .submit(
+            Mode::Tcc,
+            None,
+            pair("http://b:1"),
+            Some(gtid),
+            Vec::new(),
+            None,
+        )
         .await
         .expect("submit");
     assert_eq!(first.state, TxState::Committed);
@@ -161,7 +177,14 @@ async fn a_repeat_after_retention_never_starts_the_gtid_again() {
     assert!(coord.get(gtid).is_err(), "removed by retention");
 
     let again = coord
-        .submit(Mode::Tcc, None, pair("http://b:1"), Some(gtid), Vec::new())
+        .submit(
+            Mode::Tcc,
+            None,
+            pair("http://b:1"),
+            Some(gtid),
+            Vec::new(),
+            None,
+        )
         .await;
     assert_eq!(
         net.tries.load(Ordering::SeqCst),

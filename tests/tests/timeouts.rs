@@ -18,7 +18,13 @@ use tandem_tests::{Scripted, eventually, pair, test_config};
 async fn an_active_transaction_past_its_deadline_aborts() {
     let coord = Coordinator::new(test_config(), Arc::new(MemLog::new())).expect("coordinator");
     let gtid = coord
-        .begin(Mode::Tcc, Some(Duration::from_secs(60)), None, Vec::new())
+        .begin(
+            Mode::Tcc,
+            Some(Duration::from_secs(60)),
+            None,
+            Vec::new(),
+            None,
+        )
         .await
         .expect("begin");
     tokio::time::sleep(Duration::from_secs(59)).await;

@@ -10,8 +10,8 @@ use prost::Message;
 use super::LogError;
 use crate::labels::Label;
 use crate::model::{
-    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, Resolution, TxState,
-    TxnRecord,
+    AbortCause, AbortInfo, BranchRecord, BranchState, Decision, Gtid, Mode, Resolution,
+    TraceContext, TxState, TxnRecord,
 };
 
 /// Format version written in every record.
@@ -48,6 +48,9 @@ struct StoredTxn {
     /// Caller labels (absent in records of older versions: none).
     #[prost(message, repeated, tag = "12")]
     labels: Vec<StoredLabel>,
+    /// The trace context of the call that started it.
+    #[prost(message, optional, tag = "13")]
+    trace: Option<StoredTrace>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -56,6 +59,16 @@ struct StoredLabel {
     key: String,
     #[prost(string, tag = "2")]
     value: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredTrace {
+    /// The W3C `traceparent` header.
+    #[prost(string, tag = "1")]
+    traceparent: String,
+    /// The W3C `tracestate` header; empty for none.
+    #[prost(string, tag = "2")]
+    tracestate: String,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -194,6 +207,10 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
                 value: l.value.clone(),
             })
             .collect(),
+        trace: rec.traceparent.as_ref().map(|t| StoredTrace {
+            traceparent: t.parent.to_string(),
+            tracestate: t.state.clone().unwrap_or_default(),
+        }),
         abort: rec.abort.as_ref().map(|a| StoredAbort {
             cause: abort_code(a.cause),
             branch: a.branch,
@@ -340,6 +357,14 @@ pub(super) fn decode(
                 value: l.value,
             })
             .collect(),
+        // Tracing is never a reason to refuse a record: one that does not
+        // parse is dropped.
+        traceparent: stored.trace.and_then(|t| {
+            TraceContext::from_headers(
+                &t.traceparent,
+                Some(t.tracestate.as_str()).filter(|s| !s.is_empty()),
+            )
+        }),
     })
 }
 

@@ -107,6 +107,10 @@ pub fn write_then_get_round_trips(log: &impl TxnLog) {
     );
     rec.reason = why.text();
     rec.abort = Some(why);
+    rec.traceparent = crate::model::TraceContext::from_headers(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        Some("vendor=x"),
+    );
     rec.branches[1].state = BranchState::Failed;
     rec.branches[1].last_error = "deadline".into();
     rec.branches[1].next_attempt_ms = 12_345;

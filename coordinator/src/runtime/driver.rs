@@ -15,14 +15,15 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tandem_proto::v1::BranchRequest;
 use tokio::task::AbortHandle;
-use tracing::warn;
+use tracing::field::{Empty, display};
+use tracing::{Instrument, Span, warn};
 
 use super::transport::{CallError, Failure, bounded};
 use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
 use crate::failpoint;
-use crate::model::{BranchId, Mode, TxState};
+use crate::model::{BranchId, Mode, TraceContext, TxState};
 
 type CallFuture<'a> = Pin<Box<dyn Future<Output = Event> + Send + 'a>>;
 
@@ -185,7 +186,7 @@ impl Inner {
         entry: &Entry,
         branch: BranchId,
         attempt: u32,
-    ) -> Option<(String, Mode, u64, BranchRequest)> {
+    ) -> Option<(String, Mode, u64, BranchRequest, Option<TraceContext>)> {
         let txn = entry.lock();
         let rec = txn.record();
         let b = rec.branch(branch)?;
@@ -201,11 +202,13 @@ impl Inner {
                 attempt,
                 epoch: rec.epoch,
             },
+            rec.traceparent.clone(),
         ))
     }
 
     async fn phase_one(&self, entry: &Entry, branch: BranchId) -> Event {
-        let Some((endpoint, mode, deadline, req)) = self.branch_request(entry, branch, 1) else {
+        let Some((endpoint, mode, deadline, req, trace)) = self.branch_request(entry, branch, 1)
+        else {
             let vote = Vote::Failed("branch vanished".into());
             return Event::PhaseOne { branch, vote };
         };
@@ -218,8 +221,12 @@ impl Inner {
         // failed (and gets its rollback / cancel once it returns).
         let left = Duration::from_millis(deadline.saturating_sub(self.now()).max(1));
         let timeout = self.config.call_timeout.min(left);
-        let call = self.transport.phase_one(&endpoint, mode, req, timeout);
-        let vote = match bounded(timeout, call).await {
+        let span = call_span(&req, trace.as_ref(), mode.phase_one_verb());
+        let trace = trace.map(|t| t.child_in(&span));
+        let call = self
+            .transport
+            .phase_one(&endpoint, mode, req, trace, timeout);
+        let vote = match bounded(timeout, call).instrument(span).await {
             Ok(v) if v.yes => Vote::Yes(v.reply),
             Ok(v) => Vote::No(v.reason),
             // Never ran there: nothing to roll back (DESIGN.md rule 3a).
@@ -238,7 +245,8 @@ impl Inner {
         commit: bool,
         attempt: u32,
     ) -> Event {
-        let Some((endpoint, mode, _, req)) = self.branch_request(entry, branch, attempt) else {
+        let Some((endpoint, mode, _, req, trace)) = self.branch_request(entry, branch, attempt)
+        else {
             return Event::PhaseTwo {
                 branch,
                 result: Ok(()),
@@ -248,10 +256,12 @@ impl Inner {
         let result = match self.check_policy(&endpoint) {
             Err(e) => Err(CallError::from(e.to_string())),
             Ok(()) => {
+                let span = call_span(&req, trace.as_ref(), mode.phase_two_verb(commit));
+                let trace = trace.map(|t| t.child_in(&span));
                 let call = self
                     .transport
-                    .phase_two(&endpoint, mode, commit, req, timeout);
-                bounded(timeout, call).await
+                    .phase_two(&endpoint, mode, commit, req, trace, timeout);
+                bounded(timeout, call).instrument(span).await
             }
         };
         match result {
@@ -339,4 +349,27 @@ impl Inner {
         };
         self.tasks.spawn(task).abort_handle()
     }
+}
+
+/// The span of one participant call (`tandem.call`, named after the call
+/// for OpenTelemetry): `trace_id`, `gtid`, `branch_id`, `resource`,
+/// `attempt`; the child of the transaction's trace context. Debug level,
+/// so it costs nothing unless logs at debug or OpenTelemetry ask for it.
+fn call_span(req: &BranchRequest, trace: Option<&TraceContext>, verb: &'static str) -> Span {
+    let span = tracing::debug_span!(
+        "tandem.call",
+        otel.name = verb,
+        trace_id = Empty,
+        gtid = %req.gtid,
+        branch_id = req.branch_id,
+        resource = %req.resource,
+        attempt = req.attempt,
+    );
+    if let Some(t) = trace
+        && !span.is_disabled()
+    {
+        span.record("trace_id", display(t.parent.trace_id_hex()));
+        t.adopt(&span);
+    }
+    span
 }

@@ -14,7 +14,7 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use crate::security::ParticipantAccess;
 
 use super::transport::{CallError, Failure};
-use crate::model::{MAX_STORED_TEXT, Mode, cap_text};
+use crate::model::{MAX_STORED_TEXT, Mode, TraceContext, cap_text};
 use tandem_proto::rpc;
 
 /// Most channels held at once; past it the least recently used idle one
@@ -120,6 +120,21 @@ async fn bounded<T>(
         )),
         Err(_) => Err(no_reply()),
     }
+}
+
+/// A participant call's request: its deadline, and the trace context when
+/// there is one.
+fn call_request(
+    req: BranchRequest,
+    trace: Option<&TraceContext>,
+    timeout: Duration,
+) -> tonic::Request<BranchRequest> {
+    let mut request = tonic::Request::new(req);
+    request.set_timeout(timeout);
+    if let Some(t) = trace {
+        t.inject(request.metadata_mut());
+    }
+    request
 }
 
 /// What a call's error status proves (see [`Failure`]).
@@ -273,14 +288,14 @@ impl ParticipantPool {
         endpoint: &str,
         mode: Mode,
         req: BranchRequest,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> Result<VoteResponse, CallError> {
         // No channel, no call: the request never left.
         let (mut client, _in_use) = self
             .client(endpoint)
             .map_err(|e| CallError::new(Failure::NotDelivered, e))?;
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(timeout);
+        let request = call_request(req, trace.as_ref(), timeout);
         let call = async {
             match mode {
                 Mode::TwoPhase => client.prepare(request).await,
@@ -297,13 +312,13 @@ impl ParticipantPool {
         mode: Mode,
         commit: bool,
         req: BranchRequest,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> Result<(), CallError> {
         let (mut client, _in_use) = self
             .client(endpoint)
             .map_err(|e| CallError::new(Failure::NotDelivered, e))?;
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(timeout);
+        let request = call_request(req, trace.as_ref(), timeout);
         let call = async {
             match (mode, commit) {
                 (Mode::TwoPhase, true) => client.commit(request).await,

@@ -16,7 +16,9 @@ use super::{Coordinator, Entry, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
 use crate::labels::Label;
-use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, Resolution, TxState, TxnRecord};
+use crate::model::{
+    AbortInfo, BranchId, Decision, Gtid, Mode, Resolution, TraceContext, TxState, TxnRecord,
+};
 
 /// The outcome of a one-shot transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +47,8 @@ pub struct RollbackOutcome {
 impl Coordinator {
     /// Starts an interactive transaction. With `gtid` (client-chosen, a
     /// UUID v7), a repeat returns the same transaction instead of a second
-    /// one, for as long as its record is retained.
+    /// one, for as long as its record is retained. `trace` (the client's
+    /// trace context) is kept for every participant call to carry.
     ///
     /// # Errors
     ///
@@ -58,6 +61,7 @@ impl Coordinator {
         timeout: Option<Duration>,
         gtid: Option<Gtid>,
         labels: Vec<Label>,
+        trace: Option<TraceContext>,
     ) -> Result<Gtid, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -70,7 +74,7 @@ impl Coordinator {
             .start(gtid, chosen, || {
                 let (mut txn, cmds) = Txn::begin(gtid, mode, now, deadline);
                 txn.label(labels.clone());
-                (txn, cmds)
+                (txn.with_trace(trace), cmds)
             })
             .await?
         {
@@ -224,7 +228,8 @@ impl Coordinator {
     /// decision, phase 2. With `gtid` (client-chosen, a UUID v7), a repeat
     /// with the same branches waits for and returns the same transaction's
     /// outcome instead of starting a second one, for as long as its record
-    /// is retained.
+    /// is retained. `trace` (the client's trace context) is kept for every
+    /// participant call to carry.
     ///
     /// # Errors
     ///
@@ -239,6 +244,7 @@ impl Coordinator {
         branches: Vec<NewBranch>,
         gtid: Option<Gtid>,
         labels: Vec<Label>,
+        trace: Option<TraceContext>,
     ) -> Result<SubmitOutcome, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -266,7 +272,7 @@ impl Coordinator {
             .start(gtid, chosen, || {
                 let (mut txn, cmds) = Txn::submit(gtid, mode, now, deadline, branches.clone());
                 txn.label(labels.clone());
-                (txn, cmds)
+                (txn.with_trace(trace), cmds)
             })
             .await?
         {

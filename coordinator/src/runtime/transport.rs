@@ -10,7 +10,7 @@ use std::time::Duration;
 use tandem_proto::v1::{BranchRequest, VoteResponse};
 
 use super::participants::ParticipantPool;
-use crate::model::Mode;
+use crate::model::{Mode, TraceContext};
 
 /// A boxed call future.
 pub type CallFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CallError>> + Send + 'a>>;
@@ -76,7 +76,9 @@ impl std::fmt::Display for CallError {
 
 /// Participant calls. `Err` says what failed and what that proves (see
 /// [`Failure`]). The runtime also bounds every call by `timeout` itself,
-/// so an implementation may ignore it.
+/// so an implementation may ignore it. `trace`, when the transaction has
+/// one, is the W3C trace context to send with the call (the transaction's
+/// trace, the coordinator's call span as the parent).
 pub trait Transport: Send + Sync + 'static {
     /// Prepare (2PC) or try (TCC).
     fn phase_one(
@@ -84,6 +86,7 @@ pub trait Transport: Send + Sync + 'static {
         endpoint: &str,
         mode: Mode,
         req: BranchRequest,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> CallFuture<'_, VoteResponse>;
 
@@ -94,6 +97,7 @@ pub trait Transport: Send + Sync + 'static {
         mode: Mode,
         commit: bool,
         req: BranchRequest,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> CallFuture<'_, ()>;
 }
@@ -104,12 +108,13 @@ impl Transport for ParticipantPool {
         endpoint: &str,
         mode: Mode,
         req: BranchRequest,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         let endpoint = endpoint.to_string();
-        Box::pin(
-            async move { ParticipantPool::phase_one(self, &endpoint, mode, req, timeout).await },
-        )
+        Box::pin(async move {
+            ParticipantPool::phase_one(self, &endpoint, mode, req, trace, timeout).await
+        })
     }
 
     fn phase_two(
@@ -118,11 +123,12 @@ impl Transport for ParticipantPool {
         mode: Mode,
         commit: bool,
         req: BranchRequest,
+        trace: Option<TraceContext>,
         timeout: Duration,
     ) -> CallFuture<'_, ()> {
         let endpoint = endpoint.to_string();
         Box::pin(async move {
-            ParticipantPool::phase_two(self, &endpoint, mode, commit, req, timeout).await
+            ParticipantPool::phase_two(self, &endpoint, mode, commit, req, trace, timeout).await
         })
     }
 }

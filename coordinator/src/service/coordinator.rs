@@ -3,12 +3,13 @@
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::coordinator_server::Coordinator as CoordinatorRpc;
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
 use tracing::instrument;
 
 use super::convert::{
     branch_from_wire, mode_from_wire, record_to_wire, state_to_wire, timeout_from_wire,
 };
-use super::{abort_detail, optional_gtid, parse_gtid};
+use super::{abort_detail, optional_gtid, parse_gtid, request_trace};
 use crate::model::Decision;
 use crate::runtime::Coordinator;
 
@@ -27,18 +28,25 @@ impl CoordinatorService {
 
 #[tonic::async_trait]
 impl CoordinatorRpc for CoordinatorService {
-    #[instrument(level = "debug", skip_all)]
+    #[instrument(level = "debug", skip_all, fields(trace_id = Empty))]
     async fn begin(
         &self,
         req: Request<pb::BeginRequest>,
     ) -> Result<Response<pb::BeginResponse>, Status> {
+        let trace = request_trace(req.metadata());
         let req = req.into_inner();
         let mode = mode_from_wire(req.mode)?;
         let chosen = optional_gtid(&req.gtid)?;
         let labels = labels_from_wire(req.labels)?;
         let gtid = self
             .coord
-            .begin(mode, timeout_from_wire(req.timeout_ms), chosen, labels)
+            .begin(
+                mode,
+                timeout_from_wire(req.timeout_ms),
+                chosen,
+                labels,
+                trace,
+            )
             .await?;
         tracing::debug!(%gtid, ?mode, "begun");
         Ok(Response::new(pb::BeginResponse {
@@ -46,11 +54,12 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, trace_id = Empty))]
     async fn enlist(
         &self,
         req: Request<pb::EnlistRequest>,
     ) -> Result<Response<pb::EnlistResponse>, Status> {
+        request_trace(req.metadata());
         let req = req.into_inner();
         let gtid = parse_gtid(&req.gtid)?;
         let branch = branch_from_wire(req.branch)?;
@@ -58,11 +67,12 @@ impl CoordinatorRpc for CoordinatorService {
         Ok(Response::new(pb::EnlistResponse { branch_id, reply }))
     }
 
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, trace_id = Empty))]
     async fn commit(
         &self,
         req: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
+        request_trace(req.metadata());
         let gtid = parse_gtid(&req.get_ref().gtid)?;
         let state = self.coord.commit(gtid).await?;
         Ok(Response::new(pb::CommitResponse {
@@ -70,11 +80,12 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, trace_id = Empty))]
     async fn rollback(
         &self,
         req: Request<pb::RollbackRequest>,
     ) -> Result<Response<pb::RollbackResponse>, Status> {
+        request_trace(req.metadata());
         let req = req.into_inner();
         let gtid = parse_gtid(&req.gtid)?;
         let out = self.coord.rollback(gtid, req.reason).await?;
@@ -84,11 +95,12 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
-    #[instrument(level = "debug", skip_all)]
+    #[instrument(level = "debug", skip_all, fields(trace_id = Empty))]
     async fn submit(
         &self,
         req: Request<pb::SubmitRequest>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let trace = request_trace(req.metadata());
         let req = req.into_inner();
         let mode = mode_from_wire(req.mode)?;
         let chosen = optional_gtid(&req.gtid)?;
@@ -106,6 +118,7 @@ impl CoordinatorRpc for CoordinatorService {
                 branches,
                 chosen,
                 labels,
+                trace,
             )
             .await?;
         tracing::debug!(gtid = %out.gtid, state = %out.state, "submitted");

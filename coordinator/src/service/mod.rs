@@ -35,6 +35,20 @@ fn parse_gtid(s: &str) -> Result<Gtid, Status> {
     })
 }
 
+/// The W3C trace context a request carries (an invalid one is ignored),
+/// recorded on the request's span as `trace_id` and made its parent when
+/// OpenTelemetry is on.
+fn request_trace(metadata: &tonic::metadata::MetadataMap) -> Option<crate::model::TraceContext> {
+    let trace = crate::model::TraceContext::from_metadata(metadata)?;
+    let span = tracing::Span::current();
+    span.record(
+        "trace_id",
+        tracing::field::display(trace.parent.trace_id_hex()),
+    );
+    trace.adopt(&span);
+    Some(trace)
+}
+
 /// A gtid the client may leave empty (Begin, Submit).
 fn optional_gtid(s: &str) -> Result<Option<Gtid>, Status> {
     if s.is_empty() {

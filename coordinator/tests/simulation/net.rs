@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_coordinator::model::{Gtid, Mode};
+use tandem_coordinator::model::{Gtid, Mode, TraceContext};
 use tandem_coordinator::runtime::{CallError, CallFuture, Failure, Transport};
 use tandem_proto::v1::{BranchRequest, VoteResponse};
 
@@ -188,6 +188,7 @@ impl Transport for SimNet {
         endpoint: &str,
         mode: Mode,
         req: BranchRequest,
+        _trace: Option<TraceContext>,
         _timeout: Duration,
     ) -> CallFuture<'_, VoteResponse> {
         let p = self.participant(endpoint);
@@ -241,6 +242,7 @@ impl Transport for SimNet {
         mode: Mode,
         commit: bool,
         req: BranchRequest,
+        _trace: Option<TraceContext>,
         _timeout: Duration,
     ) -> CallFuture<'_, ()> {
         let p = self.participant(endpoint);

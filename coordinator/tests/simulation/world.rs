@@ -237,7 +237,14 @@ async fn one_shot(world: &Arc<World>, mode: Mode, timeout: Duration, branches: V
     loop {
         tries += 1;
         let coord = world.coord();
-        let call = coord.submit(mode, Some(timeout), branches.clone(), chosen, Vec::new());
+        let call = coord.submit(
+            mode,
+            Some(timeout),
+            branches.clone(),
+            chosen,
+            Vec::new(),
+            None,
+        );
         match maybe_cancel(cancel_point(world), call).await {
             Some(Ok(out)) => {
                 if is_commit(out.state) {
@@ -264,7 +271,7 @@ async fn interactive_txn(
     let coord = world.coord();
     let Some(Ok(gtid)) = maybe_cancel(
         cancel_point(world),
-        coord.begin(mode, Some(timeout), None, Vec::new()),
+        coord.begin(mode, Some(timeout), None, Vec::new(), None),
     )
     .await
     else {
@@ -327,7 +334,13 @@ async fn hoard(world: Arc<World>, k: usize, n: usize) {
     for i in k..k + n {
         let coord = world.coord();
         let Ok(gtid) = coord
-            .begin(Mode::Tcc, Some(Duration::from_secs(120)), None, Vec::new())
+            .begin(
+                Mode::Tcc,
+                Some(Duration::from_secs(120)),
+                None,
+                Vec::new(),
+                None,
+            )
             .await
         else {
             continue;

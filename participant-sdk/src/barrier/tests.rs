@@ -217,6 +217,7 @@ async fn a_yes_vote_waits_for_the_store_to_be_synced() {
         attempt: 1,
         phase: Phase::Try,
         epoch: 1,
+        traceparent: None,
     };
     let yes: crate::handler::BoxFuture<'_, _> = Box::pin(async { Ok(Vote::yes()) });
     let vote = gate::phase_one(&store, &ctx, b"p", "try", yes)
@@ -256,6 +257,7 @@ async fn calls_from_an_older_epoch_are_refused() {
         attempt: 1,
         phase,
         epoch,
+        traceparent: None,
     };
     let yes = |ran: &std::sync::Arc<AtomicUsize>| -> crate::handler::BoxFuture<'static, Result<Vote, HandlerError>> {
         let ran = ran.clone();

@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 use cluster::{Cluster, Repeat};
 
 use crate::security::{BearerToken, ClientTls};
+use crate::trace::TraceContext;
 use crate::{Error, Gtid};
 
 /// How to reach the coordinator: TLS settings for an `https://` address
@@ -165,9 +166,16 @@ pub struct Submitted {
 /// a coordinator's redirect to the one that runs the transaction.
 ///
 /// [`connect_many`]: TransactionClient::connect_many
+///
+/// Tracing: each call carries a W3C `traceparent` (see [`crate::trace`]):
+/// the one given to [`with_traceparent`](Self::with_traceparent), else
+/// the current `tracing` span's when the application installed an
+/// OpenTelemetry layer, else none.
 #[derive(Clone, Debug)]
 pub struct TransactionClient {
     cluster: Arc<Cluster>,
+    /// Sent on every call instead of the current span's context.
+    trace: Option<TraceContext>,
 }
 
 fn gtid_from_wire(s: &str) -> Result<Gtid, Error> {
@@ -258,6 +266,7 @@ impl TransactionClient {
         }
         Ok(TransactionClient {
             cluster: Arc::new(Cluster::new(all, options.clone())),
+            trace: None,
         })
     }
 
@@ -270,6 +279,7 @@ impl TransactionClient {
         let rpc = cluster::rpc(channel, options.token.clone());
         TransactionClient {
             cluster: Arc::new(Cluster::new(vec![(address, rpc)], options.clone())),
+            trace: None,
         }
     }
 
@@ -282,6 +292,41 @@ impl TransactionClient {
     pub fn from_channel_with(channel: Channel, token: BearerToken) -> Self {
         let options = ClientOptions { tls: None, token };
         Self::single(String::new(), channel, &options)
+    }
+
+    /// A client sharing this one's connections that sends `trace` (a
+    /// [`TraceParent`](crate::TraceParent) or a [`TraceContext`] with
+    /// `tracestate`) with every call, instead of the current span's
+    /// context. The coordinator keeps the trace of the `begin` / `submit`
+    /// that starts a transaction and passes it to every participant call,
+    /// so each handler's span is part of this trace.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use tandem_sdk::{Branch, Error, Mode, TraceParent, TransactionClient};
+    ///
+    /// # async fn run(client: TransactionClient, incoming: &str, b: Vec<Branch>) -> Result<(), Error> {
+    /// // The traceparent of the request this service is handling, if valid.
+    /// let client = match TraceParent::parse(incoming) {
+    ///     Some(tp) => client.with_traceparent(tp),
+    ///     None => client,
+    /// };
+    /// client.submit(Mode::TwoPhase, b).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn with_traceparent(&self, trace: impl Into<TraceContext>) -> TransactionClient {
+        TransactionClient {
+            cluster: self.cluster.clone(),
+            trace: Some(trace.into()),
+        }
+    }
+
+    /// The trace context a call made now carries.
+    fn outgoing_trace(&self) -> Option<TraceContext> {
+        self.trace
+            .clone()
+            .or_else(|| TraceContext::of_span(&tracing::Span::current()))
     }
 
     /// Starts an interactive transaction with the coordinator's default
@@ -353,10 +398,11 @@ impl TransactionClient {
             gtid: gtid.to_string(),
             labels: wire_labels(labels),
         };
+        let trace = self.outgoing_trace();
         let resp = self
             .cluster
             .call(Repeat::Safe, |mut rpc| {
-                let req = req.clone();
+                let req = traced(req.clone(), trace.as_ref());
                 async move { rpc.begin(req).await }
             })
             .await
@@ -376,10 +422,11 @@ impl TransactionClient {
             gtid: gtid.to_string(),
             branch: Some(branch.wire()),
         };
+        let trace = self.outgoing_trace();
         let resp = self
             .cluster
             .call(Repeat::Undelivered, |mut rpc| {
-                let req = req.clone();
+                let req = traced(req.clone(), trace.as_ref());
                 async move { rpc.enlist(req).await }
             })
             .await
@@ -401,10 +448,11 @@ impl TransactionClient {
         let req = pb::CommitRequest {
             gtid: gtid.to_string(),
         };
+        let trace = self.outgoing_trace();
         let resp = self
             .cluster
             .call(Repeat::Safe, |mut rpc| {
-                let req = req.clone();
+                let req = traced(req.clone(), trace.as_ref());
                 async move { rpc.commit(req).await }
             })
             .await
@@ -424,9 +472,10 @@ impl TransactionClient {
             gtid: gtid.to_string(),
             reason: reason.to_string(),
         };
+        let trace = self.outgoing_trace();
         self.cluster
             .call(Repeat::Safe, |mut rpc| {
-                let req = req.clone();
+                let req = traced(req.clone(), trace.as_ref());
                 async move { rpc.rollback(req).await }
             })
             .await
@@ -531,10 +580,11 @@ impl TransactionClient {
             gtid: gtid.to_string(),
             labels: wire_labels(labels),
         };
+        let trace = self.outgoing_trace();
         let resp = self
             .cluster
             .call(Repeat::Safe, |mut rpc| {
-                let req = req.clone();
+                let req = traced(req.clone(), trace.as_ref());
                 async move { rpc.submit(req).await }
             })
             .await
@@ -626,6 +676,7 @@ pub(crate) fn background_client(
     }
     Some(TransactionClient {
         cluster: Arc::new(Cluster::new(all, options.clone())),
+        trace: None,
     })
 }
 
@@ -668,4 +719,13 @@ fn wire_labels(labels: &[(&str, &str)]) -> std::collections::HashMap<String, Str
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// `msg` as a request carrying `trace`, if any.
+fn traced<T>(msg: T, trace: Option<&TraceContext>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = trace {
+        t.inject(req.metadata_mut());
+    }
+    req
 }
