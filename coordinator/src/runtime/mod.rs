@@ -23,6 +23,7 @@
 //! - `driver`: carries out engine commands in tracked tasks and feeds
 //!   results back as events;
 //! - `recovery`: taking over the transactions found in the log at start;
+//! - `readiness`: whether new work should come here (health checks);
 //! - `retention`: removing finished records after the retention period;
 //! - `transport` / `participants`: how participants are called;
 //! - `clock`: time and new gtids (the wall clock, or tokio's for simulation).
@@ -30,6 +31,7 @@
 mod clock;
 mod driver;
 mod participants;
+mod readiness;
 mod recovery;
 mod requests;
 mod retention;
@@ -52,6 +54,7 @@ use tokio_util::task::TaskTracker;
 pub use clock::Clock;
 use participants::ParticipantPool;
 pub(crate) use participants::{endpoint_parts, validate_endpoint};
+pub use readiness::Readiness;
 pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};
 pub use requests::{RollbackOutcome, SubmitOutcome};
 pub use transport::{CallError, CallFuture, Failure, Transport};
@@ -108,6 +111,8 @@ struct Inner {
     killed: CancellationToken,
     /// Cancelled when the log fails (`halt`): wakes every waiting request.
     halted_token: CancellationToken,
+    /// Recovering, halted, draining: published for health checks.
+    readiness: watch::Sender<Readiness>,
 }
 
 /// One live transaction.
@@ -182,6 +187,7 @@ impl Coordinator {
                 timers_stop: CancellationToken::new(),
                 killed: CancellationToken::new(),
                 halted_token: CancellationToken::new(),
+                readiness: watch::Sender::new(Readiness::STARTING),
             }),
         })
     }
@@ -242,6 +248,7 @@ impl Coordinator {
     /// UNAVAILABLE); work in flight continues. Used on shutdown.
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.set_readiness(|r| r.draining = true);
     }
 
     /// Graceful stop after [`Coordinator::drain`]: sleeping timers end (the
@@ -267,6 +274,7 @@ impl Coordinator {
     pub fn kill(&self) {
         let _ = self.inner.halted.set("the coordinator was stopped".into());
         self.inner.halted_token.cancel();
+        self.inner.set_readiness(|r| r.halted = true);
         self.inner.killed.cancel();
         self.inner.timers_stop.cancel();
     }
@@ -378,6 +386,7 @@ impl Inner {
         // lock here: halt is called with the live table or a transaction
         // locked.)
         self.halted_token.cancel();
+        self.set_readiness(|r| r.halted = true);
         CoordError::Unavailable(format!(
             "coordinator stopped deciding after a log failure ({why})"
         ))
