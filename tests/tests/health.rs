@@ -494,3 +494,34 @@ async fn sdk_participant_answers_health() {
         .expect("task")
         .expect("shutdown");
 }
+
+// Rule: the `tandem serve` process serves health and reflection, and on
+// SIGTERM a health watcher hears NOT_SERVING, its stream ends, and the
+// process still exits 0 promptly (an open Watch does not hold it up).
+#[tokio::test]
+async fn the_binary_serves_health_and_stops_with_a_watcher_open() {
+    let dir = tempfile::tempdir().expect("dir");
+    let serve = tandem_tests::process::Serve::start(dir.path());
+    let mut client = health_client(serve.url.clone()).await;
+    tandem_tests::eventually_async("serving", || {
+        let mut client = client.clone();
+        async move { check(&mut client, "tandem.v1.Coordinator").await == ServingStatus::Serving }
+    })
+    .await;
+    let services = list_services_v1(serve.url.clone()).await;
+    assert!(
+        services.contains(&"grpc.health.v1.Health".to_string()),
+        "{services:?}"
+    );
+    let mut watching = watch(&mut client).await;
+    assert_eq!(next(&mut watching).await, Some(ServingStatus::Serving));
+    serve.signal_terminate();
+    assert_eq!(next(&mut watching).await, Some(ServingStatus::NotServing));
+    assert_eq!(next(&mut watching).await, None, "the stream ends");
+    let exited = tokio::task::spawn_blocking(move || serve.wait());
+    let status = tokio::time::timeout(SOON, exited)
+        .await
+        .expect("exits promptly with a watcher open")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+}

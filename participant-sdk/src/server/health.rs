@@ -11,10 +11,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tokio::sync::watch;
+use tokio::sync::{Mutex, watch};
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -27,6 +28,9 @@ pub struct ServerHealth {
     reporter: HealthReporter,
     /// The services reported besides "" (the whole server).
     services: Vec<String>,
+    /// What was reported last; held while reporting, so that concurrent
+    /// reports are applied in turn and a repeat tells watchers nothing.
+    reported: Arc<Mutex<Option<bool>>>,
     /// Becomes true on [`ServerHealth::stop`]: `Watch` streams end.
     stop: watch::Sender<bool>,
 }
@@ -45,6 +49,7 @@ impl ServerHealth {
         let health = ServerHealth {
             reporter: reporter.clone(),
             services: services.iter().map(|s| s.to_string()).collect(),
+            reported: Arc::new(Mutex::new(None)),
             stop,
         };
         health.set_serving(serving).await;
@@ -56,8 +61,14 @@ impl ServerHealth {
     }
 
     /// Reports the server and each of its services SERVING or NOT_SERVING.
-    /// Watchers hear only of a change.
+    /// Watchers hear only of a change (tonic-health's reporter tells them
+    /// of every report, a repeat included).
     pub async fn set_serving(&self, serving: bool) {
+        let mut reported = self.reported.lock().await;
+        if *reported == Some(serving) {
+            return;
+        }
+        *reported = Some(serving);
         let status = if serving {
             ServingStatus::Serving
         } else {
