@@ -16,6 +16,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // `bytes` fields as `Bytes`: payloads are passed on to participants without copies.
     config.bytes(["."]);
-    tonic_prost_build::configure().compile_with_config(config, &files, &["."])?;
+    // The compiled descriptors, for gRPC server reflection (`grpcurl list`).
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("tandem_descriptor.bin"))
+        .compile_with_config(config, &files, &["."])?;
     Ok(())
 }

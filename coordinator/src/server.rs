@@ -1,5 +1,6 @@
-//! Starting and stopping a coordinator server: both gRPC services on one
-//! listener, recovery before serving, graceful shutdown.
+//! Starting and stopping a coordinator server: both gRPC services (with
+//! health and reflection) on one listener, recovery before serving,
+//! graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use crate::runtime::Environment;
 use crate::security::{RELOAD_EVERY, ServerSecurity};
 use crate::service::{
     AdminService, AuthLayer, ConcurrencyLimitLayer, CoordinatorService, MalformedRequestLayer,
+    health_service, reflection_services,
 };
 
 /// Largest gRPC message accepted: room for many branches of maximum payload.
@@ -92,10 +94,16 @@ pub async fn serve_with_admin(
         ))
     });
     let stop_admin = stopping.clone();
+    // NOT_SERVING until recovery is done, once halted and once draining.
+    let (health_state, health, following) = health_service(&coord).await;
+    let (reflection, reflection_alpha) = reflection_services()?;
     let shutdown = async move {
         shutdown.await;
         stop_admin.cancel();
         draining.drain();
+        // Health watchers hear NOT_SERVING, then their streams end (an
+        // open one would hold the graceful shutdown up).
+        health_state.stop().await;
     };
     let reload = security.clone();
     let reloading = tokio::spawn(async move {
@@ -124,7 +132,11 @@ pub async fn serve_with_admin(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .layer(layers)
         .add_service(coordinator)
-        .add_service(admin);
+        .add_service(admin)
+        // No credential needed for these two (see `required_role`).
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha);
     let served = match &security.tls {
         Some(tls) => {
             router
@@ -146,6 +158,7 @@ pub async fn serve_with_admin(
     if let Some(admin_http) = admin_http {
         let _ = admin_http.await;
     }
+    following.abort();
     served?;
     // Rounds of calls in flight finish (their decisions reach the log);
     // sleeping timers, recovery and retention stop.

@@ -103,6 +103,8 @@ pub use sled;
 pub use tokio;
 pub use tonic::transport::{Channel, Endpoint};
 pub use tonic::{self, Code, Status};
+/// For [`server::health`]'s types (`HealthServer`, `ServingStatus`).
+pub use tonic_health;
 pub use uuid;
 
 /// The gRPC contract (`tandem.v1`) as generated types: what

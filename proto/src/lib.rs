@@ -13,6 +13,11 @@
 
 pub mod rpc;
 
+/// The encoded `FileDescriptorSet` of every `.proto` file above (and what
+/// they import), so a server can answer gRPC reflection and tools such as
+/// `grpcurl` work without the `.proto` files.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tandem_descriptor");
+
 /// Package `tandem.v1`.
 pub mod v1 {
     #![allow(missing_docs, unreachable_pub, clippy::all)]

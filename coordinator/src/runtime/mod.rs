@@ -23,6 +23,7 @@
 //! - `driver`: carries out engine commands in tracked tasks and feeds
 //!   results back as events;
 //! - `recovery`: taking over the transactions found in the log at start;
+//! - `readiness`: whether new work should come here (health checks);
 //! - `retention`: removing finished records after the retention period;
 //! - `transport` / `participants`: how participants are called;
 //! - `clock`: time and new gtids (the wall clock, or tokio's for simulation).
@@ -32,6 +33,7 @@ mod clock;
 mod driver;
 mod listing;
 mod participants;
+mod readiness;
 mod recovery;
 mod requests;
 mod retention;
@@ -56,6 +58,7 @@ pub use clock::Clock;
 pub use listing::{ListPage, ListQuery, SCAN_BUDGET};
 use participants::ParticipantPool;
 pub(crate) use participants::{endpoint_parts, validate_endpoint};
+pub use readiness::Readiness;
 pub use recovery::{RECOVERY_CONCURRENCY, RecoveryReport};
 pub use requests::{RollbackOutcome, SubmitOutcome};
 pub use transport::{CallError, CallFuture, Failure, Transport};
@@ -122,6 +125,8 @@ struct Inner {
     /// Stops the alert delivery task (after the rounds, on shutdown).
     alerts_stop: CancellationToken,
     alerts_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Recovering, halted, draining: published for health checks.
+    readiness: watch::Sender<Readiness>,
 }
 
 /// One live transaction.
@@ -209,6 +214,7 @@ impl Coordinator {
                 alerter,
                 alerts_stop,
                 alerts_task: Mutex::new(alerts_task),
+                readiness: watch::Sender::new(Readiness::STARTING),
             }),
         })
     }
@@ -275,6 +281,7 @@ impl Coordinator {
     /// UNAVAILABLE); work in flight continues. Used on shutdown.
     pub fn drain(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.set_readiness(|r| r.draining = true);
     }
 
     /// Graceful stop after [`Coordinator::drain`]: sleeping timers end (the
@@ -315,6 +322,7 @@ impl Coordinator {
     pub fn kill(&self) {
         let _ = self.inner.halted.set("the coordinator was stopped".into());
         self.inner.halted_token.cancel();
+        self.inner.set_readiness(|r| r.halted = true);
         self.inner.killed.cancel();
         self.inner.timers_stop.cancel();
         self.inner.alerts_stop.cancel();
@@ -427,6 +435,7 @@ impl Inner {
         // lock here: halt is called with the live table or a transaction
         // locked.)
         self.halted_token.cancel();
+        self.set_readiness(|r| r.halted = true);
         CoordError::Unavailable(format!(
             "coordinator stopped deciding after a log failure ({why})"
         ))

@@ -80,6 +80,9 @@ impl Coordinator {
         let inner = self.inner.clone();
         Ok(self.inner.tasks.spawn(async move {
             let report = inner.recover_all(report, pending).await;
+            // Done, or given up (halted, shutting down: each keeps the
+            // coordinator from serving on its own).
+            inner.set_readiness(|r| r.recovering = false);
             match &report {
                 Ok(r) if r.total() > 0 => info!(
                     aborted_undecided = r.undecided,

@@ -13,7 +13,9 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 /// The role a method needs; `None` for paths no service serves (tonic
-/// answers those UNIMPLEMENTED).
+/// answers those UNIMPLEMENTED) and for `grpc.health.v1.Health` and gRPC
+/// reflection: a load balancer or Kubernetes probe checks health without a
+/// token even with `--auth-file`, and reflection tells only the schema.
 pub fn required_role(path: &str) -> Option<Role> {
     if path.starts_with("/tandem.v1.Admin/") {
         Some(Role::Admin)
@@ -109,5 +111,30 @@ where
             }
         }
         Box::pin(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Load balancers and probes carry no token: health and reflection
+    /// need no role, while every Tandem method needs one.
+    #[test]
+    fn health_and_reflection_need_no_role() {
+        assert_eq!(required_role("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(required_role("/grpc.health.v1.Health/Watch"), None);
+        assert_eq!(
+            required_role("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            None
+        );
+        assert_eq!(
+            required_role("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            None
+        );
+        assert_eq!(
+            required_role("/tandem.v1.Coordinator/Begin"),
+            Some(Role::Client)
+        );
     }
 }

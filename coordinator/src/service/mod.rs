@@ -1,20 +1,26 @@
 //! The tonic services: [`CoordinatorService`] for business services and
 //! [`AdminService`] for operators. They validate and convert at the edge and
 //! map every error to a status through `From<CoordError> for Status`.
+//! Beside them, `health` (`grpc.health.v1`) and `reflection` (gRPC server
+//! reflection), which need no credential.
 
 pub mod abort_detail;
 mod admin;
 mod auth;
 mod convert;
 mod coordinator;
+mod health;
 mod limit;
 mod malformed;
+mod reflection;
 
 pub use admin::AdminService;
 pub use auth::{Auth, AuthLayer, Caller, SharedAccess, required_role};
 pub use coordinator::CoordinatorService;
+pub use health::health_service;
 pub use limit::{ConcurrencyLimit, ConcurrencyLimitLayer};
 pub use malformed::{MalformedRequest, MalformedRequestLayer};
+pub use reflection::reflection_services;
 
 use tonic::Status;
 

@@ -1,5 +1,15 @@
 //! [`ParticipantServer`]: serves registered handlers as the `Participant`
-//! gRPC service.
+//! gRPC service, with `grpc.health.v1` beside it.
+//!
+//! - `mod.rs`: the builder, serving and stopping;
+//! - `dispatch`: [`ParticipantService`], routing each call to its handler
+//!   through the barrier;
+//! - `caller`: [`CallerCheck`], only allowed coordinators drive branches;
+//! - [`health`]: health checks that turn NOT_SERVING on shutdown.
+
+mod caller;
+mod dispatch;
+pub mod health;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -7,43 +17,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use tandem_proto::v1 as pb;
-use tandem_proto::v1::participant_server::{
-    Participant, ParticipantServer as ParticipantRpcServer,
-};
+use tandem_proto::v1::participant_server::ParticipantServer as ParticipantRpcServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status};
-use tracing::Instrument;
-use tracing::instrument;
 
-use crate::Gtid;
-use crate::barrier::{self, BarrierStore, InDoubt, MemBarrier, Phase, Retention};
+pub use caller::CallerCheck;
+pub use dispatch::ParticipantService;
+use dispatch::{Handlers, Protocol};
+pub(crate) use dispatch::{MAX_STATUS_TEXT, cap};
+use health::ServerHealth;
+
+use crate::barrier::{self, BarrierStore, MemBarrier, Retention};
 use crate::client::ClientOptions;
-use crate::handler::{BranchContext, DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler, Vote};
-use crate::security::{AccessList, Role, ServerTls};
-
-/// Which protocol a resource speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Protocol {
-    TwoPhase,
-    Tcc,
-}
-
-impl Protocol {
-    fn name(self) -> &'static str {
-        match self {
-            Protocol::TwoPhase => "2PC",
-            Protocol::Tcc => "TCC",
-        }
-    }
-}
-
-type Handlers = HashMap<String, (Protocol, Arc<dyn DynHandler>)>;
+use crate::handler::{DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler};
+use crate::security::{AccessList, ServerTls};
 
 /// Registers handlers by resource name and serves them.
 ///
@@ -313,7 +304,10 @@ impl ParticipantServer {
     }
 
     /// Serves on an already bound `listener` until `shutdown` resolves, then
-    /// lets in-flight calls finish.
+    /// lets in-flight calls finish. `grpc.health.v1` is served beside the
+    /// `Participant` service: SERVING (for "" and `tandem.v1.Participant`)
+    /// until `shutdown` resolves, NOT_SERVING from then on, and health
+    /// `Watch` streams end so that they do not hold the shutdown up.
     ///
     /// # Errors
     ///
@@ -326,17 +320,23 @@ impl ParticipantServer {
         self.check()?;
         let background = self.start_background();
         let watch = self.tls.as_ref().map(|t| t.watch(Duration::from_secs(10)));
+        let (health, health_service) = ServerHealth::new(&[PARTICIPANT_SERVICE], true).await;
+        let shutdown = async move {
+            shutdown.await;
+            health.stop().await;
+        };
         let mut builder = tonic::transport::Server::builder();
+        let router = builder
+            .add_service(health_service)
+            .add_service(self.grpc_service());
         let served = match self.tls.clone() {
             Some(tls) => {
-                builder
-                    .add_service(self.grpc_service())
+                router
                     .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
                     .await
             }
             None => {
-                builder
-                    .add_service(self.grpc_service())
+                router
                     .serve_with_incoming_shutdown(
                         // Without nodelay a reply's trailers wait for the peer's delayed ACK.
                         TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -428,333 +428,11 @@ impl Drop for Background {
     }
 }
 
+/// The name health checks report the `Participant` service under.
+const PARTICIPANT_SERVICE: &str = <ParticipantRpcServer<ParticipantService> as NamedService>::NAME;
+
 /// What [`ParticipantServer::into_service`] returns: the `Participant`
 /// gRPC service behind the caller check, ready for
 /// `tonic::transport::Server::add_service`.
 pub type ParticipantGrpcService =
     InterceptedService<ParticipantRpcServer<ParticipantService>, CallerCheck>;
-
-/// The `Participant` gRPC service over registered handlers. Built by
-/// [`ParticipantServer::into_service`].
-#[derive(Clone)]
-pub struct ParticipantService {
-    handlers: Arc<Handlers>,
-    barrier: Arc<dyn BarrierStore>,
-}
-
-/// Refuses a caller that is not an allowed coordinator (when
-/// [`ParticipantServer::only_coordinators`] is set) on the request's
-/// headers, before its message is read.
-#[derive(Clone)]
-pub struct CallerCheck(Option<AccessList>);
-
-impl tonic::service::Interceptor for CallerCheck {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(access) = &self.0 else {
-            return Ok(req);
-        };
-        let auth = req.metadata().get("authorization").map(|v| v.as_bytes());
-        let certs = req.peer_certs();
-        match access.check(
-            auth,
-            certs.as_deref().map(|c| c.as_slice()),
-            Role::Coordinator,
-        ) {
-            Ok(_) => Ok(req),
-            Err(r) => {
-                tracing::warn!(refused = %r, "participant call refused");
-                Err(Status::from(r))
-            }
-        }
-    }
-}
-
-/// Longest text this server puts in a status (statuses travel in HTTP/2
-/// headers; gRPC clients reject large ones). Input is echoed shorter still.
-pub(crate) const MAX_STATUS_TEXT: usize = 1024;
-
-/// `text` cut to at most `max` bytes on a character boundary, marked.
-pub(crate) fn cap(text: &str, max: usize) -> String {
-    const MARK: &str = "… (truncated)";
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max.saturating_sub(MARK.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{MARK}", &text[..end])
-}
-
-fn context(
-    req: &pb::BranchRequest,
-    phase: Phase,
-    trace: Option<&crate::TraceContext>,
-) -> Result<BranchContext, Status> {
-    let gtid = Gtid::parse_str(&req.gtid).map_err(|e| {
-        Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", cap(&req.gtid, 64)))
-    })?;
-    Ok(BranchContext {
-        gtid,
-        branch_id: req.branch_id,
-        resource: req.resource.clone(),
-        attempt: req.attempt,
-        phase,
-        epoch: req.epoch,
-        traceparent: trace.map(|t| t.parent),
-    })
-}
-
-fn vote_response(vote: Vote) -> pb::VoteResponse {
-    match vote {
-        Vote::Yes { reply } => pb::VoteResponse {
-            yes: true,
-            reason: String::new(),
-            reply,
-        },
-        Vote::No { reason } => pb::VoteResponse {
-            yes: false,
-            reason,
-            reply: Default::default(),
-        },
-    }
-}
-
-impl ParticipantService {
-    pub(crate) fn barrier(&self) -> &dyn BarrierStore {
-        self.barrier.as_ref()
-    }
-
-    /// Confirms (`commit`) or cancels a branch found in doubt, through the
-    /// barrier, as if the coordinator had called.
-    pub(crate) async fn finish(&self, d: &InDoubt, commit: bool) -> Result<(), Status> {
-        let Some((protocol, handler)) = self.handlers.get(&d.resource) else {
-            return Err(Status::not_found(format!(
-                "no handler registered for resource {:?}",
-                d.resource
-            )));
-        };
-        let ctx = BranchContext {
-            gtid: d.key.gtid,
-            branch_id: d.key.branch_id,
-            resource: d.resource.clone(),
-            attempt: 0,
-            phase: if commit {
-                Phase::Confirm
-            } else {
-                Phase::Cancel
-            },
-            // In-doubt resolution acts on the coordinator's durable answer:
-            // never refused for its epoch, and it raises none.
-            epoch: 0,
-            traceparent: None,
-        };
-        let verb = match (protocol, commit) {
-            (Protocol::TwoPhase, true) => "commit",
-            (Protocol::TwoPhase, false) => "rollback",
-            (Protocol::Tcc, true) => "confirm",
-            (Protocol::Tcc, false) => "cancel",
-        };
-        let call = PhaseTwo {
-            handler: handler.clone(),
-            barrier: self.barrier.clone(),
-            ctx,
-            payload: d.payload.clone(),
-            commit,
-            verb,
-        };
-        call.run().await
-    }
-
-    fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
-        match self.handlers.get(resource) {
-            Some((p, h)) if *p == protocol => Ok(h),
-            // The resource does not implement this protocol's calls: like
-            // a method a server does not serve, and before anything ran,
-            // so UNIMPLEMENTED (a phase 1 answered so needs no rollback).
-            Some((p, _)) => Err(Status::unimplemented(format!(
-                "resource {:?} is registered as {}, but was called with {}",
-                cap(resource, 256),
-                p.name(),
-                protocol.name()
-            ))),
-            None => Err(Status::not_found(format!(
-                "no {} handler registered for resource {:?}",
-                protocol.name(),
-                cap(resource, 256)
-            ))),
-        }
-    }
-
-    async fn phase_one(
-        &self,
-        req: Request<pb::BranchRequest>,
-        protocol: Protocol,
-        verb: &'static str,
-    ) -> Result<Response<pb::VoteResponse>, Status> {
-        let trace = crate::TraceContext::from_metadata(req.metadata());
-        let req = req.into_inner();
-        let ctx = context(&req, Phase::Try, trace.as_ref())?;
-        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
-        let call = PhaseOne {
-            handler: self.handler(&req.resource, protocol)?.clone(),
-            barrier: self.barrier.clone(),
-            ctx,
-            payload: req.payload,
-            verb,
-        };
-        Ok(Response::new(vote_response(
-            call.run().instrument(span).await?,
-        )))
-    }
-
-    async fn phase_two(
-        &self,
-        req: Request<pb::BranchRequest>,
-        protocol: Protocol,
-        commit: bool,
-        verb: &'static str,
-    ) -> Result<Response<pb::AckResponse>, Status> {
-        let trace = crate::TraceContext::from_metadata(req.metadata());
-        let req = req.into_inner();
-        let phase = if commit {
-            Phase::Confirm
-        } else {
-            Phase::Cancel
-        };
-        let ctx = context(&req, phase, trace.as_ref())?;
-        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
-        let call = PhaseTwo {
-            handler: self.handler(&req.resource, protocol)?.clone(),
-            barrier: self.barrier.clone(),
-            ctx,
-            payload: req.payload,
-            commit,
-            verb,
-        };
-        call.run().instrument(span).await?;
-        Ok(Response::new(pb::AckResponse {}))
-    }
-}
-
-/// A try / prepare call with everything it needs, owned, so that it can run
-/// in a task of its own.
-struct PhaseOne {
-    handler: Arc<dyn DynHandler>,
-    barrier: Arc<dyn BarrierStore>,
-    ctx: BranchContext,
-    payload: Bytes,
-    verb: &'static str,
-}
-
-impl PhaseOne {
-    /// Runs the call (barrier and handler) to completion in a spawned task
-    /// and waits for it. Dropping the returned future (the coordinator's
-    /// deadline passed, it disconnected) leaves the task running, so a
-    /// handler is never cut off halfway and its barrier record is written.
-    async fn run(self) -> Result<Vote, Status> {
-        let verb = self.verb;
-        let task = tokio::spawn(
-            async move {
-                let call = self.handler.phase_one(&self.ctx, &self.payload);
-                barrier::gate::phase_one(
-                    self.barrier.as_ref(),
-                    &self.ctx,
-                    &self.payload,
-                    self.verb,
-                    call,
-                )
-                .await
-            }
-            .in_current_span(),
-        );
-        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
-    }
-}
-
-/// A confirm / cancel (commit / rollback) call, owned; see [`PhaseOne`].
-struct PhaseTwo {
-    handler: Arc<dyn DynHandler>,
-    barrier: Arc<dyn BarrierStore>,
-    ctx: BranchContext,
-    payload: Bytes,
-    commit: bool,
-    verb: &'static str,
-}
-
-impl PhaseTwo {
-    /// As [`PhaseOne::run`].
-    async fn run(self) -> Result<(), Status> {
-        let verb = self.verb;
-        let task = tokio::spawn(
-            async move {
-                let call = self
-                    .handler
-                    .phase_two(&self.ctx, &self.payload, self.commit);
-                barrier::gate::phase_two(self.barrier.as_ref(), &self.ctx, self.verb, call).await
-            }
-            .in_current_span(),
-        );
-        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
-    }
-}
-
-/// A handler task that panicked (the branch's barrier lock is released as
-/// it unwinds): reported as INTERNAL, like a handler error.
-fn panicked(verb: &str, e: tokio::task::JoinError) -> Status {
-    tracing::error!(error = %e, "{verb} handler panicked");
-    Status::internal(format!("{verb} failed: the handler panicked"))
-}
-
-#[tonic::async_trait]
-impl Participant for ParticipantService {
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
-    async fn prepare(
-        &self,
-        req: Request<pb::BranchRequest>,
-    ) -> Result<Response<pb::VoteResponse>, Status> {
-        self.phase_one(req, Protocol::TwoPhase, "prepare").await
-    }
-
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
-    async fn commit(
-        &self,
-        req: Request<pb::BranchRequest>,
-    ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::TwoPhase, true, "commit")
-            .await
-    }
-
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
-    async fn rollback(
-        &self,
-        req: Request<pb::BranchRequest>,
-    ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::TwoPhase, false, "rollback")
-            .await
-    }
-
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
-    async fn r#try(
-        &self,
-        req: Request<pb::BranchRequest>,
-    ) -> Result<Response<pb::VoteResponse>, Status> {
-        self.phase_one(req, Protocol::Tcc, "try").await
-    }
-
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
-    async fn confirm(
-        &self,
-        req: Request<pb::BranchRequest>,
-    ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::Tcc, true, "confirm").await
-    }
-
-    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
-    async fn cancel(
-        &self,
-        req: Request<pb::BranchRequest>,
-    ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::Tcc, false, "cancel").await
-    }
-}

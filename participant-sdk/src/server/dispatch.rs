@@ -1,0 +1,337 @@
+//! Dispatch of `Participant` calls: each call is routed to the handler
+//! registered for its resource and protocol, and runs through the barrier
+//! in a task of its own, so a coordinator that gives up on a call never
+//! cuts a handler off halfway.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::participant_server::Participant;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use tracing::instrument;
+
+use crate::Gtid;
+use crate::barrier::{self, BarrierStore, InDoubt, Phase};
+use crate::handler::{BranchContext, DynHandler, Vote};
+
+/// Which protocol a resource speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// Two-phase commit: prepare, commit, rollback.
+    TwoPhase,
+    /// Try-confirm-cancel.
+    Tcc,
+}
+
+impl Protocol {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Protocol::TwoPhase => "2PC",
+            Protocol::Tcc => "TCC",
+        }
+    }
+}
+
+/// Handlers by resource name, with the protocol each speaks.
+pub(super) type Handlers = HashMap<String, (Protocol, Arc<dyn DynHandler>)>;
+
+/// The `Participant` gRPC service over registered handlers. Built by
+/// [`ParticipantServer::into_service`](super::ParticipantServer::into_service).
+#[derive(Clone)]
+pub struct ParticipantService {
+    pub(super) handlers: Arc<Handlers>,
+    pub(super) barrier: Arc<dyn BarrierStore>,
+}
+
+/// Longest text this server puts in a status (statuses travel in HTTP/2
+/// headers; gRPC clients reject large ones). Input is echoed shorter still.
+pub(crate) const MAX_STATUS_TEXT: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked.
+pub(crate) fn cap(text: &str, max: usize) -> String {
+    const MARK: &str = "… (truncated)";
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
+
+fn context(
+    req: &pb::BranchRequest,
+    phase: Phase,
+    trace: Option<&crate::TraceContext>,
+) -> Result<BranchContext, Status> {
+    let gtid = Gtid::parse_str(&req.gtid).map_err(|e| {
+        Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", cap(&req.gtid, 64)))
+    })?;
+    Ok(BranchContext {
+        gtid,
+        branch_id: req.branch_id,
+        resource: req.resource.clone(),
+        attempt: req.attempt,
+        phase,
+        epoch: req.epoch,
+        traceparent: trace.map(|t| t.parent),
+    })
+}
+
+fn vote_response(vote: Vote) -> pb::VoteResponse {
+    match vote {
+        Vote::Yes { reply } => pb::VoteResponse {
+            yes: true,
+            reason: String::new(),
+            reply,
+        },
+        Vote::No { reason } => pb::VoteResponse {
+            yes: false,
+            reason,
+            reply: Default::default(),
+        },
+    }
+}
+
+impl ParticipantService {
+    pub(crate) fn barrier(&self) -> &dyn BarrierStore {
+        self.barrier.as_ref()
+    }
+
+    /// Confirms (`commit`) or cancels a branch found in doubt, through the
+    /// barrier, as if the coordinator had called.
+    pub(crate) async fn finish(&self, d: &InDoubt, commit: bool) -> Result<(), Status> {
+        let Some((protocol, handler)) = self.handlers.get(&d.resource) else {
+            return Err(Status::not_found(format!(
+                "no handler registered for resource {:?}",
+                d.resource
+            )));
+        };
+        let ctx = BranchContext {
+            gtid: d.key.gtid,
+            branch_id: d.key.branch_id,
+            resource: d.resource.clone(),
+            attempt: 0,
+            phase: if commit {
+                Phase::Confirm
+            } else {
+                Phase::Cancel
+            },
+            // In-doubt resolution acts on the coordinator's durable answer:
+            // never refused for its epoch, and it raises none.
+            epoch: 0,
+            traceparent: None,
+        };
+        let verb = match (protocol, commit) {
+            (Protocol::TwoPhase, true) => "commit",
+            (Protocol::TwoPhase, false) => "rollback",
+            (Protocol::Tcc, true) => "confirm",
+            (Protocol::Tcc, false) => "cancel",
+        };
+        let call = PhaseTwo {
+            handler: handler.clone(),
+            barrier: self.barrier.clone(),
+            ctx,
+            payload: d.payload.clone(),
+            commit,
+            verb,
+        };
+        call.run().await
+    }
+
+    fn handler(&self, resource: &str, protocol: Protocol) -> Result<&Arc<dyn DynHandler>, Status> {
+        match self.handlers.get(resource) {
+            Some((p, h)) if *p == protocol => Ok(h),
+            // The resource does not implement this protocol's calls: like
+            // a method a server does not serve, and before anything ran,
+            // so UNIMPLEMENTED (a phase 1 answered so needs no rollback).
+            Some((p, _)) => Err(Status::unimplemented(format!(
+                "resource {:?} is registered as {}, but was called with {}",
+                cap(resource, 256),
+                p.name(),
+                protocol.name()
+            ))),
+            None => Err(Status::not_found(format!(
+                "no {} handler registered for resource {:?}",
+                protocol.name(),
+                cap(resource, 256)
+            ))),
+        }
+    }
+
+    async fn phase_one(
+        &self,
+        req: Request<pb::BranchRequest>,
+        protocol: Protocol,
+        verb: &'static str,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        let trace = crate::TraceContext::from_metadata(req.metadata());
+        let req = req.into_inner();
+        let ctx = context(&req, Phase::Try, trace.as_ref())?;
+        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
+        let call = PhaseOne {
+            handler: self.handler(&req.resource, protocol)?.clone(),
+            barrier: self.barrier.clone(),
+            ctx,
+            payload: req.payload,
+            verb,
+        };
+        Ok(Response::new(vote_response(
+            call.run().instrument(span).await?,
+        )))
+    }
+
+    async fn phase_two(
+        &self,
+        req: Request<pb::BranchRequest>,
+        protocol: Protocol,
+        commit: bool,
+        verb: &'static str,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let trace = crate::TraceContext::from_metadata(req.metadata());
+        let req = req.into_inner();
+        let phase = if commit {
+            Phase::Confirm
+        } else {
+            Phase::Cancel
+        };
+        let ctx = context(&req, phase, trace.as_ref())?;
+        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
+        let call = PhaseTwo {
+            handler: self.handler(&req.resource, protocol)?.clone(),
+            barrier: self.barrier.clone(),
+            ctx,
+            payload: req.payload,
+            commit,
+            verb,
+        };
+        call.run().instrument(span).await?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+}
+
+/// A try / prepare call with everything it needs, owned, so that it can run
+/// in a task of its own.
+struct PhaseOne {
+    handler: Arc<dyn DynHandler>,
+    barrier: Arc<dyn BarrierStore>,
+    ctx: BranchContext,
+    payload: Bytes,
+    verb: &'static str,
+}
+
+impl PhaseOne {
+    /// Runs the call (barrier and handler) to completion in a spawned task
+    /// and waits for it. Dropping the returned future (the coordinator's
+    /// deadline passed, it disconnected) leaves the task running, so a
+    /// handler is never cut off halfway and its barrier record is written.
+    async fn run(self) -> Result<Vote, Status> {
+        let verb = self.verb;
+        let task = tokio::spawn(
+            async move {
+                let call = self.handler.phase_one(&self.ctx, &self.payload);
+                barrier::gate::phase_one(
+                    self.barrier.as_ref(),
+                    &self.ctx,
+                    &self.payload,
+                    self.verb,
+                    call,
+                )
+                .await
+            }
+            .in_current_span(),
+        );
+        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
+    }
+}
+
+/// A confirm / cancel (commit / rollback) call, owned; see [`PhaseOne`].
+struct PhaseTwo {
+    handler: Arc<dyn DynHandler>,
+    barrier: Arc<dyn BarrierStore>,
+    ctx: BranchContext,
+    payload: Bytes,
+    commit: bool,
+    verb: &'static str,
+}
+
+impl PhaseTwo {
+    /// As [`PhaseOne::run`].
+    async fn run(self) -> Result<(), Status> {
+        let verb = self.verb;
+        let task = tokio::spawn(
+            async move {
+                let call = self
+                    .handler
+                    .phase_two(&self.ctx, &self.payload, self.commit);
+                barrier::gate::phase_two(self.barrier.as_ref(), &self.ctx, self.verb, call).await
+            }
+            .in_current_span(),
+        );
+        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
+    }
+}
+
+/// A handler task that panicked (the branch's barrier lock is released as
+/// it unwinds): reported as INTERNAL, like a handler error.
+fn panicked(verb: &str, e: tokio::task::JoinError) -> Status {
+    tracing::error!(error = %e, "{verb} handler panicked");
+    Status::internal(format!("{verb} failed: the handler panicked"))
+}
+
+#[tonic::async_trait]
+impl Participant for ParticipantService {
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn prepare(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.phase_one(req, Protocol::TwoPhase, "prepare").await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn commit(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.phase_two(req, Protocol::TwoPhase, true, "commit")
+            .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn rollback(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.phase_two(req, Protocol::TwoPhase, false, "rollback")
+            .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn r#try(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        self.phase_one(req, Protocol::Tcc, "try").await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn confirm(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.phase_two(req, Protocol::Tcc, true, "confirm").await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn cancel(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.phase_two(req, Protocol::Tcc, false, "cancel").await
+    }
+}
