@@ -27,7 +27,7 @@ pub(super) enum Start {
     /// A live transaction with this gtid.
     Live(Arc<Entry>),
     /// A finished one, from the log.
-    Stored(TxnRecord),
+    Stored(Box<TxnRecord>),
 }
 
 pub(super) fn same_mode(rec: &TxnRecord, mode: Mode) -> Result<(), CoordError> {
@@ -124,7 +124,7 @@ impl Inner {
             return Ok(Start::Live(entry.clone()));
         }
         if let Some(rec) = stored {
-            return Ok(Start::Stored(rec));
+            return Ok(Start::Stored(Box::new(rec)));
         }
         self.check_new_gtid(&gtid)?;
         let (txn, cmds) = make();
