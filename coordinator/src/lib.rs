@@ -12,6 +12,7 @@
 //! - [`service`]: the tonic Coordinator and Admin services.
 //! - [`server`]: serving both services with recovery and graceful shutdown.
 //! - [`admin_http`]: the admin HTTP listener: JSON API, web console, `/metrics`.
+//! - [`metrics`]: Prometheus metrics (counters, histograms, gauges read at scrape).
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
 //! - [`config_file`]: `--config FILE`, any flag of `tandem serve` from TOML.
 //! - [`serve_cli`]: `tandem serve`'s flags and running a coordinator.

@@ -139,6 +139,15 @@ struct BenchArgs {
     /// in a temp dir), to measure what security costs.
     #[arg(long)]
     secure: bool,
+    /// Serve /metrics on an admin listener and scrape it every second
+    /// during the run, to measure what metrics cost.
+    #[arg(long)]
+    metrics: bool,
+    /// Send a traceparent with every transaction and export the
+    /// coordinator's spans over OTLP to a collector the bench runs, to
+    /// measure what tracing costs.
+    #[arg(long)]
+    trace: bool,
 }
 
 #[derive(Args)]
@@ -517,6 +526,8 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         secure: args.secure,
         store: args.store,
         instances: args.instances,
+        metrics: args.metrics,
+        trace: args.trace,
     })
     .await?;
     match args.output {

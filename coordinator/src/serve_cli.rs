@@ -249,6 +249,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let env = Environment {
         participants: participants.clone(),
         alerts: args.alerts.settings(instance)?,
+        // Recorded only when someone can read them (the admin listener).
+        metrics: args
+            .admin_listen
+            .map(|_| std::sync::Arc::new(crate::metrics::Metrics::new())),
         ..Environment::default()
     };
     // Before listening: refuses a participant token without an allowlist.

@@ -262,13 +262,14 @@ async fn common_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// `GET /metrics`: Prometheus text.
+/// `GET /metrics`: the OpenMetrics text format (what `prometheus-client`
+/// writes; Prometheus asks for it by default).
 async fn metrics(State(state): State<AppState>) -> Response {
     (
         [
             (
                 header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
             ),
             (header::CACHE_CONTROL, "no-store"),
         ],

@@ -18,6 +18,7 @@
 //! `efficiency = tx/s × RPCs per transaction ÷ echo req/s`: 1.0 would mean
 //! the coordinator costs no more than the RPCs it must make.
 
+mod observe;
 mod participant;
 mod procs;
 mod report;
@@ -35,6 +36,7 @@ use tandem_sdk::security::{BearerToken, ClientTls};
 use tandem_sdk::{Branch, Mode, TransactionClient};
 use tonic::transport::Channel;
 
+pub use observe::ScrapeStats;
 pub use participant::{RESOURCE_2PC, RESOURCE_TCC, serve as serve_participant};
 pub use report::{Floor, Recovery, Report, RunStats};
 
@@ -79,6 +81,11 @@ pub struct BenchOptions {
     /// Coordinator instances to start on the store (1 without one); the
     /// workers are spread over them.
     pub instances: usize,
+    /// Serve `/metrics` on an admin listener and scrape it every second.
+    pub metrics: bool,
+    /// A `traceparent` on every transaction, and the coordinator's spans
+    /// exported over OTLP to a collector the bench runs.
+    pub trace: bool,
 }
 
 impl Default for BenchOptions {
@@ -99,6 +106,8 @@ impl Default for BenchOptions {
             secure: false,
             store: None,
             instances: 1,
+            metrics: false,
+            trace: false,
         }
     }
 }
@@ -213,6 +222,19 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     };
     anyhow::ensure!(options.instances >= 1, "--instances must be at least 1");
     anyhow::ensure!(
+        !(options.metrics || options.trace) || options.coordinator.is_none(),
+        "--metrics and --trace need a coordinator the bench starts"
+    );
+    anyhow::ensure!(
+        !(options.metrics && options.secure),
+        "--metrics is measured without --secure (the admin listener would need its own TLS)"
+    );
+    let collector = match options.trace {
+        true => Some(observe::Collector::start().await?),
+        false => None,
+    };
+    let otlp = collector.as_ref().map(|c| c.endpoint.as_str());
+    anyhow::ensure!(
         options.instances == 1 || options.store.is_some(),
         "several --instances need a shared --store"
     );
@@ -227,7 +249,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             for i in 0..options.instances {
                 let dir = data.path().join(format!("instance-{i}"));
                 std::fs::create_dir_all(&dir)?;
-                let p = start_coordinator(&dir, "127.0.0.1:0", &options, secure.as_ref(), i)?;
+                let p = start_coordinator(&dir, "127.0.0.1:0", &options, secure.as_ref(), otlp, i)?;
                 coordinator_procs.push(p);
             }
             coordinator_procs
@@ -276,6 +298,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     };
     let before_proc = procs_stats(&coordinator_procs)?;
     let before_counts = counts(&benches).await?;
+    let scrapers: Vec<_> = coordinator_procs
+        .iter()
+        .filter_map(|p| p.admin())
+        .map(|admin| observe::Scraper::start(admin.to_string(), None))
+        .collect();
+    let spans_before = collector.as_ref().map_or(0, observe::Collector::spans);
     let run = transactions(
         &clients,
         &participant_urls,
@@ -284,6 +312,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     )
     .await;
     let after_proc = procs_stats(&coordinator_procs)?;
+    let mut scrapes: Option<ScrapeStats> = None;
+    for s in scrapers {
+        let stats = s.finish().await;
+        let all = scrapes.get_or_insert_with(ScrapeStats::default);
+        all.scrapes += stats.scrapes;
+        all.failed += stats.failed;
+        all.last_bytes = stats.last_bytes;
+        all.slowest_ms = all.slowest_ms.max(stats.slowest_ms);
+    }
     for admin in &mut admins {
         drain(admin).await?;
     }
@@ -303,6 +340,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             Some(a.saturating_sub(b) as f64 / report.run.committed.max(1) as f64);
     }
     report.participant_commits = commits;
+    report.scrapes = scrapes;
+    if let Some(c) = &collector {
+        // Let the batch exporter send what the run made (it exports every
+        // few seconds).
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        report.spans_exported = Some(c.spans() - spans_before);
+    }
     report.verified = commits == report.run.committed * options.branches as u64;
     report.finish();
     report.data_dir_mb = (!coordinator_procs.is_empty() && options.store.is_none())
@@ -317,14 +361,16 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         None
     };
     if let (Some(_), Some(p)) = (options.recovery, coordinator_proc.take()) {
+        let dir = data.path().join("instance-0");
+        let restart =
+            |addr: &str| start_coordinator(&dir, addr, &options, secure.as_ref(), otlp, 0);
         let (recovery, restarted) = recover(
             p,
-            &data.path().join("instance-0"),
+            restart,
             &clients[0],
             &benches,
             &participant_urls,
             &options,
-            secure.as_ref(),
         )
         .await?;
         report.recovery = Some(recovery);
@@ -403,6 +449,7 @@ fn start_coordinator(
     listen: &str,
     options: &BenchOptions,
     secure: Option<&Secure>,
+    otlp: Option<&str>,
     instance: usize,
 ) -> anyhow::Result<Proc> {
     let data = dir.to_string_lossy().to_string();
@@ -429,6 +476,12 @@ fn start_coordinator(
     }
     if let Some(store) = &options.store {
         args.extend(["--store", store, "--instance-name", &name]);
+    }
+    if options.metrics {
+        args.extend(["--admin-listen", "127.0.0.1:0"]);
+    }
+    if let Some(endpoint) = otlp {
+        args.extend(["--otlp-endpoint", endpoint, "--service-name", &name]);
     }
     let secure_args = secure.map(Secure::serve_args).unwrap_or_default();
     args.extend(secure_args.iter().map(String::as_str));
@@ -552,6 +605,13 @@ async fn one(
     options: &BenchOptions,
     branches: Vec<Branch>,
 ) -> Result<bool, tandem_sdk::Error> {
+    let traced;
+    let client = if options.trace {
+        traced = client.with_traceparent(tandem_sdk::trace::TraceParent::new_root());
+        &traced
+    } else {
+        client
+    };
     if !options.interactive {
         return Ok(client.submit(options.mode, branches).await?.complete);
     }
@@ -637,12 +697,11 @@ async fn transactions(
 /// participants healthy, and times how long it takes to finish all of them.
 async fn recover(
     coordinator: Proc,
-    dir: &std::path::Path,
+    restart: impl FnOnce(&str) -> anyhow::Result<Proc>,
     client: &TransactionClient,
     benches: &[BenchParticipantClient<Channel>],
     urls: &[String],
     options: &BenchOptions,
-    secure: Option<&Secure>,
 ) -> anyhow::Result<(Recovery, Proc)> {
     for b in benches {
         b.clone()
@@ -686,7 +745,7 @@ async fn recover(
             .await?;
     }
     let restarted_at = Instant::now();
-    let restarted = start_coordinator(dir, &addr, options, secure, 0)?;
+    let restarted = restart(&addr)?;
     let want = base + piled * options.branches as u64;
     loop {
         if counts(benches).await?.commits >= want {

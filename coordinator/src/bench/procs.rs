@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 pub(super) struct Proc {
     child: Child,
     addr: String,
+    admin: Option<String>,
 }
 
 /// CPU and memory of a process.
@@ -41,14 +42,33 @@ impl Proc {
             .stdout
             .take()
             .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let mut out = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
+        out.read_line(&mut line)?;
         let addr = line
             .trim()
             .strip_prefix("listening on ")
             .ok_or_else(|| anyhow::anyhow!("`tandem {}` did not start: {line:?}", args.join(" ")))?
             .to_string();
-        Ok(Proc { child, addr })
+        // `serve --admin-listen` prints the admin listener's address next.
+        let admin = if args.contains(&"--admin-listen") {
+            let mut line = String::new();
+            out.read_line(&mut line)?;
+            Some(
+                line.trim()
+                    .strip_prefix("admin listening on ")
+                    .ok_or_else(|| anyhow::anyhow!("no admin listener: {line:?}"))?
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        Ok(Proc { child, addr, admin })
+    }
+
+    /// The admin listener's address, when it has one.
+    pub(super) fn admin(&self) -> Option<&str> {
+        self.admin.as_deref()
     }
 
     pub(super) fn addr(&self) -> &str {

@@ -124,6 +124,10 @@ pub struct Report {
     /// PostgreSQL transactions (`pg_stat_database.xact_commit`, reads
     /// included) per coordinator transaction, on a PostgreSQL store.
     pub store_commits_per_tx: Option<f64>,
+    /// `/metrics` scrapes during the run (`--metrics`).
+    pub scrapes: Option<super::ScrapeStats>,
+    /// Spans the bench's OTLP collector received for the run (`--trace`).
+    pub spans_exported: Option<u64>,
 }
 
 impl Report {
@@ -162,6 +166,8 @@ impl Report {
                 "sled"
             },
             store_commits_per_tx: None,
+            scrapes: None,
+            spans_exported: None,
         }
     }
 
@@ -254,6 +260,21 @@ impl fmt::Display for Report {
             "  efficiency   {:.2} (= {:.0} tx/s × {} RPCs ÷ {:.0} echo/s)",
             self.efficiency, self.tx_per_s, self.rpcs_per_transaction, self.floor.requests_per_s
         )?;
+        if let Some(s) = &self.scrapes {
+            writeln!(
+                f,
+                "  metrics      /metrics scraped {} times (1/s, {} failed), {} B each, slowest {:.1} ms",
+                s.scrapes, s.failed, s.last_bytes, s.slowest_ms
+            )?;
+        }
+        if let Some(spans) = self.spans_exported {
+            writeln!(
+                f,
+                "  tracing      traceparent on every transaction; {spans} spans exported over OTLP \
+                 ({:.1} per committed tx)",
+                spans as f64 / r.committed.max(1) as f64
+            )?;
+        }
         if let Some(rec) = &self.recovery {
             writeln!(
                 f,

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tandem_proto::v1::BranchRequest;
@@ -113,16 +113,25 @@ impl Inner {
             while let Some(cmd) = queue.pop_front() {
                 match cmd {
                     Command::Persist => {} // written by `step`
-                    Command::Force => self
-                        .log
-                        .force_txn(&entry.gtid())
-                        .await
-                        .map_err(|e| self.halt(e))?,
-                    Command::ForceDecision => {
+                    Command::Force => {
+                        let t = Instant::now();
                         self.log
                             .force_txn(&entry.gtid())
                             .await
                             .map_err(|e| self.halt(e))?;
+                        if let Some(m) = &self.metrics {
+                            m.forced(t.elapsed());
+                        }
+                    }
+                    Command::ForceDecision => {
+                        let t = Instant::now();
+                        self.log
+                            .force_txn(&entry.gtid())
+                            .await
+                            .map_err(|e| self.halt(e))?;
+                        if let Some(m) = &self.metrics {
+                            m.decision_forced(t.elapsed());
+                        }
                         failpoint::hit("after-decision-forced");
                         queue.extend(self.step(entry, Event::DecisionDurable)?);
                     }
@@ -136,6 +145,9 @@ impl Inner {
                         attempt,
                     } => calls.push(Box::pin(self.phase_two(entry, branch, commit, attempt))),
                     Command::RetryLater { branch, delay } => {
+                        if let Some(m) = &self.metrics {
+                            m.retry();
+                        }
                         self.spawn_later(
                             entry,
                             Event::RetryDue { branch },
@@ -159,6 +171,9 @@ impl Inner {
 
     fn finished(&self, entry: &Entry) {
         let rec = entry.lock().record().clone();
+        if let Some(m) = &self.metrics {
+            m.finished(rec.mode, rec.state);
+        }
         if rec.state == TxState::Stuck {
             let errors: Vec<String> = rec
                 .branches
@@ -223,10 +238,25 @@ impl Inner {
         let timeout = self.config.call_timeout.min(left);
         let span = call_span(&req, trace.as_ref(), mode.phase_one_verb());
         let trace = trace.map(|t| t.child_in(&span));
+        let resource = self.metrics.as_ref().map(|_| req.resource.clone());
         let call = self
             .transport
             .phase_one(&endpoint, mode, req, trace, timeout);
-        let vote = match bounded(timeout, call).instrument(span).await {
+        let t = Instant::now();
+        let answer = bounded(timeout, call).instrument(span).await;
+        if let (Some(m), Some(resource)) = (&self.metrics, resource) {
+            let result = match &answer {
+                Ok(v) if v.yes => "yes",
+                Ok(_) => "no",
+                Err(e) if matches!(e.kind, Failure::NotDelivered | Failure::Unimplemented) => {
+                    "not_run"
+                }
+                Err(_) => "failed",
+            };
+            let phase = crate::metrics::phase_name(mode, true, true);
+            m.call(&resource, phase, result, t.elapsed());
+        }
+        let vote = match answer {
             Ok(v) if v.yes => Vote::Yes(v.reply),
             Ok(v) => Vote::No(v.reason),
             // Never ran there: nothing to roll back (DESIGN.md rule 3a).
@@ -258,10 +288,24 @@ impl Inner {
             Ok(()) => {
                 let span = call_span(&req, trace.as_ref(), mode.phase_two_verb(commit));
                 let trace = trace.map(|t| t.child_in(&span));
+                let resource = self.metrics.as_ref().map(|_| req.resource.clone());
                 let call = self
                     .transport
                     .phase_two(&endpoint, mode, commit, req, trace, timeout);
-                bounded(timeout, call).instrument(span).await
+                let t = Instant::now();
+                let answer = bounded(timeout, call).instrument(span).await;
+                if let (Some(m), Some(resource)) = (&self.metrics, resource) {
+                    let result = match &answer {
+                        Ok(()) => "ok",
+                        Err(e) if matches!(e.kind, Failure::Permanent | Failure::Unimplemented) => {
+                            "refused"
+                        }
+                        Err(_) => "failed",
+                    };
+                    let phase = crate::metrics::phase_name(mode, false, commit);
+                    m.call(&resource, phase, result, t.elapsed());
+                }
+                answer
             }
         };
         match result {

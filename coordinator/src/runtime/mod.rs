@@ -88,6 +88,8 @@ pub struct Environment {
     /// Where STUCK transactions and failing branches are reported; `None`:
     /// nowhere.
     pub alerts: Option<crate::alerts::AlertSettings>,
+    /// Counters and histograms are recorded here; `None`: metrics off.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 struct Inner {
@@ -122,6 +124,8 @@ struct Inner {
     halted_token: CancellationToken,
     /// Reports STUCK transactions and failing branches to the webhook.
     alerter: Option<crate::alerts::Alerter>,
+    /// Where counters and histograms go (metrics on).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Stops the alert delivery task (after the rounds, on shutdown).
     alerts_stop: CancellationToken,
     alerts_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -212,6 +216,7 @@ impl Coordinator {
                 killed: CancellationToken::new(),
                 halted_token: CancellationToken::new(),
                 alerter,
+                metrics: env.metrics,
                 alerts_stop,
                 alerts_task: Mutex::new(alerts_task),
                 readiness: watch::Sender::new(Readiness::STARTING),
@@ -250,6 +255,16 @@ impl Coordinator {
     /// Unfinished transactions found at start and not taken over yet.
     pub fn recovery_backlog(&self) -> usize {
         self.inner.recovering_set().len()
+    }
+
+    /// Its metrics, when on.
+    pub fn metrics(&self) -> Option<&crate::metrics::Metrics> {
+        self.inner.metrics.as_deref()
+    }
+
+    /// Alerts dropped because the webhook's queue was full.
+    pub fn alerts_dropped(&self) -> u64 {
+        self.inner.alerter.as_ref().map_or(0, |a| a.dropped())
     }
 
     /// Whether the coordinator stopped deciding after a log failure.

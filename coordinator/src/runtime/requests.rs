@@ -79,6 +79,9 @@ impl Coordinator {
             .await?
         {
             Start::New(entry, _) => {
+                if let Some(m) = &inner.metrics {
+                    m.started(mode);
+                }
                 if let Err(e) = inner.log.write(entry.lock().record()) {
                     inner.forget(&gtid);
                     return Err(inner.halt(e));
@@ -277,6 +280,9 @@ impl Coordinator {
             .await?
         {
             Start::New(entry, cmds) => {
+                if let Some(m) = &inner.metrics {
+                    m.started(mode);
+                }
                 if let Err(e) = inner.log.write(entry.lock().record()) {
                     inner.forget(&gtid);
                     return Err(inner.halt(e));

@@ -85,7 +85,12 @@ impl Coordinator {
                         return;
                     }
                     let gtids = match inner.log.take_over_expired(BATCH).await {
-                        Ok(gtids) => gtids,
+                        Ok(gtids) => {
+                            if let Some(m) = &inner.metrics {
+                                m.took_over(gtids.len());
+                            }
+                            gtids
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot sweep for expired leases");
                             break;
