@@ -18,11 +18,15 @@
 //! - [`trace`]: W3C trace context ([`TraceParent`], [`TraceContext`]) carried
 //!   from the business client through the coordinator into each handler's
 //!   span.
+//! - [`metrics`]: [`ParticipantMetrics`], Prometheus metrics of handlers
+//!   (latency, results) and of the barrier (duplicates, empty rollbacks,
+//!   refused hanging tries).
 //! - [`error`]: [`Error`], the typed errors of the client.
 //! - [`sled_sync`]: durable writes to a sled database, with group commit.
 //! - [`proto`]: the gRPC contract's generated types; [`tonic`], [`bytes`],
-//!   [`sled`], [`tokio`] and [`uuid`] re-exported, so a service needs no
-//!   other dependency to use the types in the SDK's signatures.
+//!   [`sled`], [`tokio`], [`uuid`] and [`prometheus_client`] re-exported,
+//!   so a service needs no other dependency to use the types in the SDK's
+//!   signatures.
 //! - `postgres` (feature `postgres`): 2PC on PostgreSQL prepared
 //!   transactions, a barrier store in the handler's own transaction, and
 //!   resolution of prepared transactions a crash left behind.
@@ -73,6 +77,7 @@ pub mod client;
 pub mod error;
 pub mod handler;
 mod in_doubt;
+pub mod metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod security;
@@ -86,6 +91,7 @@ pub use client::{
 };
 pub use error::Error;
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+pub use metrics::ParticipantMetrics;
 pub use server::{ParticipantServer, RunningParticipant, ServeError};
 pub use tandem_proto::v1::{AbortCause, AbortInfo};
 pub use trace::{TraceContext, TraceParent};
@@ -99,6 +105,8 @@ pub type Gtid = uuid::Uuid;
 // `tandem_sdk::tokio`, `#[tandem_sdk::tokio::main(crate = "tandem_sdk::tokio")]`
 // starts it without a direct dependency.
 pub use bytes::{self, Bytes};
+/// For [`ParticipantMetrics::register_into`]'s registry.
+pub use prometheus_client;
 pub use sled;
 pub use tokio;
 pub use tonic::transport::{Channel, Endpoint};

@@ -9,7 +9,11 @@
 //!     --accounts alice,bob --data-dir ./shard-1 --coordinator http://127.0.0.1:7070
 //! ```
 //!
-//! Prints `listening on ADDR` once it accepts calls.
+//! Prints `listening on ADDR` once it accepts calls. With
+//! `--metrics-listen ADDR` it also serves the participant's Prometheus
+//! metrics at `http://ADDR/metrics` (handler latency and results, barrier
+//! outcomes) and prints `metrics on ADDR` next: how any participant puts
+//! [`ParticipantMetrics::encode`] on an HTTP server of its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +23,8 @@ use std::time::Duration;
 use clap::Parser;
 use tandem_examples::bank::Bank;
 use tandem_examples::sled_bank::SledBank;
-use tandem_sdk::ParticipantServer;
+use tandem_sdk::{ParticipantMetrics, ParticipantServer};
+use tokio::net::TcpListener;
 
 /// A bank shard: accounts with opening balances, served as resources
 /// "accounts" (2PC) and "accounts-tcc" (TCC).
@@ -44,6 +49,30 @@ struct Args {
     /// How long a tried branch waits before asking the coordinator.
     #[arg(long, default_value_t = 30_000)]
     in_doubt_after_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// Serves `GET /metrics` on `listener`: the participant's metrics in the
+/// OpenMetrics text format, as Prometheus scrapes them.
+async fn serve_metrics(listener: TcpListener, metrics: ParticipantMetrics) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let body = metrics.encode();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        ParticipantMetrics::CONTENT_TYPE,
+                    )],
+                    body,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).await
 }
 
 #[tokio::main]
@@ -76,8 +105,21 @@ async fn main() -> anyhow::Result<()> {
         server =
             server.resolve_in_doubt(coordinator, Duration::from_millis(args.in_doubt_after_ms));
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let metrics = args.metrics_listen.map(|_| ParticipantMetrics::new());
+    if let Some(metrics) = &metrics {
+        server = server.with_metrics(metrics.clone());
+    }
+    let listener = TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
+    if let (Some(addr), Some(metrics)) = (args.metrics_listen, metrics) {
+        let metrics_listener = TcpListener::bind(addr).await?;
+        println!("metrics on {}", metrics_listener.local_addr()?);
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(metrics_listener, metrics).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        });
+    }
     server
         .serve_with_shutdown(listener, async {
             let _ = tokio::signal::ctrl_c().await;

@@ -222,6 +222,7 @@ async fn a_yes_vote_waits_for_the_store_to_be_synced() {
     let yes: crate::handler::BoxFuture<'_, _> = Box::pin(async { Ok(Vote::yes()) });
     let vote = gate::phase_one(&store, &ctx, b"p", "try", yes)
         .await
+        .result
         .expect("try");
     assert_eq!(vote, Vote::yes());
     assert_eq!(store.syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
@@ -232,6 +233,7 @@ async fn a_yes_vote_waits_for_the_store_to_be_synced() {
     let no: crate::handler::BoxFuture<'_, _> = Box::pin(async { Ok(Vote::no("full")) });
     gate::phase_one(&store, &ctx2, b"p", "try", no)
         .await
+        .result
         .expect("try");
     assert_eq!(
         store.syncs.load(std::sync::atomic::Ordering::SeqCst),
@@ -296,6 +298,7 @@ async fn calls_from_an_older_epoch_are_refused() {
     assert_eq!(
         gate::phase_one(&store, &c, b"p", "try", yes(&ran))
             .await
+            .result
             .expect("try"),
         Vote::yes()
     );
@@ -303,12 +306,13 @@ async fn calls_from_an_older_epoch_are_refused() {
     let c = ctx(1, Phase::Confirm, 2);
     gate::phase_two(&store, &c, "confirm", ack(&ran))
         .await
+        .result
         .expect("confirm at 2");
     assert_eq!(epoch_of(1).await, Some(2), "raised");
     let c = ctx(1, Phase::Cancel, 1);
-    let refused = gate::phase_two(&store, &c, "cancel", ack(&ran))
-        .await
-        .expect_err("stale cancel");
+    let stale = gate::phase_two(&store, &c, "cancel", ack(&ran)).await;
+    assert_eq!(stale.passage, gate::Passage::Refused, "counted as refused");
+    let refused = stale.result.expect_err("stale cancel");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     assert!(refused.message().contains("epoch 1"), "{refused:?}");
     assert!(
@@ -318,6 +322,7 @@ async fn calls_from_an_older_epoch_are_refused() {
     let c = ctx(1, Phase::Confirm, 1);
     gate::phase_two(&store, &c, "confirm", ack(&ran))
         .await
+        .result
         .expect_err("stale confirm");
     assert_eq!(ran.load(SeqCst), 2, "the stale calls ran nothing");
 
@@ -326,12 +331,13 @@ async fn calls_from_an_older_epoch_are_refused() {
     let c = ctx(2, Phase::Cancel, 2);
     gate::phase_two(&store, &c, "cancel", ack(&ran))
         .await
+        .result
         .expect("empty cancel");
     let c = ctx(2, Phase::Try, 1);
-    match gate::phase_one(&store, &c, b"p", "try", yes(&ran))
-        .await
-        .expect("answered")
-    {
+    let stale = gate::phase_one(&store, &c, b"p", "try", yes(&ran)).await;
+    // Refused for its epoch first: not counted as a hanging try.
+    assert_eq!(stale.passage, gate::Passage::Refused);
+    match stale.result.expect("answered") {
         Vote::No { reason } => assert!(reason.contains("epoch"), "{reason}"),
         v => panic!("stale try voted {v:?}"),
     }
@@ -342,19 +348,23 @@ async fn calls_from_an_older_epoch_are_refused() {
     let c = ctx(3, Phase::Try, 1);
     gate::phase_one(&store, &c, b"p", "try", yes(&ran))
         .await
+        .result
         .expect("try");
     let c = ctx(3, Phase::Confirm, 1);
     gate::phase_two(&store, &c, "confirm", ack(&ran))
         .await
+        .result
         .expect("confirm");
     let c = ctx(3, Phase::Confirm, 3);
     gate::phase_two(&store, &c, "confirm", ack(&ran))
         .await
+        .result
         .expect("repeat at 3");
     assert_eq!(epoch_of(3).await, Some(3));
     let c = ctx(3, Phase::Confirm, 0);
     gate::phase_two(&store, &c, "confirm", ack(&ran))
         .await
+        .result
         .expect("epoch 0");
     assert_eq!(epoch_of(3).await, Some(3));
     assert_eq!(ran.load(SeqCst), 4, "each handler call once");

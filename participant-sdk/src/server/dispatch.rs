@@ -1,7 +1,8 @@
 //! Dispatch of `Participant` calls: each call is routed to the handler
 //! registered for its resource and protocol, and runs through the barrier
 //! in a task of its own, so a coordinator that gives up on a call never
-//! cuts a handler off halfway.
+//! cuts a handler off halfway. With metrics on, the handler is timed and
+//! the call counted by how it ended, or by what the barrier answered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use tracing::instrument;
 use crate::Gtid;
 use crate::barrier::{self, BarrierStore, InDoubt, Phase};
 use crate::handler::{BranchContext, DynHandler, Vote};
+use crate::metrics::{self, ParticipantMetrics};
 
 /// Which protocol a resource speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +46,8 @@ pub(super) type Handlers = HashMap<String, (Protocol, Arc<dyn DynHandler>)>;
 pub struct ParticipantService {
     pub(super) handlers: Arc<Handlers>,
     pub(super) barrier: Arc<dyn BarrierStore>,
+    /// `None`: metrics off, nothing recorded.
+    pub(super) metrics: Option<ParticipantMetrics>,
 }
 
 /// Longest text this server puts in a status (statuses travel in HTTP/2
@@ -135,6 +139,7 @@ impl ParticipantService {
         let call = PhaseTwo {
             handler: handler.clone(),
             barrier: self.barrier.clone(),
+            metrics: self.metrics.clone(),
             ctx,
             payload: d.payload.clone(),
             commit,
@@ -176,6 +181,7 @@ impl ParticipantService {
         let call = PhaseOne {
             handler: self.handler(&req.resource, protocol)?.clone(),
             barrier: self.barrier.clone(),
+            metrics: self.metrics.clone(),
             ctx,
             payload: req.payload,
             verb,
@@ -204,6 +210,7 @@ impl ParticipantService {
         let call = PhaseTwo {
             handler: self.handler(&req.resource, protocol)?.clone(),
             barrier: self.barrier.clone(),
+            metrics: self.metrics.clone(),
             ctx,
             payload: req.payload,
             commit,
@@ -219,6 +226,7 @@ impl ParticipantService {
 struct PhaseOne {
     handler: Arc<dyn DynHandler>,
     barrier: Arc<dyn BarrierStore>,
+    metrics: Option<ParticipantMetrics>,
     ctx: BranchContext,
     payload: Bytes,
     verb: &'static str,
@@ -231,21 +239,30 @@ impl PhaseOne {
     /// handler is never cut off halfway and its barrier record is written.
     async fn run(self) -> Result<Vote, Status> {
         let verb = self.verb;
+        let count_panic = panic_counter(self.metrics.as_ref(), &self.ctx);
         let task = tokio::spawn(
             async move {
-                let call = self.handler.phase_one(&self.ctx, &self.payload);
-                barrier::gate::phase_one(
+                let mut call = self.handler.phase_one(&self.ctx, &self.payload);
+                if let Some(m) = &self.metrics {
+                    call = m.time_handler(&self.ctx.resource, verb, call, metrics::vote_result);
+                }
+                let gated = barrier::gate::phase_one(
                     self.barrier.as_ref(),
                     &self.ctx,
                     &self.payload,
-                    self.verb,
+                    verb,
                     call,
                 )
-                .await
+                .await;
+                if let Some(m) = &self.metrics {
+                    m.passed(&self.ctx.resource, verb, gated.passage);
+                }
+                gated.result
             }
             .in_current_span(),
         );
-        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
+        task.await
+            .unwrap_or_else(|e| Err(panicked(verb, count_panic, e)))
     }
 }
 
@@ -253,6 +270,7 @@ impl PhaseOne {
 struct PhaseTwo {
     handler: Arc<dyn DynHandler>,
     barrier: Arc<dyn BarrierStore>,
+    metrics: Option<ParticipantMetrics>,
     ctx: BranchContext,
     payload: Bytes,
     commit: bool,
@@ -263,23 +281,50 @@ impl PhaseTwo {
     /// As [`PhaseOne::run`].
     async fn run(self) -> Result<(), Status> {
         let verb = self.verb;
+        let count_panic = panic_counter(self.metrics.as_ref(), &self.ctx);
         let task = tokio::spawn(
             async move {
-                let call = self
+                let mut call = self
                     .handler
                     .phase_two(&self.ctx, &self.payload, self.commit);
-                barrier::gate::phase_two(self.barrier.as_ref(), &self.ctx, self.verb, call).await
+                if let Some(m) = &self.metrics {
+                    call = m.time_handler(&self.ctx.resource, verb, call, metrics::ack_result);
+                }
+                let gated =
+                    barrier::gate::phase_two(self.barrier.as_ref(), &self.ctx, verb, call).await;
+                if let Some(m) = &self.metrics {
+                    m.passed(&self.ctx.resource, verb, gated.passage);
+                }
+                gated.result
             }
             .in_current_span(),
         );
-        task.await.unwrap_or_else(|e| Err(panicked(verb, e)))
+        task.await
+            .unwrap_or_else(|e| Err(panicked(verb, count_panic, e)))
     }
 }
 
+/// What counts a panicked call, kept outside the call's task; only with
+/// metrics on, so a server without them copies nothing.
+fn panic_counter(
+    metrics: Option<&ParticipantMetrics>,
+    ctx: &BranchContext,
+) -> Option<(ParticipantMetrics, String)> {
+    metrics.map(|m| (m.clone(), ctx.resource.clone()))
+}
+
 /// A handler task that panicked (the branch's barrier lock is released as
-/// it unwinds): reported as INTERNAL, like a handler error.
-fn panicked(verb: &str, e: tokio::task::JoinError) -> Status {
+/// it unwinds): reported as INTERNAL, like a handler error, and counted as
+/// a failed call.
+fn panicked(
+    verb: &'static str,
+    metrics: Option<(ParticipantMetrics, String)>,
+    e: tokio::task::JoinError,
+) -> Status {
     tracing::error!(error = %e, "{verb} handler panicked");
+    if let Some((m, resource)) = metrics {
+        m.panicked(&resource, verb);
+    }
     Status::internal(format!("{verb} failed: the handler panicked"))
 }
 

@@ -34,6 +34,7 @@ use health::ServerHealth;
 use crate::barrier::{self, BarrierStore, MemBarrier, Retention};
 use crate::client::ClientOptions;
 use crate::handler::{DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler};
+use crate::metrics::ParticipantMetrics;
 use crate::security::{AccessList, ServerTls};
 
 /// Registers handlers by resource name and serves them.
@@ -69,6 +70,7 @@ pub struct ParticipantServer {
     in_doubt: Option<(String, Duration, ClientOptions)>,
     tls: Option<ServerTls>,
     coordinators: Option<AccessList>,
+    metrics: Option<ParticipantMetrics>,
     /// A resource registered more than once (the first such name, its
     /// first and second protocol): refused when the server is built.
     duplicate: Option<(String, &'static str, &'static str)>,
@@ -83,6 +85,7 @@ impl Default for ParticipantServer {
             in_doubt: None,
             tls: None,
             coordinators: None,
+            metrics: None,
             duplicate: None,
         }
     }
@@ -242,6 +245,16 @@ impl ParticipantServer {
         self
     }
 
+    /// Records handler latency, call results and barrier outcomes in
+    /// `metrics` (the names are in [`crate::metrics`]): pass a clone, and
+    /// serve the original's [`encode`](ParticipantMetrics::encode) on your
+    /// HTTP server. Several servers may share one. Off by default, and
+    /// then nothing is recorded.
+    pub fn with_metrics(mut self, metrics: ParticipantMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// The tonic service, to add to your own `tonic::transport::Server`.
     /// Barrier retention and in-doubt resolution are not started; run
     /// [`spawn_retention`](crate::barrier::spawn_retention) alongside.
@@ -267,6 +280,7 @@ impl ParticipantServer {
         ParticipantService {
             handlers: Arc::new(self.handlers.clone()),
             barrier: self.barrier.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
