@@ -143,11 +143,14 @@ struct BenchArgs {
     /// during the run, to measure what metrics cost.
     #[arg(long)]
     metrics: bool,
-    /// Send a traceparent with every transaction and export the
-    /// coordinator's spans over OTLP to a collector the bench runs, to
-    /// measure what tracing costs.
+    /// Send a traceparent with every transaction, to measure what
+    /// carrying trace context costs.
     #[arg(long)]
     trace: bool,
+    /// Export the coordinator's spans over OTLP to a collector the bench
+    /// runs, to measure what exporting traces costs.
+    #[arg(long)]
+    otlp: bool,
 }
 
 #[derive(Args)]
@@ -528,6 +531,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         instances: args.instances,
         metrics: args.metrics,
         trace: args.trace,
+        otlp: args.otlp,
     })
     .await?;
     match args.output {

@@ -97,6 +97,10 @@ async fn expired_leases_are_taken_over_and_the_former_owner_is_fenced() {
         b.take_over_expired(100).await.expect("sweep").is_empty(),
         "took over a live instance's transaction"
     );
+    // Renewals every third of the 600 ms lease, counted for the metrics.
+    let stats = a.stats();
+    assert!(stats.lease_renewals >= 2, "{stats:?}");
+    assert_eq!(stats.lease_renewal_failures, 0, "{stats:?}");
 
     // A misses its renewals (a pause): its lease runs out on the store's
     // clock. B takes the transaction over (epoch 2) and aborts it.

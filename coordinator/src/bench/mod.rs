@@ -83,9 +83,11 @@ pub struct BenchOptions {
     pub instances: usize,
     /// Serve `/metrics` on an admin listener and scrape it every second.
     pub metrics: bool,
-    /// A `traceparent` on every transaction, and the coordinator's spans
-    /// exported over OTLP to a collector the bench runs.
+    /// A `traceparent` on every transaction.
     pub trace: bool,
+    /// The coordinator's spans exported over OTLP to a collector the
+    /// bench runs.
+    pub otlp: bool,
 }
 
 impl Default for BenchOptions {
@@ -108,6 +110,7 @@ impl Default for BenchOptions {
             instances: 1,
             metrics: false,
             trace: false,
+            otlp: false,
         }
     }
 }
@@ -222,14 +225,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     };
     anyhow::ensure!(options.instances >= 1, "--instances must be at least 1");
     anyhow::ensure!(
-        !(options.metrics || options.trace) || options.coordinator.is_none(),
-        "--metrics and --trace need a coordinator the bench starts"
+        !(options.metrics || options.otlp) || options.coordinator.is_none(),
+        "--metrics and --otlp need a coordinator the bench starts"
     );
     anyhow::ensure!(
         !(options.metrics && options.secure),
         "--metrics is measured without --secure (the admin listener would need its own TLS)"
     );
-    let collector = match options.trace {
+    let collector = match options.otlp {
         true => Some(observe::Collector::start().await?),
         false => None,
     };

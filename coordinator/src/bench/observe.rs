@@ -2,8 +2,8 @@
 //! `/metrics` on an admin listener and scrapes it every second during the
 //! run (Prometheus scrapes every 15 s to 1 min: a pessimistic rate);
 //! `tandem bench --trace` sends a fresh `traceparent` with every
-//! transaction and exports the coordinator's spans over OTLP/gRPC to a
-//! collector the bench runs in-process, which counts what it receives.
+//! transaction; `--otlp` exports the coordinator's spans over OTLP/gRPC to
+//! a collector the bench runs in-process, which counts what it receives.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

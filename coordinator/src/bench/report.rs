@@ -126,8 +126,10 @@ pub struct Report {
     pub store_commits_per_tx: Option<f64>,
     /// `/metrics` scrapes during the run (`--metrics`).
     pub scrapes: Option<super::ScrapeStats>,
-    /// Spans the bench's OTLP collector received for the run (`--trace`).
+    /// Spans the bench's OTLP collector received for the run (`--otlp`).
     pub spans_exported: Option<u64>,
+    /// Every transaction carried a `traceparent` (`--trace`).
+    pub traceparent: bool,
 }
 
 impl Report {
@@ -168,6 +170,7 @@ impl Report {
             store_commits_per_tx: None,
             scrapes: None,
             spans_exported: None,
+            traceparent: options.trace,
         }
     }
 
@@ -267,11 +270,16 @@ impl fmt::Display for Report {
                 s.scrapes, s.failed, s.last_bytes, s.slowest_ms
             )?;
         }
+        if self.traceparent {
+            writeln!(
+                f,
+                "  trace        a traceparent on every transaction, carried to every participant call"
+            )?;
+        }
         if let Some(spans) = self.spans_exported {
             writeln!(
                 f,
-                "  tracing      traceparent on every transaction; {spans} spans exported over OTLP \
-                 ({:.1} per committed tx)",
+                "  tracing      {spans} spans exported over OTLP ({:.1} per committed tx)",
                 spans as f64 / r.committed.max(1) as f64
             )?;
         }

@@ -91,6 +91,7 @@ impl TxnLog for MemLog {
         LogStats {
             forces,
             flushes: forces,
+            ..LogStats::default()
         }
     }
 }

@@ -232,4 +232,8 @@ pub struct LogStats {
     /// Physical flushes (fsyncs) made to serve them; `forces / flushes` is the
     /// average group-commit batch.
     pub flushes: u64,
+    /// Lease renewals that reached a shared store (0 for a local log).
+    pub lease_renewals: u64,
+    /// Lease renewals that failed (the store unreachable or refusing).
+    pub lease_renewal_failures: u64,
 }

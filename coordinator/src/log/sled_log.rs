@@ -309,6 +309,7 @@ impl TxnLog for SledLog {
         LogStats {
             forces: stats.syncs,
             flushes: stats.flushes,
+            ..LogStats::default()
         }
     }
 }

@@ -45,6 +45,11 @@ struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
 }
@@ -82,6 +87,7 @@ pub struct Metrics {
     draining: Gauge,
     alerts_dropped: Counter,
     takeovers: Counter,
+    lease_renewals: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -136,6 +142,7 @@ impl Metrics {
             draining: Gauge::default(),
             alerts_dropped: Counter::default(),
             takeovers: Counter::default(),
+            lease_renewals: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -239,6 +246,11 @@ impl Metrics {
             "takeovers",
             "Transactions of other instances taken over on a shared store (expired leases)",
             m.takeovers.clone(),
+        );
+        r.register(
+            "lease_renewals",
+            "Lease renewals of this instance on a shared store, by result (ok, failed)",
+            m.lease_renewals.clone(),
         );
         // Known series at zero from the start, so that rate() and alert
         // rules see them before the first transaction.
@@ -356,6 +368,17 @@ impl Metrics {
         catch_up(&self.flushes, stats.flushes);
         catch_up(&self.purged, coord.purged());
         catch_up(&self.alerts_dropped, coord.alerts_dropped());
+        for (result, total) in [
+            ("ok", stats.lease_renewals),
+            ("failed", stats.lease_renewal_failures),
+        ] {
+            if total > 0 {
+                catch_up(
+                    &self.lease_renewals.get_or_create(&ResultLabel { result }),
+                    total,
+                );
+            }
+        }
         self.recovery_backlog.set(coord.recovery_backlog() as i64);
         self.halted.set(i64::from(coord.is_halted()));
         self.draining.set(i64::from(coord.is_draining()));

@@ -59,7 +59,13 @@ impl Store {
             if self.shared.halted.get().is_some() {
                 return;
             }
-            match self.renew().await {
+            let renewed = self.renew().await;
+            let counter = match renewed {
+                Ok(true) => &self.shared.renewals,
+                _ => &self.shared.renewal_failures,
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match renewed {
                 Ok(true) => {}
                 Ok(false) => {
                     self.shared.latch(LogError::Fenced(format!(

@@ -152,6 +152,8 @@ struct Shared {
     halted: OnceLock<String>,
     forces: AtomicU64,
     flushes: AtomicU64,
+    renewals: AtomicU64,
+    renewal_failures: AtomicU64,
     /// No claims of others' leases before this: set a lease ahead on every
     /// failed renewal, so after a store outage (when every lease has run
     /// out) the live instances renew theirs before anyone claims.
@@ -211,6 +213,8 @@ impl PgLog {
             halted: OnceLock::new(),
             forces: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            renewal_failures: AtomicU64::new(0),
             claims_paused_until: Mutex::new(None),
         });
         let io = io::IoHandle::start(shared.clone())?;
@@ -459,6 +463,8 @@ impl TxnLog for PgLog {
         LogStats {
             forces: self.shared.forces.load(Ordering::Relaxed),
             flushes: self.shared.flushes.load(Ordering::Relaxed),
+            lease_renewals: self.shared.renewals.load(Ordering::Relaxed),
+            lease_renewal_failures: self.shared.renewal_failures.load(Ordering::Relaxed),
         }
     }
 }
