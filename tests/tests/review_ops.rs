@@ -1,0 +1,124 @@
+//! Adversarial review of the operations surface (admin HTTP listener,
+//! /metrics, health) against a live `tandem serve`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use tandem_sdk::{Branch, Mode, TransactionClient};
+use tandem_tests::process::Serve;
+use tandem_tests::webdriver::http;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A resource name is a client-chosen string (any bytes up to 256) and
+/// becomes a Prometheus label value; prometheus-client 0.24 does not escape
+/// label values, so a quote or a newline in it breaks the exposition and
+/// lets a client write samples of its own into /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_name_cannot_inject_samples_into_metrics() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (serve, admin) = Serve::start_with_admin(&dir.path().join("data"), &[], &[]);
+    let client = TransactionClient::connect(serve.url.clone())
+        .await
+        .expect("connect");
+    // Nothing listens there: the call fails, and is counted under the
+    // resource name.
+    let dead = format!("http://{}", tandem_tests::process::free_addr());
+    let evil = "x\",phase=\"prepare\",result=\"yes\"} 1\ntandem_transactions_finished_total{mode=\"2pc\",outcome=\"committed\"} 1000000\n# x{a=\"";
+    let _ = client
+        .submit(Mode::TwoPhase, vec![Branch::new(&dead, evil, "p")])
+        .await;
+    let reply = http("GET", &admin, "/metrics", &[], None);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    for line in reply.body.lines() {
+        assert!(
+            !line.starts_with("tandem_transactions_finished_total{mode=\"2pc\",outcome=\"committed\"} 1000000"),
+            "a client wrote its own sample into /metrics:\n{}",
+            reply.body
+        );
+    }
+    // Every sample line has balanced quotes in its labels.
+    for line in reply.body.lines().filter(|l| !l.starts_with('#')) {
+        let quotes = line.matches('"').count() - line.matches("\\\"").count();
+        assert_eq!(quotes % 2, 0, "broken sample line {line:?}");
+    }
+}
+
+/// The admin listener keeps at most 256 connections and closes new ones
+/// past that; with no idle / header-read timeout, 256 silent TCP
+/// connections (no credential needed) lock operators and Prometheus out.
+#[test]
+fn idle_connections_do_not_lock_the_admin_listener_out() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_serve, admin) = Serve::start_with_admin(&dir.path().join("data"), &[], &[]);
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = TcpStream::connect(&admin) {
+            idle.push(s);
+        }
+    }
+    // Give the listener time to accept them all, and any sane header-read
+    // timeout time to fire (hyper's default is 30 s once a timer is set).
+    std::thread::sleep(Duration::from_secs(40));
+    let mut s = TcpStream::connect(&admin).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /api/overview HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut got = Vec::new();
+    let n = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "locked out by {} idle connections: {n:?} {text:?}",
+        idle.len()
+    );
+}
+
+/// The health service sits behind --max-concurrent-requests: a coordinator
+/// busy with slow Submits answers its load balancer's / kubelet's health
+/// probe RESOURCE_EXHAUSTED, and gets restarted exactly when busiest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_while_requests_are_at_their_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let serve = Serve::start_with(
+        &dir.path().join("data"),
+        &["--max-concurrent-requests", "4", "--call-timeout", "20s"],
+        &[],
+    );
+    // A participant that accepts TCP and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hole_url = format!("http://{}", hole.local_addr().expect("addr"));
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let url = serve.url.clone();
+        let hole_url = hole_url.clone();
+        busy.push(tokio::spawn(async move {
+            let client = TransactionClient::connect(url).await.expect("connect");
+            let _ = client
+                .submit(Mode::TwoPhase, vec![Branch::new(&hole_url, "r", "p")])
+                .await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let channel = tonic::transport::Channel::from_shared(serve.url.clone())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let got = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    match got {
+        Ok(r) => assert_eq!(r.into_inner().status(), ServingStatus::Serving),
+        Err(s) => panic!("health probe refused while busy: {s:?}"),
+    }
+    for b in busy {
+        b.abort();
+    }
+}
