@@ -338,13 +338,17 @@ impl Metrics {
     }
 
     fn resource_label(&self, resource: &str) -> String {
+        // prometheus-client writes label values as given: a client-chosen
+        // name must be escaped here, or a quote or newline in it breaks the
+        // exposition (and lets a client write samples of its own).
+        let resource = escape_label_value(resource);
         let mut known = self.resources.lock().unwrap_or_else(|p| p.into_inner());
-        if known.contains(resource) {
-            return resource.to_string();
+        if known.contains(&resource) {
+            return resource;
         }
         if known.len() < MAX_RESOURCES {
-            known.insert(resource.to_string());
-            return resource.to_string();
+            known.insert(resource.clone());
+            return resource;
         }
         "other".to_string()
     }
@@ -388,6 +392,22 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A label value as the text format needs it: `\\`, `\"` and `\n`
+/// escaped; other control characters (which no escape covers) replaced.
+fn escape_label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Moves a counter mirrored from elsewhere up to `total`.
