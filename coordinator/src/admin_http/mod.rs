@@ -44,6 +44,65 @@ use crate::service::{AdminService, SharedAccess};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Connections served at once; past it new ones are closed.
 const MAX_CONNECTIONS: usize = 256;
+/// A connection with no request in flight for this long is closed: one
+/// idle after its last answer, and one that never completes a request
+/// head (silent, or trickling bytes). Idle or slow clients must not hold
+/// the [`MAX_CONNECTIONS`] slots and lock operators and scrapers out.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest one request may take, its body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Requests in flight on one connection, and when that last changed.
+struct Activity {
+    state: std::sync::Mutex<(usize, std::time::Instant)>,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            state: std::sync::Mutex::new((0, std::time::Instant::now())),
+        })
+    }
+
+    fn change(&self, delta: isize) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = s.0.saturating_add_signed(delta);
+        s.1 = std::time::Instant::now();
+    }
+
+    /// `None` once idle for [`IDLE_TIMEOUT`]; else how long to wait
+    /// before asking again.
+    fn idle_left(&self) -> Option<Duration> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.0 > 0 {
+            return Some(IDLE_TIMEOUT);
+        }
+        IDLE_TIMEOUT.checked_sub(s.1.elapsed()).filter(|d| !d.is_zero())
+    }
+
+    /// Resolves once the connection has been idle for [`IDLE_TIMEOUT`].
+    async fn idle(&self) {
+        while let Some(wait) = self.idle_left() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Marks a request in flight until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(a: &Arc<Activity>) -> InFlight {
+        a.change(1);
+        InFlight(a.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.change(-1);
+    }
+}
 
 /// The admin listener's socket, bound by the caller (port 0 picks one).
 pub struct AdminListener {
@@ -180,11 +239,24 @@ fn spawn_connection<S>(
     let app = app.clone();
     let shutdown = shutdown.clone();
     tracker.spawn(async move {
+        let activity = Activity::new();
         let svc = tower::ServiceExt::map_request(app, move |mut req: Request<_>| {
             if let Some(c) = &certs {
                 req.extensions_mut().insert(c.clone());
             }
             req
+        });
+        let counting = activity.clone();
+        let svc = tower::ServiceExt::map_future(svc, move |fut| {
+            let in_flight = InFlight::start(&counting);
+            async move {
+                let answer = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                    Ok(answer) => answer,
+                    Err(_) => Ok(error(StatusCode::REQUEST_TIMEOUT, "the request took too long")),
+                };
+                drop(in_flight);
+                answer
+            }
         });
         let svc = TowerToHyperService::new(svc);
         let builder = auto::Builder::new(TokioExecutor::new());
@@ -192,6 +264,10 @@ fn spawn_connection<S>(
         tokio::pin!(conn);
         tokio::select! {
             _ = conn.as_mut() => {}
+            () = activity.idle() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            }
             () = shutdown.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
