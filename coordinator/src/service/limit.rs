@@ -65,6 +65,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        // Health probes take no slot: a coordinator busy at its limit is
+        // busy, not broken, and must not be restarted by its probes.
+        if req.uri().path().starts_with("/grpc.health.v1.Health/") {
+            let call = self.inner.call(req);
+            return Box::pin(call);
+        }
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let call = self.inner.call(req);
