@@ -364,7 +364,13 @@ impl Layered {
                 .map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect())
                 .unwrap_or_default();
             let shown = |s: &str| {
-                let s = if secret { "***".to_string() } else { redact(s) };
+                let s = if secret {
+                    "***".to_string()
+                } else if long.contains("webhook") {
+                    redact_url(s)
+                } else {
+                    redact(s)
+                };
                 toml_value(&s)
             };
             let value = match arg.get_action() {
@@ -417,33 +423,88 @@ pub fn redact(s: &str) -> String {
             out.replace_range(start..end, "***");
         }
     }
-    // key=value pairs (space- or &-separated).
+    // key=value pairs (space- or &-separated; libpq allows spaces around
+    // the `=`).
     let mut result = String::with_capacity(out.len());
     let mut rest = out.as_str();
-    while !rest.is_empty() {
-        let lower = rest.to_ascii_lowercase();
-        let hit = ["password=", "token=", "secret="]
-            .iter()
-            .filter_map(|k| lower.find(k).map(|i| (i, k.len())))
-            .filter(|&(i, _)| {
-                i == 0 || matches!(rest.as_bytes()[i - 1], b' ' | b'&' | b'?' | b';' | b'_')
-            })
-            .min();
-        let Some((i, len)) = hit else {
-            result.push_str(rest);
-            break;
-        };
-        result.push_str(&rest[..i + len]);
-        let value = &rest[i + len..];
+    while let Some((value_at, key_end)) = next_secret(rest) {
+        result.push_str(&rest[..key_end]);
+        let value = &rest[value_at..];
         let end = if let Some(quoted) = value.strip_prefix('\'') {
             quoted.find('\'').map_or(value.len(), |q| q + 2)
         } else {
             value.find([' ', '&', ';', '#']).unwrap_or(value.len())
         };
+        result.push_str(&rest[key_end..value_at]);
         result.push_str("***");
         rest = &value[end..];
     }
+    result.push_str(rest);
     result
+}
+
+/// Keys whose values are secrets, in connection strings and query strings.
+const SECRET_KEYS: [&str; 9] = [
+    "password",
+    "token",
+    "secret",
+    "key",
+    "apikey",
+    "sig",
+    "signature",
+    "auth",
+    "credential",
+];
+
+/// The first secret key in `s` followed by `=`: (where its value starts,
+/// where the key ends).
+fn next_secret(s: &str) -> Option<(usize, usize)> {
+    let lower = s.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let mut best: Option<(usize, usize)> = None;
+    for key in SECRET_KEYS {
+        let mut from = 0;
+        while let Some(found) = lower[from..].find(key) {
+            let i = from + found;
+            from = i + key.len();
+            let starts_word = i == 0 || matches!(bytes[i - 1], b' ' | b'&' | b'?' | b';' | b'_');
+            let mut j = i + key.len();
+            while j < bytes.len() && bytes[j] == b' ' {
+                j += 1;
+            }
+            if !starts_word || bytes.get(j) != Some(&b'=') {
+                continue;
+            }
+            let key_end = j + 1;
+            let mut v = key_end;
+            while v < bytes.len() && bytes[v] == b' ' {
+                v += 1;
+            }
+            if best.is_none_or(|(_, e)| key_end < e) {
+                best = Some((v, key_end));
+            }
+            break;
+        }
+    }
+    best
+}
+
+/// A URL whose path and query may themselves be the secret (a Slack or
+/// PagerDuty webhook): only `scheme://host:port` is shown.
+pub fn redact_url(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else {
+        return "***".to_string();
+    };
+    let rest = &s[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let hidden = if authority_end < rest.len() || host.len() < authority.len() {
+        "/***"
+    } else {
+        ""
+    };
+    format!("{}://{host}{hidden}", &s[..scheme_end])
 }
 
 #[cfg(test)]
@@ -593,5 +654,23 @@ mod tests {
         );
         assert_eq!(redact("password='a b' x=1"), "password=*** x=1");
         assert_eq!(redact("http://127.0.0.1:7070"), "http://127.0.0.1:7070");
+        assert_eq!(
+            redact("host=db user=tandem password = hunter2 dbname=x"),
+            "host=db user=tandem password = *** dbname=x"
+        );
+        assert_eq!(
+            redact("https://h/x?api_key=abc123&sig=deadbeef&n=1"),
+            "https://h/x?api_key=***&sig=***&n=1"
+        );
+        assert_eq!(redact("sslkey=/etc/k.pem keys=3"), "sslkey=/etc/k.pem keys=3");
+        assert_eq!(
+            redact_url("https://hooks.slack.com/services/T0/B0/XXXXSECRET?x=1"),
+            "https://hooks.slack.com/***"
+        );
+        assert_eq!(
+            redact_url("http://u:p@alerts.internal:9000"),
+            "http://alerts.internal:9000/***"
+        );
+        assert_eq!(redact_url("http://alerts.internal:9000"), "http://alerts.internal:9000");
     }
 }

@@ -279,6 +279,10 @@ fn spawn_connection<S>(
 /// The admin check in front of `/api/` and `/metrics`.
 async fn require_admin(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
+    if write && let Some(why) = cross_site(&req) {
+        tracing::warn!(path = req.uri().path(), why, "admin HTTP action refused: cross-site");
+        return error(StatusCode::FORBIDDEN, why);
+    }
     let Some(access) = &state.access else {
         if write {
             return error(
@@ -320,6 +324,35 @@ async fn require_admin(State(state): State<AppState>, mut req: Request, next: Ne
             resp
         }
     }
+}
+
+/// Why an action comes from another site, if it does. A browser holding
+/// an admin client certificate sends it with any page's form POST, so
+/// actions must come from the console's own origin: a browser says where a
+/// request comes from (`Sec-Fetch-Site`, `Origin`); tools like curl send
+/// neither and are not affected.
+fn cross_site(req: &Request) -> Option<&'static str> {
+    let headers = req.headers();
+    if let Some(site) = headers.get("sec-fetch-site")
+        && !matches!(site.as_bytes(), b"same-origin" | b"none")
+    {
+        return Some("actions are accepted only from the console's own origin");
+    }
+    let origin = headers.get(header::ORIGIN)?;
+    // HTTP/1.1 names the host in Host, HTTP/2 in :authority.
+    let host = headers
+        .get(header::HOST)
+        .map(HeaderValue::as_bytes)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, h)| h.as_bytes());
+    if origin_host.is_none() || origin_host != host {
+        return Some("actions are accepted only from the console's own origin");
+    }
+    None
 }
 
 /// Headers on every answer: no sniffing, no framing, no referrer.

@@ -1,5 +1,6 @@
-//! Adversarial review of the operations surface (admin HTTP listener,
-//! /metrics, health) against a live `tandem serve`.
+//! The operations surface under hostile input, against a live `tandem
+//! serve`: label injection into /metrics, idle connections on the admin
+//! listener, health under the request limit, cross-site actions.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -121,4 +122,83 @@ async fn health_answers_while_requests_are_at_their_limit() {
     for b in busy {
         b.abort();
     }
+}
+
+/// A browser holding an admin credential (a client certificate is sent
+/// with any page's form) must not act for another site: an action with a
+/// foreign `Origin` or `Sec-Fetch-Site: cross-site` is refused and changes
+/// nothing; the console's own origin and plain tools are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_from_another_site_are_refused() {
+    use tandem_sdk::ClientOptions;
+    use tandem_sdk::security::BearerToken;
+    use tandem_sdk::security::auth::{new_token, token_digest_hex};
+    let dir = tempfile::tempdir().expect("dir");
+    let (admin_token, client_token) = (new_token(), new_token());
+    let access = dir.path().join("access");
+    std::fs::write(
+        &access,
+        format!(
+            "admin ops token-sha256:{}\nclient app token-sha256:{}\n",
+            token_digest_hex(&admin_token),
+            token_digest_hex(&client_token)
+        ),
+    )
+    .expect("access file");
+    let (serve, admin) = Serve::start_with_admin(
+        &dir.path().join("data"),
+        &["--auth-file", &access.to_string_lossy()],
+        &[],
+    );
+    let options = ClientOptions {
+        tls: None,
+        token: BearerToken::new(&client_token).expect("token"),
+    };
+    let client = TransactionClient::connect_with(serve.url.clone(), &options)
+        .await
+        .expect("connect");
+    let gtid = client.begin(Mode::TwoPhase).await.expect("begin").to_string();
+    let auth = format!("Bearer {admin_token}");
+    let path = format!("/api/transactions/{gtid}/abort");
+    let state = || {
+        http(
+            "GET",
+            &admin,
+            &format!("/api/transactions/{gtid}"),
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .json()["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    for hostile in [
+        [("Origin", "https://evil.example"), ("Sec-Fetch-Site", "cross-site")],
+        [("Origin", "https://evil.example"), ("X-Nothing", "1")],
+        [("Sec-Fetch-Site", "same-site"), ("X-Nothing", "1")],
+        [("Origin", "null"), ("X-Nothing", "1")],
+    ] {
+        let mut headers = vec![("Authorization", auth.as_str())];
+        headers.extend(hostile);
+        let refused = http("POST", &admin, &path, &headers, None);
+        assert_eq!(refused.status, 403, "{hostile:?}: {}", refused.body);
+        assert!(refused.body.contains("own origin"), "{}", refused.body);
+        assert_eq!(state(), "ACTIVE", "a cross-site action changed the transaction");
+    }
+    // The console's own origin acts.
+    let origin = format!("http://{admin}");
+    let done = http(
+        "POST",
+        &admin,
+        &path,
+        &[
+            ("Authorization", auth.as_str()),
+            ("Origin", origin.as_str()),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        None,
+    );
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(state(), "ABORTED");
 }
