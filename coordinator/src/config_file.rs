@@ -662,7 +662,10 @@ mod tests {
             redact("https://h/x?api_key=abc123&sig=deadbeef&n=1"),
             "https://h/x?api_key=***&sig=***&n=1"
         );
-        assert_eq!(redact("sslkey=/etc/k.pem keys=3"), "sslkey=/etc/k.pem keys=3");
+        assert_eq!(
+            redact("sslkey=/etc/k.pem keys=3"),
+            "sslkey=/etc/k.pem keys=3"
+        );
         assert_eq!(
             redact_url("https://hooks.slack.com/services/T0/B0/XXXXSECRET?x=1"),
             "https://hooks.slack.com/***"
@@ -671,6 +674,9 @@ mod tests {
             redact_url("http://u:p@alerts.internal:9000"),
             "http://alerts.internal:9000/***"
         );
-        assert_eq!(redact_url("http://alerts.internal:9000"), "http://alerts.internal:9000");
+        assert_eq!(
+            redact_url("http://alerts.internal:9000"),
+            "http://alerts.internal:9000"
+        );
     }
 }

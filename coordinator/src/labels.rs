@@ -55,14 +55,28 @@ pub fn from_wire(map: HashMap<String, String>) -> Result<Vec<Label>, LabelError>
                 l.value.len()
             )));
         }
-        if l.value.chars().any(char::is_control) {
+        if l.value.chars().any(|c| c.is_control() || invisible(c)) {
             return Err(LabelError(format!(
-                "label {:?}: the value holds control characters",
+                "label {:?}: the value holds control or invisible formatting characters",
                 l.key
             )));
         }
     }
     Ok(labels)
+}
+
+/// Zero-width and direction-changing characters: they would make a value
+/// shown in the console or the CLI read as something it is not.
+fn invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'
+        | '\u{061C}'
+        | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{2069}'
+        | '\u{FEFF}')
 }
 
 /// Checks one key (also used for filters).
@@ -131,6 +145,10 @@ mod tests {
         assert!(e.0.contains("order"), "{e}");
         let e = from_wire(map(&[("order", "a\nb")])).unwrap_err();
         assert!(e.0.contains("control"), "{e}");
+        let e = from_wire(map(&[("order", "paid\u{202E}dnufer")])).unwrap_err();
+        assert!(e.0.contains("invisible"), "{e}");
+        assert!(from_wire(map(&[("order", "zero\u{200B}width")])).is_err());
+        assert!(from_wire(map(&[("city", "Zürich – 東京")])).is_ok());
         let key = "k".repeat(10_000);
         let e = from_wire(map(&[(&key, "v")])).unwrap_err();
         assert!(e.0.len() < 300, "a hostile key is not echoed whole");

@@ -35,7 +35,9 @@ async fn a_resource_name_cannot_inject_samples_into_metrics() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     for line in reply.body.lines() {
         assert!(
-            !line.starts_with("tandem_transactions_finished_total{mode=\"2pc\",outcome=\"committed\"} 1000000"),
+            !line.starts_with(
+                "tandem_transactions_finished_total{mode=\"2pc\",outcome=\"committed\"} 1000000"
+            ),
             "a client wrote its own sample into /metrics:\n{}",
             reply.body
         );
@@ -157,7 +159,11 @@ async fn actions_from_another_site_are_refused() {
     let client = TransactionClient::connect_with(serve.url.clone(), &options)
         .await
         .expect("connect");
-    let gtid = client.begin(Mode::TwoPhase).await.expect("begin").to_string();
+    let gtid = client
+        .begin(Mode::TwoPhase)
+        .await
+        .expect("begin")
+        .to_string();
     let auth = format!("Bearer {admin_token}");
     let path = format!("/api/transactions/{gtid}/abort");
     let state = || {
@@ -174,7 +180,10 @@ async fn actions_from_another_site_are_refused() {
             .to_string()
     };
     for hostile in [
-        [("Origin", "https://evil.example"), ("Sec-Fetch-Site", "cross-site")],
+        [
+            ("Origin", "https://evil.example"),
+            ("Sec-Fetch-Site", "cross-site"),
+        ],
         [("Origin", "https://evil.example"), ("X-Nothing", "1")],
         [("Sec-Fetch-Site", "same-site"), ("X-Nothing", "1")],
         [("Origin", "null"), ("X-Nothing", "1")],
@@ -184,7 +193,11 @@ async fn actions_from_another_site_are_refused() {
         let refused = http("POST", &admin, &path, &headers, None);
         assert_eq!(refused.status, 403, "{hostile:?}: {}", refused.body);
         assert!(refused.body.contains("own origin"), "{}", refused.body);
-        assert_eq!(state(), "ACTIVE", "a cross-site action changed the transaction");
+        assert_eq!(
+            state(),
+            "ACTIVE",
+            "a cross-site action changed the transaction"
+        );
     }
     // The console's own origin acts.
     let origin = format!("http://{admin}");

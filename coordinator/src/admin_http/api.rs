@@ -220,6 +220,10 @@ impl ListQuery {
                         return Err("too many label filters".into());
                     }
                     match v.split_once('=') {
+                        Some((k, _)) if q.labels.iter().any(|(have, _)| have == k.trim()) => {
+                            // Two values of one key would match nothing.
+                            return Err(format!("label {:?} given twice", clip(k.trim())));
+                        }
                         Some((k, val)) if !k.trim().is_empty() => {
                             q.labels.push((k.trim().to_string(), val.to_string()));
                         }

@@ -77,7 +77,9 @@ impl Activity {
         if s.0 > 0 {
             return Some(IDLE_TIMEOUT);
         }
-        IDLE_TIMEOUT.checked_sub(s.1.elapsed()).filter(|d| !d.is_zero())
+        IDLE_TIMEOUT
+            .checked_sub(s.1.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     /// Resolves once the connection has been idle for [`IDLE_TIMEOUT`].
@@ -252,7 +254,10 @@ fn spawn_connection<S>(
             async move {
                 let answer = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
                     Ok(answer) => answer,
-                    Err(_) => Ok(error(StatusCode::REQUEST_TIMEOUT, "the request took too long")),
+                    Err(_) => Ok(error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "the request took too long",
+                    )),
                 };
                 drop(in_flight);
                 answer
@@ -280,7 +285,11 @@ fn spawn_connection<S>(
 async fn require_admin(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let write = req.method() != Method::GET && req.method() != Method::HEAD;
     if write && let Some(why) = cross_site(&req) {
-        tracing::warn!(path = req.uri().path(), why, "admin HTTP action refused: cross-site");
+        tracing::warn!(
+            path = req.uri().path(),
+            why,
+            "admin HTTP action refused: cross-site"
+        );
         return error(StatusCode::FORBIDDEN, why);
     }
     let Some(access) = &state.access else {
