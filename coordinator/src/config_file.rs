@@ -403,6 +403,14 @@ fn toml_value(s: &str) -> String {
     if !s.is_empty() && s.parse::<i64>().is_ok() && !s.starts_with(['+', '0']) || s == "0" {
         return s.to_string();
     }
+    // A decimal fraction (a ratio): digits, one point, digits.
+    if let Some((int, frac)) = s.split_once('.')
+        && !int.is_empty()
+        && !frac.is_empty()
+        && int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
+        return s.to_string();
+    }
     toml::Value::String(s.to_string()).to_string()
 }
 

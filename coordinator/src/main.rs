@@ -151,6 +151,9 @@ struct BenchArgs {
     /// runs, to measure what exporting traces costs.
     #[arg(long)]
     otlp: bool,
+    /// With --otlp: the coordinator's --otlp-sample-ratio.
+    #[arg(long, default_value_t = 1.0)]
+    otlp_sample_ratio: f64,
 }
 
 #[derive(Args)]
@@ -386,6 +389,7 @@ async fn main() -> ExitCode {
         Command::Serve(a) => a.otlp_endpoint.clone().map(|endpoint| otel::OtlpConfig {
             endpoint,
             service_name: a.service_name.clone(),
+            sample_ratio: a.otlp_sample_ratio,
         }),
         _ => None,
     };
@@ -532,6 +536,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         metrics: args.metrics,
         trace: args.trace,
         otlp: args.otlp,
+        otlp_sample_ratio: args.otlp_sample_ratio,
     })
     .await?;
     match args.output {

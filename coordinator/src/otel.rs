@@ -14,15 +14,17 @@ use std::time::{Duration, Instant};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 
 /// Where and as what to export.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct OtlpConfig {
     /// The collector's OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`.
     pub endpoint: String,
     /// `service.name` of the exported spans.
     pub service_name: String,
+    /// The share of traces exported (by trace id), 0 to 1.
+    pub sample_ratio: f64,
 }
 
 /// Keeps the exporter running; dropping it flushes what is queued (within
@@ -49,7 +51,16 @@ pub fn provider(config: &OtlpConfig) -> Result<SdkTracerProvider, String> {
         .with_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| format!("OTLP exporter for {}: {e}", config.endpoint))?;
+    // By trace id alone (not the caller's sampled flag): the ratio bounds
+    // what export costs whatever callers send, and services using the same
+    // ratio keep the same traces whole.
+    let sampler = if config.sample_ratio >= 1.0 {
+        Sampler::AlwaysOn
+    } else {
+        Sampler::TraceIdRatioBased(config.sample_ratio)
+    };
     Ok(SdkTracerProvider::builder()
+        .with_sampler(sampler)
         .with_batch_exporter(Quiet::new(exporter, config.endpoint.clone()))
         .with_resource(
             Resource::builder()

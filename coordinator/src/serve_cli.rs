@@ -106,6 +106,11 @@ pub struct ServeArgs {
     /// the trace the client sent. Unset: nothing is exported.
     #[arg(long, env = "TANDEM_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The share of transactions whose spans are exported, 0 to 1, chosen
+    /// by trace id (services sampling by the same ratio keep the same
+    /// traces whole).
+    #[arg(long, env = "TANDEM_OTLP_SAMPLE_RATIO", default_value = "1", value_parser = parse_ratio)]
+    pub otlp_sample_ratio: f64,
     /// `service.name` of the exported spans.
     #[arg(
         long,
@@ -336,6 +341,14 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     info!("shutdown requested: finishing in-flight calls");
+}
+
+/// A ratio from 0 to 1.
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?}: expected a number from 0 to 1 (e.g. 0.1)")),
+    }
 }
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ pub struct BenchOptions {
     /// The coordinator's spans exported over OTLP to a collector the
     /// bench runs.
     pub otlp: bool,
+    /// The coordinator's `--otlp-sample-ratio` with `otlp`.
+    pub otlp_sample_ratio: f64,
 }
 
 impl Default for BenchOptions {
@@ -111,6 +113,7 @@ impl Default for BenchOptions {
             metrics: false,
             trace: false,
             otlp: false,
+            otlp_sample_ratio: 1.0,
         }
     }
 }
@@ -483,8 +486,10 @@ fn start_coordinator(
     if options.metrics {
         args.extend(["--admin-listen", "127.0.0.1:0"]);
     }
+    let ratio = options.otlp_sample_ratio.to_string();
     if let Some(endpoint) = otlp {
         args.extend(["--otlp-endpoint", endpoint, "--service-name", &name]);
+        args.extend(["--otlp-sample-ratio", &ratio]);
     }
     let secure_args = secure.map(Secure::serve_args).unwrap_or_default();
     args.extend(secure_args.iter().map(String::as_str));
