@@ -419,41 +419,69 @@ fn toml_value(s: &str) -> String {
 /// `password=***`, in key=value and in query-string form.
 pub fn redact(s: &str) -> String {
     let mut out = s.to_string();
-    // user:pass@ in a URL (before the host).
+    // user:pass@ in a URL. The PostgreSQL driver takes credentials up to
+    // the first `@` anywhere, so a password may hold `/`, `?` or `#`.
     if let Some(scheme_end) = out.find("://") {
         let rest = &out[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@')
+        if let Some(at) = rest.find('@')
             && let Some(colon) = rest[..at].find(':')
+            && !rest[..colon].contains(['/', '?', '#'])
         {
             let start = scheme_end + 3 + colon + 1;
             let end = scheme_end + 3 + at;
             out.replace_range(start..end, "***");
         }
     }
-    // key=value pairs (space- or &-separated; libpq allows spaces around
-    // the `=`).
+    // key=value pairs: a query string's (`&`-separated) and a libpq
+    // connection string's (whitespace-separated, spaces around `=`
+    // allowed, values quoted or backslash-escaped).
     let mut result = String::with_capacity(out.len());
     let mut rest = out.as_str();
-    while let Some((value_at, key_end)) = next_secret(rest) {
-        result.push_str(&rest[..key_end]);
+    while let Some((key_start, value_at)) = next_secret(rest) {
+        // What separates the whole key (`api_key`, `x-api-key`) from what
+        // precedes it tells a query string from a connection string.
+        let word_start = rest.as_bytes()[..key_start]
+            .iter()
+            .rposition(|c| !(c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.')))
+            .map_or(0, |p| p + 1);
+        let before = word_start.checked_sub(1).map(|i| rest.as_bytes()[i]);
+        result.push_str(&rest[..value_at]);
         let value = &rest[value_at..];
-        let end = if let Some(quoted) = value.strip_prefix('\'') {
-            quoted.find('\'').map_or(value.len(), |q| q + 2)
-        } else {
-            value.find([' ', '&', ';', '#']).unwrap_or(value.len())
-        };
-        result.push_str(&rest[key_end..value_at]);
         result.push_str("***");
-        rest = &value[end..];
+        rest = &value[value_end(value, before)..];
     }
     result.push_str(rest);
     result
 }
 
+/// Where a secret value ends, by what came before its key.
+fn value_end(value: &str, before_key: Option<u8>) -> usize {
+    match before_key {
+        Some(b'?' | b'&') => return value.find(['&', '#']).unwrap_or(value.len()),
+        Some(b';') => return value.find(';').unwrap_or(value.len()),
+        _ => {}
+    }
+    // A connection string's value: '…' with \-escapes, or up to
+    // whitespace with \-escapes. Every return is at an ASCII byte or the
+    // end, so on a character boundary.
+    let b = value.as_bytes();
+    let quoted = b.first() == Some(&b'\'');
+    let mut k = usize::from(quoted);
+    while k < b.len() {
+        match b[k] {
+            b'\\' => k += 2,
+            b'\'' if quoted => return k + 1,
+            c if !quoted && c.is_ascii_whitespace() => return k,
+            _ => k += 1,
+        }
+    }
+    b.len()
+}
+
 /// Keys whose values are secrets, in connection strings and query strings.
-const SECRET_KEYS: [&str; 9] = [
+const SECRET_KEYS: [&str; 10] = [
     "password",
+    "sslpassword",
     "token",
     "secret",
     "key",
@@ -464,8 +492,8 @@ const SECRET_KEYS: [&str; 9] = [
     "credential",
 ];
 
-/// The first secret key in `s` followed by `=`: (where its value starts,
-/// where the key ends).
+/// The first secret key in `s` followed by `=`: (where the key starts,
+/// where its value starts).
 fn next_secret(s: &str) -> Option<(usize, usize)> {
     let lower = s.to_ascii_lowercase();
     let bytes = lower.as_bytes();
@@ -475,21 +503,22 @@ fn next_secret(s: &str) -> Option<(usize, usize)> {
         while let Some(found) = lower[from..].find(key) {
             let i = from + found;
             from = i + key.len();
-            let starts_word = i == 0 || matches!(bytes[i - 1], b' ' | b'&' | b'?' | b';' | b'_');
+            let starts_word = i == 0
+                || bytes[i - 1].is_ascii_whitespace()
+                || matches!(bytes[i - 1], b'&' | b'?' | b';' | b'_' | b'-' | b'.');
             let mut j = i + key.len();
-            while j < bytes.len() && bytes[j] == b' ' {
+            while j < bytes.len() && bytes[j].is_ascii_whitespace() {
                 j += 1;
             }
             if !starts_word || bytes.get(j) != Some(&b'=') {
                 continue;
             }
-            let key_end = j + 1;
-            let mut v = key_end;
-            while v < bytes.len() && bytes[v] == b' ' {
+            let mut v = j + 1;
+            while v < bytes.len() && bytes[v].is_ascii_whitespace() {
                 v += 1;
             }
-            if best.is_none_or(|(_, e)| key_end < e) {
-                best = Some((v, key_end));
+            if best.is_none_or(|(start, _)| i < start) {
+                best = Some((i, v));
             }
             break;
         }
@@ -674,6 +703,29 @@ mod tests {
             redact("sslkey=/etc/k.pem keys=3"),
             "sslkey=/etc/k.pem keys=3"
         );
+        assert_eq!(redact(r"password='it\'s hunter2' x=1"), "password=*** x=1");
+        assert_eq!(redact("password=Pa#ss&w0rd x=1"), "password=*** x=1");
+        assert_eq!(redact(r"password=a\ b x=1"), "password=*** x=1");
+        assert_eq!(
+            redact("host=db\npassword=hunter2\tsslpassword=k2 dbname=x"),
+            "host=db\npassword=***\tsslpassword=*** dbname=x"
+        );
+        assert_eq!(redact("PASSWORD=x"), "PASSWORD=***");
+        assert_eq!(redact("postgres://u:pa/ss@db/x"), "postgres://u:***@db/x");
+        assert_eq!(
+            redact("https://h/x?e=1&x-api-key=k"),
+            "https://h/x?e=1&x-api-key=***"
+        );
+        for hostile in [
+            "password=",
+            "password='",
+            "password=\\",
+            "é password = é",
+            "=key==",
+        ] {
+            let _ = redact(hostile);
+        }
+
         assert_eq!(
             redact_url("https://hooks.slack.com/services/T0/B0/XXXXSECRET?x=1"),
             "https://hooks.slack.com/***"

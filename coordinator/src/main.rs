@@ -151,8 +151,8 @@ struct BenchArgs {
     /// runs, to measure what exporting traces costs.
     #[arg(long)]
     otlp: bool,
-    /// With --otlp: the coordinator's --otlp-sample-ratio.
-    #[arg(long, default_value_t = 1.0)]
+    /// With --otlp: the coordinator's --otlp-sample-ratio (0 to 1).
+    #[arg(long, default_value = "1", value_parser = serve_cli::parse_ratio)]
     otlp_sample_ratio: f64,
 }
 

@@ -343,8 +343,8 @@ async fn shutdown_signal() {
     info!("shutdown requested: finishing in-flight calls");
 }
 
-/// A ratio from 0 to 1.
-fn parse_ratio(s: &str) -> Result<f64, String> {
+/// A ratio from 0 to 1 (`--otlp-sample-ratio`).
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("{s:?}: expected a number from 0 to 1 (e.g. 0.1)")),

@@ -254,9 +254,11 @@ fn spawn_connection<S>(
             async move {
                 let answer = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
                     Ok(answer) => answer,
+                    // Not 408: browsers send a request answered 408 again.
                     Err(_) => Ok(error(
-                        StatusCode::REQUEST_TIMEOUT,
-                        "the request took too long",
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no answer within 60 s; an action may still complete: reload the \
+                         transaction",
                     )),
                 };
                 drop(in_flight);
@@ -336,32 +338,46 @@ async fn require_admin(State(state): State<AppState>, mut req: Request, next: Ne
 }
 
 /// Why an action comes from another site, if it does. A browser holding
-/// an admin client certificate sends it with any page's form POST, so
-/// actions must come from the console's own origin: a browser says where a
-/// request comes from (`Sec-Fetch-Site`, `Origin`); tools like curl send
-/// neither and are not affected.
+/// an admin client certificate presents it to any page's form POST, so
+/// actions must come from the console's own origin. `Sec-Fetch-Site` is set
+/// by the browser alone and decides; without it, a request carrying
+/// `Authorization` was not sent by a form (a cross-origin script would need
+/// a CORS preflight, which is never granted), and otherwise an `Origin`
+/// must name this host. Tools like curl send none of these and are not
+/// affected; a proxy rewriting `Host` does not matter to browsers that
+/// send `Sec-Fetch-Site`.
 fn cross_site(req: &Request) -> Option<&'static str> {
+    const WHY: &str = "actions are accepted only from the console's own origin";
     let headers = req.headers();
-    if let Some(site) = headers.get("sec-fetch-site")
-        && !matches!(site.as_bytes(), b"same-origin" | b"none")
-    {
-        return Some("actions are accepted only from the console's own origin");
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return (!matches!(site.as_bytes(), b"same-origin" | b"none")).then_some(WHY);
+    }
+    if headers.contains_key(header::AUTHORIZATION) {
+        return None;
     }
     let origin = headers.get(header::ORIGIN)?;
+    let Some((scheme, origin_host)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+        return Some(WHY);
+    };
     // HTTP/1.1 names the host in Host, HTTP/2 in :authority.
     let host = headers
         .get(header::HOST)
-        .map(HeaderValue::as_bytes)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().as_bytes()));
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.split_once("://"))
-        .map(|(_, h)| h.as_bytes());
-    if origin_host.is_none() || origin_host != host {
-        return Some("actions are accepted only from the console's own origin");
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let default_port = if scheme.eq_ignore_ascii_case("https") {
+        ":443"
+    } else {
+        ":80"
+    };
+    let norm = |h: &str| {
+        h.strip_suffix(default_port)
+            .unwrap_or(h)
+            .to_ascii_lowercase()
+    };
+    match host {
+        Some(h) if norm(h) == norm(origin_host) => None,
+        _ => Some(WHY),
     }
-    None
 }
 
 /// Headers on every answer: no sniffing, no framing, no referrer.
