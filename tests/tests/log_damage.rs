@@ -142,11 +142,23 @@ fn serve_refuses_a_damaged_data_file() {
 /// Plants a record of an unknown format version (as a newer Tandem would
 /// leave after a downgrade) straight into sled.
 fn plant_undecodable(dir: &Path) -> Gtid {
-    let db = sled::Config::new()
-        .path(dir)
-        .segment_size(8 * 1024 * 1024)
-        .open()
-        .expect("open sled");
+    // The log's flush thread may still hold sled's file lock for a moment
+    // after the log was dropped.
+    let mut tries = 0;
+    let db = loop {
+        match sled::Config::new()
+            .path(dir)
+            .segment_size(8 * 1024 * 1024)
+            .open()
+        {
+            Ok(db) => break db,
+            Err(e) if tries < 100 && e.to_string().contains("lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("open sled: {e}"),
+        }
+    };
     let txns = db.open_tree("txns").expect("txns");
     let gtid = Gtid::now_v7();
     // Protobuf: field 1 (version), varint 99.
