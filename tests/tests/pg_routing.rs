@@ -197,6 +197,16 @@ async fn a_dead_owners_transaction_is_taken_over_by_the_instance_a_request_reach
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(scripted.counts().1, 1, "one commit for the decided branch");
+    // The undecided one's rollback runs after its answer, and may be
+    // waiting out a retry from while the participant failed phase 2.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while scripted.counts().2 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the undecided branch never rolled back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         scripted.counts().2,
         1,
