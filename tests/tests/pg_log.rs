@@ -202,3 +202,133 @@ fn an_unreachable_store_is_a_clear_error() {
     let text = err.to_string();
     assert!(text.contains("store"), "{text}");
 }
+
+/// Makes the leases `owner` holds run out now (as if it had missed its
+/// renewals: paused, or cut off from the store).
+async fn expire_leases(sql: &tandem_sdk::postgres::tokio_postgres::Client, owner: uuid::Uuid) {
+    sql.execute(
+        "UPDATE tandem_txns SET lease_until = now() - interval '1 second' WHERE owner = $1",
+        &[&owner],
+    )
+    .await
+    .expect("expire the leases");
+}
+
+// Finding 1 of issue 22: A is paused past its lease, S takes the
+// transaction over (epoch 2), aborts and finishes it, and retention removes
+// the row. A resumes and forces the COMMIT it decided from its stale copy:
+// a later write never creates a row, so it is fenced, and the store has
+// nothing that says commit (presumed abort, as S decided).
+#[tokio::test]
+async fn a_fenced_owners_write_after_retention_is_refused() {
+    let pg = PgServer::start();
+    let url = pg.create_database("purged").await;
+    let sql = pg.connect("purged").await;
+    // A long lease: A renews it only at start, so it runs out when told.
+    let mut slow = options(&url, "a");
+    slow.lease = Duration::from_secs(60);
+    let a = PgLog::open(slow).expect("open a");
+    let s = PgLog::open(options(&url, "s")).expect("open s");
+    let mut rec = conformance::sample_record(Mode::TwoPhase, 2);
+    rec.branches[1].payload = bytes::Bytes::from(vec![5u8; 4096]);
+    a.write(&rec).expect("write");
+    a.force().await.expect("force");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    expire_leases(&sql, a.incarnation()).await;
+    assert_eq!(
+        s.take_over_expired(100).await.expect("sweep"),
+        vec![rec.gtid]
+    );
+    let mut theirs = s.get(&rec.gtid).expect("get").expect("record");
+    assert_eq!(theirs.epoch, 2);
+    theirs.state = TxState::Aborting;
+    theirs.decision = Some(Decision::Abort);
+    s.write(&theirs).expect("abort");
+    theirs.state = TxState::Aborted;
+    s.write(&theirs).expect("finish");
+    s.force().await.expect("force by the new owner");
+    // Retention removes the finished record.
+    s.remove(&rec.gtid).expect("remove");
+    s.force().await.expect("force the removal");
+    assert!(s.get(&rec.gtid).expect("get").is_none(), "not removed");
+
+    // A wakes up and forces the commit it decided before the takeover.
+    rec.state = TxState::Committing;
+    rec.decision = Some(Decision::Commit);
+    a.write(&rec).expect("buffered");
+    let err = a
+        .force()
+        .await
+        .expect_err("the former owner's commit landed after retention");
+    assert!(matches!(err, LogError::Fenced(_)), "{err:?}");
+    let rows: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM tandem_txns WHERE gtid = $1",
+            &[&rec.gtid],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0, "the former owner re-created the row");
+    let payloads: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM tandem_payloads WHERE gtid = $1",
+            &[&rec.gtid],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(payloads, 0, "the former owner's payloads landed");
+    // Every instance answers from the store: no record, presumed abort.
+    assert!(s.get(&rec.gtid).expect("get").is_none());
+    let fresh = PgLog::open(options(&url, "t")).expect("open t");
+    assert!(fresh.get(&rec.gtid).expect("get").is_none());
+}
+
+// Retention's removal lands only on a finished row: one that a stale scan
+// (or a gtid started again) shows unfinished in the store is kept.
+#[tokio::test]
+async fn retention_removes_only_finished_rows() {
+    let pg = PgServer::start();
+    let url = pg.create_database("keep").await;
+    let log = PgLog::open(options(&url, "a")).expect("open");
+    let mut unfinished = conformance::sample_record(Mode::Tcc, 2);
+    unfinished.branches[0].payload = bytes::Bytes::from(vec![1u8; 4096]);
+    let mut finished = conformance::sample_record(Mode::TwoPhase, 1);
+    finished.state = TxState::Committed;
+    finished.decision = Some(Decision::Commit);
+    log.write(&unfinished).expect("write");
+    log.write(&finished).expect("write");
+    log.force().await.expect("force");
+    log.remove(&unfinished.gtid).expect("remove");
+    log.remove(&finished.gtid).expect("remove");
+    log.force().await.expect("force");
+    let sql = pg.connect("keep").await;
+    let count = |table: &'static str, gtid: uuid::Uuid| {
+        let sql = &sql;
+        async move {
+            sql.query_one(
+                &format!("SELECT count(*) FROM {table} WHERE gtid = $1"),
+                &[&gtid],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("tandem_txns", finished.gtid).await, 0);
+    assert_eq!(count("tandem_txns", unfinished.gtid).await, 1, "removed");
+    assert_eq!(
+        count("tandem_payloads", unfinished.gtid).await,
+        1,
+        "its payload removed"
+    );
+    // The row is still the owner's to write.
+    unfinished.state = TxState::Aborting;
+    unfinished.decision = Some(Decision::Abort);
+    log.write(&unfinished).expect("write");
+    log.force()
+        .await
+        .expect("the owner's write after the refused removal");
+}
