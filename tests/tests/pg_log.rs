@@ -105,12 +105,7 @@ async fn expired_leases_are_taken_over_and_the_former_owner_is_fenced() {
     // A misses its renewals (a pause): its lease runs out on the store's
     // clock. B takes the transaction over (epoch 2) and aborts it.
     let sql = pg.connect("fence").await;
-    sql.execute(
-        "UPDATE tandem_txns SET lease_until = now() - interval '1 second'",
-        &[],
-    )
-    .await
-    .expect("expire the lease");
+    expire_leases(&sql, a.incarnation()).await;
     let taken = b.take_over_expired(100).await.expect("sweep");
     assert_eq!(
         taken,
@@ -207,7 +202,8 @@ fn an_unreachable_store_is_a_clear_error() {
 /// renewals: paused, or cut off from the store).
 async fn expire_leases(sql: &tandem_sdk::postgres::tokio_postgres::Client, owner: uuid::Uuid) {
     sql.execute(
-        "UPDATE tandem_txns SET lease_until = now() - interval '1 second' WHERE owner = $1",
+        "UPDATE tandem_instances SET lease_until = now() - interval '1 second'
+         WHERE incarnation = $1",
         &[&owner],
     )
     .await
@@ -331,4 +327,122 @@ async fn retention_removes_only_finished_rows() {
     log.force()
         .await
         .expect("the owner's write after the refused removal");
+}
+
+/// Each row's version (`xmin`, the transaction that last wrote it).
+async fn row_versions(
+    sql: &tandem_sdk::postgres::tokio_postgres::Client,
+) -> std::collections::HashMap<uuid::Uuid, String> {
+    sql.query("SELECT gtid, xmin::text FROM tandem_txns", &[])
+        .await
+        .expect("versions")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+// Issue 22, finding 6: a lease is renewed every third of it, forever; with
+// a STUCK backlog, renewing every row's own lease rewrote the whole
+// backlog each time. The lease is the owner's: renewal writes one row.
+#[tokio::test]
+async fn lease_renewal_writes_no_transaction_rows() {
+    const STUCK: usize = 1000;
+    let pg = PgServer::start();
+    let url = pg.create_database("renew").await;
+    let sql = pg.connect("renew").await;
+    let mut o = options(&url, "a");
+    o.lease = Duration::from_millis(300);
+    let a = PgLog::open(o).expect("open");
+    for _ in 0..STUCK {
+        let mut rec = conformance::sample_record(Mode::TwoPhase, 1);
+        rec.state = TxState::Stuck;
+        rec.decision = Some(Decision::Commit);
+        a.write(&rec).expect("write");
+    }
+    let mut inflight = conformance::sample_record(Mode::Tcc, 1);
+    inflight.state = TxState::Committing;
+    inflight.decision = Some(Decision::Commit);
+    a.write(&inflight).expect("write");
+    a.force().await.expect("force");
+    let before = row_versions(&sql).await;
+    let renewals = a.stats().lease_renewals;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let renewed = a.stats().lease_renewals - renewals;
+    assert!(renewed >= 3, "{renewed} renewals");
+    let after = row_versions(&sql).await;
+    let rewritten = before
+        .iter()
+        .filter(|(gtid, version)| after.get(*gtid) != Some(*version))
+        .count();
+    // The owner's lease covers its rows: nobody may claim them.
+    let other = PgLog::open(options(&url, "b")).expect("open b");
+    assert!(other.take_over_expired(10).await.expect("sweep").is_empty());
+    // Every write statement of A counted once its connections close.
+    let total_renewals = a.stats().lease_renewals;
+    drop(a);
+    let updated = |table: &'static str| {
+        let sql = &sql;
+        async move {
+            sql.query_one(
+                "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = $1",
+                &[&table],
+            )
+            .await
+            .expect("stats")
+            .get::<_, i64>(0)
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "{total_renewals} renewals with {STUCK} STUCK rows: {} transaction rows and {} instance \
+         rows updated; {rewritten} rows rewritten during {renewed} renewals",
+        updated("tandem_txns").await,
+        updated("tandem_instances").await
+    );
+    assert_eq!(
+        rewritten,
+        0,
+        "{renewed} renewals rewrote {rewritten} of {} rows",
+        before.len()
+    );
+}
+
+// A store made by schema version 1 (a lease per row) is migrated in place:
+// each registered instance keeps the longest lease its rows had, so a live
+// owner's transactions are not claimed by the first instance of the new
+// version; its restart still takes them over at once.
+#[tokio::test]
+async fn a_store_of_schema_1_keeps_its_leases_when_migrated() {
+    let pg = PgServer::start();
+    let url = pg.create_database("migrate").await;
+    let sql = pg.connect("migrate").await;
+    let a = PgLog::open(options(&url, "a")).expect("open");
+    let rec = conformance::sample_record(Mode::TwoPhase, 2);
+    a.write(&rec).expect("write");
+    a.force().await.expect("force");
+    drop(a);
+    // Back to version 1: a lease per row, an hour long.
+    sql.batch_execute(
+        "ALTER TABLE tandem_txns ADD COLUMN lease_until timestamptz NOT NULL
+             DEFAULT now() + interval '1 hour';
+         CREATE INDEX tandem_txns_unfinished_lease ON tandem_txns (lease_until)
+             WHERE state IN (1, 2, 3, 5, 7);
+         ALTER TABLE tandem_instances DROP COLUMN lease_until;
+         DELETE FROM tandem_schema WHERE version > 1;",
+    )
+    .await
+    .expect("schema 1");
+
+    let b = PgLog::open(options(&url, "b")).expect("migrate");
+    assert!(
+        b.take_over_expired(10).await.expect("sweep").is_empty(),
+        "claimed a transaction whose lease runs for an hour"
+    );
+    assert_eq!(b.get(&rec.gtid).expect("get").as_ref(), Some(&rec));
+    let owner = b.locate(&rec.gtid).expect("locate").expect("owner");
+    assert!(owner.live && !owner.here, "{owner:?}");
+    let restarted = PgLog::open(options(&url, "a")).expect("restart a");
+    let own = restarted.scan_own(None, &[], 10).expect("scan own");
+    assert_eq!(own.len(), 1, "the restart took its transaction over");
+    assert_eq!(own[0].epoch, 2);
 }

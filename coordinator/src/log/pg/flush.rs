@@ -207,10 +207,9 @@ impl Store {
             // after a commit whose answer was lost).
             let statement = tx
                 .prepare_cached(
-                    "INSERT INTO tandem_txns AS t
-                         (gtid, state, decision, record, owner, epoch, lease_until)
-                     SELECT g, s, d, r, $5, e, now() + $6::bigint * interval '1 millisecond'
-                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $7::int8[])
+                    "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
+                     SELECT g, s, d, r, $5, e
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
                          AS b(g, s, d, r, e)
                      ON CONFLICT (gtid) DO UPDATE
                      SET state = excluded.state, decision = excluded.decision,
@@ -229,7 +228,6 @@ impl Store {
                         &first.decisions,
                         &first.records,
                         &me,
-                        &self.lease_ms(),
                         &first.epochs,
                     ],
                 )

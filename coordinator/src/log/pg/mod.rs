@@ -21,18 +21,22 @@
 //!
 //! Each coordinator process is an *incarnation* (a fresh UUID) of an
 //! *instance name*. A transaction row carries `owner` (the incarnation
-//! driving it), `epoch` (bumped by every takeover) and `lease_until` (on
-//! the database's clock, renewed for all of an owner's unfinished rows by
-//! one statement per period). Every write is conditional on
-//! `owner = this incarnation`, and a row's `decision` is written once: a
-//! write that would change it is refused. A write refused either way means
-//! another coordinator took the transaction over while this one was paused
-//! or cut off: the log latches ([`LogError::Fenced`]) and this coordinator
-//! stops deciding, so nothing it still holds in memory can reach the store
-//! or, after a decision, a participant. At start an incarnation takes over
-//! the unfinished rows of earlier incarnations of its name at once (a
-//! restart); rows of other instances are taken over when their lease has
-//! expired ([`PgLog::take_over_expired`]).
+//! driving it) and `epoch` (bumped by every takeover); its lease is its
+//! owner's (`tandem_instances.lease_until`, on the database's clock,
+//! renewed by a one-row statement per period, whatever the owner holds).
+//! Only a transaction's first write may create its row; every later write
+//! is an update conditional on `owner = this incarnation` at the epoch the
+//! record carries, and a row's `decision` is written once: a write that
+//! would change it is refused. A later write refused (the row is another
+//! owner's, at another epoch, or gone: retention removed it after another
+//! coordinator finished it) means another coordinator took the
+//! transaction over while this one was paused or cut off: the log latches
+//! ([`LogError::Fenced`]) and this coordinator stops deciding, so nothing
+//! it still holds in memory can reach the store or, after a decision, a
+//! participant. At start an incarnation takes over the unfinished rows of
+//! earlier incarnations of its name at once (a restart); rows of other
+//! instances are taken over when their owner's lease has expired
+//! ([`PgLog::take_over_expired`]).
 
 mod flush;
 mod io;
