@@ -23,6 +23,8 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use toml::de::{DeTable, DeValue};
 
+use crate::redact::{SecretKind, Secrets};
+
 /// Flags that make no sense inside the file itself.
 const NOT_IN_FILE: &[&str] = &["help", "version", "config", "print-config"];
 
@@ -316,6 +318,12 @@ impl Layered {
         self.path.as_deref()
     }
 
+    /// The secrets of the whole command line, file values included (see
+    /// [`Secrets::of_command_line`]): what no output may show.
+    pub fn secrets(&self) -> Secrets {
+        Secrets::of_command_line(&self.command, &self.matches)
+    }
+
     /// The configuration in force for the subcommand, as TOML: every flag
     /// under its long name, with where its value came from (`default`,
     /// `file`, `env NAME`, `flag`); unset ones commented out. Secrets are
@@ -358,21 +366,12 @@ impl Layered {
                     _ => "unset".into(),
                 }
             };
-            let secret = secret_name(long);
+            let kind = SecretKind::of_flag(long);
             let raw: Vec<String> = m
                 .get_raw(id)
                 .map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect())
                 .unwrap_or_default();
-            let shown = |s: &str| {
-                let s = if secret {
-                    "***".to_string()
-                } else if long.contains("webhook") {
-                    redact_url(s)
-                } else {
-                    redact(s)
-                };
-                toml_value(&s)
-            };
+            let shown = |s: &str| toml_value(&kind.redact(s));
             let value = match arg.get_action() {
                 ArgAction::SetTrue => Some(m.get_flag(id).to_string()),
                 ArgAction::Append if !raw.is_empty() || source != "unset" => Some(format!(
@@ -390,14 +389,6 @@ impl Layered {
     }
 }
 
-/// A flag whose value is itself a secret (a file holding one is a path).
-fn secret_name(long: &str) -> bool {
-    ["token", "secret", "password"]
-        .iter()
-        .any(|w| long.contains(w))
-        && !long.ends_with("-file")
-}
-
 /// A number as a TOML number, anything else as a TOML string.
 fn toml_value(s: &str) -> String {
     if !s.is_empty() && s.parse::<i64>().is_ok() && !s.starts_with(['+', '0']) || s == "0" {
@@ -412,136 +403,6 @@ fn toml_value(s: &str) -> String {
         return s.to_string();
     }
     toml::Value::String(s.to_string()).to_string()
-}
-
-/// Hides passwords in a connection string or URL: `user:pass@` becomes
-/// `user:***@`, and `password=…` (also `token=`, `secret=`) becomes
-/// `password=***`, in key=value and in query-string form.
-pub fn redact(s: &str) -> String {
-    let mut out = s.to_string();
-    // user:pass@ in a URL. The PostgreSQL driver takes credentials up to
-    // the first `@` anywhere, so a password may hold `/`, `?` or `#`.
-    if let Some(scheme_end) = out.find("://") {
-        let rest = &out[scheme_end + 3..];
-        if let Some(at) = rest.find('@')
-            && let Some(colon) = rest[..at].find(':')
-            && !rest[..colon].contains(['/', '?', '#'])
-        {
-            let start = scheme_end + 3 + colon + 1;
-            let end = scheme_end + 3 + at;
-            out.replace_range(start..end, "***");
-        }
-    }
-    // key=value pairs: a query string's (`&`-separated) and a libpq
-    // connection string's (whitespace-separated, spaces around `=`
-    // allowed, values quoted or backslash-escaped).
-    let mut result = String::with_capacity(out.len());
-    let mut rest = out.as_str();
-    while let Some((key_start, value_at)) = next_secret(rest) {
-        // What separates the whole key (`api_key`, `x-api-key`) from what
-        // precedes it tells a query string from a connection string.
-        let word_start = rest.as_bytes()[..key_start]
-            .iter()
-            .rposition(|c| !(c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.')))
-            .map_or(0, |p| p + 1);
-        let before = word_start.checked_sub(1).map(|i| rest.as_bytes()[i]);
-        result.push_str(&rest[..value_at]);
-        let value = &rest[value_at..];
-        result.push_str("***");
-        rest = &value[value_end(value, before)..];
-    }
-    result.push_str(rest);
-    result
-}
-
-/// Where a secret value ends, by what came before its key.
-fn value_end(value: &str, before_key: Option<u8>) -> usize {
-    match before_key {
-        Some(b'?' | b'&') => return value.find(['&', '#']).unwrap_or(value.len()),
-        Some(b';') => return value.find(';').unwrap_or(value.len()),
-        _ => {}
-    }
-    // A connection string's value: '…' with \-escapes, or up to
-    // whitespace with \-escapes. Every return is at an ASCII byte or the
-    // end, so on a character boundary.
-    let b = value.as_bytes();
-    let quoted = b.first() == Some(&b'\'');
-    let mut k = usize::from(quoted);
-    while k < b.len() {
-        match b[k] {
-            b'\\' => k += 2,
-            b'\'' if quoted => return k + 1,
-            c if !quoted && c.is_ascii_whitespace() => return k,
-            _ => k += 1,
-        }
-    }
-    b.len()
-}
-
-/// Keys whose values are secrets, in connection strings and query strings.
-const SECRET_KEYS: [&str; 10] = [
-    "password",
-    "sslpassword",
-    "token",
-    "secret",
-    "key",
-    "apikey",
-    "sig",
-    "signature",
-    "auth",
-    "credential",
-];
-
-/// The first secret key in `s` followed by `=`: (where the key starts,
-/// where its value starts).
-fn next_secret(s: &str) -> Option<(usize, usize)> {
-    let lower = s.to_ascii_lowercase();
-    let bytes = lower.as_bytes();
-    let mut best: Option<(usize, usize)> = None;
-    for key in SECRET_KEYS {
-        let mut from = 0;
-        while let Some(found) = lower[from..].find(key) {
-            let i = from + found;
-            from = i + key.len();
-            let starts_word = i == 0
-                || bytes[i - 1].is_ascii_whitespace()
-                || matches!(bytes[i - 1], b'&' | b'?' | b';' | b'_' | b'-' | b'.');
-            let mut j = i + key.len();
-            while j < bytes.len() && bytes[j].is_ascii_whitespace() {
-                j += 1;
-            }
-            if !starts_word || bytes.get(j) != Some(&b'=') {
-                continue;
-            }
-            let mut v = j + 1;
-            while v < bytes.len() && bytes[v].is_ascii_whitespace() {
-                v += 1;
-            }
-            if best.is_none_or(|(start, _)| i < start) {
-                best = Some((i, v));
-            }
-            break;
-        }
-    }
-    best
-}
-
-/// A URL whose path and query may themselves be the secret (a Slack or
-/// PagerDuty webhook): only `scheme://host:port` is shown.
-pub fn redact_url(s: &str) -> String {
-    let Some(scheme_end) = s.find("://") else {
-        return "***".to_string();
-    };
-    let rest = &s[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let hidden = if authority_end < rest.len() || host.len() < authority.len() {
-        "/***"
-    } else {
-        ""
-    };
-    format!("{}://{host}{hidden}", &s[..scheme_end])
 }
 
 #[cfg(test)]
@@ -685,58 +546,7 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("\"abc\""), "{shown}");
         assert!(shown.contains("postgres://tandem:***@db/tandem?password=***&sslmode=require"));
-        assert_eq!(
-            redact("host=db user=t password=s3cret dbname=x"),
-            "host=db user=t password=*** dbname=x"
-        );
-        assert_eq!(redact("password='a b' x=1"), "password=*** x=1");
-        assert_eq!(redact("http://127.0.0.1:7070"), "http://127.0.0.1:7070");
-        assert_eq!(
-            redact("host=db user=tandem password = hunter2 dbname=x"),
-            "host=db user=tandem password = *** dbname=x"
-        );
-        assert_eq!(
-            redact("https://h/x?api_key=abc123&sig=deadbeef&n=1"),
-            "https://h/x?api_key=***&sig=***&n=1"
-        );
-        assert_eq!(
-            redact("sslkey=/etc/k.pem keys=3"),
-            "sslkey=/etc/k.pem keys=3"
-        );
-        assert_eq!(redact(r"password='it\'s hunter2' x=1"), "password=*** x=1");
-        assert_eq!(redact("password=Pa#ss&w0rd x=1"), "password=*** x=1");
-        assert_eq!(redact(r"password=a\ b x=1"), "password=*** x=1");
-        assert_eq!(
-            redact("host=db\npassword=hunter2\tsslpassword=k2 dbname=x"),
-            "host=db\npassword=***\tsslpassword=*** dbname=x"
-        );
-        assert_eq!(redact("PASSWORD=x"), "PASSWORD=***");
-        assert_eq!(redact("postgres://u:pa/ss@db/x"), "postgres://u:***@db/x");
-        assert_eq!(
-            redact("https://h/x?e=1&x-api-key=k"),
-            "https://h/x?e=1&x-api-key=***"
-        );
-        for hostile in [
-            "password=",
-            "password='",
-            "password=\\",
-            "é password = é",
-            "=key==",
-        ] {
-            let _ = redact(hostile);
-        }
-
-        assert_eq!(
-            redact_url("https://hooks.slack.com/services/T0/B0/XXXXSECRET?x=1"),
-            "https://hooks.slack.com/***"
-        );
-        assert_eq!(
-            redact_url("http://u:p@alerts.internal:9000"),
-            "http://alerts.internal:9000/***"
-        );
-        assert_eq!(
-            redact_url("http://alerts.internal:9000"),
-            "http://alerts.internal:9000"
-        );
+        // The file's values are secrets to scrub from any output too.
+        assert_eq!(l.secrets().scrub("hunter2 / abc"), "*** / ***");
     }
 }

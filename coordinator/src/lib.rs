@@ -15,6 +15,8 @@
 //! - [`metrics`]: Prometheus metrics (counters, histograms, gauges read at scrape).
 //! - [`config`]: [`config::CoordinatorConfig`] with defaults and validation.
 //! - [`config_file`]: `--config FILE`, any flag of `tandem serve` from TOML.
+//! - [`redact`]: secrets kept out of every printed line (log lines, errors,
+//!   `--print-config`).
 //! - [`serve_cli`]: `tandem serve`'s flags and running a coordinator.
 //! - [`error`]: [`error::CoordError`] and its mapping to gRPC status codes.
 //! - [`failpoint`]: named crash points for crash tests (cargo feature
@@ -48,6 +50,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod otel;
+pub mod redact;
 pub mod runtime;
 pub mod security;
 pub mod serve_cli;

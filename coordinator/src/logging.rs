@@ -1,11 +1,17 @@
 //! The `tandem` binary's log output, on stderr: text for people (colours
 //! only when stderr is a terminal, so a file or a pipe gets plain lines) or
 //! one JSON object per line for log collectors. The level comes from
-//! `RUST_LOG` (default `info`).
+//! `RUST_LOG` (default `info`). Every line is written through
+//! [`ScrubbedStderr`]: the process's secrets never reach it, at any level,
+//! whichever library wrote the line.
 
 use std::io::IsTerminal;
 
+use std::sync::Arc;
+
 use tracing_subscriber::EnvFilter;
+
+use crate::redact::{ScrubbedStderr, Secrets};
 
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -20,7 +26,8 @@ pub enum LogFormat {
 /// Installs the global subscriber. Call once, first thing (inside the
 /// Tokio runtime when `otlp` is given). With `otlp`, the coordinator's
 /// spans are exported too (see [`crate::otel`]); keep the returned guard
-/// until the end of `main` so that queued spans are flushed.
+/// until the end of `main` so that queued spans are flushed. `secrets`
+/// are scrubbed from every line.
 ///
 /// # Errors
 ///
@@ -28,11 +35,13 @@ pub enum LogFormat {
 pub fn init(
     format: LogFormat,
     otlp: Option<&crate::otel::OtlpConfig>,
+    secrets: Arc<Secrets>,
 ) -> Result<Option<crate::otel::OtelGuard>, String> {
+    let stderr = ScrubbedStderr(secrets);
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,sled=warn"));
     let Some(otlp) = otlp else {
-        init_logs(format, filter);
+        init_logs(format, filter, stderr);
         return Ok(None);
     };
     use tracing_subscriber::prelude::*;
@@ -42,7 +51,7 @@ pub fn init(
     let spans = tracing_subscriber::filter::filter_fn(|meta| {
         meta.is_span() && meta.target().starts_with("tandem")
     });
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = tracing_subscriber::fmt::layer().with_writer(stderr);
     let logs = match format {
         LogFormat::Text => logs
             .with_ansi(std::io::stderr().is_terminal())
@@ -57,10 +66,10 @@ pub fn init(
     Ok(Some(guard))
 }
 
-fn init_logs(format: LogFormat, filter: EnvFilter) {
+fn init_logs(format: LogFormat, filter: EnvFilter, stderr: ScrubbedStderr) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(stderr);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().with_ansi(false).init(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tandem_coordinator::logging::{self, LogFormat};
+use tandem_coordinator::redact::Secrets;
 use tandem_coordinator::security::ClientSecurityArgs;
 use tandem_coordinator::serve_cli::{self, ServeArgs};
 use tandem_coordinator::{bench, cli, config_file, demo, log_cli, otel};
@@ -393,16 +394,18 @@ async fn main() -> ExitCode {
         }),
         _ => None,
     };
-    let _otel = match logging::init(cli.log_format, otlp.as_ref()) {
+    // No output shows a secret of the command line, whoever prints it.
+    let secrets = std::sync::Arc::new(layered.secrets());
+    let _otel = match logging::init(cli.log_format, otlp.as_ref(), secrets.clone()) {
         Ok(guard) => guard,
         Err(e) => {
-            eprintln!("tandem: {e}");
+            eprintln!("tandem: {}", secrets.scrub(&e));
             return ExitCode::from(2);
         }
     };
     let result = match cli.command {
         Command::Serve(args) => serve_cli::serve(*args).await,
-        Command::Tx(args) => return tx(args).await,
+        Command::Tx(args) => return tx(args, &secrets).await,
         Command::Log {
             verb: LogVerb::Check { data_dir, output },
         } => return log_cli::log_check(&data_dir, output),
@@ -422,7 +425,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tandem: {e:#}");
+            eprintln!("tandem: {}", secrets.scrub(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -462,7 +465,7 @@ fn auth(verb: AuthVerb) -> anyhow::Result<()> {
 
 /// Runs one `tandem tx` verb: the result on stdout and exit code 0, or one
 /// line on stderr and exit code 1.
-async fn tx(args: TxArgs) -> ExitCode {
+async fn tx(args: TxArgs, secrets: &Secrets) -> ExitCode {
     let result = async {
         let options = args.security.options().map_err(cli::CliError)?;
         let mut client = cli::connect(&args.coordinator, &options).await?;
@@ -510,7 +513,7 @@ async fn tx(args: TxArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("tandem: {e}");
+            eprintln!("tandem: {}", secrets.scrub(&e.to_string()));
             ExitCode::FAILURE
         }
     }

@@ -6,7 +6,8 @@
 //!
 //! Export is batched in the background; a full queue drops spans rather
 //! than slow the protocol, and a failing collector is reported at most once
-//! a minute.
+//! a minute, its endpoint's password hidden (in the endpoint and in the
+//! exporter's error, which may quote it).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+
+use crate::redact::{SecretKind, Secrets, redact};
 
 /// Where and as what to export.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,7 +53,12 @@ pub fn provider(config: &OtlpConfig) -> Result<SdkTracerProvider, String> {
         .with_endpoint(config.endpoint.clone())
         .with_timeout(Duration::from_secs(5))
         .build()
-        .map_err(|e| format!("OTLP exporter for {}: {e}", config.endpoint))?;
+        .map_err(|e| {
+            let mut secrets = Secrets::default();
+            secrets.add(SecretKind::Connection, &config.endpoint);
+            let text = format!("OTLP exporter for {}: {e}", redact(&config.endpoint));
+            secrets.scrub(&text).into_owned()
+        })?;
     // By trace id alone (not the caller's sampled flag): the ratio bounds
     // what export costs whatever callers send, and services using the same
     // ratio keep the same traces whole.
@@ -61,7 +69,7 @@ pub fn provider(config: &OtlpConfig) -> Result<SdkTracerProvider, String> {
     };
     Ok(SdkTracerProvider::builder()
         .with_sampler(sampler)
-        .with_batch_exporter(Quiet::new(exporter, config.endpoint.clone()))
+        .with_batch_exporter(Quiet::new(exporter, &config.endpoint))
         .with_resource(
             Resource::builder()
                 .with_service_name(config.service_name.clone())
@@ -95,17 +103,23 @@ where
 #[derive(Debug)]
 struct Quiet<E> {
     inner: E,
+    /// The endpoint, its password hidden.
     endpoint: String,
+    /// The endpoint's secrets, hidden in the errors reported.
+    secrets: Secrets,
     last_report: Mutex<Option<Instant>>,
 }
 
 const REPORT_EVERY: Duration = Duration::from_secs(60);
 
 impl<E> Quiet<E> {
-    fn new(inner: E, endpoint: String) -> Self {
+    fn new(inner: E, endpoint: &str) -> Self {
+        let mut secrets = Secrets::default();
+        secrets.add(SecretKind::Connection, endpoint);
         Quiet {
             inner,
-            endpoint,
+            endpoint: redact(endpoint),
+            secrets,
             last_report: Mutex::new(None),
         }
     }
@@ -114,6 +128,7 @@ impl<E> Quiet<E> {
         let mut last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
             *last = Some(Instant::now());
+            let error = self.secrets.scrub(&error.to_string()).into_owned();
             tracing::warn!(endpoint = %self.endpoint, %error,
                 "OTLP export failed; spans are dropped (reported at most once a minute)");
         }

@@ -87,17 +87,12 @@ impl ClientSecurityArgs {
     ///
     /// The token file cannot be read.
     pub fn options(&self) -> Result<ClientOptions, String> {
-        let token = match &self.token_file {
-            Some(p) => BearerToken::from_file(p)?,
-            None => BearerToken::none(),
-        };
-        let tls = (self.ca.is_some() || self.cert.is_some()).then(|| ClientTls {
-            ca: self.ca.clone(),
-            cert: self.cert.clone(),
-            key: self.key.clone(),
-            domain: None,
-        });
-        Ok(ClientOptions { tls, token })
+        ClientOptions::from_files(
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+            self.token_file.as_deref(),
+        )
     }
 }
 

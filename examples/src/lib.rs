@@ -6,6 +6,9 @@
 //!   barrier's own transactions (durable across crashes).
 //! - [`pg_bank`]: the shard in PostgreSQL: 2PC on prepared transactions,
 //!   TCC with the barrier in the same transaction as the business change.
+//! - [`secure`]: the security flags of an example participant (TLS, mutual
+//!   TLS, obeying only coordinators, reaching the coordinator securely),
+//!   each one call of the SDK's security API.
 //! - `src/bin/bank-postgres.rs`: serves one PostgreSQL shard, and audits
 //!   shards (sum, negative balances, leftover holds and prepared
 //!   transactions).
@@ -19,4 +22,5 @@
 
 pub mod bank;
 pub mod pg_bank;
+pub mod secure;
 pub mod sled_bank;

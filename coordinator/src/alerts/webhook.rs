@@ -30,7 +30,10 @@ pub(super) struct Webhook {
 
 impl Webhook {
     pub(super) fn new(settings: &AlertSettings) -> Result<Webhook, AlertError> {
-        let bad = |why: &str| AlertError(format!("{:?}: {why}", settings.url));
+        // The URL's path and query may be the hook's secret: only its host
+        // is named.
+        let shown = crate::redact::redact_url(&settings.url);
+        let bad = |why: &str| AlertError(format!("{shown}: {why}"));
         let uri: http::Uri = settings
             .url
             .parse()

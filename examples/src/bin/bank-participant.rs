@@ -9,6 +9,21 @@
 //!     --accounts alice,bob --data-dir ./shard-1 --coordinator http://127.0.0.1:7070
 //! ```
 //!
+//! Secure, as every participant other hosts can reach should run: TLS with
+//! the coordinator's certificate required, obeying only the coordinator,
+//! and in-doubt resolution over TLS with the participant's token (files of
+//! `tandem certs dev --out certs`; see [`tandem_examples::secure`]):
+//!
+//! ```text
+//! cargo run -p tandem-examples --bin bank-participant -- --listen 127.0.0.1:9001 \
+//!     --accounts alice,bob --data-dir ./shard-1 \
+//!     --tls-cert certs/participant.pem --tls-key certs/participant-key.pem \
+//!     --tls-client-ca certs/ca.pem --require-client-cert \
+//!     --only-coordinators certs/participant-access.txt \
+//!     --coordinator https://127.0.0.1:7070 --coordinator-ca certs/ca.pem \
+//!     --coordinator-token-file certs/participant.token
+//! ```
+//!
 //! Prints `listening on ADDR` once it accepts calls. With
 //! `--metrics-listen ADDR` it also serves the participant's Prometheus
 //! metrics at `http://ADDR/metrics` (handler latency and results, barrier
@@ -22,6 +37,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use tandem_examples::bank::Bank;
+use tandem_examples::secure::SecureArgs;
 use tandem_examples::sled_bank::SledBank;
 use tandem_sdk::{ParticipantMetrics, ParticipantServer};
 use tokio::net::TcpListener;
@@ -52,6 +68,9 @@ struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// TLS, who is obeyed, and how the coordinator is reached.
+    #[command(flatten)]
+    secure: SecureArgs,
 }
 
 /// Serves `GET /metrics` on `listener`: the participant's metrics in the
@@ -101,9 +120,13 @@ async fn main() -> anyhow::Result<()> {
                 .tcc("accounts-tcc", bank)
         }
     };
+    server = args.secure.apply(server)?;
     if let Some(coordinator) = args.coordinator {
-        server =
-            server.resolve_in_doubt(coordinator, Duration::from_millis(args.in_doubt_after_ms));
+        server = server.resolve_in_doubt_with(
+            coordinator,
+            Duration::from_millis(args.in_doubt_after_ms),
+            args.secure.coordinator_options()?,
+        );
     }
     let metrics = args.metrics_listen.map(|_| ParticipantMetrics::new());
     if let Some(metrics) = &metrics {
