@@ -495,6 +495,9 @@ mod abort_tests;
 mod mixed_tests;
 
 #[cfg(test)]
+mod no_vote_tests;
+
+#[cfg(test)]
 mod permanent_tests;
 
 #[cfg(test)]

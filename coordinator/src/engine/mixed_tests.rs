@@ -44,14 +44,14 @@ fn each_branch_records_its_own_mode() {
     assert_eq!(t.record().mode, Mode::Tcc);
 }
 
-// A 2PC no-voter holds nothing and gets no rollback; the TCC branch that
-// tried gets its cancel.
+// A 2PC no-voter gets its rollback (a no does not prove that nothing is
+// held, no_vote_tests.rs); the TCC branch that tried gets its cancel.
 #[test]
-fn a_two_phase_no_cancels_the_tcc_branch_only() {
+fn a_two_phase_no_cancels_the_tcc_branch_and_rolls_itself_back() {
     let mut t = mixed();
     vote(&mut t, 1, Vote::Yes(Bytes::new()));
     let cmds = vote(&mut t, 2, Vote::No("declined".into()));
-    assert_eq!(phase_two(&cmds), vec![(1, false)]);
+    assert_eq!(phase_two(&cmds), vec![(1, false), (2, false)]);
     assert_eq!(t.record().state, TxState::Aborting);
 }
 
@@ -93,8 +93,9 @@ fn all_yes_commits_every_branch_after_one_force() {
 }
 
 // After a restart the record's per-branch modes drive recovery: an
-// undecided mixed transaction cancels its TCC no-voter and leaves its 2PC
-// no-voter alone.
+// undecided mixed transaction cancels its TCC no-voter and rolls back its
+// 2PC no-voter and its prepared branch (the runtime picks Cancel or
+// Rollback from each branch's recorded mode).
 #[test]
 fn recovery_keeps_each_branch_mode() {
     let branches = vec![
@@ -113,5 +114,5 @@ fn recovery_keeps_each_branch_mode() {
     let (_, cmds) = Txn::recover(rec, NOW);
     let mut calls = phase_two(&cmds);
     calls.sort();
-    assert_eq!(calls, vec![(1, false), (3, false)]);
+    assert_eq!(calls, vec![(1, false), (2, false), (3, false)]);
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use super::{Command, EngineError, Txn};
 use crate::model::{
-    AbortCause, AbortInfo, BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Mode,
-    Resolution, TxState, cap_text,
+    AbortCause, AbortInfo, BranchId, BranchState, Decision, Gtid, MAX_STORED_TEXT, Resolution,
+    TxState, cap_text,
 };
 
 impl Txn {
@@ -260,11 +260,19 @@ impl Txn {
         };
         match self.rec.state {
             TxState::Committing => b.state != BranchState::Committed,
+            // Every branch whose phase 1 may have run is released by the
+            // coordinator itself, a no-voter too, in both protocols: a no
+            // does not prove that nothing is held (a participant answers
+            // no to a repeated phase 1 whose first run is still held,
+            // after a crash lost an unforced Submit and the client
+            // repeated it), and a failed TCC try may have reserved part
+            // of the resource. Only a branch settled as never run
+            // (ROLLED_BACK at once, rule 3a) is left alone.
             TxState::Aborting => match b.state {
-                BranchState::Registered | BranchState::Prepared | BranchState::Failed => true,
-                // A 2PC "no" holds nothing; a failed TCC try may have
-                // reserved part of the resource, so cancel it too.
-                BranchState::Refused => b.mode == Mode::Tcc,
+                BranchState::Registered
+                | BranchState::Prepared
+                | BranchState::Failed
+                | BranchState::Refused => true,
                 BranchState::Committed | BranchState::RolledBack => false,
             },
             _ => false,

@@ -68,10 +68,12 @@ fn all_yes_forces_before_any_commit_call() {
     assert_eq!(phase_two_calls(&cmds), vec![(1, true), (2, true)]);
 }
 
-// Rule 3: one no → abort; rollback goes to prepared branches, not to the
-// branch that said no (it holds nothing), and never a commit.
+// Rule 3: one no → abort, and never a commit; rollback goes to the
+// prepared branches and to the branch that said no too: a no does not
+// prove that nothing is held (finding 5 of issue 22: a participant
+// answers no to a repeated prepare whose first run is still held).
 #[test]
-fn a_no_vote_aborts_and_rolls_back_prepared_branches_only() {
+fn a_no_vote_aborts_and_rolls_back_every_branch_that_may_hold_work() {
     let (mut t, _) = one_shot(Mode::TwoPhase, 3);
     yes(&mut t, 1);
     let cmds = t
@@ -86,7 +88,7 @@ fn a_no_vote_aborts_and_rolls_back_prepared_branches_only() {
     assert_eq!(t.record().state, TxState::Aborting);
     assert!(t.record().reason.contains("broke"));
     // Branch 3 is still in phase 1: its rollback waits for its reply.
-    assert_eq!(phase_two_calls(&cmds), vec![(1, false)]);
+    assert_eq!(phase_two_calls(&cmds), vec![(1, false), (2, false)]);
     let cmds = yes(&mut t, 3);
     assert_eq!(phase_two_calls(&cmds), vec![(3, false)]);
 }

@@ -105,6 +105,9 @@ struct Inner {
     /// Unfinished transactions found in the log at start and not taken over
     /// yet; whoever takes one over removes it under the live-table lock.
     recovering: Mutex<BTreeSet<Gtid>>,
+    /// Of those, the ones whose claim could not read the record: retried
+    /// with backoff until they are taken over (or the log halts).
+    reclaims: Mutex<recovery::Reclaims>,
     /// Starts of client-chosen gtids, serialised per gtid (by stripe), so
     /// the idempotency check can read the log without the live-table lock.
     start_locks: starts::StartLocks,
@@ -203,6 +206,7 @@ impl Coordinator {
                 config,
                 live: Mutex::new(HashMap::new()),
                 recovering: Mutex::new(BTreeSet::new()),
+                reclaims: Mutex::new(recovery::Reclaims::default()),
                 start_locks: starts::StartLocks::default(),
                 pool,
                 transport,

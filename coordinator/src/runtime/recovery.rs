@@ -35,8 +35,9 @@ pub struct RecoveryReport {
     pub aborting: usize,
     /// STUCK: left for an operator.
     pub stuck: usize,
-    /// Could not be taken over (their record did not read back); each is
-    /// logged with its gtid, and the rest were recovered all the same.
+    /// Could not be taken over at once (their record did not read back);
+    /// each is logged with its gtid and retried until it reads, and the
+    /// rest were recovered all the same.
     pub failed: usize,
     /// Until every recovered transaction finished its first round of calls.
     pub elapsed: Duration,
@@ -162,7 +163,7 @@ impl Inner {
                 // One record that cannot be taken over does not stop the
                 // others; a halted coordinator stops everything.
                 self.check_halted()?;
-                tracing::error!(%gtid, error = %e, "recovery cannot take this transaction over; its participants may need resolving by hand");
+                tracing::warn!(%gtid, error = %e, "recovery cannot read this transaction yet; retrying until it can");
                 report.failed += 1;
             }
         }
@@ -194,8 +195,10 @@ impl Inner {
             Ok(None) => return Ok(None),
             Err(e) => {
                 // A read that failed (a shared store's reads do not latch
-                // the log) leaves it waiting for recovery, not orphaned.
+                // the log) leaves it waiting for recovery, and retried
+                // until it reads: it is ours, nobody else will drive it.
                 self.recovering_set().insert(gtid);
+                self.reclaim_later(gtid);
                 return Err(e.into());
             }
         };
@@ -216,5 +219,98 @@ impl Inner {
             drop(permit);
         });
         Ok(Some(entry))
+    }
+}
+
+/// Claims whose read failed, waiting to be tried again (see
+/// [`Inner::reclaim_later`]).
+#[derive(Default)]
+pub(super) struct Reclaims {
+    gtids: std::collections::BTreeSet<Gtid>,
+    /// A task is retrying them (one at most).
+    running: bool,
+}
+
+/// The first pause before a failed claim is tried again; it doubles while
+/// the store keeps failing, up to [`RECLAIM_MAX_PAUSE`].
+const RECLAIM_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const RECLAIM_MAX_PAUSE: Duration = Duration::from_secs(5);
+
+impl Inner {
+    fn reclaims(&self) -> std::sync::MutexGuard<'_, Reclaims> {
+        self.reclaims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Has `gtid` (waiting for recovery, its claim's read failed) tried
+    /// again until it is taken over: every transaction this instance owns
+    /// and has not finished is driven, always. One task retries them all,
+    /// with backoff, while any is left; it ends with the log (halted) or
+    /// on shutdown (the next start recovers them, or another instance
+    /// once this one's lease runs out).
+    pub(super) fn reclaim_later(self: &Arc<Self>, gtid: Gtid) {
+        let mut r = self.reclaims();
+        r.gtids.insert(gtid);
+        if !r.running {
+            r.running = true;
+            let inner = self.clone();
+            self.tasks.spawn(async move { inner.reclaim_loop().await });
+        }
+    }
+
+    async fn reclaim_loop(self: Arc<Self>) {
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            self.config.recovery_concurrency.max(1),
+        ));
+        let mut pause = RECLAIM_FIRST_PAUSE;
+        loop {
+            tokio::select! {
+                biased;
+                () = self.timers_stop.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
+            if self.check_halted().is_err() {
+                break;
+            }
+            let gtids = {
+                let mut r = self.reclaims();
+                if r.gtids.is_empty() {
+                    r.running = false;
+                    return;
+                }
+                std::mem::take(&mut r.gtids)
+            };
+            let mut failed = false;
+            let mut left = gtids.into_iter();
+            for gtid in left.by_ref() {
+                // Read first without the live-table lock: while the store
+                // fails, nothing waits behind this retry.
+                if self.log.get(&gtid).is_err() {
+                    self.reclaims().gtids.insert(gtid);
+                    failed = true;
+                    break;
+                }
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut live = self.live_table();
+                if live.contains_key(&gtid) {
+                    continue; // a request took it over meanwhile
+                }
+                // A failure puts it back in the set (this task is running).
+                if self.claim_locked(&mut live, gtid, Some(permit)).is_err() {
+                    failed = true;
+                }
+            }
+            // The store still fails: the rest wait for the next try too.
+            self.reclaims().gtids.extend(left);
+            pause = if failed {
+                (pause * 2).min(RECLAIM_MAX_PAUSE)
+            } else {
+                RECLAIM_FIRST_PAUSE
+            };
+        }
+        let mut r = self.reclaims();
+        r.running = false;
+        r.gtids.clear();
     }
 }

@@ -22,8 +22,9 @@ const BATCH: usize = 256;
 impl Inner {
     /// Recovers the unfinished transactions this instance owns in a shared
     /// store that nothing here drives: a claim whose answer was lost (the
-    /// store committed it, the reply did not arrive), or one a failed read
-    /// dropped. STUCK ones wait for an operator, as always.
+    /// store committed it, the reply did not arrive). One whose read failed
+    /// is in the recovering set and retried by `reclaim_later` until it
+    /// reads. STUCK ones wait for an operator, as always.
     async fn adopt_orphans(self: &Arc<Self>) {
         const DRIVEN: [TxState; 4] = [
             TxState::Active,

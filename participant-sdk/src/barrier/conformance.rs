@@ -26,6 +26,69 @@ pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
     in_doubt_lists_old_tried_branches_with_their_payload(&make()).await;
     nothing_remains_of_finished_branches(&make()).await;
     the_epoch_is_read_back(&make()).await;
+    a_repeated_try_leaves_the_first_hold_to_its_cancel(&make()).await;
+}
+
+/// Rule, through the barrier gate: a repeated try of a branch whose first
+/// try voted yes is answered no without running the handler, and leaves
+/// the record `Tried`, so the cancel that the coordinator sends after that
+/// no runs the handler and releases the first try's work (a record
+/// overwritten with `Refused` would skip it, and the hold would stay:
+/// issue 22, finding 5).
+pub async fn a_repeated_try_leaves_the_first_hold_to_its_cancel(store: &dyn BarrierStore) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use super::Phase;
+    use super::gate::{self, Passage};
+    use crate::handler::{BoxFuture, BranchContext, HandlerError, Vote};
+
+    let k = key(10, 1);
+    let ctx = |phase| BranchContext {
+        gtid: k.gtid,
+        branch_id: k.branch_id,
+        resource: "res".into(),
+        attempt: 1,
+        phase,
+        epoch: 1,
+        traceparent: None,
+    };
+    let ran = Arc::new(AtomicUsize::new(0));
+    let yes = || -> BoxFuture<'static, Result<Vote, HandlerError>> {
+        let ran = ran.clone();
+        Box::pin(async move {
+            ran.fetch_add(1, SeqCst);
+            Ok(Vote::yes())
+        })
+    };
+    let first = gate::phase_one(store, &ctx(Phase::Try), b"pay", "try", yes()).await;
+    assert_eq!(first.result.expect("first try"), Vote::yes());
+    let repeat = gate::phase_one(store, &ctx(Phase::Try), b"pay", "try", yes()).await;
+    assert_eq!(repeat.passage, Passage::RepeatedTry);
+    let Ok(Vote::No { reason }) = repeat.result else {
+        panic!("a repeated try must be answered no: {:?}", repeat.result);
+    };
+    assert!(reason.contains("may still hold"), "{reason}");
+    assert_eq!(
+        ran.load(SeqCst),
+        1,
+        "the handler ran for the first try only"
+    );
+    assert_eq!(
+        mark_of(store, k).await,
+        Some(Mark::Tried),
+        "the repeat left the first try's record"
+    );
+    let ran_cancel = ran.clone();
+    let cancel: BoxFuture<'static, Result<(), HandlerError>> = Box::pin(async move {
+        ran_cancel.fetch_add(1, SeqCst);
+        Ok(())
+    });
+    let cancelled = gate::phase_two(store, &ctx(Phase::Cancel), "cancel", cancel).await;
+    cancelled.result.expect("cancel");
+    assert_eq!(cancelled.passage, Passage::Ran);
+    assert_eq!(ran.load(SeqCst), 2, "the cancel reached the handler");
+    assert_eq!(mark_of(store, k).await, Some(Mark::Cancelled));
 }
 
 /// Rule: the epoch given to `put` / `put_tried` is what the next `enter`

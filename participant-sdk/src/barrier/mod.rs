@@ -12,7 +12,7 @@
 //! | record \ call | try / prepare | confirm / commit | cancel / rollback |
 //! |---|---|---|---|
 //! | none | **run**; `Tried` is stored first | refused | not run; `EmptyCancelled` stored |
-//! | `Tried` | refused (tries are not repeated) | **run**; then `Confirmed` | **run**; then `Cancelled` |
+//! | `Tried` | refused (tries are not repeated; the first run's work stays held) | **run**; then `Confirmed` | **run**; then `Cancelled` |
 //! | `Refused` (try voted no) | refused | refused | not run; `Cancelled` stored |
 //! | `Confirmed` | refused | not run (repeat) | refused |
 //! | `Cancelled`, `EmptyCancelled` | refused (anti-hanging) | refused | not run (repeat) |
@@ -42,6 +42,18 @@
 //! follows a crashed or failed try then runs the handler's cancel, which must
 //! release whatever part of the try happened (possibly nothing). A cancel is
 //! skipped only when no try started, or the try voted no (a no holds nothing).
+//!
+//! A repeated try is refused, even when the first run voted yes and its
+//! work is still held: the no aborts the transaction, and the coordinator
+//! rolls back every branch that voted no (a no is not taken to mean that
+//! nothing is held), so the cancel that follows runs the handler on the
+//! `Tried` record and releases the first run's work. Replaying the first
+//! yes instead would let a transaction commit that may already have been
+//! told ABORT: a coordinator that lost an unforced `Submit` answers
+//! `GetOutcome` with presumed abort, and in-doubt resolution (here or in
+//! another replica) may be about to cancel the branch when the client's
+//! repeat of that `Submit` arrives. (Repeats after a coordinator crash:
+//! DESIGN.md, rule 3.)
 //!
 //! Records of finished branches are removed after a retention period by
 //! [`spawn_retention`]; `Tried` records are never removed, since their branch
@@ -245,8 +257,15 @@ pub fn decide(current: Option<Mark>, phase: Phase) -> Step {
     let refuse = |why: &str| Step::Refuse(format!("barrier: {why}"));
     match (phase, current) {
         (Phase::Try, None) => Step::Run,
-        (Phase::Try, Some(Tried | Refused)) => {
-            refuse("this branch's try already ran; a try is not repeated")
+        // A repeat is answered no, never yes on the strength of the first
+        // run (see the module docs): the no makes the coordinator abort and
+        // roll the branch back, which releases what the first run holds.
+        (Phase::Try, Some(Tried)) => refuse(
+            "this branch's try already ran and may still hold its work until \
+             its rollback; a try is not repeated",
+        ),
+        (Phase::Try, Some(Refused)) => {
+            refuse("this branch's try already ran and voted no; a try is not repeated")
         }
         (Phase::Try, Some(Cancelled | EmptyCancelled)) => refuse(
             "this branch was cancelled before the try arrived; \

@@ -9,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Op;
+use tandem_sdk::postgres::tokio_postgres;
+
 use super::io::{Fail, Store};
 use super::schema::code;
 use crate::log::{LogError, codec};
@@ -150,25 +152,24 @@ impl Store {
 
     /// Writes `ops` in one database transaction, all or nothing; says which
     /// writes were refused (then nothing was written).
+    ///
+    /// A transaction's first write inserts its row; every later write
+    /// updates the row only while this incarnation owns it at the epoch
+    /// the record carries, and only if the decision stays. A later write
+    /// that finds no row (retention removed it after another coordinator
+    /// took the transaction over and finished it) is refused like one
+    /// that finds another owner: it never creates the row again.
     pub(super) async fn write_batch(&self, ops: &BTreeMap<Gtid, Op>) -> Result<Refusals, Fail> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (mut gtids, mut states, mut decisions, mut records) = (vec![], vec![], vec![], vec![]);
-        let mut epochs: Vec<i64> = vec![];
+        let (mut first, mut later) = (Rows::default(), Rows::default());
         let (mut pay_g, mut pay_b, mut pay_p) = (vec![], vec![], vec![]);
         let mut removed = vec![];
         for (gtid, op) in ops {
             match op {
                 Op::Remove => removed.push(*gtid),
                 Op::Write(p) => {
-                    gtids.push(*gtid);
-                    states.push(code(p.record.state));
-                    decisions.push(p.record.decision.map(|d| match d {
-                        crate::model::Decision::Commit => 1i16,
-                        crate::model::Decision::Abort => 2i16,
-                    }));
-                    records.push(codec::encode(&p.record));
-                    epochs.push(p.record.epoch.min(i64::MAX as u64) as i64);
+                    if p.first { &mut first } else { &mut later }.push(&p.record);
                     for (branch, payload) in &p.payloads {
                         pay_g.push(*gtid);
                         pay_b.push(*branch as i32);
@@ -178,11 +179,14 @@ impl Store {
             }
         }
         if !removed.is_empty() {
-            tx.execute("DELETE FROM tandem_txns WHERE gtid = ANY($1)", &[&removed])
-                .await?;
+            // Only finished rows: whatever retention read, a row someone
+            // still drives (or a gtid started again) is never removed.
             tx.execute(
-                "DELETE FROM tandem_payloads WHERE gtid = ANY($1)",
-                &[&removed],
+                "WITH gone AS (
+                     DELETE FROM tandem_txns WHERE gtid = ANY($1) AND state = ANY($2)
+                     RETURNING gtid)
+                 DELETE FROM tandem_payloads WHERE gtid IN (SELECT gtid FROM gone)",
+                &[&removed, &finished_codes()],
             )
             .await?;
         }
@@ -195,14 +199,17 @@ impl Store {
             )
             .await?;
         }
-        let mut fenced = HashSet::new();
-        if !gtids.is_empty() {
+        let me = self.shared.incarnation;
+        let mut refused_first = Vec::new();
+        if !first.gtids.is_empty() {
+            // The insert; a row already there is written only when it is
+            // this incarnation's own at the same epoch (this batch again,
+            // after a commit whose answer was lost).
             let statement = tx
                 .prepare_cached(
-                    "INSERT INTO tandem_txns AS t
-                         (gtid, state, decision, record, owner, epoch, lease_until)
-                     SELECT g, s, d, r, $5, e, now() + $6::bigint * interval '1 millisecond'
-                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $7::int8[])
+                    "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
+                     SELECT g, s, d, r, $5, e
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
                          AS b(g, s, d, r, e)
                      ON CONFLICT (gtid) DO UPDATE
                      SET state = excluded.state, decision = excluded.decision,
@@ -216,45 +223,119 @@ impl Store {
                 .query(
                     &statement,
                     &[
-                        &gtids,
-                        &states,
-                        &decisions,
-                        &records,
-                        &self.shared.incarnation,
-                        &self.lease_ms(),
-                        &epochs,
+                        &first.gtids,
+                        &first.states,
+                        &first.decisions,
+                        &first.records,
+                        &me,
+                        &first.epochs,
                     ],
                 )
                 .await?;
-            let written: HashSet<Gtid> = written.into_iter().map(|r| r.get(0)).collect();
-            fenced = gtids.into_iter().filter(|g| !written.contains(g)).collect();
+            refused_first = first.refused(written);
         }
-        if fenced.is_empty() {
+        let mut taken_over = Vec::new();
+        if !later.gtids.is_empty() {
+            let statement = tx
+                .prepare_cached(
+                    "UPDATE tandem_txns AS t
+                     SET state = b.s, decision = b.d, record = b.r, updated_at = now()
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
+                         AS b(g, s, d, r, e)
+                     WHERE t.gtid = b.g AND t.owner = $5 AND t.epoch = b.e
+                       AND (t.decision IS NULL OR t.decision = b.d)
+                     RETURNING t.gtid",
+                )
+                .await?;
+            let written = tx
+                .query(
+                    &statement,
+                    &[
+                        &later.gtids,
+                        &later.states,
+                        &later.decisions,
+                        &later.records,
+                        &me,
+                        &later.epochs,
+                    ],
+                )
+                .await?;
+            taken_over = later.refused(written);
+        }
+        if refused_first.is_empty() && taken_over.is_empty() {
             tx.commit().await?;
             return Ok(Refusals::default());
         }
-        // A row at epoch 1 owned by another incarnation was never this
-        // one's: another coordinator started the same gtid first. Any
-        // other refusal is a row taken over, or a decision that would
-        // change.
-        let fenced: Vec<Gtid> = fenced.into_iter().collect();
-        let started_elsewhere: HashSet<Gtid> = tx
-            .query(
+        // A first write that found a row at epoch 1 owned by another
+        // incarnation: another coordinator started the same gtid first.
+        // Any other refusal is a row taken over (or gone since), or a
+        // decision that would change.
+        let started_elsewhere: HashSet<Gtid> = if refused_first.is_empty() {
+            HashSet::new()
+        } else {
+            tx.query(
                 "SELECT gtid FROM tandem_txns WHERE gtid = ANY($1) AND epoch = 1 AND owner <> $2",
-                &[&fenced, &self.shared.incarnation],
+                &[&refused_first, &me],
             )
             .await?
             .into_iter()
             .map(|r| r.get(0))
-            .collect();
+            .collect()
+        };
+        taken_over.extend(
+            refused_first
+                .into_iter()
+                .filter(|g| !started_elsewhere.contains(g)),
+        );
         // Nothing of this batch lands (the transaction is dropped
         // uncommitted); the caller writes it again without the refused.
         Ok(Refusals {
-            taken_over: fenced
-                .into_iter()
-                .filter(|g| !started_elsewhere.contains(g))
-                .collect(),
+            taken_over,
             started_elsewhere,
         })
     }
+}
+
+/// The columns of the records one statement writes.
+#[derive(Default)]
+struct Rows {
+    gtids: Vec<Gtid>,
+    states: Vec<i16>,
+    decisions: Vec<Option<i16>>,
+    records: Vec<Vec<u8>>,
+    epochs: Vec<i64>,
+}
+
+impl Rows {
+    fn push(&mut self, record: &crate::model::TxnRecord) {
+        self.gtids.push(record.gtid);
+        self.states.push(code(record.state));
+        self.decisions.push(record.decision.map(|d| match d {
+            crate::model::Decision::Commit => 1i16,
+            crate::model::Decision::Abort => 2i16,
+        }));
+        self.records.push(codec::encode(record));
+        self.epochs.push(record.epoch.min(i64::MAX as u64) as i64);
+    }
+
+    /// The gtids of these rows the statement did not write.
+    fn refused(&self, written: Vec<tokio_postgres::Row>) -> Vec<Gtid> {
+        let written: HashSet<Gtid> = written.into_iter().map(|r| r.get(0)).collect();
+        self.gtids
+            .iter()
+            .filter(|g| !written.contains(g))
+            .copied()
+            .collect()
+    }
+}
+
+/// Finished states as stored codes: the only rows retention removes.
+fn finished_codes() -> Vec<i16> {
+    [
+        crate::model::TxState::Committed,
+        crate::model::TxState::Aborted,
+    ]
+    .iter()
+    .map(|s| code(*s))
+    .collect()
 }

@@ -23,19 +23,20 @@ impl Store {
         let me = self.shared.incarnation;
         let tx = client.transaction().await?;
         tx.execute(
-            "INSERT INTO tandem_instances (incarnation, name, address) VALUES ($1, $2, $3)
-             ON CONFLICT (incarnation) DO UPDATE SET heartbeat_at = now()",
-            &[&me, &o.name, &o.address],
+            "INSERT INTO tandem_instances (incarnation, name, address, lease_until)
+             VALUES ($1, $2, $3, now() + $4::bigint * interval '1 millisecond')
+             ON CONFLICT (incarnation) DO UPDATE
+             SET heartbeat_at = now(), lease_until = excluded.lease_until",
+            &[&me, &o.name, &o.address, &self.lease_ms()],
         )
         .await?;
         let claimed = tx
             .execute(
-                "UPDATE tandem_txns SET owner = $1, epoch = epoch + 1,
-                     lease_until = now() + $3::bigint * interval '1 millisecond'
-                 WHERE state = ANY($4) AND owner IN (
+                "UPDATE tandem_txns SET owner = $1, epoch = epoch + 1
+                 WHERE state = ANY($3) AND owner IN (
                      SELECT incarnation FROM tandem_instances
                      WHERE name = $2 AND incarnation <> $1)",
-                &[&me, &o.name, &self.lease_ms(), &unfinished_codes()],
+                &[&me, &o.name, &unfinished_codes()],
             )
             .await?;
         // Earlier incarnations of this name own nothing unfinished now.
@@ -48,8 +49,9 @@ impl Store {
         Ok(claimed)
     }
 
-    /// Renews this incarnation's heartbeat and the leases of all it owns,
-    /// one statement each, every third of the lease.
+    /// Renews this incarnation's heartbeat and lease, which is the lease of
+    /// every transaction it owns: one row written every third of the
+    /// lease, whatever it owns (a STUCK backlog included).
     pub(super) async fn renew_loop(self: Arc<Self>) {
         let period = self.shared.options.lease / 3;
         let mut tick = tokio::time::interval(period);
@@ -99,23 +101,19 @@ impl Store {
         let me = self.shared.incarnation;
         let alive = client
             .execute(
-                "UPDATE tandem_instances SET heartbeat_at = now() WHERE incarnation = $1",
-                &[&me],
-            )
-            .await?;
-        client
-            .execute(
-                "UPDATE tandem_txns SET lease_until = now() + $2::bigint * interval '1 millisecond'
-                 WHERE owner = $1 AND state = ANY($3)",
-                &[&me, &self.lease_ms(), &unfinished_codes()],
+                "UPDATE tandem_instances
+                 SET heartbeat_at = now(), lease_until = now() + $2::bigint * interval '1 millisecond'
+                 WHERE incarnation = $1",
+                &[&me, &self.lease_ms()],
             )
             .await?;
         Ok(alive == 1)
     }
 
-    /// Claims up to `limit` unfinished transactions whose lease expired
-    /// (`epoch + 1`), skipping rows another instance is claiming; and
-    /// forgets instances long dead that own nothing.
+    /// Claims up to `limit` unfinished transactions whose owner's lease
+    /// expired, or whose owner is not registered any more (`epoch + 1`),
+    /// skipping rows another instance is claiming; and forgets instances
+    /// long dead that own nothing.
     /// With `only`, that one transaction alone (a request for it came to
     /// this instance).
     pub(super) async fn claim_expired(
@@ -139,22 +137,17 @@ impl Store {
         let rows = client
             .query(
                 "WITH due AS (
-                     SELECT gtid FROM tandem_txns
-                     WHERE state = ANY($3) AND lease_until < now() AND owner <> $1
-                       AND ($5::uuid IS NULL OR gtid = $5)
-                     ORDER BY lease_until LIMIT $4
-                     FOR UPDATE SKIP LOCKED)
-                 UPDATE tandem_txns t SET owner = $1, epoch = t.epoch + 1,
-                     lease_until = now() + $2::bigint * interval '1 millisecond'
+                     SELECT t.gtid FROM tandem_txns t
+                     WHERE t.state = ANY($2) AND t.owner <> $1
+                       AND ($4::uuid IS NULL OR t.gtid = $4)
+                       AND NOT EXISTS (SELECT 1 FROM tandem_instances i
+                                       WHERE i.incarnation = t.owner AND i.lease_until >= now())
+                     LIMIT $3
+                     FOR UPDATE OF t SKIP LOCKED)
+                 UPDATE tandem_txns t SET owner = $1, epoch = t.epoch + 1
                  FROM due WHERE t.gtid = due.gtid
                  RETURNING t.gtid",
-                &[
-                    &me,
-                    &self.lease_ms(),
-                    &unfinished_codes(),
-                    &(limit as i64),
-                    &only,
-                ],
+                &[&me, &unfinished_codes(), &(limit as i64), &only],
             )
             .await?;
         if only.is_some() {
@@ -179,7 +172,8 @@ impl Store {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "SELECT t.owner = $2, t.lease_until > now() OR NOT (t.state = ANY($3)),
+                "SELECT t.owner = $2,
+                        coalesce(i.lease_until >= now(), false) OR NOT (t.state = ANY($3)),
                         coalesce(i.name, ''), coalesce(i.address, ''), t.epoch
                  FROM tandem_txns t LEFT JOIN tandem_instances i ON i.incarnation = t.owner
                  WHERE t.gtid = $1",
@@ -216,7 +210,10 @@ pub(super) async fn read_cluster(client: &tokio_postgres::Client) -> Result<Clus
             .await?;
         let expired: i64 = client
             .query_one(
-                "SELECT count(*) FROM tandem_txns WHERE state = ANY($1) AND lease_until < now()",
+                "SELECT count(*) FROM tandem_txns t
+                 WHERE t.state = ANY($1)
+                   AND NOT EXISTS (SELECT 1 FROM tandem_instances i
+                                   WHERE i.incarnation = t.owner AND i.lease_until >= now())",
                 &[&unfinished_codes()],
             )
             .await?

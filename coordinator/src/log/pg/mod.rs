@@ -21,18 +21,22 @@
 //!
 //! Each coordinator process is an *incarnation* (a fresh UUID) of an
 //! *instance name*. A transaction row carries `owner` (the incarnation
-//! driving it), `epoch` (bumped by every takeover) and `lease_until` (on
-//! the database's clock, renewed for all of an owner's unfinished rows by
-//! one statement per period). Every write is conditional on
-//! `owner = this incarnation`, and a row's `decision` is written once: a
-//! write that would change it is refused. A write refused either way means
-//! another coordinator took the transaction over while this one was paused
-//! or cut off: the log latches ([`LogError::Fenced`]) and this coordinator
-//! stops deciding, so nothing it still holds in memory can reach the store
-//! or, after a decision, a participant. At start an incarnation takes over
-//! the unfinished rows of earlier incarnations of its name at once (a
-//! restart); rows of other instances are taken over when their lease has
-//! expired ([`PgLog::take_over_expired`]).
+//! driving it) and `epoch` (bumped by every takeover); its lease is its
+//! owner's (`tandem_instances.lease_until`, on the database's clock,
+//! renewed by a one-row statement per period, whatever the owner holds).
+//! Only a transaction's first write may create its row; every later write
+//! is an update conditional on `owner = this incarnation` at the epoch the
+//! record carries, and a row's `decision` is written once: a write that
+//! would change it is refused. A later write refused (the row is another
+//! owner's, at another epoch, or gone: retention removed it after another
+//! coordinator finished it) means another coordinator took the
+//! transaction over while this one was paused or cut off: the log latches
+//! ([`LogError::Fenced`]) and this coordinator stops deciding, so nothing
+//! it still holds in memory can reach the store or, after a decision, a
+//! participant. At start an incarnation takes over the unfinished rows of
+//! earlier incarnations of its name at once (a restart); rows of other
+//! instances are taken over when their owner's lease has expired
+//! ([`PgLog::take_over_expired`]).
 
 mod flush;
 mod io;
@@ -102,6 +106,10 @@ struct Pending {
     record: TxnRecord,
     /// Payloads stored apart that the store does not have yet.
     payloads: Vec<(u32, Bytes)>,
+    /// The transaction's first write: the only one that may create its
+    /// row. Every later write updates the row this incarnation created or
+    /// claimed, and is fenced when that row is gone or is not its own.
+    first: bool,
 }
 
 /// What the flusher has not written yet.
@@ -120,6 +128,11 @@ pub(super) struct Buffer {
     /// [`REFUSED_KEPT`] of them.
     refused: HashSet<Gtid>,
     refused_order: VecDeque<Gtid>,
+    /// Unfinished transactions this incarnation created (its first write
+    /// is buffered, in flight or in the store): their later writes are
+    /// updates. A record at a later epoch was claimed, so it is never a
+    /// first write and is not kept here.
+    created: HashSet<Gtid>,
 }
 
 /// How many refused gtids are remembered (each is forgotten by the
@@ -129,6 +142,7 @@ const REFUSED_KEPT: usize = 4096;
 impl Buffer {
     pub(super) fn refuse(&mut self, gtid: Gtid) {
         self.payloads_queued.remove(&gtid);
+        self.created.remove(&gtid);
         self.pending.remove(&gtid);
         // Never durable as ours: reads must go to the store's record.
         self.inflight.remove(&gtid);
@@ -340,19 +354,33 @@ impl TxnLog for PgLog {
             buf.payloads_queued.remove(&record.gtid);
         }
         // A newer version replaces an unflushed older one; the payloads
-        // that one carried still have to go.
-        if let Some(Op::Write(older)) = buf.pending.get(&record.gtid) {
-            for p in &older.payloads {
-                if !payloads.iter().any(|q| q.0 == p.0) {
-                    payloads.push(p.clone());
+        // that one carried still have to go, and if it was the first
+        // write, so is this (the row is not there yet).
+        let first = match buf.pending.get(&record.gtid) {
+            Some(Op::Write(older)) => {
+                for p in &older.payloads {
+                    if !payloads.iter().any(|q| q.0 == p.0) {
+                        payloads.push(p.clone());
+                    }
                 }
+                older.first
             }
+            // Written or in flight before (the flush that carries it creates
+            // the row or latches), claimed (a later epoch), or new.
+            _ => record.epoch <= 1 && !buf.created.contains(&record.gtid),
+        };
+        if record.state.is_terminal() {
+            // Nothing writes a finished transaction again.
+            buf.created.remove(&record.gtid);
+        } else if record.epoch <= 1 {
+            buf.created.insert(record.gtid);
         }
         buf.pending.insert(
             record.gtid,
             Op::Write(Arc::new(Pending {
                 record: record.clone(),
                 payloads,
+                first,
             })),
         );
         drop(guard);
@@ -447,6 +475,7 @@ impl TxnLog for PgLog {
         self.shared.check()?;
         let mut buf = self.shared.buffer();
         buf.payloads_queued.remove(gtid);
+        buf.created.remove(gtid);
         buf.pending.insert(*gtid, Op::Remove);
         drop(buf);
         self.shared.wake.notify_one();

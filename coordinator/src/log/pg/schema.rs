@@ -5,11 +5,13 @@
 //! - `tandem_txns`: one row per transaction. `record` is the same encoding
 //!   sled stores; `state` and `decision` are copied out of it for filters
 //!   and for the decision's compare-and-set; `owner` (the incarnation of
-//!   the coordinator that drives it), `epoch` (bumped by every takeover)
-//!   and `lease_until` (on the database's clock) are the ownership.
+//!   the coordinator that drives it) and `epoch` (bumped by every
+//!   takeover) are the ownership.
 //! - `tandem_payloads`: branch payloads over 512 bytes, written once.
 //! - `tandem_instances`: one row per running coordinator (its name,
-//!   incarnation, address and heartbeat, on the database's clock).
+//!   incarnation, address, heartbeat and `lease_until`, on the database's
+//!   clock). A transaction's lease is its owner's: renewing it writes this
+//!   row alone, however many transactions the owner has.
 //! - `tandem_schema`: the applied migration versions.
 
 use tandem_sdk::postgres::deadpool_postgres::Client;
@@ -19,9 +21,10 @@ use crate::model::TxState;
 use super::super::codec::state_code;
 
 /// The migration, version by version. Only ever append.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE tandem_txns (
+const MIGRATIONS: &[(i32, &str)] = &[(1, INITIAL), (2, INSTANCE_LEASES)];
+
+/// Version 1: the tables.
+const INITIAL: &str = "CREATE TABLE tandem_txns (
         gtid uuid PRIMARY KEY,
         state smallint NOT NULL,
         decision smallint,
@@ -48,8 +51,24 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         started_at timestamptz NOT NULL DEFAULT now(),
         heartbeat_at timestamptz NOT NULL DEFAULT now()
     );
-    CREATE INDEX tandem_instances_name ON tandem_instances (name);",
-)];
+    CREATE INDEX tandem_instances_name ON tandem_instances (name);";
+
+/// Version 2 (issue 22): one lease per incarnation instead of one per row.
+/// Renewing a lease rewrote every unfinished row an instance owned, STUCK
+/// ones included, every third of the lease, forever; now renewal writes
+/// the instance's row alone, and a row's lease is its owner's. Each
+/// registered incarnation keeps the longest lease its rows had. An older
+/// tandem still running on the store names the dropped column in its
+/// writes and claims: it fails there and stops deciding (it is fenced),
+/// and its rows are taken over once its lease has run out.
+const INSTANCE_LEASES: &str = "
+    ALTER TABLE tandem_instances ADD COLUMN lease_until timestamptz;
+    UPDATE tandem_instances i SET lease_until = greatest(i.heartbeat_at,
+        (SELECT max(t.lease_until) FROM tandem_txns t WHERE t.owner = i.incarnation));
+    ALTER TABLE tandem_instances ALTER COLUMN lease_until SET NOT NULL,
+        ALTER COLUMN lease_until SET DEFAULT now();
+    DROP INDEX tandem_txns_unfinished_lease;
+    ALTER TABLE tandem_txns DROP COLUMN lease_until;";
 
 /// The states a transaction is unfinished in (owned, leased, recovered).
 pub(super) const UNFINISHED: [TxState; 5] = [
