@@ -53,9 +53,9 @@ async fn pg_log_follows_the_shared_store_rules() {
     shared_conformance::run_all_but_removal(&async || fresh(&pg, &count).await).await;
 }
 
-// Issue 22, finding 1: EXPECTED TO FAIL on main until the `store` branch's
-// first-write-only fix merges — PgLog's upsert lets a fenced former
-// owner's write INSERT a row retention removed.
+// Issue 22, finding 1, on its own: PgLog's upsert let a fenced former
+// owner's write INSERT a row retention removed (this test failed on main
+// before d09b7c3, the `store` branch's first-write-only fix).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_log_fences_a_write_after_retention_removed_the_row() {
     let pg = PgServer::start();

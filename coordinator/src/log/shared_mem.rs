@@ -7,9 +7,10 @@
 //! Like PgLog, `write` only buffers (the newest version per gtid) and a
 //! flush sends the buffer to the store as one batch, all or nothing: on
 //! every `force`, a little after a plain write (when a tokio runtime is
-//! running), and before a `scan`. A write of a gtid this incarnation never
-//! had in the store is its transaction's *first* write, which only may
-//! create the row; every other write is a conditional update
+//! running), and before a `scan`. Which write is a transaction's *first*
+//! (the only one that may create its row) is decided as PgLog decides it:
+//! a write at epoch 1 of a gtid this incarnation has not created (or has
+//! finished or removed since); every other write is a conditional update
 //! ([`SharedStore`]'s rules). A first write the store refuses forgets that
 //! transaction ([`LogError::Refused`]); any other refusal latches the log
 //! ([`LogError::Fenced`]).
@@ -43,7 +44,11 @@ const REFUSED_KEPT: usize = 4096;
 /// One buffered change.
 #[derive(Clone)]
 enum Op {
-    Write(TxnRecord),
+    /// A record; `first` for its transaction's first write.
+    Write {
+        record: TxnRecord,
+        first: bool,
+    },
     Remove,
 }
 
@@ -51,10 +56,11 @@ enum Op {
 struct Buffer {
     /// Newest change per gtid, not flushed yet.
     pending: BTreeMap<Gtid, Op>,
-    /// Gtids whose row this incarnation created or claimed: a write of
-    /// any other gtid is a first write. Kept after a removal, so a write
-    /// after retention is never taken for a first one.
-    mine: HashSet<Gtid>,
+    /// Unfinished transactions this incarnation created (their first
+    /// write is buffered or in the store): their later writes are
+    /// updates. A record at a later epoch was claimed: never a first
+    /// write, never kept here. (PgLog's `Buffer::created`.)
+    created: HashSet<Gtid>,
     /// First writes the store refused (another coordinator started the
     /// gtid first), the newest [`REFUSED_KEPT`].
     refused: HashSet<Gtid>,
@@ -63,6 +69,7 @@ struct Buffer {
 
 impl Buffer {
     fn refuse(&mut self, gtid: Gtid) {
+        self.created.remove(&gtid);
         self.pending.remove(&gtid);
         if self.refused.insert(gtid) {
             self.refused_order.push_back(gtid);
@@ -107,11 +114,8 @@ impl SharedMemLog {
     /// background when called inside a tokio runtime.
     pub fn open(store: Arc<SharedStore>, name: &str, address: &str) -> Arc<SharedMemLog> {
         let me = store.next_incarnation();
-        let claimed = store.register(me, name, address);
-        let buffer = Buffer {
-            mine: claimed.into_iter().collect(),
-            ..Buffer::default()
-        };
+        store.register(me, name, address);
+        let buffer = Buffer::default();
         let inner = Arc::new(Inner {
             store,
             me,
@@ -310,10 +314,7 @@ impl Inner {
             .map(|(gtid, op)| {
                 let op = match op {
                     Op::Remove => BatchOp::Remove,
-                    Op::Write(record) => BatchOp::Write {
-                        first: !buf.mine.contains(&gtid),
-                        record,
-                    },
+                    Op::Write { record, first } => BatchOp::Write { record, first },
                 };
                 (gtid, op)
             })
@@ -321,11 +322,6 @@ impl Inner {
         loop {
             match self.store.apply(self.me, &batch) {
                 Ok(()) => {
-                    for (gtid, op) in &batch {
-                        if matches!(op, BatchOp::Write { .. }) {
-                            buf.mine.insert(*gtid);
-                        }
-                    }
                     self.flushes.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -376,9 +372,7 @@ impl Inner {
         if self.closed.load(Ordering::SeqCst) {
             return Err(LogError::Halted("the process crashed".into()));
         }
-        let claimed = self.store.claim_expired(self.me, limit, only);
-        self.buffer().mine.extend(claimed.iter().copied());
-        Ok(claimed)
+        Ok(self.store.claim_expired(self.me, limit, only))
     }
 
     /// A scan flushes first (as PgLog's), unless paused: then it reads
@@ -407,7 +401,26 @@ impl TxnLog for SharedMemLog {
         if buf.refused.contains(&record.gtid) {
             return Err(LogError::Refused(record.gtid));
         }
-        buf.pending.insert(record.gtid, Op::Write(record.clone()));
+        let first = match buf.pending.get(&record.gtid) {
+            // Not in the store yet: still the first write.
+            Some(Op::Write { first, .. }) => *first,
+            // Written before (the flush that carried it created the row or
+            // latched), claimed (a later epoch), or new.
+            _ => record.epoch <= 1 && !buf.created.contains(&record.gtid),
+        };
+        if record.state.is_terminal() {
+            // Nothing writes a finished transaction again.
+            buf.created.remove(&record.gtid);
+        } else if record.epoch <= 1 {
+            buf.created.insert(record.gtid);
+        }
+        buf.pending.insert(
+            record.gtid,
+            Op::Write {
+                record: record.clone(),
+                first,
+            },
+        );
         drop(buf);
         self.inner.wake.notify_one();
         Ok(())
@@ -443,7 +456,7 @@ impl TxnLog for SharedMemLog {
         self.inner.check()?;
         if let Some(op) = self.inner.buffer().pending.get(gtid) {
             return Ok(match op {
-                Op::Write(r) => Some(r.clone()),
+                Op::Write { record, .. } => Some(record.clone()),
                 Op::Remove => None,
             });
         }
@@ -494,7 +507,10 @@ impl TxnLog for SharedMemLog {
 
     fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
         self.inner.check()?;
-        self.inner.buffer().pending.insert(*gtid, Op::Remove);
+        let mut buf = self.inner.buffer();
+        buf.created.remove(gtid);
+        buf.pending.insert(*gtid, Op::Remove);
+        drop(buf);
         self.inner.wake.notify_one();
         Ok(())
     }

@@ -4,10 +4,14 @@
 //! the same scenarios, which is what makes this store the same checked
 //! specification as the PostgreSQL one.
 //!
-//! A row is a transaction: its record, the incarnation that owns it, its
-//! epoch (bumped by every claim) and its lease (on the store's clock, not
-//! any coordinator's). An instance is a registered coordinator process
-//! (incarnation → name, address, heartbeat).
+//! A row is a transaction: its record, the incarnation that owns it and
+//! its epoch (bumped by every claim). An instance is a registered
+//! coordinator process (incarnation → name, address, heartbeat, lease).
+//! A row's lease is its owner's: one lease per incarnation, on the
+//! store's clock (not any coordinator's), renewed by writing the
+//! instance alone whatever it owns (PgLog's `tandem_instances.lease_until`,
+//! schema version 2). A row whose owner is not registered any more has no
+//! lease.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +33,8 @@ pub struct RowView {
     pub owner: Uuid,
     /// Bumped by every claim.
     pub epoch: u64,
-    /// Until when the owner holds it, on the store's clock (ms).
+    /// Until when the owner holds it, on the store's clock (ms): its
+    /// owner's lease, 0 when the owner is not registered.
     pub lease_until_ms: u64,
     /// The decision column (written once).
     pub decision: Option<Decision>,
@@ -50,10 +55,12 @@ pub struct InstanceView {
     pub address: String,
     /// Its last heartbeat on the store's clock (ms).
     pub heartbeat_ms: u64,
+    /// Until when it holds its rows, on the store's clock (ms).
+    pub lease_until_ms: u64,
 }
 
-/// One change in a batch: a record written (`first` when the writing
-/// incarnation never had the row: the transaction's first write) or a
+/// One change in a batch: a record written (`first` for the
+/// transaction's first write, the only one that may create its row) or a
 /// row removed (retention).
 #[derive(Clone, Debug)]
 pub(super) enum BatchOp {
@@ -80,9 +87,17 @@ enum Verdict {
     Fenced,
 }
 
+/// A row as stored: no lease of its own.
+#[derive(Clone)]
+struct Row {
+    owner: Uuid,
+    epoch: u64,
+    record: TxnRecord,
+}
+
 #[derive(Default)]
 struct Tables {
-    rows: BTreeMap<Gtid, RowView>,
+    rows: BTreeMap<Gtid, Row>,
     instances: BTreeMap<Uuid, InstanceView>,
     /// Every decision that ever landed, rows since removed included.
     decisions: Vec<(Gtid, Decision)>,
@@ -137,16 +152,14 @@ impl SharedStore {
 
     /// Every row, in gtid order.
     pub fn rows(&self) -> Vec<(Gtid, RowView)> {
-        self.tables()
-            .rows
-            .iter()
-            .map(|(g, r)| (*g, r.clone()))
-            .collect()
+        let t = self.tables();
+        t.rows.iter().map(|(g, r)| (*g, t.view(r))).collect()
     }
 
     /// One row.
     pub fn row(&self, gtid: &Gtid) -> Option<RowView> {
-        self.tables().rows.get(gtid).cloned()
+        let t = self.tables();
+        t.rows.get(gtid).map(|r| t.view(r))
     }
 
     /// Every registered instance.
@@ -161,14 +174,13 @@ impl SharedStore {
         self.tables().decisions.clone()
     }
 
-    /// Registers `me` and claims, at once and whatever their lease, the
-    /// unfinished rows of earlier incarnations of `name` (a restart: the
-    /// earlier process is gone), epoch + 1 each; the earlier incarnations
-    /// are forgotten (so their renewals fail and they stop). PgLog:
-    /// `register`.
+    /// Registers `me` with a fresh lease and claims, at once and whatever
+    /// their lease, the unfinished rows of earlier incarnations of `name`
+    /// (a restart: the earlier process is gone), epoch + 1 each; the
+    /// earlier incarnations are forgotten (so their renewals fail and they
+    /// stop). PgLog: `register`.
     pub(super) fn register(&self, me: Uuid, name: &str, address: &str) -> Vec<Gtid> {
         let now = self.now_ms();
-        let until = now.saturating_add(self.lease_ms());
         let mut t = self.tables();
         t.instances.insert(
             me,
@@ -177,6 +189,7 @@ impl SharedStore {
                 name: name.to_string(),
                 address: address.to_string(),
                 heartbeat_ms: now,
+                lease_until_ms: now.saturating_add(self.lease_ms()),
             },
         );
         let earlier: HashSet<Uuid> = t
@@ -187,8 +200,8 @@ impl SharedStore {
             .collect();
         let mut claimed = Vec::new();
         for (gtid, row) in t.rows.iter_mut() {
-            if !row.state.is_terminal() && earlier.contains(&row.owner) {
-                claim(row, me, until);
+            if !row.record.state.is_terminal() && earlier.contains(&row.owner) {
+                claim(row, me);
                 claimed.push(*gtid);
             }
         }
@@ -198,41 +211,41 @@ impl SharedStore {
 
     /// What the rules say about `me` writing `record`:
     ///
-    /// - a **first write** (`first`: `me` never had this row) may only
-    ///   create the row: when there is none it is inserted (owner `me`,
-    ///   the record's epoch, a fresh lease); when there is one, the gtid
-    ///   was started by another coordinator first: refused, for that
-    ///   transaction alone. (PgLog distinguishes a row at epoch 1 of
-    ///   another owner; any other row met by a first write is refused
-    ///   here too: a first write cannot be stale.)
+    /// - a **first write** (`first`) creates the row when there is none.
+    ///   When there is one, it is written only if it is `me`'s own at the
+    ///   record's epoch with the decision kept (the same batch again); a
+    ///   row at epoch 1 of another owner means another coordinator started
+    ///   the gtid first: refused, for that transaction alone; any other
+    ///   row fences the writer.
     /// - every **later write** is an update conditioned on
     ///   `owner = me AND epoch = record.epoch AND (decision IS NULL OR
     ///   decision = record.decision)`; a later write that finds no row
-    ///   (retention removed it) or fails the condition is fenced.
+    ///   (retention removed it) or fails the condition is fenced: it never
+    ///   creates the row again.
     fn verdict(t: &Tables, me: Uuid, record: &TxnRecord, first: bool) -> Verdict {
-        match (t.rows.get(&record.gtid), first) {
-            (None, true) => Verdict::Insert,
-            (Some(_), true) => Verdict::Refused,
-            (None, false) => Verdict::Fenced,
-            (Some(row), false) => {
-                let decision_kept = row.decision.is_none() || row.decision == record.decision;
-                if row.owner == me && row.epoch == record.epoch && decision_kept {
-                    Verdict::Update
-                } else {
-                    Verdict::Fenced
-                }
-            }
+        let Some(row) = t.rows.get(&record.gtid) else {
+            return if first {
+                Verdict::Insert
+            } else {
+                Verdict::Fenced
+            };
+        };
+        let decision_kept = row.record.decision.is_none() || row.record.decision == record.decision;
+        if row.owner == me && row.epoch == record.epoch && decision_kept {
+            Verdict::Update
+        } else if first && row.epoch == 1 && row.owner != me {
+            Verdict::Refused
+        } else {
+            Verdict::Fenced
         }
     }
 
     /// Applies `batch` for `me` all or nothing (one database transaction
-    /// in PgLog: `write_batch`): removals are unconditional (retention of
-    /// finished transactions), every write follows [`Self::verdict`]; if
-    /// any write is refused or fenced, nothing lands and the refusals say
-    /// which.
+    /// in PgLog: `write_batch`): a removal (retention) removes the row
+    /// only if it is finished when it lands; every write follows
+    /// [`Self::verdict`]; if any write is refused or fenced, nothing lands
+    /// and the refusals say which.
     pub(super) fn apply(&self, me: Uuid, batch: &BTreeMap<Gtid, BatchOp>) -> Result<(), Refusals> {
-        let now = self.now_ms();
-        let until = now.saturating_add(self.lease_ms());
         let mut t = self.tables();
         let mut refusals = Refusals::default();
         for (gtid, op) in batch {
@@ -250,26 +263,25 @@ impl SharedStore {
         for (gtid, op) in batch {
             match op {
                 BatchOp::Remove => {
-                    t.rows.remove(gtid);
+                    if t.rows
+                        .get(gtid)
+                        .is_some_and(|r| r.record.state.is_terminal())
+                    {
+                        t.rows.remove(gtid);
+                    }
                 }
                 BatchOp::Write { record, .. } => {
                     let newly_decided = record
                         .decision
-                        .filter(|_| t.rows.get(gtid).is_none_or(|r| r.decision.is_none()));
+                        .filter(|_| t.rows.get(gtid).is_none_or(|r| r.record.decision.is_none()));
                     if let Some(d) = newly_decided {
                         t.decisions.push((*gtid, d));
                     }
-                    // An insert takes a fresh lease; an update keeps the
-                    // row's (renewals move it).
-                    let lease_until_ms = t.rows.get(gtid).map_or(until, |r| r.lease_until_ms);
                     t.rows.insert(
                         *gtid,
-                        RowView {
+                        Row {
                             owner: me,
                             epoch: record.epoch,
-                            lease_until_ms,
-                            decision: record.decision,
-                            state: record.state,
                             record: record.clone(),
                         },
                     );
@@ -279,10 +291,10 @@ impl SharedStore {
         Ok(())
     }
 
-    /// Renews `me`'s heartbeat and the lease of every unfinished row it
-    /// owns (now + lease). False when `me` is no longer registered: a
-    /// later incarnation of its name took its place, and it must stop.
-    /// PgLog: `renew`.
+    /// Renews `me`'s heartbeat and lease (now + lease), which is the lease
+    /// of every row it owns: one instance written, whatever it owns. False
+    /// when `me` is no longer registered: a later incarnation of its name
+    /// took its place, and it must stop. PgLog: `renew`.
     pub(super) fn renew(&self, me: Uuid) -> bool {
         let now = self.now_ms();
         let until = now.saturating_add(self.lease_ms());
@@ -291,41 +303,34 @@ impl SharedStore {
             return false;
         };
         instance.heartbeat_ms = now;
-        for row in t.rows.values_mut() {
-            if row.owner == me && !row.state.is_terminal() {
-                row.lease_until_ms = until;
-            }
-        }
+        instance.lease_until_ms = until;
         true
     }
 
     /// Claims for `me` up to `limit` unfinished rows of other owners whose
-    /// lease ran out on the store's clock (`lease_until < now`), oldest
-    /// lease first, or only `only`'s: owner `me`, epoch + 1, a fresh
-    /// lease. A sweep (no `only`) also forgets instances whose heartbeat
-    /// is older than ten leases and that own nothing unfinished. PgLog:
-    /// `claim_expired`.
+    /// lease ran out on the store's clock (`lease_until < now`) or who are
+    /// not registered any more, in gtid order, or only `only`'s: owner
+    /// `me`, epoch + 1. A sweep (no `only`) also forgets instances whose
+    /// heartbeat is older than ten leases and that own nothing unfinished.
+    /// PgLog: `claim_expired`.
     pub(super) fn claim_expired(&self, me: Uuid, limit: usize, only: Option<Gtid>) -> Vec<Gtid> {
         let now = self.now_ms();
-        let until = now.saturating_add(self.lease_ms());
         let mut t = self.tables();
-        let mut due: Vec<(u64, Gtid)> = t
+        let claimed: Vec<Gtid> = t
             .rows
             .iter()
             .filter(|(g, r)| {
-                !r.state.is_terminal()
-                    && r.lease_until_ms < now
+                !r.record.state.is_terminal()
                     && r.owner != me
                     && only.is_none_or(|o| o == **g)
+                    && !t.holds_lease(r.owner, now)
             })
-            .map(|(g, r)| (r.lease_until_ms, *g))
+            .map(|(g, _)| *g)
+            .take(limit)
             .collect();
-        due.sort_unstable();
-        due.truncate(limit);
-        let claimed: Vec<Gtid> = due.into_iter().map(|(_, g)| g).collect();
         for gtid in &claimed {
             if let Some(row) = t.rows.get_mut(gtid) {
-                claim(row, me, until);
+                claim(row, me);
             }
         }
         if only.is_none() {
@@ -333,7 +338,7 @@ impl SharedStore {
             let owning: HashSet<Uuid> = t
                 .rows
                 .values()
-                .filter(|r| !r.state.is_terminal())
+                .filter(|r| !r.record.state.is_terminal())
                 .map(|r| r.owner)
                 .collect();
             t.instances
@@ -354,7 +359,7 @@ impl SharedStore {
         let instance = t.instances.get(&row.owner);
         Some(Ownership {
             here: row.owner == me,
-            live: row.lease_until_ms > now || row.state.is_terminal(),
+            live: t.holds_lease(row.owner, now) || row.record.state.is_terminal(),
             name: instance.map(|i| i.name.clone()).unwrap_or_default(),
             address: instance.map(|i| i.address.clone()).unwrap_or_default(),
             epoch: row.epoch.max(1),
@@ -380,11 +385,12 @@ impl SharedStore {
     ) -> Vec<TxnRecord> {
         use std::ops::Bound;
         let t = self.tables();
-        let keep = |r: &&RowView| {
-            (states.is_empty() || states.contains(&r.state)) && owner.is_none_or(|o| o == r.owner)
+        let keep = |r: &&Row| {
+            (states.is_empty() || states.contains(&r.record.state))
+                && owner.is_none_or(|o| o == r.owner)
         };
         let bound = after.map_or(Bound::Unbounded, |g| Bound::Excluded(*g));
-        let range: Box<dyn Iterator<Item = &RowView>> = if back {
+        let range: Box<dyn Iterator<Item = &Row>> = if back {
             Box::new(
                 t.rows
                     .range((Bound::Unbounded, bound))
@@ -402,15 +408,37 @@ impl SharedStore {
     }
 }
 
-/// A claim: the row is `me`'s now, one epoch later, leased until `until`.
-fn claim(row: &mut RowView, me: Uuid, until: u64) {
+impl Tables {
+    /// Whether `owner` is registered and its lease runs at `now`.
+    fn holds_lease(&self, owner: Uuid, now: u64) -> bool {
+        self.instances
+            .get(&owner)
+            .is_some_and(|i| i.lease_until_ms >= now)
+    }
+
+    fn view(&self, row: &Row) -> RowView {
+        RowView {
+            owner: row.owner,
+            epoch: row.epoch,
+            lease_until_ms: self
+                .instances
+                .get(&row.owner)
+                .map_or(0, |i| i.lease_until_ms),
+            decision: row.record.decision,
+            state: row.record.state,
+            record: record_at_epoch(row),
+        }
+    }
+}
+
+/// A claim: the row is `me`'s now, one epoch later (its lease is `me`'s).
+fn claim(row: &mut Row, me: Uuid) {
     row.owner = me;
     row.epoch += 1;
     row.record.epoch = row.epoch;
-    row.lease_until_ms = until;
 }
 
-fn record_at_epoch(row: &RowView) -> TxnRecord {
+fn record_at_epoch(row: &Row) -> TxnRecord {
     let mut rec = row.record.clone();
     rec.epoch = row.epoch.max(1);
     rec
