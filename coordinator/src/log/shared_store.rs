@@ -64,7 +64,7 @@ pub struct InstanceView {
 /// row removed (retention).
 #[derive(Clone, Debug)]
 pub(super) enum BatchOp {
-    Write { record: TxnRecord, first: bool },
+    Write { record: Box<TxnRecord>, first: bool },
     Remove,
 }
 
@@ -282,7 +282,7 @@ impl SharedStore {
                         Row {
                             owner: me,
                             epoch: record.epoch,
-                            record: record.clone(),
+                            record: TxnRecord::clone(record),
                         },
                     );
                 }

@@ -21,86 +21,19 @@
 //! `scan`) are answered at once, as if made just before the pause; `renew`
 //! does nothing while paused.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+mod flush;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::shared_store::{BatchOp, SharedStore};
+use self::flush::{Inner, LINGER, Op};
+use super::shared_store::SharedStore;
 use super::{ForceFuture, LogError, LogStats, Ownership, TakeOverFuture, TxnLog};
 use crate::model::{Gtid, TxState, TxnRecord};
-
-/// How long a plain write waits for company before it is flushed (as
-/// PgLog's flusher).
-const LINGER: Duration = Duration::from_millis(20);
-
-/// How many refused gtids are remembered (the coordinator forgets each
-/// at once; the set only has to outlive that).
-const REFUSED_KEPT: usize = 4096;
-
-/// One buffered change.
-#[derive(Clone)]
-enum Op {
-    /// A record; `first` for its transaction's first write.
-    Write {
-        record: TxnRecord,
-        first: bool,
-    },
-    Remove,
-}
-
-#[derive(Default)]
-struct Buffer {
-    /// Newest change per gtid, not flushed yet.
-    pending: BTreeMap<Gtid, Op>,
-    /// Unfinished transactions this incarnation created (their first
-    /// write is buffered or in the store): their later writes are
-    /// updates. A record at a later epoch was claimed: never a first
-    /// write, never kept here. (PgLog's `Buffer::created`.)
-    created: HashSet<Gtid>,
-    /// First writes the store refused (another coordinator started the
-    /// gtid first), the newest [`REFUSED_KEPT`].
-    refused: HashSet<Gtid>,
-    refused_order: VecDeque<Gtid>,
-}
-
-impl Buffer {
-    fn refuse(&mut self, gtid: Gtid) {
-        self.created.remove(&gtid);
-        self.pending.remove(&gtid);
-        if self.refused.insert(gtid) {
-            self.refused_order.push_back(gtid);
-            if self.refused_order.len() > REFUSED_KEPT
-                && let Some(old) = self.refused_order.pop_front()
-            {
-                self.refused.remove(&old);
-            }
-        }
-    }
-}
-
-struct Inner {
-    store: Arc<SharedStore>,
-    me: Uuid,
-    name: String,
-    buffer: Mutex<Buffer>,
-    /// The failure that latched the log, if any.
-    halted: OnceLock<LogError>,
-    paused: watch::Sender<bool>,
-    /// Crashed or dropped: nothing more of this incarnation reaches the
-    /// store.
-    closed: AtomicBool,
-    stall: Mutex<Duration>,
-    fail_next: AtomicBool,
-    wake: Arc<Notify>,
-    forces: AtomicU64,
-    flushes: AtomicU64,
-    renewals: AtomicU64,
-    renewal_failures: AtomicU64,
-}
 
 /// One coordinator incarnation on a [`SharedStore`]. See the module docs.
 pub struct SharedMemLog {
@@ -115,23 +48,7 @@ impl SharedMemLog {
     pub fn open(store: Arc<SharedStore>, name: &str, address: &str) -> Arc<SharedMemLog> {
         let me = store.next_incarnation();
         store.register(me, name, address);
-        let buffer = Buffer::default();
-        let inner = Arc::new(Inner {
-            store,
-            me,
-            name: name.to_string(),
-            buffer: Mutex::new(buffer),
-            halted: OnceLock::new(),
-            paused: watch::channel(false).0,
-            closed: AtomicBool::new(false),
-            stall: Mutex::new(Duration::ZERO),
-            fail_next: AtomicBool::new(false),
-            wake: Arc::new(Notify::new()),
-            forces: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-            renewals: AtomicU64::new(0),
-            renewal_failures: AtomicU64::new(0),
-        });
+        let inner = Arc::new(Inner::new(store, me, name));
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::spawn(linger_flusher(Arc::downgrade(&inner), inner.wake.clone()));
         }
@@ -243,157 +160,6 @@ async fn linger_flusher(inner: Weak<Inner>, wake: Arc<Notify>) {
     }
 }
 
-impl Inner {
-    fn buffer(&self) -> MutexGuard<'_, Buffer> {
-        // Every mutation is a handful of map operations.
-        self.buffer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn check(&self) -> Result<(), LogError> {
-        match self.halted.get() {
-            Some(why) => Err(LogError::Halted(why.to_string())),
-            None => Ok(()),
-        }
-    }
-
-    /// Latches the log with `e` (the first failure wins).
-    fn latch(&self, e: LogError) -> LogError {
-        let _ = self.halted.set(e.clone());
-        e
-    }
-
-    /// Waits while paused, then as long as the injected stall.
-    async fn gate(&self) -> Result<(), LogError> {
-        let mut gate = self.paused.subscribe();
-        let _ = gate.wait_for(|p| !*p).await;
-        let stall = *self.stall.lock().unwrap_or_else(|p| p.into_inner());
-        if !stall.is_zero() {
-            tokio::time::sleep(stall).await;
-        }
-        self.check()
-    }
-
-    /// A flush through the gate. A force made before the log latched
-    /// hears the failure itself (its writes may have gone in the failed
-    /// batch, as PgLog's waiters of a failed flush do); later ones hear
-    /// that the log is halted.
-    async fn flush(&self) -> Result<(), LogError> {
-        let before_latch = self.halted.get().is_none();
-        let passed = match self.gate().await {
-            Ok(()) => self.flush_now(),
-            Err(e) => Err(e),
-        };
-        match (passed, self.halted.get()) {
-            (Err(_), Some(first)) if before_latch => Err(first.clone()),
-            (result, _) => result,
-        }
-    }
-
-    /// Sends the buffer to the store as batches, all or nothing each: a
-    /// refused first write is forgotten and the rest sent again; a fenced
-    /// write latches the log (nothing of the batch landed).
-    fn flush_now(&self) -> Result<(), LogError> {
-        self.check()?;
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(self.latch(LogError::Halted("the process crashed".into())));
-        }
-        if self.fail_next.swap(false, Ordering::SeqCst) {
-            return Err(self.latch(LogError::Storage(
-                "write the log: injected store failure".into(),
-            )));
-        }
-        // The buffer stays locked until the batch is in the store, so a
-        // concurrent force cannot resolve before the writes it covers.
-        let mut buf = self.buffer();
-        if buf.pending.is_empty() {
-            return Ok(());
-        }
-        let ops = std::mem::take(&mut buf.pending);
-        let mut batch: BTreeMap<Gtid, BatchOp> = ops
-            .into_iter()
-            .map(|(gtid, op)| {
-                let op = match op {
-                    Op::Remove => BatchOp::Remove,
-                    Op::Write { record, first } => BatchOp::Write { record, first },
-                };
-                (gtid, op)
-            })
-            .collect();
-        loop {
-            match self.store.apply(self.me, &batch) {
-                Ok(()) => {
-                    self.flushes.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(r) if !r.fenced.is_empty() => {
-                    return Err(self.latch(LogError::Fenced(format!(
-                        "{} transaction(s) (first {}) were taken over by another coordinator, \
-                         or removed, while this one was paused or cut off from the store past \
-                         its lease; this coordinator stops deciding: restart it",
-                        r.fenced.len(),
-                        r.fenced[0]
-                    ))));
-                }
-                Err(r) => {
-                    for gtid in r.refused {
-                        tracing::warn!(%gtid, "another coordinator started this transaction first; it is theirs");
-                        buf.refuse(gtid);
-                        batch.remove(&gtid);
-                    }
-                    if batch.is_empty() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-    }
-
-    fn renew(&self) -> bool {
-        if *self.paused.borrow()
-            || self.closed.load(Ordering::SeqCst)
-            || self.halted.get().is_some()
-        {
-            return false;
-        }
-        if self.store.renew(self.me) {
-            self.renewals.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        self.renewal_failures.fetch_add(1, Ordering::Relaxed);
-        self.latch(LogError::Fenced(format!(
-            "another process registered as instance {:?}: this one stops deciding",
-            self.name
-        )));
-        false
-    }
-
-    async fn claim(&self, limit: usize, only: Option<Gtid>) -> Result<Vec<Gtid>, LogError> {
-        self.gate().await?;
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(LogError::Halted("the process crashed".into()));
-        }
-        Ok(self.store.claim_expired(self.me, limit, only))
-    }
-
-    /// A scan flushes first (as PgLog's), unless paused: then it reads
-    /// the store as it is.
-    fn scan(
-        &self,
-        after: Option<&Gtid>,
-        states: &[TxState],
-        limit: usize,
-        own: bool,
-        back: bool,
-    ) -> Result<Vec<TxnRecord>, LogError> {
-        self.check()?;
-        if !*self.paused.borrow() {
-            self.flush_now()?;
-        }
-        let owner = own.then_some(self.me);
-        Ok(self.store.scan(after, states, owner, back, limit))
-    }
-}
-
 impl TxnLog for SharedMemLog {
     fn write(&self, record: &TxnRecord) -> Result<(), LogError> {
         self.inner.check()?;
@@ -417,7 +183,7 @@ impl TxnLog for SharedMemLog {
         buf.pending.insert(
             record.gtid,
             Op::Write {
-                record: record.clone(),
+                record: Box::new(record.clone()),
                 first,
             },
         );
@@ -456,7 +222,7 @@ impl TxnLog for SharedMemLog {
         self.inner.check()?;
         if let Some(op) = self.inner.buffer().pending.get(gtid) {
             return Ok(match op {
-                Op::Write { record, .. } => Some(record.clone()),
+                Op::Write { record, .. } => Some(TxnRecord::clone(record)),
                 Op::Remove => None,
             });
         }
