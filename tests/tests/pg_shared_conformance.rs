@@ -10,7 +10,7 @@ use std::time::Duration;
 use tandem_coordinator::log::{PgLog, PgOptions, shared_conformance};
 use tandem_tests::pg::PgServer;
 
-const LEASE: Duration = Duration::from_millis(600);
+const LEASE: Duration = Duration::from_secs(1);
 
 /// One database of the server; leases run out in real time.
 struct PgHarness {
