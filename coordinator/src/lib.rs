@@ -6,7 +6,9 @@
 //! - [`labels`]: caller labels (`order_id=42`) kept with a record.
 //! - [`engine`]: the pure per-transaction state machine (events → commands).
 //! - [`log`]: the durable log — the [`log::TxnLog`] contract, [`log::SledLog`],
-//!   [`log::MemLog`], and the conformance suite.
+//!   [`log::MemLog`], [`log::PgLog`], the shared store in memory for the
+//!   cluster simulation ([`log::SharedStore`], [`log::SharedMemLog`]), and
+//!   the conformance suites.
 //! - [`runtime`]: carries out engine commands (log writes, group-committed
 //!   forces, participant calls, retries, deadlines).
 //! - [`service`]: the tonic Coordinator and Admin services.
