@@ -39,6 +39,7 @@ mod io;
 mod lease;
 mod read;
 mod schema;
+mod tombstone;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +50,10 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{ForceFuture, LogError, LogStats, Ownership, TakeOverFuture, TxnLog, codec};
+use super::{
+    ForceFuture, Horizon, LogError, LogStats, Lookup, Ownership, Purge, TakeOverFuture, Tombstone,
+    TxnLog, codec,
+};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 /// How to reach the store and who this coordinator is in it.
@@ -154,6 +158,9 @@ struct Shared {
     flushes: AtomicU64,
     renewals: AtomicU64,
     renewal_failures: AtomicU64,
+    /// The newest retention horizon's `purged_ms` any read saw (reads of
+    /// records read it in the same statement; it only ever rises).
+    purged_seen: AtomicU64,
     /// No claims of others' leases before this: set a lease ahead on every
     /// failed renewal, so after a store outage (when every lease has run
     /// out) the live instances renew theirs before anyone claims.
@@ -215,6 +222,7 @@ impl PgLog {
             flushes: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             renewal_failures: AtomicU64::new(0),
+            purged_seen: AtomicU64::new(0),
             claims_paused_until: Mutex::new(None),
         });
         let io = io::IoHandle::start(shared.clone())?;
@@ -444,6 +452,30 @@ impl TxnLog for PgLog {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn compacts(&self) -> bool {
+        true
+    }
+
+    fn purge(&self, purges: &[Purge]) -> Result<(), LogError> {
+        self.purge_rows(purges)
+    }
+
+    fn tombstone(&self, gtid: &Gtid) -> Result<Option<Tombstone>, LogError> {
+        self.read_tombstone(*gtid)
+    }
+
+    fn horizon(&self) -> Result<Horizon, LogError> {
+        self.read_horizon()
+    }
+
+    fn expire_tombstones(&self, finished_before_ms: u64, limit: usize) -> Result<usize, LogError> {
+        self.expire(finished_before_ms, limit)
+    }
+
+    fn lookup(&self, gtid: &Gtid) -> Result<Lookup, LogError> {
+        self.lookup_one(gtid)
     }
 
     fn take_over_expired(&self, limit: usize) -> TakeOverFuture {

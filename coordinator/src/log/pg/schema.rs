@@ -10,6 +10,10 @@
 //! - `tandem_payloads`: branch payloads over 512 bytes, written once.
 //! - `tandem_instances`: one row per running coordinator (its name,
 //!   incarnation, address and heartbeat, on the database's clock).
+//! - `tandem_decisions` (migration 2): decision tombstones, one row per
+//!   finished transaction retention compacted (see `super::tombstone`).
+//! - `tandem_horizon` (migration 2): one row, how far retention has
+//!   forgotten (`purged_ms`, `forgotten_ms`, gtid times).
 //! - `tandem_schema`: the applied migration versions.
 
 use tandem_sdk::postgres::deadpool_postgres::Client;
@@ -19,9 +23,10 @@ use crate::model::TxState;
 use super::super::codec::state_code;
 
 /// The migration, version by version. Only ever append.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE tandem_txns (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE tandem_txns (
         gtid uuid PRIMARY KEY,
         state smallint NOT NULL,
         decision smallint,
@@ -49,7 +54,28 @@ const MIGRATIONS: &[(i32, &str)] = &[(
         heartbeat_at timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX tandem_instances_name ON tandem_instances (name);",
-)];
+    ),
+    (2, DECISION_TOMBSTONES),
+];
+
+/// Migration 2: decision tombstones and the retention horizon.
+const DECISION_TOMBSTONES: &str = "CREATE TABLE tandem_decisions (
+        gtid uuid PRIMARY KEY,
+        decision smallint NOT NULL,
+        mode smallint NOT NULL,
+        created_ms bigint NOT NULL,
+        finished_ms bigint NOT NULL,
+        branches integer NOT NULL,
+        resolved integer NOT NULL,
+        kept_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX tandem_decisions_finished ON tandem_decisions (finished_ms);
+    CREATE TABLE tandem_horizon (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        purged_ms bigint NOT NULL DEFAULT 0,
+        forgotten_ms bigint NOT NULL DEFAULT 0
+    );
+    INSERT INTO tandem_horizon DEFAULT VALUES;";
 
 /// The states a transaction is unfinished in (owned, leased, recovered).
 pub(super) const UNFINISHED: [TxState; 5] = [
