@@ -368,6 +368,9 @@ pub struct TxView {
     labels: std::collections::BTreeMap<String, String>,
     age_ms: u64,
     attempts: u32,
+    /// Retention kept only its decision (a branch settled by hand).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    compacted: bool,
     branches: Vec<BranchView>,
 }
 
@@ -452,6 +455,7 @@ impl From<pb::TransactionInfo> for TxView {
             owner_address: t.owner_address,
             labels: t.labels.into_iter().collect(),
             attempts: branches.iter().map(|b| b.attempts).sum(),
+            compacted: t.compacted,
             branches,
             gtid: t.gtid,
         }
@@ -557,6 +561,16 @@ fn render_one(t: TxView, output: Output) -> String {
         human(now.saturating_sub(t.updated_at_ms)),
         t.updated_at_ms
     );
+    if t.compacted {
+        let _ = write!(
+            out,
+            "  compacted  retention removed its record and keeps only its decision, for \
+             --decision-retention: a branch was settled by hand, and its participant is \
+             still told {} if it asks",
+            t.decision
+        );
+        return out;
+    }
     let deadline = if t.deadline_ms > now {
         format!("in {}", human(t.deadline_ms - now))
     } else {
@@ -624,13 +638,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 5s, 2m, 1h or 90d"))?;
     let ms = match unit {
         "" | "ms" => n,
         "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use ms, s, m or h")),
+        "d" => n.saturating_mul(86_400_000),
+        _ => {
+            return Err(format!(
+                "unknown unit {unit:?} in {s:?}; use ms, s, m, h or d"
+            ));
+        }
     };
     Ok(Duration::from_millis(ms))
 }

@@ -31,6 +31,12 @@ pub struct CoordinatorConfig {
     /// unchanged for this long; STUCK and unfinished ones never are. At
     /// least [`MIN_RETENTION`].
     pub retention: Duration,
+    /// How long a decision tombstone is kept after retention removed its
+    /// record (a commit some participant never acknowledged: a branch
+    /// settled by hand); `None`: forever. At least `retention`. Past it,
+    /// `GetOutcome` for that gtid (and any older one without a record) is
+    /// FAILED_PRECONDITION, never a presumed abort.
+    pub decision_retention: Option<Duration>,
     /// Transactions recovery drives at once after a restart.
     pub recovery_concurrency: usize,
     /// Requests served at once; more are answered RESOURCE_EXHAUSTED.
@@ -51,6 +57,9 @@ pub struct CoordinatorConfig {
 /// removed yet); two minutes leave that window at least a minute long.
 pub const MIN_RETENTION: Duration = Duration::from_secs(120);
 
+/// How long decision tombstones are kept unless configured: 90 days.
+pub const DEFAULT_DECISION_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
+
 impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
@@ -63,6 +72,7 @@ impl Default for CoordinatorConfig {
             max_branches: 64,
             retry: RetryPolicy::default(),
             retention: Duration::from_secs(24 * 3600),
+            decision_retention: Some(DEFAULT_DECISION_RETENTION),
             recovery_concurrency: 256,
             max_concurrent_requests: 1024,
             allowed_endpoints: Vec::new(),
@@ -193,6 +203,15 @@ impl CoordinatorConfig {
                 "retention {:?} must be at least {:?}: a client-chosen gtid may be a minute \
                  ahead, and a repeat must be told apart from a new transaction for a while",
                 self.retention, MIN_RETENTION
+            ));
+        }
+        if let Some(d) = self.decision_retention
+            && d < self.retention
+        {
+            return bad(format!(
+                "decision retention {d:?} must be at least the retention {:?}: a tombstone \
+                 outlives the record it replaces",
+                self.retention
             ));
         }
         self.retry.validate()

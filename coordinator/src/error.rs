@@ -57,6 +57,16 @@ pub enum CoordError {
         /// Where it serves.
         address: String,
     },
+    /// The outcome of this gtid is no longer known: it has no record, and
+    /// a decision tombstone that may have been its expired
+    /// (`--decision-retention`). Never presumed ABORT: it may have
+    /// committed.
+    #[error(
+        "the outcome of transaction {0} is no longer known: it is older than the decisions \
+         this coordinator still keeps (--decision-retention); it may have committed. Settle \
+         the branch by hand from the other branches' state"
+    )]
+    Forgotten(Gtid),
     /// The log failed on a read; see [`LogError`].
     #[error(transparent)]
     Log(#[from] LogError),
@@ -69,7 +79,7 @@ impl From<CoordError> for Status {
             CoordError::NotFound(_) => Code::NotFound,
             CoordError::AlreadyExists(_) => Code::AlreadyExists,
             CoordError::PermissionDenied(_) => Code::PermissionDenied,
-            CoordError::WrongState(_) => Code::FailedPrecondition,
+            CoordError::WrongState(_) | CoordError::Forgotten(_) => Code::FailedPrecondition,
             CoordError::Aborted { .. } => Code::Aborted,
             CoordError::Unavailable(_) | CoordError::Moved { .. } => Code::Unavailable,
             CoordError::Log(LogError::Corrupt { .. }) => Code::DataLoss,

@@ -317,6 +317,11 @@ pub struct TxnRecord {
     /// phase 2 after a restart or a takeover too. `None` when the client
     /// sent none (or an invalid one).
     pub traceparent: Option<TraceContext>,
+    /// Retention compacted this transaction into its decision
+    /// ([`crate::log::Tombstone`]): only its state, decision, mode and
+    /// times are left, no branches. Never stored: set on the record built
+    /// from a tombstone for `tandem tx show`.
+    pub compacted: bool,
 }
 
 impl TxnRecord {
@@ -336,6 +341,7 @@ impl TxnRecord {
             epoch: 1,
             labels: Vec::new(),
             traceparent: None,
+            compacted: false,
         }
     }
 

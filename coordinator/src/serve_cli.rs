@@ -75,6 +75,14 @@ pub struct ServeArgs {
     /// unfinished ones are never removed. At least 2m.
     #[arg(long, env = "TANDEM_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
+    /// A committed transaction one of whose participants never acknowledged
+    /// (a branch settled by hand with `tandem tx resolve`) keeps its
+    /// decision this long after retention removed its record, so that
+    /// participant's GetOutcome is still told COMMIT; past it the outcome
+    /// is answered unknown (FAILED_PRECONDITION), never ABORT. `none`:
+    /// forever. At least the retention.
+    #[arg(long, env = "TANDEM_DECISION_RETENTION", default_value = "90d", value_parser = parse_optional_duration)]
+    pub decision_retention: OptionalDuration,
     /// Requests served at once; past it a request is answered
     /// RESOURCE_EXHAUSTED at once instead of queueing.
     #[arg(long, env = "TANDEM_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
@@ -204,6 +212,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_duration: args.retry_max_duration.0,
         },
         retention: args.retention,
+        decision_retention: args.decision_retention.0,
         max_concurrent_requests: args.max_concurrent_requests,
         recovery_concurrency: args.recovery_concurrency,
         allowed_endpoints: args.security.allow_participant.clone(),

@@ -365,6 +365,7 @@ pub(super) fn decode(
                 Some(t.tracestate.as_str()).filter(|s| !s.is_empty()),
             )
         }),
+        compacted: false,
     })
 }
 

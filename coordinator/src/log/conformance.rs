@@ -29,6 +29,140 @@ pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
     scan_back_is_newest_first_and_pages(&make());
     force_covers_concurrent_writers(&make()).await;
     remove_forgets_record_and_payloads(&make());
+    purge_keeps_tombstones_and_the_horizon(&make());
+    expired_tombstones_raise_the_forgotten_horizon(&make());
+}
+
+/// A finished record at gtid time `ms`, committed, its first branch
+/// settled by hand (so it needs a tombstone).
+fn finished_at(ms: u64, state: TxState) -> TxnRecord {
+    let mut rec = sample_record(Mode::TwoPhase, 2);
+    rec.gtid = uuid::Builder::from_unix_timestamp_millis(ms, &rand_bytes()).into_uuid();
+    rec.state = state;
+    rec.decision = Some(crate::model::Decision::Commit);
+    for b in &mut rec.branches {
+        b.state = BranchState::Committed;
+        b.payload = Bytes::from(vec![b.id as u8; 4096]);
+    }
+    rec.branches[0].resolution = Some(crate::model::Resolution {
+        by: "ops".into(),
+        reason: "applied by hand".into(),
+        at_ms: ms,
+    });
+    rec.updated_ms = ms + 5;
+    rec
+}
+
+fn rand_bytes() -> [u8; 10] {
+    let mut b = [0u8; 10];
+    b.copy_from_slice(&Gtid::now_v7().as_bytes()[6..]);
+    b
+}
+
+/// `purge` (for a log that [`compacts`](TxnLog::compacts)): a finished
+/// record is gone, its tombstone readable, and the horizon covers its
+/// gtid; an unfinished record named in a purge is left whole; a gtid
+/// newer than the horizon is [`Lookup::Unknown`], one at or below it
+/// [`Lookup::Purged`], and a stored one is its record. A log that does
+/// not compact is not asked (retention removes nothing from it).
+pub fn purge_keeps_tombstones_and_the_horizon(log: &impl TxnLog) {
+    use super::{Lookup, Purge, Tombstone};
+    let name = "purge_keeps_tombstones_and_the_horizon";
+    if !log.compacts() {
+        return;
+    }
+    let done = finished_at(10_000, TxState::Committed);
+    let plain = {
+        let mut r = finished_at(20_000, TxState::Aborted);
+        r.decision = Some(crate::model::Decision::Abort);
+        r
+    };
+    let unfinished = finished_at(30_000, TxState::Stuck);
+    for r in [&done, &plain, &unfinished] {
+        log.write(r).expect("write");
+    }
+    let tomb = Tombstone::needed_for(&done).expect("a resolved commit needs a tombstone");
+    assert!(
+        Tombstone::needed_for(&plain).is_none(),
+        "{name}: an abort needs none"
+    );
+    let purges = [&done, &plain, &unfinished].map(|r| Purge {
+        gtid: r.gtid,
+        tombstone: Tombstone::needed_for(r).filter(|_| r.gtid == done.gtid),
+    });
+    log.purge(&purges).expect("purge");
+    assert_eq!(log.get(&done.gtid).expect("get"), None, "{name}: removed");
+    assert_eq!(log.get(&plain.gtid).expect("get"), None, "{name}: removed");
+    assert_eq!(
+        log.get(&unfinished.gtid).expect("get").as_ref(),
+        Some(&unfinished),
+        "{name}: an unfinished record is never purged"
+    );
+    assert_eq!(
+        log.tombstone(&done.gtid).expect("tombstone"),
+        Some(tomb.clone()),
+        "{name}: tombstone kept"
+    );
+    assert_eq!(log.tombstone(&plain.gtid).expect("tombstone"), None);
+    let h = log.horizon().expect("horizon");
+    assert_eq!(
+        h.purged_ms, 30_000,
+        "{name}: horizon covers every purged gtid"
+    );
+    assert_eq!(h.forgotten_ms, 0, "{name}: nothing forgotten");
+    assert_eq!(
+        log.lookup(&done.gtid).expect("lookup"),
+        Lookup::Purged,
+        "{name}: a purged gtid"
+    );
+    let older = uuid::Builder::from_unix_timestamp_millis(15_000, &rand_bytes()).into_uuid();
+    assert_eq!(log.lookup(&older).expect("lookup"), Lookup::Purged);
+    assert_eq!(
+        log.lookup(&Gtid::now_v7()).expect("lookup"),
+        Lookup::Unknown,
+        "{name}: a new gtid"
+    );
+    assert_eq!(
+        log.lookup(&unfinished.gtid).expect("lookup"),
+        Lookup::Record(Box::new(unfinished.clone())),
+    );
+    // Purging again is harmless, and the horizon never goes back.
+    log.purge(&purges[..1]).expect("purge again");
+    assert_eq!(log.horizon().expect("horizon").purged_ms, 30_000);
+    assert_eq!(log.tombstone(&done.gtid).expect("tombstone"), Some(tomb));
+}
+
+/// `expire_tombstones` removes only tombstones of transactions finished
+/// before the cut, and raises `forgotten_ms` to cover each.
+pub fn expired_tombstones_raise_the_forgotten_horizon(log: &impl TxnLog) {
+    use super::{Purge, Tombstone};
+    let name = "expired_tombstones_raise_the_forgotten_horizon";
+    if !log.compacts() {
+        return;
+    }
+    let (old, young) = (
+        finished_at(10_000, TxState::Committed),
+        finished_at(50_000, TxState::Committed),
+    );
+    for r in [&old, &young] {
+        log.write(r).expect("write");
+    }
+    let purges = [&old, &young].map(|r| Purge {
+        gtid: r.gtid,
+        tombstone: Tombstone::needed_for(r),
+    });
+    log.purge(&purges).expect("purge");
+    assert_eq!(
+        log.expire_tombstones(20_000, 100).expect("expire"),
+        1,
+        "{name}: one finished before the cut"
+    );
+    assert_eq!(log.tombstone(&old.gtid).expect("tombstone"), None);
+    assert!(log.tombstone(&young.gtid).expect("tombstone").is_some());
+    let h = log.horizon().expect("horizon");
+    assert_eq!(h.forgotten_ms, 10_000, "{name}: covers the expired gtid");
+    assert!(h.may_have_forgotten(&old.gtid) && !h.may_have_forgotten(&young.gtid));
+    assert_eq!(log.expire_tombstones(20_000, 100).expect("expire"), 0);
 }
 
 /// `remove` drops a finished record and its payloads (small and large);

@@ -15,6 +15,7 @@ pub mod shared_conformance;
 mod shared_mem;
 mod shared_store;
 mod sled_log;
+mod tombstone;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +26,7 @@ pub use pg::{ClusterStatus, InstanceStatus, PgLog, PgOptions, cluster_status};
 pub use shared_mem::SharedMemLog;
 pub use shared_store::{InstanceView, RowView, SharedStore, StoreClock};
 pub use sled_log::SledLog;
+pub use tombstone::{Horizon, Lookup, Purge, Tombstone, gtid_ms};
 
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -212,6 +214,70 @@ pub trait TxnLog: Send + Sync + 'static {
     /// until a later `force` (or never, harmlessly: a removal that is lost
     /// only brings back a finished record).
     fn remove(&self, gtid: &Gtid) -> Result<(), LogError>;
+
+    /// Whether this log keeps [`Tombstone`]s and the [`Horizon`]
+    /// ([`purge`](TxnLog::purge) and the methods below). Retention removes
+    /// nothing from a log that does not: what it would forget could then
+    /// be answered the wrong way (DESIGN.md, "What retention may forget").
+    fn compacts(&self) -> bool {
+        false
+    }
+
+    /// Retention's removal: for each of `purges`, its tombstone (if any)
+    /// is stored, the horizon's `purged_ms` raised to cover its gtid, and
+    /// its record and payloads removed, but only while the record is
+    /// finished (COMMITTED / ABORTED); a record in any other state is left
+    /// as it is (the tombstone and horizon are still kept, harmlessly).
+    /// All of it at once to every reader, here and (on a shared store) at
+    /// every other coordinator, and across a crash: a reader or a restart
+    /// never finds a record gone while its tombstone or the horizon that
+    /// covers it is missing. Durable no later than the next
+    /// [`force`](TxnLog::force) resolves.
+    ///
+    /// The default (a log that does not compact) refuses.
+    fn purge(&self, purges: &[Purge]) -> Result<(), LogError> {
+        let _ = purges;
+        Err(LogError::Storage(
+            "this log keeps no decision tombstones; retention must not remove from it".into(),
+        ))
+    }
+
+    /// The tombstone of `gtid`, if retention compacted its record into
+    /// one and it has not expired. Seen by every coordinator of a shared
+    /// store as soon as [`purge`](TxnLog::purge) returned.
+    fn tombstone(&self, gtid: &Gtid) -> Result<Option<Tombstone>, LogError> {
+        let _ = gtid;
+        Ok(None)
+    }
+
+    /// How far retention has forgotten (both bounds only ever rise).
+    fn horizon(&self) -> Result<Horizon, LogError> {
+        Ok(Horizon::default())
+    }
+
+    /// Removes up to `limit` tombstones whose transaction finished before
+    /// `finished_before_ms`, oldest gtid first, raising the horizon's
+    /// `forgotten_ms` to cover each, at once to every reader and across a
+    /// crash (as [`purge`](TxnLog::purge)); returns how many it removed.
+    fn expire_tombstones(&self, finished_before_ms: u64, limit: usize) -> Result<usize, LogError> {
+        let _ = (finished_before_ms, limit);
+        Ok(0)
+    }
+
+    /// What a start with the client-chosen `gtid` finds: its record, or
+    /// whether retention may have removed one. The record is read first
+    /// and the horizon after it, so a record removed in between is seen
+    /// as [`Lookup::Purged`] (a store may read both at once instead).
+    fn lookup(&self, gtid: &Gtid) -> Result<Lookup, LogError> {
+        if let Some(rec) = self.get(gtid)? {
+            return Ok(Lookup::Record(Box::new(rec)));
+        }
+        Ok(if self.horizon()?.may_have_purged(gtid) {
+            Lookup::Purged
+        } else {
+            Lookup::Unknown
+        })
+    }
 
     /// Counters for operators and the benchmark.
     fn stats(&self) -> LogStats {

@@ -15,7 +15,10 @@
 //! Layout: tree `txns` maps the 16 gtid bytes to the encoded record, with
 //! payloads of at most 512 bytes inside it; tree `payloads` maps gtid ++
 //! branch id (big-endian u32) to each larger payload, written once when the
-//! branch first appears.
+//! branch first appears. Retention's [`TxnLog::purge`] keeps tombstones in
+//! tree `decisions` (gtid → [`super::Tombstone`]) and the [`Horizon`] in
+//! tree `horizon`, changed with the removal in one sled transaction (sled
+//! recovers a transaction whole or not at all).
 
 use std::path::Path;
 
@@ -24,7 +27,8 @@ use tandem_sdk::sled_sync::{SledSync, SyncError};
 
 use super::check::{self, LogReport};
 use super::mark::{self, MarkHooks};
-use super::{ForceFuture, LogError, LogStats, TxnLog, codec};
+use super::tombstone::{self, purged_horizon};
+use super::{ForceFuture, Horizon, LogError, LogStats, Purge, Tombstone, TxnLog, codec};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 /// The sled-backed log. Open one per data directory.
@@ -32,6 +36,10 @@ pub struct SledLog {
     db: sled::Db,
     txns: sled::Tree,
     payloads: sled::Tree,
+    /// Tombstones of compacted transactions.
+    decisions: sled::Tree,
+    /// The horizon, under [`HORIZON_KEY`].
+    horizon: sled::Tree,
     /// `None` only while dropping.
     sync: Option<SledSync>,
 }
@@ -128,6 +136,7 @@ impl SledLog {
         })?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| storage("cannot open", &e));
         let (txns, payloads) = (tree("txns")?, tree("payloads")?);
+        let (decisions, horizon) = (tree("decisions")?, tree("horizon")?);
         report.sled_round = mark::sled_round(&db).map_err(LogError::Storage)?;
         check::inspect(&txns, &payloads, &mut report);
         if report.is_damaged() {
@@ -157,6 +166,8 @@ impl SledLog {
                 db,
                 txns,
                 payloads,
+                decisions,
+                horizon,
                 sync: Some(sync),
             },
             report,
@@ -219,6 +230,40 @@ fn quarantine(db: &sled::Db, txns: &sled::Tree, report: &LogReport) -> sled::Res
     Ok(())
 }
 
+const HORIZON_KEY: &[u8] = b"horizon";
+
+/// A sled transaction's failure as a log error (the log latches).
+fn tx_failed(e: sled::transaction::TransactionError<()>) -> sled::Error {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e,
+        sled::transaction::TransactionError::Abort(()) => {
+            sled::Error::Unsupported("transaction aborted".into())
+        }
+    }
+}
+
+impl SledLog {
+    fn stored_horizon(&self) -> Result<Horizon, LogError> {
+        let bytes = self.horizon.get(HORIZON_KEY).map_err(|e| self.latch(e))?;
+        match bytes {
+            None => Ok(Horizon::default()),
+            Some(b) => Horizon::decode(&b).ok_or_else(|| LogError::Corrupt {
+                gtid: "horizon".into(),
+                detail: format!("{} bytes, expected 16", b.len()),
+            }),
+        }
+    }
+
+    /// Removes the payloads of `gtid` stored apart (after its record).
+    fn remove_payloads(&self, gtid: &Gtid) -> Result<(), LogError> {
+        for item in self.payloads.scan_prefix(gtid.as_bytes()) {
+            let (key, _) = item.map_err(|e| self.latch(e))?;
+            self.payloads.remove(key).map_err(|e| self.latch(e))?;
+        }
+        Ok(())
+    }
+}
+
 fn payload_key(gtid: &Gtid, branch: u32) -> [u8; 20] {
     let mut key = [0u8; 20];
     key[..16].copy_from_slice(gtid.as_bytes());
@@ -262,12 +307,108 @@ impl TxnLog for SledLog {
             .remove(gtid.as_bytes())
             .map_err(|e| self.latch(e))?;
         if removed.is_some_and(|bytes| codec::has_payloads_apart(&bytes)) {
-            for item in self.payloads.scan_prefix(gtid.as_bytes()) {
-                let (key, _) = item.map_err(|e| self.latch(e))?;
-                self.payloads.remove(key).map_err(|e| self.latch(e))?;
+            self.remove_payloads(gtid)?;
+        }
+        Ok(())
+    }
+
+    fn compacts(&self) -> bool {
+        true
+    }
+
+    fn purge(&self, purges: &[Purge]) -> Result<(), LogError> {
+        use sled::Transactional;
+        self.sync().check()?;
+        let raise = purged_horizon(purges);
+        let removed = (&self.txns, &self.decisions, &self.horizon)
+            .transaction(|(txns, decisions, horizon)| {
+                for p in purges {
+                    if let Some(t) = &p.tombstone {
+                        decisions.insert(t.gtid.as_bytes(), tombstone::encode(t))?;
+                    }
+                }
+                let old = horizon.get(HORIZON_KEY)?;
+                let old = old.and_then(|b| Horizon::decode(&b)).unwrap_or_default();
+                horizon.insert(HORIZON_KEY, &old.max(raise).encode()[..])?;
+                let mut removed = Vec::new();
+                for p in purges {
+                    let key = p.gtid.as_bytes();
+                    let finished = txns
+                        .get(key)?
+                        .is_some_and(|v| codec::peek_state(&v).is_some_and(|s| s.is_terminal()));
+                    if finished && let Some(bytes) = txns.remove(key)? {
+                        removed.push((p.gtid, codec::has_payloads_apart(&bytes)));
+                    }
+                }
+                Ok(removed)
+            })
+            .map_err(|e| self.latch(tx_failed(e)))?;
+        for (gtid, apart) in removed {
+            if apart {
+                self.remove_payloads(&gtid)?;
             }
         }
         Ok(())
+    }
+
+    fn tombstone(&self, gtid: &Gtid) -> Result<Option<Tombstone>, LogError> {
+        self.sync().check()?;
+        let bytes = self
+            .decisions
+            .get(gtid.as_bytes())
+            .map_err(|e| self.latch(e))?;
+        bytes
+            .map(|b| {
+                tombstone::decode(*gtid, &b).ok_or_else(|| LogError::Corrupt {
+                    gtid: gtid.to_string(),
+                    detail: "the decision tombstone does not decode".into(),
+                })
+            })
+            .transpose()
+    }
+
+    fn horizon(&self) -> Result<Horizon, LogError> {
+        self.sync().check()?;
+        self.stored_horizon()
+    }
+
+    fn expire_tombstones(&self, finished_before_ms: u64, limit: usize) -> Result<usize, LogError> {
+        use sled::Transactional;
+        self.sync().check()?;
+        let mut gone = Vec::new();
+        for item in self.decisions.iter() {
+            if gone.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(|e| self.latch(e))?;
+            let Ok(gtid) = Gtid::from_slice(&k) else {
+                continue;
+            };
+            // One that does not decode is kept (and reported by reads).
+            if tombstone::decode(gtid, &v).is_some_and(|t| t.finished_ms < finished_before_ms) {
+                gone.push(gtid);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let forgotten_ms = gone.iter().filter_map(super::gtid_ms).max().unwrap_or(0);
+        (&self.decisions, &self.horizon)
+            .transaction(|(decisions, horizon)| {
+                let old = horizon.get(HORIZON_KEY)?;
+                let old = old.and_then(|b| Horizon::decode(&b)).unwrap_or_default();
+                let new = old.max(Horizon {
+                    purged_ms: 0,
+                    forgotten_ms,
+                });
+                horizon.insert(HORIZON_KEY, &new.encode()[..])?;
+                for g in &gone {
+                    decisions.remove(g.as_bytes())?;
+                }
+                Ok(())
+            })
+            .map_err(|e| self.latch(tx_failed(e)))?;
+        Ok(gone.len())
     }
 
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {

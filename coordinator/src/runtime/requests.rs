@@ -430,13 +430,16 @@ impl Coordinator {
 
     /// What a participant holding a branch of `gtid` should do: `None`
     /// while undecided (or while a commit decision is being forced), else
-    /// the durable decision. An unknown gtid is `Abort` (presumed abort: the
-    /// coordinator never recorded it, so it never committed).
+    /// the durable decision. A gtid with no record is its decision
+    /// tombstone's decision if retention kept one, else `Abort` (presumed
+    /// abort: the coordinator never recorded it, so it never committed, or
+    /// it finished with every branch acknowledged, so nobody is in doubt).
     ///
     /// # Errors
     ///
     /// `Unavailable` once the log has failed, for everything but a durable
-    /// commit; a log failure.
+    /// commit; `Forgotten` for a gtid with no record and no tombstone at
+    /// or before the horizon of expired tombstones; a log failure.
     pub fn outcome(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
         let inner = &self.inner;
         if inner.check_halted().is_err() {
@@ -454,7 +457,7 @@ impl Coordinator {
         }
         match inner.log.get(&gtid)? {
             Some(rec) => Ok(rec.decision),
-            None => Ok(Some(Decision::Abort)),
+            None => inner.outcome_removed(gtid),
         }
     }
 
@@ -468,7 +471,14 @@ impl Coordinator {
         if let Some(entry) = self.inner.find_live(&gtid) {
             return Ok(entry.lock().visible_record().into_owned());
         }
-        self.inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))
+        if let Some(rec) = self.inner.log.get(&gtid)? {
+            return Ok(rec);
+        }
+        // Compacted by retention: its decision, marked as such.
+        match self.inner.log.tombstone(&gtid)? {
+            Some(t) => Ok(t.to_record()),
+            None => Err(CoordError::NotFound(gtid)),
+        }
     }
 
     /// Who drives `gtid` on a shared store (`None` on a log only this
@@ -504,6 +514,19 @@ fn submit_outcome(rec: &TxnRecord) -> SubmitOutcome {
 }
 
 impl Inner {
+    /// The outcome of a gtid the log has no record of (read before this):
+    /// its tombstone's decision, then the horizon of expired tombstones,
+    /// read in that order, so a tombstone expiring in between is seen.
+    fn outcome_removed(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
+        if let Some(t) = self.log.tombstone(&gtid)? {
+            return Ok(Some(t.decision));
+        }
+        if self.log.horizon()?.may_have_forgotten(&gtid) {
+            return Err(CoordError::Forgotten(gtid));
+        }
+        Ok(Some(Decision::Abort))
+    }
+
     /// Makes a STUCK record from the log live again (an operator acts on
     /// it), reading it under the live-table lock.
     fn adopt_stuck(&self, gtid: Gtid) -> Result<Option<Arc<Entry>>, CoordError> {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::{Entry, Inner};
 use crate::engine::{Command, NewBranch, Txn};
 use crate::error::CoordError;
+use crate::log::Lookup;
 use crate::model::{Gtid, Mode, TxnRecord};
 
 /// A client-chosen gtid may be at most this far ahead of the coordinator's
@@ -117,14 +118,23 @@ impl Inner {
                 return Ok(Start::Live(entry));
             }
         }
-        let stored = self.log.get(&gtid)?;
+        let stored = self.log.lookup(&gtid)?;
         let live = self.live_table();
         if let Some(entry) = live.get(&gtid) {
             // Taken over by recovery or a request meanwhile.
             return Ok(Start::Live(entry.clone()));
         }
-        if let Some(rec) = stored {
-            return Ok(Start::Stored(Box::new(rec)));
+        match stored {
+            Lookup::Record(rec) => return Ok(Start::Stored(rec)),
+            // Never on the clock: a record with it may have been removed.
+            Lookup::Purged => {
+                return Err(CoordError::InvalidArgument(format!(
+                    "gtid {gtid}: no transaction has it, but retention has removed transactions \
+                     with gtids as old (one with it may have finished and been removed); use a \
+                     new gtid"
+                )));
+            }
+            Lookup::Unknown => {}
         }
         self.check_new_gtid(&gtid)?;
         let (txn, cmds) = make();

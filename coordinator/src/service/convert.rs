@@ -104,6 +104,7 @@ pub(super) fn record_to_wire(r: &TxnRecord) -> pb::TransactionInfo {
         owner: String::new(),
         owner_address: String::new(),
         labels: crate::labels::to_wire(&r.labels),
+        compacted: r.compacted,
         branches: r
             .branches
             .iter()

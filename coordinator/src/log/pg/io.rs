@@ -42,7 +42,16 @@ enum Job {
     ),
     Locate(Gtid, Reply<Option<Ownership>>),
     Cluster(oneshot::Sender<Result<ClusterStatus, LogError>>),
+    /// Any other store call (`tombstone.rs`): run on the thread, it
+    /// answers through its own channel.
+    Call(Call),
 }
+
+/// A store call run on the I/O thread.
+pub(super) type Call = Box<
+    dyn FnOnce(Arc<Store>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
 
 /// The handle's side: a channel to the thread, joined on drop.
 pub(super) struct IoHandle {
@@ -150,6 +159,11 @@ impl IoHandle {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.send(Job::Locate(gtid, tx));
         rx
+    }
+
+    /// Runs `call` on the thread.
+    pub(super) fn call(&self, call: Call) {
+        self.send(Job::Call(call));
     }
 
     pub(super) async fn cluster(&self) -> Result<ClusterStatus, LogError> {
@@ -382,6 +396,7 @@ impl Store {
             Job::Cluster(reply) => {
                 let _ = reply.send(self.retry("read the cluster", || self.cluster()).await);
             }
+            Job::Call(call) => call(self).await,
         }
     }
 
@@ -440,7 +455,7 @@ impl Store {
     }
 
     /// Waits until everything buffered before the call is in the store.
-    async fn flushed(&self) -> Result<(), LogError> {
+    pub(super) async fn flushed(&self) -> Result<(), LogError> {
         self.shared.check()?;
         let (tx, rx) = oneshot::channel();
         self.shared.buffer().waiters.push(tx);

@@ -43,6 +43,7 @@ mod io;
 mod lease;
 mod read;
 mod schema;
+mod tombstone;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,7 +54,10 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{ForceFuture, LogError, LogStats, Ownership, TakeOverFuture, TxnLog, codec};
+use super::{
+    ForceFuture, Horizon, LogError, LogStats, Lookup, Ownership, Purge, TakeOverFuture, Tombstone,
+    TxnLog, codec,
+};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 /// How to reach the store and who this coordinator is in it.
@@ -170,6 +174,9 @@ struct Shared {
     renewal_failures: AtomicU64,
     /// Set by [`PgLog::pause_renewals`]: the renewer skips its turns.
     renewals_paused: std::sync::atomic::AtomicBool,
+    /// The newest retention horizon's `purged_ms` any read saw (reads of
+    /// records read it in the same statement; it only ever rises).
+    purged_seen: AtomicU64,
     /// No claims of others' leases before this: set a lease ahead on every
     /// failed renewal, so after a store outage (when every lease has run
     /// out) the live instances renew theirs before anyone claims.
@@ -232,6 +239,7 @@ impl PgLog {
             renewals: AtomicU64::new(0),
             renewal_failures: AtomicU64::new(0),
             renewals_paused: std::sync::atomic::AtomicBool::new(false),
+            purged_seen: AtomicU64::new(0),
             claims_paused_until: Mutex::new(None),
         });
         let io = io::IoHandle::start(shared.clone())?;
@@ -484,6 +492,30 @@ impl TxnLog for PgLog {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn compacts(&self) -> bool {
+        true
+    }
+
+    fn purge(&self, purges: &[Purge]) -> Result<(), LogError> {
+        self.purge_rows(purges)
+    }
+
+    fn tombstone(&self, gtid: &Gtid) -> Result<Option<Tombstone>, LogError> {
+        self.read_tombstone(*gtid)
+    }
+
+    fn horizon(&self) -> Result<Horizon, LogError> {
+        self.read_horizon()
+    }
+
+    fn expire_tombstones(&self, finished_before_ms: u64, limit: usize) -> Result<usize, LogError> {
+        self.expire(finished_before_ms, limit)
+    }
+
+    fn lookup(&self, gtid: &Gtid) -> Result<Lookup, LogError> {
+        self.lookup_one(gtid)
     }
 
     fn take_over_expired(&self, limit: usize) -> TakeOverFuture {

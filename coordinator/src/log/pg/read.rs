@@ -84,11 +84,27 @@ impl Store {
     ) -> Result<HashMap<Gtid, Result<Option<TxnRecord>, LogError>>, Fail> {
         let client = self.pool.get().await?;
         // Prepared once per connection: a statement prepared per call costs
-        // the store a round trip and a transaction of its own.
+        // the store a round trip and a transaction of its own. The
+        // retention horizon comes with the rows, read in the same snapshot
+        // (the row whose gtid is NULL): a record missing here was removed
+        // by a purge that raised the horizon this read sees (`tombstone.rs`).
         let statement = client
-            .prepare_cached("SELECT gtid, record, epoch FROM tandem_txns WHERE gtid = ANY($1)")
+            .prepare_cached(
+                "SELECT gtid, record, epoch FROM tandem_txns WHERE gtid = ANY($1)
+                 UNION ALL SELECT NULL, NULL, purged_ms FROM tandem_horizon",
+            )
             .await?;
-        let rows = client.query(&statement, &[&gtids]).await?;
+        let (rows, horizon): (Vec<_>, Vec<_>) = client
+            .query(&statement, &[&gtids])
+            .await?
+            .into_iter()
+            .partition(|r| r.get::<_, Option<Gtid>>(0).is_some());
+        for h in horizon {
+            let purged: i64 = h.get(2);
+            self.shared
+                .purged_seen
+                .fetch_max(purged.max(0) as u64, std::sync::atomic::Ordering::SeqCst);
+        }
         Ok(self
             .decode_rows(&client, rows)
             .await?

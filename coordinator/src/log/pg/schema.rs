@@ -12,6 +12,10 @@
 //!   incarnation, address, heartbeat and `lease_until`, on the database's
 //!   clock). A transaction's lease is its owner's: renewing it writes this
 //!   row alone, however many transactions the owner has.
+//! - `tandem_decisions` (migration 3): decision tombstones, one row per
+//!   finished transaction retention compacted (see `super::tombstone`).
+//! - `tandem_horizon` (migration 3): one row, how far retention has
+//!   forgotten (`purged_ms`, `forgotten_ms`, gtid times).
 //! - `tandem_schema`: the applied migration versions.
 
 use tandem_sdk::postgres::deadpool_postgres::Client;
@@ -21,7 +25,7 @@ use crate::model::TxState;
 use super::super::codec::state_code;
 
 /// The migration, version by version. Only ever append.
-const MIGRATIONS: &[(i32, &str)] = &[(1, INITIAL), (2, INSTANCE_LEASES)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, INITIAL), (2, INSTANCE_LEASES), (3, DECISION_TOMBSTONES)];
 
 /// Version 1: the tables.
 const INITIAL: &str = "CREATE TABLE tandem_txns (
@@ -69,6 +73,25 @@ const INSTANCE_LEASES: &str = "
         ALTER COLUMN lease_until SET DEFAULT now();
     DROP INDEX tandem_txns_unfinished_lease;
     ALTER TABLE tandem_txns DROP COLUMN lease_until;";
+
+/// Version 3 (issue 22): decision tombstones and the retention horizon.
+const DECISION_TOMBSTONES: &str = "CREATE TABLE tandem_decisions (
+        gtid uuid PRIMARY KEY,
+        decision smallint NOT NULL,
+        mode smallint NOT NULL,
+        created_ms bigint NOT NULL,
+        finished_ms bigint NOT NULL,
+        branches integer NOT NULL,
+        resolved integer NOT NULL,
+        kept_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX tandem_decisions_finished ON tandem_decisions (finished_ms);
+    CREATE TABLE tandem_horizon (
+        one boolean PRIMARY KEY DEFAULT true CHECK (one),
+        purged_ms bigint NOT NULL DEFAULT 0,
+        forgotten_ms bigint NOT NULL DEFAULT 0
+    );
+    INSERT INTO tandem_horizon DEFAULT VALUES;";
 
 /// The states a transaction is unfinished in (owned, leased, recovered).
 pub(super) const UNFINISHED: [TxState; 5] = [

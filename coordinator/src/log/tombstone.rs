@@ -1,0 +1,281 @@
+//! What retention keeps of what it removes: a [`Tombstone`] per finished
+//! transaction whose commit some participant may still ask about, and the
+//! [`Horizon`] below which gtids may have been forgotten.
+//!
+//! Why (DESIGN.md, "What retention may forget"): presumed abort answers
+//! ABORT for a gtid with no record. That is safe for a record retention
+//! removed only if no participant can still ask about it, i.e. every branch
+//! acknowledged its phase 2. A COMMITTED transaction with a branch an
+//! operator settled by hand (`tandem tx resolve`) finished without that
+//! participant's acknowledgement: when it comes back and asks, the answer
+//! must still be COMMIT. Retention therefore compacts such a record into a
+//! tombstone (a few dozen bytes, kept `--decision-retention`), and records
+//! in the horizon what it removed, so that a removed gtid is never started
+//! again and an expired tombstone is never read as ABORT.
+
+use crate::model::{BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
+
+/// A finished transaction's decision, kept after retention removed its
+/// record. Only commits need one (an abort reads back right by presumed
+/// abort).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tombstone {
+    /// The transaction.
+    pub gtid: Gtid,
+    /// Its decision.
+    pub decision: Decision,
+    /// Its protocol.
+    pub mode: Mode,
+    /// Its creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// When it finished (its record's last change), ms since the Unix epoch;
+    /// `--decision-retention` counts from here.
+    pub finished_ms: u64,
+    /// How many branches it had.
+    pub branches: u32,
+    /// How many of them an operator settled by hand.
+    pub resolved: u32,
+}
+
+impl Tombstone {
+    /// The tombstone retention must keep when it removes `rec`, if any: a
+    /// finished commit with a branch its participant never acknowledged
+    /// (settled by an operator, or for any other reason not COMMITTED by
+    /// the participant's own answer).
+    pub fn needed_for(rec: &TxnRecord) -> Option<Tombstone> {
+        if rec.decision != Some(Decision::Commit) {
+            return None;
+        }
+        let unacknowledged = |b: &crate::model::BranchRecord| {
+            b.resolution.is_some() || b.state != BranchState::Committed
+        };
+        if !rec.branches.iter().any(unacknowledged) {
+            return None;
+        }
+        Some(Tombstone {
+            gtid: rec.gtid,
+            decision: Decision::Commit,
+            mode: rec.mode,
+            created_ms: rec.created_ms,
+            finished_ms: rec.updated_ms,
+            branches: rec.branches.len() as u32,
+            resolved: rec
+                .branches
+                .iter()
+                .filter(|b| b.resolution.is_some())
+                .count() as u32,
+        })
+    }
+
+    /// The record `tandem tx show` and `GetTransaction` show for a
+    /// compacted transaction: its state and decision, its times, no
+    /// branches, marked [`TxnRecord::compacted`].
+    pub fn to_record(&self) -> TxnRecord {
+        let state = match self.decision {
+            Decision::Commit => TxState::Committed,
+            Decision::Abort => TxState::Aborted,
+        };
+        let mut rec = TxnRecord::new(
+            self.gtid,
+            self.mode,
+            state,
+            self.created_ms,
+            self.created_ms,
+        );
+        rec.decision = Some(self.decision);
+        rec.updated_ms = self.finished_ms;
+        rec.compacted = true;
+        rec
+    }
+}
+
+/// How far retention has forgotten, as gtid times (the UUID v7 timestamp,
+/// ms since the Unix epoch): the gtid's own clock, never an instance's, so
+/// it means the same on every instance however their clocks differ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Horizon {
+    /// The newest gtid time of any record retention removed: a gtid at or
+    /// before it with no record may be one that was removed, so it is never
+    /// started again.
+    pub purged_ms: u64,
+    /// The newest gtid time of any tombstone that expired: a gtid at or
+    /// before it with neither record nor tombstone may have committed, so
+    /// its outcome is not known (never presumed ABORT).
+    pub forgotten_ms: u64,
+}
+
+impl Horizon {
+    /// Each bound the larger of the two.
+    pub fn max(self, other: Horizon) -> Horizon {
+        Horizon {
+            purged_ms: self.purged_ms.max(other.purged_ms),
+            forgotten_ms: self.forgotten_ms.max(other.forgotten_ms),
+        }
+    }
+
+    /// Whether a record with `gtid` may have been removed by retention.
+    pub fn may_have_purged(&self, gtid: &Gtid) -> bool {
+        gtid_ms(gtid).is_some_and(|ms| ms <= self.purged_ms)
+    }
+
+    /// Whether a tombstone for `gtid` may have expired.
+    pub fn may_have_forgotten(&self, gtid: &Gtid) -> bool {
+        gtid_ms(gtid).is_some_and(|ms| ms <= self.forgotten_ms)
+    }
+
+    pub(super) fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.purged_ms.to_be_bytes());
+        out[8..].copy_from_slice(&self.forgotten_ms.to_be_bytes());
+        out
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Option<Horizon> {
+        let purged_ms = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let forgotten_ms = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        Some(Horizon {
+            purged_ms,
+            forgotten_ms,
+        })
+    }
+}
+
+/// What a start with a client-chosen gtid finds in the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// The gtid's record.
+    Record(Box<TxnRecord>),
+    /// No record, and retention may have removed one with this gtid.
+    Purged,
+    /// No record, and none was ever removed: the gtid is new.
+    Unknown,
+}
+
+/// One record retention removes, with the tombstone kept in its place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Purge {
+    /// The record's gtid.
+    pub gtid: Gtid,
+    /// The tombstone to keep, if its decision must outlive it.
+    pub tombstone: Option<Tombstone>,
+}
+
+/// A gtid's time (its UUID v7 timestamp), ms since the Unix epoch; `None`
+/// for a gtid that is not a UUID v7 (no coordinator made or accepted one).
+pub fn gtid_ms(gtid: &Gtid) -> Option<u64> {
+    if gtid.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = gtid.get_timestamp()?.to_unix();
+    Some(secs * 1000 + u64::from(nanos) / 1_000_000)
+}
+
+/// The horizon that covers removing `purges` (their newest gtid time).
+pub(super) fn purged_horizon(purges: &[Purge]) -> Horizon {
+    Horizon {
+        purged_ms: purges
+            .iter()
+            .filter_map(|p| gtid_ms(&p.gtid))
+            .max()
+            .unwrap_or(0),
+        forgotten_ms: 0,
+    }
+}
+
+const TOMBSTONE_VERSION: u8 = 1;
+
+/// A tombstone's stored form (sled; the gtid is the key): version,
+/// decision, mode, created, finished, branches, resolved.
+pub(super) fn encode(t: &Tombstone) -> Vec<u8> {
+    let mut out = Vec::with_capacity(27);
+    out.push(TOMBSTONE_VERSION);
+    out.push(decision_code(t.decision) as u8);
+    out.push(mode_code(t.mode) as u8);
+    out.extend_from_slice(&t.created_ms.to_be_bytes());
+    out.extend_from_slice(&t.finished_ms.to_be_bytes());
+    out.extend_from_slice(&t.branches.to_be_bytes());
+    out.extend_from_slice(&t.resolved.to_be_bytes());
+    out
+}
+
+/// The tombstone of `gtid` from its stored form; `None` if it does not
+/// decode.
+pub(super) fn decode(gtid: Gtid, b: &[u8]) -> Option<Tombstone> {
+    if b.len() != 27 || b[0] != TOMBSTONE_VERSION {
+        return None;
+    }
+    let u64_at = |i: usize| b.get(i..i + 8)?.try_into().ok().map(u64::from_be_bytes);
+    let u32_at = |i: usize| b.get(i..i + 4)?.try_into().ok().map(u32::from_be_bytes);
+    Some(Tombstone {
+        gtid,
+        decision: decision_from(i16::from(b[1]))?,
+        mode: mode_from(i16::from(b[2]))?,
+        created_ms: u64_at(3)?,
+        finished_ms: u64_at(11)?,
+        branches: u32_at(19)?,
+        resolved: u32_at(23)?,
+    })
+}
+
+/// A decision as stored (also the PostgreSQL `decision` column's code).
+pub(super) fn decision_code(d: Decision) -> i16 {
+    match d {
+        Decision::Commit => 1,
+        Decision::Abort => 2,
+    }
+}
+
+pub(super) fn decision_from(code: i16) -> Option<Decision> {
+    match code {
+        1 => Some(Decision::Commit),
+        2 => Some(Decision::Abort),
+        _ => None,
+    }
+}
+
+pub(super) fn mode_code(m: Mode) -> i16 {
+    match m {
+        Mode::TwoPhase => 1,
+        Mode::Tcc => 2,
+    }
+}
+
+pub(super) fn mode_from(code: i16) -> Option<Mode> {
+    match code {
+        1 => Some(Mode::TwoPhase),
+        2 => Some(Mode::Tcc),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tombstone_round_trips() {
+        let t = Tombstone {
+            gtid: Gtid::now_v7(),
+            decision: Decision::Commit,
+            mode: Mode::Tcc,
+            created_ms: 1,
+            finished_ms: u64::MAX,
+            branches: 3,
+            resolved: 1,
+        };
+        assert_eq!(decode(t.gtid, &encode(&t)), Some(t.clone()));
+        assert_eq!(decode(t.gtid, &encode(&t)[..26]), None);
+    }
+
+    #[test]
+    fn horizon_uses_the_gtid_time() {
+        let gtid = uuid::Builder::from_unix_timestamp_millis(5_000, &[1; 10]).into_uuid();
+        let h = Horizon {
+            purged_ms: 5_000,
+            forgotten_ms: 4_999,
+        };
+        assert!(h.may_have_purged(&gtid));
+        assert!(!h.may_have_forgotten(&gtid));
+        assert!(!h.may_have_purged(&uuid::Uuid::nil()), "not a v7");
+    }
+}
