@@ -428,6 +428,7 @@ async fn a_store_of_schema_1_keeps_its_leases_when_migrated() {
          CREATE INDEX tandem_txns_unfinished_lease ON tandem_txns (lease_until)
              WHERE state IN (1, 2, 3, 5, 7);
          ALTER TABLE tandem_instances DROP COLUMN lease_until;
+         DROP TABLE tandem_decisions, tandem_horizon;
          DELETE FROM tandem_schema WHERE version > 1;",
     )
     .await
