@@ -17,10 +17,16 @@
 // A poisoned lock or a broken setup is a bug of the simulation: panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod answers;
+mod clients;
+mod instance;
 mod invariants;
 mod log;
 mod net;
+mod participants;
 mod rng;
+mod roles;
+mod store;
 mod world;
 
 use std::panic::AssertUnwindSafe;
@@ -59,7 +65,8 @@ fn seeded_fault_simulation() {
         ),
     };
     let started = Instant::now();
-    let (mut txns, mut commits, mut restarts) = (0, 0, 0);
+    let mut total = world::Summary::default();
+    let (mut cluster, mut resolver_off) = (0, 0);
     let mut failures = Vec::new();
     for seed in first..first + count {
         if count > 1000 && seed > first && (seed - first) % 1000 == 0 {
@@ -72,9 +79,17 @@ fn seeded_fault_simulation() {
         }
         match run_seed(seed) {
             Ok(s) => {
-                txns += s.transactions;
-                commits += s.committed;
-                restarts += s.restarts;
+                cluster += usize::from(s.instances > 1);
+                resolver_off += usize::from(s.resolver_off);
+                total.transactions += s.transactions;
+                total.committed += s.committed;
+                total.restarts += s.restarts;
+                total.pauses += s.pauses;
+                total.takeovers += s.takeovers;
+                total.purges += s.purges;
+                total.resolves += s.resolves;
+                total.operator += s.operator;
+                total.races += s.races;
             }
             Err(e) => {
                 eprintln!(
@@ -87,9 +102,22 @@ fn seeded_fault_simulation() {
             }
         }
     }
+    let t = &total;
     eprintln!(
-        "simulation: {count} seeds from {first} in {:.1} s: {txns} transactions ({commits} committed), {restarts} coordinator crashes; {} failed",
+        "simulation: {count} seeds from {first} in {:.1} s ({cluster} on a shared store, \
+         {resolver_off} with the in-doubt resolver off): {} transactions ({} committed), \
+         {} crashes, {} pauses, {} takeovers, {} purges, {} operator resolves ({} retries / \
+         aborts), {} replica races; {} failed",
         started.elapsed().as_secs_f64(),
+        t.transactions,
+        t.committed,
+        t.restarts,
+        t.pauses,
+        t.takeovers,
+        t.purges,
+        t.resolves,
+        t.operator,
+        t.races,
         failures.len()
     );
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
