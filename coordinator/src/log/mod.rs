@@ -1,6 +1,9 @@
 //! The durable transaction log: the [`TxnLog`] trait and its contract, a
 //! sled-backed log ([`SledLog`], the default), an in-memory log for tests
-//! ([`MemLog`]), and the conformance suite every implementation must pass.
+//! ([`MemLog`]), the conformance suite every implementation must pass, the
+//! store several coordinators share on PostgreSQL ([`PgLog`]) and in memory
+//! for the cluster simulation ([`SharedStore`], [`SharedMemLog`]), and the
+//! suite that checks both follow the same rules ([`shared_conformance`]).
 
 mod check;
 mod codec;
@@ -8,6 +11,9 @@ pub mod conformance;
 pub mod mark;
 mod mem;
 mod pg;
+pub mod shared_conformance;
+mod shared_mem;
+mod shared_store;
 mod sled_log;
 
 use std::future::Future;
@@ -16,6 +22,8 @@ use std::pin::Pin;
 pub use check::{LogReport, check_dir};
 pub use mem::MemLog;
 pub use pg::{ClusterStatus, InstanceStatus, PgLog, PgOptions, cluster_status};
+pub use shared_mem::SharedMemLog;
+pub use shared_store::{InstanceView, RowView, SharedStore, StoreClock};
 pub use sled_log::SledLog;
 
 use crate::model::{Gtid, TxState, TxnRecord};

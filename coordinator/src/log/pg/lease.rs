@@ -59,6 +59,13 @@ impl Store {
             if self.shared.halted.get().is_some() {
                 return;
             }
+            if self
+                .shared
+                .renewals_paused
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                continue;
+            }
             let renewed = self.renew().await;
             let counter = match renewed {
                 Ok(true) => &self.shared.renewals,

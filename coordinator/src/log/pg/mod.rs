@@ -154,6 +154,8 @@ struct Shared {
     flushes: AtomicU64,
     renewals: AtomicU64,
     renewal_failures: AtomicU64,
+    /// Set by [`PgLog::pause_renewals`]: the renewer skips its turns.
+    renewals_paused: std::sync::atomic::AtomicBool,
     /// No claims of others' leases before this: set a lease ahead on every
     /// failed renewal, so after a store outage (when every lease has run
     /// out) the live instances renew theirs before anyone claims.
@@ -215,6 +217,7 @@ impl PgLog {
             flushes: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
             renewal_failures: AtomicU64::new(0),
+            renewals_paused: std::sync::atomic::AtomicBool::new(false),
             claims_paused_until: Mutex::new(None),
         });
         let io = io::IoHandle::start(shared.clone())?;
@@ -224,6 +227,14 @@ impl PgLog {
     /// This process's incarnation (the `owner` of its rows).
     pub fn incarnation(&self) -> Uuid {
         self.shared.incarnation
+    }
+
+    /// Stops (or resumes) renewing this incarnation's heartbeat and
+    /// leases while everything else goes on: for tests, a process that
+    /// stalled past its lease without knowing it
+    /// ([`super::shared_conformance`]).
+    pub fn pause_renewals(&self, paused: bool) {
+        self.shared.renewals_paused.store(paused, Ordering::SeqCst);
     }
 
     /// The cluster as the store sees it: every registered instance, what
