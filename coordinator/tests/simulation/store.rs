@@ -139,6 +139,14 @@ impl InstanceLog {
         }
     }
 
+    /// Its next flush to the shared store fails (the log latches, the
+    /// instance halts and is restarted); a local log has its own faults.
+    pub fn fail_next_force(&self) {
+        if let InstanceLog::Shared(l) = self {
+            l.fail_next_force();
+        }
+    }
+
     /// Renews its leases every third of `lease` (shared stores only).
     pub fn spawn_renewer(&self, lease: Duration) -> Option<tokio::task::JoinHandle<()>> {
         match self {

@@ -254,6 +254,10 @@ async fn supervisor(world: Arc<World>) {
             world.restart(i, false).await;
             next_crash = world.draw(|r| r.ms(1000, every));
         }
+        if faults && world.store.shared() && world.draw(|r| r.chance(0.005)) {
+            let i = world.any();
+            world.instance(i).log.fail_next_force();
+        }
         if faults && next_pause.is_zero() && world.store.shared() {
             tokio::spawn(pause(world.clone()));
             next_pause = world.draw(|r| r.ms(5000, 30_000));
