@@ -74,7 +74,7 @@ run_sim() {
   out="$(cd "$scratch" && TANDEM_SIM_SEEDS="$seeds" TANDEM_SIM_SKIP="$skip" \
     TANDEM_SIM_MAX_FAILURES="$max" cargo test -q -p tandem-coordinator --test simulation \
     seeded_fault_simulation -- --nocapture 2>&1 || true)"
-  if grep -q '^error\(\[E[0-9]*\]\)\?:' <<<"$out"; then
+  if grep -q '^error\[E[0-9]*\]\|^error: could not compile' <<<"$out"; then
     echo "build-failed -"
     grep -m5 '^error' <<<"$out" >&2
     return
@@ -112,10 +112,15 @@ for ((k = 0; k < ${#mutations[@]}; k += 4)); do
   fi
   echo "== $name: $what" >&2
   read -r seed inv _ <<<"$(run_sim "$skip" 1)"
-  rows+=("$name|$inv|$seed|$seeds|$what")
+  ran="$seeds"
+  if [[ "$seed" =~ ^[0-9]+$ ]]; then
+    # Seeds run up to and including the failing one, skipped ones not counted.
+    ran=$((seed + 1 - $(tr ',' '\n' <<<"$skip" | awk -v s="$seed" '$1 != "" && $1 < s' | wc -l)))
+  fi
+  rows+=("$name|$inv|$seed|$ran|$what")
 done
 
-printf '\n| mutation | invariant that caught it | first failing seed | seeds run | what it brings back |\n'
+printf '\n| mutation | invariant that caught it | first failing seed | seeds run (of %s) | what it brings back |\n' "$seeds"
 printf '|---|---|---|---|---|\n'
 for r in "${rows[@]}"; do
   IFS='|' read -r name inv seed n what <<<"$r"
