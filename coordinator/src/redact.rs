@@ -58,7 +58,7 @@ impl SecretKind {
     /// Where the secrets of `s` are.
     fn spans(self, s: &str) -> Vec<Range<usize>> {
         match self {
-            SecretKind::Whole => Vec::from([0..s.len()]),
+            SecretKind::Whole => std::iter::once(0..s.len()).collect(),
             SecretKind::Webhook => url_spans(s),
             SecretKind::Connection => connection_spans(s),
         }
@@ -102,7 +102,7 @@ pub fn redact_url(s: &str) -> String {
 /// everything after the authority. Not a URL: all of it.
 fn url_spans(s: &str) -> Vec<Range<usize>> {
     let Some(scheme_end) = s.find("://") else {
-        return Vec::from([0..s.len()]);
+        return std::iter::once(0..s.len()).collect();
     };
     let start = scheme_end + 3;
     let rest = &s[start..];

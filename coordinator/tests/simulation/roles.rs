@@ -56,12 +56,9 @@ pub async fn resolver(world: Arc<World>, i: usize) {
         }
         let before = now - IN_DOUBT_AFTER.as_millis() as u64;
         for ((gtid, branch), res) in p.in_doubt(before).await {
-            match outcome(&world, gtid).await {
-                Some(d) => {
-                    let tcc = res == resource(true);
-                    finish_by_hand(&world, &p, gtid, branch, tcc, d == Decision::Commit).await;
-                }
-                None => {}
+            if let Some(d) = outcome(&world, gtid).await {
+                let tcc = res == resource(true);
+                finish_by_hand(&world, &p, gtid, branch, tcc, d == Decision::Commit).await;
             }
         }
     }
