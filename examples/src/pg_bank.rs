@@ -30,6 +30,9 @@ use crate::bank::Leg;
 /// How long a 2PC prepare waits for a locked account.
 pub const LOCK_WAIT: Duration = Duration::from_millis(500);
 
+/// The advisory lock the bank's tables are created under.
+const SCHEMA_LOCK: i64 = 0x7461_6e64_656d_6261; // "tandemba"
+
 /// No CHECK on balances on purpose: that no balance goes negative is the
 /// protocol's doing (funds are held before they are spent), and the bank
 /// test checks it with [`audit`].
@@ -109,13 +112,20 @@ impl PgBank {
     ) -> Result<PgBank, PgError> {
         let pool = postgres::pool(url, 32)?;
         {
-            let conn = pool.get().await?;
-            conn.batch_execute(SCHEMA).await?;
+            let mut conn = pool.get().await?;
+            let tx = conn.transaction().await?;
+            // Replicas of this shard may start at the same moment on a
+            // fresh database: CREATE TABLE IF NOT EXISTS alone can then fail
+            // on a race in the catalog. The SDK's tables are made the same
+            // way, under a lock of their own.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+                .await?;
+            tx.batch_execute(SCHEMA).await?;
             for id in accounts {
                 // Not a bare ON CONFLICT: that waits for a prepared
                 // transaction holding the row, which only the resolver
                 // started after this can finish.
-                conn.execute(
+                tx.execute(
                     "INSERT INTO bank_accounts (id, balance)
                      SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM bank_accounts WHERE id = $1)
                      ON CONFLICT DO NOTHING",
@@ -123,6 +133,7 @@ impl PgBank {
                 )
                 .await?;
             }
+            tx.commit().await?;
         }
         let barrier = PgBarrier::open(pool).await?;
         let two_phase = PgTwoPhase::new(barrier.clone(), Legs).await?;

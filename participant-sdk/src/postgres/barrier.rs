@@ -1,14 +1,16 @@
 //! [`PgBarrier`]: barrier records in the participant's PostgreSQL database,
-//! and [`BranchTx`], a handler's transaction that commits its barrier record
-//! with the business change.
+//! locked per branch across every process sharing it, and
+//! [`PgBarrier::begin`], a handler's transaction that commits its barrier
+//! record with the business change.
 
-use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use deadpool_postgres::{ClientWrapper, Object, Pool};
+use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 
-use super::{PgError, migrate};
+use super::branch_lock::{Held, Lease, lock_and_read};
+use super::{BranchTx, PgError, migrate};
 use crate::barrier::locks::{KeyGuard, KeyLocks};
 use crate::barrier::{
     BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, InDoubt, Mark,
@@ -22,10 +24,17 @@ use crate::handler::{BranchContext, HandlerError};
 ///
 /// Every record write is a committed transaction, durable when the server
 /// runs with `synchronous_commit = on` (its default). Calls for one branch
-/// are serialised within the process; across processes sharing the
-/// database, [`begin`](PgBarrier::begin) locks the branch's row, so a
-/// second process finishing the same branch waits and then fails instead of
-/// running the handler twice.
+/// are serialised across every process sharing the database (replicas of
+/// one participant service behind a load balancer): entering a branch
+/// takes a session-level advisory lock keyed on it, on the connection the
+/// call then uses for everything (its records, the handler's
+/// [`BranchTx`], the 2PC finish), held until the call is over. A record is
+/// written only over the mark the call read under that lock (the barrier's
+/// table decides the next one), never blindly: a write that finds another
+/// mark fails instead of overwriting another call's outcome.
+///
+/// The connections must be real sessions (no pooler in transaction mode
+/// between the participant and PostgreSQL).
 ///
 /// # Examples
 ///
@@ -83,7 +92,11 @@ pub struct PgBarrier {
 
 struct Inner {
     pool: Pool,
+    /// In-process first: one call per branch asks PostgreSQL for its lock.
     locks: KeyLocks,
+    /// The connection each entered branch holds its lock on, for the
+    /// handler's transaction to run on.
+    held: Mutex<HashMap<BranchKey, Arc<Held>>>,
 }
 
 impl PgBarrier {
@@ -98,6 +111,7 @@ impl PgBarrier {
             inner: Arc::new(Inner {
                 pool,
                 locks: KeyLocks::default(),
+                held: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -113,8 +127,11 @@ impl PgBarrier {
     /// rollback), so both happen or neither does.
     ///
     /// Use it in a handler served with this store as the server's
-    /// [`barrier`](crate::ParticipantServer::barrier). It locks the branch's
-    /// barrier row until the transaction ends.
+    /// [`barrier`](crate::ParticipantServer::barrier): the transaction then
+    /// runs on the connection holding the branch's lock, so no other
+    /// replica acts on the branch until the call is over. It also locks
+    /// the branch's barrier row until the transaction ends. One at a time
+    /// per call: a second `begin` before the first ended is an error.
     ///
     /// # Errors
     ///
@@ -125,20 +142,27 @@ impl PgBarrier {
         Ok(self.open_tx(ctx, true).await?)
     }
 
+    /// A connection for `key`'s statements: the one holding its lock when
+    /// this process has entered the branch, else a pooled one.
+    pub(super) async fn lease(&self, key: BranchKey) -> Result<Lease, PgError> {
+        let held = self.held().get(&key).cloned();
+        match held {
+            Some(held) => Lease::held(&held).await,
+            None => Ok(Lease::pooled(self.inner.pool.get().await?)),
+        }
+    }
+
     /// A transaction for `ctx`; `lock` takes the barrier row for update
-    /// (not for 2PC prepare, whose locks outlive the call).
+    /// (not for 2PC prepare: `PREPARE TRANSACTION` would hand the row lock
+    /// to the prepared transaction, and phase 2 rewrites that row).
     pub(super) async fn open_tx(
         &self,
         ctx: &BranchContext,
         lock: bool,
     ) -> Result<BranchTx, PgError> {
         let key = ctx.key();
-        let conn = self.inner.pool.get().await?;
-        let tx = BranchTx {
-            conn: Some(conn),
-            key,
-            mark: ctx.phase.done_mark(),
-        };
+        let lease = self.lease(key).await?;
+        let tx = BranchTx::new(lease, key, ctx.phase.done_mark(), ctx.epoch);
         tx.batch_execute("BEGIN").await?;
         let sql = if lock { SELECT_FOR_UPDATE } else { SELECT_MARK };
         let stmt = tx.prepare_cached(sql).await?;
@@ -163,31 +187,27 @@ impl PgBarrier {
     fn locks(&self) -> &KeyLocks {
         &self.inner.locks
     }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<BranchKey, Arc<Held>>> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 const SELECT_MARK: &str = "SELECT mark FROM tandem_barrier WHERE gtid = $1 AND branch_id = $2";
 const SELECT_FOR_UPDATE: &str =
     "SELECT mark FROM tandem_barrier WHERE gtid = $1 AND branch_id = $2 FOR UPDATE";
-const SELECT_RECORD: &str =
-    "SELECT mark, updated_ms, epoch FROM tandem_barrier WHERE gtid = $1 AND branch_id = $2";
-/// Writes a mark; a repeat of the same mark at no newer epoch changes
-/// nothing (and so costs no WAL flush).
-const PUT: &str = "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms, epoch)
-    VALUES ($1, $2, $3, $4, $5)
-    ON CONFLICT (gtid, branch_id) DO UPDATE SET mark = EXCLUDED.mark,
-        updated_ms = EXCLUDED.updated_ms,
-        epoch = GREATEST(tandem_barrier.epoch, EXCLUDED.epoch),
-        resource = CASE WHEN EXCLUDED.mark = 1 THEN tandem_barrier.resource END,
-        payload = CASE WHEN EXCLUDED.mark = 1 THEN tandem_barrier.payload END
-    WHERE tandem_barrier.mark <> EXCLUDED.mark OR tandem_barrier.epoch < EXCLUDED.epoch";
-const PUT_TRIED: &str =
-    "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms, resource, payload, epoch)
-    VALUES ($1, $2, 1, $3, $4, $5, $6)
-    ON CONFLICT (gtid, branch_id) DO UPDATE SET mark = 1, updated_ms = EXCLUDED.updated_ms,
-        resource = EXCLUDED.resource, payload = EXCLUDED.payload,
-        epoch = GREATEST(tandem_barrier.epoch, EXCLUDED.epoch)";
-const UPDATE_MARK: &str = "UPDATE tandem_barrier SET mark = $3, updated_ms = $4,
-    resource = NULL, payload = NULL WHERE gtid = $1 AND branch_id = $2";
+/// A branch's first record; nothing if it has one already.
+const INSERT: &str =
+    "INSERT INTO tandem_barrier (gtid, branch_id, mark, updated_ms, epoch, resource, payload)
+    VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (gtid, branch_id) DO NOTHING";
+/// A record's next mark, only over the mark it was decided on (`$8`).
+/// Resource and payload are kept while `Tried` (given anew by `$6`, `$7`
+/// when not null), dropped after.
+const ADVANCE: &str = "UPDATE tandem_barrier SET mark = $3::smallint, updated_ms = $4,
+        epoch = GREATEST(epoch, $5),
+        resource = CASE WHEN $3::smallint = 1 THEN COALESCE($6, resource) END,
+        payload = CASE WHEN $3::smallint = 1 THEN COALESCE($7, payload) END
+    WHERE gtid = $1 AND branch_id = $2 AND mark = $8";
 const IN_DOUBT: &str = "SELECT gtid, branch_id, resource, payload, updated_ms FROM tandem_barrier
     WHERE mark = 1 AND resource IS NOT NULL AND updated_ms < $1
       AND (gtid, branch_id) > ($3, $4)
@@ -209,118 +229,97 @@ const PURGE: &str = "WITH page AS (
     FROM (SELECT 1) one LEFT JOIN (
         SELECT gtid, branch_id FROM page ORDER BY gtid DESC, branch_id DESC LIMIT 1) last ON true";
 
-/// A handler's transaction on one pooled connection, from
-/// [`PgBarrier::begin`]. Run queries through it as through a
-/// `tokio_postgres::Client` (it derefs to one), then
-/// [`commit`](BranchTx::commit) or [`rollback`](BranchTx::rollback).
-/// Dropping it rolls back.
-pub struct BranchTx {
-    conn: Option<Object>,
-    key: BranchKey,
-    /// Stored at commit, when this call leaves a record.
-    mark: Option<Mark>,
-}
-
-impl BranchTx {
-    /// Stores the call's barrier record and commits.
-    ///
-    /// # Errors
-    ///
-    /// The database failed; nothing of the transaction is applied, unless
-    /// the connection broke during the commit itself (then the barrier
-    /// record tells the next call which it was).
-    pub async fn commit(mut self) -> Result<(), PgError> {
-        if let Some(mark) = self.mark {
-            let stmt = self.prepare_cached(UPDATE_MARK).await?;
-            let params: [&(dyn ToSql + Sync); 4] = [
-                &self.key.gtid,
-                &(self.key.branch_id as i64),
-                &(mark.code() as i16),
-                &(now_ms() as i64),
-            ];
-            self.execute(&stmt, &params).await?;
-        }
-        self.finish("COMMIT").await
-    }
-
-    /// Rolls back everything done in the transaction.
-    ///
-    /// # Errors
-    ///
-    /// The connection failed (the server rolls back on its own then).
-    pub async fn rollback(mut self) -> Result<(), PgError> {
-        self.finish("ROLLBACK").await
-    }
-
-    /// Inserts the commit marker and ends with `PREPARE TRANSACTION`.
-    pub(super) async fn prepare(mut self) -> Result<(), PgError> {
-        let stmt = self
-            .prepare_cached("INSERT INTO tandem_prepared_commits (gtid, branch_id) VALUES ($1, $2)")
-            .await?;
-        self.execute(&stmt, &[&self.key.gtid, &(self.key.branch_id as i64)])
-            .await?;
-        let gid = super::gid(self.key);
-        self.finish(&format!("PREPARE TRANSACTION '{gid}'")).await
-    }
-
-    async fn finish(&mut self, sql: &str) -> Result<(), PgError> {
-        let result = self.batch_execute(sql).await;
-        // The transaction is over whatever the answer (a failed COMMIT
-        // rolls back); the connection can go back to the pool.
-        self.conn.take();
-        Ok(result?)
-    }
-}
-
-impl Deref for BranchTx {
-    type Target = ClientWrapper;
-
-    #[allow(clippy::expect_used)]
-    fn deref(&self) -> &ClientWrapper {
-        // `conn` is only taken by `finish`, which consumes the transaction.
-        self.conn.as_ref().expect("transaction in progress")
-    }
-}
-
-impl DerefMut for BranchTx {
-    #[allow(clippy::expect_used)]
-    fn deref_mut(&mut self) -> &mut ClientWrapper {
-        self.conn.as_mut().expect("transaction in progress")
-    }
-}
-
-impl Drop for BranchTx {
-    fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else {
-            return;
-        };
-        // Dropped mid-transaction (an early `?`). The connection leaves the
-        // pool for good: should the rollback below never run (runtime
-        // shutting down), closing it is what rolls back, and a pooled
-        // connection can never carry a stale transaction into the next
-        // call. The pool opens a new one when needed.
-        let client = Object::take(conn);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let _ = client.batch_execute("ROLLBACK").await;
-            });
-        }
-    }
-}
-
 struct PgEntry {
     store: PgBarrier,
     key: BranchKey,
     record: Option<BarrierRecord>,
+    held: Arc<Held>,
     _guard: KeyGuard,
 }
 
 impl PgEntry {
-    async fn write(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<(), PgError> {
-        let conn = self.store.pool().get().await?;
-        let stmt = conn.prepare_cached(sql).await?;
-        conn.execute(&stmt, params).await?;
+    /// Stores `mark` over the record as read under the branch's lock (or
+    /// as the handler's transaction left it), and only over that: a record
+    /// that changed meanwhile is not overwritten, the write fails. With
+    /// `tried`, the resource and payload of a try.
+    async fn write(
+        &mut self,
+        mark: Mark,
+        epoch: u64,
+        tried: Option<(&str, &[u8])>,
+    ) -> Result<(), BarrierError> {
+        if let Some((done, at)) = self.held.take_written() {
+            let updated_ms = self.record.map_or(0, |r| r.updated_ms);
+            self.record = Some(BarrierRecord {
+                mark: done,
+                updated_ms,
+                epoch: at,
+            });
+        }
+        let from = self.record;
+        if tried.is_none() && from.is_some_and(|r| r.mark == mark && r.epoch >= epoch) {
+            return Ok(()); // already stored: a repeat writes nothing
+        }
+        let ms = now_ms();
+        let epoch = from.map_or(epoch, |r| r.epoch.max(epoch));
+        let (resource, payload) = match tried {
+            Some((r, p)) => (Some(r), Some(p)),
+            None => (None, None),
+        };
+        let lease = self.store.lease(self.key).await?;
+        let (gtid, branch, code, at, e) = (
+            self.key.gtid,
+            self.key.branch_id as i64,
+            mark.code() as i16,
+            ms as i64,
+            epoch.min(i64::MAX as u64) as i64,
+        );
+        let written = match from {
+            None => {
+                let stmt = lease.prepare_cached(INSERT).await.map_err(PgError::from)?;
+                let params: [&(dyn ToSql + Sync); 7] =
+                    [&gtid, &branch, &code, &at, &e, &resource, &payload];
+                lease.execute(&stmt, &params).await
+            }
+            Some(old) => {
+                let stmt = lease.prepare_cached(ADVANCE).await.map_err(PgError::from)?;
+                let was = old.mark.code() as i16;
+                let params: [&(dyn ToSql + Sync); 8] =
+                    [&gtid, &branch, &code, &at, &e, &resource, &payload, &was];
+                lease.execute(&stmt, &params).await
+            }
+        }
+        .map_err(PgError::from)?;
+        if written != 1 {
+            return Err(BarrierError(format!(
+                "barrier: the record of branch {} of {} changed under its lock \
+                 (expected {:?}); not overwriting it",
+                self.key.branch_id,
+                self.key.gtid,
+                from.map(|r| r.mark)
+            )));
+        }
+        self.record = Some(BarrierRecord {
+            mark,
+            updated_ms: ms,
+            epoch,
+        });
         Ok(())
+    }
+}
+
+impl Drop for PgEntry {
+    fn drop(&mut self) {
+        // The call is over: the handler's transaction can no longer find
+        // the held connection, and once the last lease of it is back the
+        // branch is unlocked.
+        let mut held = self.store.held();
+        if held
+            .get(&self.key)
+            .is_some_and(|h| Arc::ptr_eq(h, &self.held))
+        {
+            held.remove(&self.key);
+        }
     }
 }
 
@@ -330,23 +329,7 @@ impl BarrierEntry for PgEntry {
     }
 
     fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
-        Box::pin(async move {
-            let record = BarrierRecord {
-                mark,
-                updated_ms: now_ms(),
-                epoch,
-            };
-            let (branch, code, ms, e) = (
-                self.key.branch_id as i64,
-                mark.code() as i16,
-                record.updated_ms as i64,
-                epoch.min(i64::MAX as u64) as i64,
-            );
-            self.write(PUT, &[&self.key.gtid, &branch, &code, &ms, &e])
-                .await?;
-            self.record = Some(record);
-            Ok(())
-        })
+        Box::pin(self.write(mark, epoch, None))
     }
 
     fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
@@ -361,49 +344,7 @@ impl BarrierEntry for PgEntry {
         payload: &'a [u8],
         epoch: u64,
     ) -> BoxFuture<'a, Result<(), BarrierError>> {
-        Box::pin(async move {
-            let ms = now_ms();
-            let branch = self.key.branch_id as i64;
-            let e = epoch.min(i64::MAX as u64) as i64;
-            self.write(
-                PUT_TRIED,
-                &[
-                    &self.key.gtid,
-                    &branch,
-                    &(ms as i64),
-                    &resource,
-                    &payload,
-                    &e,
-                ],
-            )
-            .await?;
-            self.record = Some(BarrierRecord {
-                mark: Mark::Tried,
-                updated_ms: ms,
-                epoch,
-            });
-            Ok(())
-        })
-    }
-}
-
-fn decode_record(
-    key: BranchKey,
-    code: i16,
-    ms: i64,
-    epoch: i64,
-) -> Result<BarrierRecord, BarrierError> {
-    let mark = u8::try_from(code).ok().and_then(Mark::from_code);
-    match mark {
-        Some(mark) => Ok(BarrierRecord {
-            mark,
-            updated_ms: ms.max(0) as u64,
-            epoch: epoch.max(0) as u64,
-        }),
-        None => Err(BarrierError(format!(
-            "record of {} branch {} has unknown mark {code}",
-            key.gtid, key.branch_id
-        ))),
+        Box::pin(self.write(Mark::Tried, epoch, Some((resource, payload))))
     }
 }
 
@@ -412,22 +353,14 @@ impl BarrierStore for PgBarrier {
         Box::pin(async move {
             let guard = self.locks().lock(key).await;
             let conn = self.pool().get().await.map_err(PgError::from)?;
-            let stmt = conn
-                .prepare_cached(SELECT_RECORD)
-                .await
-                .map_err(PgError::from)?;
-            let row = conn
-                .query_opt(&stmt, &[&key.gtid, &(key.branch_id as i64)])
-                .await
-                .map_err(PgError::from)?;
-            let record = match row {
-                None => None,
-                Some(row) => Some(decode_record(key, row.get(0), row.get(1), row.get(2))?),
-            };
+            let (held, record) = lock_and_read(conn, key).await?;
+            let held = Arc::new(held);
+            self.held().insert(key, held.clone());
             Ok(Box::new(PgEntry {
                 store: self.clone(),
                 key,
                 record,
+                held,
                 _guard: guard,
             }) as Box<dyn BarrierEntry>)
         })

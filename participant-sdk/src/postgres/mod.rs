@@ -37,13 +37,16 @@
 //! "rolled back").
 
 mod barrier;
+mod branch_lock;
+mod branch_tx;
 mod resolver;
 mod tls;
 mod two_phase;
 
 use std::time::Duration;
 
-pub use barrier::{BranchTx, PgBarrier};
+pub use barrier::PgBarrier;
+pub use branch_tx::BranchTx;
 pub use deadpool_postgres::{self, Pool};
 pub use resolver::{
     ResolveError, Resolved, resolve_prepared, spawn_prepared_resolver, spawn_prepared_resolver_with,

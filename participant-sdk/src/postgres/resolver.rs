@@ -110,7 +110,7 @@ async fn finish_one(
     {
         // Under the branch's lock, as a phase-2 call would run.
         let mut entry = barrier.enter(key).await?;
-        finish_prepared(barrier.pool(), key, commit).await?;
+        finish_prepared(barrier, key, commit).await?;
         if let Some(record) = entry.record().filter(|r| r.mark == Mark::Tried) {
             let done = if commit {
                 Mark::Confirmed

@@ -2,7 +2,6 @@
 
 use std::future::Future;
 
-use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 
 use super::{BranchTx, PgBarrier, PgError, gid};
@@ -108,8 +107,12 @@ impl<H: PgPrepare> PgTwoPhase<H> {
 
 impl<H: PgPrepare> TwoPhase for PgTwoPhase<H> {
     async fn prepare(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
-        // The barrier row is read, not locked: a prepared transaction keeps
-        // its locks until phase 2, and phase 2 rewrites that row.
+        // On the connection holding the branch's lock, which stays held
+        // through PREPARE TRANSACTION until the vote is answered: a
+        // rollback or a second prepare at another replica waits, then
+        // finds the prepared transaction and its `Tried`. The barrier row
+        // is read, not locked: a prepared transaction keeps its row locks
+        // until phase 2, and phase 2 rewrites that row.
         let tx = self.barrier.open_tx(ctx, false).await?;
         let vote = match self.handler.prepare(ctx, payload, &tx).await {
             Ok(vote) => vote,
@@ -130,22 +133,25 @@ impl<H: PgPrepare> TwoPhase for PgTwoPhase<H> {
     }
 
     async fn commit(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
-        Ok(finish_prepared(self.barrier.pool(), ctx.key(), true).await?)
+        Ok(finish_prepared(&self.barrier, ctx.key(), true).await?)
     }
 
     async fn rollback(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
-        Ok(finish_prepared(self.barrier.pool(), ctx.key(), false).await?)
+        Ok(finish_prepared(&self.barrier, ctx.key(), false).await?)
     }
 }
 
 /// `COMMIT PREPARED` (`commit`) or `ROLLBACK PREPARED` the branch's
-/// prepared transaction, idempotently (see [`PgTwoPhase`]).
+/// prepared transaction, idempotently (see [`PgTwoPhase`]), on the
+/// connection holding the branch's lock when there is one. The prepared
+/// transaction holds no lock this waits for: the branch lock is a session
+/// lock, which `PREPARE TRANSACTION` does not hand over.
 pub(super) async fn finish_prepared(
-    pool: &Pool,
+    barrier: &PgBarrier,
     key: BranchKey,
     commit: bool,
 ) -> Result<(), PgError> {
-    let conn = pool.get().await?;
+    let conn = barrier.lease(key).await?;
     let gid = gid(key);
     let verb = if commit { "COMMIT" } else { "ROLLBACK" };
     let err = match conn
