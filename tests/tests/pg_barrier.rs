@@ -160,3 +160,125 @@ async fn opening_does_not_wait_for_prepared_transactions() {
         .expect("open waited for the prepared transaction")
         .expect("open");
 }
+
+// Rule: the branch lock holds across processes. Two stores on one
+// database (as two replicas of a participant are) never hold a branch at
+// once: the second waits, then reads what the first wrote; other branches
+// do not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_database_serialise_a_branch() {
+    let pg = PgServer::start();
+    pg.create_database("shared").await;
+    let one = PgBarrier::open(pg.pool("shared")).await.expect("open");
+    let two = PgBarrier::open(pg.pool("shared")).await.expect("open");
+    let key = conformance::key(1, 1);
+    let mut first = one.enter(key).await.expect("enter");
+    assert_eq!(first.record(), None);
+    let waiting = tokio::spawn({
+        let two = two.clone();
+        async move {
+            let entry = two.enter(key).await.expect("enter");
+            entry.record().map(|r| r.mark)
+        }
+    });
+    let other = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        two.enter(conformance::key(1, 2)),
+    )
+    .await;
+    assert!(matches!(other, Ok(Ok(_))), "another branch waited");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the second store entered a branch the first holds"
+    );
+    first.put(Mark::EmptyCancelled, 1).await.expect("put");
+    drop(first);
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("the second store never got the branch")
+        .expect("task");
+    assert_eq!(seen, Some(Mark::EmptyCancelled));
+}
+
+// A record is written only over the mark read under the branch's lock:
+// one changed behind the entry's back (a writer not taking the lock) is
+// not overwritten, the write fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_changed_behind_the_lock_is_not_overwritten() {
+    let pg = PgServer::start();
+    pg.create_database("cas").await;
+    let barrier = PgBarrier::open(pg.pool("cas")).await.expect("open");
+    let key = conformance::key(2, 1);
+    let mut entry = barrier.enter(key).await.expect("enter");
+    entry.put_tried("r", b"p", 1).await.expect("tried");
+    pg.connect("cas")
+        .await
+        .execute(
+            "UPDATE tandem_barrier SET mark = 4 WHERE gtid = $1",
+            &[&key.gtid],
+        )
+        .await
+        .expect("behind the lock");
+    assert!(entry.put(Mark::Refused, 1).await.is_err());
+    drop(entry);
+    assert_eq!(
+        barrier
+            .enter(key)
+            .await
+            .expect("enter")
+            .record()
+            .map(|r| r.mark),
+        Some(Mark::Cancelled)
+    );
+}
+
+// Inside a call, the handler's transaction runs on the connection holding
+// the branch's lock: dropped half-way it is rolled back before the call's
+// record is written on that connection, and a second transaction while
+// the first is open is refused rather than waiting for itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_transaction_inside_a_call_shares_the_locked_connection() {
+    let pg = PgServer::start();
+    pg.create_database("inside").await;
+    let barrier = PgBarrier::open(postgres::pool(&pg.url("inside"), 2).expect("pool"))
+        .await
+        .expect("open");
+    barrier
+        .pool()
+        .get()
+        .await
+        .expect("conn")
+        .batch_execute("CREATE TABLE scratch (v int)")
+        .await
+        .expect("create");
+    let ctx = BranchContext {
+        gtid: Gtid::now_v7(),
+        branch_id: 1,
+        resource: "r".into(),
+        attempt: 1,
+        phase: Phase::Cancel,
+        epoch: 1,
+        traceparent: None,
+    };
+    let mut entry = barrier.enter(ctx.key()).await.expect("enter");
+    entry.put_tried("r", b"", 1).await.expect("tried");
+    {
+        let tx = barrier.begin(&ctx).await.expect("begin");
+        tx.execute("INSERT INTO scratch VALUES (1)", &[])
+            .await
+            .expect("insert");
+        assert!(
+            barrier.begin(&ctx).await.is_err(),
+            "a second transaction of the call"
+        );
+        // dropped here, as by an early return
+    }
+    entry
+        .put(Mark::Cancelled, 1)
+        .await
+        .expect("put after rollback");
+    drop(entry);
+    assert_eq!(scratch_values(&pg, "inside").await, Vec::<i32>::new());
+    assert_eq!(mark(&barrier, &ctx).await, Some(Mark::Cancelled));
+}

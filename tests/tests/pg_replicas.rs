@@ -246,11 +246,10 @@ fn pairs_wanted() -> usize {
 
 /// One wrong branch: why.
 fn wrong(branch: &Branch, mark: Option<Mark>, held: bool, prepared: bool) -> Option<String> {
-    let want_ok = match (branch.commit, mark) {
-        (true, Some(Mark::Confirmed)) => true,
-        (false, Some(Mark::Cancelled | Mark::EmptyCancelled)) => true,
-        _ => false,
-    };
+    let want_ok = matches!(
+        (branch.commit, mark),
+        (true, Some(Mark::Confirmed)) | (false, Some(Mark::Cancelled | Mark::EmptyCancelled))
+    );
     let mut why = Vec::new();
     if !want_ok {
         let decided = if branch.commit { "commit" } else { "abort" };
