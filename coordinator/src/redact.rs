@@ -135,8 +135,16 @@ fn connection_spans(s: &str) -> Vec<Range<usize>> {
     // key=value pairs: a query string's (`&`-separated) and a libpq
     // connection string's (whitespace-separated, spaces around `=`
     // allowed, values quoted or backslash-escaped).
+    let password = spans.first().cloned();
     let mut from = 0;
     while let Some((key_start, value_at)) = next_secret(&s[from..]) {
+        // A `key=` inside the URL's password is part of that secret.
+        if let Some(p) = &password
+            && p.contains(&(from + key_start))
+        {
+            from = p.end;
+            continue;
+        }
         let rest = &s[from..];
         // What separates the whole key (`api_key`, `x-api-key`) from what
         // precedes it tells a query string from a connection string.
@@ -150,7 +158,7 @@ fn connection_spans(s: &str) -> Vec<Range<usize>> {
         spans.push(from + value_at..from + end);
         from += end;
     }
-    // Overlaps (a key=value inside a URL's password) become one span.
+    // Overlaps become one span.
     spans.sort_by_key(|r| r.start);
     let mut merged: Vec<Range<usize>> = Vec::with_capacity(spans.len());
     for span in spans {
@@ -259,11 +267,13 @@ impl Secrets {
         if secret.trim_matches(['/', '?', '#']).is_empty() {
             return;
         }
-        let escaped = format!("{secret:?}");
-        let escaped = &escaped[1..escaped.len() - 1];
-        for form in [secret, escaped, &percent_decoded(secret)] {
-            if !self.values.iter().any(|v| v == form) {
-                self.values.push(form.to_string());
+        for plain in [secret.to_string(), percent_decoded(secret)] {
+            let escaped = format!("{plain:?}");
+            let escaped = escaped[1..escaped.len() - 1].to_string();
+            for form in [plain, escaped] {
+                if !self.values.contains(&form) {
+                    self.values.push(form);
+                }
             }
         }
         self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
