@@ -426,6 +426,14 @@ fn timeline(t: &pb::TransactionInfo) -> Vec<Moment> {
             );
         }
     }
+    if t.compacted {
+        at(
+            t.updated_at_ms,
+            Some(t.updated_at_ms),
+            "compacted by retention: only its decision is kept (a branch was settled by hand)"
+                .into(),
+        );
+    }
     if t.deadline_ms > 0 {
         at(
             t.deadline_ms,

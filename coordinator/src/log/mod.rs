@@ -207,10 +207,11 @@ pub trait TxnLog: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// Removes the record of `gtid` and its payloads (retention of finished
-    /// transactions). Removing an unknown gtid is not an error. A shared
-    /// store removes a row only if it is finished when the removal lands
-    /// (one another coordinator still drives stays). Not durable
+    /// Removes the record of `gtid` and its payloads. Removing an unknown
+    /// gtid is not an error. A shared store removes a row only if it is
+    /// finished when the removal lands (one another coordinator still
+    /// drives stays). Retention does not use it (it uses
+    /// [`purge`](TxnLog::purge), which keeps what must not be forgotten). Not durable
     /// until a later `force` (or never, harmlessly: a removal that is lost
     /// only brings back a finished record).
     fn remove(&self, gtid: &Gtid) -> Result<(), LogError>;

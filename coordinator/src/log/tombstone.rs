@@ -75,13 +75,8 @@ impl Tombstone {
             Decision::Commit => TxState::Committed,
             Decision::Abort => TxState::Aborted,
         };
-        let mut rec = TxnRecord::new(
-            self.gtid,
-            self.mode,
-            state,
-            self.created_ms,
-            self.created_ms,
-        );
+        // No deadline: it was decided long ago.
+        let mut rec = TxnRecord::new(self.gtid, self.mode, state, self.created_ms, 0);
         rec.decision = Some(self.decision);
         rec.updated_ms = self.finished_ms;
         rec.compacted = true;
