@@ -2,90 +2,203 @@
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::atomic::Ordering;
 
 use tandem_coordinator::model::{Decision, Gtid, TxState};
+use tandem_sdk::barrier::{BarrierStore, BranchKey, Mark};
 
-use crate::net::Mark;
+use crate::participants::Applied;
+use crate::roles::rows;
 use crate::world::{Summary, World};
 
-/// All invariants; the first broken one's message.
-pub fn check(world: &World) -> Result<(), String> {
-    no_participant_contradiction(world)?;
-    no_split_outcome(world)?;
-    phase_two_follows_the_durable_decision(world)?;
-    nothing_reported_committed_that_was_not_durable(world)?;
-    every_transaction_terminal(world)?;
-    no_reservation_held(world)?;
-    each_branch_called_with_its_own_protocol(world)?;
-    nothing_leaks(world)
+/// What is known of `gtid`: its answers, its effects, its row.
+pub fn history(world: &World, gtid: &Gtid) -> String {
+    let answers: Vec<String> = world
+        .answers
+        .all()
+        .into_iter()
+        .filter(|a| a.gtid == *gtid)
+        .map(|a| {
+            format!(
+                "{} {} by {} at {} ms",
+                a.how,
+                if a.commit { "COMMIT" } else { "ABORT" },
+                a.instance,
+                a.at_ms - crate::instance::EPOCH_MS
+            )
+        })
+        .collect();
+    let effects: Vec<Applied> = applied(world).remove(gtid).unwrap_or_default();
+    let row = world.last_seen.lock().unwrap().get(gtid).cloned();
+    format!(
+        "\n    answers: {answers:?}\n    effects: {effects:?}\n    decision: {:?}\n    last seen: {:?}",
+        world.store.decision(gtid),
+        row.map(|r| {
+            let branches: Vec<_> = r
+                .branches
+                .iter()
+                .map(|b| {
+                    (
+                        b.id,
+                        b.mode,
+                        b.endpoint.clone(),
+                        b.state,
+                        b.last_error.clone(),
+                    )
+                })
+                .collect();
+            (r.state, r.epoch, r.reason, branches)
+        })
+    )
 }
 
-/// Every call of a branch used the branch's recorded protocol (in a
-/// transaction mixing 2PC and TCC branches, each keeps its own).
-fn each_branch_called_with_its_own_protocol(world: &World) -> Result<(), String> {
-    for (gtid, (_, rec)) in world.log().view() {
-        for b in &rec.branches {
-            for p in &world.net.participants {
-                if let Some(seen) = p.modes.lock().unwrap().get(&(gtid, b.id))
-                    && *seen != b.mode
-                {
-                    return Err(format!(
-                        "{gtid} branch {} is {:?} but was called with {seen:?}",
-                        b.id, b.mode
-                    ));
-                }
-            }
-        }
+/// All invariants; the first broken one's name and message.
+pub async fn check(world: &World) -> Result<(), String> {
+    let named = |name: &str, r: Result<(), String>| r.map_err(|e| format!("[{name}] {e}"));
+    named("no_participant_violation", no_participant_violation(world))?;
+    named(
+        "store_decision_never_changes",
+        store_decision_never_changes(world),
+    )?;
+    named("no_split_outcome", no_split_outcome(world))?;
+    named(
+        "applied_follows_the_decision",
+        applied_follows_the_decision(world),
+    )?;
+    named("answers_agree", answers_agree(world))?;
+    named(
+        "reported_commits_were_durable",
+        reported_commits_were_durable(world),
+    )?;
+    named("owned_rows_are_driven", owned_rows_are_driven(world))?;
+    named(
+        "every_transaction_finished",
+        every_transaction_finished(world),
+    )?;
+    if !world.resolver_on {
+        named(
+            "coordinator_delivered_every_branch",
+            coordinator_delivered_every_branch(world).await,
+        )?;
     }
-    Ok(())
+    named("no_hold_survives", no_hold_survives(world).await)?;
+    named("nothing_leaks", nothing_leaks(world))
 }
 
-/// No participant saw a phase-2 call contradicting an earlier one (confirm
-/// after cancel, confirm without a try, …).
-fn no_participant_contradiction(world: &World) -> Result<(), String> {
+/// No participant saw a broken rule: a second try reserving again, a
+/// confirm with nothing reserved, a phase-2 call the barrier refused as
+/// contradicting the branch's record, a branch called with two protocols.
+fn no_participant_violation(world: &World) -> Result<(), String> {
+    if let Some(v) = world.net.violations.lock().unwrap().first() {
+        return Err(v.clone());
+    }
     for (i, p) in world.net.participants.iter().enumerate() {
-        if let Some(v) = p.violations.lock().unwrap().first() {
+        if let Some(v) = p.business.violations.lock().unwrap().first() {
             return Err(format!("participant {i}: {v}"));
         }
     }
     Ok(())
 }
 
-/// What each transaction's branches applied: gtid → set of commit flags.
-fn applied(world: &World) -> BTreeMap<Gtid, Vec<bool>> {
-    let mut by_gtid: BTreeMap<Gtid, Vec<bool>> = BTreeMap::new();
-    for p in &world.net.participants {
-        for (gtid, _, commit) in p.applied.lock().unwrap().iter() {
-            by_gtid.entry(*gtid).or_default().push(*commit);
-        }
-    }
-    by_gtid
-}
-
-/// Atomicity: no transaction has one branch confirmed and another
-/// cancelled.
-fn no_split_outcome(world: &World) -> Result<(), String> {
-    for (gtid, commits) in applied(world) {
-        if commits.contains(&true) && commits.contains(&false) {
+/// Every decision that ever landed in the store (removed rows included)
+/// is the only one its gtid ever had.
+fn store_decision_never_changes(world: &World) -> Result<(), String> {
+    let mut first: BTreeMap<Gtid, Decision> = BTreeMap::new();
+    for (gtid, d) in world.store.decisions() {
+        if let Some(f) = first.insert(gtid, d)
+            && f != d
+        {
             return Err(format!(
-                "split outcome: {gtid} committed at one branch and rolled back at another"
+                "{gtid} was decided {f:?} and later {d:?} in the store"
             ));
         }
     }
     Ok(())
 }
 
-/// Every applied phase-2 call agrees with the durable decision: a commit
-/// only under a durable commit; a rollback never under one.
-fn phase_two_follows_the_durable_decision(world: &World) -> Result<(), String> {
-    for (gtid, commits) in applied(world) {
-        let durable = world.disk.get(&gtid).and_then(|r| r.decision);
-        let committed = durable == Some(Decision::Commit);
-        if commits.iter().any(|c| *c != committed) {
+fn applied(world: &World) -> BTreeMap<Gtid, Vec<Applied>> {
+    let mut by_gtid: BTreeMap<Gtid, Vec<Applied>> = BTreeMap::new();
+    for p in &world.net.participants {
+        for a in p.business.applied.lock().unwrap().iter() {
+            by_gtid.entry(a.gtid).or_default().push(a.clone());
+        }
+    }
+    by_gtid
+}
+
+/// Atomicity: no transaction has one branch confirmed and another
+/// cancelled, whoever asked (coordinator, in-doubt resolution, operator).
+fn no_split_outcome(world: &World) -> Result<(), String> {
+    for (gtid, effects) in applied(world) {
+        let commit = effects.iter().find(|a| a.commit);
+        let abort = effects.iter().find(|a| !a.commit && a.had_hold);
+        if let (Some(c), Some(a)) = (commit, abort) {
             return Err(format!(
-                "{gtid}: participants applied commit={} but the durable decision is {durable:?}",
-                !committed
+                "split outcome: {gtid} branch {} committed (by coordinator: {}) and branch {} \
+                 rolled back a hold (by coordinator: {}){}",
+                c.branch,
+                c.by_coordinator,
+                a.branch,
+                a.by_coordinator,
+                history(world, &gtid)
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Every phase-2 effect agrees with the store's decision: a commit only
+/// under a commit decision; a rollback never under one.
+fn applied_follows_the_decision(world: &World) -> Result<(), String> {
+    for (gtid, effects) in applied(world) {
+        let decided = world.store.decision(&gtid);
+        let committed = decided == Some(Decision::Commit);
+        if let Some(a) = effects.iter().find(|a| a.commit != committed) {
+            return Err(format!(
+                "{gtid} branch {}: applied commit={} (by coordinator: {}) but the store's \
+                 decision is {decided:?}",
+                a.branch, a.commit, a.by_coordinator
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every outcome any instance told anyone, at any time, for one gtid,
+/// agrees with every other and with the store's decision (a commit told
+/// where the store decided abort or nothing, an abort where it decided
+/// commit — after a purge included).
+fn answers_agree(world: &World) -> Result<(), String> {
+    let mut first: BTreeMap<Gtid, crate::answers::Answer> = BTreeMap::new();
+    for a in world.answers.all() {
+        let decided = world.store.decision(&a.gtid);
+        if decided.is_some_and(|d| (d == Decision::Commit) != a.commit) {
+            return Err(format!(
+                "{} answered {} for {} ({}, at {} ms) but the store decided {decided:?}",
+                a.instance,
+                if a.commit { "COMMIT" } else { "ABORT" },
+                a.gtid,
+                a.how,
+                a.at_ms - crate::instance::EPOCH_MS
+            ));
+        }
+        if let Some(f) = first.get(&a.gtid) {
+            if f.commit != a.commit {
+                return Err(format!(
+                    "{} was answered {} by {} ({}, at {} ms) and {} by {} ({}, at {} ms)",
+                    a.gtid,
+                    if f.commit { "COMMIT" } else { "ABORT" },
+                    f.instance,
+                    f.how,
+                    f.at_ms - crate::instance::EPOCH_MS,
+                    if a.commit { "COMMIT" } else { "ABORT" },
+                    a.instance,
+                    a.how,
+                    a.at_ms - crate::instance::EPOCH_MS
+                ));
+            }
+        } else {
+            first.insert(a.gtid, a);
         }
     }
     Ok(())
@@ -93,80 +206,184 @@ fn phase_two_follows_the_durable_decision(world: &World) -> Result<(), String> {
 
 /// Nothing was reported committed (to a client, or through GetOutcome)
 /// before the commit decision was durable.
-fn nothing_reported_committed_that_was_not_durable(world: &World) -> Result<(), String> {
+fn reported_commits_were_durable(world: &World) -> Result<(), String> {
     match world.violations.lock().unwrap().first() {
         Some(v) => Err(v.clone()),
         None => Ok(()),
     }
 }
 
-/// Once faults stop, every transaction is terminal within the quiet phase.
-fn every_transaction_terminal(world: &World) -> Result<(), String> {
-    for (gtid, (_, rec)) in world.log().view() {
-        if !rec.state.is_terminal() {
+/// Once faults stopped, no unfinished row owned by a live instance sat
+/// unchanged past the bound (the monitor's finding).
+fn owned_rows_are_driven(world: &World) -> Result<(), String> {
+    match world.undriven.lock().unwrap().first() {
+        Some(v) => Err(v.clone()),
+        None => Ok(()),
+    }
+}
+
+/// At the end of the quiet phase every transaction is finished (or STUCK,
+/// waiting for an operator).
+fn every_transaction_finished(world: &World) -> Result<(), String> {
+    for row in rows(world) {
+        let rec = row.record;
+        if !rec.state.is_terminal() && rec.state != TxState::Stuck {
             return Err(format!(
-                "{gtid} is still {} (decision {:?}) after the quiet phase",
-                rec.state, rec.decision
+                "{} is still {} (decision {:?}, epoch {}, owner {:?}) after the quiet phase",
+                rec.gtid, rec.state, rec.decision, row.epoch, row.owner
             ));
         }
     }
     Ok(())
 }
 
-/// No participant still holds a reservation: every try was confirmed or
-/// cancelled.
-fn no_reservation_held(world: &World) -> Result<(), String> {
+/// Each branch's barrier record at the end.
+async fn marks(world: &World) -> Vec<(usize, BranchKey, Option<Mark>)> {
+    let mut out = Vec::new();
     for (i, p) in world.net.participants.iter().enumerate() {
-        for ((gtid, branch), mark) in p.marks.lock().unwrap().iter() {
-            if let Mark::Tried(_) = mark {
-                return Err(format!(
-                    "participant {i} still holds {gtid} branch {branch}"
-                ));
-            }
+        let keys: Vec<_> = p
+            .business
+            .tried_at
+            .lock()
+            .unwrap()
+            .keys()
+            .copied()
+            .collect();
+        for (gtid, branch_id) in keys {
+            let key = BranchKey { gtid, branch_id };
+            let mark = match p.barrier.enter(key).await {
+                Ok(entry) => entry.record().map(|r| r.mark),
+                Err(_) => None,
+            };
+            out.push((i, key, mark));
+        }
+    }
+    out
+}
+
+/// With in-doubt resolution off, nothing but the coordinator (and the
+/// operator's own hand) delivers phase 2: every branch of a decided
+/// transaction that a try reached ends confirmed under COMMIT, and
+/// cancelled (or voted no) under ABORT or no decision (presumed abort).
+async fn coordinator_delivered_every_branch(world: &World) -> Result<(), String> {
+    for (i, key, mark) in marks(world).await {
+        if !world.store.known(&key.gtid) {
+            continue; // never durable: the participant's to resolve
+        }
+        let decided = world.store.decision(&key.gtid);
+        let ok = match decided {
+            Some(Decision::Commit) => mark == Some(Mark::Confirmed),
+            _ => matches!(
+                mark,
+                Some(Mark::Refused | Mark::Cancelled | Mark::EmptyCancelled)
+            ),
+        };
+        if !ok {
+            return Err(format!(
+                "participant {i}: {} branch {} ends {mark:?} under decision {decided:?}: \
+                 the coordinator never delivered its phase 2{}",
+                key.gtid,
+                key.branch_id,
+                history(world, &key.gtid)
+            ));
         }
     }
     Ok(())
 }
 
-/// The coordinator holds nothing for finished work: no live transaction,
-/// no task, no recovery backlog.
+/// No participant still holds a reservation, and no barrier record is
+/// still `Tried`: every try was confirmed or cancelled.
+async fn no_hold_survives(world: &World) -> Result<(), String> {
+    // With in-doubt resolution off, a branch of a gtid no log ever kept
+    // (a local log's unforced start lost in a crash) has nobody to
+    // release it, by design: those are left out (and only those).
+    let exempt = |gtid: &Gtid| !world.resolver_on && !world.store.known(gtid);
+    for (i, p) in world.net.participants.iter().enumerate() {
+        let holds = p.business.holds.lock().unwrap().clone();
+        if let Some(((gtid, branch), _)) = holds.iter().find(|(k, _)| !exempt(&k.0)) {
+            return Err(format!(
+                "participant {i} still holds {gtid} branch {branch} (decision {:?})",
+                world.store.decision(gtid)
+            ));
+        }
+    }
+    for (i, key, mark) in marks(world).await {
+        if mark == Some(Mark::Tried) && !exempt(&key.gtid) {
+            return Err(format!(
+                "participant {i}: {} branch {} is still Tried (decision {:?})",
+                key.gtid,
+                key.branch_id,
+                world.store.decision(&key.gtid)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// No instance holds anything for finished work: no live transaction, no
+/// task beyond its background sweeps, no recovery backlog.
 fn nothing_leaks(world: &World) -> Result<(), String> {
-    let coord = world.coord();
-    let (live, tasks, backlog) = (
-        coord.live_count(),
-        coord.task_count(),
-        coord.recovery_backlog(),
-    );
-    if live + tasks + backlog > 0 {
-        return Err(format!(
-            "leak after the quiet phase: {live} live transactions, {tasks} tasks, {backlog} awaiting recovery"
-        ));
+    let sweeps = if world.store.shared() { 2 } else { 1 };
+    for inst in world.all() {
+        let coord = &inst.coord;
+        let (live, tasks, backlog) = (
+            coord.live_count(),
+            coord.task_count().saturating_sub(sweeps),
+            coord.recovery_backlog(),
+        );
+        if live + tasks + backlog > 0
+            && !rows(world).iter().any(|r| r.record.state == TxState::Stuck)
+        {
+            return Err(format!(
+                "{}: leak after the quiet phase: {live} live transactions, {tasks} tasks, \
+                 {backlog} awaiting recovery",
+                inst.setup.name
+            ));
+        }
     }
     Ok(())
 }
 
 /// Counts and a digest of the end state (the same seed gives the same).
 pub fn summary(world: &World) -> Summary {
-    let view = world.log().view();
+    let rows = rows(world);
     let mut h = DefaultHasher::new();
-    for (gtid, (_, rec)) in &view {
-        gtid.hash(&mut h);
-        rec.state.name().hash(&mut h);
-        rec.branches.len().hash(&mut h);
+    for row in &rows {
+        row.record.gtid.hash(&mut h);
+        row.record.state.name().hash(&mut h);
+        row.epoch.hash(&mut h);
     }
+    let mut races = 0;
     for p in &world.net.participants {
-        p.applied.lock().unwrap().hash(&mut h);
+        p.business.applied.lock().unwrap().hash(&mut h);
+        races += p.races.load(Ordering::Relaxed);
     }
+    let c = &world.counts;
+    let purged: u64 = world.all().iter().map(|i| i.coord.purged()).sum();
     Summary {
-        transactions: view.len(),
-        committed: view
-            .values()
-            .filter(|(_, r)| r.state == TxState::Committed)
+        instances: world.instances.len(),
+        resolver_off: !world.resolver_on,
+        transactions: world.issued.load(Ordering::Relaxed) as usize,
+        committed: world
+            .store
+            .decisions()
+            .iter()
+            .filter(|(_, d)| *d == Decision::Commit)
             .count(),
-        restarts: world.restarts.load(std::sync::atomic::Ordering::SeqCst),
-        reported_commits: world
-            .reported_commits
-            .load(std::sync::atomic::Ordering::SeqCst),
+        restarts: c.restarts.load(Ordering::Relaxed),
+        pauses: c.pauses.load(Ordering::Relaxed),
+        takeovers: world
+            .epochs
+            .lock()
+            .unwrap()
+            .values()
+            .map(|e| e.saturating_sub(1))
+            .sum(),
+        purges: c.purges.load(Ordering::Relaxed) + purged,
+        resolves: c.resolves.load(Ordering::Relaxed),
+        operator: c.operator.load(Ordering::Relaxed),
+        races,
+        reported_commits: c.reported_commits.load(Ordering::Relaxed),
         digest: h.finish(),
     }
 }

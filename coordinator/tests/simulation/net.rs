@@ -1,150 +1,93 @@
-//! Simulated participants behind the coordinator's [`Transport`].
+//! The network between coordinator instances and participants, behind the
+//! coordinator's [`Transport`].
 //!
-//! Each participant keeps one barrier record per branch, with the SDK's
-//! rules (idempotent phase 2, empty rollback, anti-hanging), and logs every
-//! phase-2 call it applied, so the invariants can compare what happened at
-//! the participants with what the coordinator decided. Calls run in tasks
-//! of their own, as in a real server: a caller that gives up does not stop
-//! the work. Faults: vote no, fail before or after doing the work, answer
-//! late (past call timeouts and deadlines), lose the reply.
+//! Each call goes to one replica of its participant, at random; some are
+//! also sent to the other replica at nearly the same time (a duplicate
+//! racing the first, as a retry through a load balancer does). Calls run
+//! in tasks of their own, as in a real server: a caller that gives up does
+//! not stop the work. Faults: the connection is refused, the reply is
+//! lost, calls arrive late (past call timeouts and deadlines, after later
+//! calls of the same branch). Each coordinator instance reaches the
+//! network through its own [`Link`], which holds its calls while the
+//! instance is paused (they arrive when it resumes, stale).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tandem_coordinator::model::{Gtid, Mode, TraceContext};
 use tandem_coordinator::runtime::{CallError, CallFuture, Failure, Transport};
+use tandem_proto::v1::participant_server::Participant as _;
 use tandem_proto::v1::{BranchRequest, VoteResponse};
+use tandem_sdk::server::ParticipantService;
+use tokio::sync::watch;
 
+use crate::participants::{Key, SimParticipant};
 use crate::rng::Rng;
 
-/// A branch's barrier record at a participant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mark {
-    /// Tried / prepared: holds a reservation. Since when (ms).
-    Tried(u64),
-    /// Voted no: holds nothing.
-    Refused,
-    /// Confirmed / committed.
-    Confirmed,
-    /// Cancelled / rolled back after a try.
-    Cancelled,
-    /// Cancel with no try before it.
-    EmptyCancelled,
-}
-
-/// One participant service.
-#[derive(Default)]
-pub struct Participant {
-    /// Barrier records by (gtid, branch).
-    pub marks: Mutex<BTreeMap<(Gtid, u32), Mark>>,
-    /// Every phase-2 call that changed something: (gtid, branch, commit).
-    pub applied: Mutex<Vec<(Gtid, u32, bool)>>,
-    /// Calls that contradict a decision (confirm after cancel, …).
-    pub violations: Mutex<Vec<String>>,
-    /// The protocol each branch was called with (first call).
-    pub modes: Mutex<BTreeMap<(Gtid, u32), Mode>>,
-}
-
-impl Participant {
-    /// Notes the protocol a call of branch `key` came with; a branch called
-    /// with both protocols is a violation.
-    fn saw(&self, key: (Gtid, u32), mode: Mode) {
-        let first = *self.modes.lock().unwrap().entry(key).or_insert(mode);
-        if first != mode {
-            let (gtid, branch) = key;
-            self.violations.lock().unwrap().push(format!(
-                "{gtid} branch {branch} called with {mode:?} after {first:?}"
-            ));
-        }
-    }
-
-    fn try_(&self, key: (Gtid, u32), now: u64) -> bool {
-        let mut marks = self.marks.lock().unwrap();
-        if marks.contains_key(&key) {
-            return false; // anti-hanging: a try after any record is refused
-        }
-        marks.insert(key, Mark::Tried(now));
-        true
-    }
-
-    fn refuse(&self, key: (Gtid, u32)) {
-        self.marks
-            .lock()
-            .unwrap()
-            .entry(key)
-            .or_insert(Mark::Refused);
-    }
-
-    /// Applies a phase-2 call through the barrier; `Err` for a call the
-    /// barrier refuses (it is retried by the coordinator).
-    pub fn finish(&self, key: (Gtid, u32), commit: bool, who: &str) -> Result<(), String> {
-        let mut marks = self.marks.lock().unwrap();
-        let mark = marks.get(&key).copied();
-        let (gtid, branch) = key;
-        let contradiction = |what: &str| {
-            let v = format!("{who}: {what} on {gtid} branch {branch} (record {mark:?})");
-            self.violations.lock().unwrap().push(v.clone());
-            Err(v)
-        };
-        match (mark, commit) {
-            (Some(Mark::Tried(_)), _) => {
-                marks.insert(
-                    key,
-                    if commit {
-                        Mark::Confirmed
-                    } else {
-                        Mark::Cancelled
-                    },
-                );
-                self.applied.lock().unwrap().push((gtid, branch, commit));
-                Ok(())
-            }
-            (Some(Mark::Confirmed), true) => Ok(()),
-            (Some(Mark::Cancelled | Mark::EmptyCancelled | Mark::Refused), false) => Ok(()),
-            (None, false) => {
-                marks.insert(key, Mark::EmptyCancelled);
-                Ok(())
-            }
-            (None, true) => contradiction("confirm without a try"),
-            (Some(Mark::Refused), true) => contradiction("confirm after a no vote"),
-            (Some(Mark::Confirmed), false) => contradiction("cancel after confirm"),
-            (Some(Mark::Cancelled | Mark::EmptyCancelled), true) => {
-                contradiction("confirm after cancel")
-            }
-        }
-    }
-
-    /// Branches holding a reservation since before `before` (ms).
-    pub fn tried_before(&self, before: u64) -> Vec<(Gtid, u32)> {
-        let marks = self.marks.lock().unwrap();
-        marks
-            .iter()
-            .filter(|(_, m)| matches!(m, Mark::Tried(t) if *t < before))
-            .map(|(k, _)| *k)
-            .collect()
-    }
-}
-
-/// The network: endpoint `http://p<i>:1` is participant `i`.
+/// The participants, by endpoint `http://p<i>:1`.
 pub struct SimNet {
-    pub participants: Vec<Arc<Participant>>,
+    pub participants: Vec<Arc<SimParticipant>>,
     pub faults_on: Arc<AtomicBool>,
     pub rng: Arc<Mutex<Rng>>,
-    pub clock: tandem_coordinator::runtime::Clock,
+    /// The protocol each branch was first called with.
+    pub modes: Mutex<BTreeMap<Key, Mode>>,
+    /// Calls of a branch with another protocol than its first.
+    pub violations: Mutex<Vec<String>>,
 }
 
 /// What one call does, drawn up front from the seed.
 struct Plan {
     delay: Duration,
-    /// Refuse (phase 1) / fail before doing anything.
-    fail_before: bool,
-    /// Vote no (phase 1 only).
-    vote_no: bool,
-    /// Do the work, then answer with an error (the reply is lost).
+    /// The connection is refused: nothing is sent.
+    refused: bool,
+    /// The work is done, the reply is lost.
     lose_reply: bool,
+    /// Also sent to another replica, this much later.
+    duplicate: Option<Duration>,
+}
+
+fn call_error(status: tonic::Status) -> CallError {
+    let kind = match status.code() {
+        tonic::Code::Unimplemented => Failure::Unimplemented,
+        tonic::Code::FailedPrecondition if tandem_proto::rpc::is_permanent(&status) => {
+            Failure::Permanent
+        }
+        _ => Failure::Unknown,
+    };
+    CallError::new(kind, format!("{:?}: {}", status.code(), status.message()))
+}
+
+/// Calls `service` as its gRPC server would be called.
+pub async fn call_one(
+    service: &ParticipantService,
+    mode: Mode,
+    req: BranchRequest,
+) -> Result<VoteResponse, tonic::Status> {
+    let req = tonic::Request::new(req);
+    let resp = match mode {
+        Mode::TwoPhase => service.prepare(req).await?,
+        Mode::Tcc => service.r#try(req).await?,
+    };
+    Ok(resp.into_inner())
+}
+
+/// Phase 2 of `req` at `service`.
+pub async fn call_two(
+    service: &ParticipantService,
+    mode: Mode,
+    commit: bool,
+    req: BranchRequest,
+) -> Result<(), tonic::Status> {
+    let req = tonic::Request::new(req);
+    match (mode, commit) {
+        (Mode::TwoPhase, true) => service.commit(req).await?,
+        (Mode::TwoPhase, false) => service.rollback(req).await?,
+        (Mode::Tcc, true) => service.confirm(req).await?,
+        (Mode::Tcc, false) => service.cancel(req).await?,
+    };
+    Ok(())
 }
 
 impl SimNet {
@@ -152,7 +95,7 @@ impl SimNet {
         format!("http://p{i}:1")
     }
 
-    fn participant(&self, endpoint: &str) -> Option<Arc<Participant>> {
+    pub fn participant(&self, endpoint: &str) -> Option<Arc<SimParticipant>> {
         let i: usize = endpoint
             .strip_prefix("http://p")?
             .strip_suffix(":1")?
@@ -171,18 +114,162 @@ impl SimNet {
             } else {
                 rng.ms(1, 20)
             },
-            fail_before: on && rng.chance(if phase_one { 0.03 } else { 0.10 }),
-            vote_no: phase_one && rng.chance(0.05),
+            refused: on && rng.chance(if phase_one { 0.03 } else { 0.10 }),
             lose_reply: on && rng.chance(0.04),
+            duplicate: (on && rng.chance(0.08)).then(|| rng.ms(0, 6)),
         }
+    }
+
+    fn replica(&self, p: &SimParticipant) -> usize {
+        self.rng.lock().unwrap().below(p.replicas.len() as u64) as usize
+    }
+
+    /// Notes the protocol a call of a branch came with; a branch called
+    /// with both protocols is a violation.
+    fn saw(&self, req: &BranchRequest, mode: Mode) {
+        let Ok(gtid) = Gtid::parse_str(&req.gtid) else {
+            return;
+        };
+        let key = (gtid, req.branch_id);
+        let first = *self.modes.lock().unwrap().entry(key).or_insert(mode);
+        if first != mode {
+            self.violations.lock().unwrap().push(format!(
+                "{gtid} branch {} called with {mode:?} after {first:?}",
+                req.branch_id
+            ));
+        }
+    }
+
+    fn phase_one(
+        &self,
+        endpoint: &str,
+        mode: Mode,
+        req: BranchRequest,
+    ) -> CallFuture<'static, VoteResponse> {
+        self.saw(&req, mode);
+        let p = self.participant(endpoint);
+        let plan = self.plan(true);
+        let (first, second) = match &p {
+            Some(p) => {
+                let r = self.replica(p);
+                (r, (r + 1) % p.replicas.len())
+            }
+            None => (0, 0),
+        };
+        let work = tokio::spawn(async move {
+            let Some(p) = p else {
+                return Err("unknown participant".into());
+            };
+            tokio::time::sleep(plan.delay).await;
+            if plan.refused {
+                return Err(CallError::new(
+                    Failure::NotDelivered,
+                    "Unavailable: connection refused",
+                ));
+            }
+            if let Some(later) = plan.duplicate {
+                p.races.fetch_add(1, Ordering::Relaxed);
+                let (p, req) = (p.clone(), req.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(later).await;
+                    let _ = call_one(&p.replicas[second], mode, req).await;
+                });
+            }
+            let vote = call_one(&p.replicas[first], mode, req)
+                .await
+                .map_err(call_error)?;
+            if plan.lose_reply {
+                return Err("Unavailable: connection reset".into());
+            }
+            Ok(vote)
+        });
+        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string().into())) })
+    }
+
+    fn phase_two(
+        &self,
+        endpoint: &str,
+        mode: Mode,
+        commit: bool,
+        req: BranchRequest,
+    ) -> CallFuture<'static, ()> {
+        self.saw(&req, mode);
+        let p = self.participant(endpoint);
+        let plan = self.plan(false);
+        let (first, second) = match &p {
+            Some(p) => {
+                let r = self.replica(p);
+                (r, (r + 1) % p.replicas.len())
+            }
+            None => (0, 0),
+        };
+        let work = tokio::spawn(async move {
+            let Some(p) = p else {
+                return Err("unknown participant".into());
+            };
+            tokio::time::sleep(plan.delay).await;
+            if plan.refused {
+                return Err("Unavailable: connection refused".into());
+            }
+            if let Some(later) = plan.duplicate {
+                p.races.fetch_add(1, Ordering::Relaxed);
+                let (p, req) = (p.clone(), req.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(later).await;
+                    let result = call_two(&p.replicas[second], mode, commit, req.clone()).await;
+                    refused_phase_two(&p, &req, commit, result);
+                });
+            }
+            let result = call_two(&p.replicas[first], mode, commit, req.clone()).await;
+            refused_phase_two(&p, &req, commit, result.clone());
+            result.map_err(call_error)?;
+            if plan.lose_reply {
+                return Err("Unavailable: connection reset".into());
+            }
+            Ok(())
+        });
+        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string().into())) })
     }
 }
 
-fn key(req: &BranchRequest) -> Option<(Gtid, u32)> {
-    Some((Gtid::parse_str(&req.gtid).ok()?, req.branch_id))
+/// A phase-2 call the barrier refused for contradicting the branch's
+/// record (confirm after cancel, cancel after confirm, confirm with no
+/// try) is a broken promise; a refusal for a stale epoch is the fence
+/// working (a former owner's late call).
+fn refused_phase_two(
+    p: &SimParticipant,
+    req: &BranchRequest,
+    commit: bool,
+    result: Result<(), tonic::Status>,
+) {
+    if let Err(s) = result
+        && s.code() == tonic::Code::FailedPrecondition
+        && !tandem_proto::rpc::is_permanent(&s)
+        && !s.message().contains("epoch")
+    {
+        p.business.violation(format!(
+            "coordinator (epoch {}) sent {} to {} branch {}, refused: {}",
+            req.epoch,
+            if commit { "commit" } else { "rollback" },
+            req.gtid,
+            req.branch_id,
+            s.message()
+        ));
+    }
 }
 
-impl Transport for SimNet {
+/// One coordinator instance's way onto the network: while the instance is
+/// paused, its calls wait (and arrive when it resumes).
+pub struct Link {
+    pub net: Arc<SimNet>,
+    pub paused: watch::Receiver<bool>,
+}
+
+async fn resumed(paused: &mut watch::Receiver<bool>) {
+    let _ = paused.wait_for(|p| !*p).await;
+}
+
+impl Transport for Link {
     fn phase_one(
         &self,
         endpoint: &str,
@@ -191,49 +278,12 @@ impl Transport for SimNet {
         _trace: Option<TraceContext>,
         _timeout: Duration,
     ) -> CallFuture<'_, VoteResponse> {
-        let p = self.participant(endpoint);
-        if let (Some(p), Some(key)) = (&p, key(&req)) {
-            p.saw(key, mode);
-        }
-        let plan = self.plan(true);
-        let clock = self.clock.clone();
-        let work = tokio::spawn(async move {
-            let (Some(p), Some(key)) = (p, key(&req)) else {
-                return Err("unknown participant".into());
-            };
-            tokio::time::sleep(plan.delay).await;
-            if plan.fail_before {
-                // Refused before anything ran, as a refused connection is.
-                return Err(CallError::new(
-                    Failure::NotDelivered,
-                    "Unavailable: connection refused",
-                ));
-            }
-            if plan.vote_no {
-                p.refuse(key);
-                return Ok(VoteResponse {
-                    yes: false,
-                    reason: "insufficient funds".into(),
-                    reply: Bytes::new(),
-                });
-            }
-            if !p.try_(key, clock.now_ms()) {
-                return Ok(VoteResponse {
-                    yes: false,
-                    reason: "refused: branch already has a record".into(),
-                    reply: Bytes::new(),
-                });
-            }
-            if plan.lose_reply {
-                return Err("Unavailable: connection reset".into());
-            }
-            Ok(VoteResponse {
-                yes: true,
-                reason: String::new(),
-                reply: Bytes::from(format!("hold-{}", req.branch_id)),
-            })
-        });
-        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string().into())) })
+        let mut paused = self.paused.clone();
+        let endpoint = endpoint.to_string();
+        Box::pin(async move {
+            resumed(&mut paused).await;
+            self.net.phase_one(&endpoint, mode, req).await
+        })
     }
 
     fn phase_two(
@@ -245,25 +295,11 @@ impl Transport for SimNet {
         _trace: Option<TraceContext>,
         _timeout: Duration,
     ) -> CallFuture<'_, ()> {
-        let p = self.participant(endpoint);
-        if let (Some(p), Some(key)) = (&p, key(&req)) {
-            p.saw(key, mode);
-        }
-        let plan = self.plan(false);
-        let work = tokio::spawn(async move {
-            let (Some(p), Some(key)) = (p, key(&req)) else {
-                return Err("unknown participant".into());
-            };
-            tokio::time::sleep(plan.delay).await;
-            if plan.fail_before {
-                return Err("Unavailable: connection refused".into());
-            }
-            p.finish(key, commit, "coordinator")?;
-            if plan.lose_reply {
-                return Err("Unavailable: connection reset".into());
-            }
-            Ok(())
-        });
-        Box::pin(async move { work.await.unwrap_or_else(|e| Err(e.to_string().into())) })
+        let mut paused = self.paused.clone();
+        let endpoint = endpoint.to_string();
+        Box::pin(async move {
+            resumed(&mut paused).await;
+            self.net.phase_two(&endpoint, mode, commit, req).await
+        })
     }
 }

@@ -268,6 +268,23 @@ impl ParticipantServer {
         Ok(self.grpc_service())
     }
 
+    /// The participant service without gRPC: its calls (through the
+    /// [`Participant`](tandem_proto::v1::participant_server::Participant)
+    /// trait) run through the barrier and the handlers exactly as served
+    /// calls do. For participants living in the caller's process: the
+    /// coordinator's seeded simulation runs several replicas of one
+    /// participant this way, sharing one barrier store. Nothing in the
+    /// background is started.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::DuplicateResource`] when a resource name was
+    /// registered twice.
+    pub fn into_participant(self) -> Result<ParticipantService, ServeError> {
+        self.check()?;
+        Ok(self.service())
+    }
+
     fn grpc_service(&self) -> ParticipantGrpcService {
         let check = CallerCheck(self.coordinators.clone());
         InterceptedService::new(

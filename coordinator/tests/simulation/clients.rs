@@ -1,0 +1,270 @@
+//! Clients: one-shot and interactive transactions of both protocols (and
+//! mixed ones), sent to a random instance, following `MOVED` redirects to
+//! the instance that owns the transaction, giving up at random points and
+//! asking again with their own gtid. Every outcome an instance tells them
+//! is recorded.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_coordinator::Coordinator;
+use tandem_coordinator::engine::NewBranch;
+use tandem_coordinator::error::CoordError;
+use tandem_coordinator::model::{Gtid, Mode, TxState};
+
+use crate::net::SimNet;
+use crate::participants::resource;
+use crate::world::{PARTICIPANTS, World};
+
+/// Awaits `fut`, or gives up after `cancel` (dropping it, as tonic drops a
+/// handler whose client went away).
+async fn maybe_cancel<T>(cancel: Option<Duration>, fut: impl Future<Output = T>) -> Option<T> {
+    match cancel {
+        Some(d) => tokio::time::timeout(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+fn cancel_point(world: &World) -> Option<Duration> {
+    world.draw(|r| r.chance(0.25).then(|| r.ms(0, 1500)))
+}
+
+/// Sends `call` to instance `first`, following up to three redirects;
+/// `None` when the client gave up. Returns the answer and who gave it.
+pub async fn routed<T, F, Fut>(
+    world: &World,
+    first: usize,
+    call: F,
+) -> Option<(Result<T, CoordError>, String)>
+where
+    F: Fn(Coordinator) -> Fut,
+    Fut: Future<Output = Result<T, CoordError>>,
+{
+    let mut at = first;
+    for _ in 0..4 {
+        let cancel = cancel_point(world);
+        let attempt = async {
+            let (coord, name) = world.reach(at).await;
+            (call(coord).await, name)
+        };
+        let (result, name) = maybe_cancel(cancel, attempt).await?;
+        match &result {
+            Err(CoordError::Moved { address, .. }) => match world.by_address(address) {
+                Some(next) => at = next,
+                None => return Some((result, name)),
+            },
+            _ => return Some((result, name)),
+        }
+    }
+    None
+}
+
+fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
+    // A third of the branches name their own protocol (mixed-mode
+    // transactions); the rest run the transaction's.
+    let own = world.draw(|r| {
+        r.chance(0.33).then(|| {
+            if r.chance(0.5) {
+                Mode::TwoPhase
+            } else {
+                Mode::Tcc
+            }
+        })
+    });
+    let effective = own.unwrap_or(mode);
+    NewBranch {
+        endpoint: SimNet::endpoint(world.draw(|r| r.below(PARTICIPANTS as u64)) as usize),
+        resource: resource(effective == Mode::Tcc).into(),
+        payload: Bytes::from(vec![i as u8; 8]),
+        mode: own,
+    }
+}
+
+pub async fn client(world: Arc<World>) {
+    while world.clients_on.load(Ordering::SeqCst) {
+        let (mode, interactive, n, timeout) = world.draw(|r| {
+            let mode = if r.chance(0.5) {
+                Mode::TwoPhase
+            } else {
+                Mode::Tcc
+            };
+            (
+                mode,
+                r.chance(0.4),
+                1 + r.below(3) as usize,
+                r.ms(1000, 8000),
+            )
+        });
+        let branches: Vec<NewBranch> = (0..n).map(|i| branch(&world, i, mode)).collect();
+        if interactive {
+            interactive_txn(&world, mode, timeout, branches).await;
+        } else {
+            one_shot(&world, mode, timeout, branches).await;
+        }
+        let pause = world.draw(|r| r.ms(0, 300));
+        tokio::time::sleep(pause).await;
+    }
+}
+
+fn is_commit(state: TxState) -> bool {
+    matches!(state, TxState::Committed | TxState::Committing)
+}
+
+async fn one_shot(world: &Arc<World>, mode: Mode, timeout: Duration, branches: Vec<NewBranch>) {
+    let chosen = world.draw(|r| r.chance(0.5)).then(|| {
+        let i = world.any();
+        world.instance(i).clock.new_gtid()
+    });
+    for tries in 1.. {
+        let call = |coord: Coordinator| {
+            let branches = branches.clone();
+            async move {
+                coord
+                    .submit(mode, Some(timeout), branches, chosen, Vec::new(), None)
+                    .await
+            }
+        };
+        match routed(world, world.any(), call).await {
+            Some((Ok(out), by)) => {
+                if is_commit(out.state) {
+                    world.reported_commit(out.gtid, &by, "Submit");
+                } else {
+                    world.answers.state(&by, out.gtid, out.state, "Submit");
+                }
+                return;
+            }
+            // No answer: with its own gtid the client may safely ask again.
+            _ if chosen.is_some() && tries < 4 => {
+                let wait = world.draw(|r| r.ms(50, 1000));
+                tokio::time::sleep(wait).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+async fn interactive_txn(
+    world: &Arc<World>,
+    mode: Mode,
+    timeout: Duration,
+    branches: Vec<NewBranch>,
+) {
+    let home = world.any();
+    let begin = |coord: Coordinator| async move {
+        coord
+            .begin(mode, Some(timeout), None, Vec::new(), None)
+            .await
+    };
+    let Some((Ok(gtid), _)) = routed(world, home, begin).await else {
+        return;
+    };
+    for b in branches {
+        let enlist = |coord: Coordinator| {
+            let b = b.clone();
+            async move { coord.enlist(gtid, b).await }
+        };
+        match routed(world, home, enlist).await {
+            Some((Ok(_), _)) => {}
+            Some((Err(_), _)) => return,
+            None => break, // gave up on this call; decide anyway
+        }
+    }
+    match world.draw(|r| r.below(10)) {
+        0 => {} // walk away: the deadline aborts it
+        1 => {
+            let rollback = |coord: Coordinator| async move {
+                coord.rollback(gtid, "changed mind".into()).await
+            };
+            if let Some((Ok(out), by)) = routed(world, home, rollback).await {
+                world.answers.state(&by, gtid, out.state, "Rollback");
+            }
+        }
+        _ => {
+            for _ in 0..3 {
+                let commit = |coord: Coordinator| async move { coord.commit(gtid).await };
+                match routed(world, world.any(), commit).await {
+                    Some((Ok(state), by)) => {
+                        if is_commit(state) {
+                            world.reported_commit(gtid, &by, "Commit");
+                        }
+                        return;
+                    }
+                    Some((Err(CoordError::Aborted { .. }), by)) => {
+                        world.answers.record(&by, gtid, false, "Commit");
+                        return;
+                    }
+                    Some((Err(_), _)) => return,
+                    None => {} // gave up: ask again (a repeat waits for the same force)
+                }
+            }
+        }
+    }
+    // Now and then someone looks the transaction up.
+    if world.draw(|r| r.chance(0.3)) {
+        let get = |coord: Coordinator| async move { coord.get(gtid) };
+        if let Some((Ok(rec), by)) = routed(world, world.any(), get).await {
+            world.answers.shown(&by, &rec);
+        }
+    }
+}
+
+/// A client that opens many interactive transactions, enlists one branch
+/// in each and walks away (their long deadlines outlive a crash), so that
+/// recovery has a backlog to work through beside live traffic.
+pub async fn hoarder(world: Arc<World>, n: usize) {
+    world.calm.store(true, Ordering::SeqCst);
+    let parts: Vec<_> = (0..50)
+        .map(|k| tokio::spawn(hoard(world.clone(), k, n / 50)))
+        .collect();
+    for p in parts {
+        let _ = p.await;
+    }
+    // Crash with the backlog in the log, then leave recovery to work
+    // through it beside the clients' traffic.
+    world.restart(0, false).await;
+}
+
+async fn hoard(world: Arc<World>, k: usize, n: usize) {
+    for i in k..k + n {
+        let coord = world.instance(0).coord.clone();
+        let Ok(gtid) = coord
+            .begin(
+                Mode::Tcc,
+                Some(Duration::from_secs(120)),
+                None,
+                Vec::new(),
+                None,
+            )
+            .await
+        else {
+            continue;
+        };
+        let b = NewBranch {
+            endpoint: SimNet::endpoint(i % PARTICIPANTS),
+            resource: resource(true).into(),
+            payload: Bytes::new(),
+            mode: None,
+        };
+        let _ = coord.enlist(gtid, b).await;
+    }
+}
+
+/// The gtid's answer from GetOutcome at a random instance, recorded.
+pub async fn outcome(world: &World, gtid: Gtid) -> Option<tandem_coordinator::model::Decision> {
+    let i = world.any();
+    let ask = |coord: Coordinator| async move { coord.outcome(gtid) };
+    match routed(world, i, ask).await {
+        Some((Ok(d), by)) => {
+            if d == Some(tandem_coordinator::model::Decision::Commit) {
+                world.reported_commit(gtid, &by, "GetOutcome");
+            } else {
+                world.answers.decision(&by, gtid, d, "GetOutcome");
+            }
+            d
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,251 @@
+//! Simulated participant services, each run by two replicas through the
+//! SDK's own dispatch and barrier gate (`ParticipantServer::into_participant`).
+//!
+//! The replicas of one service share ONE barrier store (the SDK's
+//! `MemBarrier`: its per-branch lock is held by the gate for the whole
+//! step, handler included, as `PgBarrier`'s row lock is in the handler's
+//! transaction) and one business state (the holds): repeated, reordered
+//! and concurrent calls of one branch race between replicas exactly as
+//! they would between two processes on one database. The business state
+//! notes every effect, and who asked for it (the coordinator, or in-doubt
+//! resolution / an operator, which call with epoch 0), so the invariants
+//! can compare what happened with what was decided.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_coordinator::model::Gtid;
+use tandem_coordinator::runtime::Clock;
+use tandem_sdk::barrier::MemBarrier;
+use tandem_sdk::server::ParticipantService;
+use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
+
+use crate::rng::Rng;
+
+/// A branch: (gtid, branch id).
+pub type Key = (Gtid, u32);
+
+/// One phase-2 effect a handler applied.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Applied {
+    pub gtid: Gtid,
+    pub branch: u32,
+    pub commit: bool,
+    /// Asked by the coordinator (epoch ≥ 1); else by in-doubt resolution
+    /// or an operator's hand (epoch 0).
+    pub by_coordinator: bool,
+    /// A reservation was there to use or release.
+    pub had_hold: bool,
+}
+
+/// The business state of one participant service, shared by its replicas
+/// (one database).
+#[derive(Default)]
+pub struct Business {
+    /// Reservations held, since when (simulated ms).
+    pub holds: Mutex<BTreeMap<Key, u64>>,
+    /// When each branch's first try started (for in-doubt resolution).
+    pub tried_at: Mutex<BTreeMap<Key, u64>>,
+    /// Every phase-2 effect, in order.
+    pub applied: Mutex<Vec<Applied>>,
+    /// Broken rules seen here (a second try ran, confirm with nothing held,
+    /// a phase-2 call the barrier refused as contradicting an earlier one).
+    pub violations: Mutex<Vec<String>>,
+    /// Until when (simulated ms) phase 2 fails permanently (a ledger
+    /// closed for repair): the coordinator marks the branch STUCK.
+    pub broken_until: AtomicU64,
+}
+
+impl Business {
+    pub fn violation(&self, v: String) {
+        self.violations.lock().unwrap().push(v);
+    }
+}
+
+/// The handler each replica runs: one for both protocols.
+struct Ledger {
+    business: Arc<Business>,
+    rng: Arc<Mutex<Rng>>,
+    clock: Clock,
+    faults_on: Arc<AtomicBool>,
+}
+
+impl Ledger {
+    fn draw<T>(&self, f: impl FnOnce(&mut Rng) -> T) -> T {
+        f(&mut self.rng.lock().unwrap())
+    }
+
+    async fn reserve(&self, ctx: &BranchContext) -> Result<Vote, HandlerError> {
+        let key = (ctx.gtid, ctx.branch_id);
+        let now = self.clock.now_ms();
+        self.business
+            .tried_at
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert(now);
+        let on = self.faults_on.load(Ordering::SeqCst);
+        let (work, no, fail_before, fail_after) = self.draw(|r| {
+            (
+                r.ms(0, 8),
+                r.chance(0.05),
+                on && r.chance(0.01),
+                on && r.chance(0.02),
+            )
+        });
+        // The work takes time, under the barrier's lock for this branch.
+        tokio::time::sleep(work).await;
+        if fail_before {
+            return Err(HandlerError::new("database unavailable (simulated)"));
+        }
+        if no {
+            return Ok(Vote::no("insufficient funds"));
+        }
+        let again = self
+            .business
+            .holds
+            .lock()
+            .unwrap()
+            .insert(key, now)
+            .is_some();
+        if again {
+            self.business.violation(format!(
+                "{} branch {}: a second try reserved again (the barrier let two tries run)",
+                ctx.gtid, ctx.branch_id
+            ));
+        }
+        if fail_after {
+            return Err(HandlerError::new(
+                "connection lost after reserving (simulated)",
+            ));
+        }
+        Ok(Vote::yes_with(format!("hold-{}", ctx.branch_id)))
+    }
+
+    async fn settle(&self, ctx: &BranchContext, commit: bool) -> Result<(), HandlerError> {
+        let on = self.faults_on.load(Ordering::SeqCst);
+        let (work, fail) = self.draw(|r| (r.ms(0, 8), on && r.chance(0.03)));
+        tokio::time::sleep(work).await;
+        let by_coordinator = ctx.epoch != 0;
+        if by_coordinator && self.clock.now_ms() < self.business.broken_until.load(Ordering::SeqCst)
+        {
+            return Err(HandlerError::permanent(
+                "ledger closed for repair (simulated)",
+            ));
+        }
+        if fail {
+            return Err(HandlerError::new("database unavailable (simulated)"));
+        }
+        let key = (ctx.gtid, ctx.branch_id);
+        let had_hold = self.business.holds.lock().unwrap().remove(&key).is_some();
+        if commit && !had_hold {
+            self.business.violation(format!(
+                "{} branch {}: confirm ran with nothing reserved",
+                ctx.gtid, ctx.branch_id
+            ));
+        }
+        self.business.applied.lock().unwrap().push(Applied {
+            gtid: ctx.gtid,
+            branch: ctx.branch_id,
+            commit,
+            by_coordinator,
+            had_hold,
+        });
+        Ok(())
+    }
+}
+
+impl Tcc for Ledger {
+    async fn try_(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+        self.reserve(ctx).await
+    }
+    async fn confirm(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, true).await
+    }
+    async fn cancel(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, false).await
+    }
+}
+
+impl TwoPhase for Ledger {
+    async fn prepare(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+        self.reserve(ctx).await
+    }
+    async fn commit(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, true).await
+    }
+    async fn rollback(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, false).await
+    }
+}
+
+/// The resource a branch of protocol `tcc` names at a participant.
+pub fn resource(tcc: bool) -> &'static str {
+    if tcc { "tcc" } else { "2pc" }
+}
+
+/// One participant service: its replicas, their shared barrier store and
+/// business state.
+pub struct SimParticipant {
+    pub business: Arc<Business>,
+    pub barrier: MemBarrier,
+    pub replicas: Vec<ParticipantService>,
+    /// Calls sent to both replicas at once (a duplicate racing the first).
+    pub races: AtomicU64,
+}
+
+impl SimParticipant {
+    pub fn new(
+        replicas: usize,
+        rng: Arc<Mutex<Rng>>,
+        clock: Clock,
+        faults_on: Arc<AtomicBool>,
+    ) -> SimParticipant {
+        let business = Arc::new(Business::default());
+        let barrier = MemBarrier::new();
+        let replicas = (0..replicas)
+            .map(|_| {
+                let ledger = || Ledger {
+                    business: business.clone(),
+                    rng: rng.clone(),
+                    clock: clock.clone(),
+                    faults_on: faults_on.clone(),
+                };
+                ParticipantServer::new()
+                    .tcc(resource(true), ledger())
+                    .two_phase(resource(false), ledger())
+                    .barrier(barrier.clone())
+                    .into_participant()
+                    .expect("distinct resources")
+            })
+            .collect();
+        SimParticipant {
+            business,
+            barrier,
+            replicas,
+            races: AtomicU64::new(0),
+        }
+    }
+
+    /// Branches whose try started before `before` (ms) and whose barrier
+    /// record is still `Tried`: what in-doubt resolution asks about.
+    pub async fn in_doubt(&self, before: u64) -> Vec<(Key, String)> {
+        use tandem_sdk::barrier::BarrierStore;
+        let tried = self.business.tried_at.lock().unwrap().clone();
+        let found = self
+            .barrier
+            .in_doubt(u64::MAX, None, usize::MAX)
+            .await
+            .unwrap_or_default();
+        found
+            .into_iter()
+            .map(|d| ((d.key.gtid, d.key.branch_id), d.resource))
+            .filter(|(k, _)| tried.get(k).is_none_or(|t| *t < before))
+            .collect()
+    }
+}
+
+/// How long a retry of an in-doubt round waits: the SDK's own default.
+pub const IN_DOUBT_AFTER: Duration = Duration::from_secs(3);

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Mutation proof of the seeded cluster simulation: applies each named
+# mutation (a small edit that brings back one bug) to a scratch copy of the
+# committed tree, runs the simulation on it, and prints which invariant
+# caught it, at which seed.
+#
+#   scripts/mutations.sh                 # every mutation, 200 seeds each
+#   SEEDS=500 scripts/mutations.sh drop_fence unlocked_barrier
+#
+# The scratch copy lives in $CARGO_TARGET_DIR/mutation-src and builds into
+# the same target directory, so only the mutated crates are rebuilt. The
+# unmutated copy runs first: seeds it already fails are left out of the
+# mutation runs (and listed as the baseline row), so that a row counts only
+# what the mutation broke.
+#
+# A mutation is a perl substitution on one file. One that changes nothing
+# means this checkout already carries that bug (a fix made on another
+# branch is not here yet): its row then shows the baseline's own failure.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+seeds="${SEEDS:-200}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+scratch="$CARGO_TARGET_DIR/mutation-src"
+pristine="$CARGO_TARGET_DIR/mutation-pristine"
+
+# Each mutation: name, file, perl substitution (perl -0pi: the whole file
+# at once), what it brings back.
+mutations=(
+  'drop_fence'
+  'coordinator/src/log/shared_store.rs'
+  's/if row\.owner == me && row\.epoch == record\.epoch && decision_kept \{/if decision_kept {/'
+  'shared store: a later write is not conditioned on owner and epoch'
+  'insert_on_later_write'
+  'coordinator/src/log/shared_store.rs'
+  's/\(None, false\) => Verdict::Fenced,/(None, false) => Verdict::Insert,/'
+  'finding 1: a later write that finds no row (retention removed it) inserts it'
+  'purge_resolved'
+  'coordinator/src/runtime/retention.rs'
+  's/if rec\.state\.is_terminal\(\)\n(\s*)&& rec\.updated_ms < cutoff/if rec.state.is_terminal()\n$1\&\& rec.updated_ms < cutoff/'
+  'finding 2: retention forgets a commit whose branch an operator settled by hand'
+  'skip_rollback_after_no'
+  'coordinator/src/engine/phase_two.rs'
+  's/BranchState::Refused => [^,\n]+,/BranchState::Refused => b.mode == Mode::Tcc,/'
+  'finding 5: a 2PC no vote (the barrier: already prepared) is taken as holding nothing'
+  'unlocked_barrier'
+  'participant-sdk/src/barrier/mem.rs'
+  's/let guard = self\.locks\.lock\(key\)\.await;/let guard = KeyLocks::default().lock(key).await;/'
+  'finding 4: the barrier store does not serialise a branch across replicas'
+  'skip_driving_claims'
+  'coordinator/src/runtime/takeover.rs'
+  's/inner\.recovering_set\(\)\.extend\(gtids\.iter\(\)\.copied\(\)\);/inner.recovering_set().extend(gtids.iter().copied());\n                    let gtids: Vec<crate::model::Gtid> = Vec::new();/'
+  'finding 3: claimed rows wait in the recovering set and nothing drives them'
+  'drop_failed_phase1_rollback'
+  'coordinator/src/engine/phase_two.rs'
+  's/BranchState::Registered \| BranchState::Prepared \| BranchState::Failed => true,/BranchState::Registered | BranchState::Prepared => true,\n                BranchState::Failed => false,/'
+  'the rollback of branches whose phase 1 failed (timeout, lost reply) is skipped'
+  'skip_decision_force'
+  'coordinator/src/runtime/driver.rs'
+  's/(Command::ForceDecision => \{\n\s*let t = Instant::now\(\);\n)\s*self\.log\n\s*\.force_txn\(&entry\.gtid\(\)\)\n\s*\.await\n\s*\.map_err\(\|e\| self\.halt\(e\)\)\?;/$1/'
+  'phase 2 starts before the decision is forced'
+)
+
+fresh_copy() {
+  rm -rf "$scratch" "$pristine"
+  mkdir -p "$scratch" "$pristine"
+  git -C "$root" archive HEAD | tar -x -C "$pristine"
+  cp -a "$pristine/." "$scratch/"
+}
+
+# Runs the simulation in the scratch copy; prints "SEED INVARIANT" of the
+# first failure, or "- -".
+run_sim() {
+  local skip="$1" max="$2" out
+  out="$(cd "$scratch" && TANDEM_SIM_SEEDS="$seeds" TANDEM_SIM_SKIP="$skip" \
+    TANDEM_SIM_MAX_FAILURES="$max" cargo test -q -p tandem-coordinator --test simulation \
+    seeded_fault_simulation -- --nocapture 2>&1 || true)"
+  if grep -q '^error\[E[0-9]*\]\|^error: could not compile' <<<"$out"; then
+    echo "build-failed -"
+    grep -m5 '^error' <<<"$out" >&2
+    return
+  fi
+  grep -o '^seed [0-9]* failed: \[[a-z_]*\]' <<<"$out" |
+    sed 's/^seed \([0-9]*\) failed: \[\(.*\)\]/\1 \2/' | tr '\n' ' ' | sed 's/ $//'
+  grep -q '^seed [0-9]* failed' <<<"$out" || echo "- -"
+}
+
+wanted=("$@")
+fresh_copy
+echo "== baseline (this checkout, unmutated), $seeds seeds" >&2
+baseline="$(run_sim "" "$seeds")"
+skip="$(tr ' ' '\n' <<<"$baseline" | awk 'NR % 2 == 1 && $1 ~ /^[0-9]+$/' | paste -sd, -)"
+first_base="$(cut -d' ' -f1-2 <<<"$baseline")"
+
+rows=()
+rows+=("(none: baseline)|${first_base#* }|${first_base% *}|$seeds|seeds failing unmutated: ${skip:-none}")
+last=""
+for ((k = 0; k < ${#mutations[@]}; k += 4)); do
+  name="${mutations[k]}" file="${mutations[k + 1]}" expr="${mutations[k + 2]}" what="${mutations[k + 3]}"
+  if [ "${#wanted[@]}" -gt 0 ] && ! printf '%s\n' "${wanted[@]}" | grep -qx "$name"; then
+    continue
+  fi
+  if [ -n "$last" ]; then
+    cp "$pristine/$last" "$scratch/$last" && touch "$scratch/$last"
+  fi
+  perl -0pi -e "$expr" "$scratch/$file"
+  touch "$scratch/$file"
+  last="$file"
+  if cmp -s "$pristine/$file" "$scratch/$file"; then
+    # This checkout already carries the bug: the baseline's failures are it.
+    rows+=("$name|${first_base#* }|${first_base% *}|$seeds|unchanged: this checkout has it ($what)")
+    continue
+  fi
+  echo "== $name: $what" >&2
+  read -r seed inv _ <<<"$(run_sim "$skip" 1)"
+  ran="$seeds"
+  if [[ "$seed" =~ ^[0-9]+$ ]]; then
+    # Seeds run up to and including the failing one, skipped ones not counted.
+    ran=$((seed + 1 - $(tr ',' '\n' <<<"$skip" | awk -v s="$seed" '$1 != "" && $1 < s' | wc -l)))
+  fi
+  rows+=("$name|$inv|$seed|$ran|$what")
+done
+
+printf '\n| mutation | invariant that caught it | first failing seed | seeds run (of %s) | what it brings back |\n' "$seeds"
+printf '|---|---|---|---|---|\n'
+for r in "${rows[@]}"; do
+  IFS='|' read -r name inv seed n what <<<"$r"
+  printf '| %s | %s | %s | %s | %s |\n' "$name" "$inv" "$seed" "$n" "$what"
+done
