@@ -7,8 +7,8 @@
 #   scripts/mutations.sh                 # every mutation, 200 seeds each
 #   SEEDS=500 scripts/mutations.sh drop_fence unlocked_barrier
 #
-# The scratch copy lives in $CARGO_TARGET_DIR/mutation-src and builds into
-# the same target directory, so only the mutated crates are rebuilt. The
+# The scratch copy lives in target/mutation-src and builds into
+# target/mutation-target (kept between runs: only mutated crates rebuild). The
 # unmutated copy runs first: seeds it already fails are left out of the
 # mutation runs (and listed as the baseline row), so that a row counts only
 # what the mutation broke.
@@ -19,9 +19,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 seeds="${SEEDS:-200}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
-scratch="$CARGO_TARGET_DIR/mutation-src"
-pristine="$CARGO_TARGET_DIR/mutation-pristine"
+base="${CARGO_TARGET_DIR:-$root/target}"
+scratch="$base/mutation-src"
+pristine="$base/mutation-pristine"
+# A target directory of its own: cargo's fingerprints name sources by
+# absolute path and artifacts of workspace crates do not differ by
+# checkout, so sharing this checkout's would mix mutated and unmutated
+# builds. It is kept between runs (only the mutated crates rebuild).
+export CARGO_TARGET_DIR="$base/mutation-target"
 
 # Each mutation: name, file, perl substitution (perl -0pi: the whole file
 # at once), what it brings back.
@@ -65,6 +70,10 @@ fresh_copy() {
   mkdir -p "$scratch" "$pristine"
   git -C "$root" archive HEAD | tar -x -C "$pristine"
   cp -a "$pristine/." "$scratch/"
+  # The files mutations edit: newer than any earlier (mutated) build.
+  for ((k = 1; k < ${#mutations[@]}; k += 4)); do
+    touch "$scratch/${mutations[k]}"
+  done
 }
 
 # Runs the simulation in the scratch copy; prints "SEED INVARIANT" of the
