@@ -59,6 +59,7 @@ pub mod serve_cli;
 pub mod server;
 pub mod service;
 pub mod store_cli;
+pub mod wake;
 
 pub use config::CoordinatorConfig;
 pub use runtime::Coordinator;

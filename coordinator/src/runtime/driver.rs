@@ -45,7 +45,7 @@ impl Inner {
             Ok(())
         };
         drop(txn);
-        entry.changed.send_replace(());
+        entry.changed.bump();
         result.map(|()| cmds)
     }
 
@@ -97,7 +97,7 @@ impl Inner {
                 // durable or sent in phase 2; drop our copy.
                 self.forget(&gtid);
             }
-            entry.changed.send_replace(());
+            entry.changed.bump();
         }
         result
     }

@@ -141,7 +141,7 @@ struct Entry {
     txn: Mutex<Txn>,
     deadline_timer: Mutex<Option<AbortHandle>>,
     /// Bumped after every engine step, so requests can wait for a state.
-    changed: watch::Sender<()>,
+    changed: crate::wake::Changes,
 }
 
 /// The participant token is sent with every call to a participant, and
@@ -358,7 +358,7 @@ impl Entry {
         Arc::new(Entry {
             txn: Mutex::new(txn),
             deadline_timer: Mutex::new(None),
-            changed: watch::Sender::new(()),
+            changed: crate::wake::Changes::default(),
         })
     }
 
@@ -466,25 +466,23 @@ impl Inner {
     /// under one lock, so nothing can decide in between, and no answer is
     /// built from a decision before it is durable.
     async fn step_request(&self, entry: &Entry, event: Event) -> Result<Vec<Command>, CoordError> {
-        let mut changed = entry.changed.subscribe();
+        let mut seen = entry.changed.seen();
         loop {
             match self.step(entry, event.clone()) {
                 Err(CoordError::WrongState(EngineError::DecisionPending { .. })) => {}
                 result => return result,
             }
-            self.wait_change(&mut changed).await?;
+            self.wait_change(entry, &mut seen).await?;
         }
     }
 
     /// Waits for the next engine step of a transaction. Fails when the
     /// coordinator halts or is stopped first.
-    async fn wait_change(&self, changed: &mut watch::Receiver<()>) -> Result<(), CoordError> {
+    async fn wait_change(&self, entry: &Entry, seen: &mut u64) -> Result<(), CoordError> {
         self.check_halted()?;
         tokio::select! {
             biased;
-            r = changed.changed() => if r.is_err() {
-                return Err(CoordError::Unavailable("transaction dropped".into()));
-            },
+            () = entry.changed.after(seen) => {}
             () = self.halted_token.cancelled() => self.check_halted()?,
         }
         Ok(())
@@ -497,12 +495,12 @@ impl Inner {
         entry: &Entry,
         ready: impl Fn(&Txn) -> bool,
     ) -> Result<(), CoordError> {
-        let mut changed = entry.changed.subscribe();
+        let mut seen = entry.changed.seen();
         loop {
             if ready(&entry.lock()) {
                 return Ok(());
             }
-            self.wait_change(&mut changed).await?;
+            self.wait_change(entry, &mut seen).await?;
         }
     }
 }

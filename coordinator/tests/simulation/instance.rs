@@ -12,7 +12,7 @@ use std::time::Duration;
 use tandem_coordinator::Coordinator;
 use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::runtime::{Clock, Environment};
-use tokio::sync::watch;
+use tandem_coordinator::wake::Flag;
 use tokio::task::JoinHandle;
 
 use crate::net::{Link, SimNet};
@@ -44,7 +44,7 @@ pub struct Instance {
     pub log: InstanceLog,
     pub clock: Clock,
     /// Set while the process is paused.
-    pub paused: watch::Sender<bool>,
+    pub paused: Arc<Flag>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -86,11 +86,11 @@ impl Instance {
             start: start_instant(),
             issued: issued.clone(),
         };
-        let (paused, rx) = watch::channel(false);
+        let paused = Arc::new(Flag::default());
         let env = Environment {
             transport: Some(Arc::new(Link {
                 net: net.clone(),
-                paused: rx,
+                paused: paused.clone(),
             })),
             clock: clock.clone(),
             ..Environment::default()
@@ -131,11 +131,11 @@ impl Instance {
     /// Pauses (or resumes) the process.
     pub fn set_paused(&self, paused: bool) {
         self.log.set_paused(paused);
-        self.paused.send_replace(paused);
+        self.paused.store(paused);
     }
 
     pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
+        self.paused.is_set()
     }
 }
 

@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use tandem_coordinator::model::{Gtid, Mode, TraceContext};
 use tandem_coordinator::runtime::{CallError, CallFuture, Failure, Transport};
+use tandem_coordinator::wake::Flag;
 use tandem_proto::v1::participant_server::Participant as _;
 use tandem_proto::v1::{BranchRequest, VoteResponse};
 use tandem_sdk::server::ParticipantService;
-use tokio::sync::watch;
 
 use crate::participants::{Key, SimParticipant};
 use crate::rng::Rng;
@@ -262,11 +262,11 @@ fn refused_phase_two(
 /// paused, its calls wait (and arrive when it resumes).
 pub struct Link {
     pub net: Arc<SimNet>,
-    pub paused: watch::Receiver<bool>,
+    pub paused: Arc<Flag>,
 }
 
-async fn resumed(paused: &mut watch::Receiver<bool>) {
-    let _ = paused.wait_for(|p| !*p).await;
+async fn resumed(paused: &Flag) {
+    paused.cleared().await;
 }
 
 impl Transport for Link {
@@ -278,10 +278,10 @@ impl Transport for Link {
         _trace: Option<TraceContext>,
         _timeout: Duration,
     ) -> CallFuture<'_, VoteResponse> {
-        let mut paused = self.paused.clone();
+        let paused = self.paused.clone();
         let endpoint = endpoint.to_string();
         Box::pin(async move {
-            resumed(&mut paused).await;
+            resumed(&paused).await;
             self.net.phase_one(&endpoint, mode, req).await
         })
     }
@@ -295,10 +295,10 @@ impl Transport for Link {
         _trace: Option<TraceContext>,
         _timeout: Duration,
     ) -> CallFuture<'_, ()> {
-        let mut paused = self.paused.clone();
+        let paused = self.paused.clone();
         let endpoint = endpoint.to_string();
         Box::pin(async move {
-            resumed(&mut paused).await;
+            resumed(&paused).await;
             self.net.phase_two(&endpoint, mode, commit, req).await
         })
     }

@@ -188,12 +188,11 @@ impl World {
     pub async fn reach(&self, i: usize) -> (Coordinator, String) {
         loop {
             let inst = self.instance(i);
-            let mut rx = inst.paused.subscribe();
-            if !*rx.borrow() {
+            if !inst.paused.is_set() {
                 return (inst.coord.clone(), inst.setup.name.clone());
             }
-            // Resumed, or killed and replaced (the sender dropped).
-            let _ = tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|p| !*p)).await;
+            // Resumed, or killed and replaced (looked at again each second).
+            let _ = tokio::time::timeout(Duration::from_secs(1), inst.paused.cleared()).await;
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::log::LogError;
@@ -70,7 +70,7 @@ pub(super) struct Inner {
     pub(super) buffer: Mutex<Buffer>,
     /// The failure that latched the log, if any.
     pub(super) halted: OnceLock<LogError>,
-    pub(super) paused: watch::Sender<bool>,
+    pub(super) paused: Arc<crate::wake::Flag>,
     /// Crashed or dropped: nothing more of this incarnation reaches the
     /// store.
     pub(super) closed: AtomicBool,
@@ -91,7 +91,7 @@ impl Inner {
             name: name.to_string(),
             buffer: Mutex::new(Buffer::default()),
             halted: OnceLock::new(),
-            paused: watch::channel(false).0,
+            paused: Arc::default(),
             closed: AtomicBool::new(false),
             stall: Mutex::new(Duration::ZERO),
             fail_next: AtomicBool::new(false),
@@ -123,8 +123,7 @@ impl Inner {
 
     /// Waits while paused, then as long as the injected stall.
     async fn gate(&self) -> Result<(), LogError> {
-        let mut gate = self.paused.subscribe();
-        let _ = gate.wait_for(|p| !*p).await;
+        self.paused.cleared().await;
         let stall = *self.stall.lock().unwrap_or_else(|p| p.into_inner());
         if !stall.is_zero() {
             tokio::time::sleep(stall).await;
@@ -208,9 +207,7 @@ impl Inner {
     }
 
     pub(super) fn renew(&self) -> bool {
-        if *self.paused.borrow()
-            || self.closed.load(Ordering::SeqCst)
-            || self.halted.get().is_some()
+        if self.paused.is_set() || self.closed.load(Ordering::SeqCst) || self.halted.get().is_some()
         {
             return false;
         }
@@ -249,7 +246,7 @@ impl Inner {
         back: bool,
     ) -> Result<Vec<TxnRecord>, LogError> {
         self.check()?;
-        if !*self.paused.borrow() {
+        if !self.paused.is_set() {
             self.flush_now()?;
         }
         let owner = own.then_some(self.me);

@@ -75,12 +75,12 @@ impl SharedMemLog {
     /// resumes — a process stopped (GC, SIGSTOP, a VM migration) past its
     /// lease or past retention.
     pub fn set_paused(&self, paused: bool) {
-        self.inner.paused.send_replace(paused);
+        self.inner.paused.store(paused);
     }
 
     /// Whether it is paused.
     pub fn paused(&self) -> bool {
-        *self.inner.paused.borrow()
+        self.inner.paused.is_set()
     }
 
     /// Every later flush first waits `stall` (a slow store).
@@ -124,11 +124,9 @@ impl SharedMemLog {
             loop {
                 tokio::time::sleep(period).await;
                 let Some(inner) = weak.upgrade() else { return };
-                let mut gate = inner.paused.subscribe();
+                let gate = inner.paused.clone();
                 drop(inner);
-                if gate.wait_for(|p| !*p).await.is_err() {
-                    return;
-                }
+                gate.cleared().await;
                 let Some(inner) = weak.upgrade() else { return };
                 if inner.halted.get().is_some() {
                     return;
