@@ -14,8 +14,8 @@
 # what the mutation broke.
 #
 # A mutation is a perl substitution on one file. One that changes nothing
-# means this checkout already carries that bug (a fix made on another
-# branch is not here yet): its row then shows the baseline's own failure.
+# is stale (the code moved): its row says NOT APPLIED and the script fails,
+# as it does when a mutation is not caught.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 seeds="${SEEDS:-200}"
@@ -32,32 +32,36 @@ export CARGO_TARGET_DIR="$base/mutation-target"
 # at once), what it brings back.
 mutations=(
   'drop_fence'
-  'coordinator/src/log/shared_store.rs'
-  's/if row\.owner == me && row\.epoch == record\.epoch && decision_kept \{/if decision_kept {/'
+  'coordinator/src/log/shared_store/mod.rs'
+  's/if row\.owner == me && row\.epoch == record\.epoch && decision_kept && !purged \{/if decision_kept {/'
   'shared store: a later write is not conditioned on owner and epoch'
   'insert_on_later_write'
-  'coordinator/src/log/shared_store.rs'
-  's/\(None, false\) => Verdict::Fenced,/(None, false) => Verdict::Insert,/'
+  'coordinator/src/log/shared_store/mod.rs'
+  's/return if first && !purged \{/return if true {/'
   'finding 1: a later write that finds no row (retention removed it) inserts it'
+  'first_write_under_horizon'
+  'coordinator/src/log/shared_store/mod.rs'
+  's/let purged = first && t\.horizon\.may_have_purged\(&record\.gtid\);/let purged = false;/'
+  'finding 1, first writes: a write held by a process paused past retention creates a purged row again'
   'purge_resolved'
   'coordinator/src/runtime/retention.rs'
-  's/if rec\.state\.is_terminal\(\)\n(\s*)&& rec\.updated_ms < cutoff/if rec.state.is_terminal()\n$1\&\& rec.updated_ms < cutoff/'
+  's/tombstone: Tombstone::needed_for\(rec\),/tombstone: None,/'
   'finding 2: retention forgets a commit whose branch an operator settled by hand'
-  'skip_rollback_after_no'
-  'coordinator/src/engine/phase_two.rs'
-  's/BranchState::Refused => [^,\n]+,/BranchState::Refused => b.mode == Mode::Tcc,/'
-  'finding 5: a 2PC no vote (the barrier: already prepared) is taken as holding nothing'
-  'unlocked_barrier'
-  'participant-sdk/src/barrier/mem.rs'
-  's/let guard = self\.locks\.lock\(key\)\.await;/let guard = KeyLocks::default().lock(key).await;/'
-  'finding 4: the barrier store does not serialise a branch across replicas'
   'skip_driving_claims'
   'coordinator/src/runtime/takeover.rs'
   's/inner\.recovering_set\(\)\.extend\(gtids\.iter\(\)\.copied\(\)\);/inner.recovering_set().extend(gtids.iter().copied());\n                    let gtids: Vec<crate::model::Gtid> = Vec::new();/'
   'finding 3: claimed rows wait in the recovering set and nothing drives them'
+  'unlocked_barrier'
+  'participant-sdk/src/barrier/mem.rs'
+  's/let guard = self\.locks\.lock\(key\)\.await;/let guard = KeyLocks::default().lock(key).await;/'
+  'finding 4: the barrier store does not serialise a branch across replicas'
+  'skip_rollback_after_no'
+  'coordinator/src/engine/phase_two.rs'
+  's/\| BranchState::Failed\n(\s*)\| BranchState::Refused => true,/| BranchState::Failed => true,\n$1BranchState::Refused => false,/'
+  'finding 5: a no vote (the barrier: already prepared) is taken as holding nothing'
   'drop_failed_phase1_rollback'
   'coordinator/src/engine/phase_two.rs'
-  's/BranchState::Registered \| BranchState::Prepared \| BranchState::Failed => true,/BranchState::Registered | BranchState::Prepared => true,\n                BranchState::Failed => false,/'
+  's/\| BranchState::Failed\n(\s*)\| BranchState::Refused => true,/| BranchState::Refused => true,\n$1BranchState::Failed => false,/'
   'the rollback of branches whose phase 1 failed (timeout, lost reply) is skipped'
   'skip_decision_force'
   'coordinator/src/runtime/driver.rs'
@@ -115,8 +119,9 @@ for ((k = 0; k < ${#mutations[@]}; k += 4)); do
   touch "$scratch/$file"
   last="$file"
   if cmp -s "$pristine/$file" "$scratch/$file"; then
-    # This checkout already carries the bug: the baseline's failures are it.
-    rows+=("$name|${first_base#* }|${first_base% *}|$seeds|unchanged: this checkout has it ($what)")
+    # The pattern no longer matches the code: the mutation is stale.
+    rows+=("$name|NOT APPLIED|-|-|its pattern matches nothing in $file: update it")
+    stale=1
     continue
   fi
   echo "== $name: $what" >&2
@@ -126,6 +131,7 @@ for ((k = 0; k < ${#mutations[@]}; k += 4)); do
     # Seeds run up to and including the failing one, skipped ones not counted.
     ran=$((seed + 1 - $(tr ',' '\n' <<<"$skip" | awk -v s="$seed" '$1 != "" && $1 < s' | wc -l)))
   fi
+  [[ "$seed" =~ ^[0-9]+$ ]] || missed=1
   rows+=("$name|$inv|$seed|$ran|$what")
 done
 
@@ -135,3 +141,7 @@ for r in "${rows[@]}"; do
   IFS='|' read -r name inv seed n what <<<"$r"
   printf '| %s | %s | %s | %s | %s |\n' "$name" "$inv" "$seed" "$n" "$what"
 done
+if [ -n "${stale:-}" ] || [ -n "${missed:-}" ]; then
+  echo "some mutation was not applied or not caught" >&2
+  exit 1
+fi

@@ -57,14 +57,16 @@ pub enum CoordError {
         /// Where it serves.
         address: String,
     },
-    /// The outcome of this gtid is no longer known: it has no record, and
-    /// a decision tombstone that may have been its expired
-    /// (`--decision-retention`). Never presumed ABORT: it may have
-    /// committed.
+    /// The outcome of this gtid is no longer known: it has no record nor
+    /// tombstone, and retention may have removed one (every branch had
+    /// acknowledged its phase 2), or a decision tombstone that may have
+    /// been its expired (`--decision-retention`). Never presumed ABORT: it
+    /// may have committed.
     #[error(
-        "the outcome of transaction {0} is no longer known: it is older than the decisions \
-         this coordinator still keeps (--decision-retention); it may have committed. Settle \
-         the branch by hand from the other branches' state"
+        "the outcome of transaction {0} is no longer known: retention removed its record \
+         after every branch acknowledged its phase 2, or its decision expired \
+         (--decision-retention); it may have committed. Settle the branch by hand from the \
+         other branches' state"
     )]
     Forgotten(Gtid),
     /// The log failed on a read; see [`LogError`].

@@ -75,6 +75,10 @@ pub fn purge_keeps_tombstones_and_the_horizon(log: &impl TxnLog) {
     let plain = {
         let mut r = finished_at(20_000, TxState::Aborted);
         r.decision = Some(crate::model::Decision::Abort);
+        for b in &mut r.branches {
+            b.state = BranchState::RolledBack;
+            b.resolution = None;
+        }
         r
     };
     let unfinished = finished_at(30_000, TxState::Stuck);
@@ -84,7 +88,14 @@ pub fn purge_keeps_tombstones_and_the_horizon(log: &impl TxnLog) {
     let tomb = Tombstone::needed_for(&done).expect("a resolved commit needs a tombstone");
     assert!(
         Tombstone::needed_for(&plain).is_none(),
-        "{name}: an abort needs none"
+        "{name}: an abort every branch acknowledged needs none"
+    );
+    let mut settled_abort = plain.clone();
+    settled_abort.branches[1].resolution = done.branches[0].resolution.clone();
+    assert!(
+        Tombstone::needed_for(&settled_abort)
+            .is_some_and(|t| t.decision == crate::model::Decision::Abort),
+        "{name}: an abort with a branch settled by hand needs one"
     );
     let purges = [&done, &plain, &unfinished].map(|r| Purge {
         gtid: r.gtid,

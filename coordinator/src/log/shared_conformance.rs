@@ -61,6 +61,7 @@ pub async fn run_all_but_removal<H: SharedHarness>(fresh: &impl AsyncFn() -> H) 
     a_restart_takes_its_rows_at_once(&fresh().await).await;
     locate_reports_owner_and_liveness(&fresh().await).await;
     retention_removes_only_what_it_is_asked_to(&fresh().await).await;
+    a_first_write_under_the_purge_horizon_is_fenced(&fresh().await).await;
 }
 
 fn address(name: &str) -> String {
@@ -472,4 +473,49 @@ pub async fn retention_removes_only_what_it_is_asked_to<H: SharedHarness>(h: &H)
         Some(unfinished),
         "retention removed an unfinished row"
     );
+}
+
+/// A first write of a gtid the retention horizon covers is never written
+/// (it is fenced): its row may be one retention removed, and the write one
+/// that a process paused past retention still held, while another
+/// coordinator took the transaction over, finished it and purged it.
+pub async fn a_first_write_under_the_purge_horizon_is_fenced<H: SharedHarness>(h: &H) {
+    let (a, b) = (open(h, "a"), open(h, "b"));
+    let ms = crate::model::now_ms();
+    let v7 = |ms: u64, n: u8| uuid::Builder::from_unix_timestamp_millis(ms, &[n; 10]).into_uuid();
+    let mut purged = sample_record(Mode::TwoPhase, 2);
+    purged.gtid = v7(ms, 2);
+    purged.state = TxState::Committed;
+    purged.decision = Some(Decision::Commit);
+    b.write(&purged).expect("write");
+    b.force_txn(&purged.gtid).await.expect("first write");
+    if !b.compacts() {
+        return;
+    }
+    b.purge(&[crate::log::Purge {
+        gtid: purged.gtid,
+        tombstone: None,
+    }])
+    .expect("purge");
+    b.force().await.expect("force");
+    assert!(b.get(&purged.gtid).expect("get").is_none(), "purged");
+
+    let mut held = sample_record(Mode::TwoPhase, 2);
+    held.gtid = v7(ms.saturating_sub(1000), 1);
+    held.state = TxState::Committing;
+    held.decision = Some(Decision::Commit);
+    a.write(&held).expect("buffered");
+    let forced = a.force().await;
+    assert!(
+        matches!(forced, Err(LogError::Fenced(_))),
+        "a_first_write_under_the_purge_horizon_is_fenced: a first write of a gtid older than \
+         a purged one landed ({forced:?})"
+    );
+    assert!(
+        b.get(&held.gtid).expect("get").is_none(),
+        "a_first_write_under_the_purge_horizon_is_fenced: the row was created"
+    );
+    // A gtid newer than the horizon is a new transaction as ever.
+    std::thread::sleep(std::time::Duration::from_millis(3));
+    created(&*b, TxState::Preparing, None).await;
 }

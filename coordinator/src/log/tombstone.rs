@@ -1,23 +1,23 @@
 //! What retention keeps of what it removes: a [`Tombstone`] per finished
-//! transaction whose commit some participant may still ask about, and the
-//! [`Horizon`] below which gtids may have been forgotten.
+//! transaction whose outcome some participant may still ask about, and the
+//! [`Horizon`] below which gtids may have been removed or forgotten.
 //!
 //! Why (DESIGN.md, "What retention may forget"): presumed abort answers
-//! ABORT for a gtid with no record. That is safe for a record retention
-//! removed only if no participant can still ask about it, i.e. every branch
-//! acknowledged its phase 2. A COMMITTED transaction with a branch an
-//! operator settled by hand (`tandem tx resolve`) finished without that
-//! participant's acknowledgement: when it comes back and asks, the answer
-//! must still be COMMIT. Retention therefore compacts such a record into a
-//! tombstone (a few dozen bytes, kept `--decision-retention`), and records
+//! ABORT for a gtid with no record, which is right only for a gtid no
+//! record ever covered. A transaction with a branch an operator settled by
+//! hand (`tandem tx resolve`) finished without that participant's
+//! acknowledgement: when it comes back and asks, the answer must still be
+//! the decision. Retention therefore compacts such a record into a
+//! tombstone (a few dozen bytes, kept `--decision-retention`); it records
 //! in the horizon what it removed, so that a removed gtid is never started
-//! again and an expired tombstone is never read as ABORT.
+//! again, and a removed gtid without a tombstone (every branch had
+//! acknowledged) or with an expired one is answered "no longer known",
+//! never ABORT: it may have committed.
 
 use crate::model::{BranchState, Decision, Gtid, Mode, TxState, TxnRecord};
 
 /// A finished transaction's decision, kept after retention removed its
-/// record. Only commits need one (an abort reads back right by presumed
-/// abort).
+/// record, while a participant may still ask ([`Tombstone::needed_for`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tombstone {
     /// The transaction.
@@ -39,22 +39,25 @@ pub struct Tombstone {
 
 impl Tombstone {
     /// The tombstone retention must keep when it removes `rec`, if any: a
-    /// finished commit with a branch its participant never acknowledged
-    /// (settled by an operator, or for any other reason not COMMITTED by
-    /// the participant's own answer).
+    /// finished transaction with a branch its participant never
+    /// acknowledged (settled by an operator, or for any other reason not
+    /// COMMITTED / ROLLED_BACK by the participant's own answer). That
+    /// participant may still ask; every other gtid retention removes is
+    /// answered "no longer known", never presumed ABORT.
     pub fn needed_for(rec: &TxnRecord) -> Option<Tombstone> {
-        if rec.decision != Some(Decision::Commit) {
-            return None;
-        }
-        let unacknowledged = |b: &crate::model::BranchRecord| {
-            b.resolution.is_some() || b.state != BranchState::Committed
+        let decision = rec.decision?;
+        let acknowledged = match decision {
+            Decision::Commit => BranchState::Committed,
+            Decision::Abort => BranchState::RolledBack,
         };
+        let unacknowledged =
+            |b: &crate::model::BranchRecord| b.resolution.is_some() || b.state != acknowledged;
         if !rec.branches.iter().any(unacknowledged) {
             return None;
         }
         Some(Tombstone {
             gtid: rec.gtid,
-            decision: Decision::Commit,
+            decision,
             mode: rec.mode,
             created_ms: rec.created_ms,
             finished_ms: rec.updated_ms,

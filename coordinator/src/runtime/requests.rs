@@ -521,7 +521,12 @@ impl Inner {
         if let Some(t) = self.log.tombstone(&gtid)? {
             return Ok(Some(t.decision));
         }
-        if self.log.horizon()?.may_have_forgotten(&gtid) {
+        // Removed by retention with no tombstone: every branch acknowledged
+        // its phase 2, so no participant still needs the answer, and a
+        // commit's must never be ABORT (a question delayed past retention).
+        // Only a gtid no record ever covered is presumed abort.
+        let horizon = self.log.horizon()?;
+        if horizon.may_have_forgotten(&gtid) || horizon.may_have_purged(&gtid) {
             return Err(CoordError::Forgotten(gtid));
         }
         Ok(Some(Decision::Abort))

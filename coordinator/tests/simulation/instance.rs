@@ -35,6 +35,9 @@ pub struct Setup {
     pub recovery_concurrency: usize,
     /// Phase-2 retries give up (STUCK) after this long, if set.
     pub retry_budget: Option<Duration>,
+    /// How long decision tombstones are kept (as short as retention in
+    /// some seeds: they expire during the run).
+    pub decision_retention: Duration,
 }
 
 /// A running incarnation.
@@ -63,6 +66,7 @@ fn config(setup: &Setup) -> CoordinatorConfig {
             max_duration: setup.retry_budget,
         },
         retention: RETENTION,
+        decision_retention: Some(setup.decision_retention),
         takeover_every: LEASE / 4,
         ..CoordinatorConfig::default()
     }

@@ -147,6 +147,21 @@ impl InstanceLog {
         }
     }
 
+    /// Pauses it when its next flush starts (`true`), or calls that off.
+    pub fn pause_at_next_flush(&self, armed: bool) {
+        if let InstanceLog::Shared(l) = self {
+            l.pause_at_next_flush(armed);
+        }
+    }
+
+    /// Whether its store calls are paused.
+    pub fn paused(&self) -> bool {
+        match self {
+            InstanceLog::Local(_) => false,
+            InstanceLog::Shared(l) => l.paused(),
+        }
+    }
+
     /// Renews its leases every third of `lease` (shared stores only).
     pub fn spawn_renewer(&self, lease: Duration) -> Option<tokio::task::JoinHandle<()>> {
         match self {

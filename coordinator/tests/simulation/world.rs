@@ -119,6 +119,15 @@ impl World {
             Store::Shared(SharedStore::new(Arc::new(instance::true_ms), LEASE))
         };
         let issued = Arc::new(AtomicU64::new(0));
+        // Tombstones expire during the run in half the seeds, but never
+        // before a participant's longest outage ends (a participant away
+        // longer than the decision retention cannot learn a forgotten
+        // outcome: the operator's case, which the docs name).
+        let decision_retention = if draw(&|r| r.below(2)) == 0 {
+            Duration::from_secs(290)
+        } else {
+            tandem_coordinator::config::DEFAULT_DECISION_RETENTION
+        };
         let mut instances = Vec::new();
         for i in 0..n {
             let setup = Setup {
@@ -134,6 +143,7 @@ impl World {
                 // Some seeds give phase 2 a budget: branches that fail
                 // longer end STUCK, for the operator.
                 retry_budget: (draw(&|r| r.below(2)) == 0).then(|| Duration::from_secs(8)),
+                decision_retention,
             };
             let inst = Instance::start(setup, &store, &net, &issued).await;
             instances.push(Mutex::new(Arc::new(inst)));
@@ -266,18 +276,33 @@ async fn supervisor(world: Arc<World>) {
 
 /// Pauses one instance: past its lease (others take its transactions
 /// over), and one time in three past retention too (what it decided may
-/// be removed by the time it resumes and flushes).
+/// be removed by the time it resumes and flushes). Half the pauses stop
+/// it as its next flush starts, its writes (a decision, say) unsent.
 async fn pause(world: Arc<World>) {
     let i = world.any();
     let long = world.draw(|r| r.chance(0.33));
     let d = if long {
-        world.draw(|r| r.ms(130_000, 200_000))
+        world.draw(|r| r.ms(150_000, 260_000))
     } else {
         world.draw(|r| r.ms(2_000, 12_000))
     };
+    let at_flush = world.draw(|r| r.chance(0.5));
     let inst = world.instance(i);
     if inst.is_paused() {
         return;
+    }
+    if at_flush {
+        inst.log.pause_at_next_flush(true);
+        for _ in 0..100 {
+            if inst.log.paused() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        inst.log.pause_at_next_flush(false);
+        if !inst.log.paused() {
+            return; // it flushed nothing for 5 s
+        }
     }
     world.counts.pauses.fetch_add(1, Ordering::Relaxed);
     inst.set_paused(true);

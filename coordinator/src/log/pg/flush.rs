@@ -204,13 +204,19 @@ impl Store {
         if !first.gtids.is_empty() {
             // The insert; a row already there is written only when it is
             // this incarnation's own at the same epoch (this batch again,
-            // after a commit whose answer was lost).
+            // after a commit whose answer was lost). A gtid the retention
+            // horizon covers is never written by a first write: its row may
+            // be one retention removed, and this write one a process paused
+            // past retention still held (DESIGN.md, "What retention may
+            // forget").
             let statement = tx
                 .prepare_cached(
                     "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
                      SELECT g, s, d, r, $5, e
-                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
-                         AS b(g, s, d, r, e)
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[],
+                                 $7::int8[])
+                         AS b(g, s, d, r, e, ms)
+                     WHERE b.ms > (SELECT purged_ms FROM tandem_horizon)
                      ON CONFLICT (gtid) DO UPDATE
                      SET state = excluded.state, decision = excluded.decision,
                          record = excluded.record, updated_at = now()
@@ -229,6 +235,7 @@ impl Store {
                         &first.records,
                         &me,
                         &first.epochs,
+                        &first.gtid_ms,
                     ],
                 )
                 .await?;
@@ -304,6 +311,9 @@ struct Rows {
     decisions: Vec<Option<i16>>,
     records: Vec<Vec<u8>>,
     epochs: Vec<i64>,
+    /// Each gtid's time (`i64::MAX` for one that is not a UUID v7: the
+    /// horizon never covers it).
+    gtid_ms: Vec<i64>,
 }
 
 impl Rows {
@@ -316,6 +326,9 @@ impl Rows {
         }));
         self.records.push(codec::encode(record));
         self.epochs.push(record.epoch.min(i64::MAX as u64) as i64);
+        self.gtid_ms.push(
+            crate::log::gtid_ms(&record.gtid).map_or(i64::MAX, |ms| ms.min(i64::MAX as u64) as i64),
+        );
     }
 
     /// The gtids of these rows the statement did not write.

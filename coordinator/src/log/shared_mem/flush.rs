@@ -76,6 +76,9 @@ pub(super) struct Inner {
     pub(super) closed: AtomicBool,
     pub(super) stall: Mutex<Duration>,
     pub(super) fail_next: AtomicBool,
+    /// The next flush pauses the incarnation first (with its batch still
+    /// to send).
+    pub(super) pause_at_flush: AtomicBool,
     pub(super) wake: Arc<Notify>,
     pub(super) forces: AtomicU64,
     pub(super) flushes: AtomicU64,
@@ -95,6 +98,7 @@ impl Inner {
             closed: AtomicBool::new(false),
             stall: Mutex::new(Duration::ZERO),
             fail_next: AtomicBool::new(false),
+            pause_at_flush: AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
             forces: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
@@ -137,6 +141,9 @@ impl Inner {
     /// that the log is halted.
     pub(super) async fn flush(&self) -> Result<(), LogError> {
         let before_latch = self.halted.get().is_none();
+        if self.pause_at_flush.swap(false, Ordering::SeqCst) {
+            self.paused.store(true);
+        }
         let passed = match self.gate().await {
             Ok(()) => self.flush_now(),
             Err(e) => Err(e),

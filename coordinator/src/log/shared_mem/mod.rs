@@ -32,7 +32,9 @@ use uuid::Uuid;
 
 use self::flush::{Inner, LINGER, Op};
 use super::shared_store::SharedStore;
-use super::{ForceFuture, LogError, LogStats, Ownership, TakeOverFuture, TxnLog};
+use super::{
+    ForceFuture, Horizon, LogError, LogStats, Ownership, Purge, TakeOverFuture, Tombstone, TxnLog,
+};
 use crate::model::{Gtid, TxState, TxnRecord};
 
 /// One coordinator incarnation on a [`SharedStore`]. See the module docs.
@@ -92,6 +94,14 @@ impl SharedMemLog {
     /// latches, as a real one does).
     pub fn fail_next_force(&self) {
         self.inner.fail_next.store(true, Ordering::SeqCst);
+    }
+
+    /// Pauses the incarnation when its next flush starts, its writes
+    /// still unsent (`true`), or calls that off (`false`): a process
+    /// stopped between deciding and forcing, whose decision lands when
+    /// it resumes.
+    pub fn pause_at_next_flush(&self, armed: bool) {
+        self.inner.pause_at_flush.store(armed, Ordering::SeqCst);
     }
 
     /// The process dies: nothing unflushed or in flight reaches the store
@@ -277,6 +287,41 @@ impl TxnLog for SharedMemLog {
         drop(buf);
         self.inner.wake.notify_one();
         Ok(())
+    }
+
+    fn compacts(&self) -> bool {
+        true
+    }
+
+    /// The buffered writes land first (as PgLog's purge waits for its
+    /// flushes). A paused incarnation's purge does nothing (its calls
+    /// would wait; retention's next pass finds the rows again).
+    fn purge(&self, purges: &[Purge]) -> Result<(), LogError> {
+        self.inner.check()?;
+        if self.inner.paused.is_set() {
+            return Ok(());
+        }
+        self.inner.flush_now()?;
+        self.inner.store.purge(purges);
+        Ok(())
+    }
+
+    fn tombstone(&self, gtid: &Gtid) -> Result<Option<Tombstone>, LogError> {
+        self.inner.check()?;
+        Ok(self.inner.store.tombstone(gtid))
+    }
+
+    fn horizon(&self) -> Result<Horizon, LogError> {
+        self.inner.check()?;
+        Ok(self.inner.store.horizon())
+    }
+
+    fn expire_tombstones(&self, finished_before_ms: u64, limit: usize) -> Result<usize, LogError> {
+        self.inner.check()?;
+        if self.inner.paused.is_set() {
+            return Ok(0);
+        }
+        Ok(self.inner.store.expire(finished_before_ms, limit))
     }
 
     fn stats(&self) -> LogStats {

@@ -13,6 +13,8 @@
 //! schema version 2). A row whose owner is not registered any more has no
 //! lease.
 
+mod retention;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::Ownership;
+use super::{Horizon, Ownership, Tombstone};
 use crate::model::{Decision, Gtid, TxState, TxnRecord};
 
 /// The store's clock: milliseconds, read for every lease.
@@ -101,6 +103,10 @@ struct Tables {
     instances: BTreeMap<Uuid, InstanceView>,
     /// Every decision that ever landed, rows since removed included.
     decisions: Vec<(Gtid, Decision)>,
+    /// Decision tombstones retention kept (PgLog's `tandem_decisions`).
+    tombstones: BTreeMap<Gtid, Tombstone>,
+    /// How far retention has forgotten (PgLog's `tandem_horizon`).
+    horizon: Horizon,
 }
 
 /// The shared table in memory. See the module docs.
@@ -223,15 +229,21 @@ impl SharedStore {
     ///   (retention removed it) or fails the condition is fenced: it never
     ///   creates the row again.
     fn verdict(t: &Tables, me: Uuid, record: &TxnRecord, first: bool) -> Verdict {
+        // A first write of a gtid the horizon covers is never written: its
+        // row may be one retention removed (a process paused with the
+        // write unsent while another finished the transaction). It is
+        // refused as started elsewhere if a row of another is there, and
+        // fenced otherwise.
+        let purged = first && t.horizon.may_have_purged(&record.gtid);
         let Some(row) = t.rows.get(&record.gtid) else {
-            return if first {
+            return if first && !purged {
                 Verdict::Insert
             } else {
                 Verdict::Fenced
             };
         };
         let decision_kept = row.record.decision.is_none() || row.record.decision == record.decision;
-        if row.owner == me && row.epoch == record.epoch && decision_kept {
+        if row.owner == me && row.epoch == record.epoch && decision_kept && !purged {
             Verdict::Update
         } else if first && row.epoch == 1 && row.owner != me {
             Verdict::Refused
