@@ -307,3 +307,49 @@ async fn an_expired_decision_is_unknown_never_abort() {
         "a new gtid is still presumed abort"
     );
 }
+
+// Rule: a gtid retention removed is never presumed ABORT. A commit every
+// branch acknowledged keeps no tombstone; a GetOutcome for it that comes
+// late (asked while a branch was in doubt, held by a coordinator paused
+// past retention, answered after the purge) must not hear ABORT: it hears
+// FAILED_PRECONDITION, no longer known. (Found by the cluster simulation:
+// a participant's question waited out a pause and was answered ABORT.)
+#[tokio::test]
+async fn a_removed_commit_is_never_answered_abort() {
+    let log: Arc<MemLog> = Arc::new(MemLog::new());
+    let net = Net::new();
+    net.down.store(false, Ordering::SeqCst);
+    let gtid = gtid_now();
+    let now = coordinator(log.clone(), &net, 0);
+    now.start_recovery().await.expect("start");
+    now.submit(
+        Mode::TwoPhase,
+        None,
+        branches(),
+        Some(gtid),
+        Vec::new(),
+        None,
+    )
+    .await
+    .expect("submit");
+    for _ in 0..200 {
+        if now.get(gtid).expect("get").state == TxState::Committed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(now.get(gtid).expect("get").state, TxState::Committed);
+    let later = coordinator(log, &net, 30 * MINUTE_MS);
+    assert_eq!(later.sweep_now().await.expect("sweep"), 1, "purged");
+    let answer = later.outcome(gtid);
+    assert!(
+        matches!(answer, Err(CoordError::Forgotten(g)) if g == gtid),
+        "a removed commit was answered {answer:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        later.outcome(gtid_now()).expect("outcome"),
+        Some(Decision::Abort),
+        "a gtid no record ever covered is still presumed abort"
+    );
+}

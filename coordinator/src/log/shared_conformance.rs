@@ -50,8 +50,8 @@ pub async fn run_all<H: SharedHarness>(fresh: impl AsyncFn() -> H) {
     a_write_after_removal_is_fenced(&fresh().await).await;
 }
 
-/// Every check but [`a_write_after_removal_is_fenced`] (which PgLog on
-/// main fails: issue 22, finding 1), each on a fresh store.
+/// Every check but [`a_write_after_removal_is_fenced`] (which the
+/// PostgreSQL suite runs as a test of its own), each on a fresh store.
 pub async fn run_all_but_removal<H: SharedHarness>(fresh: &impl AsyncFn() -> H) {
     a_first_write_creates_the_row(&fresh().await).await;
     a_second_first_write_is_refused(&fresh().await).await;
