@@ -77,13 +77,22 @@ pub(crate) async fn round(
 }
 
 /// Asks about one branch and finishes it if decided. False when the
-/// coordinator could not be asked.
+/// coordinator could not be asked. An answer that it cannot tell (the
+/// outcome is no longer known, FAILED_PRECONDITION) leaves the branch in
+/// doubt for an operator and moves on to the next: it does not change by
+/// asking again, and must not hold up the branches behind it.
 async fn resolve(service: &ParticipantService, client: &TransactionClient, d: &InDoubt) -> bool {
     let (gtid, branch) = (d.key.gtid, d.key.branch_id);
     let commit = match client.outcome(gtid).await {
         Ok(Outcome::Pending) => return true,
         Ok(Outcome::Commit) => true,
         Ok(Outcome::Abort) => false,
+        Err(crate::Error::Invalid { code, message }) => {
+            tracing::error!(%gtid, branch, ?code, %message,
+                "in-doubt resolution: the coordinator cannot tell this branch's outcome; \
+                 it stays in doubt until an operator settles it by hand");
+            return true;
+        }
         Err(e) => {
             tracing::warn!(%gtid, branch, error = %e, "in-doubt resolution: cannot reach the coordinator");
             return false;

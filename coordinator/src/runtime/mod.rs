@@ -142,6 +142,9 @@ struct Entry {
     deadline_timer: Mutex<Option<AbortHandle>>,
     /// Bumped after every engine step, so requests can wait for a state.
     changed: crate::wake::Changes,
+    /// Set (and `changed` bumped) when this entry is dropped from the live
+    /// table: a request waiting on it is answered, not left waiting.
+    dropped: AtomicBool,
 }
 
 /// The participant token is sent with every call to a participant, and
@@ -359,7 +362,14 @@ impl Entry {
             txn: Mutex::new(txn),
             deadline_timer: Mutex::new(None),
             changed: crate::wake::Changes::default(),
+            dropped: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the entry dropped from the live table and wakes its waiters.
+    fn drop_here(&self) {
+        self.dropped.store(true, Ordering::SeqCst);
+        self.changed.bump();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Txn> {
@@ -403,6 +413,7 @@ impl Inner {
     fn forget(&self, gtid: &Gtid) {
         let removed = self.live_table().remove(gtid);
         if let Some(entry) = removed {
+            entry.drop_here();
             let timer = entry
                 .deadline_timer
                 .lock()
@@ -422,6 +433,7 @@ impl Inner {
         let same = live.get(gtid).is_some_and(|e| Arc::ptr_eq(e, entry));
         if same && entry.lock().record().state == crate::model::TxState::Stuck {
             live.remove(gtid);
+            entry.drop_here();
         }
     }
 
@@ -480,6 +492,15 @@ impl Inner {
     /// coordinator halts or is stopped first.
     async fn wait_change(&self, entry: &Entry, seen: &mut u64) -> Result<(), CoordError> {
         self.check_halted()?;
+        // Dropped from the live table: no step will come (the caller looks
+        // at the state once more after the wake-up that told it so).
+        if entry.dropped.load(Ordering::SeqCst) {
+            return Err(CoordError::Unavailable(format!(
+                "transaction {} is no longer run here (another coordinator runs it, or it \
+                 was dropped); ask again",
+                entry.gtid()
+            )));
+        }
         tokio::select! {
             biased;
             () = entry.changed.after(seen) => {}

@@ -208,7 +208,10 @@ impl Store {
             // horizon covers is never written by a first write: its row may
             // be one retention removed, and this write one a process paused
             // past retention still held (DESIGN.md, "What retention may
-            // forget").
+            // forget"). The horizon is read `FOR SHARE`: a purge under way
+            // (its horizon raised and the row deleted, not yet committed)
+            // is waited for and its horizon read, where the statement's
+            // snapshot would read the old one and insert the row again.
             let statement = tx
                 .prepare_cached(
                     "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
@@ -216,7 +219,7 @@ impl Store {
                      FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[],
                                  $7::int8[])
                          AS b(g, s, d, r, e, ms)
-                     WHERE b.ms > (SELECT purged_ms FROM tandem_horizon)
+                     WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
                      ON CONFLICT (gtid) DO UPDATE
                      SET state = excluded.state, decision = excluded.decision,
                          record = excluded.record, updated_at = now()
