@@ -210,9 +210,13 @@ impl SledLog {
 }
 
 /// Moves every undecodable record to the quarantine tree, logging each,
-/// and logs what a log behind its mark lost.
+/// and logs what a log behind its mark lost. The horizon is raised over
+/// every quarantined gtid: its outcome is no longer known (GetOutcome
+/// answers so, never presumed ABORT: it may have been a commit) and it is
+/// never started again.
 fn quarantine(db: &sled::Db, txns: &sled::Tree, report: &LogReport) -> sled::Result<()> {
     let aside = db.open_tree(check::QUARANTINE_TREE)?;
+    let mut newest = 0u64;
     for (key, why) in &report.undecodable {
         let Ok(gtid) = key.parse::<Gtid>() else {
             tracing::error!(key = %key, why = %why, "log damage: a record with a bad key is left in place");
@@ -222,7 +226,20 @@ fn quarantine(db: &sled::Db, txns: &sled::Tree, report: &LogReport) -> sled::Res
             aside.insert(gtid.as_bytes(), bytes)?;
             txns.remove(gtid.as_bytes())?;
         }
+        newest = newest.max(tombstone::gtid_ms(&gtid).unwrap_or(0));
         tracing::error!(%gtid, why = %why, "log damage: record quarantined; its participants must be resolved by hand");
+    }
+    if newest > 0 {
+        let tree = db.open_tree("horizon")?;
+        let stored = tree
+            .get(HORIZON_KEY)?
+            .and_then(|b| Horizon::decode(&b))
+            .unwrap_or_default();
+        let raised = stored.max(Horizon {
+            purged_ms: newest,
+            forgotten_ms: newest,
+        });
+        tree.insert(HORIZON_KEY, raised.encode().to_vec())?;
     }
     for problem in report.problems() {
         tracing::error!(%problem, "log damage accepted (--accept-log-damage)");
