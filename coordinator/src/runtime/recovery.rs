@@ -155,8 +155,21 @@ impl Inner {
                 .await
                 .map_err(|_| CoordError::Unavailable("recovery stopped".into()))?;
             let mut live = self.live_table();
-            if live.contains_key(&gtid) {
-                continue; // a request took it over first
+            if let Some(existing) = live.get(&gtid).cloned() {
+                // A request took it over first; or this is an entry from
+                // before this instance lost the row (paused past its lease)
+                // and claimed it back at a newer epoch: that copy is stale
+                // (every write of it would be fenced), the record is read
+                // again and driven.
+                let held = existing.lock().record().epoch;
+                let claimed = matches!(self.log.get(&gtid), Ok(Some(rec)) if rec.epoch > held);
+                if !claimed {
+                    self.recovering_set().remove(&gtid);
+                    continue;
+                }
+                drop(live);
+                self.forget(&gtid);
+                live = self.live_table();
             }
             if let Err(e) = self.claim_locked(&mut live, gtid, Some(permit)) {
                 drop(live);
