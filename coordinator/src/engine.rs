@@ -67,9 +67,6 @@ pub struct Txn {
     /// An abort decision is forced like a commit (client-chosen gtid whose
     /// record is not known to be durable yet).
     force_abort: bool,
-    /// The gtid is the client's: a repeat of it may follow a run whose
-    /// phase 1 ran (kept after the abort decision took `force_abort`).
-    client_gtid: bool,
 }
 
 impl Txn {
@@ -139,7 +136,6 @@ impl Txn {
     /// gtid the client chose; see DESIGN.md rule 1).
     pub fn with_forced_abort(mut self) -> Txn {
         self.force_abort = true;
-        self.client_gtid = true;
         self
     }
 
@@ -156,7 +152,6 @@ impl Txn {
             failures: BTreeMap::new(),
             policy: RetryPolicy::default(),
             force_abort: false,
-            client_gtid: false,
         }
     }
 
@@ -344,18 +339,10 @@ impl Txn {
         if !self.phase_one.remove(&id) {
             return Vec::new(); // not ours or already answered
         }
-        // A client-chosen gtid may be a repeat whose first run's phase 1
-        // ran (its unforced record lost in a crash): there a call that did
-        // not run now proves nothing about what the branch holds.
-        let repeatable = self.client_gtid;
         let Some(b) = self.rec.branch_mut(id) else {
             return Vec::new();
         };
         b.updated_ms = now;
-        let vote = match vote {
-            Vote::NotRun(error) if repeatable => Vote::Failed(error),
-            vote => vote,
-        };
         let failure = match vote {
             Vote::Yes(reply) => {
                 b.state = BranchState::Prepared;
@@ -374,10 +361,9 @@ impl Txn {
                 ))
             }
             Vote::NotRun(error) => {
-                // Nothing ran there and phase 1 is never sent twice under
-                // a gtid the coordinator made, so there is nothing to roll
-                // back: settled now (DESIGN.md rule 3a). Only a failure
-                // decides this; a yes never comes.
+                // Nothing ran there and phase 1 is never sent twice, so
+                // there is nothing to roll back: settled now (DESIGN.md
+                // rule 3a). Only a failure decides this; a yes never comes.
                 b.state = BranchState::RolledBack;
                 Some(AbortInfo::by_branch(
                     AbortCause::PhaseOneFailed,

@@ -33,7 +33,7 @@ async fn a_row_claimed_back_from_a_stale_owner_is_driven() {
     };
     let ca = Coordinator::with_environment(CoordinatorConfig::default(), a.clone(), env)
         .expect("coordinator");
-    let _ = ca.start_recovery().await.expect("recovery");
+    let _recovery = ca.start_recovery().await.expect("recovery");
     let _takeover = ca.start_takeover(LEASE / 4);
 
     // An interactive transaction, waiting for its client.

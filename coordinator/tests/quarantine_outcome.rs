@@ -42,7 +42,7 @@ async fn a_quarantined_commit_is_not_presumed_abort() {
     let (log, report) = SledLog::open_with(dir.path(), true).expect("accept damage");
     assert!(report.is_damaged(), "{report:?}");
     let coord = Coordinator::new(CoordinatorConfig::default(), Arc::new(log)).expect("coord");
-    let _ = coord.start_recovery().await.expect("recovery");
+    let _recovery = coord.start_recovery().await.expect("recovery");
     let answer = coord.outcome(gtid);
     assert!(
         !matches!(answer, Ok(Some(Decision::Abort))),
