@@ -4,7 +4,7 @@
 # committed tree, runs the simulation on it, and prints which invariant
 # caught it, at which seed.
 #
-#   scripts/mutations.sh                 # every mutation, 200 seeds each
+#   scripts/mutations.sh                 # every mutation, 300 seeds each
 #   SEEDS=500 scripts/mutations.sh drop_fence unlocked_barrier
 #
 # The scratch copy lives in target/mutation-src and builds into
@@ -18,7 +18,7 @@
 # as it does when a mutation is not caught.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-seeds="${SEEDS:-200}"
+seeds="${SEEDS:-300}"
 base="${CARGO_TARGET_DIR:-$root/target}"
 scratch="$base/mutation-src"
 pristine="$base/mutation-pristine"
