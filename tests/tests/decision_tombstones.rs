@@ -6,7 +6,7 @@
 //! run with `sweep_now`, as the background task would run them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,64 +15,17 @@ use tandem_coordinator::engine::NewBranch;
 use tandem_coordinator::error::CoordError;
 use tandem_coordinator::log::{MemLog, SledLog, TxnLog};
 use tandem_coordinator::model::{Decision, Gtid, Mode, TxState, now_ms};
-use tandem_coordinator::runtime::{CallFuture, Clock, Environment, Transport};
+use tandem_coordinator::runtime::{Clock, Environment};
 use tandem_coordinator::{Coordinator, CoordinatorConfig};
-use tandem_proto::v1::{BranchRequest, VoteResponse};
+use tandem_tests::down_net::{DOWN, DownNet as Net};
 
 const RETENTION: Duration = Duration::from_secs(120);
-const DOWN: &str = "http://down:1";
 
-/// Participants in this process: phase 1 votes yes; phase 2 fails at
-/// `DOWN` while `down` is set.
-struct Net {
-    phase_one: AtomicUsize,
-    down: AtomicBool,
-}
-
-impl Net {
-    fn new() -> Arc<Net> {
-        Arc::new(Net {
-            phase_one: AtomicUsize::new(0),
-            down: AtomicBool::new(true),
-        })
-    }
-}
-
-impl Transport for Net {
-    fn phase_one(
-        &self,
-        _: &str,
-        _: Mode,
-        _: BranchRequest,
-        _: Option<tandem_coordinator::model::TraceContext>,
-        _: Duration,
-    ) -> CallFuture<'_, VoteResponse> {
-        self.phase_one.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async {
-            Ok(VoteResponse {
-                yes: true,
-                ..Default::default()
-            })
-        })
-    }
-    fn phase_two(
-        &self,
-        endpoint: &str,
-        _: Mode,
-        _: bool,
-        _: BranchRequest,
-        _: Option<tandem_coordinator::model::TraceContext>,
-        _: Duration,
-    ) -> CallFuture<'_, ()> {
-        let down = endpoint == DOWN && self.down.load(Ordering::SeqCst);
-        Box::pin(async move {
-            if down {
-                Err("down for maintenance".into())
-            } else {
-                Ok(())
-            }
-        })
-    }
+/// Participants whose phase 2 fails at `DOWN` until told otherwise.
+fn down_net() -> Arc<Net> {
+    let net = Net::default();
+    net.down.store(true, Ordering::SeqCst);
+    Arc::new(net)
 }
 
 /// Tombstones are kept this long here.
@@ -173,7 +126,7 @@ async fn reopen(dir: &std::path::Path) -> Arc<SledLog> {
 #[tokio::test]
 async fn a_commit_settled_by_hand_is_still_commit_after_retention_on_sled() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let net = Net::new();
+    let net = down_net();
     let gtid = gtid_now();
     let coord = coordinator(reopen(dir.path()).await, &net, 0);
     coord.start_recovery().await.expect("start");
@@ -226,7 +179,7 @@ async fn a_commit_settled_by_hand_is_still_commit_after_retention_on_sled() {
 #[tokio::test]
 async fn a_repeat_after_a_purge_by_a_clock_ahead_is_refused_elsewhere() {
     let log: Arc<MemLog> = Arc::new(MemLog::new());
-    let net = Net::new();
+    let net = down_net();
     net.down.store(false, Ordering::SeqCst);
     let gtid = gtid_now();
     let first = coordinator(log.clone(), &net, 0);
@@ -280,7 +233,7 @@ async fn a_repeat_after_a_purge_by_a_clock_ahead_is_refused_elsewhere() {
 #[tokio::test]
 async fn an_expired_decision_is_unknown_never_abort() {
     let log: Arc<MemLog> = Arc::new(MemLog::new());
-    let net = Net::new();
+    let net = down_net();
     let gtid = gtid_now();
     let now = coordinator(log.clone(), &net, 0);
     now.start_recovery().await.expect("start");
@@ -317,7 +270,7 @@ async fn an_expired_decision_is_unknown_never_abort() {
 #[tokio::test]
 async fn a_removed_commit_is_never_answered_abort() {
     let log: Arc<MemLog> = Arc::new(MemLog::new());
-    let net = Net::new();
+    let net = down_net();
     net.down.store(false, Ordering::SeqCst);
     let gtid = gtid_now();
     let now = coordinator(log.clone(), &net, 0);

@@ -15,56 +15,12 @@ use tandem_coordinator::engine::NewBranch;
 use tandem_coordinator::error::CoordError;
 use tandem_coordinator::log::{PgLog, PgOptions};
 use tandem_coordinator::model::{Decision, Gtid, Mode, TxState, now_ms};
-use tandem_coordinator::runtime::{CallFuture, Clock, Environment, Transport};
+use tandem_coordinator::runtime::{Clock, Environment};
 use tandem_coordinator::{Coordinator, CoordinatorConfig};
-use tandem_proto::v1::{BranchRequest, VoteResponse};
+use tandem_tests::down_net::{DOWN, DownNet as Net};
 use tandem_tests::pg::PgServer;
 
-const DOWN: &str = "http://down:1";
 const MINUTE_MS: i64 = 60_000;
-
-/// Phase 1 votes yes; phase 2 fails at `DOWN` while `down` is set.
-struct Net {
-    phase_one: AtomicUsize,
-    down: AtomicBool,
-}
-
-impl Transport for Net {
-    fn phase_one(
-        &self,
-        _: &str,
-        _: Mode,
-        _: BranchRequest,
-        _: Option<tandem_coordinator::model::TraceContext>,
-        _: Duration,
-    ) -> CallFuture<'_, VoteResponse> {
-        self.phase_one.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async {
-            Ok(VoteResponse {
-                yes: true,
-                ..Default::default()
-            })
-        })
-    }
-    fn phase_two(
-        &self,
-        endpoint: &str,
-        _: Mode,
-        _: bool,
-        _: BranchRequest,
-        _: Option<tandem_coordinator::model::TraceContext>,
-        _: Duration,
-    ) -> CallFuture<'_, ()> {
-        let down = endpoint == DOWN && self.down.load(Ordering::SeqCst);
-        Box::pin(async move {
-            if down {
-                Err("down for maintenance".into())
-            } else {
-                Ok(())
-            }
-        })
-    }
-}
 
 /// Instance `name` on the store at `url`, its clock `skew_ms` off.
 fn instance(url: &str, name: &str, net: &Arc<Net>, skew_ms: i64) -> Coordinator {
