@@ -57,6 +57,14 @@ pub struct CoordinatorConfig {
 /// removed yet); two minutes leave that window at least a minute long.
 pub const MIN_RETENTION: Duration = Duration::from_secs(120);
 
+/// How far an instance's clock may be from a shared store's before the
+/// instance refuses to start (or halts). Retention removes by the
+/// sweeping instance's clock and the horizon is in gtid time, so a gtid
+/// made here falls under the horizon only if retention ≤ 2 × the offset
+/// between two clocks; bounding every clock's offset from the store's to
+/// 20 s keeps that impossible for any retention ≥ [`MIN_RETENTION`].
+pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(20);
+
 /// How long decision tombstones are kept unless configured: 90 days.
 pub const DEFAULT_DECISION_RETENTION: Duration = Duration::from_secs(90 * 24 * 3600);
 

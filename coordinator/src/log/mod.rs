@@ -118,6 +118,14 @@ pub trait TxnLog: Send + Sync + 'static {
         false
     }
 
+    /// The store's own clock (ms since the Unix epoch) on a store several
+    /// coordinators share; `None` for a log only this one uses. Every
+    /// instance's clock must stay within
+    /// [`MAX_CLOCK_OFFSET`](crate::config::MAX_CLOCK_OFFSET) of it.
+    fn store_now_ms(&self) -> Result<Option<u64>, LogError> {
+        Ok(None)
+    }
+
     /// Whether the store refused `gtid`'s record (see
     /// [`LogError::Refused`]); the coordinator then forgets it.
     fn refused(&self, gtid: &Gtid) -> bool {

@@ -62,6 +62,7 @@ pub async fn run_all_but_removal<H: SharedHarness>(fresh: &impl AsyncFn() -> H) 
     locate_reports_owner_and_liveness(&fresh().await).await;
     retention_removes_only_what_it_is_asked_to(&fresh().await).await;
     a_first_write_under_the_purge_horizon_is_fenced(&fresh().await).await;
+    the_store_tells_its_clock(&fresh().await).await;
 }
 
 fn address(name: &str) -> String {
@@ -518,4 +519,20 @@ pub async fn a_first_write_under_the_purge_horizon_is_fenced<H: SharedHarness>(h
     // A gtid newer than the horizon is a new transaction as ever.
     std::thread::sleep(std::time::Duration::from_millis(3));
     created(&*b, TxState::Preparing, None).await;
+}
+
+/// Rule: a shared store tells its own clock, the same to every instance
+/// (each instance's clock is checked against it at start:
+/// `runtime/clock_offset.rs`), and that clock does not run backwards.
+pub async fn the_store_tells_its_clock<H: SharedHarness>(h: &H) {
+    let (a, b) = (open(h, "a"), open(h, "b"));
+    let first = a.store_now_ms().expect("read the clock");
+    let second = b.store_now_ms().expect("read the clock");
+    match (first, second) {
+        (Some(first), Some(second)) => assert!(
+            second >= first,
+            "the_store_tells_its_clock: read {first} then {second}"
+        ),
+        other => panic!("the_store_tells_its_clock: a shared store said {other:?}"),
+    }
 }

@@ -30,6 +30,7 @@
 
 mod census;
 mod clock;
+mod clock_offset;
 mod driver;
 mod listing;
 mod participants;

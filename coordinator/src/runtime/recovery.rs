@@ -71,6 +71,7 @@ impl Coordinator {
     pub async fn start_recovery(
         &self,
     ) -> Result<tokio::task::JoinHandle<Result<RecoveryReport, CoordError>>, CoordError> {
+        self.inner.check_clock()?;
         let (report, pending) = self.inner.take_stock()?;
         // Everything read back is made durable before anyone acts on it.
         self.inner

@@ -22,25 +22,36 @@ use crate::log::LogError;
 use crate::model::Gtid;
 
 impl Inner {
-    /// On a shared store, makes a new transaction's first record durable
-    /// before `then` runs (its phase-1 calls) and before the caller hears
-    /// of it — otherwise another instance, asked by a participant about a
-    /// gtid it cannot find, would answer "presumed abort" for a
-    /// transaction that may still commit here. Both run in a tracked task,
-    /// so a request dropped meanwhile cuts neither short. When another
-    /// instance started the same gtid first, this copy is forgotten and
-    /// the caller is sent there.
+    /// Makes a new transaction's first record durable before `then` runs
+    /// (its phase-1 calls) and before the caller hears of it, where that
+    /// matters:
+    ///
+    /// - on a shared store, always — otherwise another instance, asked by
+    ///   a participant about a gtid it cannot find, would answer "presumed
+    ///   abort" for a transaction that may still commit here. When another
+    ///   instance started the same gtid first, this copy is forgotten and
+    ///   the caller is sent there;
+    /// - on a local log, for a gtid the client chose (`chosen`): a crash
+    ///   that lost the record would let the client's repeat send phase 1
+    ///   again, and a repeat refused at the connection would then settle a
+    ///   branch the first run's call may still hold (DESIGN.md rule 3a
+    ///   rests on phase 1 never going out twice). A gtid made here is
+    ///   never sent again after a crash, so its start is not forced.
+    ///
+    /// Both run in a tracked task, so a request dropped meanwhile cuts
+    /// neither short.
     pub(super) async fn publish_then(
         self: &Arc<Self>,
         gtid: Gtid,
+        chosen: bool,
         then: impl Future<Output = Result<(), CoordError>> + Send + 'static,
     ) -> Result<(), CoordError> {
-        if !self.log.shared() {
+        if !self.log.shared() && !chosen {
             return then.await;
         }
         let inner = self.clone();
         let task = self.tasks.spawn(async move {
-            inner.published(gtid).await?;
+            inner.force_start(gtid).await?;
             then.await
         });
         task.await
@@ -53,6 +64,11 @@ impl Inner {
         if !self.log.shared() {
             return Ok(());
         }
+        self.force_start(gtid).await
+    }
+
+    /// Forces `gtid`'s start; forgets a copy the store refused.
+    async fn force_start(self: &Arc<Self>, gtid: Gtid) -> Result<(), CoordError> {
         match self.log.force_txn(&gtid).await {
             Ok(()) => Ok(()),
             Err(e) => {

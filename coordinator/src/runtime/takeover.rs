@@ -74,11 +74,18 @@ impl Coordinator {
     pub fn start_takeover(&self, every: Duration) -> JoinHandle<()> {
         let inner = self.inner.clone();
         inner.tasks.clone().spawn(async move {
+            let mut rounds = 0u64;
             loop {
                 tokio::select! {
                     biased;
                     () = tokio::time::sleep(every) => {}
                     () = inner.timers_stop.cancelled() => return,
+                }
+                // The clock against the store's, every 24 rounds (a minute
+                // at the default lease).
+                rounds += 1;
+                if rounds % 24 == 0 {
+                    inner.watch_clock();
                 }
                 inner.adopt_orphans().await;
                 loop {

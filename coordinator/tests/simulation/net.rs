@@ -35,6 +35,9 @@ pub struct SimNet {
     pub modes: Mutex<BTreeMap<Key, Mode>>,
     /// Calls of a branch with another protocol than its first.
     pub violations: Mutex<Vec<String>>,
+    /// Per participant: refuses every connection until then (a switch or
+    /// host restart, often at the same time as a coordinator's crash).
+    pub unreachable_until: Arc<Mutex<BTreeMap<usize, tokio::time::Instant>>>,
 }
 
 /// What one call does, drawn up front from the seed.
@@ -120,6 +123,28 @@ impl SimNet {
         }
     }
 
+    /// Refuses every connection to participant `i` for `d`.
+    pub fn cut_off(&self, i: usize, d: Duration) {
+        let until = tokio::time::Instant::now() + d;
+        let mut cut = self.unreachable_until.lock().unwrap();
+        let at = cut.entry(i).or_insert(until);
+        *at = (*at).max(until);
+    }
+
+    /// Whether connections to `endpoint` are refused at the time it is
+    /// asked (the call's delay may start or end a cut-off).
+    fn unreachable(&self, endpoint: &str) -> impl Fn() -> bool + Send + 'static {
+        let i = endpoint
+            .strip_prefix("http://p")
+            .and_then(|e| e.strip_suffix(":1"))
+            .and_then(|e| e.parse::<usize>().ok());
+        let cut = self.unreachable_until.clone();
+        move || {
+            i.and_then(|i| cut.lock().unwrap().get(&i).copied())
+                .is_some_and(|u| tokio::time::Instant::now() < u)
+        }
+    }
+
     fn replica(&self, p: &SimParticipant) -> usize {
         self.rng.lock().unwrap().below(p.replicas.len() as u64) as usize
     }
@@ -149,6 +174,7 @@ impl SimNet {
         self.saw(&req, mode);
         let p = self.participant(endpoint);
         let plan = self.plan(true);
+        let cut_off = self.unreachable(endpoint);
         let (first, second) = match &p {
             Some(p) => {
                 let r = self.replica(p);
@@ -161,7 +187,7 @@ impl SimNet {
                 return Err("unknown participant".into());
             };
             tokio::time::sleep(plan.delay).await;
-            if plan.refused {
+            if plan.refused || cut_off() {
                 return Err(CallError::new(
                     Failure::NotDelivered,
                     "Unavailable: connection refused",
@@ -196,6 +222,7 @@ impl SimNet {
         self.saw(&req, mode);
         let p = self.participant(endpoint);
         let plan = self.plan(false);
+        let cut_off = self.unreachable(endpoint);
         let (first, second) = match &p {
             Some(p) => {
                 let r = self.replica(p);
@@ -208,7 +235,7 @@ impl SimNet {
                 return Err("unknown participant".into());
             };
             tokio::time::sleep(plan.delay).await;
-            if plan.refused {
+            if plan.refused || cut_off() {
                 return Err("Unavailable: connection refused".into());
             }
             if let Some(later) = plan.duplicate {

@@ -100,6 +100,7 @@ impl World {
             rng: rng.clone(),
             modes: Mutex::default(),
             violations: Mutex::default(),
+            unreachable_until: Arc::default(),
         });
         let log_faults = Arc::new(LogFaults::default());
         log_faults.on.store(true, Ordering::SeqCst);
@@ -260,6 +261,15 @@ async fn supervisor(world: Arc<World>) {
         }
         if faults && next_crash.is_zero() {
             let i = world.any();
+            // Half the crashes come with a participant cut off for a few
+            // seconds (a rack losing power): the clients' repeats reach a
+            // restarted coordinator whose phase-1 calls are refused.
+            if let Some((p, d)) = world.draw(|r| {
+                r.chance(0.5)
+                    .then(|| (r.below(PARTICIPANTS as u64) as usize, r.ms(500, 6000)))
+            }) {
+                world.net.cut_off(p, d);
+            }
             world.restart(i, false).await;
             next_crash = world.draw(|r| r.ms(1000, every));
         }

@@ -494,6 +494,10 @@ impl TxnLog for PgLog {
         true
     }
 
+    fn store_now_ms(&self) -> Result<Option<u64>, LogError> {
+        self.read_store_clock().map(Some)
+    }
+
     fn compacts(&self) -> bool {
         true
     }

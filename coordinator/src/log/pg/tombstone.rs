@@ -81,6 +81,12 @@ impl PgLog {
         Ok(h)
     }
 
+    pub(super) fn read_store_clock(&self) -> Result<u64, LogError> {
+        self.on_store("read the store's clock", |store| async move {
+            store.now_ms().await
+        })
+    }
+
     pub(super) fn expire(&self, finished_before_ms: u64, limit: usize) -> Result<usize, LogError> {
         let r = self.on_store("expire decision tombstones", move |store| async move {
             store.expire(finished_before_ms, limit).await
@@ -205,6 +211,17 @@ impl Store {
             purged_ms: p.max(0) as u64,
             forgotten_ms: f.max(0) as u64,
         })
+    }
+
+    async fn now_ms(&self) -> Result<u64, Fail> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8",
+                &[],
+            )
+            .await?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
     }
 
     async fn expire(&self, finished_before_ms: u64, limit: usize) -> Result<usize, Fail> {

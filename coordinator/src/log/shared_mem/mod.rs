@@ -222,6 +222,11 @@ impl TxnLog for SharedMemLog {
         true
     }
 
+    fn store_now_ms(&self) -> Result<Option<u64>, LogError> {
+        self.inner.check()?;
+        Ok(Some(self.inner.store.now_ms()))
+    }
+
     fn refused(&self, gtid: &Gtid) -> bool {
         self.inner.buffer().refused.contains(gtid)
     }
