@@ -7,7 +7,8 @@
 //! in tasks of their own, as in a real server: a caller that gives up does
 //! not stop the work. Faults: the connection is refused, the reply is
 //! lost, calls arrive late (past call timeouts and deadlines, after later
-//! calls of the same branch). Each coordinator instance reaches the
+//! calls of the same branch), a proxy retries a phase-1 call at another
+//! replica after losing the first reply. Each coordinator instance reaches the
 //! network through its own [`Link`], which holds its calls while the
 //! instance is paused (they arrive when it resumes, stale).
 
@@ -49,6 +50,11 @@ struct Plan {
     lose_reply: bool,
     /// Also sent to another replica, this much later.
     duplicate: Option<Duration>,
+    /// A proxy's retry (phase 1): the call first reaches another replica,
+    /// whose reply is lost, and is then sent to this one; the caller hears
+    /// only the second answer (the barrier's no to a repeated prepare,
+    /// while the first attempt holds the work).
+    retried_by_proxy: bool,
 }
 
 fn call_error(status: tonic::Status) -> CallError {
@@ -120,6 +126,7 @@ impl SimNet {
             refused: on && rng.chance(if phase_one { 0.03 } else { 0.10 }),
             lose_reply: on && rng.chance(0.04),
             duplicate: (on && rng.chance(0.08)).then(|| rng.ms(0, 6)),
+            retried_by_proxy: on && phase_one && rng.chance(0.02),
         }
     }
 
@@ -200,6 +207,9 @@ impl SimNet {
                     tokio::time::sleep(later).await;
                     let _ = call_one(&p.replicas[second], mode, req).await;
                 });
+            }
+            if plan.retried_by_proxy {
+                let _ = call_one(&p.replicas[second], mode, req.clone()).await;
             }
             let vote = call_one(&p.replicas[first], mode, req)
                 .await
