@@ -2,7 +2,9 @@
 //! a certificate for each party (coordinator, participant, client, admin),
 //! bearer tokens, and access files granting them their roles — everything
 //! needed to run with mutual TLS and tokens in one step. For development
-//! and tests only: the CA key sits next to the certificates.
+//! and tests only: the CA's private key is never written (only `ca.pem`,
+//! its certificate), so nothing more can be signed by it; the
+//! `README.txt` written beside the files says so.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -115,7 +115,7 @@ pub async fn serve_with_admin(
     if security.access.is_none() {
         tracing::warn!(
             "AUTHENTICATION IS OFF: anyone who can reach this port can start, inspect and abort \
-             transactions (give --auth-file; see README \"Security\")"
+             transactions (give --auth-file; see docs/book/src/security.md)"
         );
     }
     let coordinator = CoordinatorServer::new(CoordinatorService::new(coord.clone()))

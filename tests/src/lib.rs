@@ -368,6 +368,29 @@ where
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+/// The book's Rust examples (docs/book/src), one item per chapter with Rust
+/// code, compiled as doctests so they stay true. A chapter that gains its
+/// first Rust block gets a line here.
+#[cfg(doctest)]
+pub mod book {
+    #[doc = include_str!("../../docs/book/src/participants.md")]
+    pub struct Participants;
+    #[doc = include_str!("../../docs/book/src/postgres.md")]
+    pub struct Postgres;
+    #[doc = include_str!("../../docs/book/src/clients.md")]
+    pub struct Clients;
+    #[doc = include_str!("../../docs/book/src/cluster.md")]
+    pub struct Cluster;
+    #[doc = include_str!("../../docs/book/src/security.md")]
+    pub struct Security;
+    #[doc = include_str!("../../docs/book/src/metrics.md")]
+    pub struct Metrics;
+    #[doc = include_str!("../../docs/book/src/transactions.md")]
+    pub struct Transactions;
+    #[doc = include_str!("../../docs/book/src/runbook.md")]
+    pub struct Runbook;
+}
+
 /// xorshift64*: enough randomness for picking transfers and kill moments,
 /// reproducible from the seed a test prints.
 pub struct Rng(pub u64);

@@ -1,6 +1,7 @@
 //! The `tandem serve` binary as a real process: a participant and a business
-//! service written as the README shows work against it, and a commit it
-//! acknowledged survives SIGKILL and a restart on the same data directory.
+//! service written as the book shows (docs/book/src/participants.md,
+//! docs/book/src/clients.md) work against it, and a commit it acknowledged
+//! survives SIGKILL and a restart on the same data directory.
 
 use std::process::Command;
 use std::sync::Arc;

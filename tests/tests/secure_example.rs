@@ -1,5 +1,6 @@
 //! The example participant users copy, `bank-participant`, run with its
-//! security flags as README's Security walkthrough runs it: it serves a
+//! security flags as the book's secured local setup runs it
+//! (docs/book/src/security.md, "A secured local setup, by hand"): it serves a
 //! real `tandem serve` over mutual TLS with tokens, and refuses a plaintext
 //! caller, a caller without a client certificate, and any caller that is
 //! not its coordinator (no token, or a client's certificate or token).
@@ -110,7 +111,8 @@ async fn the_secure_bank_participant_serves_only_its_coordinator() {
     let certs: PathBuf = dir.path().join("certs");
     write_dev(&certs).expect("dev certs");
     let f = |name: &str| certs.join(name).to_string_lossy().into_owned();
-    // The coordinator as README's "same by hand" runs it.
+    // The coordinator as the secured local setup (docs/book/src/security.md)
+    // runs it.
     let serve = Serve::start_with(
         &dir.path().join("data"),
         &[
@@ -152,7 +154,7 @@ async fn the_secure_bank_participant_serves_only_its_coordinator() {
     .await
     .expect("connect");
 
-    // README's transfer, by the example business service over mutual TLS
+    // The walkthrough's transfer, by the example business service over mutual TLS
     // with its token.
     let transfer = std::process::Command::new(workspace_bin("transfer"))
         .args(["--coordinator", &coordinator, "--ca", &f("ca.pem")])

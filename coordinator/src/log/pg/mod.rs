@@ -12,7 +12,7 @@
 //! by the next one, so concurrent decisions share one PostgreSQL commit.
 //! A commit decision is durable when that commit returns: the database must
 //! run with `synchronous_commit = on` (the default; with a synchronous
-//! standby, see the README, on both).
+//! standby, see docs/book/src/cluster.md, on both).
 //!
 //! Reads see the buffer first, then the database. `scan` flushes the
 //! buffer before it reads, so it never misses a write.
