@@ -28,8 +28,17 @@ async fn maybe_cancel<T>(cancel: Option<Duration>, fut: impl Future<Output = T>)
     }
 }
 
+/// When the client gives up on a call: a quarter cut short at random, the
+/// rest at a client deadline (a call stuck behind a paused instance is
+/// abandoned, and a client with its own gtid asks another instance).
 fn cancel_point(world: &World) -> Option<Duration> {
-    world.draw(|r| r.chance(0.25).then(|| r.ms(0, 1500)))
+    Some(world.draw(|r| {
+        if r.chance(0.25) {
+            r.ms(0, 1500)
+        } else {
+            r.ms(8000, 15_000)
+        }
+    }))
 }
 
 /// Sends `call` to instance `first`, following up to three redirects;
