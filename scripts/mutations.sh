@@ -71,10 +71,10 @@ mutations=(
   'coordinator/src/runtime/driver.rs'
   's/(Command::ForceDecision => \{\n\s*let t = Instant::now\(\);\n)\s*self\.log\n\s*\.force_txn\(&entry\.gtid\(\)\)\n\s*\.await\n\s*\.map_err\(\|e\| self\.halt\(e\)\)\?;/$1/'
   'phase 2 starts before the decision is forced'
-  'skip_chosen_start_force'
-  'coordinator/src/runtime/routing.rs'
-  's/if !self\.log\.shared\(\) && !chosen \{/if !self.log.shared() {/'
-  'a local log does not force a client-chosen start before phase 1 (a repeat after a crash sends phase 1 twice)'
+  'settle_unsure_refusals'
+  'coordinator/src/runtime/driver.rs'
+  's/if e\.kind == Failure::NotDelivered\n\s*&& entry\.lock\(\)\.phase_one_maybe_sent_before\(\) =>/if false =>/'
+  'a refused phase-1 call of a repeat after a crash is settled at once (rule 3a) though the first run may hold'
 )
 
 fresh_copy() {

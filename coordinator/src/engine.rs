@@ -67,6 +67,10 @@ pub struct Txn {
     /// An abort decision is forced like a commit (client-chosen gtid whose
     /// record is not known to be durable yet).
     force_abort: bool,
+    /// Phase 1 may have gone out for this gtid before (an earlier
+    /// incarnation, its start lost in a crash): a refused connection does
+    /// not prove the branch holds nothing (DESIGN.md rule 3a).
+    sent_before: bool,
 }
 
 impl Txn {
@@ -139,6 +143,20 @@ impl Txn {
         self
     }
 
+    /// Marks that phase 1 may already have gone out for this gtid (a
+    /// client-chosen gtid older than this incarnation, on a log that does
+    /// not force a start): a phase-1 call refused at the connection is
+    /// then a failure to roll back, not a branch settled at once.
+    pub fn with_phase_one_maybe_sent_before(mut self) -> Txn {
+        self.sent_before = true;
+        self
+    }
+
+    /// Whether phase 1 may have gone out for this gtid before this run.
+    pub fn phase_one_maybe_sent_before(&self) -> bool {
+        self.sent_before
+    }
+
     fn from_record(rec: TxnRecord) -> Txn {
         Txn {
             budget_start: rec.updated_ms,
@@ -152,6 +170,7 @@ impl Txn {
             failures: BTreeMap::new(),
             policy: RetryPolicy::default(),
             force_abort: false,
+            sent_before: false,
         }
     }
 

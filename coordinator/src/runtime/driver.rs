@@ -259,6 +259,14 @@ impl Inner {
         let vote = match answer {
             Ok(v) if v.yes => Vote::Yes(v.reply),
             Ok(v) => Vote::No(v.reason),
+            // Phase 1 of this gtid may have gone out before a crash: the
+            // refused connection proves nothing about that first call.
+            Err(e)
+                if e.kind == Failure::NotDelivered
+                    && entry.lock().phase_one_maybe_sent_before() =>
+            {
+                Vote::Failed(e.message)
+            }
             // Never ran there: nothing to roll back (DESIGN.md rule 3a).
             Err(e) if matches!(e.kind, Failure::NotDelivered | Failure::Unimplemented) => {
                 Vote::NotRun(e.message)

@@ -115,6 +115,8 @@ struct Inner {
     pool: Arc<ParticipantPool>,
     transport: Arc<dyn Transport>,
     clock: Clock,
+    /// When this incarnation started, on `clock` (ms).
+    started_ms: u64,
     /// Set once a log write or force failed: from then on nothing is decided.
     halted: OnceLock<String>,
     /// Every task the runtime spawns (rounds of calls, timers, recovery).
@@ -214,6 +216,7 @@ impl Coordinator {
                 start_locks: starts::StartLocks::default(),
                 pool,
                 transport,
+                started_ms: env.clock.now_ms(),
                 clock: env.clock,
                 halted: OnceLock::new(),
                 draining: AtomicBool::new(false),

@@ -87,9 +87,7 @@ impl Coordinator {
                     return Err(inner.halt(e));
                 }
                 inner.start_deadline_timer(&entry, deadline);
-                // An interactive start is not forced on a local log even for a
-                // chosen gtid: each enlisted branch is forced before its call.
-                inner.publish_then(gtid, false, async { Ok(()) }).await?;
+                inner.publish_then(gtid, async { Ok(()) }).await?;
             }
             Start::Live(entry) => {
                 same_mode(&entry.lock().visible_record(), mode)?;
@@ -294,7 +292,7 @@ impl Coordinator {
                     let (inner, entry) = (inner.clone(), entry.clone());
                     async move { inner.spawn_round(&entry, cmds).await }
                 };
-                inner.publish_then(gtid, chosen, round).await?;
+                inner.publish_then(gtid, round).await?;
                 entry
             }
             Start::Live(entry) => {

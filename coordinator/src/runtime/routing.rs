@@ -22,31 +22,22 @@ use crate::log::LogError;
 use crate::model::Gtid;
 
 impl Inner {
-    /// Makes a new transaction's first record durable before `then` runs
-    /// (its phase-1 calls) and before the caller hears of it, where that
-    /// matters:
-    ///
-    /// - on a shared store, always — otherwise another instance, asked by
-    ///   a participant about a gtid it cannot find, would answer "presumed
-    ///   abort" for a transaction that may still commit here. When another
-    ///   instance started the same gtid first, this copy is forgotten and
-    ///   the caller is sent there;
-    /// - on a local log, for a gtid the client chose (`chosen`): a crash
-    ///   that lost the record would let the client's repeat send phase 1
-    ///   again, and a repeat refused at the connection would then settle a
-    ///   branch the first run's call may still hold (DESIGN.md rule 3a
-    ///   rests on phase 1 never going out twice). A gtid made here is
-    ///   never sent again after a crash, so its start is not forced.
-    ///
-    /// Both run in a tracked task, so a request dropped meanwhile cuts
-    /// neither short.
+    /// On a shared store, makes a new transaction's first record durable
+    /// before `then` runs (its phase-1 calls) and before the caller hears
+    /// of it — otherwise another instance, asked by a participant about a
+    /// gtid it cannot find, would answer "presumed abort" for a
+    /// transaction that may still commit here. Both run in a tracked task,
+    /// so a request dropped meanwhile cuts neither short. When another
+    /// instance started the same gtid first, this copy is forgotten and
+    /// the caller is sent there. (A local log forces no start: a crash
+    /// that loses one leaves its participants to presumed abort, and a
+    /// client's repeat is covered by rule 3a's exception, `starts.rs`.)
     pub(super) async fn publish_then(
         self: &Arc<Self>,
         gtid: Gtid,
-        chosen: bool,
         then: impl Future<Output = Result<(), CoordError>> + Send + 'static,
     ) -> Result<(), CoordError> {
-        if !self.log.shared() && !chosen {
+        if !self.log.shared() {
             return then.await;
         }
         let inner = self.clone();

@@ -137,7 +137,10 @@ impl Inner {
             Lookup::Unknown => {}
         }
         self.check_new_gtid(&gtid)?;
-        let (txn, cmds) = make();
+        let (mut txn, cmds) = make();
+        if self.maybe_sent_before(&gtid) {
+            txn = txn.with_phase_one_maybe_sent_before();
+        }
         Ok(self.insert_new(live, gtid, (txn.with_forced_abort(), cmds)))
     }
 
@@ -150,6 +153,21 @@ impl Inner {
         let entry = self.new_entry(txn);
         live.insert(gtid, entry.clone());
         Start::New(entry, cmds)
+    }
+
+    /// Whether an earlier incarnation may have sent phase 1 for `gtid`, a
+    /// client-chosen gtid with no record: on a local log a start is not
+    /// forced (one sync per transaction, not two), so a crash can lose it
+    /// after its phase-1 calls went out, and the client's repeat then
+    /// sends them again. A gtid whose time is later than this
+    /// incarnation's start plus the lead a client clock may have
+    /// ([`MAX_GTID_AHEAD`]) was made after the crash: never sent before.
+    /// A shared store publishes every start before phase 1, so a repeat
+    /// finds the record there.
+    fn maybe_sent_before(&self, gtid: &Gtid) -> bool {
+        !self.log.shared()
+            && crate::log::gtid_ms(gtid)
+                .is_none_or(|ms| ms < self.started_ms + MAX_GTID_AHEAD.as_millis() as u64)
     }
 
     /// A client-chosen gtid must be a UUID v7 of about now: the log keeps

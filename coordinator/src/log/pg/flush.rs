@@ -200,78 +200,57 @@ impl Store {
             .await?;
         }
         let me = self.shared.incarnation;
-        let mut refused_first = Vec::new();
-        if !first.gtids.is_empty() {
-            // The insert; a row already there is written only when it is
-            // this incarnation's own at the same epoch (this batch again,
-            // after a commit whose answer was lost). A gtid the retention
-            // horizon covers is never written by a first write: its row may
-            // be one retention removed, and this write one a process paused
-            // past retention still held (DESIGN.md, "What retention may
-            // forget"). The horizon is read `FOR SHARE`: a purge under way
-            // (its horizon raised and the row deleted, not yet committed)
-            // is waited for and its horizon read, where the statement's
-            // snapshot would read the old one and insert the row again.
-            let statement = tx
-                .prepare_cached(
-                    "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
-                     SELECT g, s, d, r, $5, e
-                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[],
-                                 $7::int8[])
-                         AS b(g, s, d, r, e, ms)
-                     WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
-                     ON CONFLICT (gtid) DO UPDATE
-                     SET state = excluded.state, decision = excluded.decision,
-                         record = excluded.record, updated_at = now()
-                     WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
-                       AND (t.decision IS NULL OR t.decision = excluded.decision)
-                     RETURNING gtid",
-                )
-                .await?;
-            let written = tx
-                .query(
-                    &statement,
-                    &[
-                        &first.gtids,
-                        &first.states,
-                        &first.decisions,
-                        &first.records,
-                        &me,
-                        &first.epochs,
-                        &first.gtid_ms,
-                    ],
-                )
-                .await?;
-            refused_first = first.refused(written);
-        }
-        let mut taken_over = Vec::new();
-        if !later.gtids.is_empty() {
-            let statement = tx
-                .prepare_cached(
-                    "UPDATE tandem_txns AS t
-                     SET state = b.s, decision = b.d, record = b.r, updated_at = now()
-                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
-                         AS b(g, s, d, r, e)
-                     WHERE t.gtid = b.g AND t.owner = $5 AND t.epoch = b.e
-                       AND (t.decision IS NULL OR t.decision = b.d)
-                     RETURNING t.gtid",
-                )
-                .await?;
-            let written = tx
-                .query(
-                    &statement,
-                    &[
-                        &later.gtids,
-                        &later.states,
-                        &later.decisions,
-                        &later.records,
-                        &me,
-                        &later.epochs,
-                    ],
-                )
-                .await?;
-            taken_over = later.refused(written);
-        }
+        // The insert of first writes; a row already there is written only
+        // when it is this incarnation's own at the same epoch (this batch
+        // again, after a commit whose answer was lost). A gtid the
+        // retention horizon covers is never written by a first write: its
+        // row may be one retention removed, and this write one a process
+        // paused past retention still held (DESIGN.md, "What retention may
+        // forget"). The horizon is read `FOR SHARE`: a purge under way (its
+        // horizon raised and the row deleted, not yet committed) is waited
+        // for and its horizon read, where the statement's snapshot would
+        // read the old one and insert the row again.
+        let insert = tx.prepare_cached(INSERT_SQL);
+        // Later writes: an update conditioned on owner, epoch and the
+        // decision; it never creates a row.
+        let update = tx.prepare_cached(UPDATE_SQL);
+        let (insert, update) = futures::try_join!(insert, update)?;
+        let first_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &first.gtids,
+            &first.states,
+            &first.decisions,
+            &first.records,
+            &me,
+            &first.epochs,
+            &first.gtid_ms,
+        ];
+        let later_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &later.gtids,
+            &later.states,
+            &later.decisions,
+            &later.records,
+            &me,
+            &later.epochs,
+        ];
+        // Both statements go out at once (tokio-postgres pipelines
+        // concurrent queries on one connection): one round trip when a
+        // batch holds both kinds, as a flush at low load does (a new
+        // transaction's start beside the last write of the one before).
+        let insert_first = async {
+            if first.gtids.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&insert, &first_params).await
+        };
+        let update_later = async {
+            if later.gtids.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&update, &later_params).await
+        };
+        let (written_first, written_later) = futures::try_join!(insert_first, update_later)?;
+        let refused_first = first.refused(written_first);
+        let mut taken_over = later.refused(written_later);
         if refused_first.is_empty() && taken_over.is_empty() {
             tx.commit().await?;
             return Ok(Refusals::default());
@@ -355,3 +334,25 @@ fn finished_codes() -> Vec<i16> {
     .map(|s| code(*s))
     .collect()
 }
+
+const INSERT_SQL: &str =
+    "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
+                     SELECT g, s, d, r, $5, e
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[],
+                                 $7::int8[])
+                         AS b(g, s, d, r, e, ms)
+                     WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
+                     ON CONFLICT (gtid) DO UPDATE
+                     SET state = excluded.state, decision = excluded.decision,
+                         record = excluded.record, updated_at = now()
+                     WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
+                       AND (t.decision IS NULL OR t.decision = excluded.decision)
+                     RETURNING gtid";
+
+const UPDATE_SQL: &str = "UPDATE tandem_txns AS t
+                     SET state = b.s, decision = b.d, record = b.r, updated_at = now()
+                     FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
+                         AS b(g, s, d, r, e)
+                     WHERE t.gtid = b.g AND t.owner = $5 AND t.epoch = b.e
+                       AND (t.decision IS NULL OR t.decision = b.d)
+                     RETURNING t.gtid";
