@@ -69,9 +69,20 @@ async fn at_the_largest_offsets_allowed_a_sweep_never_fences_a_new_transaction()
     let store = store();
     let edge = MAX_CLOCK_OFFSET.as_millis() as i64 - 500;
     let sweeper = instance(&store, "s", edge);
-    let _ = sweeper.start_recovery().await.expect("recovery");
+    sweeper
+        .start_recovery()
+        .await
+        .expect("recovery")
+        .await
+        .expect("join")
+        .expect("recovered");
     let slow = instance(&store, "c", -edge);
-    let _ = slow.start_recovery().await.expect("recovery");
+    slow.start_recovery()
+        .await
+        .expect("recovery")
+        .await
+        .expect("join")
+        .expect("recovered");
 
     for _ in 0..3 {
         let old = sweeper

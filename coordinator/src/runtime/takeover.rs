@@ -84,7 +84,7 @@ impl Coordinator {
                 // The clock against the store's, every 24 rounds (a minute
                 // at the default lease).
                 rounds += 1;
-                if rounds % 24 == 0 {
+                if rounds.is_multiple_of(24) {
                     inner.watch_clock();
                 }
                 inner.adopt_orphans().await;
