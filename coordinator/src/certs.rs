@@ -13,7 +13,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
-use tandem_sdk::security::auth::{new_token, token_digest_hex};
+use tandem_common::security::auth::{new_token, token_digest_hex};
 use time::OffsetDateTime;
 
 /// The parties `tandem certs dev` makes certificates and tokens for.

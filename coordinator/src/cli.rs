@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use serde::Serialize;
+use tandem_common::security::BearerToken;
+use tandem_common::security::ClientOptions;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
-use tandem_sdk::ClientOptions;
-use tandem_sdk::security::BearerToken;
 use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
 
@@ -35,7 +35,7 @@ pub struct CliError(pub String);
 ///
 /// The endpoint is malformed or nothing answers there.
 pub async fn connect(endpoint: &str, options: &ClientOptions) -> Result<Admin, CliError> {
-    let channel = tandem_sdk::security::endpoint(endpoint, options.tls.as_ref())
+    let channel = tandem_common::security::endpoint(endpoint, options.tls.as_ref())
         .map_err(|e| CliError(format!("coordinator {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .connect()

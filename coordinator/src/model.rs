@@ -6,7 +6,7 @@ use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-pub use tandem_sdk::trace::TraceContext;
+pub use tandem_trace::TraceContext;
 use uuid::Uuid;
 
 /// Global transaction id: a UUID v7, so ids sort by creation time.

@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use tandem_sdk::ClientOptions;
-use tandem_sdk::security::{AccessList, BearerToken, ClientTls, ServerTls, ServerTlsFiles};
+use tandem_common::security::ClientOptions;
+use tandem_common::security::{AccessList, BearerToken, ClientTls, ServerTls, ServerTlsFiles};
 
 use crate::config::EndpointPattern;
 use crate::service::SharedAccess;

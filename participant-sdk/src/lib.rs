@@ -80,10 +80,10 @@ mod in_doubt;
 pub mod metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
-pub mod security;
 pub mod server;
-pub mod sled_sync;
-pub mod trace;
+// Shared with the coordinator (crates `tandem-common`, `tandem-trace`).
+pub use tandem_common::{security, sled_sync};
+pub use tandem_trace as trace;
 
 pub use barrier::{Phase, SledBarrier};
 pub use client::{

@@ -28,8 +28,8 @@ use http::{HeaderValue, Method, StatusCode, header};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tandem_sdk::security::Role;
-use tandem_sdk::security::rustls::pki_types::CertificateDer;
+use tandem_common::security::Role;
+use tandem_common::security::rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -322,8 +322,8 @@ async fn require_admin(State(state): State<AppState>, mut req: Request, next: Ne
         Err(refusal) => {
             tracing::warn!(path = req.uri().path(), refused = %refusal, "admin HTTP call refused");
             let status = match refusal {
-                tandem_sdk::security::Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
-                tandem_sdk::security::Refusal::PermissionDenied(_) => StatusCode::FORBIDDEN,
+                tandem_common::security::Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+                tandem_common::security::Refusal::PermissionDenied(_) => StatusCode::FORBIDDEN,
             };
             let mut resp = error(status, &refusal.to_string());
             if status == StatusCode::UNAUTHORIZED {

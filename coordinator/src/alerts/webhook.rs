@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tandem_sdk::security::ClientTls;
+use tandem_common::security::ClientTls;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;

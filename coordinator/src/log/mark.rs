@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tandem_sdk::sled_sync::SyncHooks;
+use tandem_common::sled_sync::SyncHooks;
 
 /// Name of the mark file in the data directory.
 pub const MARK_FILE: &str = "tandem.mark";

@@ -6,7 +6,7 @@
 //! group-commit thread runs `flush()`, syncs new blob files, and
 //! `fdatasync`s sled's data file, once for every waiting [`TxnLog::force`].
 //! Concurrent decisions therefore share one physical flush. See the
-//! `tandem_sdk::sled_sync` docs for the measurements behind this.
+//! `tandem_common::sled_sync` docs for the measurements behind this.
 //!
 //! Large payloads live in their own tree, written once per branch, and
 //! segments are 8 MiB, so blobs are rare and the record rewritten on each
@@ -23,7 +23,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use tandem_sdk::sled_sync::{SledSync, SyncError};
+use tandem_common::sled_sync::{SledSync, SyncError};
 
 use super::check::{self, LogReport};
 use super::mark::{self, MarkHooks};

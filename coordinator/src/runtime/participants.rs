@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tandem_common::security::BearerToken;
 use tandem_proto::v1::participant_client::ParticipantClient;
 use tandem_proto::v1::{BranchRequest, VoteResponse};
-use tandem_sdk::security::BearerToken;
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use tandem_sdk::security::{AccessList, Role};
+use tandem_common::security::{AccessList, Role};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 

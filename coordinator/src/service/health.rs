@@ -9,8 +9,8 @@
 //! ([`required_role`](super::required_role) names no role for them), so a
 //! probe works without a token.
 
+use tandem_common::health::{ServerHealth, StoppingHealth};
 use tandem_proto::v1::coordinator_server::CoordinatorServer;
-use tandem_sdk::server::health::{ServerHealth, StoppingHealth};
 use tokio::task::JoinHandle;
 use tonic::server::NamedService;
 use tonic_health::pb::health_server::HealthServer;

@@ -23,7 +23,7 @@ fn builder() -> Builder<'static> {
     let names = [
         <CoordinatorServer<CoordinatorService> as NamedService>::NAME,
         <AdminServer<AdminService> as NamedService>::NAME,
-        <HealthServer<tandem_sdk::server::health::StoppingHealth> as NamedService>::NAME,
+        <HealthServer<tandem_common::health::StoppingHealth> as NamedService>::NAME,
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
     ];

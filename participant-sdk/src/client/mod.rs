@@ -11,49 +11,11 @@ use tonic::transport::Channel;
 
 use cluster::{Cluster, Repeat};
 
-use crate::security::{BearerToken, ClientTls};
+// Shared with the coordinator's own clients (`tandem tx`, `tandem bench`).
+use crate::security::BearerToken;
+pub use crate::security::ClientOptions;
 use crate::trace::TraceContext;
 use crate::{Error, Gtid};
-
-/// How to reach the coordinator: TLS settings for an `https://` address
-/// and the bearer token sent with every call.
-#[derive(Clone, Debug, Default)]
-pub struct ClientOptions {
-    /// TLS (CA bundle, client certificate for mutual TLS). For an
-    /// `https://` address without it, the system's roots are trusted.
-    pub tls: Option<ClientTls>,
-    /// Sent as `authorization: Bearer <token>` when set.
-    pub token: BearerToken,
-}
-
-impl ClientOptions {
-    /// Options from files, as command-line flags name them: TLS when a CA
-    /// bundle or a client certificate (with its key, for mutual TLS) is
-    /// given, and the token `token_file` holds.
-    ///
-    /// # Errors
-    ///
-    /// The token file cannot be read, is empty, or its token is not
-    /// header-safe.
-    pub fn from_files(
-        ca: Option<&std::path::Path>,
-        cert: Option<&std::path::Path>,
-        key: Option<&std::path::Path>,
-        token_file: Option<&std::path::Path>,
-    ) -> Result<Self, String> {
-        let token = match token_file {
-            Some(p) => BearerToken::from_file(p)?,
-            None => BearerToken::none(),
-        };
-        let tls = (ca.is_some() || cert.is_some()).then(|| ClientTls {
-            ca: ca.map(Into::into),
-            cert: cert.map(Into::into),
-            key: key.map(Into::into),
-            domain: None,
-        });
-        Ok(ClientOptions { tls, token })
-    }
-}
 
 /// The protocol of a transaction, and the default of its branches (a
 /// [`Branch`] may name its own with [`Branch::mode`]).

@@ -18,6 +18,7 @@ use crate::Gtid;
 use crate::barrier::{self, BarrierStore, InDoubt, Phase};
 use crate::handler::{BranchContext, DynHandler, Vote};
 use crate::metrics::{self, ParticipantMetrics};
+use crate::trace::TraceContext;
 
 /// Which protocol a resource speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,7 +178,7 @@ impl ParticipantService {
         let trace = crate::TraceContext::from_metadata(req.metadata());
         let req = req.into_inner();
         let ctx = context(&req, Phase::Try, trace.as_ref())?;
-        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
+        let span = handler_span(&ctx, trace.as_ref(), verb);
         let call = PhaseOne {
             handler: self.handler(&req.resource, protocol)?.clone(),
             barrier: self.barrier.clone(),
@@ -206,7 +207,7 @@ impl ParticipantService {
             Phase::Cancel
         };
         let ctx = context(&req, phase, trace.as_ref())?;
-        let span = crate::trace::handler_span(&ctx, trace.as_ref(), verb);
+        let span = handler_span(&ctx, trace.as_ref(), verb);
         let call = PhaseTwo {
             handler: self.handler(&req.resource, protocol)?.clone(),
             barrier: self.barrier.clone(),
@@ -302,6 +303,34 @@ impl PhaseTwo {
         task.await
             .unwrap_or_else(|e| Err(panicked(verb, count_panic, e)))
     }
+}
+
+/// The span a handler runs in: `tandem.branch` (named after the call for
+/// OpenTelemetry), with `trace_id`, `gtid`, `branch_id`, `resource` and
+/// `phase`, the child of the coordinator's span when the call carried a
+/// trace context.
+fn handler_span(
+    ctx: &BranchContext,
+    sent: Option<&TraceContext>,
+    verb: &'static str,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "tandem.branch",
+        otel.name = verb,
+        trace_id = tracing::field::Empty,
+        gtid = %ctx.gtid,
+        branch_id = ctx.branch_id,
+        resource = %ctx.resource,
+        phase = ?ctx.phase,
+    );
+    if let Some(sent) = sent {
+        span.record(
+            "trace_id",
+            tracing::field::display(sent.parent.trace_id_hex()),
+        );
+        sent.adopt(&span);
+    }
+    span
 }
 
 /// What counts a panicked call, kept outside the call's task; only with

@@ -9,7 +9,7 @@
 
 mod caller;
 mod dispatch;
-pub mod health;
+pub use tandem_common::health;
 
 use std::collections::HashMap;
 use std::future::Future;

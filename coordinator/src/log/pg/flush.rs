@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Op;
-use tandem_sdk::postgres::tokio_postgres;
+use tandem_common::postgres::tokio_postgres;
 
 use super::io::{Fail, Store};
 use super::schema::code;

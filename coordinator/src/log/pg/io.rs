@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tandem_sdk::postgres::{self, Pool, tokio_postgres};
+use tandem_common::postgres::{self, Pool, tokio_postgres};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 

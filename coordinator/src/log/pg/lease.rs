@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tandem_sdk::postgres::tokio_postgres;
+use tandem_common::postgres::tokio_postgres;
 use tracing::warn;
 
 use super::io::{Fail, Store};

@@ -303,7 +303,7 @@ pub struct ClusterStatus {
 ///
 /// The store cannot be reached or read.
 pub async fn cluster_status(url: &str) -> Result<ClusterStatus, LogError> {
-    let pool = tandem_sdk::postgres::pool(url, 1)
+    let pool = tandem_common::postgres::pool(url, 1)
         .map_err(|e| LogError::Storage(format!("cannot use the store: {e}")))?;
     let fail = |e: io::Fail| match e {
         io::Fail::Transient(e) | io::Fail::Fatal(e) => LogError::Storage(e),

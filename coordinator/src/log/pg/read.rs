@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use tandem_sdk::postgres::tokio_postgres;
+use tandem_common::postgres::tokio_postgres;
 
 use super::io::{Fail, Store};
 use super::schema::code;

@@ -18,7 +18,7 @@
 //!   forgotten (`purged_ms`, `forgotten_ms`, gtid times).
 //! - `tandem_schema`: the applied migration versions.
 
-use tandem_sdk::postgres::deadpool_postgres::Client;
+use tandem_common::postgres::deadpool_postgres::Client;
 
 use crate::model::TxState;
 

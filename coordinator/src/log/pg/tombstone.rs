@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tandem_sdk::postgres::tokio_postgres;
+use tandem_common::postgres::tokio_postgres;
 
 use super::io::{Fail, Store};
 use super::schema::code;

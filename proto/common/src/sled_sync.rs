@@ -1,6 +1,6 @@
 //! [`SledSync`]: makes writes to a sled 0.34 database durable, with group
 //! commit. The coordinator's transaction log and the participant barrier
-//! ([`SledBarrier`](crate::barrier::SledBarrier)) both use it, and so can a
+//! (the SDK's `SledBarrier`) both use it, and so can a
 //! participant keeping its business state in sled.
 //!
 //! # Why sled's own flush is not enough

@@ -1,6 +1,7 @@
 //! Security shared by the coordinator, its clients and participants: TLS
 //! ([`tls`]), credentials and roles ([`auth`]), and a bearer token sent on
-//! outgoing calls ([`BearerToken`]).
+//! outgoing calls ([`BearerToken`]); [`ClientOptions`] puts a client's TLS
+//! and token together.
 
 pub mod auth;
 pub mod tls;
@@ -113,4 +114,44 @@ pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> 
     endpoint
         .tls_config(config)
         .map_err(|e| format!("TLS for {url:?}: {e}"))
+}
+
+/// How to reach the coordinator: TLS settings for an `https://` address
+/// and the bearer token sent with every call.
+#[derive(Clone, Debug, Default)]
+pub struct ClientOptions {
+    /// TLS (CA bundle, client certificate for mutual TLS). For an
+    /// `https://` address without it, the system's roots are trusted.
+    pub tls: Option<ClientTls>,
+    /// Sent as `authorization: Bearer <token>` when set.
+    pub token: BearerToken,
+}
+
+impl ClientOptions {
+    /// Options from files, as command-line flags name them: TLS when a CA
+    /// bundle or a client certificate (with its key, for mutual TLS) is
+    /// given, and the token `token_file` holds.
+    ///
+    /// # Errors
+    ///
+    /// The token file cannot be read, is empty, or its token is not
+    /// header-safe.
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+        token_file: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
+        let token = match token_file {
+            Some(p) => BearerToken::from_file(p)?,
+            None => BearerToken::none(),
+        };
+        let tls = (ca.is_some() || cert.is_some()).then(|| ClientTls {
+            ca: ca.map(Into::into),
+            cert: cert.map(Into::into),
+            key: key.map(Into::into),
+            domain: None,
+        });
+        Ok(ClientOptions { tls, token })
+    }
 }

@@ -4,10 +4,10 @@
 //! shutdown waits for every open stream: without this, one load balancer
 //! watching health would hold a stopping server up forever.
 //!
-//! [`ParticipantServer`](super::ParticipantServer) serves it; the
-//! coordinator uses it too. A service built with
-//! [`ParticipantServer::into_service`](super::ParticipantServer::into_service)
-//! can add it to its own `tonic` server the same way.
+//! The SDK's `ParticipantServer` serves it (as `tandem_sdk::server::health`);
+//! the coordinator uses it too. A service built with
+//! `ParticipantServer::into_service` can add it to its own `tonic` server
+//! the same way.
 
 use std::future::Future;
 use std::pin::Pin;

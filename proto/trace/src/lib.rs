@@ -3,26 +3,33 @@
 //! followed from the business service, through the coordinator, into every
 //! participant handler.
 //!
-//! The business client sends them on its calls (see
-//! [`TransactionClient::with_traceparent`](crate::TransactionClient::with_traceparent));
-//! the coordinator keeps the context of the call that started a
-//! transaction in its record and sends it, as the child of its own span,
-//! with every participant call, phase 2 after a restart included; the SDK
-//! opens each handler's span as the child of that and hands it to the
-//! handler in [`BranchContext::traceparent`](crate::BranchContext::traceparent).
+//! The business client sends them on its calls (see the SDK's
+//! `TransactionClient::with_traceparent`); the coordinator keeps the
+//! context of the call that started a transaction in its record and sends
+//! it, as the child of its own span, with every participant call, phase 2
+//! after a restart included; the SDK opens each handler's span as the child
+//! of that and hands it to the handler in `BranchContext::traceparent`.
 //!
 //! Parsing is strict (version `00`, lower-case hex, ids not all zero) and a
 //! header that does not parse is ignored, never an error: tracing must not
 //! fail a transaction. When the application installed an OpenTelemetry
 //! layer (`tracing-opentelemetry`), spans are real OpenTelemetry children;
 //! without one, nothing here allocates beyond formatting one header.
+//!
+//! The types are plain data, so the coordinator's engine keeps them in its
+//! records without a transport; cargo feature `grpc` adds reading and
+//! writing them in gRPC metadata (tonic), `otel` the OpenTelemetry spans.
+//! The participant SDK re-exports this crate as `tandem_sdk::trace`.
 
 use std::cell::Cell;
 use std::fmt;
 use std::str::FromStr;
 
+#[cfg(feature = "otel")]
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
+#[cfg(feature = "grpc")]
 use tonic::metadata::{MetadataMap, MetadataValue};
+#[cfg(feature = "otel")]
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The metadata key of the trace parent.
@@ -171,6 +178,7 @@ impl TraceContext {
     }
 
     /// The context a gRPC call carries, if it carries a valid one.
+    #[cfg(feature = "grpc")]
     pub fn from_metadata(metadata: &MetadataMap) -> Option<TraceContext> {
         let parent = metadata.get(TRACEPARENT)?.to_str().ok()?;
         let state = metadata.get(TRACESTATE).and_then(|v| v.to_str().ok());
@@ -178,6 +186,7 @@ impl TraceContext {
     }
 
     /// Writes this context into a call's metadata (replacing any there).
+    #[cfg(feature = "grpc")]
     pub fn inject(&self, metadata: &mut MetadataMap) {
         if let Ok(v) = MetadataValue::try_from(self.parent.to_string()) {
             metadata.insert(TRACEPARENT, v);
@@ -193,6 +202,7 @@ impl TraceContext {
 
     /// The OpenTelemetry context of `span`, when an OpenTelemetry layer
     /// records it; `None` otherwise (no layer, or the span is disabled).
+    #[cfg(feature = "otel")]
     pub fn of_span(span: &tracing::Span) -> Option<TraceContext> {
         let cx = span.context();
         let otel = cx.span();
@@ -214,6 +224,7 @@ impl TraceContext {
     /// What to send on a call made inside `span`: this trace, with
     /// `span`'s OpenTelemetry id as the parent when a layer records it,
     /// else a fresh span id.
+    #[cfg(feature = "otel")]
     pub fn child_in(&self, span: &tracing::Span) -> TraceContext {
         let parent = match TraceContext::of_span(span) {
             Some(own) if own.parent.trace_id == self.parent.trace_id => {
@@ -230,6 +241,7 @@ impl TraceContext {
     /// Makes `span` a child of this context in OpenTelemetry (a remote
     /// parent). Does nothing without an OpenTelemetry layer, and for a span
     /// already entered.
+    #[cfg(feature = "otel")]
     pub fn adopt(&self, span: &tracing::Span) {
         let state = self
             .state
@@ -247,34 +259,6 @@ impl TraceContext {
         // A disabled span or no layer: nothing to parent, nothing to do.
         let _ = span.set_parent(cx);
     }
-}
-
-/// The span a handler runs in: `tandem.branch` (named after the call for
-/// OpenTelemetry), with `trace_id`, `gtid`, `branch_id`, `resource` and
-/// `phase`, the child of the coordinator's span when the call carried a
-/// trace context.
-pub(crate) fn handler_span(
-    ctx: &crate::BranchContext,
-    sent: Option<&TraceContext>,
-    verb: &'static str,
-) -> tracing::Span {
-    let span = tracing::info_span!(
-        "tandem.branch",
-        otel.name = verb,
-        trace_id = tracing::field::Empty,
-        gtid = %ctx.gtid,
-        branch_id = ctx.branch_id,
-        resource = %ctx.resource,
-        phase = ?ctx.phase,
-    );
-    if let Some(sent) = sent {
-        span.record(
-            "trace_id",
-            tracing::field::display(sent.parent.trace_id_hex()),
-        );
-        sent.adopt(&span);
-    }
-    span
 }
 
 /// `state` when it is short and printable enough to carry.
@@ -398,6 +382,7 @@ mod tests {
 
     // Rule: tracestate travels when short and printable, and is dropped
     // alone otherwise; metadata round-trips.
+    #[cfg(feature = "grpc")]
     #[test]
     fn tracestate_is_bounded_and_metadata_round_trips() {
         let long = "a=".to_string() + &"b".repeat(MAX_TRACESTATE_BYTES);
@@ -416,6 +401,7 @@ mod tests {
 
     // Rule: without an OpenTelemetry layer a call's parent is a fresh id
     // in the same trace.
+    #[cfg(feature = "otel")]
     #[test]
     fn without_a_layer_the_child_gets_a_fresh_id() {
         let cx = TraceContext::from(TraceParent::parse(GOOD).expect("valid"));
