@@ -42,15 +42,12 @@ pub mod cli;
 pub mod config;
 pub mod config_file;
 pub mod demo;
-pub mod engine;
 pub mod error;
 pub mod failpoint;
-pub mod labels;
 pub mod log;
 pub mod log_cli;
 pub mod logging;
 pub mod metrics;
-pub mod model;
 pub mod otel;
 pub mod redact;
 pub mod runtime;
@@ -60,6 +57,9 @@ pub mod server;
 pub mod service;
 pub mod store_cli;
 pub mod wake;
+
+// The engine crate: the state machine, the record it works on, caller labels.
+pub use tandem_engine::{self as engine, labels, model};
 
 pub use config::CoordinatorConfig;
 pub use runtime::Coordinator;

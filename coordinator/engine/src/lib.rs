@@ -23,15 +23,25 @@
 //! - a branch that exhausts the retry policy is left alone; once nothing else
 //!   is in flight the transaction becomes STUCK, its decision kept, and only
 //!   an operator's retry ([`Event::OperatorRetry`]) drives it again.
+//!
+//! The crate (`tandem-engine`) also holds what the state machine works on:
+//! [`model`], the transaction record (plain data); [`labels`], the caller
+//! labels kept with a record; and [`RetryPolicy`], phase-2 backoff and when
+//! to give up. It depends on plain-data crates only (bytes, uuid, the trace
+//! context without its transport), so the compiler keeps tokio, tonic,
+//! sled and PostgreSQL out of it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+pub mod labels;
+pub mod model;
 mod phase_two;
+mod retry;
 mod types;
 
+pub use retry::RetryPolicy;
 pub use types::{Command, EngineError, Event, NewBranch, Vote};
 
-use crate::config::RetryPolicy;
 use bytes::Bytes;
 
 use crate::model::{

@@ -318,7 +318,7 @@ pub struct TxnRecord {
     /// sent none (or an invalid one).
     pub traceparent: Option<TraceContext>,
     /// Retention compacted this transaction into its decision
-    /// ([`crate::log::Tombstone`]): only its state, decision, mode and
+    /// (the log's `Tombstone`): only its state, decision, mode and
     /// times are left, no branches. Never stored: set on the record built
     /// from a tombstone for `tandem tx show`.
     pub compacted: bool,

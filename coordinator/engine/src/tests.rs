@@ -1,7 +1,7 @@
 //! Engine rules, one per test, driven with plain events (no I/O).
 
 use super::*;
-use crate::config::RetryPolicy;
+use crate::RetryPolicy;
 use bytes::Bytes;
 
 const NOW: u64 = 1_000;
