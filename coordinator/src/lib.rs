@@ -44,7 +44,6 @@ pub mod config_file;
 pub mod demo;
 pub mod error;
 pub mod failpoint;
-pub mod log;
 pub mod log_cli;
 pub mod logging;
 pub mod metrics;
@@ -56,10 +55,11 @@ pub mod serve_cli;
 pub mod server;
 pub mod service;
 pub mod store_cli;
-pub mod wake;
 
 // The engine crate: the state machine, the record it works on, caller labels.
 pub use tandem_engine::{self as engine, labels, model};
+// The log crate: the TxnLog contract and its stores.
+pub use tandem_log::{self as log, wake};
 
 pub use config::CoordinatorConfig;
 pub use runtime::Coordinator;

@@ -5,15 +5,15 @@
 //! the horizon's `forgotten_ms` over each one it removes.
 
 use super::SharedStore;
-use crate::log::tombstone::{gtid_ms, purged_horizon};
-use crate::log::{Horizon, Purge, Tombstone};
 use crate::model::Gtid;
+use crate::tombstone::{gtid_ms, purged_horizon};
+use crate::{Horizon, Purge, Tombstone};
 
 impl SharedStore {
     /// Retention's removal, all at once: tombstones kept (an existing one
     /// is not replaced), `purged_ms` raised over every gtid, and each row
     /// removed only if it is finished now. PgLog: `Store::purge`.
-    pub(in crate::log) fn purge(&self, purges: &[Purge]) {
+    pub(crate) fn purge(&self, purges: &[Purge]) {
         let mut t = self.tables();
         for p in purges {
             if let Some(stone) = &p.tombstone {
@@ -32,7 +32,7 @@ impl SharedStore {
     }
 
     /// The tombstone of `gtid`, if any.
-    pub(in crate::log) fn tombstone(&self, gtid: &Gtid) -> Option<Tombstone> {
+    pub(crate) fn tombstone(&self, gtid: &Gtid) -> Option<Tombstone> {
         self.tables().tombstones.get(gtid).cloned()
     }
 
@@ -44,7 +44,7 @@ impl SharedStore {
     /// Removes up to `limit` tombstones that finished before
     /// `finished_before_ms`, oldest gtid first, raising `forgotten_ms`
     /// over each. PgLog: `Store::expire`.
-    pub(in crate::log) fn expire(&self, finished_before_ms: u64, limit: usize) -> usize {
+    pub(crate) fn expire(&self, finished_before_ms: u64, limit: usize) -> usize {
         let mut t = self.tables();
         let gone: Vec<Gtid> = t
             .tombstones

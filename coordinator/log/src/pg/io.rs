@@ -12,9 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{ClusterStatus, Shared};
-use crate::log::Ownership;
-use crate::log::{LogError, TakeOverFuture};
+use crate::Ownership;
 use crate::model::{Gtid, TxState, TxnRecord};
+use crate::{LogError, TakeOverFuture};
 
 type Reply<T> = std::sync::mpsc::SyncSender<Result<T, LogError>>;
 type ReadAnswer = Result<Option<TxnRecord>, LogError>;

@@ -493,7 +493,7 @@ pub async fn a_first_write_under_the_purge_horizon_is_fenced<H: SharedHarness>(h
     if !b.compacts() {
         return;
     }
-    b.purge(&[crate::log::Purge {
+    b.purge(&[crate::Purge {
         gtid: purged.gtid,
         tombstone: None,
     }])

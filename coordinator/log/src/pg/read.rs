@@ -8,8 +8,8 @@ use tandem_common::postgres::tokio_postgres;
 
 use super::io::{Fail, Store};
 use super::schema::code;
-use crate::log::{LogError, codec};
 use crate::model::{Gtid, TxState, TxnRecord};
+use crate::{LogError, codec};
 
 impl Store {
     /// A row's record, at the row's epoch (the column is the truth: a

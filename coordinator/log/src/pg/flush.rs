@@ -13,8 +13,8 @@ use tandem_common::postgres::tokio_postgres;
 
 use super::io::{Fail, Store};
 use super::schema::code;
-use crate::log::{LogError, codec};
 use crate::model::Gtid;
+use crate::{LogError, codec};
 
 /// How long a plain write may wait for company before it is flushed.
 const LINGER: Duration = Duration::from_millis(20);
@@ -309,7 +309,7 @@ impl Rows {
         self.records.push(codec::encode(record));
         self.epochs.push(record.epoch.min(i64::MAX as u64) as i64);
         self.gtid_ms.push(
-            crate::log::gtid_ms(&record.gtid).map_or(i64::MAX, |ms| ms.min(i64::MAX as u64) as i64),
+            crate::gtid_ms(&record.gtid).map_or(i64::MAX, |ms| ms.min(i64::MAX as u64) as i64),
         );
     }
 

@@ -18,9 +18,9 @@ use tandem_common::postgres::tokio_postgres;
 use super::io::{Fail, Store};
 use super::schema::code;
 use super::{Op, PgLog, wait};
-use crate::log::tombstone::{self, decision_code, mode_code, purged_horizon};
-use crate::log::{Horizon, LogError, Lookup, Purge, Tombstone, TxnLog};
 use crate::model::{Gtid, TxState};
+use crate::tombstone::{self, decision_code, mode_code, purged_horizon};
+use crate::{Horizon, LogError, Lookup, Purge, Tombstone, TxnLog};
 
 impl PgLog {
     /// Runs `op` on the I/O thread, retried like every store call, and

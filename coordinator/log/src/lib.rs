@@ -4,29 +4,41 @@
 //! store several coordinators share on PostgreSQL ([`PgLog`]) and in memory
 //! for the cluster simulation ([`SharedStore`], [`SharedMemLog`]), and the
 //! suite that checks both follow the same rules ([`shared_conformance`]).
+//!
+//! The crate (`tandem-log`) is the layer under the coordinator's runtime:
+//! it knows the engine's record ([`tandem_engine::model`]) and nothing
+//! above it. `PgLog` is behind the cargo feature `postgres`. [`wake`] holds
+//! the wake-ups in replayable order that the in-memory shared log and the
+//! runtime both wait on.
 
 mod check;
 mod codec;
 pub mod conformance;
 pub mod mark;
 mod mem;
+#[cfg(feature = "postgres")]
 mod pg;
 pub mod shared_conformance;
 mod shared_mem;
 mod shared_store;
 mod sled_log;
 mod tombstone;
+pub mod wake;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use check::{LogReport, check_dir};
 pub use mem::MemLog;
+#[cfg(feature = "postgres")]
 pub use pg::{ClusterStatus, InstanceStatus, PgLog, PgOptions, cluster_status};
 pub use shared_mem::SharedMemLog;
 pub use shared_store::{InstanceView, RowView, SharedStore, StoreClock};
 pub use sled_log::SledLog;
 pub use tombstone::{Horizon, Lookup, Purge, Tombstone, gtid_ms};
+
+// The record the log stores, and its caller labels: the engine's.
+use tandem_engine::{labels, model};
 
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -121,7 +133,7 @@ pub trait TxnLog: Send + Sync + 'static {
     /// The store's own clock (ms since the Unix epoch) on a store several
     /// coordinators share; `None` for a log only this one uses. Every
     /// instance's clock must stay within
-    /// [`MAX_CLOCK_OFFSET`](crate::config::MAX_CLOCK_OFFSET) of it.
+    /// the coordinator's `MAX_CLOCK_OFFSET` of it.
     fn store_now_ms(&self) -> Result<Option<u64>, LogError> {
         Ok(None)
     }

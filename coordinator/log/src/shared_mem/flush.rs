@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::log::LogError;
-use crate::log::shared_store::{BatchOp, SharedStore};
+use crate::LogError;
 use crate::model::{Gtid, TxState, TxnRecord};
+use crate::shared_store::{BatchOp, SharedStore};
 
 /// How long a plain write waits for company before it is flushed (as
 /// PgLog's flusher).

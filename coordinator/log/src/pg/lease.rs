@@ -10,8 +10,8 @@ use tracing::warn;
 use super::io::{Fail, Store};
 use super::schema::{self, unfinished_codes};
 use super::{ClusterStatus, InstanceStatus};
-use crate::log::{LogError, Ownership};
 use crate::model::Gtid;
+use crate::{LogError, Ownership};
 
 impl Store {
     /// Migrates, registers this incarnation, and takes over the unfinished
