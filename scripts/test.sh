@@ -64,8 +64,8 @@ if [ "${SKIP_PYTHON_EXAMPLE:-0}" != 1 ]; then
   # cargo test --workspace built target/debug/tandem; a filtered run may not have.
   tandem_bin="${CARGO_TARGET_DIR:-target}/debug/tandem"
   if [ ! -x "$tandem_bin" ]; then
-    echo "== cargo build -p tandem-coordinator"
-    cargo build -p tandem-coordinator
+    echo "== cargo build -p tandem-cli"
+    cargo build -p tandem-cli
   fi
   echo "== examples/python/run.sh"
   bash examples/python/run.sh

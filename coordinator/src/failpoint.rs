@@ -3,7 +3,7 @@
 //! SIGKILL) when it reaches the point named by the `TANDEM_FAILPOINT`
 //! environment variable. Without the feature, [`hit`] compiles to nothing.
 //! The tests crate turns the feature on, so build the shipped binary from
-//! its own package (`cargo build --release -p tandem-coordinator`): a
+//! its own package (`cargo build --release -p tandem-cli`): a
 //! whole-workspace build unifies features and would include it.
 //!
 //! The points, in protocol order:

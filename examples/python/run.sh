@@ -11,7 +11,7 @@
 #
 # TANDEM_BIN   the tandem binary (default: target/debug/tandem, under
 #              $CARGO_TARGET_DIR when set; build it with
-#              `cargo build -p tandem-coordinator`)
+#              `cargo build -p tandem-cli`)
 # TANDEM_PY_VENV  the virtualenv to use or create (default:
 #              <target>/python-example/venv; reused while requirements.txt
 #              is unchanged)
@@ -31,7 +31,7 @@ started=$(date +%s)
 say() { echo "== python example: $*"; }
 die() { echo "python example: $*" >&2; exit 1; }
 
-[ -x "$tandem" ] || die "no tandem binary at $tandem; build it with \`cargo build -p tandem-coordinator\` or set TANDEM_BIN"
+[ -x "$tandem" ] || die "no tandem binary at $tandem; build it with \`cargo build -p tandem-cli\` or set TANDEM_BIN"
 
 # --- Python 3.10+ with venv and pip (Debian splits them into python3-venv / python3-pip)
 python_ok() {

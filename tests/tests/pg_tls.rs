@@ -2,7 +2,7 @@
 //! `sslcert` and `sslkey`, always verifies the server, and a barrier runs
 //! over it. A real server with a certificate made in the test.
 
-use tandem_coordinator::certs::DevCa;
+use tandem_cli::certs::DevCa;
 use tandem_sdk::postgres::{self, PgBarrier};
 use tandem_tests::pg::PgServer;
 

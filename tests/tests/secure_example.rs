@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
-use tandem_coordinator::certs::write_dev;
+use tandem_cli::certs::write_dev;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::participant_client::ParticipantClient;
 use tandem_sdk::security::{BearerToken, ClientTls};

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tandem_cli::certs::{DevCa, party_names, write_dev};
 use tandem_coordinator::RunningCoordinator;
-use tandem_coordinator::certs::{DevCa, party_names, write_dev};
 use tandem_coordinator::log::MemLog;
 use tandem_coordinator::runtime::Environment;
 use tandem_coordinator::security::{
@@ -548,12 +548,12 @@ async fn certificates_reload_without_dropping_transactions() {
 #[tokio::test]
 async fn the_bank_demo_runs_with_mutual_tls_and_tokens() {
     for mode in [Mode::TwoPhase, Mode::Tcc] {
-        let report = tandem_coordinator::demo::run(tandem_coordinator::demo::DemoOptions {
+        let report = tandem_cli::demo::run(tandem_cli::demo::DemoOptions {
             mode,
             transfers: 120,
             concurrency: 16,
             secure: true,
-            ..tandem_coordinator::demo::DemoOptions::default()
+            ..tandem_cli::demo::DemoOptions::default()
         })
         .await
         .expect("demo");

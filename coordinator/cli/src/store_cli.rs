@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::cli::Output;
-use crate::log::{PgLog, PgOptions, SledLog, TxnLog};
+use tandem_coordinator::cli::Output;
+use tandem_coordinator::log::{PgLog, PgOptions, SledLog, TxnLog};
 
 /// The store options of `tandem serve`.
 #[derive(Args, Clone, Debug)]
@@ -34,7 +34,7 @@ pub struct StoreArgs {
     /// In a shared store, how long a coordinator's transactions stay its
     /// own without a renewal (renewed every third of it); once it expires,
     /// another coordinator takes them over.
-    #[arg(long, env = "TANDEM_LEASE", default_value = "10s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "TANDEM_LEASE", default_value = "10s", value_parser = tandem_coordinator::cli::parse_duration)]
     pub lease: Duration,
 }
 
@@ -119,7 +119,7 @@ impl StoreArgs {
 ///
 /// The store cannot be read.
 pub async fn cluster_status(url: &str, output: Output) -> anyhow::Result<()> {
-    let status = crate::log::cluster_status(url).await?;
+    let status = tandem_coordinator::log::cluster_status(url).await?;
     match output {
         Output::Json => {
             let doc = serde_json::json!({

@@ -16,10 +16,10 @@ use tandem_examples::bank::{Bank, Leg};
 use tandem_sdk::security::{AccessList, BearerToken, ClientTls, ServerTls, ServerTlsFiles};
 use tandem_sdk::{Branch, ClientOptions, Error, Mode, ParticipantServer, TransactionClient};
 
-use crate::config::CoordinatorConfig;
-use crate::log::SledLog;
-use crate::security::{AccessControl, ParticipantAccess, ServerSecurity};
-use crate::server::RunningCoordinator;
+use tandem_coordinator::config::CoordinatorConfig;
+use tandem_coordinator::log::SledLog;
+use tandem_coordinator::security::{AccessControl, ParticipantAccess, ServerSecurity};
+use tandem_coordinator::server::RunningCoordinator;
 
 /// What the demo runs.
 #[derive(Clone, Debug)]
@@ -207,7 +207,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         Some(sec) => {
             config.require_tls = true;
             config.allowed_endpoints = vec!["https://127.0.0.1:*".parse()?];
-            let env = crate::runtime::Environment {
+            let env = tandem_coordinator::runtime::Environment {
                 participants: sec.participant_access()?,
                 ..Default::default()
             };

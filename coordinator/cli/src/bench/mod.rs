@@ -70,7 +70,7 @@ pub struct BenchOptions {
     pub recovery: Option<usize>,
     /// Retention of the coordinator the bench starts: finished records
     /// older than this are purged, so long runs show a bounded data dir
-    /// (at least [`crate::config::MIN_RETENTION`]).
+    /// (at least [`tandem_coordinator::config::MIN_RETENTION`]).
     pub retention: Duration,
     /// Mutual TLS and tokens on every hop (development certificates made
     /// in the bench's temp dir; needs processes the bench starts).
@@ -106,7 +106,7 @@ impl Default for BenchOptions {
             coordinator: None,
             participant_urls: Vec::new(),
             recovery: None,
-            retention: crate::config::MIN_RETENTION,
+            retention: tandem_coordinator::config::MIN_RETENTION,
             secure: false,
             store: None,
             instances: 1,
@@ -288,7 +288,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             ))
         })
         .collect::<anyhow::Result<_>>()?;
-    let mut admins: Vec<crate::cli::Admin> = coordinator_urls
+    let mut admins: Vec<tandem_coordinator::cli::Admin> = coordinator_urls
         .iter()
         .map(|url| {
             Ok(AdminClient::with_interceptor(
@@ -389,7 +389,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
 }
 
 /// Forced writes and physical flushes so far, summed over coordinators.
-async fn log_stats(admins: &mut [crate::cli::Admin]) -> anyhow::Result<(u64, u64)> {
+async fn log_stats(admins: &mut [tandem_coordinator::cli::Admin]) -> anyhow::Result<(u64, u64)> {
     let mut total = (0, 0);
     for admin in admins {
         let s = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
@@ -577,7 +577,7 @@ async fn counts(
 }
 
 /// Waits until the coordinator has no live transaction (phase 2 done).
-async fn drain(admin: &mut crate::cli::Admin) -> anyhow::Result<()> {
+async fn drain(admin: &mut tandem_coordinator::cli::Admin) -> anyhow::Result<()> {
     for _ in 0..3000 {
         if admin
             .get_stats(pb::GetStatsRequest {})

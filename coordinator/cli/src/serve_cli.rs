@@ -10,12 +10,12 @@ use std::time::Duration;
 use clap::Args;
 use tracing::info;
 
-use crate::alerts::AlertSettings;
-use crate::cli::parse_duration;
-use crate::config::{CoordinatorConfig, RetryPolicy};
-use crate::runtime::Environment;
-use crate::security::{ParticipantAccess, ServeSecurityArgs, ServerSecurity};
-use crate::{Coordinator, server};
+use tandem_coordinator::alerts::AlertSettings;
+use tandem_coordinator::cli::parse_duration;
+use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
+use tandem_coordinator::runtime::Environment;
+use tandem_coordinator::security::{ParticipantAccess, ServeSecurityArgs, ServerSecurity};
+use tandem_coordinator::{Coordinator, server};
 
 /// The flags of `tandem serve`. Every one can also be given in the
 /// `--config` file under its long name (see [`crate::config_file`]).
@@ -266,7 +266,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // Recorded only when someone can read them (the admin listener).
         metrics: args
             .admin_listen
-            .map(|_| std::sync::Arc::new(crate::metrics::Metrics::new())),
+            .map(|_| std::sync::Arc::new(tandem_coordinator::metrics::Metrics::new())),
         ..Environment::default()
     };
     // Before listening: refuses a participant token without an allowlist.
@@ -375,7 +375,7 @@ mod tests {
     // the flags.
     #[test]
     fn the_example_file_covers_every_flag() {
-        let example = include_str!("../../tandem.example.toml");
+        let example = include_str!("../../../tandem.example.toml");
         let uncommented: String = example
             .lines()
             .map(|l| match l.strip_prefix("# ") {

@@ -23,7 +23,7 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use toml::de::{DeTable, DeValue};
 
-use crate::redact::{SecretKind, Secrets};
+use tandem_coordinator::redact::{SecretKind, Secrets};
 
 /// Flags that make no sense inside the file itself.
 const NOT_IN_FILE: &[&str] = &["help", "version", "config", "print-config"];

@@ -1,14 +1,14 @@
 //! `tandem log check`: the offline report on a stopped coordinator's log
-//! (see [`crate::log::check_dir`]).
+//! (see [`tandem_coordinator::log::check_dir`]).
 
-use crate::cli::Output;
+use tandem_coordinator::cli::Output;
 
 /// `tandem log check`: prints the report of a stopped coordinator's log;
 /// exit code 0 when healthy, 2 when damaged, 1 when it cannot be read.
 pub fn log_check(dir: &std::path::Path, output: Output) -> std::process::ExitCode {
-    let report = match crate::log::check_dir(dir) {
+    let report = match tandem_coordinator::log::check_dir(dir) {
         Ok(r) => r,
-        Err(e @ crate::log::LogError::Damaged(_)) => {
+        Err(e @ tandem_coordinator::log::LogError::Damaged(_)) => {
             println!("{e}");
             return std::process::ExitCode::from(2);
         }

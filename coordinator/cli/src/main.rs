@@ -11,11 +11,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use tandem_cli::serve_cli::{self, ServeArgs};
+use tandem_cli::{bench, config_file, demo, log_cli};
 use tandem_coordinator::logging::{self, LogFormat};
 use tandem_coordinator::redact::Secrets;
 use tandem_coordinator::security::ClientSecurityArgs;
-use tandem_coordinator::serve_cli::{self, ServeArgs};
-use tandem_coordinator::{bench, cli, config_file, demo, log_cli, otel};
+use tandem_coordinator::{cli, otel};
 
 /// Tandem: a distributed transaction coordinator (2PC and TCC).
 #[derive(Parser)]
@@ -420,7 +421,7 @@ async fn main() -> ExitCode {
         Command::Auth { verb } => auth(verb),
         Command::Cluster {
             verb: ClusterVerb::Status { store, output },
-        } => tandem_coordinator::store_cli::cluster_status(&store, output).await,
+        } => tandem_cli::store_cli::cluster_status(&store, output).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -432,7 +433,7 @@ async fn main() -> ExitCode {
 }
 
 fn certs_dev(out: &std::path::Path) -> anyhow::Result<()> {
-    let files = tandem_coordinator::certs::write_dev(out)?;
+    let files = tandem_cli::certs::write_dev(out)?;
     println!(
         "wrote development certificates, tokens and access files to {} (NOT FOR PRODUCTION)",
         files.dir.display()
