@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn t() {
-//! use tandem_coordinator::log::{conformance, MemLog};
+//! use tandem_log::{conformance, MemLog};
 //! conformance::run_all(|| MemLog::new()).await;
 //! # }
 //! ```

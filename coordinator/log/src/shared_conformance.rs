@@ -9,9 +9,9 @@
 //! renewing, as a paused process does) while the others keep theirs.
 //!
 //! ```no_run
-//! # async fn t<H: tandem_coordinator::log::shared_conformance::SharedHarness>(
+//! # async fn t<H: tandem_log::shared_conformance::SharedHarness>(
 //! #     fresh_store: impl AsyncFn() -> H) {
-//! use tandem_coordinator::log::shared_conformance;
+//! use tandem_log::shared_conformance;
 //! shared_conformance::run_all(fresh_store).await;
 //! # }
 //! ```
