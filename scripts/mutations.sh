@@ -81,9 +81,13 @@ mutations=(
 # them directly (run on the mutated copy when the seeds did not): the row
 # then names that test. first_write_under_horizon needs a resumed
 # instance's whole batch to be first writes (any fenced later write in the
-# batch latches it first), which long pauses almost never leave.
+# batch latches it first), which long pauses almost never leave;
+# presume_abort_after_purge needs a question held past retention about a
+# commit every branch acknowledged (first caught at seed 266 before the
+# clients had deadlines).
 declare -A also=(
   [first_write_under_horizon]="-p tandem-coordinator --test shared_conformance"
+  [presume_abort_after_purge]="-p tandem-tests --test decision_tombstones"
 )
 
 fresh_copy() {

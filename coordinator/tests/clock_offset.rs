@@ -57,11 +57,6 @@ async fn an_instance_whose_clock_is_far_behind_the_stores_refuses_to_start() {
         }
         other => panic!("an instance 130 s behind the store started: {other:?}"),
     }
-    let fast = instance(&store, "d", 25_000);
-    assert!(
-        fast.start_recovery().await.is_err(),
-        "an instance 25 s ahead started"
-    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -306,6 +306,10 @@ impl TxnLog for RecordingLog {
         })
     }
 
+    fn may_have_lost_starts(&self) -> bool {
+        self.inner.may_have_lost_starts()
+    }
+
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {
         self.inner.get(gtid)
     }

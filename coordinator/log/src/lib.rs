@@ -130,6 +130,15 @@ pub trait TxnLog: Send + Sync + 'static {
         false
     }
 
+    /// Whether this log was opened over an earlier incarnation's data and a
+    /// crash of that incarnation may have dropped writes it never forced
+    /// (a start is not forced on a local log): then a client-chosen gtid
+    /// with no record may still have had phase 1 sent (DESIGN.md rule 3a's
+    /// exception). A log that never loses a write, or a fresh one, says no.
+    fn may_have_lost_starts(&self) -> bool {
+        !self.shared()
+    }
+
     /// The store's own clock (ms since the Unix epoch) on a store several
     /// coordinators share; `None` for a log only this one uses. Every
     /// instance's clock must stay within

@@ -47,6 +47,11 @@ impl TxnLog for MemLog {
         Box::pin(std::future::ready(Ok(())))
     }
 
+    /// Every write lands at once and nothing outlives the process.
+    fn may_have_lost_starts(&self) -> bool {
+        false
+    }
+
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {
         Ok(self.records().get(gtid).cloned())
     }

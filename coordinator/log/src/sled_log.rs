@@ -289,6 +289,11 @@ fn payload_key(gtid: &Gtid, branch: u32) -> [u8; 20] {
 }
 
 impl TxnLog for SledLog {
+    /// Only a database an earlier process wrote can have lost its writes.
+    fn may_have_lost_starts(&self) -> bool {
+        self.db.was_recovered()
+    }
+
     fn write(&self, record: &TxnRecord) -> Result<(), LogError> {
         self.sync().check()?;
         for b in record

@@ -39,6 +39,15 @@ impl Inner {
         let Some(offset) = self.clock_offset_ms()? else {
             return Ok(());
         };
+        if offset > MAX_CLOCK_OFFSET.as_millis() as i64 {
+            // Ahead: retention here removes early, which the first-write
+            // fence still covers; said, not refused.
+            tracing::error!(
+                offset_ms = offset,
+                "this coordinator's clock is ahead of the shared store's"
+            );
+            return Ok(());
+        }
         if offset.unsigned_abs() > MAX_CLOCK_OFFSET.as_millis() as u64 {
             return Err(CoordError::Unavailable(format!(
                 "this coordinator's clock is {} ms {} the shared store's; at most {} ms is \

@@ -163,9 +163,10 @@ impl Inner {
     /// incarnation's start plus the lead a client clock may have
     /// ([`MAX_GTID_AHEAD`]) was made after the crash: never sent before.
     /// A shared store publishes every start before phase 1, so a repeat
-    /// finds the record there.
+    /// finds the record there; a fresh log, or one that loses no write,
+    /// had no earlier incarnation that could lose it.
     fn maybe_sent_before(&self, gtid: &Gtid) -> bool {
-        !self.log.shared()
+        self.log.may_have_lost_starts()
             && crate::log::gtid_ms(gtid)
                 .is_none_or(|ms| ms < self.started_ms + MAX_GTID_AHEAD.as_millis() as u64)
     }

@@ -23,6 +23,8 @@ type Versions = BTreeMap<Gtid, (u64, TxnRecord)>;
 #[derive(Default)]
 pub struct Disk {
     records: Mutex<Versions>,
+    /// How many incarnations opened it.
+    opened: AtomicU64,
 }
 
 impl Disk {
@@ -66,6 +68,9 @@ pub struct SimLog {
     disk: Arc<Disk>,
     volatile: Mutex<Versions>,
     seq: AtomicU64,
+    /// Whether an earlier incarnation used the disk (and may have lost
+    /// writes it never forced).
+    reopened: bool,
     failed: Arc<Mutex<Option<String>>>,
     crashed: Arc<AtomicBool>,
     faults: Arc<LogFaults>,
@@ -77,7 +82,9 @@ impl SimLog {
     pub fn open(disk: Arc<Disk>, faults: Arc<LogFaults>, rng: Arc<Mutex<Rng>>) -> Arc<SimLog> {
         let volatile = disk.durable();
         let seq = volatile.values().map(|(s, _)| *s).max().unwrap_or(0);
+        let reopened = disk.opened.fetch_add(1, Ordering::SeqCst) > 0;
         Arc::new(SimLog {
+            reopened,
             disk,
             volatile: Mutex::new(volatile),
             seq: AtomicU64::new(seq),
@@ -117,6 +124,10 @@ impl SimLog {
 }
 
 impl TxnLog for SimLog {
+    fn may_have_lost_starts(&self) -> bool {
+        self.reopened
+    }
+
     fn write(&self, record: &TxnRecord) -> Result<(), LogError> {
         self.check()?;
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
