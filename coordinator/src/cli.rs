@@ -487,12 +487,17 @@ fn clip(text: &str, max: usize) -> String {
     format!("{cut}…")
 }
 
+/// What a row shows as its last error: the newest branch error still
+/// recorded, or else, for an aborted transaction, why it aborted (a TCC
+/// branch that voted no is cancelled, and a cancel that succeeds clears
+/// the branch's error, so the cause lives only in the reason).
 fn last_error(t: &TxView) -> String {
     t.branches
         .iter()
         .rev()
         .find(|b| !b.last_error.is_empty())
         .map(|b| format!("#{}: {}", b.branch_id, b.last_error))
+        .or_else(|| (!t.abort_cause.is_empty()).then(|| t.reason.clone()))
         .unwrap_or_default()
 }
 

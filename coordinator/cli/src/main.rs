@@ -2,7 +2,7 @@
 //!
 //! - `tandem serve`: run a coordinator.
 //! - `tandem tx list|show|retry|abort`: look at and act on transactions of a
-//!   running coordinator.
+//!   running coordinator; `tandem tx submit` runs one.
 //! - `tandem demo`: bank transfers across two participants, end to end.
 
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tandem_cli::serve_cli::{self, ServeArgs};
+use tandem_cli::tx_submit::{self, BranchSpec};
 use tandem_cli::{bench, config_file, demo, log_cli};
 use tandem_coordinator::logging::{self, LogFormat};
 use tandem_coordinator::redact::Secrets;
@@ -113,6 +114,10 @@ struct BenchArgs {
     /// Use this coordinator instead of starting one (no CPU / RSS figures).
     #[arg(long)]
     coordinator: Option<String>,
+    /// TLS and token for the --coordinator (as `tandem tx` takes them);
+    /// its credential needs the client and admin roles.
+    #[command(flatten)]
+    coordinator_security: ClientSecurityArgs,
     /// Use these bench participants (`tandem bench-participant`) instead of
     /// starting them; repeat or comma-separate.
     #[arg(long, value_delimiter = ',')]
@@ -179,6 +184,34 @@ struct TxArgs {
 
 #[derive(Subcommand)]
 enum TxVerb {
+    /// Run one transaction, as a business service would (the `client`
+    /// role): print its gtid and how it ended. Exit code 0 when it
+    /// committed, 1 when it aborted or failed.
+    Submit {
+        /// 2pc or tcc.
+        #[arg(long, default_value = "2pc", value_parser = parse_mode)]
+        mode: tandem_sdk::Mode,
+        /// A branch as ENDPOINT/RESOURCE/PAYLOAD (e.g.
+        /// http://127.0.0.1:9001/accounts/alice:-100); repeat for each.
+        #[arg(long = "branch", required = true, value_parser = tx_submit::parse_branch)]
+        branches: Vec<BranchSpec>,
+        /// The transaction's id (a UUID; default: a new UUID v7). Repeating
+        /// a submit with the same gtid never runs it twice: it returns the
+        /// first one's outcome.
+        #[arg(long)]
+        gtid: Option<tandem_sdk::Gtid>,
+        /// Abort if still undecided after this long (e.g. 30s; default:
+        /// the coordinator's --default-timeout).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    #[command(flatten)]
+    Admin(AdminVerb),
+}
+
+/// The `tandem tx` verbs of the Admin service (the `admin` role).
+#[derive(Subcommand)]
+enum AdminVerb {
     /// List transactions, oldest first (or --newest-first): gtid, mode,
     /// state, age, branches, attempts, labels, last error.
     List {
@@ -467,12 +500,40 @@ fn auth(verb: AuthVerb) -> anyhow::Result<()> {
 /// Runs one `tandem tx` verb: the result on stdout and exit code 0, or one
 /// line on stderr and exit code 1.
 async fn tx(args: TxArgs, secrets: &Secrets) -> ExitCode {
+    let verb = match args.verb {
+        TxVerb::Submit {
+            mode,
+            branches,
+            gtid,
+            timeout,
+        } => {
+            let submitted = async {
+                let options = args.security.options().map_err(anyhow::Error::msg)?;
+                tx_submit::submit(&args.coordinator, &options, mode, &branches, gtid, timeout).await
+            };
+            return match submitted.await {
+                Ok(outcome) => {
+                    println!("{}", outcome.render(args.output));
+                    if outcome.committed() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tandem: {}", secrets.scrub(&format!("{e:#}")));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        TxVerb::Admin(verb) => verb,
+    };
     let result = async {
         let options = args.security.options().map_err(cli::CliError)?;
         let mut client = cli::connect(&args.coordinator, &options).await?;
         let out = args.output;
-        match args.verb {
-            TxVerb::List {
+        match verb {
+            AdminVerb::List {
                 state,
                 older_than,
                 label,
@@ -495,11 +556,11 @@ async fn tx(args: TxArgs, secrets: &Secrets) -> ExitCode {
                 };
                 cli::list(&mut client, &filter, limit, out).await
             }
-            TxVerb::Stats => cli::stats(&mut client, out).await,
-            TxVerb::Show { gtid } => cli::show(&mut client, &gtid, out).await,
-            TxVerb::Retry { gtid } => cli::retry(&mut client, &gtid, out).await,
-            TxVerb::Abort { gtid, reason } => cli::abort(&mut client, &gtid, &reason, out).await,
-            TxVerb::Resolve {
+            AdminVerb::Stats => cli::stats(&mut client, out).await,
+            AdminVerb::Show { gtid } => cli::show(&mut client, &gtid, out).await,
+            AdminVerb::Retry { gtid } => cli::retry(&mut client, &gtid, out).await,
+            AdminVerb::Abort { gtid, reason } => cli::abort(&mut client, &gtid, &reason, out).await,
+            AdminVerb::Resolve {
                 gtid,
                 branch,
                 settled,
@@ -521,6 +582,15 @@ async fn tx(args: TxArgs, secrets: &Secrets) -> ExitCode {
 }
 
 async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.coordinator.is_some() || !args.coordinator_security.given(),
+        "--ca, --cert, --key and --token-file are for a --coordinator the bench does not start \
+         (--secure secures the ones it starts)"
+    );
+    let coordinator_access = args
+        .coordinator_security
+        .options()
+        .map_err(anyhow::Error::msg)?;
     let report = bench::run(bench::BenchOptions {
         mode: args.mode,
         branches: args.branches,
@@ -531,6 +601,7 @@ async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         interactive: args.interactive,
         participants: args.participants.unwrap_or(args.branches),
         coordinator: args.coordinator,
+        coordinator_access,
         participant_urls: args.participant,
         recovery: args.recovery,
         retention: args.retention,

@@ -33,7 +33,7 @@ use tandem_proto::bench::v1::bench_participant_client::BenchParticipantClient;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
 use tandem_sdk::security::{BearerToken, ClientTls};
-use tandem_sdk::{Branch, Mode, TransactionClient};
+use tandem_sdk::{Branch, ClientOptions, Mode, TransactionClient};
 use tonic::transport::Channel;
 
 pub use observe::ScrapeStats;
@@ -63,6 +63,9 @@ pub struct BenchOptions {
     pub participants: usize,
     /// Use this coordinator instead of starting one.
     pub coordinator: Option<String>,
+    /// How to reach `coordinator` (TLS, token): the credential needs the
+    /// `client` role (transactions) and `admin` (its counters).
+    pub coordinator_access: ClientOptions,
     /// Use these participants instead of starting them.
     pub participant_urls: Vec<String>,
     /// After the run, measure recovery of this many in-flight transactions
@@ -104,6 +107,7 @@ impl Default for BenchOptions {
             interactive: false,
             participants: 2,
             coordinator: None,
+            coordinator_access: ClientOptions::default(),
             participant_urls: Vec::new(),
             recovery: None,
             retention: tandem_coordinator::config::MIN_RETENTION,
@@ -275,26 +279,36 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         .collect::<anyhow::Result<_>>()?;
     let floor = floor(&benches, options.concurrency, options.floor_duration).await?;
 
-    let token = |party: &str| match &secure {
-        Some(s) => s.token(party),
-        None => Ok(BearerToken::none()),
+    // A coordinator the bench was given is reached with the TLS and token
+    // it was given for it (--ca, --cert, --key, --token-file); the ones it
+    // starts, with its own development files under --secure.
+    let given = &options.coordinator_access;
+    let connect = |url: &str, party: &str| -> anyhow::Result<(Channel, BearerToken)> {
+        if options.coordinator.is_some() {
+            let channel = tandem_sdk::security::endpoint(url, given.tls.as_ref())
+                .map_err(anyhow::Error::msg)?
+                .timeout(Duration::from_secs(30))
+                .connect_lazy();
+            return Ok((channel, given.token.clone()));
+        }
+        let token = match &secure {
+            Some(s) => s.token(party)?,
+            None => BearerToken::none(),
+        };
+        Ok((channel(url, secure.as_ref(), party)?, token))
     };
     let clients: Vec<TransactionClient> = coordinator_urls
         .iter()
         .map(|url| {
-            Ok(TransactionClient::from_channel_with(
-                channel(url, secure.as_ref(), "client")?,
-                token("client")?,
-            ))
+            let (channel, token) = connect(url, "client")?;
+            Ok(TransactionClient::from_channel_with(channel, token))
         })
         .collect::<anyhow::Result<_>>()?;
     let mut admins: Vec<tandem_coordinator::cli::Admin> = coordinator_urls
         .iter()
         .map(|url| {
-            Ok(AdminClient::with_interceptor(
-                channel(url, secure.as_ref(), "admin")?,
-                token("admin")?,
-            ))
+            let (channel, token) = connect(url, "admin")?;
+            Ok(AdminClient::with_interceptor(channel, token))
         })
         .collect::<anyhow::Result<_>>()?;
     let before_stats = log_stats(&mut admins).await?;

@@ -281,6 +281,9 @@ pub struct InstanceStatus {
     pub address: String,
     /// Milliseconds since its last heartbeat (database clock).
     pub heartbeat_age_ms: u64,
+    /// Its lease has run out (database clock): it stopped renewing (killed,
+    /// paused, cut off from the store), and what it owns is taken over.
+    pub lease_expired: bool,
     /// Unfinished transactions it owns.
     pub owned: u64,
 }
