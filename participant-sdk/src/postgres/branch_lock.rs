@@ -200,10 +200,16 @@ impl Drop for Held {
             if dirty && conn.batch_execute("ROLLBACK").await.is_err() {
                 return;
             }
+            // One round trip (a simple query: the id is an integer
+            // literal), where a parameterised one prepares first.
             let unlocked = conn
-                .query_one("SELECT pg_advisory_unlock($1)", &[&id])
+                .simple_query(&format!("SELECT pg_advisory_unlock({id})"))
                 .await
-                .map(|row| row.get::<_, bool>(0));
+                .map(|messages| {
+                    messages.iter().any(
+                        |m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("t")),
+                    )
+                });
             // Anything but a clean unlock closes the connection instead.
             if matches!(unlocked, Ok(true)) {
                 guard.keep();
