@@ -72,26 +72,43 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "participant")]
 pub mod barrier;
+#[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
 pub mod error;
+#[cfg(feature = "participant")]
 pub mod handler;
+#[cfg(feature = "participant")]
 mod in_doubt;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "participant")]
 pub mod server;
 // Shared with the coordinator (crates `tandem-common`, `tandem-trace`).
-pub use tandem_common::{security, sled_sync};
+pub use tandem_common::security;
+#[cfg(feature = "sled")]
+pub use tandem_common::sled_sync;
 pub use tandem_trace as trace;
 
-pub use barrier::{Phase, SledBarrier};
+#[cfg(feature = "participant")]
+pub use barrier::Phase;
+#[cfg(feature = "sled")]
+pub use barrier::SledBarrier;
+#[cfg(feature = "client")]
 pub use client::{
     Branch, ClientOptions, CommitOutcome, Enlisted, Mode, Outcome, Submitted, TransactionClient,
 };
+#[cfg(feature = "client")]
 pub use error::Error;
+#[cfg(feature = "participant")]
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+#[cfg(feature = "metrics")]
 pub use metrics::ParticipantMetrics;
+#[cfg(feature = "participant")]
 pub use server::{ParticipantServer, RunningParticipant, ServeError};
 pub use tandem_proto::v1::{AbortCause, AbortInfo};
 pub use trace::{TraceContext, TraceParent};
@@ -106,12 +123,15 @@ pub type Gtid = uuid::Uuid;
 // starts it without a direct dependency.
 pub use bytes::{self, Bytes};
 /// For [`ParticipantMetrics::register_into`]'s registry.
+#[cfg(feature = "metrics")]
 pub use prometheus_client;
+#[cfg(feature = "sled")]
 pub use sled;
 pub use tokio;
 pub use tonic::transport::{Channel, Endpoint};
 pub use tonic::{self, Code, Status};
 /// For [`server::health`]'s types (`HealthServer`, `ServingStatus`).
+#[cfg(feature = "participant")]
 pub use tonic_health;
 pub use uuid;
 
