@@ -31,12 +31,43 @@
 //!   transactions, a barrier store in the handler's own transaction, and
 //!   resolution of prepared transactions a crash left behind.
 //!
+//! # Features
+//!
+//! A service takes the part it uses. The default is everything but
+//! PostgreSQL (what the SDK offered before it had features); a slimmer
+//! service turns the default off and names its features:
+//!
+//! | feature | adds | pulls in |
+//! |---|---|---|
+//! | `client` | [`TransactionClient`], [`Error`], [`ClientOptions`] | tonic over plain `http://` |
+//! | `participant` | `client`, and [`ParticipantServer`], the handler traits, the barrier in memory ([`barrier::MemBarrier`]), health checks | tonic-health |
+//! | `sled` | `participant`, and [`SledBarrier`], [`sled_sync`], the [`sled`] re-export | sled |
+//! | `postgres` | `participant` and `tls`, and the `postgres` module | tokio-postgres, deadpool-postgres |
+//! | `metrics` | `participant`, and [`ParticipantMetrics`] | prometheus-client |
+//! | `otel` | handler spans as OpenTelemetry children; the client's traceparent from the current OpenTelemetry span | opentelemetry, tracing-opentelemetry |
+//! | `tls` | `https://` addresses ([`security::ClientTls`]), [`ParticipantServer::tls`] and [`ParticipantServer::only_coordinators`] (access lists) | rustls, x509-parser |
+//!
+//! ```toml
+//! # A business service that only starts transactions:
+//! tandem-sdk = { version = "0.1", default-features = false, features = ["client"] }
+//! # A participant with the in-memory barrier, over TLS:
+//! tandem-sdk = { version = "0.1", default-features = false, features = ["participant", "tls"] }
+//! # A PostgreSQL participant with metrics:
+//! tandem-sdk = { version = "0.1", default-features = false, features = ["postgres", "metrics"] }
+//! ```
+//!
+//! Without `tls`, an `https://` address is refused with an error naming
+//! the feature, never called in cleartext. `examples/client_only.rs` and
+//! `examples/participant_only.rs` build with `client` and `participant`
+//! alone.
+//!
 //! # Example
 //!
 //! A participant with one 2PC resource, and a business service submitting a
 //! one-shot transaction through a coordinator at `http://127.0.0.1:7070`:
 //!
 //! ```no_run
+//! # #[cfg(feature = "participant")] mod doc {
 //! use tandem_sdk::{Branch, BranchContext, HandlerError, Mode, ParticipantServer,
 //!                  TransactionClient, TwoPhase, Vote};
 //!
@@ -70,6 +101,7 @@
 //!     .await?;
 //! println!("committed {}", done.gtid);
 //! # Ok(()) }
+//! # }
 //! ```
 
 #[cfg(feature = "participant")]

@@ -428,9 +428,7 @@ impl ParticipantServer {
             task,
         })
     }
-}
 
-impl ParticipantServer {
     /// The TLS this server speaks, if any.
     #[cfg(feature = "tls")]
     fn server_tls(&self) -> Option<ServerTls> {
