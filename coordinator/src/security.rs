@@ -81,6 +81,11 @@ pub struct ClientSecurityArgs {
 }
 
 impl ClientSecurityArgs {
+    /// Whether any of the flags was given.
+    pub fn given(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.token_file.is_some()
+    }
+
     /// The SDK's client options.
     ///
     /// # Errors

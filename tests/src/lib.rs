@@ -3,6 +3,7 @@
 //! vanish, and a journal shared by a recording log and the participants so
 //! tests can check the order of events across both.
 
+pub mod access;
 pub mod down_net;
 pub mod pg;
 pub mod process;

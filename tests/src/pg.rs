@@ -350,6 +350,29 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// The newest incarnation of coordinator instance `name` in a shared store.
+pub async fn incarnation(sql: &tokio_postgres::Client, name: &str) -> uuid::Uuid {
+    sql.query_one(
+        "SELECT incarnation FROM tandem_instances WHERE name = $1 \
+         ORDER BY started_at DESC LIMIT 1",
+        &[&name],
+    )
+    .await
+    .expect("incarnation")
+    .get(0)
+}
+
+/// Unfinished transactions `owner` (an incarnation) still owns.
+pub async fn owned_by(sql: &tokio_postgres::Client, owner: uuid::Uuid) -> i64 {
+    sql.query_one(
+        "SELECT count(*) FROM tandem_txns WHERE owner = $1 AND state IN (1, 2, 3, 5)",
+        &[&owner],
+    )
+    .await
+    .expect("count owned")
+    .get(0)
+}
+
 /// Tandem's prepared transactions left in `client`'s database.
 pub async fn prepared_xacts(client: &tokio_postgres::Client) -> Vec<String> {
     client

@@ -99,6 +99,29 @@ impl Serve {
         }
     }
 
+    /// Starts instance `name` of a cluster on the shared store at `store`
+    /// (on `listen`, `127.0.0.1:0` for any free port), with a `lease`
+    /// ("1s") short enough for takeover tests and retries capped at 200 ms.
+    pub fn start_store(
+        data_dir: &Path,
+        store: &str,
+        name: &str,
+        listen: &str,
+        lease: &str,
+    ) -> Serve {
+        let args = [
+            "--store",
+            store,
+            "--instance-name",
+            name,
+            "--lease",
+            lease,
+            "--retry-max",
+            "200ms",
+        ];
+        Self::start_on(data_dir, listen, &args, &[])
+    }
+
     /// Starts `tandem serve` with `--admin-listen 127.0.0.1:0` and extra
     /// arguments; returns it and the admin listener's address.
     pub fn start_with_admin(

@@ -251,6 +251,22 @@ async fn sled_barrier_passes_the_conformance_suite() {
     .await;
 }
 
+// The same, on two handles of one sled store (one process owns a sled
+// directory: its handles are clones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_barrier_passes_the_shared_conformance_suite() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    conformance::run_shared(|| {
+        let dir = root
+            .path()
+            .join(n.fetch_add(1, Ordering::SeqCst).to_string());
+        let store = SledBarrier::open(dir).expect("open");
+        (store.clone(), store)
+    })
+    .await;
+}
+
 /// A TCC handler keeping its state in the barrier's sled database, written
 /// in the same transaction as the barrier record.
 struct Stock {

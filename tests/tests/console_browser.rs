@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tandem_sdk::ParticipantServer;
-use tandem_sdk::security::BearerToken;
-use tandem_sdk::security::auth::{new_token, token_digest_hex};
-use tandem_sdk::{Branch, ClientOptions, Mode, TransactionClient};
+use tandem_sdk::{Branch, Mode, TransactionClient};
+use tandem_tests::access::Access;
 use tandem_tests::process::{Serve, workspace_bin};
 use tandem_tests::webdriver::{Browser, Driver, http};
 use tandem_tests::{Script, Scripted, eventually, spawn};
@@ -49,23 +48,14 @@ fn bearer(token: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_lists_opens_retries_and_refuses_without_the_admin_role() {
     let dir = tempfile::tempdir().expect("dir");
-    let (admin_token, client_token) = (new_token(), new_token());
-    let access = dir.path().join("access");
-    std::fs::write(
-        &access,
-        format!(
-            "admin ops token-sha256:{}\nclient app token-sha256:{}\n",
-            token_digest_hex(&admin_token),
-            token_digest_hex(&client_token)
-        ),
-    )
-    .expect("access file");
+    let access = Access::write(dir.path());
+    let (admin_token, client_token) = (access.admin.clone(), access.client.clone());
     let data = dir.path().join("data");
     let (serve, admin) = Serve::start_with_admin(
         &data,
         &[
             "--auth-file",
-            &access.to_string_lossy(),
+            &access.path.to_string_lossy(),
             "--retry-max-attempts",
             "2",
             "--retry-initial",
@@ -94,10 +84,7 @@ async fn the_console_lists_opens_retries_and_refuses_without_the_admin_role() {
     let p_ok = serve_as("accounts", &ok).await;
     let p_no = serve_as("ledger", &no).await;
     let p_down = serve_as("ledger", &down).await;
-    let options = ClientOptions {
-        tls: None,
-        token: BearerToken::new(&client_token).expect("token"),
-    };
+    let options = access.client_options();
     let client = TransactionClient::connect_with(serve.url.clone(), &options)
         .await
         .expect("connect");

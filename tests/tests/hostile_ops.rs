@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use tandem_sdk::{Branch, Mode, TransactionClient};
+use tandem_tests::access::Access;
 use tandem_tests::process::Serve;
 use tandem_tests::webdriver::http;
 use tonic_health::pb::HealthCheckRequest;
@@ -132,30 +133,15 @@ async fn health_answers_while_requests_are_at_their_limit() {
 /// nothing; the console's own origin and plain tools are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_from_another_site_are_refused() {
-    use tandem_sdk::ClientOptions;
-    use tandem_sdk::security::BearerToken;
-    use tandem_sdk::security::auth::{new_token, token_digest_hex};
     let dir = tempfile::tempdir().expect("dir");
-    let (admin_token, client_token) = (new_token(), new_token());
-    let access = dir.path().join("access");
-    std::fs::write(
-        &access,
-        format!(
-            "admin ops token-sha256:{}\nclient app token-sha256:{}\n",
-            token_digest_hex(&admin_token),
-            token_digest_hex(&client_token)
-        ),
-    )
-    .expect("access file");
+    let access = Access::write(dir.path());
+    let admin_token = access.admin.clone();
     let (serve, admin) = Serve::start_with_admin(
         &dir.path().join("data"),
-        &["--auth-file", &access.to_string_lossy()],
+        &["--auth-file", &access.path.to_string_lossy()],
         &[],
     );
-    let options = ClientOptions {
-        tls: None,
-        token: BearerToken::new(&client_token).expect("token"),
-    };
+    let options = access.client_options();
     let client = TransactionClient::connect_with(serve.url.clone(), &options)
         .await
         .expect("connect");

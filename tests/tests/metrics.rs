@@ -6,9 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use tandem_sdk::security::BearerToken;
-use tandem_sdk::security::auth::{new_token, token_digest_hex};
-use tandem_sdk::{Branch, ClientOptions, Mode, ParticipantServer, TransactionClient};
+use tandem_sdk::{Branch, Mode, ParticipantServer, TransactionClient};
+use tandem_tests::access::Access;
 use tandem_tests::process::Serve;
 use tandem_tests::webdriver::http;
 use tandem_tests::{Script, Scripted, eventually, spawn};
@@ -113,22 +112,13 @@ impl Scrape {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_commits_aborts_and_stuck_transactions() {
     let dir = tempfile::tempdir().expect("dir");
-    let (admin_token, client_token) = (new_token(), new_token());
-    let access = dir.path().join("access");
-    std::fs::write(
-        &access,
-        format!(
-            "admin ops token-sha256:{}\nclient app token-sha256:{}\n",
-            token_digest_hex(&admin_token),
-            token_digest_hex(&client_token)
-        ),
-    )
-    .expect("access file");
+    let access = Access::write(dir.path());
+    let (admin_token, client_token) = (access.admin.clone(), access.client.clone());
     let (serve, admin) = Serve::start_with_admin(
         &dir.path().join("data"),
         &[
             "--auth-file",
-            &access.to_string_lossy(),
+            &access.path.to_string_lossy(),
             "--retry-max-attempts",
             "2",
             "--retry-initial",
@@ -209,10 +199,7 @@ async fn metrics_move_with_commits_aborts_and_stuck_transactions() {
     let p_tcc = spawn(ParticipantServer::new().tcc("seats", ok.clone())).await;
     let p_no = spawn(ParticipantServer::new().two_phase("ledger", no.clone())).await;
     let p_down = spawn(ParticipantServer::new().two_phase("ledger", down.clone())).await;
-    let options = ClientOptions {
-        tls: None,
-        token: BearerToken::new(&client_token).expect("token"),
-    };
+    let options = access.client_options();
     let client = TransactionClient::connect_with(serve.url.clone(), &options)
         .await
         .expect("connect");

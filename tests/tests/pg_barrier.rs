@@ -10,7 +10,7 @@ use tandem_tests::pg::PgServer;
 async fn pg_barrier_passes_the_conformance_suite() {
     let pg = PgServer::start();
     let mut stores = Vec::new();
-    for i in 0..10 {
+    for i in 0..11 {
         let db = format!("conformance_{i}");
         pg.create_database(&db).await;
         stores.push(PgBarrier::open(pg.pool(&db)).await.expect("open"));
@@ -24,6 +24,24 @@ async fn pg_barrier_passes_the_conformance_suite() {
             .expect("a store per case")
     })
     .await;
+}
+
+// The two-handle cases, on two stores with a pool each on one database,
+// as two replicas of a participant (two processes) have them: the gate's
+// serialisation holds across them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_barrier_replicas_pass_the_shared_conformance_suite() {
+    let pg = PgServer::start();
+    let mut pairs = Vec::new();
+    for i in 0..3 {
+        let db = format!("shared_{i}");
+        pg.create_database(&db).await;
+        let one = PgBarrier::open(pg.pool(&db)).await.expect("open");
+        let two = PgBarrier::open(pg.pool(&db)).await.expect("open");
+        pairs.push((one, two));
+    }
+    let pairs = std::sync::Mutex::new(pairs);
+    conformance::run_shared(|| pairs.lock().expect("pairs").pop().expect("a pair per case")).await;
 }
 
 async fn scratch_values(pg: &PgServer, db: &str) -> Vec<i32> {

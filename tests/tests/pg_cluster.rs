@@ -13,7 +13,7 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::participant_server::{Participant, ParticipantServer};
 use tandem_sdk::{Branch, Mode, TransactionClient};
 use tandem_tests::Rng;
-use tandem_tests::pg::PgServer;
+use tandem_tests::pg::{PgServer, incarnation, owned_by};
 use tandem_tests::process::Serve;
 use tonic::{Request, Response, Status};
 
@@ -136,46 +136,6 @@ impl Participant for Ledger {
 
 const LEASE: Duration = Duration::from_secs(1);
 
-fn start(data: &tempfile::TempDir, url: &str, name: &str, listen: &str) -> Serve {
-    Serve::start_on(
-        data.path(),
-        listen,
-        &[
-            "--store",
-            url,
-            "--instance-name",
-            name,
-            "--lease",
-            "1s",
-            "--retry-max",
-            "200ms",
-        ],
-        &[],
-    )
-}
-
-/// The current incarnation of instance `name`.
-async fn incarnation(sql: &tandem_sdk::postgres::tokio_postgres::Client, name: &str) -> uuid::Uuid {
-    sql.query_one(
-        "SELECT incarnation FROM tandem_instances WHERE name = $1",
-        &[&name],
-    )
-    .await
-    .expect("incarnation")
-    .get(0)
-}
-
-/// Unfinished transactions `owner` (an incarnation) still owns.
-async fn owned_by(sql: &tandem_sdk::postgres::tokio_postgres::Client, owner: uuid::Uuid) -> i64 {
-    sql.query_one(
-        "SELECT count(*) FROM tandem_txns WHERE owner = $1 AND state IN (1, 2, 3, 5)",
-        &[&owner],
-    )
-    .await
-    .expect("count owned")
-    .get(0)
-}
-
 async fn state_of(
     sql: &tandem_sdk::postgres::tokio_postgres::Client,
     gtid: uuid::Uuid,
@@ -272,7 +232,15 @@ async fn killed_coordinators_are_taken_over_under_load() {
     let names = ["a", "b", "c"];
     let mut servers: Vec<Option<Serve>> = names
         .iter()
-        .map(|n| Some(start(&data, &url, n, "127.0.0.1:0")))
+        .map(|n| {
+            Some(Serve::start_store(
+                data.path(),
+                &url,
+                n,
+                "127.0.0.1:0",
+                "1s",
+            ))
+        })
         .collect();
     let addrs: Vec<String> = servers
         .iter()
@@ -326,7 +294,13 @@ async fn killed_coordinators_are_taken_over_under_load() {
         servers[victim].take().expect("up").kill();
         let orphaned = owned_by(&sql, owner).await;
         if restart_at_once {
-            servers[victim] = Some(start(&data, &url, names[victim], &addrs[victim]));
+            servers[victim] = Some(Serve::start_store(
+                data.path(),
+                &url,
+                names[victim],
+                &addrs[victim],
+                "1s",
+            ));
         }
         // Whoever takes it over, the victim's transactions move on.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -346,7 +320,13 @@ async fn killed_coordinators_are_taken_over_under_load() {
             let _ = c.await;
         }
         if servers[victim].is_none() {
-            servers[victim] = Some(start(&data, &url, names[victim], &addrs[victim]));
+            servers[victim] = Some(Serve::start_store(
+                data.path(),
+                &url,
+                names[victim],
+                &addrs[victim],
+                "1s",
+            ));
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -411,8 +391,8 @@ async fn a_paused_owner_is_fenced() {
     ledger.phase_two_down.store(true, Ordering::SeqCst);
     let part = ledger.serve().await;
     let data = tempfile::tempdir().expect("dir");
-    let a = start(&data, &url, "a", "127.0.0.1:0");
-    let b = start(&data, &url, "b", "127.0.0.1:0");
+    let a = Serve::start_store(data.path(), &url, "a", "127.0.0.1:0", "1s");
+    let b = Serve::start_store(data.path(), &url, "b", "127.0.0.1:0", "1s");
     let client = TransactionClient::connect(&a.url).await.expect("connect a");
 
     // Decided: both yes, commit forced, phase 2 failing.
@@ -543,8 +523,8 @@ async fn one_gtid_started_at_two_instances_at_once() {
     let ledger = Ledger::default();
     let part = ledger.serve().await;
     let data = tempfile::tempdir().expect("dir");
-    let a = start(&data, &url, "a", "127.0.0.1:0");
-    let b = start(&data, &url, "b", "127.0.0.1:0");
+    let a = Serve::start_store(data.path(), &url, "a", "127.0.0.1:0", "1s");
+    let b = Serve::start_store(data.path(), &url, "b", "127.0.0.1:0", "1s");
     let ca = TransactionClient::connect(&a.url).await.expect("a");
     let cb = TransactionClient::connect(&b.url).await.expect("b");
     let mut refused = 0;

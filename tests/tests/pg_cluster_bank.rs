@@ -26,7 +26,7 @@ use tandem_examples::pg_bank::audit;
 use tandem_sdk::postgres::tokio_postgres::Client as Sql;
 use tandem_sdk::{Branch, ClientOptions, Error, Gtid, Mode, TransactionClient};
 use tandem_tests::Rng;
-use tandem_tests::pg::{PgServer, Shard, prepared_xacts};
+use tandem_tests::pg::{PgServer, Shard, incarnation, owned_by, prepared_xacts};
 use tandem_tests::process::Serve;
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -51,47 +51,6 @@ const CONFIRMED: i16 = 3;
 /// Store states (`tandem_txns.state`).
 const COMMITTED: i16 = 4;
 const ABORTED: i16 = 6;
-
-fn start(data: &tempfile::TempDir, store: &str, name: &str, listen: &str) -> Serve {
-    Serve::start_on(
-        data.path(),
-        listen,
-        &[
-            "--store",
-            store,
-            "--instance-name",
-            name,
-            "--lease",
-            "1s",
-            "--retry-max",
-            "200ms",
-        ],
-        &[],
-    )
-}
-
-/// The newest incarnation of instance `name`.
-async fn incarnation(sql: &Sql, name: &str) -> uuid::Uuid {
-    sql.query_one(
-        "SELECT incarnation FROM tandem_instances WHERE name = $1 \
-         ORDER BY started_at DESC LIMIT 1",
-        &[&name],
-    )
-    .await
-    .expect("incarnation")
-    .get(0)
-}
-
-/// Unfinished transactions `owner` (an incarnation) still owns.
-async fn owned_by(sql: &Sql, owner: uuid::Uuid) -> i64 {
-    sql.query_one(
-        "SELECT count(*) FROM tandem_txns WHERE owner = $1 AND state IN (1, 2, 3, 5)",
-        &[&owner],
-    )
-    .await
-    .expect("count owned")
-    .get(0)
-}
 
 async fn unfinished(sql: &Sql) -> i64 {
     sql.query_one(
@@ -371,7 +330,15 @@ async fn bank_ledger_and_barriers_agree_with_the_store_across_coordinator_kills(
     let data = tempfile::tempdir().expect("dir");
     let mut servers: Vec<Option<Serve>> = NAMES
         .iter()
-        .map(|n| Some(start(&data, &store, n, "127.0.0.1:0")))
+        .map(|n| {
+            Some(Serve::start_store(
+                data.path(),
+                &store,
+                n,
+                "127.0.0.1:0",
+                "1s",
+            ))
+        })
         .collect();
     let addrs: Vec<String> = servers
         .iter()
@@ -432,7 +399,7 @@ async fn bank_ledger_and_barriers_agree_with_the_store_across_coordinator_kills(
         let at_once = k % 2 == 0;
         if at_once {
             servers[victim] = Some(tokio::task::block_in_place(|| {
-                start(&data, &store, NAMES[victim], &addrs[victim])
+                Serve::start_store(data.path(), &store, NAMES[victim], &addrs[victim], "1s")
             }));
         }
         let deadline = killed + Duration::from_secs(15);
@@ -458,7 +425,7 @@ async fn bank_ledger_and_barriers_agree_with_the_store_across_coordinator_kills(
         failovers.push((NAMES[victim], at_once, orphaned, took));
         if !at_once {
             servers[victim] = Some(tokio::task::block_in_place(|| {
-                start(&data, &store, NAMES[victim], &addrs[victim])
+                Serve::start_store(data.path(), &store, NAMES[victim], &addrs[victim], "1s")
             }));
         }
     }

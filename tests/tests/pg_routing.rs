@@ -13,23 +13,6 @@ use tandem_tests::Scripted;
 use tandem_tests::pg::PgServer;
 use tandem_tests::process::{Serve, tandem};
 
-fn start(data: &tempfile::TempDir, url: &str, name: &str) -> Serve {
-    Serve::start_with(
-        data.path(),
-        &[
-            "--store",
-            url,
-            "--instance-name",
-            name,
-            "--lease",
-            "1s",
-            "--retry-max",
-            "200ms",
-        ],
-        &[],
-    )
-}
-
 /// `tandem tx show GTID --output json` at `coordinator`.
 fn show(coordinator: &str, gtid: &str) -> serde_json::Value {
     let ran = tandem(&[
@@ -50,8 +33,8 @@ async fn a_request_for_another_instances_transaction_is_redirected_to_it() {
     let pg = PgServer::start();
     let url = pg.create_database("routing").await;
     let data = tempfile::tempdir().expect("dir");
-    let a = start(&data, &url, "a");
-    let b = start(&data, &url, "b");
+    let a = Serve::start_store(data.path(), &url, "a", "127.0.0.1:0", "1s");
+    let b = Serve::start_store(data.path(), &url, "b", "127.0.0.1:0", "1s");
     let scripted = Scripted::yes("p");
     let p = scripted.serve().await;
     let branch = || Branch::new(p.url(), "r", "x");
@@ -131,8 +114,8 @@ async fn a_dead_owners_transaction_is_taken_over_by_the_instance_a_request_reach
     let pg = PgServer::start();
     let url = pg.create_database("orphans").await;
     let data = tempfile::tempdir().expect("dir");
-    let a = start(&data, &url, "a");
-    let b = start(&data, &url, "b");
+    let a = Serve::start_store(data.path(), &url, "a", "127.0.0.1:0", "1s");
+    let b = Serve::start_store(data.path(), &url, "b", "127.0.0.1:0", "1s");
     let scripted = Scripted::phase_two_down("p");
     let p = scripted.serve().await;
     let branch = || Branch::new(p.url(), "r", "x");

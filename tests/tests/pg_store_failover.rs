@@ -25,22 +25,7 @@ async fn coordinators_survive_the_promotion_of_a_synchronous_standby() {
         primary.port, standby.port
     );
     let data = tempfile::tempdir().expect("dir");
-    let start = |name: &str| {
-        Serve::start_with(
-            data.path(),
-            &[
-                "--store",
-                &url,
-                "--instance-name",
-                name,
-                "--lease",
-                "2s",
-                "--retry-max",
-                "200ms",
-            ],
-            &[],
-        )
-    };
+    let start = |name: &str| Serve::start_store(data.path(), &url, name, "127.0.0.1:0", "2s");
     let (a, b) = (start("a"), start("b"));
     let scripted = Scripted::yes("p");
     let p = scripted.serve().await;

@@ -12,7 +12,10 @@
 //! - [`certs`]: `tandem certs dev`, certificates and tokens for development
 //!   and tests.
 //!
-//! `tandem tx` is the coordinator library's Admin client
+//! - [`tx_submit`]: `tandem tx submit`, one transaction through the SDK's
+//!   client.
+//!
+//! The other `tandem tx` verbs are the coordinator library's Admin client
 //! (`tandem_coordinator::cli`).
 
 pub mod bench;
@@ -22,3 +25,4 @@ pub mod demo;
 pub mod log_cli;
 pub mod serve_cli;
 pub mod store_cli;
+pub mod tx_submit;

@@ -2,7 +2,7 @@
 //!
 //! - `tandem serve`: run a coordinator.
 //! - `tandem tx list|show|retry|abort`: look at and act on transactions of a
-//!   running coordinator.
+//!   running coordinator; `tandem tx submit` runs one.
 //! - `tandem demo`: bank transfers across two participants, end to end.
 
 use std::net::SocketAddr;
@@ -10,11 +10,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod commands;
+
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tandem_cli::serve_cli::{self, ServeArgs};
-use tandem_cli::{bench, config_file, demo, log_cli};
+use tandem_cli::tx_submit::{self, BranchSpec};
+use tandem_cli::{bench, config_file, log_cli};
 use tandem_coordinator::logging::{self, LogFormat};
-use tandem_coordinator::redact::Secrets;
 use tandem_coordinator::security::ClientSecurityArgs;
 use tandem_coordinator::{cli, otel};
 
@@ -113,6 +115,10 @@ struct BenchArgs {
     /// Use this coordinator instead of starting one (no CPU / RSS figures).
     #[arg(long)]
     coordinator: Option<String>,
+    /// TLS and token for the --coordinator (as `tandem tx` takes them);
+    /// its credential needs the client and admin roles.
+    #[command(flatten)]
+    coordinator_security: ClientSecurityArgs,
     /// Use these bench participants (`tandem bench-participant`) instead of
     /// starting them; repeat or comma-separate.
     #[arg(long, value_delimiter = ',')]
@@ -179,6 +185,34 @@ struct TxArgs {
 
 #[derive(Subcommand)]
 enum TxVerb {
+    /// Run one transaction, as a business service would (the `client`
+    /// role): print its gtid and how it ended. Exit code 0 when it
+    /// committed, 1 when it aborted or failed.
+    Submit {
+        /// 2pc or tcc.
+        #[arg(long, default_value = "2pc", value_parser = parse_mode)]
+        mode: tandem_sdk::Mode,
+        /// A branch as ENDPOINT/RESOURCE/PAYLOAD (e.g.
+        /// http://127.0.0.1:9001/accounts/alice:-100); repeat for each.
+        #[arg(long = "branch", required = true, value_parser = tx_submit::parse_branch)]
+        branches: Vec<BranchSpec>,
+        /// The transaction's id (a UUID; default: a new UUID v7). Repeating
+        /// a submit with the same gtid never runs it twice: it returns the
+        /// first one's outcome.
+        #[arg(long)]
+        gtid: Option<tandem_sdk::Gtid>,
+        /// Abort if still undecided after this long (e.g. 30s; default:
+        /// the coordinator's --default-timeout).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    #[command(flatten)]
+    Admin(AdminVerb),
+}
+
+/// The `tandem tx` verbs of the Admin service (the `admin` role).
+#[derive(Subcommand)]
+enum AdminVerb {
     /// List transactions, oldest first (or --newest-first): gtid, mode,
     /// state, age, branches, attempts, labels, last error.
     List {
@@ -406,19 +440,19 @@ async fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => serve_cli::serve(*args).await,
-        Command::Tx(args) => return tx(args, &secrets).await,
+        Command::Tx(args) => return commands::tx(args, &secrets).await,
         Command::Log {
             verb: LogVerb::Check { data_dir, output },
         } => return log_cli::log_check(&data_dir, output),
-        Command::Demo(args) => run_demo(args).await,
-        Command::Bench(args) => run_bench(args).await,
+        Command::Demo(args) => commands::run_demo(args).await,
+        Command::Bench(args) => commands::run_bench(args).await,
         Command::BenchParticipant { listen, secure_dir } => {
             bench::serve_participant(listen, secure_dir.as_deref()).await
         }
         Command::Certs {
             verb: CertsVerb::Dev { out },
-        } => certs_dev(&out),
-        Command::Auth { verb } => auth(verb),
+        } => commands::certs_dev(&out),
+        Command::Auth { verb } => commands::auth(verb),
         Command::Cluster {
             verb: ClusterVerb::Status { store, output },
         } => tandem_cli::store_cli::cluster_status(&store, output).await,
@@ -430,148 +464,6 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn certs_dev(out: &std::path::Path) -> anyhow::Result<()> {
-    let files = tandem_cli::certs::write_dev(out)?;
-    println!(
-        "wrote development certificates, tokens and access files to {} (NOT FOR PRODUCTION)",
-        files.dir.display()
-    );
-    Ok(())
-}
-
-fn auth(verb: AuthVerb) -> anyhow::Result<()> {
-    use tandem_sdk::security::{AccessList, auth};
-    match verb {
-        AuthVerb::Token { role, name } => {
-            let token = auth::new_token();
-            let line = format!(
-                "{role} {name} token-sha256:{}",
-                auth::token_digest_hex(&token)
-            );
-            AccessList::parse(&line).map_err(|e| anyhow::anyhow!(e))?;
-            println!("{token}");
-            eprintln!("access-file line: {line}");
-        }
-        AuthVerb::Hash => {
-            let mut token = String::new();
-            std::io::stdin().read_line(&mut token)?;
-            anyhow::ensure!(!token.trim().is_empty(), "no token on stdin");
-            println!("token-sha256:{}", auth::token_digest_hex(token.trim()));
-        }
-    }
-    Ok(())
-}
-
-/// Runs one `tandem tx` verb: the result on stdout and exit code 0, or one
-/// line on stderr and exit code 1.
-async fn tx(args: TxArgs, secrets: &Secrets) -> ExitCode {
-    let result = async {
-        let options = args.security.options().map_err(cli::CliError)?;
-        let mut client = cli::connect(&args.coordinator, &options).await?;
-        let out = args.output;
-        match args.verb {
-            TxVerb::List {
-                state,
-                older_than,
-                label,
-                resource,
-                endpoint,
-                mode,
-                gtid_prefix,
-                newest_first,
-                limit,
-            } => {
-                let filter = cli::ListFilter {
-                    states: state,
-                    older_than,
-                    labels: label,
-                    resource,
-                    endpoint,
-                    mode,
-                    gtid_prefix,
-                    newest_first,
-                };
-                cli::list(&mut client, &filter, limit, out).await
-            }
-            TxVerb::Stats => cli::stats(&mut client, out).await,
-            TxVerb::Show { gtid } => cli::show(&mut client, &gtid, out).await,
-            TxVerb::Retry { gtid } => cli::retry(&mut client, &gtid, out).await,
-            TxVerb::Abort { gtid, reason } => cli::abort(&mut client, &gtid, &reason, out).await,
-            TxVerb::Resolve {
-                gtid,
-                branch,
-                settled,
-                reason,
-            } => cli::resolve(&mut client, &gtid, branch, settled.0, &reason, out).await,
-        }
-    }
-    .await;
-    match result {
-        Ok(text) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("tandem: {}", secrets.scrub(&e.to_string()));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
-    let report = bench::run(bench::BenchOptions {
-        mode: args.mode,
-        branches: args.branches,
-        concurrency: args.concurrency,
-        duration: args.duration,
-        floor_duration: args.floor_duration,
-        payload: args.payload,
-        interactive: args.interactive,
-        participants: args.participants.unwrap_or(args.branches),
-        coordinator: args.coordinator,
-        participant_urls: args.participant,
-        recovery: args.recovery,
-        retention: args.retention,
-        secure: args.secure,
-        store: args.store,
-        instances: args.instances,
-        metrics: args.metrics,
-        trace: args.trace,
-        otlp: args.otlp,
-        otlp_sample_ratio: args.otlp_sample_ratio,
-    })
-    .await?;
-    match args.output {
-        cli::Output::Json => println!("{}", report.to_json()),
-        cli::Output::Table => println!("{report}"),
-    }
-    anyhow::ensure!(
-        report.verified,
-        "verification failed: participants counted {} commits for {} transactions",
-        report.participant_commits,
-        report.run.committed
-    );
-    Ok(())
-}
-
-async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
-    let report = demo::run(demo::DemoOptions {
-        mode: args.mode,
-        transfers: args.transfers,
-        concurrency: args.concurrency,
-        seed: args.seed,
-        secure: args.secure,
-        ..demo::DemoOptions::default()
-    })
-    .await?;
-    println!("{report}");
-    anyhow::ensure!(
-        report.ok(),
-        "the demo's invariants did not hold (see above)"
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -271,7 +271,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Before listening: refuses a participant token without an allowlist.
     let coord = Coordinator::with_environment(config, log, env)?;
-    info!(listen = %listener.local_addr()?, data_dir = %coord.config().data_dir.display(), "tandem coordinator serving");
+    match &args.store.store {
+        // The log is in the store: --data-dir is not used.
+        Some(_) => info!(
+            listen = %listener.local_addr()?,
+            log = "PostgreSQL store (--store)",
+            "tandem coordinator serving"
+        ),
+        None => info!(
+            listen = %listener.local_addr()?,
+            data_dir = %coord.config().data_dir.display(),
+            "tandem coordinator serving"
+        ),
+    }
     // Printed for scripts and tests that start us on port 0.
     println!("listening on {}", listener.local_addr()?);
     let admin = match args.admin_listen {

@@ -128,6 +128,7 @@ pub async fn cluster_status(url: &str, output: Output) -> anyhow::Result<()> {
                     "incarnation": i.incarnation.to_string(),
                     "address": i.address,
                     "heartbeat_age_ms": i.heartbeat_age_ms,
+                    "lease_expired": i.lease_expired,
                     "owned_unfinished": i.owned,
                 })).collect::<Vec<_>>(),
                 "expired_leases": status.expired,
@@ -136,16 +137,20 @@ pub async fn cluster_status(url: &str, output: Output) -> anyhow::Result<()> {
         }
         Output::Table => {
             println!(
-                "{:<16} {:<36} {:<22} {:>10} {:>6}",
-                "NAME", "INCARNATION", "ADDRESS", "HEARTBEAT", "OWNED"
+                "{:<16} {:<36} {:<22} {:>10} {:<8} {:>6}",
+                "NAME", "INCARNATION", "ADDRESS", "HEARTBEAT", "LEASE", "OWNED"
             );
             for i in &status.instances {
+                // An expired lease: the instance stopped renewing (killed,
+                // paused, cut off); its transactions are taken over.
+                let lease = if i.lease_expired { "EXPIRED" } else { "live" };
                 println!(
-                    "{:<16} {:<36} {:<22} {:>9.1}s {:>6}",
+                    "{:<16} {:<36} {:<22} {:>9.1}s {:<8} {:>6}",
                     i.name,
                     i.incarnation,
                     i.address,
                     i.heartbeat_age_ms as f64 / 1000.0,
+                    lease,
                     i.owned
                 );
             }

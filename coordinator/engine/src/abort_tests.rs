@@ -2,6 +2,8 @@
 //! text, and the fields say which branch and what its participant said.
 
 use super::*;
+use crate::model::MAX_STORED_TEXT;
+
 use bytes::Bytes;
 
 const NOW: u64 = 1_000;

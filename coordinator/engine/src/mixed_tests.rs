@@ -2,6 +2,8 @@
 //! protocol's rules, the transaction one decision.
 
 use super::*;
+use crate::model::BranchState;
+
 use bytes::Bytes;
 
 const NOW: u64 = 1_000;

@@ -2,6 +2,8 @@
 //! held, so the coordinator rolls back every branch that voted no.
 
 use super::*;
+use crate::model::BranchState;
+
 use bytes::Bytes;
 
 const NOW: u64 = 1_000;

@@ -2,7 +2,9 @@
 //! rollback, and an operator can settle a STUCK branch by hand.
 
 use super::*;
+use crate::model::BranchState;
 use crate::model::Resolution;
+
 use bytes::Bytes;
 
 const NOW: u64 = 1_000;

@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::RetryPolicy;
+use crate::model::BranchState;
+
 use bytes::Bytes;
 
 const NOW: u64 = 1_000;

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use super::*;
+use crate::model::MAX_STORED_TEXT;
 
 const NOW: u64 = 1_000;
 const DEADLINE: u64 = 61_000;

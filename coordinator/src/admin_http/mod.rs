@@ -15,6 +15,7 @@
 mod api;
 mod console;
 mod query;
+mod timeline;
 
 use std::sync::Arc;
 use std::time::Duration;

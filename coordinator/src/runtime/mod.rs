@@ -33,6 +33,7 @@ mod clock;
 mod clock_offset;
 mod driver;
 mod listing;
+mod operator;
 mod participants;
 mod readiness;
 mod recovery;

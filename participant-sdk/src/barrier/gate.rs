@@ -1,16 +1,154 @@
-//! The barrier in front of handler calls: one function per phase, applying
-//! [`decide`] under the branch's lock and storing the records it implies.
-//! Each also says how the call went through ([`Passage`]): whether the
-//! handler ran, or what the barrier answered in its place. This is the one
-//! place every barrier store's calls pass, so metrics learn the barrier's
-//! outcomes here, whatever the store (memory, sled, PostgreSQL).
+//! The barrier gate, the one place the barrier's rules live, for every
+//! store (memory, sled, PostgreSQL): the epoch rule ([`stale_epoch`]), the
+//! rule table ([`decide`]), what each call writes (`put` / `put_tried` on
+//! an entry: the next record over the one read, as one
+//! [`compare_and_set`](BarrierEntry::compare_and_set)), and one function
+//! per phase applying them under the branch's lock. A store only
+//! serialises a branch and persists atomically.
+//!
+//! Each phase function also says how the call went through ([`Passage`]):
+//! whether the handler ran, or what the barrier answered in its place, so
+//! metrics learn the barrier's outcomes here, whatever the store.
 
 use tonic::Status;
 
 use crate::server::{MAX_STATUS_TEXT, cap};
 
-use super::{BarrierError, BarrierStore, Mark, Phase, Step, decide, stale_epoch};
+use super::{BarrierEntry, BarrierError, BarrierRecord, BarrierStore, Mark, Phase, now_ms};
 use crate::handler::{BoxFuture, BranchContext, HandlerError, Vote};
+
+/// The epoch rule, before the table: a call from an older coordinator
+/// epoch than the branch has seen comes from a coordinator that no longer
+/// owns the transaction (another took it over), and is refused whatever
+/// it asks. `seen` is the stored epoch, `call` the call's; epoch 0 (a
+/// coordinator that does not number owners, or in-doubt resolution acting
+/// on the coordinator's durable answer) is never refused.
+pub fn stale_epoch(seen: u64, call: u64) -> Option<String> {
+    (call != 0 && call < seen).then(|| {
+        format!(
+            "barrier: a call from coordinator epoch {call}, but this branch has seen epoch \
+             {seen}: it comes from a coordinator that no longer owns the transaction"
+        )
+    })
+}
+
+/// What the barrier does with one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Call the handler.
+    Run,
+    /// Answer success without calling the handler, storing `record` first
+    /// when given.
+    Skip {
+        /// The record to store (an empty cancel is remembered).
+        record: Option<Mark>,
+    },
+    /// Do not call the handler; answer with this reason (a no vote for a
+    /// try, an error for confirm / cancel).
+    Refuse(String),
+}
+
+/// The barrier's rule table (see the module docs): what to do with a
+/// `phase` call for a branch whose record is `current`.
+pub fn decide(current: Option<Mark>, phase: Phase) -> Step {
+    use Mark::*;
+    let refuse = |why: &str| Step::Refuse(format!("barrier: {why}"));
+    match (phase, current) {
+        (Phase::Try, None) => Step::Run,
+        // A repeat is answered no, never yes on the strength of the first
+        // run (see the module docs): the no makes the coordinator abort and
+        // roll the branch back, which releases what the first run holds.
+        (Phase::Try, Some(Tried)) => refuse(
+            "this branch's try already ran and may still hold its work until \
+             its rollback; a try is not repeated",
+        ),
+        (Phase::Try, Some(Refused)) => {
+            refuse("this branch's try already ran and voted no; a try is not repeated")
+        }
+        (Phase::Try, Some(Cancelled | EmptyCancelled)) => refuse(
+            "this branch was cancelled before the try arrived; \
+             the late try is refused so that nothing stays reserved",
+        ),
+        (Phase::Try, Some(Confirmed)) => refuse("this branch is already confirmed"),
+
+        (Phase::Confirm, Some(Tried)) => Step::Run,
+        (Phase::Confirm, Some(Confirmed)) => Step::Skip { record: None },
+        (Phase::Confirm, None) => refuse(
+            "no try is recorded for this branch (never tried, or its record was \
+             removed by retention); refusing to confirm work that was not reserved",
+        ),
+        (Phase::Confirm, Some(Refused)) => refuse("this branch's try voted no"),
+        (Phase::Confirm, Some(Cancelled | EmptyCancelled)) => {
+            refuse("this branch was cancelled; a cancel is never reversed")
+        }
+
+        (Phase::Cancel, None) => Step::Skip {
+            record: Some(EmptyCancelled),
+        },
+        (Phase::Cancel, Some(Tried)) => Step::Run,
+        (Phase::Cancel, Some(Refused)) => Step::Skip {
+            record: Some(Cancelled),
+        },
+        (Phase::Cancel, Some(Cancelled | EmptyCancelled)) => Step::Skip { record: None },
+        (Phase::Cancel, Some(Confirmed)) => {
+            refuse("this branch was confirmed; a confirm is never reversed")
+        }
+    }
+}
+
+/// What the gate writes, the same for every store.
+impl dyn BarrierEntry + '_ {
+    /// Stores `mark` with `epoch` over the record this entry read (or
+    /// wrote, or learned by [`reread`](BarrierEntry::reread)), stamped with
+    /// the current time; durable on return. The epoch stored is the higher
+    /// of `epoch` and the record's: it is never lowered. A record that is
+    /// already `mark` at that epoch (the handler's own transaction wrote
+    /// it) is not written again, only made durable. Any other mark than
+    /// `Tried` also drops what [`put_tried`](Self::put_tried) kept.
+    ///
+    /// # Errors
+    ///
+    /// The store failed, or the record changed under the entry (it is then
+    /// not overwritten).
+    pub async fn put(&mut self, mark: Mark, epoch: u64) -> Result<(), BarrierError> {
+        self.store(mark, epoch, None).await
+    }
+
+    /// Stores [`Mark::Tried`] together with the branch's resource and
+    /// payload, which in-doubt resolution needs to call the handler's
+    /// confirm or cancel without the coordinator; durable on return.
+    ///
+    /// # Errors
+    ///
+    /// As [`put`](Self::put).
+    pub async fn put_tried(
+        &mut self,
+        resource: &str,
+        payload: &[u8],
+        epoch: u64,
+    ) -> Result<(), BarrierError> {
+        self.store(Mark::Tried, epoch, Some((resource, payload)))
+            .await
+    }
+
+    async fn store(
+        &mut self,
+        mark: Mark,
+        epoch: u64,
+        tried: Option<(&str, &[u8])>,
+    ) -> Result<(), BarrierError> {
+        let from = self.record();
+        if tried.is_none() && from.is_some_and(|r| r.mark == mark && r.epoch >= epoch) {
+            return self.sync().await;
+        }
+        let to = BarrierRecord {
+            mark,
+            updated_ms: now_ms(),
+            epoch: from.map_or(epoch, |r| r.epoch.max(epoch)),
+        };
+        self.compare_and_set(from.map(|r| r.mark), to, tried).await
+    }
+}
 
 /// How a call went through the barrier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,6 +328,8 @@ async fn gate_two(
                 }
             })?;
             if let Some(mark) = ctx.phase.done_mark() {
+                // The handler may have written it in its own transaction.
+                entry.reread().await.map_err(unavailable)?;
                 entry.put(mark, epoch).await.map_err(unavailable)?;
             }
             Ok(())

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::{
     BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, InDoubt, Mark,
-    PurgePage, now_ms,
+    PurgePage, changed,
 };
 
 /// Barrier records in memory: they protect against repeats and disorder
@@ -64,35 +64,33 @@ impl BarrierEntry for MemEntry {
         self.record
     }
 
-    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
-        let record = BarrierRecord {
-            mark,
-            updated_ms: now_ms(),
-            epoch,
-        };
-        self.store.map().insert(self.key, record);
-        if mark != Mark::Tried {
-            self.store.tried().remove(&self.key);
+    fn compare_and_set<'a>(
+        &'a mut self,
+        from: Option<Mark>,
+        to: BarrierRecord,
+        tried: Option<(&'a str, &'a [u8])>,
+    ) -> BoxFuture<'a, Result<(), BarrierError>> {
+        let mut map = self.store.map();
+        let found = map.get(&self.key).map(|r| r.mark);
+        if found != from {
+            return Box::pin(std::future::ready(Err(changed(self.key, from))));
         }
-        self.record = Some(record);
+        map.insert(self.key, to);
+        let mut kept = self.store.tried();
+        match tried {
+            _ if to.mark != Mark::Tried => drop(kept.remove(&self.key)),
+            Some((resource, payload)) => drop(kept.insert(
+                self.key,
+                (resource.to_string(), Bytes::copy_from_slice(payload)),
+            )),
+            None => {}
+        }
+        self.record = Some(to);
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
         Box::pin(std::future::ready(Ok(())))
-    }
-
-    fn put_tried<'a>(
-        &'a mut self,
-        resource: &'a str,
-        payload: &'a [u8],
-        epoch: u64,
-    ) -> BoxFuture<'a, Result<(), BarrierError>> {
-        self.store.tried().insert(
-            self.key,
-            (resource.to_string(), Bytes::copy_from_slice(payload)),
-        );
-        self.put(Mark::Tried, epoch)
     }
 }
 

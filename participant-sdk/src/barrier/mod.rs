@@ -17,8 +17,12 @@
 //! | `Confirmed` | refused | not run (repeat) | refused |
 //! | `Cancelled`, `EmptyCancelled` | refused (anti-hanging) | refused | not run (repeat) |
 //!
-//! [`decide`] is that table as code. Calls for one branch are serialised by
-//! the store, so sixteen concurrent confirms run the handler once.
+//! [`decide`] is that table as code, in the gate (`gate.rs`), the one place
+//! every store's calls pass. Calls for one branch are serialised by the
+//! store, so sixteen concurrent confirms run the handler once; a store
+//! offers only that serialisation ([`BarrierStore::enter`]) and an atomic
+//! write of a branch's record over the mark it read
+//! ([`BarrierEntry::compare_and_set`]).
 //!
 //! Before the table, the epoch rule ([`stale_epoch`]): every call carries
 //! the coordinator's epoch for the transaction (1, one more after every
@@ -71,6 +75,7 @@ pub(crate) mod gate;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use gate::{Step, decide, stale_epoch};
 pub use mem::MemBarrier;
 pub use retention::{Retention, spawn_retention};
 #[cfg(feature = "sled")]
@@ -221,117 +226,62 @@ impl BarrierRecord {
     }
 }
 
-/// The epoch rule, before the table: a call from an older coordinator
-/// epoch than the branch has seen comes from a coordinator that no longer
-/// owns the transaction (another took it over), and is refused whatever
-/// it asks. `seen` is the stored epoch, `call` the call's; epoch 0 (a
-/// coordinator that does not number owners, or in-doubt resolution acting
-/// on the coordinator's durable answer) is never refused.
-pub fn stale_epoch(seen: u64, call: u64) -> Option<String> {
-    (call != 0 && call < seen).then(|| {
-        format!(
-            "barrier: a call from coordinator epoch {call}, but this branch has seen epoch \
-             {seen}: it comes from a coordinator that no longer owns the transaction"
-        )
-    })
-}
-
-/// What the barrier does with one call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Call the handler.
-    Run,
-    /// Answer success without calling the handler, storing `record` first
-    /// when given.
-    Skip {
-        /// The record to store (an empty cancel is remembered).
-        record: Option<Mark>,
-    },
-    /// Do not call the handler; answer with this reason (a no vote for a
-    /// try, an error for confirm / cancel).
-    Refuse(String),
-}
-
-/// The barrier's rule table (see the module docs): what to do with a
-/// `phase` call for a branch whose record is `current`.
-pub fn decide(current: Option<Mark>, phase: Phase) -> Step {
-    use Mark::*;
-    let refuse = |why: &str| Step::Refuse(format!("barrier: {why}"));
-    match (phase, current) {
-        (Phase::Try, None) => Step::Run,
-        // A repeat is answered no, never yes on the strength of the first
-        // run (see the module docs): the no makes the coordinator abort and
-        // roll the branch back, which releases what the first run holds.
-        (Phase::Try, Some(Tried)) => refuse(
-            "this branch's try already ran and may still hold its work until \
-             its rollback; a try is not repeated",
-        ),
-        (Phase::Try, Some(Refused)) => {
-            refuse("this branch's try already ran and voted no; a try is not repeated")
-        }
-        (Phase::Try, Some(Cancelled | EmptyCancelled)) => refuse(
-            "this branch was cancelled before the try arrived; \
-             the late try is refused so that nothing stays reserved",
-        ),
-        (Phase::Try, Some(Confirmed)) => refuse("this branch is already confirmed"),
-
-        (Phase::Confirm, Some(Tried)) => Step::Run,
-        (Phase::Confirm, Some(Confirmed)) => Step::Skip { record: None },
-        (Phase::Confirm, None) => refuse(
-            "no try is recorded for this branch (never tried, or its record was \
-             removed by retention); refusing to confirm work that was not reserved",
-        ),
-        (Phase::Confirm, Some(Refused)) => refuse("this branch's try voted no"),
-        (Phase::Confirm, Some(Cancelled | EmptyCancelled)) => {
-            refuse("this branch was cancelled; a cancel is never reversed")
-        }
-
-        (Phase::Cancel, None) => Step::Skip {
-            record: Some(EmptyCancelled),
-        },
-        (Phase::Cancel, Some(Tried)) => Step::Run,
-        (Phase::Cancel, Some(Refused)) => Step::Skip {
-            record: Some(Cancelled),
-        },
-        (Phase::Cancel, Some(Cancelled | EmptyCancelled)) => Step::Skip { record: None },
-        (Phase::Cancel, Some(Confirmed)) => {
-            refuse("this branch was confirmed; a confirm is never reversed")
-        }
-    }
-}
-
 /// A barrier store failed; the call is answered UNAVAILABLE and retried.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("barrier store: {0}")]
 pub struct BarrierError(pub String);
 
+/// The error of a [`BarrierEntry::compare_and_set`] that found another mark
+/// than `from` (`None`: no record).
+pub(crate) fn changed(key: BranchKey, from: Option<Mark>) -> BarrierError {
+    BarrierError(format!(
+        "barrier: the record of branch {} of {} changed under its lock \
+         (expected {from:?}); not overwriting it",
+        key.branch_id, key.gtid
+    ))
+}
+
 /// One call's hold on a branch, from [`BarrierStore::enter`]. Other calls for
 /// the same branch wait until it is dropped.
+///
+/// A store implements only the atomic steps; what to write, and when, is
+/// decided once for every store by the gate: [`decide`], and `put` /
+/// `put_tried` on a `dyn BarrierEntry`, which turn a mark into the
+/// `compare_and_set` over the mark the entry read.
 pub trait BarrierEntry: Send {
-    /// The branch's record as read on entry (and updated by `put`).
+    /// The branch's record as read on entry (and as this entry wrote it
+    /// since, or [`reread`](BarrierEntry::reread) learned).
     fn record(&self) -> Option<BarrierRecord>;
 
-    /// Stores `mark` with `epoch` (stamped with the current time) and
-    /// returns once it is on stable storage. Any other mark than `Tried`
-    /// also drops what [`put_tried`](BarrierEntry::put_tried) kept. The
-    /// caller passes the highest epoch seen (never lower than the stored).
-    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>>;
+    /// Stores `to` if the branch's stored mark is `from` (`None`: it has no
+    /// record), atomically, and fails otherwise (nothing written: a record
+    /// is never overwritten blindly). Durable on return. With `to.mark`
+    /// [`Tried`](Mark::Tried), `tried` (resource and payload, which
+    /// in-doubt resolution needs to finish the branch without the
+    /// coordinator) is stored with it, or what was stored is kept when
+    /// `None`; any other mark drops the resource and payload with the same
+    /// write. On success [`record`](BarrierEntry::record) returns `to`.
+    fn compare_and_set<'a>(
+        &'a mut self,
+        from: Option<Mark>,
+        to: BarrierRecord,
+        tried: Option<(&'a str, &'a [u8])>,
+    ) -> BoxFuture<'a, Result<(), BarrierError>>;
+
+    /// Learns the record the handler's own transaction in this store wrote
+    /// during the call ([`SledBarrier::transaction`],
+    /// [`PgBarrier::begin`](crate::postgres::PgBarrier::begin)), so that
+    /// [`record`](BarrierEntry::record) shows it. Stores without such
+    /// transactions have nothing to learn.
+    fn reread(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 
     /// Returns once everything written to the store so far is durable,
     /// including a handler's own writes in the same store (see
     /// [`SledBarrier::transaction`]). Called before a yes vote is sent: a
     /// participant must never promise a reservation it could lose.
     fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>>;
-
-    /// Stores [`Mark::Tried`] together with the branch's resource and
-    /// payload, which in-doubt resolution needs to call the handler's
-    /// confirm or cancel without the coordinator; durable on return.
-    fn put_tried<'a>(
-        &'a mut self,
-        resource: &'a str,
-        payload: &'a [u8],
-        epoch: u64,
-    ) -> BoxFuture<'a, Result<(), BarrierError>>;
 }
 
 /// A branch whose try started and which has heard nothing since: what
@@ -385,18 +335,24 @@ pub struct PurgePage {
 ///
 /// # Contract
 ///
-/// Every implementation passes [`conformance::run_all`]:
+/// A store only persists, atomically; the rules (the table, the epoch,
+/// what each call writes) are the gate's, the same for every store.
+/// Every implementation passes [`conformance::run_all`], and
+/// [`conformance::run_shared`] with two handles on one store as two
+/// replicas of a participant would have them:
 ///
 /// - [`enter`](BarrierStore::enter) gives the caller exclusive use of the
 ///   branch until the returned entry is dropped: a second `enter` for the
-///   same key waits. Entries for different keys do not wait for each other.
-///   (A store shared by several participant processes must lock across
-///   them, as a database row lock does.)
-/// - [`BarrierEntry::put`] returns only once the record is durable: after a
-///   crash and reopen, `enter` reads it back.
+///   same key waits, through this handle or any other on the same records
+///   (a store shared by several participant processes locks across them,
+///   as `PgBarrier`'s advisory lock does). Entries for different keys do
+///   not wait for each other.
+/// - [`BarrierEntry::compare_and_set`] writes only over the mark it is
+///   given, never blindly, and returns only once the record is durable:
+///   after a crash and reopen, `enter` reads it back.
 /// - [`in_doubt`](BarrierStore::in_doubt) returns exactly the branches
 ///   whose record is still `Tried` and older than the cut-off, with the
-///   resource and payload given to `put_tried`, in key order after a
+///   resource and payload stored with `Tried`, in key order after a
 ///   cursor, so a resolver can walk all of them page by page.
 /// - Once a branch leaves `Tried`, nothing but its record remains of it,
 ///   and once [`purge`](BarrierStore::purge) removed that, nothing at all
@@ -410,8 +366,8 @@ pub trait BarrierStore: Send + Sync + 'static {
     fn enter(&self, key: BranchKey) -> BoxFuture<'_, Result<Box<dyn BarrierEntry>, BarrierError>>;
 
     /// Up to `limit` branches still `Tried` whose try started before
-    /// `before_ms`, with the resource and payload stored by
-    /// [`BarrierEntry::put_tried`], in key order, strictly after `after`
+    /// `before_ms`, with the resource and payload stored with their
+    /// `Tried` record, in key order, strictly after `after`
     /// when given.
     fn in_doubt(
         &self,

@@ -5,12 +5,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionResult, TransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
 
 use super::locks::{KeyGuard, KeyLocks};
 use super::{
     BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, InDoubt, Mark,
-    PurgePage, now_ms,
+    PurgePage, changed, now_ms,
 };
 use crate::handler::{BranchContext, HandlerError};
 use crate::sled_sync::{SledSync, SyncError};
@@ -186,6 +189,18 @@ impl SledBarrier {
         Ok(())
     }
 
+    /// `key`'s record as stored.
+    fn read(&self, key: BranchKey) -> Result<Option<BarrierRecord>, BarrierError> {
+        let stored = self
+            .inner
+            .tree
+            .get(key.to_bytes())
+            .map_err(|e| self.storage(e))?;
+        stored
+            .map(|bytes| BarrierRecord::decode(&bytes).ok_or_else(|| corrupt(key, &bytes)))
+            .transpose()
+    }
+
     fn storage(&self, e: sled::Error) -> BarrierError {
         BarrierError(self.inner.sync.halt(e).to_string())
     }
@@ -203,37 +218,61 @@ impl BarrierEntry for SledEntry {
         self.record
     }
 
-    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
+    fn compare_and_set<'a>(
+        &'a mut self,
+        from: Option<Mark>,
+        to: BarrierRecord,
+        tried: Option<(&'a str, &'a [u8])>,
+    ) -> BoxFuture<'a, Result<(), BarrierError>> {
         Box::pin(async move {
-            let record = BarrierRecord {
-                mark,
-                updated_ms: now_ms(),
-                epoch,
-            };
             let inner = &self.store.inner;
             inner
                 .sync
                 .check()
                 .map_err(|e| BarrierError(e.to_string()))?;
-            inner
-                .tree
-                .insert(self.key.to_bytes(), &record.encode()[..])
-                .map_err(|e| self.store.storage(e))?;
-            if mark != Mark::Tried {
-                // Out of Tried: the in-doubt entry (resource and payload)
-                // is no longer needed. Removed after the record, so a crash
-                // in between leaves an orphan that in_doubt cleans up.
-                inner
-                    .tried
-                    .remove(self.key.to_bytes())
-                    .map_err(|e| self.store.storage(e))?;
-            }
+            let (key, branch) = (self.key.to_bytes(), self.key);
+            let value = to.encode();
+            let kept = tried.map(|(resource, payload)| super::encode_tried(resource, payload));
+            // The record, the check of the mark it replaces, and the tried
+            // entry (resource and payload) commit together.
+            (&inner.tree, &inner.tried)
+                .transaction(|(records, payloads)| {
+                    let found = match records.get(&key[..])? {
+                        None => None,
+                        Some(bytes) => match BarrierRecord::decode(&bytes) {
+                            Some(record) => Some(record.mark),
+                            None => return abort(corrupt(branch, &bytes)),
+                        },
+                    };
+                    if found != from {
+                        return abort(changed(branch, from));
+                    }
+                    records.insert(&key[..], &value[..])?;
+                    if to.mark != Mark::Tried {
+                        payloads.remove(&key[..])?;
+                    } else if let Some(kept) = &kept {
+                        payloads.insert(&key[..], kept.as_slice())?;
+                    }
+                    Ok(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(e) => e,
+                    TransactionError::Storage(e) => self.store.storage(e),
+                })?;
             inner
                 .sync
                 .sync()
                 .await
                 .map_err(|e| BarrierError(e.to_string()))?;
-            self.record = Some(record);
+            self.record = Some(to);
+            Ok(())
+        })
+    }
+
+    fn reread(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
+        let record = self.store.read(self.key);
+        Box::pin(async move {
+            self.record = record?;
             Ok(())
         })
     }
@@ -242,23 +281,17 @@ impl BarrierEntry for SledEntry {
         let synced = self.store.inner.sync.sync();
         Box::pin(async move { synced.await.map_err(|e| BarrierError(e.to_string())) })
     }
+}
 
-    fn put_tried<'a>(
-        &'a mut self,
-        resource: &'a str,
-        payload: &'a [u8],
-        epoch: u64,
-    ) -> BoxFuture<'a, Result<(), BarrierError>> {
-        Box::pin(async move {
-            // Written before the record, so a `Tried` record always has it.
-            self.store
-                .inner
-                .tried
-                .insert(self.key.to_bytes(), super::encode_tried(resource, payload))
-                .map_err(|e| self.store.storage(e))?;
-            self.put(Mark::Tried, epoch).await
-        })
-    }
+fn abort<T>(e: BarrierError) -> ConflictableTransactionResult<T, BarrierError> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn corrupt(key: BranchKey, bytes: &[u8]) -> BarrierError {
+    BarrierError(format!(
+        "record of {} branch {} is corrupt: {bytes:?}",
+        key.gtid, key.branch_id
+    ))
 }
 
 impl BarrierStore for SledBarrier {
@@ -269,20 +302,7 @@ impl BarrierStore for SledBarrier {
                 .sync
                 .check()
                 .map_err(|e| BarrierError(e.to_string()))?;
-            let record = match self
-                .inner
-                .tree
-                .get(key.to_bytes())
-                .map_err(|e| self.storage(e))?
-            {
-                None => None,
-                Some(bytes) => Some(BarrierRecord::decode(&bytes).ok_or_else(|| {
-                    BarrierError(format!(
-                        "record of {} branch {} is corrupt: {bytes:?}",
-                        key.gtid, key.branch_id
-                    ))
-                })?),
-            };
+            let record = self.read(key)?;
             Ok(Box::new(SledEntry {
                 store: self.clone(),
                 key,

@@ -14,7 +14,7 @@ use super::{BranchTx, PgError, migrate};
 use crate::barrier::locks::{KeyGuard, KeyLocks};
 use crate::barrier::{
     BarrierEntry, BarrierError, BarrierRecord, BarrierStore, BoxFuture, BranchKey, InDoubt, Mark,
-    PurgePage, now_ms,
+    PurgePage, changed,
 };
 use crate::handler::{BranchContext, HandlerError};
 
@@ -238,30 +238,16 @@ struct PgEntry {
 }
 
 impl PgEntry {
-    /// Stores `mark` over the record as read under the branch's lock (or
-    /// as the handler's transaction left it), and only over that: a record
-    /// that changed meanwhile is not overwritten, the write fails. With
-    /// `tried`, the resource and payload of a try.
+    /// One statement on the connection holding the branch's lock: the
+    /// first record (`INSERT … ON CONFLICT DO NOTHING`) or the next one
+    /// over `from` (`UPDATE … WHERE mark = from`); anything but one row
+    /// written is a record that changed meanwhile, not overwritten.
     async fn write(
         &mut self,
-        mark: Mark,
-        epoch: u64,
+        from: Option<Mark>,
+        to: BarrierRecord,
         tried: Option<(&str, &[u8])>,
     ) -> Result<(), BarrierError> {
-        if let Some((done, at)) = self.held.take_written() {
-            let updated_ms = self.record.map_or(0, |r| r.updated_ms);
-            self.record = Some(BarrierRecord {
-                mark: done,
-                updated_ms,
-                epoch: at,
-            });
-        }
-        let from = self.record;
-        if tried.is_none() && from.is_some_and(|r| r.mark == mark && r.epoch >= epoch) {
-            return Ok(()); // already stored: a repeat writes nothing
-        }
-        let ms = now_ms();
-        let epoch = from.map_or(epoch, |r| r.epoch.max(epoch));
         let (resource, payload) = match tried {
             Some((r, p)) => (Some(r), Some(p)),
             None => (None, None),
@@ -270,9 +256,9 @@ impl PgEntry {
         let (gtid, branch, code, at, e) = (
             self.key.gtid,
             self.key.branch_id as i64,
-            mark.code() as i16,
-            ms as i64,
-            epoch.min(i64::MAX as u64) as i64,
+            to.mark.code() as i16,
+            to.updated_ms.min(i64::MAX as u64) as i64,
+            to.epoch.min(i64::MAX as u64) as i64,
         );
         let written = match from {
             None => {
@@ -283,7 +269,7 @@ impl PgEntry {
             }
             Some(old) => {
                 let stmt = lease.prepare_cached(ADVANCE).await.map_err(PgError::from)?;
-                let was = old.mark.code() as i16;
+                let was = old.code() as i16;
                 let params: [&(dyn ToSql + Sync); 8] =
                     [&gtid, &branch, &code, &at, &e, &resource, &payload, &was];
                 lease.execute(&stmt, &params).await
@@ -291,19 +277,9 @@ impl PgEntry {
         }
         .map_err(PgError::from)?;
         if written != 1 {
-            return Err(BarrierError(format!(
-                "barrier: the record of branch {} of {} changed under its lock \
-                 (expected {:?}); not overwriting it",
-                self.key.branch_id,
-                self.key.gtid,
-                from.map(|r| r.mark)
-            )));
+            return Err(changed(self.key, from));
         }
-        self.record = Some(BarrierRecord {
-            mark,
-            updated_ms: ms,
-            epoch,
-        });
+        self.record = Some(to);
         Ok(())
     }
 }
@@ -328,23 +304,33 @@ impl BarrierEntry for PgEntry {
         self.record
     }
 
-    fn put(&mut self, mark: Mark, epoch: u64) -> BoxFuture<'_, Result<(), BarrierError>> {
-        Box::pin(self.write(mark, epoch, None))
+    fn compare_and_set<'a>(
+        &'a mut self,
+        from: Option<Mark>,
+        to: BarrierRecord,
+        tried: Option<(&'a str, &'a [u8])>,
+    ) -> BoxFuture<'a, Result<(), BarrierError>> {
+        Box::pin(self.write(from, to, tried))
+    }
+
+    fn reread(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
+        // The handler's `BranchTx` told the held connection what it
+        // committed: no round trip.
+        if let Some((mark, epoch)) = self.held.take_written() {
+            let updated_ms = self.record.map_or(0, |r| r.updated_ms);
+            self.record = Some(BarrierRecord {
+                mark,
+                updated_ms,
+                epoch,
+            });
+        }
+        Box::pin(async { Ok(()) })
     }
 
     fn sync(&mut self) -> BoxFuture<'_, Result<(), BarrierError>> {
         // Every write here (and the handler's, in `BranchTx`) is a
         // committed transaction: durable once it returned.
         Box::pin(async { Ok(()) })
-    }
-
-    fn put_tried<'a>(
-        &'a mut self,
-        resource: &'a str,
-        payload: &'a [u8],
-        epoch: u64,
-    ) -> BoxFuture<'a, Result<(), BarrierError>> {
-        Box::pin(self.write(Mark::Tried, epoch, Some((resource, payload))))
     }
 }
 

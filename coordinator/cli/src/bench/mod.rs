@@ -18,10 +18,12 @@
 //! `efficiency = tx/s × RPCs per transaction ÷ echo req/s`: 1.0 would mean
 //! the coordinator costs no more than the RPCs it must make.
 
+mod coordinators;
 mod observe;
 mod participant;
 mod procs;
 mod report;
+mod workload;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,14 +35,16 @@ use tandem_proto::bench::v1::bench_participant_client::BenchParticipantClient;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
 use tandem_sdk::security::{BearerToken, ClientTls};
-use tandem_sdk::{Branch, Mode, TransactionClient};
+use tandem_sdk::{Branch, ClientOptions, Mode, TransactionClient};
 use tonic::transport::Channel;
 
 pub use observe::ScrapeStats;
 pub use participant::{RESOURCE_2PC, RESOURCE_TCC, serve as serve_participant};
 pub use report::{Floor, Recovery, Report, RunStats};
 
+use coordinators::*;
 use procs::Proc;
+use workload::*;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -63,6 +67,9 @@ pub struct BenchOptions {
     pub participants: usize,
     /// Use this coordinator instead of starting one.
     pub coordinator: Option<String>,
+    /// How to reach `coordinator` (TLS, token): the credential needs the
+    /// `client` role (transactions) and `admin` (its counters).
+    pub coordinator_access: ClientOptions,
     /// Use these participants instead of starting them.
     pub participant_urls: Vec<String>,
     /// After the run, measure recovery of this many in-flight transactions
@@ -104,6 +111,7 @@ impl Default for BenchOptions {
             interactive: false,
             participants: 2,
             coordinator: None,
+            coordinator_access: ClientOptions::default(),
             participant_urls: Vec::new(),
             recovery: None,
             retention: tandem_coordinator::config::MIN_RETENTION,
@@ -275,26 +283,36 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         .collect::<anyhow::Result<_>>()?;
     let floor = floor(&benches, options.concurrency, options.floor_duration).await?;
 
-    let token = |party: &str| match &secure {
-        Some(s) => s.token(party),
-        None => Ok(BearerToken::none()),
+    // A coordinator the bench was given is reached with the TLS and token
+    // it was given for it (--ca, --cert, --key, --token-file); the ones it
+    // starts, with its own development files under --secure.
+    let given = &options.coordinator_access;
+    let connect = |url: &str, party: &str| -> anyhow::Result<(Channel, BearerToken)> {
+        if options.coordinator.is_some() {
+            let channel = tandem_sdk::security::endpoint(url, given.tls.as_ref())
+                .map_err(anyhow::Error::msg)?
+                .timeout(Duration::from_secs(30))
+                .connect_lazy();
+            return Ok((channel, given.token.clone()));
+        }
+        let token = match &secure {
+            Some(s) => s.token(party)?,
+            None => BearerToken::none(),
+        };
+        Ok((channel(url, secure.as_ref(), party)?, token))
     };
     let clients: Vec<TransactionClient> = coordinator_urls
         .iter()
         .map(|url| {
-            Ok(TransactionClient::from_channel_with(
-                channel(url, secure.as_ref(), "client")?,
-                token("client")?,
-            ))
+            let (channel, token) = connect(url, "client")?;
+            Ok(TransactionClient::from_channel_with(channel, token))
         })
         .collect::<anyhow::Result<_>>()?;
     let mut admins: Vec<tandem_coordinator::cli::Admin> = coordinator_urls
         .iter()
         .map(|url| {
-            Ok(AdminClient::with_interceptor(
-                channel(url, secure.as_ref(), "admin")?,
-                token("admin")?,
-            ))
+            let (channel, token) = connect(url, "admin")?;
+            Ok(AdminClient::with_interceptor(channel, token))
         })
         .collect::<anyhow::Result<_>>()?;
     let before_stats = log_stats(&mut admins).await?;
@@ -386,393 +404,4 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     drop(coordinator_procs);
     drop(procs);
     Ok(report)
-}
-
-/// Forced writes and physical flushes so far, summed over coordinators.
-async fn log_stats(admins: &mut [tandem_coordinator::cli::Admin]) -> anyhow::Result<(u64, u64)> {
-    let mut total = (0, 0);
-    for admin in admins {
-        let s = admin.get_stats(pb::GetStatsRequest {}).await?.into_inner();
-        total.0 += s.forces;
-        total.1 += s.flushes;
-    }
-    Ok(total)
-}
-
-/// CPU summed and peak RSS (the largest) over the coordinators started.
-fn procs_stats(procs: &[Proc]) -> anyhow::Result<Option<procs::ProcStats>> {
-    let mut total: Option<procs::ProcStats> = None;
-    for p in procs {
-        let s = p.stats()?;
-        total = Some(match total {
-            None => s,
-            Some(t) => procs::ProcStats {
-                cpu_s: t.cpu_s + s.cpu_s,
-                rss_kb: t.rss_kb.max(s.rss_kb),
-                peak_rss_kb: t.peak_rss_kb.max(s.peak_rss_kb),
-            },
-        });
-    }
-    Ok(total)
-}
-
-/// PostgreSQL's count of committed transactions in the store's database
-/// (`pg_stat_database.xact_commit`): what a shared store costs per
-/// coordinator transaction.
-struct StoreCommits {
-    pool: tandem_sdk::postgres::Pool,
-}
-
-impl StoreCommits {
-    async fn connect(url: &str) -> anyhow::Result<Self> {
-        let pool = tandem_sdk::postgres::pool(url, 1).map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(StoreCommits { pool })
-    }
-
-    async fn read(&self) -> anyhow::Result<u64> {
-        // The statistics reach pg_stat_database when a backend reports
-        // them (at most every second): wait that out, then read afresh.
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        let client = self.pool.get().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-        client
-            .execute("SELECT pg_stat_clear_snapshot()", &[])
-            .await?;
-        let row = client
-            .query_one(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
-                &[],
-            )
-            .await?;
-        Ok(row.get::<_, i64>(0).max(0) as u64)
-    }
-}
-/// Starts `tandem serve` for the bench: the default config, except the
-/// retention, and with a recovery measurement retries that wait long (the
-/// backlog is built while participants fail, and should not be busy
-/// retrying).
-fn start_coordinator(
-    dir: &std::path::Path,
-    listen: &str,
-    options: &BenchOptions,
-    secure: Option<&Secure>,
-    otlp: Option<&str>,
-    instance: usize,
-) -> anyhow::Result<Proc> {
-    let data = dir.to_string_lossy().to_string();
-    let name = format!("bench-{instance}");
-    let retention = format!("{}ms", options.retention.as_millis());
-    let mut args = vec![
-        "serve",
-        "--listen",
-        listen,
-        "--data-dir",
-        &data,
-        "--retention",
-        &retention,
-    ];
-    if options.recovery.is_some() {
-        args.extend([
-            "--retry-initial",
-            "60s",
-            "--retry-max",
-            "60s",
-            "--retry-max-duration",
-            "none",
-        ]);
-    }
-    if let Some(store) = &options.store {
-        args.extend(["--store", store, "--instance-name", &name]);
-    }
-    if options.metrics {
-        args.extend(["--admin-listen", "127.0.0.1:0"]);
-    }
-    let ratio = options.otlp_sample_ratio.to_string();
-    if let Some(endpoint) = otlp {
-        args.extend(["--otlp-endpoint", endpoint, "--service-name", &name]);
-        args.extend(["--otlp-sample-ratio", &ratio]);
-    }
-    let secure_args = secure.map(Secure::serve_args).unwrap_or_default();
-    args.extend(secure_args.iter().map(String::as_str));
-    Proc::spawn(&args)
-}
-
-/// Bytes of the files under `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-/// The echo floor: `concurrency` callers, round-robin over participants.
-async fn floor(
-    benches: &[BenchParticipantClient<Channel>],
-    concurrency: usize,
-    duration: Duration,
-) -> anyhow::Result<Floor> {
-    // Warm the connections first.
-    for b in benches {
-        b.clone()
-            .echo(bench_pb::EchoMessage { data: Bytes::new() })
-            .await?;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
-        .map(|w| {
-            let (mut b, stop, calls) = (
-                benches[w % benches.len()].clone(),
-                stop.clone(),
-                calls.clone(),
-            );
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    if b.echo(bench_pb::EchoMessage {
-                        data: Bytes::from_static(b"0123456789abcdef"),
-                    })
-                    .await
-                    .is_ok()
-                    {
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    Ok(Floor {
-        requests_per_s: calls.load(Ordering::Relaxed) as f64 / secs,
-    })
-}
-
-async fn counts(
-    benches: &[BenchParticipantClient<Channel>],
-) -> anyhow::Result<bench_pb::CountsResponse> {
-    let mut total = bench_pb::CountsResponse::default();
-    for b in benches {
-        let c = b
-            .clone()
-            .counts(bench_pb::CountsRequest {})
-            .await?
-            .into_inner();
-        total.phase_one += c.phase_one;
-        total.commits += c.commits;
-        total.rollbacks += c.rollbacks;
-        total.echoes += c.echoes;
-    }
-    Ok(total)
-}
-
-/// Waits until the coordinator has no live transaction (phase 2 done).
-async fn drain(admin: &mut tandem_coordinator::cli::Admin) -> anyhow::Result<()> {
-    for _ in 0..3000 {
-        if admin
-            .get_stats(pb::GetStatsRequest {})
-            .await?
-            .into_inner()
-            .live
-            == 0
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    anyhow::bail!("the coordinator still had live transactions 30 s after the run")
-}
-
-fn branches(urls: &[String], options: &BenchOptions, i: u64) -> Vec<Branch> {
-    let resource = match options.mode {
-        Mode::TwoPhase => RESOURCE_2PC,
-        Mode::Tcc => RESOURCE_TCC,
-    };
-    let payload = Bytes::from(vec![b'x'; options.payload]);
-    (0..options.branches)
-        .map(|b| {
-            let url = &urls[(i as usize + b) % urls.len()];
-            Branch::new(url.clone(), resource, payload.clone())
-        })
-        .collect()
-}
-
-/// One transaction; `Ok(true)` when committed and complete.
-async fn one(
-    client: &TransactionClient,
-    options: &BenchOptions,
-    branches: Vec<Branch>,
-) -> Result<bool, tandem_sdk::Error> {
-    let traced;
-    let client = if options.trace {
-        traced = client.with_traceparent(tandem_sdk::trace::TraceParent::new_root());
-        &traced
-    } else {
-        client
-    };
-    if !options.interactive {
-        return Ok(client.submit(options.mode, branches).await?.complete);
-    }
-    let gtid = client.begin(options.mode).await?;
-    for b in branches {
-        client.enlist(gtid, b).await?;
-    }
-    Ok(client.commit(gtid).await?.complete)
-}
-
-async fn transactions(
-    clients: &[TransactionClient],
-    urls: &[String],
-    options: &BenchOptions,
-    coordinator: Option<&Proc>,
-) -> RunStats {
-    let stop = Arc::new(AtomicBool::new(false));
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..options.concurrency)
-        .map(|w| {
-            let (client, urls, options, stop, next) = (
-                clients[w % clients.len()].clone(),
-                urls.to_vec(),
-                options.clone(),
-                stop.clone(),
-                next.clone(),
-            );
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let (mut incomplete, mut errors) = (0u64, 0u64);
-                let mut first_error = None;
-                while !stop.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let t0 = Instant::now();
-                    match one(&client, &options, branches(&urls, &options, i)).await {
-                        Ok(true) => latencies.push(t0.elapsed().as_micros() as u32),
-                        Ok(false) => incomplete += 1,
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                }
-                (latencies, incomplete, errors, first_error)
-            })
-        })
-        .collect();
-    // RSS after the first minute, for long runs: memory must stay flat.
-    let mut rss_after_first_minute = None;
-    let deadline = started + options.duration;
-    while Instant::now() < deadline {
-        tokio::time::sleep(
-            Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
-        )
-        .await;
-        if rss_after_first_minute.is_none() && started.elapsed() >= Duration::from_secs(60) {
-            rss_after_first_minute = coordinator.and_then(|p| p.stats().ok()).map(|s| s.rss_kb);
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let mut stats = RunStats::default();
-    let mut all = Vec::new();
-    for w in workers {
-        if let Ok((lat, incomplete, errors, first)) = w.await {
-            all.extend(lat);
-            stats.incomplete += incomplete;
-            stats.errors += errors;
-            if stats.first_error.is_none() {
-                stats.first_error = first;
-            }
-        }
-    }
-    stats.elapsed = started.elapsed();
-    stats.committed = all.len() as u64 + stats.incomplete;
-    stats.set_latencies(all);
-    stats.rss_after_first_minute_kb = rss_after_first_minute;
-    stats
-}
-
-/// Piles up `options.recovery` in-flight transactions (participants fail
-/// phase 2), kills the coordinator, restarts it on the same data dir with
-/// participants healthy, and times how long it takes to finish all of them.
-async fn recover(
-    coordinator: Proc,
-    restart: impl FnOnce(&str) -> anyhow::Result<Proc>,
-    client: &TransactionClient,
-    benches: &[BenchParticipantClient<Channel>],
-    urls: &[String],
-    options: &BenchOptions,
-) -> anyhow::Result<(Recovery, Proc)> {
-    for b in benches {
-        b.clone()
-            .set_fail_phase_two(bench_pb::SetFailPhaseTwoRequest { fail: true })
-            .await?;
-    }
-    let k = options.recovery.unwrap_or(0);
-    let base = counts(benches).await?.commits;
-    let piled = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let workers: Vec<_> = (0..options.concurrency)
-        .map(|w| {
-            let (client, urls, options, piled) = (
-                client.clone(),
-                urls.to_vec(),
-                options.clone(),
-                piled.clone(),
-            );
-            tokio::spawn(async move {
-                let mut i = w as u64;
-                while piled.load(Ordering::Relaxed) < k as u64 {
-                    // Decided commit, phase 2 failing: left in flight.
-                    if let Ok(false) = one(&client, &options, branches(&urls, &options, i)).await {
-                        piled.fetch_add(1, Ordering::Relaxed);
-                    }
-                    i += options.concurrency as u64;
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        let _ = w.await;
-    }
-    let piled = piled.load(Ordering::Relaxed);
-    let pile_secs = started.elapsed().as_secs_f64();
-    let addr = coordinator.addr().to_string();
-    coordinator.kill();
-    for b in benches {
-        b.clone()
-            .set_fail_phase_two(bench_pb::SetFailPhaseTwoRequest { fail: false })
-            .await?;
-    }
-    let restarted_at = Instant::now();
-    let restarted = restart(&addr)?;
-    let want = base + piled * options.branches as u64;
-    loop {
-        if counts(benches).await?.commits >= want {
-            break;
-        }
-        anyhow::ensure!(
-            restarted_at.elapsed() < Duration::from_secs(600),
-            "recovery did not finish within 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let secs = restarted_at.elapsed().as_secs_f64();
-    Ok((
-        Recovery {
-            transactions: piled,
-            pile_up_s: pile_secs,
-            seconds: secs,
-            per_s: piled as f64 / secs,
-        },
-        restarted,
-    ))
 }

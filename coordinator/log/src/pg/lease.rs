@@ -203,7 +203,8 @@ pub(super) async fn read_cluster(client: &tokio_postgres::Client) -> Result<Clus
                 "SELECT i.name, i.incarnation, i.address,
                             (extract(epoch FROM now() - i.heartbeat_at) * 1000)::bigint,
                             (SELECT count(*) FROM tandem_txns t
-                             WHERE t.owner = i.incarnation AND t.state = ANY($1))
+                             WHERE t.owner = i.incarnation AND t.state = ANY($1)),
+                            i.lease_until < now()
                      FROM tandem_instances i ORDER BY i.name, i.started_at",
                 &[&unfinished_codes()],
             )
@@ -227,6 +228,7 @@ pub(super) async fn read_cluster(client: &tokio_postgres::Client) -> Result<Clus
                     address: r.get(2),
                     heartbeat_age_ms: r.get::<_, i64>(3).max(0) as u64,
                     owned: r.get::<_, i64>(4).max(0) as u64,
+                    lease_expired: r.get(5),
                 })
                 .collect(),
             expired: expired.max(0) as u64,

@@ -124,6 +124,12 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), String> {
     tx.execute("SELECT pg_advisory_xact_lock(1952542308)", &[])
         .await
         .map_err(|e| format!("cannot lock the migration: {e}"))?;
+    // `CREATE … IF NOT EXISTS` on a store already set up answers with a
+    // NOTICE ("already exists, skipping"), which the driver would log at
+    // INFO on every start: only warnings and errors, for this transaction.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(|e| format!("cannot set up the migration: {e}"))?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS tandem_schema (
             version integer PRIMARY KEY,

@@ -21,9 +21,12 @@ use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use toml::de::{DeTable, DeValue};
 
 use tandem_coordinator::redact::{SecretKind, Secrets};
+
+mod toml_file;
+
+use toml_file::{FileValue, Scalar, key_lines, read_file};
 
 /// Flags that make no sense inside the file itself.
 const NOT_IN_FILE: &[&str] = &["help", "version", "config", "print-config"];
@@ -46,19 +49,6 @@ pub struct Layered {
     from_file: BTreeSet<String>,
     /// The file, if one was given.
     path: Option<PathBuf>,
-}
-
-/// One value read from the file.
-struct FileValue {
-    key: String,
-    line: usize,
-    value: Scalar,
-}
-
-enum Scalar {
-    One(String),
-    Bool(bool),
-    Many(Vec<String>),
 }
 
 /// Parses `argv` with `command`. When subcommand `sub` was given `--config
@@ -228,90 +218,6 @@ fn clap_error(file: &str, text: &str, cmd: &Command, e: &clap::Error) -> ConfigF
     }
 }
 
-/// Every key of the file (tables joined with `-`) and its line.
-fn key_lines(text: &str) -> Result<Vec<(String, usize)>, toml::de::Error> {
-    let table = DeTable::parse(text)?;
-    let mut out = Vec::new();
-    flatten(text, "", table.get_ref(), &mut |key, line, _| {
-        out.push((key, line));
-        Ok(())
-    })
-    .ok();
-    Ok(out)
-}
-
-fn read_file(text: &str, name: &str) -> Result<Vec<FileValue>, ConfigFileError> {
-    let table = DeTable::parse(text).map_err(|e| ConfigFileError(format!("{name}: {e}")))?;
-    let mut out = Vec::new();
-    flatten(text, "", table.get_ref(), &mut |key, line, value| {
-        let scalar = match value {
-            DeValue::Boolean(b) => Scalar::Bool(*b),
-            DeValue::Array(items) => Scalar::Many(
-                items
-                    .iter()
-                    .map(|i| scalar_text(i.get_ref()))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or("a list of strings or numbers")?,
-            ),
-            v => Scalar::One(scalar_text(v).ok_or("a string, number, boolean or list")?),
-        };
-        out.push(FileValue {
-            key,
-            line,
-            value: scalar,
-        });
-        Ok(())
-    })
-    .map_err(|(key, line, why)| {
-        ConfigFileError(format!("{name}: key {key:?} (line {line}): expected {why}"))
-    })?;
-    Ok(out)
-}
-
-type Visit<'a> = dyn FnMut(String, usize, &DeValue<'_>) -> Result<(), &'static str> + 'a;
-
-/// Walks the tables, calling `visit` for every non-table value with its
-/// joined key and line.
-fn flatten(
-    text: &str,
-    prefix: &str,
-    table: &DeTable<'_>,
-    visit: &mut Visit<'_>,
-) -> Result<(), (String, usize, &'static str)> {
-    for (k, v) in table {
-        let key = if prefix.is_empty() {
-            k.get_ref().to_string()
-        } else {
-            format!("{prefix}-{}", k.get_ref())
-        };
-        let line = text[..k.span().start.min(text.len())].matches('\n').count() + 1;
-        match v.get_ref() {
-            DeValue::Table(t) => flatten(text, &key, t, visit)?,
-            value => visit(key.clone(), line, value).map_err(|why| (key, line, why))?,
-        }
-    }
-    Ok(())
-}
-
-fn scalar_text(v: &DeValue<'_>) -> Option<String> {
-    match v {
-        DeValue::String(s) => Some(s.to_string()),
-        DeValue::Integer(i) => {
-            let digits = i.as_str().replace('_', "");
-            let digits = digits
-                .trim_start_matches("0x")
-                .trim_start_matches("0o")
-                .trim_start_matches("0b");
-            i64::from_str_radix(digits, i.radix())
-                .ok()
-                .map(|n| n.to_string())
-        }
-        DeValue::Float(f) => Some(f.as_str().to_string()),
-        DeValue::Boolean(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
 impl Layered {
     /// The file given with `--config`, if any.
     pub fn path(&self) -> Option<&Path> {
@@ -406,147 +312,4 @@ fn toml_value(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::{Args, Parser, Subcommand};
-    use std::io::Write;
-
-    #[derive(Parser)]
-    struct Top {
-        #[command(subcommand)]
-        cmd: Cmd,
-    }
-    #[derive(Subcommand)]
-    enum Cmd {
-        Serve(TestArgs),
-    }
-    #[derive(Args)]
-    struct TestArgs {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        print_config: bool,
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: std::net::SocketAddr,
-        #[arg(long, default_value_t = 64)]
-        max_branches: usize,
-        #[arg(long, default_value = "100ms")]
-        retry_initial: String,
-        #[arg(long)]
-        require_tls: bool,
-        #[arg(long, value_delimiter = ',')]
-        allow_participant: Vec<String>,
-        #[arg(long)]
-        store: Option<String>,
-        #[arg(long)]
-        api_token: Option<String>,
-    }
-
-    fn file(text: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::NamedTempFile::new().expect("temp file");
-        f.write_all(text.as_bytes()).expect("write");
-        f
-    }
-
-    fn parse(text: &str, extra: &[&str]) -> Result<Layered, ConfigFileError> {
-        use clap::CommandFactory;
-        let f = file(text);
-        let mut argv: Vec<OsString> = vec!["t".into(), "serve".into(), "--config".into()];
-        argv.push(f.path().into());
-        argv.extend(extra.iter().map(OsString::from));
-        parse_layered(Top::command(), argv, "serve")
-    }
-
-    fn serve(l: &Layered) -> &ArgMatches {
-        l.matches.subcommand_matches("serve").expect("serve")
-    }
-
-    // Keys in either spelling and tables joined with `-` set their flags.
-    #[test]
-    fn file_values_fill_flags() {
-        let l = parse(
-            "listen = \"127.0.0.1:9\"\nmax_branches = 7\nrequire-tls = true\n\
-             allow-participant = [\"a\", \"b\"]\n[retry]\ninitial = \"5s\"\n",
-            &[],
-        )
-        .expect("parses");
-        let m = serve(&l);
-        assert_eq!(
-            m.get_one::<std::net::SocketAddr>("listen")
-                .map(|a| a.port()),
-            Some(9)
-        );
-        assert_eq!(m.get_one::<usize>("max_branches"), Some(&7));
-        assert!(m.get_flag("require_tls"));
-        assert_eq!(
-            m.get_many::<String>("allow_participant")
-                .map(|v| v.cloned().collect::<Vec<_>>()),
-            Some(vec!["a".to_string(), "b".to_string()])
-        );
-        assert_eq!(
-            m.get_one::<String>("retry_initial").map(String::as_str),
-            Some("5s")
-        );
-        let shown = l.render();
-        assert!(shown.contains("max-branches = 7  # file"), "{shown}");
-        assert!(shown.contains("# store =  # unset"), "{shown}");
-    }
-
-    // The command line wins over the file.
-    #[test]
-    fn command_line_wins() {
-        let l = parse("max-branches = 7\n", &["--max-branches", "9"]).expect("parses");
-        assert_eq!(serve(&l).get_one::<usize>("max_branches"), Some(&9));
-        assert!(l.render().contains("max-branches = 9  # flag"));
-    }
-
-    // An unknown key is refused, named with its line and the nearest flag.
-    #[test]
-    fn unknown_key_is_named() {
-        let e = parse("listen = \"127.0.0.1:1\"\n\nmax-branchs = 3\n", &[])
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(e.contains("unknown key \"max-branchs\""), "{e}");
-        assert!(e.contains("(line 3)"), "{e}");
-        assert!(e.contains("did you mean \"max-branches\""), "{e}");
-        let e = parse("config = \"x\"\n", &[]).err().expect("refused");
-        assert!(e.to_string().contains("unknown key \"config\""), "{e}");
-    }
-
-    // A value the flag's parser refuses names the key.
-    #[test]
-    fn bad_value_names_the_key() {
-        let e = parse("\nlisten = \"nowhere\"\n", &[])
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(e.contains("key \"listen\" (line 2)"), "{e}");
-        let e = parse("require-tls = \"yes\"\n", &[])
-            .err()
-            .expect("refused");
-        assert!(e.to_string().contains("\"require-tls\""), "{e}");
-        let e = parse("max-branches = [1, 2]\n", &[])
-            .err()
-            .expect("refused");
-        assert!(e.to_string().contains("\"max-branches\""), "{e}");
-        let e = parse("listen = \n", &[]).err().expect("refused");
-        assert!(!e.to_string().is_empty());
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        let l = parse(
-            "store = \"postgres://tandem:hunter2@db/tandem?password=x&sslmode=require\"\n\
-             api-token = \"abc\"\n",
-            &[],
-        )
-        .expect("parses");
-        let shown = l.render();
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(!shown.contains("\"abc\""), "{shown}");
-        assert!(shown.contains("postgres://tandem:***@db/tandem?password=***&sslmode=require"));
-        // The file's values are secrets to scrub from any output too.
-        assert_eq!(l.secrets().scrub("hunter2 / abc"), "*** / ***");
-    }
-}
+mod tests;

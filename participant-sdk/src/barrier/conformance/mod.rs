@@ -8,16 +8,39 @@
 //! # }
 //! ```
 //!
+//! and, with two handles on one store's records (two replicas of a
+//! participant: for a store used by one process, two clones; for a shared
+//! database, two stores on two independent pools), [`run_shared`]:
+//!
+//! ```no_run
+//! # async fn t() {
+//! use tandem_sdk::barrier::{conformance, MemBarrier};
+//! conformance::run_shared(|| {
+//!     let store = MemBarrier::new();
+//!     (store.clone(), store)
+//! })
+//! .await;
+//! # }
+//! ```
+//!
 //! Durability across a reopen is store-specific; test it next to the store.
 //! Failures panic with the rule that broke.
 
+mod shared;
+
 use std::time::Duration;
 
-use super::{BarrierStore, BranchKey, Mark, now_ms};
+pub use shared::{
+    a_branch_is_held_by_one_handle_at_a_time, other_branches_do_not_wait_across_handles,
+    racing_calls_through_the_gate_run_one_at_a_time, run_shared,
+};
+
+use super::{BarrierRecord, BarrierStore, BranchKey, Mark, now_ms};
 
 /// Runs every case, each on a store made by `make`.
 pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
     unknown_branch_has_no_record(&make()).await;
+    compare_and_set_writes_only_over_the_mark_given(&make()).await;
     put_is_read_back(&make()).await;
     same_branch_waits_for_the_holder(&make()).await;
     other_branches_do_not_wait(&make()).await;
@@ -141,6 +164,79 @@ async fn put(store: &dyn BarrierStore, key: BranchKey, mark: Mark) {
 async fn mark_of(store: &dyn BarrierStore, key: BranchKey) -> Option<Mark> {
     let entry = store.enter(key).await.expect("enter");
     entry.record().map(|r| r.mark)
+}
+
+/// Rule: [`compare_and_set`](super::BarrierEntry::compare_and_set) writes
+/// only over the mark it is given (`None`: no record yet), and a write
+/// that finds another leaves everything as it was: no record is ever
+/// overwritten blindly, whatever wrote it.
+pub async fn compare_and_set_writes_only_over_the_mark_given(store: &dyn BarrierStore) {
+    let k = key(11, 1);
+    let record = |mark, epoch| BarrierRecord {
+        mark,
+        updated_ms: now_ms(),
+        epoch,
+    };
+    let mut entry = store.enter(k).await.expect("enter");
+    assert!(
+        entry
+            .compare_and_set(Some(Mark::Tried), record(Mark::Confirmed, 1), None)
+            .await
+            .is_err(),
+        "an update of a branch that has no record"
+    );
+    entry
+        .compare_and_set(None, record(Mark::Tried, 1), Some(("res", b"pay")))
+        .await
+        .expect("the first record");
+    assert_eq!(entry.record().map(|r| r.mark), Some(Mark::Tried));
+    assert!(
+        entry
+            .compare_and_set(None, record(Mark::EmptyCancelled, 1), None)
+            .await
+            .is_err(),
+        "a second first record"
+    );
+    assert!(
+        entry
+            .compare_and_set(Some(Mark::Confirmed), record(Mark::Cancelled, 1), None)
+            .await
+            .is_err(),
+        "an update over another mark than the stored"
+    );
+    drop(entry);
+    let listed = store.in_doubt(u64::MAX, None, 10).await.expect("in_doubt");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|d| (d.key, d.resource.as_str(), d.payload.as_ref()))
+            .collect::<Vec<_>>(),
+        vec![(k, "res", b"pay".as_slice())],
+        "the refused writes changed nothing"
+    );
+    let mut entry = store.enter(k).await.expect("enter");
+    let read = entry.record().expect("record");
+    assert_eq!((read.mark, read.epoch), (Mark::Tried, 1));
+    entry
+        .compare_and_set(Some(Mark::Tried), record(Mark::Cancelled, 2), None)
+        .await
+        .expect("over the mark read");
+    drop(entry);
+    let read = store
+        .enter(k)
+        .await
+        .expect("enter")
+        .record()
+        .expect("record");
+    assert_eq!((read.mark, read.epoch), (Mark::Cancelled, 2));
+    assert!(
+        store
+            .in_doubt(u64::MAX, None, 10)
+            .await
+            .expect("in_doubt")
+            .is_empty(),
+        "leaving Tried dropped the resource and payload"
+    );
 }
 
 /// Rule: a branch never seen has no record.
