@@ -31,12 +31,43 @@
 //!   transactions, a barrier store in the handler's own transaction, and
 //!   resolution of prepared transactions a crash left behind.
 //!
+//! # Features
+//!
+//! A service takes the part it uses. The default is everything but
+//! PostgreSQL (what the SDK offered before it had features); a slimmer
+//! service turns the default off and names its features:
+//!
+//! | feature | adds | pulls in |
+//! |---|---|---|
+//! | `client` | [`TransactionClient`], [`Error`], [`ClientOptions`] | tonic over plain `http://` |
+//! | `participant` | `client`, and [`ParticipantServer`], the handler traits, the barrier in memory ([`barrier::MemBarrier`]), health checks | tonic-health |
+//! | `sled` | `participant`, and [`SledBarrier`], [`sled_sync`], the [`sled`] re-export | sled |
+//! | `postgres` | `participant` and `tls`, and the `postgres` module | tokio-postgres, deadpool-postgres |
+//! | `metrics` | `participant`, and [`ParticipantMetrics`] | prometheus-client |
+//! | `otel` | handler spans as OpenTelemetry children; the client's traceparent from the current OpenTelemetry span | opentelemetry, tracing-opentelemetry |
+//! | `tls` | `https://` addresses ([`security::ClientTls`]), [`ParticipantServer::tls`] and [`ParticipantServer::only_coordinators`] (access lists) | rustls, x509-parser |
+//!
+//! ```toml
+//! # A business service that only starts transactions:
+//! tandem-sdk = { version = "0.1", default-features = false, features = ["client"] }
+//! # A participant with the in-memory barrier, over TLS:
+//! tandem-sdk = { version = "0.1", default-features = false, features = ["participant", "tls"] }
+//! # A PostgreSQL participant with metrics:
+//! tandem-sdk = { version = "0.1", default-features = false, features = ["postgres", "metrics"] }
+//! ```
+//!
+//! Without `tls`, an `https://` address is refused with an error naming
+//! the feature, never called in cleartext. `examples/client_only.rs` and
+//! `examples/participant_only.rs` build with `client` and `participant`
+//! alone.
+//!
 //! # Example
 //!
 //! A participant with one 2PC resource, and a business service submitting a
 //! one-shot transaction through a coordinator at `http://127.0.0.1:7070`:
 //!
 //! ```no_run
+//! # #[cfg(feature = "participant")] mod doc {
 //! use tandem_sdk::{Branch, BranchContext, HandlerError, Mode, ParticipantServer,
 //!                  TransactionClient, TwoPhase, Vote};
 //!
@@ -70,28 +101,46 @@
 //!     .await?;
 //! println!("committed {}", done.gtid);
 //! # Ok(()) }
+//! # }
 //! ```
 
+#[cfg(feature = "participant")]
 pub mod barrier;
+#[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "client")]
 pub mod error;
+#[cfg(feature = "participant")]
 pub mod handler;
+#[cfg(feature = "participant")]
 mod in_doubt;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "participant")]
 pub mod server;
 // Shared with the coordinator (crates `tandem-common`, `tandem-trace`).
-pub use tandem_common::{security, sled_sync};
+pub use tandem_common::security;
+#[cfg(feature = "sled")]
+pub use tandem_common::sled_sync;
 pub use tandem_trace as trace;
 
-pub use barrier::{Phase, SledBarrier};
+#[cfg(feature = "participant")]
+pub use barrier::Phase;
+#[cfg(feature = "sled")]
+pub use barrier::SledBarrier;
+#[cfg(feature = "client")]
 pub use client::{
     Branch, ClientOptions, CommitOutcome, Enlisted, Mode, Outcome, Submitted, TransactionClient,
 };
+#[cfg(feature = "client")]
 pub use error::Error;
+#[cfg(feature = "participant")]
 pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+#[cfg(feature = "metrics")]
 pub use metrics::ParticipantMetrics;
+#[cfg(feature = "participant")]
 pub use server::{ParticipantServer, RunningParticipant, ServeError};
 pub use tandem_proto::v1::{AbortCause, AbortInfo};
 pub use trace::{TraceContext, TraceParent};
@@ -106,12 +155,15 @@ pub type Gtid = uuid::Uuid;
 // starts it without a direct dependency.
 pub use bytes::{self, Bytes};
 /// For [`ParticipantMetrics::register_into`]'s registry.
+#[cfg(feature = "metrics")]
 pub use prometheus_client;
+#[cfg(feature = "sled")]
 pub use sled;
 pub use tokio;
 pub use tonic::transport::{Channel, Endpoint};
 pub use tonic::{self, Code, Status};
 /// For [`server::health`]'s types (`HealthServer`, `ServingStatus`).
+#[cfg(feature = "participant")]
 pub use tonic_health;
 pub use uuid;
 

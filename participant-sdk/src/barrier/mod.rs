@@ -66,6 +66,7 @@
 pub(crate) mod locks;
 mod mem;
 mod retention;
+#[cfg(feature = "sled")]
 mod sled;
 
 pub mod conformance;
@@ -77,6 +78,7 @@ use std::pin::Pin;
 pub use gate::{Step, decide, stale_epoch};
 pub use mem::MemBarrier;
 pub use retention::{Retention, spawn_retention};
+#[cfg(feature = "sled")]
 pub use sled::SledBarrier;
 
 use crate::Gtid;
@@ -298,6 +300,7 @@ pub struct InDoubt {
 
 /// Encodes a tried branch's resource and payload: resource length (u16
 /// big-endian), resource, payload.
+#[cfg_attr(not(feature = "sled"), allow(dead_code))]
 pub(crate) fn encode_tried(resource: &str, payload: &[u8]) -> Vec<u8> {
     let len = resource.len().min(u16::MAX as usize);
     let mut out = Vec::with_capacity(2 + len + payload.len());
@@ -308,6 +311,7 @@ pub(crate) fn encode_tried(resource: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The inverse of [`encode_tried`].
+#[cfg_attr(not(feature = "sled"), allow(dead_code))]
 pub(crate) fn decode_tried(bytes: &[u8]) -> Option<(String, bytes::Bytes)> {
     let len = u16::from_be_bytes(bytes.get(..2)?.try_into().ok()?) as usize;
     let resource = std::str::from_utf8(bytes.get(2..2 + len)?)

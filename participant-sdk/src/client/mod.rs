@@ -315,9 +315,7 @@ impl TransactionClient {
 
     /// The trace context a call made now carries.
     fn outgoing_trace(&self) -> Option<TraceContext> {
-        self.trace
-            .clone()
-            .or_else(|| TraceContext::of_span(&tracing::Span::current()))
+        self.trace.clone().or_else(current_span_trace)
     }
 
     /// Starts an interactive transaction with the coordinator's default
@@ -634,6 +632,7 @@ pub enum Outcome {
 /// `coordinator` may list several coordinators of one store, separated by
 /// commas (any of them answers). `None` (logged, naming `what`) for an
 /// address that does not parse.
+#[cfg(feature = "participant")]
 pub(crate) fn background_client(
     coordinator: &str,
     what: &str,
@@ -710,6 +709,19 @@ fn wire_labels(labels: &[(&str, &str)]) -> std::collections::HashMap<String, Str
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The trace context of the current OpenTelemetry span, if a layer
+/// records it.
+#[cfg(feature = "otel")]
+fn current_span_trace() -> Option<TraceContext> {
+    TraceContext::of_span(&tracing::Span::current())
+}
+
+/// Without feature `otel` no span has an OpenTelemetry context.
+#[cfg(not(feature = "otel"))]
+fn current_span_trace() -> Option<TraceContext> {
+    None
 }
 
 /// `msg` as a request carrying `trace`, if any.

@@ -14,9 +14,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing::instrument;
 
+#[cfg(not(feature = "metrics"))]
+use super::no_metrics::{self as metrics, ParticipantMetrics};
 use crate::Gtid;
 use crate::barrier::{self, BarrierStore, InDoubt, Phase};
 use crate::handler::{BranchContext, DynHandler, Vote};
+#[cfg(feature = "metrics")]
 use crate::metrics::{self, ParticipantMetrics};
 use crate::trace::TraceContext;
 
@@ -328,6 +331,7 @@ fn handler_span(
             "trace_id",
             tracing::field::display(sent.parent.trace_id_hex()),
         );
+        #[cfg(feature = "otel")]
         sent.adopt(&span);
     }
     span

@@ -4,11 +4,16 @@
 //! - `mod.rs`: the builder, serving and stopping;
 //! - `dispatch`: [`ParticipantService`], routing each call to its handler
 //!   through the barrier;
-//! - `caller`: [`CallerCheck`], only allowed coordinators drive branches;
+//! - `caller`: [`CallerCheck`], only allowed coordinators drive branches
+//!   (feature `tls`: the access list lives with TLS);
+//! - `no_metrics`: what dispatch records without feature `metrics`
+//!   (nothing);
 //! - [`health`]: health checks that turn NOT_SERVING on shutdown.
 
 mod caller;
 mod dispatch;
+#[cfg(not(feature = "metrics"))]
+mod no_metrics;
 pub use tandem_common::health;
 
 use std::collections::HashMap;
@@ -34,8 +39,12 @@ use health::ServerHealth;
 use crate::barrier::{self, BarrierStore, MemBarrier, Retention};
 use crate::client::ClientOptions;
 use crate::handler::{DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler};
+#[cfg(feature = "metrics")]
 use crate::metrics::ParticipantMetrics;
+#[cfg(feature = "tls")]
 use crate::security::{AccessList, ServerTls};
+#[cfg(not(feature = "metrics"))]
+use no_metrics::ParticipantMetrics;
 
 /// Registers handlers by resource name and serves them.
 ///
@@ -68,7 +77,9 @@ pub struct ParticipantServer {
     barrier: Arc<dyn BarrierStore>,
     retention: Retention,
     in_doubt: Option<(String, Duration, ClientOptions)>,
+    #[cfg(feature = "tls")]
     tls: Option<ServerTls>,
+    #[cfg(feature = "tls")]
     coordinators: Option<AccessList>,
     metrics: Option<ParticipantMetrics>,
     /// A resource registered more than once (the first such name, its
@@ -83,7 +94,9 @@ impl Default for ParticipantServer {
             barrier: Arc::new(MemBarrier::new()),
             retention: Retention::default(),
             in_doubt: None,
+            #[cfg(feature = "tls")]
             tls: None,
+            #[cfg(feature = "tls")]
             coordinators: None,
             metrics: None,
             duplicate: None,
@@ -230,6 +243,7 @@ impl ParticipantServer {
     /// Serves over TLS (see [`ServerTls`]); with a client CA, the
     /// coordinator's certificate is verified. Plaintext connections are
     /// refused.
+    #[cfg(feature = "tls")]
     pub fn tls(mut self, tls: ServerTls) -> Self {
         self.tls = Some(tls);
         self
@@ -240,6 +254,7 @@ impl ParticipantServer {
     /// Prepare/Commit/Rollback/Try/Confirm/Cancel is refused with
     /// UNAUTHENTICATED or PERMISSION_DENIED before the barrier or a
     /// handler sees it.
+    #[cfg(feature = "tls")]
     pub fn only_coordinators(mut self, access: AccessList) -> Self {
         self.coordinators = Some(access);
         self
@@ -250,6 +265,7 @@ impl ParticipantServer {
     /// serve the original's [`encode`](ParticipantMetrics::encode) on your
     /// HTTP server. Several servers may share one. Off by default, and
     /// then nothing is recorded.
+    #[cfg(feature = "metrics")]
     pub fn with_metrics(mut self, metrics: ParticipantMetrics) -> Self {
         self.metrics = Some(metrics);
         self
@@ -286,7 +302,10 @@ impl ParticipantServer {
     }
 
     fn grpc_service(&self) -> ParticipantGrpcService {
+        #[cfg(feature = "tls")]
         let check = CallerCheck(self.coordinators.clone());
+        #[cfg(not(feature = "tls"))]
+        let check = CallerCheck;
         InterceptedService::new(
             ParticipantRpcServer::new(self.service()).max_decoding_message_size(64 * 1024 * 1024),
             check,
@@ -350,6 +369,7 @@ impl ParticipantServer {
     ) -> Result<(), ServeError> {
         self.check()?;
         let background = self.start_background();
+        #[cfg(feature = "tls")]
         let watch = self.tls.as_ref().map(|t| t.watch(Duration::from_secs(10)));
         let (health, health_service) = ServerHealth::new(&[PARTICIPANT_SERVICE], true).await;
         let shutdown = async move {
@@ -360,7 +380,8 @@ impl ParticipantServer {
         let router = builder
             .add_service(health_service)
             .add_service(self.grpc_service());
-        let served = match self.tls.clone() {
+        let served = match self.server_tls() {
+            #[cfg(feature = "tls")]
             Some(tls) => {
                 router
                     .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
@@ -376,6 +397,7 @@ impl ParticipantServer {
                     .await
             }
         };
+        #[cfg(feature = "tls")]
         if let Some(w) = watch {
             w.abort();
         }
@@ -394,7 +416,7 @@ impl ParticipantServer {
         let bind = |e| ServeError::Bind(addr, e);
         let listener = TcpListener::bind(addr).await.map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
-        let tls = self.tls.is_some();
+        let tls = self.server_tls().is_some();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(self.serve_with_shutdown(listener, async move {
             let _ = stopped.await;
@@ -405,6 +427,18 @@ impl ParticipantServer {
             stop: Some(stop),
             task,
         })
+    }
+
+    /// The TLS this server speaks, if any.
+    #[cfg(feature = "tls")]
+    fn server_tls(&self) -> Option<ServerTls> {
+        self.tls.clone()
+    }
+
+    /// No TLS in a build without feature `tls`.
+    #[cfg(not(feature = "tls"))]
+    fn server_tls(&self) -> Option<std::convert::Infallible> {
+        None
     }
 }
 

@@ -3,8 +3,9 @@
 //! and the participant SDK (`tandem-sdk`, which re-exports these modules
 //! under the same names).
 //!
-//! - [`security`]: TLS (server certificates reloaded in place, client
-//!   TLS), bearer tokens, access lists and roles, client endpoints.
+//! - [`security`]: bearer tokens and client endpoints; with feature `tls`,
+//!   TLS (server certificates reloaded in place, client TLS), access lists
+//!   and roles.
 //! - [`health`] (feature `health`): `grpc.health.v1` for a server that
 //!   stops gracefully.
 //! - [`sled_sync`] (feature `sled`): durable, group-committed writes to a

@@ -296,23 +296,23 @@ impl fmt::Display for Hex<'_> {
 }
 
 /// A random non-zero u64 from a per-thread generator (SplitMix64, seeded
-/// from the system's randomness once per thread): span ids need to be
-/// unique, not secret, and this costs no system call per id.
+/// from the system's randomness once per thread, through the standard
+/// library's `RandomState`): span ids need to be unique, not secret, and
+/// this costs no system call per id.
 fn random_nonzero() -> u64 {
     thread_local! {
         static STATE: Cell<u64> = Cell::new(seed());
     }
     fn seed() -> u64 {
-        let mut b = [0u8; 8];
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
-            // No system randomness: the clock and the thread's stack differ.
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64);
-            let here = 0u8;
-            b = (t ^ (&here as *const u8 as u64)).to_le_bytes();
-        }
-        u64::from_le_bytes(b)
+        use std::hash::{BuildHasher, Hasher};
+        // Randomly keyed per thread (from the system) and per call; the
+        // clock in the hash keeps two seeds apart even so.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        h.write_u128(t);
+        h.finish()
     }
     STATE.with(|s| {
         loop {

@@ -2,17 +2,31 @@
 //! ([`tls`]), credentials and roles ([`auth`]), and a bearer token sent on
 //! outgoing calls ([`BearerToken`]); [`ClientOptions`] puts a client's TLS
 //! and token together.
+//!
+//! [`BearerToken`], [`ClientOptions`] and [`endpoint`] are in every build;
+//! feature `tls` adds TLS (rustls, and x509-parser for certificate dates
+//! and names) and the access lists that check callers. Without it the
+//! [`ClientTls`] settings are data only and [`endpoint`] refuses them.
 
+#[cfg(feature = "tls")]
 pub mod auth;
+mod settings;
+#[cfg(feature = "tls")]
 pub mod tls;
 
+#[cfg(feature = "tls")]
 pub use auth::{AccessList, Refusal, Role};
 /// The TLS library behind [`ClientTls::rustls_config`]; its `pki_types`
 /// hold the [`CertificateDer`] of [`tls::read_certs`] and [`auth::cert_names`].
+#[cfg(feature = "tls")]
 pub use rustls;
+#[cfg(feature = "tls")]
 pub use rustls::pki_types::CertificateDer;
-pub use tls::{ClientTls, ServerTls, ServerTlsFiles, TlsError};
+pub use settings::{ClientTls, TlsError};
+#[cfg(feature = "tls")]
+pub use tls::{ServerTls, ServerTlsFiles};
 /// What [`ClientTls::config`] returns, for your own tonic `Endpoint`.
+#[cfg(feature = "tls")]
 pub use tonic::transport::ClientTlsConfig;
 
 use tonic::metadata::{Ascii, MetadataValue};
@@ -106,6 +120,11 @@ pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> 
         }
         return Ok(endpoint);
     }
+    with_tls(endpoint, url, tls)
+}
+
+#[cfg(feature = "tls")]
+fn with_tls(endpoint: Endpoint, url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> {
     let config = tls
         .cloned()
         .unwrap_or_default()
@@ -114,6 +133,14 @@ pub fn endpoint(url: &str, tls: Option<&ClientTls>) -> Result<Endpoint, String> 
     endpoint
         .tls_config(config)
         .map_err(|e| format!("TLS for {url:?}: {e}"))
+}
+
+#[cfg(not(feature = "tls"))]
+fn with_tls(_: Endpoint, url: &str, _: Option<&ClientTls>) -> Result<Endpoint, String> {
+    Err(format!(
+        "{url:?} is an https:// address and this build has no TLS: enable the `tls` \
+         feature (of tandem-sdk, or tandem-common)"
+    ))
 }
 
 /// How to reach the coordinator: TLS settings for an `https://` address
@@ -153,5 +180,33 @@ impl ClientOptions {
             domain: None,
         });
         Ok(ClientOptions { tls, token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Rule: a build without TLS never calls an https:// address in
+    // cleartext; it refuses it, naming the feature to enable.
+    #[cfg(not(feature = "tls"))]
+    #[test]
+    fn without_tls_an_https_address_is_refused() {
+        let e = endpoint("https://coordinator.example:7070", None).expect_err("no TLS");
+        assert!(e.contains("`tls` feature"), "{e}");
+        assert!(endpoint("http://127.0.0.1:7070", None).is_ok());
+        let tls = ClientTls::default();
+        assert!(endpoint("http://127.0.0.1:7070", Some(&tls)).is_err());
+    }
+
+    // Rule: with TLS an https:// address gets a TLS endpoint, and TLS
+    // settings for an http:// address are refused.
+    #[cfg(feature = "tls")]
+    #[test]
+    fn with_tls_an_https_address_gets_tls() {
+        let tls = ClientTls::default();
+        assert!(endpoint("https://coordinator.example:7070", None).is_ok());
+        let e = endpoint("http://127.0.0.1:7070", Some(&tls)).expect_err("cleartext");
+        assert!(e.contains("cleartext"), "{e}");
     }
 }

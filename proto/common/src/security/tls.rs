@@ -22,10 +22,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-/// A TLS file that cannot be used, with the reason.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct TlsError(pub String);
+pub use super::settings::{ClientTls, TlsError};
 
 /// Handshakes in progress at once; past it new connections are closed.
 const MAX_HANDSHAKES: usize = 1024;
@@ -380,22 +377,6 @@ fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError
         )));
     }
     Ok(())
-}
-
-/// How a client speaks TLS: the CA bundle its servers' certificates are
-/// verified against (the system's roots when `None`) and, for mutual TLS,
-/// its own certificate and key.
-#[derive(Clone, Debug, Default)]
-pub struct ClientTls {
-    /// CA bundle (PEM).
-    pub ca: Option<PathBuf>,
-    /// Client certificate chain (PEM), for mutual TLS.
-    pub cert: Option<PathBuf>,
-    /// Its private key (PEM).
-    pub key: Option<PathBuf>,
-    /// The name to expect in the server's certificate instead of the
-    /// endpoint's host.
-    pub domain: Option<String>,
 }
 
 impl ClientTls {
