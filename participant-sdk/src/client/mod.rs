@@ -1,131 +1,26 @@
 //! [`TransactionClient`]: run global transactions from a business service.
 
 mod cluster;
+mod outcome;
+mod types;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tandem_proto::v1 as pb;
 use tonic::transport::Channel;
 
 use cluster::{Cluster, Repeat};
+pub use outcome::Outcome;
+#[cfg(feature = "participant")]
+pub(crate) use outcome::background_client;
+pub use types::{Branch, CommitOutcome, Enlisted, Mode, Submitted};
 
 // Shared with the coordinator's own clients (`tandem tx`, `tandem bench`).
 use crate::security::BearerToken;
 pub use crate::security::ClientOptions;
 use crate::trace::TraceContext;
 use crate::{Error, Gtid};
-
-/// The protocol of a transaction, and the default of its branches (a
-/// [`Branch`] may name its own with [`Branch::mode`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Two-phase commit: participants implement [`crate::TwoPhase`].
-    TwoPhase,
-    /// Try / confirm / cancel.
-    Tcc,
-}
-
-impl Mode {
-    fn wire(self) -> i32 {
-        match self {
-            Mode::TwoPhase => pb::Mode::TwoPhase as i32,
-            Mode::Tcc => pb::Mode::Tcc as i32,
-        }
-    }
-}
-
-/// One branch: a participant endpoint, the resource (handler name) there,
-/// the payload its handler receives, and optionally its own protocol.
-///
-/// One transaction may hold 2PC and TCC branches: give a branch its mode
-/// and it is called with that protocol whatever the transaction's (a TCC
-/// inventory reservation and a 2PC payment in one order):
-///
-/// ```
-/// use tandem_sdk::{Branch, Mode};
-///
-/// let order = vec![
-///     Branch::new("http://inventory:9001", "stock", "sku-7:1").mode(Mode::Tcc),
-///     Branch::new("http://payments:9002", "payments", "card-7:80").mode(Mode::TwoPhase),
-/// ];
-/// # let _ = order;
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Branch {
-    /// e.g. `http://127.0.0.1:9001`.
-    pub endpoint: String,
-    /// Handler name registered in the participant.
-    pub resource: String,
-    /// Bytes passed to every call of the branch.
-    pub payload: Bytes,
-    /// The branch's protocol; `None` (the default): the transaction's.
-    pub mode: Option<Mode>,
-}
-
-impl Branch {
-    /// A branch calling `resource` at `endpoint` with `payload`.
-    pub fn new(
-        endpoint: impl Into<String>,
-        resource: impl Into<String>,
-        payload: impl Into<Bytes>,
-    ) -> Self {
-        Branch {
-            endpoint: endpoint.into(),
-            resource: resource.into(),
-            payload: payload.into(),
-            mode: None,
-        }
-    }
-
-    /// This branch runs `mode` (prepare / commit / rollback for
-    /// [`Mode::TwoPhase`], try / confirm / cancel for [`Mode::Tcc`]),
-    /// whatever the transaction's mode.
-    #[must_use]
-    pub fn mode(mut self, mode: Mode) -> Self {
-        self.mode = Some(mode);
-        self
-    }
-
-    fn wire(self) -> pb::BranchSpec {
-        pb::BranchSpec {
-            endpoint: self.endpoint,
-            resource: self.resource,
-            payload: self.payload,
-            mode: self.mode.map_or(pb::Mode::Unspecified as i32, Mode::wire),
-        }
-    }
-}
-
-/// A branch added by [`TransactionClient::enlist`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Enlisted {
-    /// Its id within the transaction.
-    pub branch_id: u32,
-    /// What the participant's prepare returned ([`crate::Vote::yes_with`]).
-    pub reply: Bytes,
-}
-
-/// A committed transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CommitOutcome {
-    /// True when every branch acknowledged commit; false when some branch is
-    /// still being retried by the coordinator. The outcome is commit either
-    /// way: the decision is on the coordinator's disk.
-    pub complete: bool,
-}
-
-/// A committed one-shot transaction.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Submitted {
-    /// Its id.
-    pub gtid: Gtid,
-    /// Each branch's prepare reply, in the order the branches were given.
-    pub replies: Vec<Bytes>,
-    /// As [`CommitOutcome::complete`].
-    pub complete: bool,
-}
 
 /// Connection to a coordinator; cheap to clone, safe to share.
 ///
@@ -612,90 +507,6 @@ impl TransactionClient {
                 async move { rpc.get_transaction(req).await }
             })
             .await?)
-    }
-}
-
-/// What should happen to a branch, as the coordinator knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Undecided: ask again later.
-    Pending,
-    /// Commit / confirm.
-    Commit,
-    /// Roll back / cancel (also for a gtid the coordinator never recorded:
-    /// presumed abort).
-    Abort,
-}
-
-/// A client for a participant's background questions to the coordinator
-/// (`GetOutcome`): connects on first use, 5 s to connect, 10 s per call;
-/// `coordinator` may list several coordinators of one store, separated by
-/// commas (any of them answers). `None` (logged, naming `what`) for an
-/// address that does not parse.
-#[cfg(feature = "participant")]
-pub(crate) fn background_client(
-    coordinator: &str,
-    what: &str,
-    options: &ClientOptions,
-) -> Option<TransactionClient> {
-    let mut all = Vec::new();
-    for address in coordinator
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-    {
-        match crate::security::endpoint(address, options.tls.as_ref()) {
-            Ok(e) => all.push((
-                address.to_string(),
-                cluster::rpc(
-                    e.connect_timeout(Duration::from_secs(5))
-                        .timeout(Duration::from_secs(10))
-                        .connect_lazy(),
-                    options.token.clone(),
-                ),
-            )),
-            Err(e) => {
-                tracing::error!(%coordinator, error = %e, "{what} disabled: bad coordinator address or TLS files");
-                return None;
-            }
-        }
-    }
-    if all.is_empty() {
-        tracing::error!(%coordinator, "{what} disabled: no coordinator address");
-        return None;
-    }
-    Some(TransactionClient {
-        cluster: Arc::new(Cluster::new(all, options.clone())),
-        trace: None,
-    })
-}
-
-impl TransactionClient {
-    /// The outcome of `gtid`, for a participant holding one of its branches
-    /// (in-doubt resolution; [`ParticipantServer::resolve_in_doubt`] does
-    /// this for you).
-    ///
-    /// [`ParticipantServer::resolve_in_doubt`]: crate::ParticipantServer::resolve_in_doubt
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Unavailable`] when the coordinator cannot be reached.
-    pub async fn outcome(&self, gtid: Gtid) -> Result<Outcome, Error> {
-        let req = pb::GetOutcomeRequest {
-            gtid: gtid.to_string(),
-        };
-        let resp = self
-            .cluster
-            .call(Repeat::Safe, |mut rpc| {
-                let req = req.clone();
-                async move { rpc.get_outcome(req).await }
-            })
-            .await?;
-        Ok(match resp.outcome() {
-            pb::Outcome::Pending => Outcome::Pending,
-            pb::Outcome::Commit => Outcome::Commit,
-            pb::Outcome::Abort => Outcome::Abort,
-        })
     }
 }
 

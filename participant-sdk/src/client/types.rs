@@ -1,0 +1,117 @@
+//! What a business service names and gets back: the [`Mode`], a
+//! [`Branch`], and the results of enlist, commit and submit.
+
+use bytes::Bytes;
+use tandem_proto::v1 as pb;
+
+use crate::Gtid;
+
+/// The protocol of a transaction, and the default of its branches (a
+/// [`Branch`] may name its own with [`Branch::mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Two-phase commit: participants implement [`crate::TwoPhase`].
+    TwoPhase,
+    /// Try / confirm / cancel.
+    Tcc,
+}
+
+impl Mode {
+    pub(super) fn wire(self) -> i32 {
+        match self {
+            Mode::TwoPhase => pb::Mode::TwoPhase as i32,
+            Mode::Tcc => pb::Mode::Tcc as i32,
+        }
+    }
+}
+
+/// One branch: a participant endpoint, the resource (handler name) there,
+/// the payload its handler receives, and optionally its own protocol.
+///
+/// One transaction may hold 2PC and TCC branches: give a branch its mode
+/// and it is called with that protocol whatever the transaction's (a TCC
+/// inventory reservation and a 2PC payment in one order):
+///
+/// ```
+/// use tandem_sdk::{Branch, Mode};
+///
+/// let order = vec![
+///     Branch::new("http://inventory:9001", "stock", "sku-7:1").mode(Mode::Tcc),
+///     Branch::new("http://payments:9002", "payments", "card-7:80").mode(Mode::TwoPhase),
+/// ];
+/// # let _ = order;
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Branch {
+    /// e.g. `http://127.0.0.1:9001`.
+    pub endpoint: String,
+    /// Handler name registered in the participant.
+    pub resource: String,
+    /// Bytes passed to every call of the branch.
+    pub payload: Bytes,
+    /// The branch's protocol; `None` (the default): the transaction's.
+    pub mode: Option<Mode>,
+}
+
+impl Branch {
+    /// A branch calling `resource` at `endpoint` with `payload`.
+    pub fn new(
+        endpoint: impl Into<String>,
+        resource: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Branch {
+            endpoint: endpoint.into(),
+            resource: resource.into(),
+            payload: payload.into(),
+            mode: None,
+        }
+    }
+
+    /// This branch runs `mode` (prepare / commit / rollback for
+    /// [`Mode::TwoPhase`], try / confirm / cancel for [`Mode::Tcc`]),
+    /// whatever the transaction's mode.
+    #[must_use]
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = Some(mode);
+        self
+    }
+
+    pub(super) fn wire(self) -> pb::BranchSpec {
+        pb::BranchSpec {
+            endpoint: self.endpoint,
+            resource: self.resource,
+            payload: self.payload,
+            mode: self.mode.map_or(pb::Mode::Unspecified as i32, Mode::wire),
+        }
+    }
+}
+
+/// A branch added by [`TransactionClient::enlist`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enlisted {
+    /// Its id within the transaction.
+    pub branch_id: u32,
+    /// What the participant's prepare returned ([`crate::Vote::yes_with`]).
+    pub reply: Bytes,
+}
+
+/// A committed transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// True when every branch acknowledged commit; false when some branch is
+    /// still being retried by the coordinator. The outcome is commit either
+    /// way: the decision is on the coordinator's disk.
+    pub complete: bool,
+}
+
+/// A committed one-shot transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// Its id.
+    pub gtid: Gtid,
+    /// Each branch's prepare reply, in the order the branches were given.
+    pub replies: Vec<Bytes>,
+    /// As [`CommitOutcome::complete`].
+    pub complete: bool,
+}
