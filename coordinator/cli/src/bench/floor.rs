@@ -10,9 +10,9 @@
 //! ```
 //!
 //! Interactively, `Begin`, each `Enlist` (which runs that branch's phase 1)
-//! and `Commit` are client calls made one after another, so
-//! `floor = (2 + branches) × client RTT + (branches + 1) × participant RTT
-//! + 1 sync`. Each part is the median of sequential calls (concurrency 1):
+//! and `Commit` are client calls made one after another, so the floor is
+//! `(2 + branches) × client RTT + (branches + 1) × participant RTT` plus
+//! one sync. Each part is the median of sequential calls (concurrency 1):
 //! the floor is the p50 a coordinator that cost nothing would show at
 //! concurrency 1.
 //!
