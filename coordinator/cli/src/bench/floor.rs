@@ -21,7 +21,7 @@
 //!   gRPC stack as `Submit`;
 //! - participant RTT: the echo of a bench participant;
 //! - sync: an append of 64 bytes to a file in the log's data dir and its
-//!   `fdatasync`. Not measured on a PostgreSQL store or a coordinator the
+//!   `fdatasync`, timed while the echoes run (see `bench::run`). Not measured on a PostgreSQL store or a coordinator the
 //!   bench did not start: the floor then leaves the sync out.
 
 use std::io::Write;
