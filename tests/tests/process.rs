@@ -212,8 +212,9 @@ async fn sigterm_finishes_in_flight_work_and_refuses_new() {
 
 // The bench smoke test: `tandem bench` starts its own coordinator and
 // participant processes, runs a couple of seconds of each mode, and every
-// transaction it counted is verified complete at the participants. No
-// timing is asserted (shared machines vary).
+// transaction it counted is verified complete at the participants, and
+// the floor's parts and the per-transaction costs are reported. No timing
+// is asserted (shared machines vary).
 #[test]
 fn bench_smoke_verifies_every_counted_transaction() {
     for mode in ["2pc", "tcc"] {
@@ -251,5 +252,19 @@ fn bench_smoke_verifies_every_counted_transaction() {
             "{report}"
         );
         assert!(report["forces_per_tx"].as_f64().is_some_and(|f| f > 0.0));
+        // The latency floor's parts, the floor and p50's ratio to it, and
+        // the coordinator's cost per transaction are measured and positive.
+        let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|f| f > 0.0);
+        for part in ["client_rtt_us", "participant_rtt_us", "fsync_us"] {
+            assert!(positive(&report["floor_parts"][part]), "{part}: {report}");
+        }
+        for field in [
+            "p50_floor_us",
+            "p50_floor_ratio",
+            "ctx_switches_per_tx",
+            "coordinator_cpu_ms_per_tx",
+        ] {
+            assert!(positive(&report[field]), "{field}: {report}");
+        }
     }
 }

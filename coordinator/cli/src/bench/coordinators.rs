@@ -16,7 +16,8 @@ pub(super) async fn log_stats(
     Ok(total)
 }
 
-/// CPU summed and peak RSS (the largest) over the coordinators started.
+/// CPU and context switches summed, peak RSS (the largest) over the
+/// coordinators started.
 pub(super) fn procs_stats(procs: &[Proc]) -> anyhow::Result<Option<procs::ProcStats>> {
     let mut total: Option<procs::ProcStats> = None;
     for p in procs {
@@ -27,6 +28,7 @@ pub(super) fn procs_stats(procs: &[Proc]) -> anyhow::Result<Option<procs::ProcSt
                 cpu_s: t.cpu_s + s.cpu_s,
                 rss_kb: t.rss_kb.max(s.rss_kb),
                 peak_rss_kb: t.peak_rss_kb.max(s.peak_rss_kb),
+                ctx_switches: t.ctx_switches + s.ctx_switches,
             },
         });
     }

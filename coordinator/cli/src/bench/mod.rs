@@ -6,7 +6,10 @@
 //! the addresses given. Then:
 //!
 //! 1. **floor**: a plain unary echo RPC against the same participant
-//!    processes at the same concurrency;
+//!    processes at the same concurrency (the throughput floor), and the
+//!    latency floor's parts one call at a time: a health check of the
+//!    coordinator (client RTT), an echo (participant RTT), and an append +
+//!    `fdatasync` in the log's data dir ([`floor`]);
 //! 2. **run**: global transactions for the given time, each latency taken
 //!    from the client's call to the acknowledged decision;
 //! 3. **verify**: once phase 2 has drained, every transaction counted must
@@ -16,9 +19,13 @@
 //!    the time to finish all K is measured.
 //!
 //! `efficiency = tx/s × RPCs per transaction ÷ echo req/s`: 1.0 would mean
-//! the coordinator costs no more than the RPCs it must make.
+//! the coordinator costs no more than the RPCs it must make;
+//! `p50_floor_ratio = p50 ÷ (client RTT + 2 × participant RTT + 1 sync)`
+//! (one-shot), 1.0 that it adds nothing to the latency of those calls and
+//! the forced decision.
 
 mod coordinators;
+pub mod floor;
 mod observe;
 mod participant;
 mod procs;
@@ -281,7 +288,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
         .iter()
         .map(|u| channel(u, secure.as_ref(), "coordinator").map(BenchParticipantClient::new))
         .collect::<anyhow::Result<_>>()?;
-    let floor = floor(&benches, options.concurrency, options.floor_duration).await?;
+    let echo_floor = echo_floor(&benches, options.concurrency, options.floor_duration).await?;
 
     // A coordinator the bench was given is reached with the TLS and token
     // it was given for it (--ca, --cert, --key, --token-file); the ones it
@@ -315,6 +322,25 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
             Ok(AdminClient::with_interceptor(channel, token))
         })
         .collect::<anyhow::Result<_>>()?;
+    // The sync is timed while the echoes run, as the log syncs while the
+    // coordinator's runtime is busy: on a VM an otherwise idle CPU can take
+    // the I/O completion only at its next timer tick (4 ms on the
+    // development VM, against ~0.1–0.4 ms with the CPU awake).
+    let fsync = (!coordinator_procs.is_empty() && options.store.is_none()).then(|| {
+        // The log's file system: the (first) coordinator's data dir.
+        let dir = data.path().join("instance-0");
+        tokio::task::spawn_blocking(move || floor::fsync_us(&dir))
+    });
+    let participant_rtt_us = floor::participant_rtt(&benches).await?;
+    let fsync_us = match fsync {
+        Some(task) => Some(task.await??),
+        None => None,
+    };
+    let floor_parts = floor::FloorParts {
+        client_rtt_us: floor::client_rtt(connect(&coordinator_urls[0], "client")?.0).await?,
+        participant_rtt_us,
+        fsync_us,
+    };
     let before_stats = log_stats(&mut admins).await?;
     let before_store = match &store_commits {
         Some(s) => Some(s.read().await?),
@@ -356,7 +382,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     let after_counts = counts(&benches).await?;
     let commits = after_counts.commits - before_counts.commits;
 
-    let mut report = Report::new(&options, floor, run);
+    let mut report = Report::new(&options, echo_floor, floor_parts, run);
     report.forces = after_stats.0 - before_stats.0;
     report.flushes = after_stats.1 - before_stats.1;
     if let (Some(b), Some(a)) = (before_store, after_store) {
@@ -376,7 +402,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<Report> {
     report.data_dir_mb = (!coordinator_procs.is_empty() && options.store.is_none())
         .then(|| dir_size(data.path()) as f64 / (1024.0 * 1024.0));
     if let (Some(b), Some(a)) = (before_proc, after_proc) {
-        report.coordinator_cpu_s = Some(a.cpu_s - b.cpu_s);
+        report.set_coordinator_cost(
+            a.cpu_s - b.cpu_s,
+            a.ctx_switches.saturating_sub(b.ctx_switches),
+        );
         report.coordinator_peak_rss_kb = Some(a.peak_rss_kb);
     }
     let mut coordinator_proc = if coordinator_procs.len() == 1 {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::BenchOptions;
+use super::floor::{self, FloorParts};
 use tandem_sdk::Mode;
 
 /// The echo floor.
@@ -94,6 +95,14 @@ pub struct Report {
     pub floor: Floor,
     /// tx/s × RPCs per transaction ÷ echo req/s.
     pub efficiency: f64,
+    /// The latency floor's parts, measured before the run.
+    pub floor_parts: FloorParts,
+    /// The latency floor of one transaction, µs (`bench::floor`: one-shot
+    /// = client RTT + 2 × participant RTT + 1 sync).
+    pub p50_floor_us: f64,
+    /// p50 ÷ the floor: 1.0 would mean the coordinator adds nothing to
+    /// the calls and the sync it must wait for.
+    pub p50_floor_ratio: f64,
     /// Forced log writes during the run.
     pub forces: u64,
     /// Physical flushes (fdatasync) serving them.
@@ -106,6 +115,13 @@ pub struct Report {
     pub batch: f64,
     /// Coordinator CPU seconds during the run (when the bench started it).
     pub coordinator_cpu_s: Option<f64>,
+    /// Coordinator CPU milliseconds per committed transaction.
+    pub coordinator_cpu_ms_per_tx: Option<f64>,
+    /// Voluntary + involuntary context switches of the coordinator
+    /// process(es) during the run (threads alive at the end).
+    pub ctx_switches: Option<u64>,
+    /// Context switches per committed transaction.
+    pub ctx_switches_per_tx: Option<f64>,
     /// Coordinator peak RSS, KiB (when the bench started it).
     pub coordinator_peak_rss_kb: Option<u64>,
     /// Size of the coordinator's data dir at the end, MiB (when the bench
@@ -133,9 +149,15 @@ pub struct Report {
 }
 
 impl Report {
-    pub(super) fn new(options: &BenchOptions, floor: Floor, run: RunStats) -> Report {
+    pub(super) fn new(
+        options: &BenchOptions,
+        floor: Floor,
+        floor_parts: FloorParts,
+        run: RunStats,
+    ) -> Report {
         let tx_per_s = run.committed as f64 / run.elapsed.as_secs_f64().max(1e-9);
         let rpcs = options.rpcs_per_transaction();
+        let p50_floor_us = floor_parts.floor_us(options.interactive, options.branches);
         Report {
             mode: match options.mode {
                 Mode::TwoPhase => "2pc",
@@ -149,6 +171,9 @@ impl Report {
             tx_per_s,
             efficiency: tx_per_s * rpcs as f64 / floor.requests_per_s.max(1e-9),
             floor,
+            floor_parts,
+            p50_floor_us,
+            p50_floor_ratio: floor::ratio(run.p50_us, p50_floor_us),
             run,
             forces: 0,
             flushes: 0,
@@ -156,6 +181,9 @@ impl Report {
             flushes_per_tx: 0.0,
             batch: 0.0,
             coordinator_cpu_s: None,
+            coordinator_cpu_ms_per_tx: None,
+            ctx_switches: None,
+            ctx_switches_per_tx: None,
             coordinator_peak_rss_kb: None,
             data_dir_mb: None,
             participant_commits: 0,
@@ -179,6 +207,15 @@ impl Report {
         self.forces_per_tx = self.forces as f64 / n;
         self.flushes_per_tx = self.flushes as f64 / n;
         self.batch = self.forces as f64 / self.flushes.max(1) as f64;
+    }
+
+    /// The coordinators' CPU seconds and context switches over the run.
+    pub(super) fn set_coordinator_cost(&mut self, cpu_s: f64, ctx_switches: u64) {
+        let n = self.run.committed.max(1) as f64;
+        self.coordinator_cpu_s = Some(cpu_s);
+        self.coordinator_cpu_ms_per_tx = Some(cpu_s * 1000.0 / n);
+        self.ctx_switches = Some(ctx_switches);
+        self.ctx_switches_per_tx = Some(ctx_switches as f64 / n);
     }
 
     /// JSON, one document.
@@ -240,11 +277,15 @@ impl fmt::Display for Report {
                  idempotency read of each start, lease renewals, sweeps)"
             )?;
         }
-        match (self.coordinator_cpu_s, self.coordinator_peak_rss_kb) {
-            (Some(cpu), Some(rss)) => writeln!(
+        match (
+            self.coordinator_cpu_ms_per_tx,
+            self.ctx_switches_per_tx,
+            self.coordinator_peak_rss_kb,
+        ) {
+            (Some(cpu), Some(switches), Some(rss)) => writeln!(
                 f,
-                "  coordinator  {:.3} CPU s per 1k tx, peak RSS {:.1} MiB{}, data dir {:.1} MiB",
-                cpu * 1000.0 / r.committed.max(1) as f64,
+                "  coordinator  {cpu:.3} CPU ms/tx, {switches:.1} context switches/tx, \
+                 peak RSS {:.1} MiB{}, data dir {:.1} MiB",
                 rss as f64 / 1024.0,
                 r.rss_after_first_minute_kb
                     .map(|k| format!(" (RSS after 1 min {:.1} MiB)", k as f64 / 1024.0))
@@ -253,9 +294,25 @@ impl fmt::Display for Report {
             )?,
             _ => writeln!(f, "  coordinator  (not started by the bench: no CPU / RSS)")?,
         }
+        let p = &self.floor_parts;
+        let sync = match (p.fsync_us, self.store) {
+            (Some(us), _) => format!(" + fdatasync {:.3}", us / 1000.0),
+            (None, "postgres") => " (the store's commit left out)".to_string(),
+            (None, _) => " (the sync left out: the bench did not start the coordinator)".into(),
+        };
+        let (calls, rounds) = floor::sequence(self.interactive, self.branches);
         writeln!(
             f,
-            "  floor        echo {:.0} req/s at concurrency {} on the same participants",
+            "  p50 floor    {:.3} ms = {calls} × client RTT {:.3} + {rounds} × participant RTT \
+             {:.3}{sync}; p50 is {:.2}× the floor",
+            self.p50_floor_us / 1000.0,
+            p.client_rtt_us / 1000.0,
+            p.participant_rtt_us / 1000.0,
+            self.p50_floor_ratio
+        )?;
+        writeln!(
+            f,
+            "  echo floor   {:.0} req/s at concurrency {} on the same participants",
             self.floor.requests_per_s, self.concurrency
         )?;
         writeln!(

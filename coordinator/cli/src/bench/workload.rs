@@ -1,10 +1,11 @@
-//! What the bench runs: the echo floor, the transactions (each latency from
+//! What the bench runs: the echo floor (the latency floor is in
+//! [`super::floor`]), the transactions (each latency from
 //! the client's call to the acknowledged decision), and the recovery run.
 
 use super::*;
 
 /// The echo floor: `concurrency` callers, round-robin over participants.
-pub(super) async fn floor(
+pub(super) async fn echo_floor(
     benches: &[BenchParticipantClient<Channel>],
     concurrency: usize,
     duration: Duration,
