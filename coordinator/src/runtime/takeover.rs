@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::recovery::RecoveryReport;
 use super::{Coordinator, Inner};
+use crate::log::LogError;
 use crate::model::TxState;
 
 /// Transactions claimed per sweep; a sweep that fills it goes on at once.
@@ -98,6 +99,15 @@ impl Coordinator {
                                 m.took_over(gtids.len());
                             }
                             gtids
+                        }
+                        // The log latched (a failed write, or fenced)
+                        // while nothing else of this coordinator touched
+                        // it: it stops deciding now, and says so in its
+                        // readiness, instead of sweeping a dead log as
+                        // if ready while what it owns waits.
+                        Err(e @ (LogError::Halted(_) | LogError::Fenced(_))) => {
+                            let _ = inner.halt(e);
+                            return;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot sweep for expired leases");

@@ -235,13 +235,31 @@ pub async fn monitor(world: Arc<World>) {
             };
             let since = if owned_live { since } else { now };
             if quiet && owned_live && now.saturating_sub(since) > DRIVEN_WITHIN.as_millis() as u64 {
+                // What the owner holds, to tell a lost entry from a stalled one.
+                let holders: Vec<String> = world
+                    .all()
+                    .iter()
+                    .filter(|i| {
+                        row.owner.is_empty() || i.log.incarnation().as_deref() == Some(&row.owner)
+                    })
+                    .map(|i| {
+                        format!(
+                            "live {}, recovering {}, tasks {}, get {:?}",
+                            i.coord.live_count(),
+                            i.coord.recovery_backlog(),
+                            i.coord.task_count(),
+                            i.coord.get(rec.gtid).map(|r| (r.state, r.epoch))
+                        )
+                    })
+                    .collect();
                 world.undriven.lock().unwrap().push(format!(
-                    "{} sits {} at epoch {} owned by live instance {:?}, unchanged for {} s: nothing drives it",
+                    "{} sits {} at epoch {} owned by live instance {:?}, unchanged for {} s: nothing drives it ({})",
                     rec.gtid,
                     rec.state,
                     row.epoch,
                     row.owner,
-                    now.saturating_sub(since) / 1000
+                    now.saturating_sub(since) / 1000,
+                    holders.join("; ")
                 ));
             }
             next.insert(
