@@ -47,10 +47,9 @@ pub fn init(
     use tracing_subscriber::prelude::*;
     let provider = crate::otel::provider(otlp)?;
     let (otel, guard) = crate::otel::layer(provider);
-    // Tandem's own spans, at every level, whatever the log filter says.
-    let spans = tracing_subscriber::filter::filter_fn(|meta| {
-        meta.is_span() && meta.target().starts_with("tandem")
-    });
+    // Tandem's own spans, at every level, whatever the log filter says,
+    // sampled before they are built.
+    let spans = crate::otel::sampling::filter(otlp.sample_ratio);
     let logs = tracing_subscriber::fmt::layer().with_writer(stderr);
     let logs = match format {
         LogFormat::Text => logs

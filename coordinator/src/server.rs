@@ -125,6 +125,7 @@ pub async fn serve_with_admin(
     let admin = AdminServer::new(AdminService::new(coord));
     // Callers are authenticated before they take a request slot.
     let layers = tower::ServiceBuilder::new()
+        .layer(crate::otel::sampling::TraceScopeLayer)
         .layer(MalformedRequestLayer)
         .option_layer(auth)
         .layer(limit);

@@ -160,3 +160,36 @@ async fn a_zero_sample_ratio_exports_nothing() {
         spans.len()
     );
 }
+
+/// Whether OpenTelemetry's `TraceIdRatioBased` keeps the trace with this id
+/// (hex) at `ratio`: the lower 64 bits, shifted right once, under the bound.
+fn kept_at(ratio: f64, trace_hex: &str) -> bool {
+    let low = u64::from_str_radix(&trace_hex[16..], 16).expect("hex");
+    (low >> 1) < (ratio * (1u64 << 63) as f64) as u64
+}
+
+/// Sampling is decided by trace id before spans are built, and it keeps or
+/// drops a transaction's trace whole: every span of a kept trace (the
+/// request and its four participant calls) and none of a dropped one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ratio_keeps_whole_traces_chosen_by_trace_id() {
+    let (sent, spans) = run("0.5", 16).await;
+    let mut kept = 0;
+    for (trace, _) in &sent {
+        let n = spans
+            .iter()
+            .filter(|(_, s)| &hex(&s.trace_id) == trace)
+            .count();
+        if kept_at(0.5, trace) {
+            kept += 1;
+            assert_eq!(n, 5, "trace {trace} is sampled: all its spans");
+        } else {
+            assert_eq!(n, 0, "trace {trace} is not sampled: none of its spans");
+        }
+    }
+    assert_eq!(
+        spans.len(),
+        5 * kept,
+        "spans outside the clients' traces were exported"
+    );
+}

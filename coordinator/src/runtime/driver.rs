@@ -408,15 +408,18 @@ impl Inner {
 /// `attempt`; the child of the transaction's trace context. Debug level,
 /// so it costs nothing unless logs at debug or OpenTelemetry ask for it.
 fn call_span(req: &BranchRequest, trace: Option<&TraceContext>, verb: &'static str) -> Span {
-    let span = tracing::debug_span!(
-        "tandem.call",
-        otel.name = verb,
-        trace_id = Empty,
-        gtid = %req.gtid,
-        branch_id = req.branch_id,
-        resource = %req.resource,
-        attempt = req.attempt,
-    );
+    // Sampled with the transaction's trace before it is built.
+    let span = crate::otel::sampling::in_trace(trace.map(|t| &t.parent.trace_id), || {
+        tracing::debug_span!(
+            "tandem.call",
+            otel.name = verb,
+            trace_id = Empty,
+            gtid = %req.gtid,
+            branch_id = req.branch_id,
+            resource = %req.resource,
+            attempt = req.attempt,
+        )
+    });
     if let Some(t) = trace
         && !span.is_disabled()
     {

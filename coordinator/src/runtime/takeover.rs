@@ -56,6 +56,28 @@ impl Inner {
                 }
             }
         }
+        // The scan read the store; a transaction that finished since left
+        // the live table with its last write perhaps still buffered. Look
+        // again through the log (buffer first) before calling it an orphan.
+        let mut settled = Vec::new();
+        orphans.retain(|gtid| {
+            let driven = match self.log.get(gtid) {
+                Ok(Some(rec)) => DRIVEN.contains(&rec.state),
+                Ok(None) => false,
+                Err(_) => true, // recovery reads it again, and retries
+            };
+            let orphan = driven && !self.live_table().contains_key(gtid);
+            if !orphan {
+                settled.push(*gtid);
+            }
+            orphan
+        });
+        {
+            let mut recovering = self.recovering_set();
+            for gtid in &settled {
+                recovering.remove(gtid);
+            }
+        }
         if orphans.is_empty() {
             return;
         }

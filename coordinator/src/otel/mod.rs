@@ -19,6 +19,8 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporte
 
 use crate::redact::{SecretKind, Secrets, redact};
 
+pub mod sampling;
+
 /// Where and as what to export.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OtlpConfig {
@@ -59,16 +61,10 @@ pub fn provider(config: &OtlpConfig) -> Result<SdkTracerProvider, String> {
             let text = format!("OTLP exporter for {}: {e}", redact(&config.endpoint));
             secrets.scrub(&text).into_owned()
         })?;
-    // By trace id alone (not the caller's sampled flag): the ratio bounds
-    // what export costs whatever callers send, and services using the same
-    // ratio keep the same traces whole.
-    let sampler = if config.sample_ratio >= 1.0 {
-        Sampler::AlwaysOn
-    } else {
-        Sampler::TraceIdRatioBased(config.sample_ratio)
-    };
+    // The layer's filter has sampled already, before building the span
+    // (`sampling`): every span that reaches the SDK is kept.
     Ok(SdkTracerProvider::builder()
-        .with_sampler(sampler)
+        .with_sampler(Sampler::AlwaysOn)
         .with_batch_exporter(Quiet::new(exporter, &config.endpoint))
         .with_resource(
             Resource::builder()

@@ -1,0 +1,223 @@
+//! Head sampling before any span is built. With `--otlp-sample-ratio R < 1`
+//! the OpenTelemetry layer's filter decides each span's fate when the span
+//! is created, from the trace it belongs to, so a trace that is not kept
+//! costs no OpenTelemetry work at all (no span builder, no attributes, no
+//! timestamps, no sampler at the end): the span is disabled for that layer,
+//! and unless the log filter wants it too, disabled altogether.
+//!
+//! Which trace a span belongs to is known before the span exists:
+//!
+//! - a request's spans: the request's `traceparent` (a [`TraceScopeLayer`]
+//!   in front of the services scopes every poll of the request to it), or,
+//!   without one, a fresh random trace id, so that all of one request's
+//!   spans share one decision;
+//! - a participant call's span: the transaction's trace, given by
+//!   [`in_trace`] around the span's creation.
+//!
+//! The decision is the OpenTelemetry SDK's `TraceIdRatioBased` (the lower
+//! 64 bits of the trace id against the ratio), so services sampling by the
+//! same ratio keep the same traces whole, and the exporter's own sampler is
+//! then `AlwaysOn`: one decision, made once. A span created outside any
+//! scope (a timer's call without a trace) follows its enabled parent, or is
+//! a root decided by a fresh random draw at the same ratio.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use tandem_trace::TraceParent;
+use tower::{Layer, Service};
+use tracing::subscriber::Interest;
+use tracing_subscriber::filter::DynFilterFn;
+use tracing_subscriber::layer::Filter;
+use tracing_subscriber::registry::LookupSpan;
+
+thread_local! {
+    /// The trace of the spans this thread creates now (lower 64 bits of its
+    /// id), set by [`in_trace`] and [`TraceScope`].
+    static CURRENT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Whether a sampling filter is installed (the scopes cost nothing when not).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// `TraceIdRatioBased`'s bound for `ratio`: a trace whose lower 64 bits,
+/// shifted right once, fall below it is kept.
+fn bound(ratio: f64) -> u64 {
+    (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64
+}
+
+fn low_bits(trace_id: &[u8; 16]) -> u64 {
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    u64::from_be_bytes(low)
+}
+
+/// Whether the trace with these lower 64 bits is kept under `bound`.
+fn kept(low: u64, bound: u64) -> bool {
+    (low >> 1) < bound
+}
+
+/// The filter for the OpenTelemetry layer: Tandem's own spans (every
+/// level, whatever the log filter says), each kept only when its trace is
+/// sampled at `ratio`. Installing it turns the scopes on.
+pub fn filter<S>(ratio: f64) -> impl Filter<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    let keep_all = ratio >= 1.0;
+    let bound = bound(ratio);
+    ACTIVE.store(!keep_all, Ordering::Relaxed);
+    DynFilterFn::new(move |_, cx| {
+        if keep_all {
+            return true;
+        }
+        match CURRENT.with(Cell::get) {
+            Some(low) => kept(low, bound),
+            // Outside any scope: follow an enabled parent, else a root.
+            None => cx.lookup_current().is_some() || kept(fresh_low(), bound),
+        }
+    })
+    .with_callsite_filter(|meta| {
+        if meta.is_span() && meta.target().starts_with("tandem") {
+            Interest::sometimes()
+        } else {
+            Interest::never()
+        }
+    })
+}
+
+fn fresh_low() -> u64 {
+    low_bits(&TraceParent::new_root().trace_id)
+}
+
+/// Runs `f` (which creates spans) as part of the trace `trace_id`; `None`
+/// leaves the decision to the filter's fallback.
+pub fn in_trace<R>(trace_id: Option<&[u8; 16]>, f: impl FnOnce() -> R) -> R {
+    if !ACTIVE.load(Ordering::Relaxed) {
+        return f();
+    }
+    let _scope = Scoped::enter(trace_id.map(low_bits));
+    f()
+}
+
+/// Restores the thread's previous scope when dropped.
+struct Scoped(Option<u64>);
+
+impl Scoped {
+    fn enter(low: Option<u64>) -> Scoped {
+        Scoped(CURRENT.with(|c| c.replace(low)))
+    }
+}
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.0));
+    }
+}
+
+/// Scopes every request to its trace (see the module docs); a no-op
+/// unless a sampling filter is installed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceScopeLayer;
+
+impl<S> Layer<S> for TraceScopeLayer {
+    type Service = TraceScope<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceScope { inner }
+    }
+}
+
+/// The service [`TraceScopeLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct TraceScope<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for TraceScope<S>
+where
+    S: Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Scope<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if !ACTIVE.load(Ordering::Relaxed) {
+            return Scope {
+                low: None,
+                inner: self.inner.call(req),
+            };
+        }
+        let low = req
+            .headers()
+            .get(tandem_trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse)
+            .map_or_else(fresh_low, |p| low_bits(&p.trace_id));
+        let _scope = Scoped::enter(Some(low));
+        Scope {
+            low: Some(low),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future, each poll scoped to its trace.
+    pub struct Scope<F> {
+        low: Option<u64>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for Scope<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _scope = this.low.map(|low| Scoped::enter(Some(low)));
+        this.inner.poll(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The decision is the OpenTelemetry SDK's, so a trace kept here is
+    /// kept by every service sampling at the same ratio.
+    #[test]
+    fn decision_matches_trace_id_ratio_based() {
+        use opentelemetry::trace::{SamplingDecision, SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{Sampler, ShouldSample as _};
+        for ratio in [0.0, 0.01, 0.3, 0.5, 0.99] {
+            let sdk = Sampler::TraceIdRatioBased(ratio);
+            let mut kept_here = 0;
+            for _ in 0..2000 {
+                let id = TraceParent::new_root().trace_id;
+                let theirs = sdk.should_sample(
+                    None,
+                    TraceId::from_bytes(id),
+                    "x",
+                    &SpanKind::Internal,
+                    &[],
+                    &[],
+                );
+                let ours = kept(low_bits(&id), bound(ratio));
+                assert_eq!(ours, theirs.decision == SamplingDecision::RecordAndSample);
+                kept_here += usize::from(ours);
+            }
+            let share = kept_here as f64 / 2000.0;
+            assert!((share - ratio).abs() < 0.05, "ratio {ratio}: kept {share}");
+        }
+    }
+}
