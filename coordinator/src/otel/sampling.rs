@@ -197,8 +197,8 @@ mod tests {
     /// kept by every service sampling at the same ratio.
     #[test]
     fn decision_matches_trace_id_ratio_based() {
-        use opentelemetry::trace::{SamplingDecision, SpanKind, TraceId};
-        use opentelemetry_sdk::trace::{Sampler, ShouldSample as _};
+        use opentelemetry::trace::{SpanKind, TraceId};
+        use opentelemetry_sdk::trace::{Sampler, SamplingDecision, ShouldSample as _};
         for ratio in [0.0, 0.01, 0.3, 0.5, 0.99] {
             let sdk = Sampler::TraceIdRatioBased(ratio);
             let mut kept_here = 0;
