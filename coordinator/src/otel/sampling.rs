@@ -220,4 +220,45 @@ mod tests {
             assert!((share - ratio).abs() < 0.05, "ratio {ratio}: kept {share}");
         }
     }
+
+    /// A span of a trace the ratio drops is never created for the
+    /// OpenTelemetry layer (no span built and dropped later), one of a
+    /// kept trace is; a request's spans share their trace's fate.
+    #[test]
+    fn a_dropped_trace_builds_no_span() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::{Layer as _, registry};
+
+        struct Built(Arc<AtomicUsize>);
+        impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Built {
+            fn on_new_span(
+                &self,
+                _: &tracing::span::Attributes<'_>,
+                _: &tracing::span::Id,
+                _: tracing_subscriber::layer::Context<'_, S>,
+            ) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let built = Arc::new(AtomicUsize::new(0));
+        let subscriber = registry().with(Built(built.clone()).with_filter(filter(0.5)));
+        let mut expected = 0;
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..200 {
+                let id = TraceParent::new_root().trace_id;
+                in_trace(Some(&id), || {
+                    let outer = tracing::debug_span!(target: "tandem::test", "request");
+                    let _in = outer.enter();
+                    let _call = tracing::debug_span!(target: "tandem::test", "call");
+                });
+                if kept(low_bits(&id), bound(0.5)) {
+                    expected += 2;
+                }
+            }
+        });
+        assert!(expected > 0 && expected < 400, "{expected}");
+        assert_eq!(built.load(Ordering::Relaxed), expected);
+    }
 }
