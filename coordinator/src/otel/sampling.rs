@@ -80,11 +80,13 @@ where
             None => cx.lookup_current().is_some() || kept(fresh_low(), bound),
         }
     })
-    .with_callsite_filter(|meta| {
-        if meta.is_span() && meta.target().starts_with("tandem") {
-            Interest::sometimes()
-        } else {
+    .with_callsite_filter(move |meta| {
+        if !(meta.is_span() && meta.target().starts_with("tandem")) {
             Interest::never()
+        } else if keep_all {
+            Interest::always()
+        } else {
+            Interest::sometimes()
         }
     })
 }
