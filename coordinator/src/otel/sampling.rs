@@ -24,10 +24,10 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use tandem_trace::TraceParent;
+use tandem_trace::{TraceContext, TraceParent};
 use tower::{Layer, Service};
 use tracing::subscriber::Interest;
 use tracing_subscriber::filter::DynFilterFn;
@@ -40,8 +40,13 @@ thread_local! {
     static CURRENT: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
-/// Whether a sampling filter is installed (the scopes cost nothing when not).
+/// Whether a sampling filter that drops some traces is installed (the
+/// scopes cost nothing when not). Only ever set: a process installs its
+/// subscriber once.
 static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+/// The installed filter's [`bound`], when [`ACTIVE`].
+static BOUND: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// `TraceIdRatioBased`'s bound for `ratio`: a trace whose lower 64 bits,
 /// shifted right once, fall below it is kept.
@@ -69,7 +74,10 @@ where
 {
     let keep_all = ratio >= 1.0;
     let bound = bound(ratio);
-    ACTIVE.store(!keep_all, Ordering::Relaxed);
+    if !keep_all {
+        BOUND.store(bound, Ordering::Relaxed);
+        ACTIVE.store(true, Ordering::Relaxed);
+    }
     DynFilterFn::new(move |_, cx| {
         if keep_all {
             return true;
@@ -93,6 +101,25 @@ where
 
 fn fresh_low() -> u64 {
     low_bits(&TraceParent::new_root().trace_id)
+}
+
+/// Whether the installed filter drops the trace `trace_id` (false when no
+/// filter drops anything).
+pub fn dropped(trace_id: &[u8; 16]) -> bool {
+    ACTIVE.load(Ordering::Relaxed) && !kept(low_bits(trace_id), BOUND.load(Ordering::Relaxed))
+}
+
+/// The context to send on a call made inside `span` for the trace
+/// `trace`: [`TraceContext::child_in`], with the sampled flag cleared when
+/// this coordinator dropped the trace, so that a participant sampling by
+/// its parent drops its spans too instead of exporting children of a span
+/// nobody exported.
+pub fn outgoing(trace: &TraceContext, span: &tracing::Span) -> TraceContext {
+    let mut out = trace.child_in(span);
+    if dropped(&trace.parent.trace_id) {
+        out.parent.flags &= !TraceParent::SAMPLED;
+    }
+    out
 }
 
 /// Runs `f` (which creates spans) as part of the trace `trace_id`; `None`
@@ -262,5 +289,14 @@ mod tests {
         });
         assert!(expected > 0 && expected < 400, "{expected}");
         assert_eq!(built.load(Ordering::Relaxed), expected);
+
+        // What goes to participants says whether this trace was kept.
+        for _ in 0..100 {
+            let trace = TraceContext::from(TraceParent::new_root());
+            let sent = outgoing(&trace, &tracing::Span::none());
+            let kept_here = kept(low_bits(&trace.parent.trace_id), bound(0.5));
+            assert_eq!(sent.parent.sampled(), kept_here);
+            assert_eq!(sent.parent.trace_id, trace.parent.trace_id);
+        }
     }
 }

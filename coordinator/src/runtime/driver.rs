@@ -237,7 +237,7 @@ impl Inner {
         let left = Duration::from_millis(deadline.saturating_sub(self.now()).max(1));
         let timeout = self.config.call_timeout.min(left);
         let span = call_span(&req, trace.as_ref(), mode.phase_one_verb());
-        let trace = trace.map(|t| t.child_in(&span));
+        let trace = trace.map(|t| crate::otel::sampling::outgoing(&t, &span));
         let resource = self.metrics.as_ref().map(|_| req.resource.clone());
         let call = self
             .transport
@@ -295,7 +295,7 @@ impl Inner {
             Err(e) => Err(CallError::from(e.to_string())),
             Ok(()) => {
                 let span = call_span(&req, trace.as_ref(), mode.phase_two_verb(commit));
-                let trace = trace.map(|t| t.child_in(&span));
+                let trace = trace.map(|t| crate::otel::sampling::outgoing(&t, &span));
                 let resource = self.metrics.as_ref().map(|_| req.resource.clone());
                 let call = self
                     .transport

@@ -61,6 +61,10 @@ impl Inner {
         // again through the log (buffer first) before calling it an orphan.
         let mut settled = Vec::new();
         orphans.retain(|gtid| {
+            if self.live_table().contains_key(gtid) {
+                settled.push(*gtid);
+                return false;
+            }
             let driven = match self.log.get(gtid) {
                 Ok(Some(rec)) => DRIVEN.contains(&rec.state),
                 Ok(None) => false,
@@ -78,7 +82,8 @@ impl Inner {
                 recovering.remove(gtid);
             }
         }
-        if orphans.is_empty() {
+        // A log that latched meanwhile answered no read: nothing to say.
+        if orphans.is_empty() || self.check_halted().is_err() {
             return;
         }
         tracing::warn!(
