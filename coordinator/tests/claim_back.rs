@@ -6,33 +6,22 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_coordinator::log::{SharedMemLog, SharedStore, TxnLog};
+use tandem_coordinator::log::{SharedMemLog, TxnLog};
 use tandem_coordinator::model::{Mode, TxState};
-use tandem_coordinator::runtime::{Clock, Environment};
-use tandem_coordinator::{Coordinator, CoordinatorConfig};
+
+mod common;
 
 const LEASE: Duration = Duration::from_millis(600);
-const BASE_MS: u64 = 1_700_000_000_000;
 
 // Rule: a row an instance claims is driven at once (undecided: aborted).
 #[tokio::test(start_paused = true)]
 async fn a_row_claimed_back_from_a_stale_owner_is_driven() {
-    let start = tokio::time::Instant::now();
-    let store = SharedStore::new(
-        Arc::new(move || BASE_MS + start.elapsed().as_millis() as u64),
-        LEASE,
-    );
+    let store = common::store(LEASE);
     let a = SharedMemLog::open(store.clone(), "a", "a:1");
     let _renewer = a.spawn_renewer(LEASE / 3);
-    let env = Environment {
-        clock: Clock::tokio(BASE_MS),
-        ..Environment::default()
-    };
-    let ca = Coordinator::with_environment(CoordinatorConfig::default(), a.clone(), env)
-        .expect("coordinator");
+    let ca = common::coordinator(&a);
     let _recovery = ca.start_recovery().await.expect("recovery");
     let _takeover = ca.start_takeover(LEASE / 4);
 

@@ -6,32 +6,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_coordinator::log::{SharedMemLog, SharedStore};
-use tandem_coordinator::runtime::{Clock, Environment};
-use tandem_coordinator::{Coordinator, CoordinatorConfig};
+use tandem_coordinator::log::SharedMemLog;
+
+mod common;
 
 const LEASE: Duration = Duration::from_millis(600);
-const BASE_MS: u64 = 1_700_000_000_000;
 
 // Rule: a latched log halts the coordinator, even with no request to see it.
 #[tokio::test(start_paused = true)]
 async fn a_log_latched_while_idle_halts_the_coordinator() {
-    let start = tokio::time::Instant::now();
-    let store = SharedStore::new(
-        Arc::new(move || BASE_MS + start.elapsed().as_millis() as u64),
-        LEASE,
-    );
+    let store = common::store(LEASE);
     let a = SharedMemLog::open(store.clone(), "a", "a:1");
     let _renewer = a.spawn_renewer(LEASE / 3);
-    let env = Environment {
-        clock: Clock::tokio(BASE_MS),
-        ..Environment::default()
-    };
-    let ca = Coordinator::with_environment(CoordinatorConfig::default(), a.clone(), env)
-        .expect("coordinator");
+    let ca = common::coordinator(&a);
     let _recovery = ca.start_recovery().await.expect("recovery");
     let _takeover = ca.start_takeover(LEASE / 4);
     tokio::time::sleep(LEASE).await;

@@ -7,18 +7,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_coordinator::engine::NewBranch;
 use tandem_coordinator::log::conformance::sample_record;
-use tandem_coordinator::log::{SharedMemLog, SharedStore, TxnLog};
+use tandem_coordinator::log::{SharedMemLog, TxnLog};
 use tandem_coordinator::model::Mode;
-use tandem_coordinator::runtime::{Clock, Environment};
-use tandem_coordinator::{Coordinator, CoordinatorConfig};
 
-const BASE_MS: u64 = 1_700_000_000_000;
+mod common;
+
+use common::BASE_MS;
 
 fn branches() -> Vec<NewBranch> {
     vec![NewBranch {
@@ -33,19 +32,10 @@ fn branches() -> Vec<NewBranch> {
 // transaction is dropped here.
 #[tokio::test(start_paused = true)]
 async fn a_repeat_waiting_on_a_refused_start_is_answered() {
-    let start = tokio::time::Instant::now();
-    let store = SharedStore::new(
-        Arc::new(move || BASE_MS + start.elapsed().as_millis() as u64),
-        Duration::from_secs(3600),
-    );
+    let store = common::store(Duration::from_secs(3600));
     let a = SharedMemLog::open(store.clone(), "a", "a:1");
     let b = SharedMemLog::open(store.clone(), "b", "b:1");
-    let env = Environment {
-        clock: Clock::tokio(BASE_MS),
-        ..Environment::default()
-    };
-    let ca = Coordinator::with_environment(CoordinatorConfig::default(), a.clone(), env)
-        .expect("coordinator");
+    let ca = common::coordinator(&a);
     let _recovery = ca.start_recovery().await.expect("recovery");
     let gtid = uuid::Builder::from_unix_timestamp_millis(BASE_MS, &[9; 10]).into_uuid();
 

@@ -61,16 +61,14 @@ impl Inner {
         // again through the log (buffer first) before calling it an orphan.
         let mut settled = Vec::new();
         orphans.retain(|gtid| {
-            if self.live_table().contains_key(gtid) {
-                settled.push(*gtid);
-                return false;
-            }
-            let driven = match self.log.get(gtid) {
+            let live = || self.live_table().contains_key(gtid);
+            let driven = || match self.log.get(gtid) {
                 Ok(Some(rec)) => DRIVEN.contains(&rec.state),
                 Ok(None) => false,
                 Err(_) => true, // recovery reads it again, and retries
             };
-            let orphan = driven && !self.live_table().contains_key(gtid);
+            // Live again needs no read; one read live meanwhile is no orphan.
+            let orphan = !live() && driven() && !live();
             if !orphan {
                 settled.push(*gtid);
             }
