@@ -150,8 +150,8 @@ impl Store {
         }
     }
 
-    /// Writes `ops` in one database transaction, all or nothing; says which
-    /// writes were refused (then nothing was written).
+    /// Writes `ops` all or nothing; says which writes were refused (then
+    /// nothing was written).
     ///
     /// A transaction's first write inserts its row; every later write
     /// updates the row only while this incarnation owns it at the epoch
@@ -159,25 +159,62 @@ impl Store {
     /// that finds no row (retention removed it after another coordinator
     /// took the transaction over and finished it) is refused like one
     /// that finds another owner: it never creates the row again.
+    ///
+    /// The common case, nothing refused, is one statement in one round
+    /// trip ([`BATCH_SQL`]: its own implicit transaction). When any write
+    /// is refused that statement fails as a whole (division by zero, on
+    /// purpose) and the batch is written again in an explicit transaction
+    /// that finds out which writes were refused, and rolls back.
     pub(super) async fn write_batch(&self, ops: &BTreeMap<Gtid, Op>) -> Result<Refusals, Fail> {
+        let batch = Batch::of(ops);
+        let client = self.pool.get().await?;
+        let statement = client.prepare_cached(BATCH_SQL).await?;
+        let me = self.shared.incarnation;
+        let (first, later) = (&batch.first, &batch.later);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
+            &batch.removed,
+            &finished_codes(),
+            &batch.pay_g,
+            &batch.pay_b,
+            &batch.pay_p,
+            &me,
+            &first.gtids,
+            &first.states,
+            &first.decisions,
+            &first.records,
+            &first.epochs,
+            &first.gtid_ms,
+            &later.gtids,
+            &later.states,
+            &later.decisions,
+            &later.records,
+        ];
+        // The later writes' epochs, after the 16 above.
+        let mut all = params.to_vec();
+        all.push(&later.epochs);
+        match client.execute(&statement, &all).await {
+            Ok(_) => Ok(Refusals::default()),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO) => {
+                drop(client);
+                self.write_explaining(&batch).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// [`Store::write_batch`] in an explicit transaction, statement by
+    /// statement: which writes are refused, and nothing written then.
+    async fn write_explaining(&self, batch: &Batch) -> Result<Refusals, Fail> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let (mut first, mut later) = (Rows::default(), Rows::default());
-        let (mut pay_g, mut pay_b, mut pay_p) = (vec![], vec![], vec![]);
-        let mut removed = vec![];
-        for (gtid, op) in ops {
-            match op {
-                Op::Remove => removed.push(*gtid),
-                Op::Write(p) => {
-                    if p.first { &mut first } else { &mut later }.push(&p.record);
-                    for (branch, payload) in &p.payloads {
-                        pay_g.push(*gtid);
-                        pay_b.push(*branch as i32);
-                        pay_p.push(payload.to_vec());
-                    }
-                }
-            }
-        }
+        let Batch {
+            first,
+            later,
+            pay_g,
+            pay_b,
+            pay_p,
+            removed,
+        } = batch;
         if !removed.is_empty() {
             // Only finished rows: whatever retention read, a row someone
             // still drives (or a gtid started again) is never removed.
@@ -186,7 +223,7 @@ impl Store {
                      DELETE FROM tandem_txns WHERE gtid = ANY($1) AND state = ANY($2)
                      RETURNING gtid)
                  DELETE FROM tandem_payloads WHERE gtid IN (SELECT gtid FROM gone)",
-                &[&removed, &finished_codes()],
+                &[removed, &finished_codes()],
             )
             .await?;
         }
@@ -195,7 +232,7 @@ impl Store {
                 "INSERT INTO tandem_payloads (gtid, branch, payload)
                  SELECT * FROM unnest($1::uuid[], $2::int4[], $3::bytea[])
                  ON CONFLICT (gtid, branch) DO UPDATE SET payload = excluded.payload",
-                &[&pay_g, &pay_b, &pay_p],
+                &[pay_g, pay_b, pay_p],
             )
             .await?;
         }
@@ -252,6 +289,8 @@ impl Store {
         let refused_first = first.refused(written_first);
         let mut taken_over = later.refused(written_later);
         if refused_first.is_empty() && taken_over.is_empty() {
+            // Refused a moment ago, written now (the row changed between
+            // the two): as good as the one statement.
             tx.commit().await?;
             return Ok(Refusals::default());
         }
@@ -282,6 +321,41 @@ impl Store {
             taken_over,
             started_elsewhere,
         })
+    }
+}
+
+/// One flush's writes, by kind.
+#[derive(Default)]
+struct Batch {
+    /// First writes (inserts).
+    first: Rows,
+    /// Later writes (conditional updates).
+    later: Rows,
+    /// Payloads: gtid, branch, bytes.
+    pay_g: Vec<Gtid>,
+    pay_b: Vec<i32>,
+    pay_p: Vec<Vec<u8>>,
+    /// Finished transactions retention removes.
+    removed: Vec<Gtid>,
+}
+
+impl Batch {
+    fn of(ops: &BTreeMap<Gtid, Op>) -> Batch {
+        let mut b = Batch::default();
+        for (gtid, op) in ops {
+            match op {
+                Op::Remove => b.removed.push(*gtid),
+                Op::Write(p) => {
+                    if p.first { &mut b.first } else { &mut b.later }.push(&p.record);
+                    for (branch, payload) in &p.payloads {
+                        b.pay_g.push(*gtid);
+                        b.pay_b.push(*branch as i32);
+                        b.pay_p.push(payload.to_vec());
+                    }
+                }
+            }
+        }
+        b
     }
 }
 
@@ -356,3 +430,43 @@ const UPDATE_SQL: &str = "UPDATE tandem_txns AS t
                      WHERE t.gtid = b.g AND t.owner = $5 AND t.epoch = b.e
                        AND (t.decision IS NULL OR t.decision = b.d)
                      RETURNING t.gtid";
+
+/// One flush in one statement, the common case: retention's removals (of
+/// finished rows only), payloads, first writes ([`INSERT_SQL`]'s rules) and
+/// later writes ([`UPDATE_SQL`]'s), all in the statement's own implicit
+/// transaction. When a first or later write is refused (fewer rows written
+/// than given), the final division is by zero: the statement fails, nothing
+/// of it lands, and the caller finds out which in an explicit transaction.
+/// The divisor comes from the data, so the planner cannot fold it away.
+const BATCH_SQL: &str = "WITH gone AS (
+         DELETE FROM tandem_txns WHERE gtid = ANY($1) AND state = ANY($2)
+         RETURNING gtid),
+     gone_payloads AS (
+         DELETE FROM tandem_payloads WHERE gtid IN (SELECT gtid FROM gone)),
+     payloads AS (
+         INSERT INTO tandem_payloads (gtid, branch, payload)
+         SELECT * FROM unnest($3::uuid[], $4::int4[], $5::bytea[])
+         ON CONFLICT (gtid, branch) DO UPDATE SET payload = excluded.payload),
+     created AS (
+         INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
+         SELECT g, s, d, r, $6, e
+         FROM unnest($7::uuid[], $8::int2[], $9::int2[], $10::bytea[], $11::int8[],
+                     $12::int8[])
+             AS b(g, s, d, r, e, ms)
+         WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
+         ON CONFLICT (gtid) DO UPDATE
+         SET state = excluded.state, decision = excluded.decision,
+             record = excluded.record, updated_at = now()
+         WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
+           AND (t.decision IS NULL OR t.decision = excluded.decision)
+         RETURNING 1),
+     updated AS (
+         UPDATE tandem_txns AS t
+         SET state = b.s, decision = b.d, record = b.r, updated_at = now()
+         FROM unnest($13::uuid[], $14::int2[], $15::int2[], $16::bytea[], $17::int8[])
+             AS b(g, s, d, r, e)
+         WHERE t.gtid = b.g AND t.owner = $6 AND t.epoch = b.e
+           AND (t.decision IS NULL OR t.decision = b.d)
+         RETURNING 1)
+     SELECT 1 / ((SELECT count(*) FROM created) = cardinality($7::uuid[])
+                 AND (SELECT count(*) FROM updated) = cardinality($13::uuid[]))::int";
