@@ -268,3 +268,50 @@ fn bench_smoke_verifies_every_counted_transaction() {
         }
     }
 }
+
+// `tandem bench --retained M --live N`: the records are written, the
+// coordinator starts on them, the live transactions are begun and after a
+// SIGKILL and a restart every one of them is finished; the memory and
+// start-up figures are measured (a positive resident size at each step).
+#[test]
+fn bench_scale_measures_memory_start_up_and_listing() {
+    let out = Command::new(tandem_bin())
+        .args([
+            "bench",
+            "--retained",
+            "3000",
+            "--live",
+            "200",
+            "--output",
+            "json",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(report["retained"], 3000, "{report}");
+    assert_eq!(report["live"], 200, "{report}");
+    let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|f| f > 0.0);
+    for field in [
+        "fill_s",
+        "data_dir_mb",
+        "startup_empty_s",
+        "startup_s",
+        "rss_empty_kb",
+        "rss_started_kb",
+        "rss_live_kb",
+        "list_all_ms",
+        "list_active_ms",
+        "restart_s",
+        "restart_settled_s",
+        "rss_restarted_kb",
+    ] {
+        assert!(positive(&report[field]), "{field}: {report}");
+    }
+}

@@ -137,7 +137,7 @@ pub(super) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         .coordinator_security
         .options()
         .map_err(anyhow::Error::msg)?;
-    let report = bench::run(bench::BenchOptions {
+    let options = bench::BenchOptions {
         mode: args.mode,
         branches: args.branches,
         concurrency: args.concurrency,
@@ -158,8 +158,17 @@ pub(super) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
         trace: args.trace,
         otlp: args.otlp,
         otlp_sample_ratio: args.otlp_sample_ratio,
-    })
-    .await?;
+    };
+    if args.retained.is_some() || args.live.is_some() {
+        let (retained, live) = (args.retained.unwrap_or(0), args.live.unwrap_or(0));
+        let report = bench::scale::run(options, retained, live).await?;
+        match args.output {
+            cli::Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            cli::Output::Table => println!("{report}"),
+        }
+        return Ok(());
+    }
+    let report = bench::run(options).await?;
     match args.output {
         cli::Output::Json => println!("{}", report.to_json()),
         cli::Output::Table => println!("{report}"),

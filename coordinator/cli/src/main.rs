@@ -162,6 +162,15 @@ struct BenchArgs {
     /// With --otlp: the coordinator's --otlp-sample-ratio (0 to 1).
     #[arg(long, default_value = "1", value_parser = serve_cli::parse_ratio)]
     otlp_sample_ratio: f64,
+    /// Measure memory and start-up at scale instead of throughput: write
+    /// this many finished records into the log before the coordinator
+    /// starts (with --live; either may be 0).
+    #[arg(long)]
+    retained: Option<u64>,
+    /// Measure memory and start-up at scale: begin this many interactive
+    /// transactions and keep them live (with --retained).
+    #[arg(long)]
+    live: Option<u64>,
 }
 
 #[derive(Args)]

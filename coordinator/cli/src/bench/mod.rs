@@ -18,6 +18,9 @@
 //!    transactions pile up, the coordinator is killed and restarted, and
 //!    the time to finish all K is measured.
 //!
+//! With `--retained M` or `--live N` it measures memory and start-up at
+//! scale instead ([`scale`]).
+//!
 //! `efficiency = tx/s × RPCs per transaction ÷ echo req/s`: 1.0 would mean
 //! the coordinator costs no more than the RPCs it must make;
 //! `p50_floor_ratio = p50 ÷ (client RTT + 2 × participant RTT + 1 sync)`
@@ -30,6 +33,7 @@ mod observe;
 mod participant;
 mod procs;
 mod report;
+pub mod scale;
 mod workload;
 
 use std::sync::Arc;
