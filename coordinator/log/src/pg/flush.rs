@@ -160,18 +160,19 @@ impl Store {
     /// took the transaction over and finished it) is refused like one
     /// that finds another owner: it never creates the row again.
     ///
-    /// The common case, nothing refused, is one statement in one round
-    /// trip ([`BATCH_SQL`]: its own implicit transaction). When any write
-    /// is refused that statement fails as a whole (division by zero, on
-    /// purpose) and the batch is written again in an explicit transaction
-    /// that finds out which writes were refused, and rolls back.
+    /// The common case, nothing refused, is two round trips: `BEGIN` with
+    /// one statement ([`BATCH_SQL`]), then `COMMIT`. When any write is
+    /// refused that statement fails as a whole (division by zero, on
+    /// purpose), is rolled back, and the batch is written again statement
+    /// by statement in a transaction that finds out which writes were
+    /// refused, and rolls back.
     pub(super) async fn write_batch(&self, ops: &BTreeMap<Gtid, Op>) -> Result<Refusals, Fail> {
         let batch = Batch::of(ops);
         let client = self.pool.get().await?;
         let statement = client.prepare_cached(BATCH_SQL).await?;
         let me = self.shared.incarnation;
         let (first, later) = (&batch.first, &batch.later);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
             &batch.removed,
             &finished_codes(),
             &batch.pay_g,
@@ -188,14 +189,31 @@ impl Store {
             &later.states,
             &later.decisions,
             &later.records,
+            &later.epochs,
         ];
-        // The later writes' epochs, after the 16 above.
-        let mut all = params.to_vec();
-        all.push(&later.epochs);
-        match client.execute(&statement, &all).await {
-            Ok(_) => Ok(Refusals::default()),
+        // BEGIN and the statement go out together (tokio-postgres sends
+        // requests in the order they are first polled, and pipelines
+        // them), COMMIT once the statement's answer is in: a connection
+        // lost before that answer leaves an open transaction the server
+        // rolls back, so a statement still running when its batch is
+        // retried can never commit after the retry (as a statement in its
+        // own implicit transaction could: it commits when it ends, whoever
+        // still listens). A future dropped in between (the store timeout)
+        // leaves the connection in its transaction: the guard takes it out
+        // of the pool.
+        let open = OpenTransaction(Some(client));
+        let c = open.client();
+        let (begun, ran) = futures::join!(c.batch_execute("BEGIN"), c.execute(&statement, &params));
+        begun?;
+        match ran {
+            Ok(_) => {
+                c.batch_execute("COMMIT").await?;
+                open.close();
+                Ok(Refusals::default())
+            }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO) => {
-                drop(client);
+                c.batch_execute("ROLLBACK").await?;
+                open.close();
                 self.write_explaining(&batch).await
             }
             Err(e) => Err(e.into()),
@@ -324,6 +342,34 @@ impl Store {
     }
 }
 
+/// A pooled connection inside a transaction [`Store::write_batch`] began
+/// by hand: unless [`OpenTransaction::close`]d (committed or rolled back),
+/// dropping it takes the connection out of the pool and closes it, which
+/// rolls the transaction back, rather than hand the next user a
+/// connection in the middle of one.
+struct OpenTransaction(Option<tandem_common::postgres::deadpool_postgres::Object>);
+
+impl OpenTransaction {
+    fn client(&self) -> &tokio_postgres::Client {
+        self.0.as_ref().expect("open until closed")
+    }
+
+    /// The transaction ended: the connection goes back to the pool.
+    fn close(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(tandem_common::postgres::deadpool_postgres::Object::take(
+                object,
+            ));
+        }
+    }
+}
+
 /// One flush's writes, by kind.
 #[derive(Default)]
 struct Batch {
@@ -433,10 +479,10 @@ const UPDATE_SQL: &str = "UPDATE tandem_txns AS t
 
 /// One flush in one statement, the common case: retention's removals (of
 /// finished rows only), payloads, first writes ([`INSERT_SQL`]'s rules) and
-/// later writes ([`UPDATE_SQL`]'s), all in the statement's own implicit
-/// transaction. When a first or later write is refused (fewer rows written
-/// than given), the final division is by zero: the statement fails, nothing
-/// of it lands, and the caller finds out which in an explicit transaction.
+/// later writes ([`UPDATE_SQL`]'s). When a first or later write is refused
+/// (fewer rows written than given), the final division is by zero: the
+/// statement fails, its transaction is rolled back, and the caller finds
+/// out which in an explicit transaction.
 /// The divisor comes from the data, so the planner cannot fold it away.
 const BATCH_SQL: &str = "WITH gone AS (
          DELETE FROM tandem_txns WHERE gtid = ANY($1) AND state = ANY($2)
