@@ -137,7 +137,7 @@ struct BenchArgs {
     instances: usize,
     /// Retention of the coordinator the bench starts (finished records
     /// older than this are purged; keeps long runs' data dir bounded; at
-    /// least 2m).
+    /// least 2m; at least 5m on a --store: see `tandem bench` in the book).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     retention: Duration,
     /// table or json.

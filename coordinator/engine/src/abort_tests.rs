@@ -131,3 +131,67 @@ fn a_commit_decision_carries_no_abort() {
     vote(&mut t, 1, Vote::Yes(Bytes::new()));
     assert_eq!(t.record().abort, None);
 }
+
+// A commit decision the store refused (another coordinator presumed the
+// transaction aborted before its first write) turns into a forced abort:
+// nothing shows or goes out before that abort is durable, then every
+// branch is rolled back.
+#[test]
+fn a_commit_refused_by_a_presumed_abort_becomes_a_forced_abort() {
+    let mut t = one_shot(2);
+    t.handle(
+        Event::PhaseOne {
+            branch: 1,
+            vote: Vote::Yes(Bytes::new()),
+        },
+        NOW,
+    )
+    .expect("vote");
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 2,
+                vote: Vote::Yes(Bytes::new()),
+            },
+            NOW,
+        )
+        .expect("vote");
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    let cmds = t.handle(Event::PresumedAborted, NOW).expect("refused");
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    assert_eq!(t.record().decision, Some(Decision::Abort));
+    assert_eq!(abort_of(&t).cause, AbortCause::CoordinatorRestart);
+    // Still pending: others see it undecided.
+    assert_eq!(t.durable_decision(), None);
+    assert_eq!(t.visible_record().state, TxState::Preparing);
+    let cmds = t.handle(Event::DecisionDurable, NOW).expect("durable");
+    let rollbacks: Vec<_> = cmds
+        .iter()
+        .filter(|c| matches!(c, Command::PhaseTwo { commit: false, .. }))
+        .collect();
+    assert_eq!(rollbacks.len(), 2, "{cmds:?}");
+    // Once durable, a second refusal changes nothing.
+    assert!(
+        t.handle(Event::PresumedAborted, NOW)
+            .expect("late")
+            .is_empty()
+    );
+    assert_eq!(t.durable_decision(), Some(Decision::Abort));
+}
+
+// Refused while undecided (the first record's flush met the presumed
+// abort, phase 1 still out): a forced abort too; refused again while that
+// abort is being forced, nothing (the caller stops rather than loop).
+#[test]
+fn an_undecided_transaction_presumed_aborted_aborts_forced_once() {
+    let mut t = one_shot(2);
+    let cmds = t.handle(Event::PresumedAborted, NOW).expect("refused");
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    assert_eq!(t.record().decision, Some(Decision::Abort));
+    assert_eq!(t.durable_decision(), None);
+    assert!(
+        t.handle(Event::PresumedAborted, NOW)
+            .expect("again")
+            .is_empty()
+    );
+}

@@ -279,6 +279,7 @@ impl Txn {
                 }
                 Ok(cmds)
             }
+            Event::PresumedAborted => Ok(self.on_presumed_aborted(now)),
             Event::PhaseTwo { branch, result } => Ok(self.on_phase_two(branch, result, now)),
             Event::PhaseTwoRefused { branch, error } => {
                 Ok(self.on_phase_two_refused(branch, error, now))

@@ -167,6 +167,28 @@ impl Txn {
         }
     }
 
+    /// [`crate::Event::PresumedAborted`]: an undecided transaction, or a
+    /// commit decision still being forced (nothing of it told or sent),
+    /// becomes a forced abort. A durable decision, or an abort already
+    /// being forced (its write was refused for another reason: the caller
+    /// must not loop), is unchanged: no command.
+    pub(crate) fn on_presumed_aborted(&mut self, now: u64) -> Vec<Command> {
+        match (self.rec.decision, self.durable) {
+            (Some(_), true) | (Some(Decision::Abort), false) => return Vec::new(),
+            (Some(Decision::Commit), false) => self.rec.state = self.undecided,
+            (None, _) => {}
+        }
+        self.force_abort = true;
+        self.abort(
+            AbortInfo::new(
+                AbortCause::CoordinatorRestart,
+                "presumed aborted: another coordinator was asked about it before its decision \
+                 was written",
+            ),
+            now,
+        )
+    }
+
     pub(crate) fn all_prepared(&self) -> bool {
         self.rec
             .branches

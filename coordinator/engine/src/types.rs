@@ -31,6 +31,12 @@ pub enum Event {
     /// The decision whose record [`Command::ForceDecision`] forced is on
     /// disk.
     DecisionDurable,
+    /// The decision's record was refused by a shared store: another
+    /// coordinator, asked about the transaction before this one had
+    /// written it, wrote its presumed abort first. Nothing of the pending
+    /// decision was told or sent, so the transaction aborts, forced (its
+    /// record then replaces the presumed one) before rollback / cancel.
+    PresumedAborted,
     /// A phase-2 call returned.
     PhaseTwo {
         /// Which branch.

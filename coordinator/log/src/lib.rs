@@ -229,6 +229,31 @@ pub trait TxnLog: Send + Sync + 'static {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
 
+    /// Makes "no record, so abort" durable for `marker.gtid` on a shared
+    /// store before anyone is told abort: writes `marker` (an aborted
+    /// record owned by nobody, at epoch 1) unless a record of the gtid is
+    /// there, straight to the store. A coordinator that began the gtid
+    /// writes it first at its decision (DESIGN.md, "One forced write per
+    /// transaction"); that first write then finds this row and is refused,
+    /// so what was presumed aborted never commits. Not written when the
+    /// retention horizon covers the gtid ([`Presumed::Forgotten`]).
+    ///
+    /// The default, for a log only this coordinator uses: nothing to write
+    /// (its own starts are in its own memory), [`Presumed::Aborted`].
+    fn presume_abort(&self, marker: &TxnRecord) -> Result<Presumed, LogError> {
+        let _ = marker;
+        Ok(Presumed::Aborted)
+    }
+
+    /// The coordinator that began `gtid`, refused because its gtid was
+    /// presumed aborted (a [`TxnLog::presume_abort`] row), aborts it
+    /// itself: the refusal is lifted, and its next write, deciding abort,
+    /// replaces the presumed row (a first write deciding commit never
+    /// does). No-op on a log only this coordinator uses.
+    fn accept_presumed_abort(&self, gtid: &Gtid) {
+        let _ = gtid;
+    }
+
     /// Who drives `gtid` on a shared store; `None` on a log only one
     /// coordinator uses, or when there is no record.
     fn locate(&self, gtid: &Gtid) -> Result<Option<Ownership>, LogError> {
@@ -313,6 +338,18 @@ pub trait TxnLog: Send + Sync + 'static {
     fn stats(&self) -> LogStats {
         LogStats::default()
     }
+}
+
+/// What [`TxnLog::presume_abort`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Presumed {
+    /// There was no record: the aborted one is now durable in its place.
+    Aborted,
+    /// A record is there (written first): the answer comes from it.
+    Found(Box<TxnRecord>),
+    /// No record, and the retention horizon covers the gtid: nothing may
+    /// be written for it.
+    Forgotten,
 }
 
 /// Who drives a transaction on a store several coordinators share.

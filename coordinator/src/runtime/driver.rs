@@ -23,6 +23,7 @@ use super::{Entry, Inner};
 use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
 use crate::failpoint;
+use crate::log::LogError;
 use crate::model::{BranchId, Mode, TraceContext, TxState};
 
 type CallFuture<'a> = Pin<Box<dyn Future<Output = Event> + Send + 'a>>;
@@ -40,13 +41,28 @@ impl Inner {
         });
         let result = if written {
             self.check_halted()
-                .and_then(|()| self.log.write(txn.record()).map_err(|e| self.halt(e)))
+                .and_then(|()| match self.log.write(txn.record()) {
+                    Ok(()) => Ok(cmds),
+                    // An earlier flush of its first record met a presumed
+                    // abort (asked about at another coordinator before it was
+                    // written): abort it here instead, replacing that row.
+                    Err(LogError::Refused(gtid)) if self.presumed_aborted(&gtid) => {
+                        self.log.accept_presumed_abort(&gtid);
+                        let cmds = txn.handle(Event::PresumedAborted, self.now())?;
+                        if cmds.is_empty() {
+                            return Err(self.halt(LogError::Refused(gtid)));
+                        }
+                        self.log.write(txn.record()).map_err(|e| self.halt(e))?;
+                        Ok(cmds)
+                    }
+                    Err(e) => Err(self.halt(e)),
+                })
         } else {
-            Ok(())
+            Ok(cmds)
         };
         drop(txn);
         entry.changed.bump();
-        result.map(|()| cmds)
+        result
     }
 
     /// Carries out `cmds` in a task of the coordinator's, and everything
@@ -125,10 +141,25 @@ impl Inner {
                     }
                     Command::ForceDecision => {
                         let t = Instant::now();
-                        self.log
-                            .force_txn(&entry.gtid())
-                            .await
-                            .map_err(|e| self.halt(e))?;
+                        match self.log.force_txn(&entry.gtid()).await {
+                            Ok(()) => {}
+                            Err(LogError::Refused(gtid)) if self.presumed_aborted(&gtid) => {
+                                // Asked about at another coordinator before
+                                // this one wrote it (one forced write per
+                                // transaction): nothing was told or sent,
+                                // so abort it here, replacing that row;
+                                // once only (an abort refused again is not
+                                // this rule's to fix).
+                                self.log.accept_presumed_abort(&gtid);
+                                let cmds = self.step(entry, Event::PresumedAborted)?;
+                                if cmds.is_empty() {
+                                    return Err(self.halt(LogError::Refused(gtid)));
+                                }
+                                queue.extend(cmds);
+                                continue;
+                            }
+                            Err(e) => return Err(self.halt(e)),
+                        }
                         if let Some(m) = &self.metrics {
                             m.decision_forced(t.elapsed());
                         }

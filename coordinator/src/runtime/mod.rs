@@ -35,6 +35,7 @@ mod driver;
 mod listing;
 mod operator;
 mod participants;
+mod presumed;
 mod readiness;
 mod recovery;
 mod requests;

@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::presumed;
 use super::starts::{Start, same_branches, same_mode};
 use super::validate::check_reason;
 use super::{Coordinator, Inner};
 use crate::engine::{Command, EngineError, Event, NewBranch, Txn};
 use crate::error::CoordError;
 use crate::labels::Label;
+use crate::log::Presumed;
 use crate::model::{AbortInfo, BranchId, Decision, Gtid, Mode, TraceContext, TxState, TxnRecord};
 
 /// The outcome of a one-shot transaction.
@@ -289,7 +291,17 @@ impl Coordinator {
                     let (inner, entry) = (inner.clone(), entry.clone());
                     async move { inner.spawn_round(&entry, cmds).await }
                 };
-                inner.publish_then(gtid, round).await?;
+                if inner.defers_start(&gtid, deadline) {
+                    // Phase 1 goes out at once, on a shared store too: the
+                    // first record is written with the decision, one forced
+                    // write per transaction (DESIGN.md, "One forced write
+                    // per transaction"); a refusal then (another coordinator
+                    // began the gtid first, or wrote its presumed abort)
+                    // fails the round and drops this copy.
+                    round.await?;
+                } else {
+                    inner.publish_then(gtid, round).await?;
+                }
                 entry
             }
             Start::Live(entry) => {
@@ -423,7 +435,22 @@ impl Inner {
         if horizon.may_have_forgotten(&gtid) || horizon.may_have_purged(&gtid) {
             return Err(CoordError::Forgotten(gtid));
         }
-        Ok(Some(Decision::Abort))
+        // On a shared store a coordinator that began the gtid writes it
+        // first at its decision: the abort is written before it is told,
+        // and that coordinator's write is refused after it (DESIGN.md,
+        // "One forced write per transaction").
+        if !presumed::may_be_unwritten(&gtid, self.now()) {
+            // No coordinator makes or accepts such a gtid: nothing to write.
+            return Ok(Some(Decision::Abort));
+        }
+        match self
+            .log
+            .presume_abort(&presumed::marker(gtid, self.now()))?
+        {
+            Presumed::Aborted => Ok(Some(Decision::Abort)),
+            Presumed::Found(rec) => Ok(rec.decision),
+            Presumed::Forgotten => Err(CoordError::Forgotten(gtid)),
+        }
     }
 
     /// Answers a request for a transaction no longer live: the same engine

@@ -16,17 +16,19 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use super::starts::MAX_GTID_AHEAD;
 use super::{Entry, Inner};
+use crate::config::MAX_CLOCK_OFFSET;
 use crate::error::CoordError;
 use crate::log::LogError;
 use crate::model::Gtid;
 
 impl Inner {
-    /// On a shared store, makes a new transaction's first record durable
-    /// before `then` runs (its phase-1 calls) and before the caller hears
-    /// of it — otherwise another instance, asked by a participant about a
-    /// gtid it cannot find, would answer "presumed abort" for a
-    /// transaction that may still commit here. Both run in a tracked task,
+    /// On a shared store, makes a new interactive transaction's first
+    /// record durable before `then` runs and before the caller hears of
+    /// its gtid, so that its `Enlist` and `Commit` can reach any instance
+    /// (a one-shot `Submit` forces only its decision: DESIGN.md, "One
+    /// forced write per transaction"). Both run in a tracked task,
     /// so a request dropped meanwhile cuts neither short. When another
     /// instance started the same gtid first, this copy is forgotten and
     /// the caller is sent there. (A local log forces no start: a crash
@@ -47,6 +49,27 @@ impl Inner {
         });
         task.await
             .unwrap_or_else(|e| Err(CoordError::Unavailable(format!("start ended: {e}"))))
+    }
+
+    /// Whether a new one-shot transaction's first record may wait for its
+    /// decision (one forced write) rather than be forced before phase 1:
+    /// always on a log only this coordinator uses; on a shared store when
+    /// its deadline (after which it aborts, never commits) comes before
+    /// retention could reach its gtid. Retention removes only records
+    /// created more than `retention` ago, whose gtids are at most
+    /// [`MAX_GTID_AHEAD`] later than their creation, on clocks at most
+    /// [`MAX_CLOCK_OFFSET`] apart; a first write whose gtid the horizon
+    /// covers is refused and would stop this coordinator.
+    pub(super) fn defers_start(&self, gtid: &Gtid, deadline_ms: u64) -> bool {
+        if !self.log.shared() {
+            return true;
+        }
+        let Some(gtid_ms) = crate::log::gtid_ms(gtid) else {
+            return true; // the horizon never covers it
+        };
+        let room = (MAX_GTID_AHEAD + MAX_CLOCK_OFFSET).as_millis() as u64;
+        deadline_ms.saturating_add(room)
+            <= gtid_ms.saturating_add(self.config.retention.as_millis() as u64)
     }
 
     /// Waits until `gtid`'s record is in a shared store (nothing to wait

@@ -13,7 +13,7 @@ use crate::model::{Gtid, Mode, TxnRecord};
 
 /// A client-chosen gtid may be at most this far ahead of the coordinator's
 /// clock (clock skew between the client and the coordinator).
-const MAX_GTID_AHEAD: Duration = Duration::from_secs(60);
+pub(super) const MAX_GTID_AHEAD: Duration = Duration::from_secs(60);
 /// ... and a new transaction's gtid at most this old (or the retention
 /// period, if shorter), less [`MAX_GTID_AHEAD`]: a repeat older than that
 /// cannot be told apart from one whose record retention already removed.
@@ -32,7 +32,7 @@ pub(super) enum Start {
 }
 
 pub(super) fn same_mode(rec: &TxnRecord, mode: Mode) -> Result<(), CoordError> {
-    if rec.mode != mode {
+    if rec.mode != mode && !super::presumed::is_marker(rec) {
         return Err(CoordError::AlreadyExists(format!(
             "transaction {} already exists with another mode",
             rec.gtid
@@ -48,6 +48,10 @@ pub(super) fn same_branches(
     branches: &[NewBranch],
 ) -> Result<(), CoordError> {
     same_mode(rec, mode)?;
+    // Presumed aborted before its first write: whatever it was, it aborted.
+    if super::presumed::is_marker(rec) {
+        return Ok(());
+    }
     let same = rec.branches.len() == branches.len()
         && rec.branches.iter().zip(branches).all(|(r, b)| {
             r.endpoint == b.endpoint
@@ -162,10 +166,14 @@ impl Inner {
     /// sends them again. A gtid whose time is later than this
     /// incarnation's start plus the lead a client clock may have
     /// ([`MAX_GTID_AHEAD`]) was made after the crash: never sent before.
-    /// A shared store publishes every start before phase 1, so a repeat
-    /// finds the record there; a fresh log, or one that loses no write,
-    /// had no earlier incarnation that could lose it.
+    /// On a shared store a one-shot start is written only with its
+    /// decision, so any instance may have sent its phase 1 and stopped
+    /// before writing it, at any time; a fresh local log, or one that
+    /// loses no write, had no earlier incarnation that could lose it.
     fn maybe_sent_before(&self, gtid: &Gtid) -> bool {
+        if self.log.shared() {
+            return true;
+        }
         self.log.may_have_lost_starts()
             && crate::log::gtid_ms(gtid)
                 .is_none_or(|ms| ms < self.started_ms + MAX_GTID_AHEAD.as_millis() as u64)

@@ -280,8 +280,8 @@ async fn marks(world: &World) -> Vec<(usize, BranchKey, Option<Mark>)> {
 /// cancelled (or voted no) under ABORT or no decision (presumed abort).
 async fn coordinator_delivered_every_branch(world: &World) -> Result<(), String> {
     for (i, key, mark) in marks(world).await {
-        if !world.store.known(&key.gtid) {
-            continue; // never durable: the participant's to resolve
+        if !world.store.known(&key.gtid) && world.killed_since(&key.gtid) {
+            continue; // never durable, lost in a crash: the participant's to resolve
         }
         let decided = world.store.decision(&key.gtid);
         let ok = match decided {
@@ -307,10 +307,17 @@ async fn coordinator_delivered_every_branch(world: &World) -> Result<(), String>
 /// No participant still holds a reservation, and no barrier record is
 /// still `Tried`: every try was confirmed or cancelled.
 async fn no_hold_survives(world: &World) -> Result<(), String> {
-    // With in-doubt resolution off, a branch of a gtid no log ever kept
-    // (a local log's unforced start lost in a crash) has nobody to
-    // release it, by design: those are left out (and only those).
-    let exempt = |gtid: &Gtid| !world.resolver_on && !world.store.known(gtid);
+    // A branch of a gtid no log ever kept (a local log's unforced start,
+    // or a shared store's one-shot start, lost in a crash before its
+    // decision was written) is the participant's to release, by design:
+    // with in-doubt resolution off nobody does, and with it on a question
+    // asked only after retention's horizon passed the gtid is answered
+    // FORGOTTEN (an operator's). Those are left out, and only those.
+    let exempt = |gtid: &Gtid| {
+        !world.store.known(gtid)
+            && world.killed_since(gtid)
+            && (!world.resolver_on || world.store.horizon_covers(gtid))
+    };
     for (i, p) in world.net.participants.iter().enumerate() {
         let holds = p.business.holds.lock().unwrap().clone();
         if let Some(((gtid, branch), _)) = holds.iter().find(|(k, _)| !exempt(&k.0)) {

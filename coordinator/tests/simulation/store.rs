@@ -66,12 +66,24 @@ impl Store {
     /// Whether the coordinator side ever recorded `gtid` durably. On a
     /// local log a one-shot start is not forced: after a crash its branches
     /// may have been called for a gtid the log never kept, which only the
-    /// participant's in-doubt resolution can release (presumed abort). A
-    /// shared store publishes every transaction before its phase 1.
+    /// participant's in-doubt resolution can release (presumed abort). On
+    /// a shared store a one-shot start is written with its decision: a
+    /// crash before it leaves the same (a presumed abort written for it
+    /// does not count: it knows no branch).
     pub fn known(&self, gtid: &Gtid) -> bool {
         match self {
             Store::Local { disk, .. } => disk.get(gtid).is_some(),
-            Store::Shared(_) => true,
+            Store::Shared(store) => store.recorded(gtid),
+        }
+    }
+
+    /// Whether retention's horizon on a shared store covers `gtid`: a
+    /// question about it with no record and no tombstone is answered
+    /// FORGOTTEN (it may have been a commit every branch acknowledged).
+    pub fn horizon_covers(&self, gtid: &Gtid) -> bool {
+        match self {
+            Store::Local { .. } => false,
+            Store::Shared(store) => store.horizon().may_have_purged(gtid),
         }
     }
 

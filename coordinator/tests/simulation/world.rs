@@ -66,6 +66,10 @@ pub struct World {
     /// The last version of each record the monitor saw (for reports of
     /// failures about records removed since).
     pub last_seen: Mutex<std::collections::BTreeMap<Gtid, tandem_coordinator::model::TxnRecord>>,
+    /// When an instance was killed (a crash or a restart after a halt),
+    /// on its own clock: what may lose a transaction written only with
+    /// its decision.
+    pub kills: Mutex<Vec<u64>>,
     /// Held through a restart: one restart of an instance at a time.
     restarting: tokio::sync::Mutex<()>,
 }
@@ -161,6 +165,7 @@ impl World {
             clients_on: AtomicBool::new(true),
             calm: AtomicBool::new(false),
             answers: Answers::default(),
+            kills: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
             undriven: Mutex::new(Vec::new()),
             counts: Counts::default(),
@@ -220,10 +225,21 @@ impl World {
         self.counts
             .purges
             .fetch_add(old.coord.purged(), Ordering::Relaxed);
+        self.kills.lock().unwrap().push(old.clock.now_ms());
         old.kill();
         let inst = Instance::start(old.setup.clone(), &self.store, &self.net, &self.issued).await;
         *self.instances[i].lock().unwrap() = Arc::new(inst);
         self.counts.restarts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether an instance was killed at or after `gtid`'s time (on its
+    /// own clock): only then can a transaction with that gtid have been
+    /// lost before anything of it was written.
+    pub fn killed_since(&self, gtid: &Gtid) -> bool {
+        let Some(ms) = tandem_coordinator::log::gtid_ms(gtid) else {
+            return true;
+        };
+        self.kills.lock().unwrap().iter().any(|&k| k >= ms)
     }
 
     /// A commit was reported for `gtid` by instance `by`: it must be

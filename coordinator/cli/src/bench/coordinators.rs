@@ -79,7 +79,15 @@ pub(super) fn start_coordinator(
 ) -> anyhow::Result<Proc> {
     let data = dir.to_string_lossy().to_string();
     let name = format!("bench-{instance}");
-    let retention = format!("{}ms", options.retention.as_millis());
+    // On a shared store a one-shot start waits for its decision to be
+    // written only when its deadline (60 s by default) comes before
+    // retention could reach it (`Inner::defers_start`: deadline + 80 s
+    // within the retention): the store's coordinators keep at least 5 min.
+    let retention = match options.store {
+        Some(_) => options.retention.max(Duration::from_secs(300)),
+        None => options.retention,
+    };
+    let retention = format!("{}ms", retention.as_millis());
     let mut args = vec![
         "serve",
         "--listen",

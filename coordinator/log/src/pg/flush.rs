@@ -257,7 +257,8 @@ impl Store {
         let me = self.shared.incarnation;
         // The insert of first writes; a row already there is written only
         // when it is this incarnation's own at the same epoch (this batch
-        // again, after a commit whose answer was lost). A gtid the
+        // again, after a commit whose answer was lost), or a presumed abort
+        // (owner nil: `presume.rs`) that this write's abort replaces. A gtid the
         // retention horizon covers is never written by a first write: its
         // row may be one retention removed, and this write one a process
         // paused past retention still held (DESIGN.md, "What retention may
@@ -464,9 +465,11 @@ const INSERT_SQL: &str =
                      WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
                      ON CONFLICT (gtid) DO UPDATE
                      SET state = excluded.state, decision = excluded.decision,
-                         record = excluded.record, updated_at = now()
-                     WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
-                       AND (t.decision IS NULL OR t.decision = excluded.decision)
+                         record = excluded.record, owner = excluded.owner, updated_at = now()
+                     WHERE (t.owner = excluded.owner AND t.epoch = excluded.epoch
+                            AND (t.decision IS NULL OR t.decision = excluded.decision))
+                        OR (t.owner = '00000000-0000-0000-0000-000000000000' AND t.epoch = 1
+                            AND excluded.decision = 2)
                      RETURNING gtid";
 
 const UPDATE_SQL: &str = "UPDATE tandem_txns AS t
@@ -502,9 +505,11 @@ const BATCH_SQL: &str = "WITH gone AS (
          WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
          ON CONFLICT (gtid) DO UPDATE
          SET state = excluded.state, decision = excluded.decision,
-             record = excluded.record, updated_at = now()
-         WHERE t.owner = excluded.owner AND t.epoch = excluded.epoch
-           AND (t.decision IS NULL OR t.decision = excluded.decision)
+             record = excluded.record, owner = excluded.owner, updated_at = now()
+         WHERE (t.owner = excluded.owner AND t.epoch = excluded.epoch
+                AND (t.decision IS NULL OR t.decision = excluded.decision))
+            OR (t.owner = '00000000-0000-0000-0000-000000000000' AND t.epoch = 1
+                AND excluded.decision = 2)
          RETURNING 1),
      updated AS (
          UPDATE tandem_txns AS t

@@ -42,6 +42,7 @@ mod cluster;
 mod flush;
 mod io;
 mod lease;
+mod presume;
 mod read;
 mod schema;
 mod tombstone;
@@ -58,8 +59,8 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    ForceFuture, Horizon, LogError, LogStats, Lookup, Ownership, Purge, TakeOverFuture, Tombstone,
-    TxnLog, codec,
+    ForceFuture, Horizon, LogError, LogStats, Lookup, Ownership, Presumed, Purge, TakeOverFuture,
+    Tombstone, TxnLog, codec,
 };
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -135,6 +136,10 @@ pub(super) struct Buffer {
     /// [`REFUSED_KEPT`] of them.
     refused: HashSet<Gtid>,
     refused_order: VecDeque<Gtid>,
+    /// Gtids a `force_txn` waits on (a count each): their refusal is kept
+    /// past [`REFUSED_KEPT`] until it has been read, or it could be
+    /// evicted before and the force taken for a success.
+    pub(super) pinned: HashMap<Gtid, usize>,
     /// Unfinished transactions this incarnation created (its first write
     /// is buffered, in flight or in the store): their later writes are
     /// updates. A record at a later epoch was claimed, so it is never a
@@ -147,6 +152,22 @@ pub(super) struct Buffer {
 const REFUSED_KEPT: usize = 4096;
 
 impl Buffer {
+    /// A `force_txn` of `gtid` starts waiting.
+    fn pin(&mut self, gtid: Gtid) {
+        *self.pinned.entry(gtid).or_default() += 1;
+    }
+
+    /// That `force_txn` read its answer: whether `gtid` was refused.
+    fn unpin(&mut self, gtid: &Gtid) -> bool {
+        if let Some(n) = self.pinned.get_mut(gtid) {
+            *n -= 1;
+            if *n == 0 {
+                self.pinned.remove(gtid);
+            }
+        }
+        self.refused.contains(gtid)
+    }
+
     pub(super) fn refuse(&mut self, gtid: Gtid) {
         self.payloads_queued.remove(&gtid);
         self.created.remove(&gtid);
@@ -157,6 +178,7 @@ impl Buffer {
             self.refused_order.push_back(gtid);
             if self.refused_order.len() > REFUSED_KEPT
                 && let Some(old) = self.refused_order.pop_front()
+                && !self.pinned.contains_key(&old)
             {
                 self.refused.remove(&old);
             }
@@ -380,11 +402,15 @@ impl TxnLog for PgLog {
     }
 
     fn force_txn(&self, gtid: &Gtid) -> ForceFuture {
+        self.shared.buffer().pin(*gtid);
         let forced = self.force();
         let (shared, gtid) = (self.shared.clone(), *gtid);
         Box::pin(async move {
-            forced.await?;
-            if shared.buffer().refused.contains(&gtid) {
+            let forced = forced.await;
+            // Read (and unpinned) whatever the force's outcome.
+            let refused = shared.buffer().unpin(&gtid);
+            forced?;
+            if refused {
                 return Err(LogError::Refused(gtid));
             }
             Ok(())
@@ -494,6 +520,14 @@ impl TxnLog for PgLog {
     fn locate(&self, gtid: &Gtid) -> Result<Option<Ownership>, LogError> {
         self.shared.check()?;
         wait(self.io.locate(*gtid))
+    }
+
+    fn presume_abort(&self, marker: &TxnRecord) -> Result<Presumed, LogError> {
+        self.presume(marker)
+    }
+
+    fn accept_presumed_abort(&self, gtid: &Gtid) {
+        self.shared.buffer().refused.remove(gtid);
     }
 
     fn stats(&self) -> LogStats {

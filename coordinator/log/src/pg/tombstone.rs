@@ -25,7 +25,7 @@ use crate::{Horizon, LogError, Lookup, Purge, Tombstone, TxnLog};
 impl PgLog {
     /// Runs `op` on the I/O thread, retried like every store call, and
     /// waits for its answer.
-    fn on_store<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, LogError>
+    pub(super) fn on_store<T, F, Fut>(&self, what: &'static str, op: F) -> Result<T, LogError>
     where
         T: Send + 'static,
         F: Fn(Arc<Store>) -> Fut + Send + Sync + 'static,

@@ -2,7 +2,7 @@
 //! reaches the store: the write buffer, the flush (one batch, all or
 //! nothing, through the pause gate), renewal and claims.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -46,9 +46,28 @@ pub(super) struct Buffer {
     /// gtid first), the newest [`REFUSED_KEPT`].
     pub(super) refused: HashSet<Gtid>,
     pub(super) refused_order: VecDeque<Gtid>,
+    /// Gtids a `force_txn` waits on (a count each): their refusal is kept
+    /// past [`REFUSED_KEPT`] until it has been read.
+    pub(super) pinned: HashMap<Gtid, usize>,
 }
 
 impl Buffer {
+    /// A `force_txn` of `gtid` starts waiting.
+    pub(super) fn pin(&mut self, gtid: Gtid) {
+        *self.pinned.entry(gtid).or_default() += 1;
+    }
+
+    /// That `force_txn` read its answer: whether `gtid` was refused.
+    pub(super) fn unpin(&mut self, gtid: &Gtid) -> bool {
+        if let Some(n) = self.pinned.get_mut(gtid) {
+            *n -= 1;
+            if *n == 0 {
+                self.pinned.remove(gtid);
+            }
+        }
+        self.refused.contains(gtid)
+    }
+
     pub(super) fn refuse(&mut self, gtid: Gtid) {
         self.created.remove(&gtid);
         self.pending.remove(&gtid);
@@ -56,6 +75,7 @@ impl Buffer {
             self.refused_order.push_back(gtid);
             if self.refused_order.len() > REFUSED_KEPT
                 && let Some(old) = self.refused_order.pop_front()
+                && !self.pinned.contains_key(&old)
             {
                 self.refused.remove(&old);
             }

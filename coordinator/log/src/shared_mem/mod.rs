@@ -33,7 +33,8 @@ use uuid::Uuid;
 use self::flush::{Inner, LINGER, Op};
 use super::shared_store::SharedStore;
 use super::{
-    ForceFuture, Horizon, LogError, LogStats, Ownership, Purge, TakeOverFuture, Tombstone, TxnLog,
+    ForceFuture, Horizon, LogError, LogStats, Ownership, Presumed, Purge, TakeOverFuture,
+    Tombstone, TxnLog,
 };
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -207,11 +208,15 @@ impl TxnLog for SharedMemLog {
     }
 
     fn force_txn(&self, gtid: &Gtid) -> ForceFuture {
+        self.inner.buffer().pin(*gtid);
         let forced = self.force();
         let (inner, gtid) = (self.inner.clone(), *gtid);
         Box::pin(async move {
-            forced.await?;
-            if inner.buffer().refused.contains(&gtid) {
+            let forced = forced.await;
+            // Read (and unpinned) whatever the force's outcome.
+            let refused = inner.buffer().unpin(&gtid);
+            forced?;
+            if refused {
                 return Err(LogError::Refused(gtid));
             }
             Ok(())
@@ -229,6 +234,21 @@ impl TxnLog for SharedMemLog {
 
     fn refused(&self, gtid: &Gtid) -> bool {
         self.inner.buffer().refused.contains(gtid)
+    }
+
+    fn presume_abort(&self, marker: &TxnRecord) -> Result<Presumed, LogError> {
+        self.inner.check()?;
+        // Cut off from the store: the statement would wait and time out.
+        if self.paused() {
+            return Err(LogError::Storage(
+                "the shared store cannot be reached (paused)".into(),
+            ));
+        }
+        Ok(self.inner.store.presume_abort(marker))
+    }
+
+    fn accept_presumed_abort(&self, gtid: &Gtid) {
+        self.inner.buffer().refused.remove(gtid);
     }
 
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {

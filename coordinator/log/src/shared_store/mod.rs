@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::{Horizon, Ownership, Tombstone};
+use super::{Horizon, Ownership, Presumed, Tombstone};
 use crate::model::{Decision, Gtid, TxState, TxnRecord};
 
 /// The store's clock: milliseconds, read for every lease.
@@ -103,6 +103,9 @@ struct Tables {
     instances: BTreeMap<Uuid, InstanceView>,
     /// Every decision that ever landed, rows since removed included.
     decisions: Vec<(Gtid, Decision)>,
+    /// Every gtid a coordinator running it ever wrote (presumed aborts
+    /// are not), rows since removed included.
+    recorded: HashSet<Gtid>,
     /// Decision tombstones retention kept (PgLog's `tandem_decisions`).
     tombstones: BTreeMap<Gtid, Tombstone>,
     /// How far retention has forgotten (PgLog's `tandem_horizon`).
@@ -171,6 +174,12 @@ impl SharedStore {
     /// Every registered instance.
     pub fn instances(&self) -> Vec<InstanceView> {
         self.tables().instances.values().cloned().collect()
+    }
+
+    /// Whether a coordinator running `gtid` ever wrote it (a presumed
+    /// abort alone does not count): what a crash cannot have lost.
+    pub fn recorded(&self, gtid: &Gtid) -> bool {
+        self.tables().recorded.contains(gtid)
     }
 
     /// Every decision that ever landed in a row, in order, including rows
@@ -243,7 +252,14 @@ impl SharedStore {
             };
         };
         let decision_kept = row.record.decision.is_none() || row.record.decision == record.decision;
-        if row.owner == me && row.epoch == record.epoch && decision_kept && !purged {
+        // A presumed abort (owner nil) gives way to the first write of
+        // the coordinator that began the gtid when it decides abort too.
+        let presumed_kept = first
+            && row.owner.is_nil()
+            && row.epoch == 1
+            && record.decision == Some(Decision::Abort);
+        let own = row.owner == me && row.epoch == record.epoch && decision_kept;
+        if (own || presumed_kept) && !purged {
             Verdict::Update
         } else if first && row.epoch == 1 && row.owner != me {
             Verdict::Refused
@@ -283,6 +299,7 @@ impl SharedStore {
                     }
                 }
                 BatchOp::Write { record, .. } => {
+                    t.recorded.insert(*gtid);
                     let newly_decided = record
                         .decision
                         .filter(|_| t.rows.get(gtid).is_none_or(|r| r.record.decision.is_none()));
@@ -301,6 +318,33 @@ impl SharedStore {
             }
         }
         Ok(())
+    }
+
+    /// Writes `marker` (aborted, epoch 1, owned by nobody: the nil UUID)
+    /// unless a row of
+    /// its gtid is there (then that row's record) or the horizon covers the
+    /// gtid: "no record, so abort" made durable before anyone is told, so
+    /// the first write of a coordinator that began the gtid is refused
+    /// after it. PgLog: `presume_abort`, one `INSERT … ON CONFLICT DO
+    /// NOTHING`.
+    pub(super) fn presume_abort(&self, marker: &TxnRecord) -> Presumed {
+        let mut t = self.tables();
+        if let Some(row) = t.rows.get(&marker.gtid) {
+            return Presumed::Found(Box::new(record_at_epoch(row)));
+        }
+        if t.horizon.may_have_purged(&marker.gtid) {
+            return Presumed::Forgotten;
+        }
+        t.decisions.push((marker.gtid, Decision::Abort));
+        t.rows.insert(
+            marker.gtid,
+            Row {
+                owner: Uuid::nil(),
+                epoch: 1,
+                record: marker.clone(),
+            },
+        );
+        Presumed::Aborted
     }
 
     /// Renews `me`'s heartbeat and lease (now + lease), which is the lease

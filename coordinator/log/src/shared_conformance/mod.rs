@@ -19,8 +19,15 @@
 //! Each check states its rule and panics, naming itself, when the store
 //! breaks it.
 
+mod presumed;
+
 use std::future::Future;
 use std::sync::Arc;
+
+pub use presumed::{
+    a_presumed_abort_gives_way_to_the_owners_abort, a_presumed_abort_refuses_a_later_first_write,
+    a_presumed_abort_returns_a_row_written_first,
+};
 
 use super::{LogError, Ownership, TxnLog, conformance::sample_record};
 use crate::model::{Decision, Gtid, Mode, TxState, TxnRecord};
@@ -63,6 +70,9 @@ pub async fn run_all_but_removal<H: SharedHarness>(fresh: &impl AsyncFn() -> H) 
     retention_removes_only_what_it_is_asked_to(&fresh().await).await;
     a_first_write_under_the_purge_horizon_is_fenced(&fresh().await).await;
     the_store_tells_its_clock(&fresh().await).await;
+    a_presumed_abort_refuses_a_later_first_write(&fresh().await).await;
+    a_presumed_abort_returns_a_row_written_first(&fresh().await).await;
+    a_presumed_abort_gives_way_to_the_owners_abort(&fresh().await).await;
 }
 
 fn address(name: &str) -> String {
