@@ -24,7 +24,7 @@ use crate::engine::{Command, Event, Vote};
 use crate::error::CoordError;
 use crate::failpoint;
 use crate::log::LogError;
-use crate::model::{BranchId, Mode, TraceContext, TxState};
+use crate::model::{BranchId, Decision, Mode, TraceContext, TxState};
 
 type CallFuture<'a> = Pin<Box<dyn Future<Output = Event> + Send + 'a>>;
 
@@ -48,10 +48,14 @@ impl Inner {
                     // written): abort it here instead, replacing that row.
                     Err(LogError::Refused(gtid)) if self.presumed_aborted(&gtid) => {
                         self.log.accept_presumed_abort(&gtid);
-                        let cmds = txn.handle(Event::PresumedAborted, self.now())?;
-                        if cmds.is_empty() {
-                            return Err(self.halt(LogError::Refused(gtid)));
-                        }
+                        let cmds = if txn.record().decision == Some(Decision::Abort) {
+                            // This event aborted it anyway: its own record
+                            // (a first write deciding abort) replaces the
+                            // row, and its rollbacks go out as they would.
+                            cmds
+                        } else {
+                            txn.handle(Event::PresumedAborted, self.now())?
+                        };
                         self.log.write(txn.record()).map_err(|e| self.halt(e))?;
                         Ok(cmds)
                     }

@@ -11,16 +11,34 @@ use crate::model::{AbortCause, AbortInfo, Decision, Gtid, Mode, TxState, TxnReco
 const DETAIL: &str = "presumed abort: asked about before any coordinator had recorded it \
                       (the coordinator that began it stopped, or had not decided yet)";
 
-/// Whether a coordinator may be running `gtid` with nothing written yet:
-/// only a UUID v7 no later than a start accepts (its clock
-/// [`MAX_GTID_AHEAD`] ahead of the coordinator's, which may itself be
-/// [`MAX_CLOCK_OFFSET`] ahead of this one). Anything else is never written
-/// as a presumed abort: a question about an arbitrary id must not leave a
-/// row that retention would sort first or raise its horizon to.
-pub(super) fn may_be_unwritten(gtid: &Gtid, now_ms: u64) -> bool {
-    let lead = (MAX_GTID_AHEAD + MAX_CLOCK_OFFSET).as_millis() as u64;
-    gtid.get_version_num() == 7
-        && crate::log::gtid_ms(gtid).is_some_and(|ms| ms <= now_ms.saturating_add(lead))
+/// What a question about a gtid with no record may be answered, on a
+/// shared store.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Unwritten {
+    /// Not a UUID v7: no coordinator makes or accepts one, so nothing can
+    /// be running it; ABORT, nothing written.
+    Never,
+    /// A UUID v7 no later than a start accepts: written as a presumed
+    /// abort, then answered.
+    Possible,
+    /// A UUID v7 later than that, on this clock: a coordinator whose clock
+    /// is further ahead (clocks are checked against the store's, not
+    /// bounded by it) could be running it; "not decided" for now, nothing
+    /// written (a row for it would be the last retention removes, and
+    /// would raise its horizon past every new gtid once removed).
+    Ahead,
+}
+
+/// Which of [`Unwritten`] `gtid` is at `now_ms`: a start accepts a gtid
+/// [`MAX_GTID_AHEAD`] ahead of its coordinator's clock, which may be
+/// [`MAX_CLOCK_OFFSET`] ahead of the store's, as this one may be behind.
+pub(super) fn unwritten(gtid: &Gtid, now_ms: u64) -> Unwritten {
+    let lead = (MAX_GTID_AHEAD + 2 * MAX_CLOCK_OFFSET).as_millis() as u64;
+    match crate::log::gtid_ms(gtid).filter(|_| gtid.get_version_num() == 7) {
+        None => Unwritten::Never,
+        Some(ms) if ms <= now_ms.saturating_add(lead) => Unwritten::Possible,
+        Some(_) => Unwritten::Ahead,
+    }
 }
 
 /// The aborted record written for `gtid`: no branches, epoch 1, created
@@ -60,21 +78,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_v7_gtid_no_later_than_a_start_accepts_may_be_unwritten() {
+    fn only_a_v7_gtid_no_later_than_a_start_accepts_is_written() {
         let now = crate::log::gtid_ms(&Gtid::now_v7()).expect("v7");
-        assert!(may_be_unwritten(&Gtid::now_v7(), now));
+        assert_eq!(unwritten(&Gtid::now_v7(), now), Unwritten::Possible);
         // Not v7: no coordinator makes or accepts it.
-        assert!(!may_be_unwritten(
-            &Gtid::from_u128(0x0123_4567_89ab_4def_8123_4567_89ab_cdef),
-            now
-        ));
-        assert!(!may_be_unwritten(&Gtid::nil(), now));
-        // Far in the future: refused by every start.
+        let v4 = Gtid::from_u128(0x0123_4567_89ab_4def_8123_4567_89ab_cdef);
+        assert_eq!(unwritten(&v4, now), Unwritten::Never);
+        assert_eq!(unwritten(&Gtid::nil(), now), Unwritten::Never);
+        // An hour ahead: not written, and not answered ABORT either.
         let ts = uuid::Timestamp::from_unix(uuid::NoContext, (now / 1000) + 3600, 0);
-        assert!(!may_be_unwritten(&Gtid::new_v7(ts), now));
+        assert_eq!(unwritten(&Gtid::new_v7(ts), now), Unwritten::Ahead);
         // Old ones may be (a paused owner), and are written.
         let ts = uuid::Timestamp::from_unix(uuid::NoContext, (now / 1000) - 3600, 0);
-        assert!(may_be_unwritten(&Gtid::new_v7(ts), now));
+        assert_eq!(unwritten(&Gtid::new_v7(ts), now), Unwritten::Possible);
     }
 
     #[test]

@@ -439,9 +439,10 @@ impl Inner {
         // first at its decision: the abort is written before it is told,
         // and that coordinator's write is refused after it (DESIGN.md,
         // "One forced write per transaction").
-        if !presumed::may_be_unwritten(&gtid, self.now()) {
-            // No coordinator makes or accepts such a gtid: nothing to write.
-            return Ok(Some(Decision::Abort));
+        match presumed::unwritten(&gtid, self.now()) {
+            presumed::Unwritten::Never => return Ok(Some(Decision::Abort)),
+            presumed::Unwritten::Ahead => return Ok(None),
+            presumed::Unwritten::Possible => {}
         }
         match self
             .log

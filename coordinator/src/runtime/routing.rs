@@ -57,9 +57,10 @@ impl Inner {
     /// its deadline (after which it aborts, never commits) comes before
     /// retention could reach its gtid. Retention removes only records
     /// created more than `retention` ago, whose gtids are at most
-    /// [`MAX_GTID_AHEAD`] later than their creation, on clocks at most
-    /// [`MAX_CLOCK_OFFSET`] apart; a first write whose gtid the horizon
-    /// covers is refused and would stop this coordinator.
+    /// [`MAX_GTID_AHEAD`] later than their creation, on clocks each at
+    /// most [`MAX_CLOCK_OFFSET`] from the store's; a first write whose gtid
+    /// the horizon covers is refused and stops this coordinator (safe: no
+    /// commit; what the bound buys is not stopping).
     pub(super) fn defers_start(&self, gtid: &Gtid, deadline_ms: u64) -> bool {
         if !self.log.shared() {
             return true;
@@ -67,7 +68,8 @@ impl Inner {
         let Some(gtid_ms) = crate::log::gtid_ms(gtid) else {
             return true; // the horizon never covers it
         };
-        let room = (MAX_GTID_AHEAD + MAX_CLOCK_OFFSET).as_millis() as u64;
+        // Two clocks may be an offset apart each way.
+        let room = (MAX_GTID_AHEAD + 2 * MAX_CLOCK_OFFSET).as_millis() as u64;
         deadline_ms.saturating_add(room)
             <= gtid_ms.saturating_add(self.config.retention.as_millis() as u64)
     }

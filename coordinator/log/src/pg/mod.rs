@@ -178,9 +178,13 @@ impl Buffer {
             self.refused_order.push_back(gtid);
             if self.refused_order.len() > REFUSED_KEPT
                 && let Some(old) = self.refused_order.pop_front()
-                && !self.pinned.contains_key(&old)
             {
-                self.refused.remove(&old);
+                if self.pinned.contains_key(&old) {
+                    // A force still has to read it: kept, evicted later.
+                    self.refused_order.push_back(old);
+                } else {
+                    self.refused.remove(&old);
+                }
             }
         }
     }
@@ -527,7 +531,9 @@ impl TxnLog for PgLog {
     }
 
     fn accept_presumed_abort(&self, gtid: &Gtid) {
-        self.shared.buffer().refused.remove(gtid);
+        let mut buf = self.shared.buffer();
+        buf.refused.remove(gtid);
+        buf.refused_order.retain(|g| g != gtid);
     }
 
     fn stats(&self) -> LogStats {

@@ -75,9 +75,13 @@ impl Buffer {
             self.refused_order.push_back(gtid);
             if self.refused_order.len() > REFUSED_KEPT
                 && let Some(old) = self.refused_order.pop_front()
-                && !self.pinned.contains_key(&old)
             {
-                self.refused.remove(&old);
+                if self.pinned.contains_key(&old) {
+                    // A force still has to read it: kept, evicted later.
+                    self.refused_order.push_back(old);
+                } else {
+                    self.refused.remove(&old);
+                }
             }
         }
     }

@@ -248,7 +248,9 @@ impl TxnLog for SharedMemLog {
     }
 
     fn accept_presumed_abort(&self, gtid: &Gtid) {
-        self.inner.buffer().refused.remove(gtid);
+        let mut buf = self.inner.buffer();
+        buf.refused.remove(gtid);
+        buf.refused_order.retain(|g| g != gtid);
     }
 
     fn get(&self, gtid: &Gtid) -> Result<Option<TxnRecord>, LogError> {
