@@ -215,33 +215,37 @@ async fn sigterm_finishes_in_flight_work_and_refuses_new() {
 // transaction it counted is verified complete at the participants, and
 // the floor's parts and the per-transaction costs are reported. No timing
 // is asserted (shared machines vary).
+/// `tandem bench ARGS --output json`, which must succeed: its report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(tandem_bin())
+        .arg("bench")
+        .args(args)
+        .args(["--output", "json"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).expect("json")
+}
+
 #[test]
 fn bench_smoke_verifies_every_counted_transaction() {
     for mode in ["2pc", "tcc"] {
-        let out = Command::new(tandem_bin())
-            .args([
-                "bench",
-                "--mode",
-                mode,
-                "--duration",
-                "1500ms",
-                "--floor-duration",
-                "300ms",
-                "--concurrency",
-                "8",
-                "--output",
-                "json",
-            ])
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run bench");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{mode}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        let report = bench_json(&[
+            "--mode",
+            mode,
+            "--duration",
+            "1500ms",
+            "--floor-duration",
+            "300ms",
+            "--concurrency",
+            "8",
+        ]);
         assert_eq!(report["verified"], true, "{report}");
         assert_eq!(report["run"]["errors"], 0, "{report}");
         let committed = report["run"]["committed"].as_u64().expect("committed");
@@ -275,26 +279,7 @@ fn bench_smoke_verifies_every_counted_transaction() {
 // start-up figures are measured (a positive resident size at each step).
 #[test]
 fn bench_scale_measures_memory_start_up_and_listing() {
-    let out = Command::new(tandem_bin())
-        .args([
-            "bench",
-            "--retained",
-            "3000",
-            "--live",
-            "200",
-            "--output",
-            "json",
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let report = bench_json(&["--retained", "3000", "--live", "200"]);
     assert_eq!(report["retained"], 3000, "{report}");
     assert_eq!(report["live"], 200, "{report}");
     let positive = |v: &serde_json::Value| v.as_f64().is_some_and(|f| f > 0.0);

@@ -456,29 +456,51 @@ fn finished_codes() -> Vec<i16> {
     .collect()
 }
 
-const INSERT_SQL: &str =
+/// A first write meeting a row: written only over this incarnation's own
+/// at the same epoch with the decision kept (the same batch again after a
+/// lost answer), or over a presumed abort (owner nil) when it decides
+/// abort too (`presume.rs`). One text for [`INSERT_SQL`] and [`BATCH_SQL`].
+macro_rules! first_write_conflict {
+    () => {
+        "ON CONFLICT (gtid) DO UPDATE
+         SET state = excluded.state, decision = excluded.decision,
+             record = excluded.record, owner = excluded.owner, updated_at = now()
+         WHERE (t.owner = excluded.owner AND t.epoch = excluded.epoch
+                AND (t.decision IS NULL OR t.decision = excluded.decision))
+            OR (t.owner = '00000000-0000-0000-0000-000000000000' AND t.epoch = 1
+                AND excluded.decision = 2)"
+    };
+}
+
+/// A later write's row condition: this incarnation's own at the record's
+/// epoch, the decision kept. One text for [`UPDATE_SQL`] and [`BATCH_SQL`].
+macro_rules! later_write_condition {
+    () => {
+        "AND t.epoch = b.e AND (t.decision IS NULL OR t.decision = b.d)"
+    };
+}
+
+const INSERT_SQL: &str = concat!(
     "INSERT INTO tandem_txns AS t (gtid, state, decision, record, owner, epoch)
                      SELECT g, s, d, r, $5, e
                      FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[],
                                  $7::int8[])
                          AS b(g, s, d, r, e, ms)
                      WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
-                     ON CONFLICT (gtid) DO UPDATE
-                     SET state = excluded.state, decision = excluded.decision,
-                         record = excluded.record, owner = excluded.owner, updated_at = now()
-                     WHERE (t.owner = excluded.owner AND t.epoch = excluded.epoch
-                            AND (t.decision IS NULL OR t.decision = excluded.decision))
-                        OR (t.owner = '00000000-0000-0000-0000-000000000000' AND t.epoch = 1
-                            AND excluded.decision = 2)
-                     RETURNING gtid";
+                     ",
+    first_write_conflict!(),
+    " RETURNING gtid"
+);
 
-const UPDATE_SQL: &str = "UPDATE tandem_txns AS t
+const UPDATE_SQL: &str = concat!(
+    "UPDATE tandem_txns AS t
                      SET state = b.s, decision = b.d, record = b.r, updated_at = now()
                      FROM unnest($1::uuid[], $2::int2[], $3::int2[], $4::bytea[], $6::int8[])
                          AS b(g, s, d, r, e)
-                     WHERE t.gtid = b.g AND t.owner = $5 AND t.epoch = b.e
-                       AND (t.decision IS NULL OR t.decision = b.d)
-                     RETURNING t.gtid";
+                     WHERE t.gtid = b.g AND t.owner = $5 ",
+    later_write_condition!(),
+    " RETURNING t.gtid"
+);
 
 /// One flush in one statement, the common case: retention's removals (of
 /// finished rows only), payloads, first writes ([`INSERT_SQL`]'s rules) and
@@ -487,7 +509,8 @@ const UPDATE_SQL: &str = "UPDATE tandem_txns AS t
 /// statement fails, its transaction is rolled back, and the caller finds
 /// out which in an explicit transaction.
 /// The divisor comes from the data, so the planner cannot fold it away.
-const BATCH_SQL: &str = "WITH gone AS (
+const BATCH_SQL: &str = concat!(
+    "WITH gone AS (
          DELETE FROM tandem_txns WHERE gtid = ANY($1) AND state = ANY($2)
          RETURNING gtid),
      gone_payloads AS (
@@ -502,22 +525,17 @@ const BATCH_SQL: &str = "WITH gone AS (
          FROM unnest($7::uuid[], $8::int2[], $9::int2[], $10::bytea[], $11::int8[],
                      $12::int8[])
              AS b(g, s, d, r, e, ms)
-         WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE)
-         ON CONFLICT (gtid) DO UPDATE
-         SET state = excluded.state, decision = excluded.decision,
-             record = excluded.record, owner = excluded.owner, updated_at = now()
-         WHERE (t.owner = excluded.owner AND t.epoch = excluded.epoch
-                AND (t.decision IS NULL OR t.decision = excluded.decision))
-            OR (t.owner = '00000000-0000-0000-0000-000000000000' AND t.epoch = 1
-                AND excluded.decision = 2)
-         RETURNING 1),
+         WHERE b.ms > (SELECT purged_ms FROM tandem_horizon FOR SHARE) ",
+    first_write_conflict!(),
+    " RETURNING 1),
      updated AS (
          UPDATE tandem_txns AS t
          SET state = b.s, decision = b.d, record = b.r, updated_at = now()
          FROM unnest($13::uuid[], $14::int2[], $15::int2[], $16::bytea[], $17::int8[])
              AS b(g, s, d, r, e)
-         WHERE t.gtid = b.g AND t.owner = $6 AND t.epoch = b.e
-           AND (t.decision IS NULL OR t.decision = b.d)
-         RETURNING 1)
+         WHERE t.gtid = b.g AND t.owner = $6 ",
+    later_write_condition!(),
+    " RETURNING 1)
      SELECT 1 / ((SELECT count(*) FROM created) = cardinality($7::uuid[])
-                 AND (SELECT count(*) FROM updated) = cardinality($13::uuid[]))::int";
+                 AND (SELECT count(*) FROM updated) = cardinality($13::uuid[]))::int"
+);
