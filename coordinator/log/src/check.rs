@@ -3,7 +3,7 @@
 //! serve` refuses a log that fails this (unless told to quarantine and go
 //! on), and `tandem log check` prints the same report offline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -110,7 +110,14 @@ impl LogReport {
 
 /// Reads every record of `txns` (payloads stored apart from `payloads`)
 /// and fills `report`'s counts, undecodable records and read error.
-pub(super) fn inspect(txns: &sled::Tree, payloads: &sled::Tree, report: &mut LogReport) {
+/// Decodes every record of `txns`, counting states into `report` and
+/// putting the gtid of each unfinished one into `unfinished`.
+pub(super) fn inspect(
+    txns: &sled::Tree,
+    payloads: &sled::Tree,
+    report: &mut LogReport,
+    unfinished: &mut BTreeSet<Gtid>,
+) {
     for item in txns.iter() {
         let (key, value) = match item {
             Ok(kv) => kv,
@@ -135,7 +142,12 @@ pub(super) fn inspect(txns: &sled::Tree, payloads: &sled::Tree, report: &mut Log
                 .map(|v| Bytes::copy_from_slice(&v)))
         });
         match decoded {
-            Ok(rec) => *report.counts.entry(rec.state.name().into()).or_default() += 1,
+            Ok(rec) => {
+                if !rec.state.is_terminal() {
+                    unfinished.insert(gtid);
+                }
+                *report.counts.entry(rec.state.name().into()).or_default() += 1;
+            }
             Err(e) => report.undecodable.push((gtid.to_string(), e.to_string())),
         }
     }
@@ -177,6 +189,12 @@ pub fn check_dir(dir: &Path) -> Result<LogReport, LogError> {
     };
     report.sled_round = mark::sled_round(&db).map_err(LogError::Storage)?;
     report.quarantined = tree(QUARANTINE_TREE)?.len();
-    inspect(&tree("txns")?, &tree("payloads")?, &mut report);
+    let mut unfinished = BTreeSet::new();
+    inspect(
+        &tree("txns")?,
+        &tree("payloads")?,
+        &mut report,
+        &mut unfinished,
+    );
     Ok(report)
 }

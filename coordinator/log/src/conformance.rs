@@ -26,6 +26,7 @@ pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
     write_replaces_and_keeps_payloads(&make());
     scan_is_ordered_and_pages(&make());
     scan_filters_by_state(&make());
+    scan_of_unfinished_states_follows_every_change(&make());
     scan_back_is_newest_first_and_pages(&make());
     force_covers_concurrent_writers(&make()).await;
     remove_forgets_record_and_payloads(&make());
@@ -382,6 +383,74 @@ pub fn scan_filters_by_state(log: &impl TxnLog) {
         .scan(None, &[TxState::Active, TxState::Aborting], 100)
         .expect("scan");
     assert_eq!(two.len(), 2, "scan_filters_by_state: two states");
+}
+
+/// A scan for unfinished states only (what recovery, the STUCK census and
+/// `tx list --state active` ask) sees a record from its first write until
+/// a terminal write, both ways and across pages.
+pub fn scan_of_unfinished_states_follows_every_change(log: &impl TxnLog) {
+    const NAME: &str = "scan_of_unfinished_states_follows_every_change";
+    let unfinished = [TxState::Active, TxState::Committing, TxState::Stuck];
+    let ids = |back: bool, after: Option<&Gtid>, limit: usize| -> Vec<Gtid> {
+        let page = if back {
+            log.scan_back(after, &unfinished, limit)
+        } else {
+            log.scan(after, &unfinished, limit)
+        };
+        page.expect(NAME).into_iter().map(|r| r.gtid).collect()
+    };
+    let mut recs: Vec<TxnRecord> = [
+        TxState::Active,
+        TxState::Committed,
+        TxState::Committing,
+        TxState::Aborting,
+        TxState::Stuck,
+    ]
+    .into_iter()
+    .map(|s| {
+        let mut r = sample_record(Mode::TwoPhase, 1);
+        r.state = s;
+        log.write(&r).expect(NAME);
+        r
+    })
+    .collect();
+    recs.sort_by_key(|r| r.gtid);
+    let want = |recs: &[TxnRecord]| -> Vec<Gtid> {
+        recs.iter()
+            .filter(|r| unfinished.contains(&r.state))
+            .map(|r| r.gtid)
+            .collect()
+    };
+    assert_eq!(ids(false, None, 100), want(&recs), "{NAME}: first scan");
+    let mut back = want(&recs);
+    back.reverse();
+    assert_eq!(ids(true, None, 100), back, "{NAME}: scan_back");
+    let first = ids(false, None, 1);
+    assert_eq!(
+        ids(false, first.first(), 100),
+        want(&recs)[1..],
+        "{NAME}: second page"
+    );
+    // Abort one, commit one, decide one: each scan sees the change.
+    let active = recs
+        .iter()
+        .position(|r| r.state == TxState::Active)
+        .expect(NAME);
+    recs[active].state = TxState::Aborted;
+    log.write(&recs[active]).expect(NAME);
+    let stuck = recs
+        .iter()
+        .position(|r| r.state == TxState::Stuck)
+        .expect(NAME);
+    recs[stuck].state = TxState::Committed;
+    log.write(&recs[stuck]).expect(NAME);
+    let aborting = recs
+        .iter()
+        .position(|r| r.state == TxState::Aborting)
+        .expect(NAME);
+    recs[aborting].state = TxState::Committing;
+    log.write(&recs[aborting]).expect(NAME);
+    assert_eq!(ids(false, None, 100), want(&recs), "{NAME}: after changes");
 }
 
 /// Many concurrent writers each followed by `force` all resolve `Ok`, and

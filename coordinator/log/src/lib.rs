@@ -23,6 +23,7 @@ mod shared_mem;
 mod shared_store;
 mod sled_log;
 mod tombstone;
+mod unfinished;
 pub mod wake;
 
 use std::future::Future;

@@ -19,6 +19,10 @@
 //! tree `decisions` (gtid → [`super::Tombstone`]) and the [`Horizon`] in
 //! tree `horizon`, changed with the removal in one sled transaction (sled
 //! recovers a transaction whole or not at all).
+//!
+//! In memory, [`Unfinished`] holds the gtids of unfinished records, built
+//! by the check at open: scans for unfinished states (recovery, the STUCK
+//! census, `tx list --state active`) read those records only.
 
 use std::path::Path;
 
@@ -28,6 +32,7 @@ use tandem_common::sled_sync::{SledSync, SyncError};
 use super::check::{self, LogReport};
 use super::mark::{self, MarkHooks};
 use super::tombstone::{self, purged_horizon};
+use super::unfinished::Unfinished;
 use super::{ForceFuture, Horizon, LogError, LogStats, Purge, Tombstone, TxnLog, codec};
 use crate::model::{Gtid, TxState, TxnRecord};
 
@@ -40,6 +45,9 @@ pub struct SledLog {
     decisions: sled::Tree,
     /// The horizon, under [`HORIZON_KEY`].
     horizon: sled::Tree,
+    /// The gtids of unfinished records (recovery, census and listing of
+    /// unfinished states read only these).
+    unfinished: Unfinished,
     /// `None` only while dropping.
     sync: Option<SledSync>,
 }
@@ -74,6 +82,41 @@ impl SledLog {
             let rec = self.decode(&k, &v)?;
             if states.is_empty() || states.contains(&rec.state) {
                 out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// As [`SledLog::collect`] for unfinished `states` only: reads the
+    /// records the [`Unfinished`] set names, from `from` on (or back).
+    fn collect_unfinished(
+        &self,
+        from: Option<&Gtid>,
+        back: bool,
+        states: &[TxState],
+        limit: usize,
+    ) -> Result<Vec<TxnRecord>, LogError> {
+        const CHUNK: usize = 256;
+        let mut out = Vec::new();
+        let mut cursor = from.copied();
+        while out.len() < limit {
+            let gtids = self.unfinished.page(cursor.as_ref(), back, CHUNK);
+            let Some(last) = gtids.last() else { break };
+            cursor = Some(*last);
+            for gtid in &gtids {
+                if out.len() >= limit {
+                    break;
+                }
+                let Some(v) = self.txns.get(gtid.as_bytes()).map_err(|e| self.latch(e))? else {
+                    continue;
+                };
+                if codec::peek_state(&v).is_some_and(|s| !states.contains(&s)) {
+                    continue;
+                }
+                let rec = self.decode(gtid.as_bytes(), &v)?;
+                if states.contains(&rec.state) {
+                    out.push(rec);
+                }
             }
         }
         Ok(out)
@@ -138,7 +181,8 @@ impl SledLog {
         let (txns, payloads) = (tree("txns")?, tree("payloads")?);
         let (decisions, horizon) = (tree("decisions")?, tree("horizon")?);
         report.sled_round = mark::sled_round(&db).map_err(LogError::Storage)?;
-        check::inspect(&txns, &payloads, &mut report);
+        let mut unfinished = std::collections::BTreeSet::new();
+        check::inspect(&txns, &payloads, &mut report, &mut unfinished);
         if report.is_damaged() {
             if !accept_damage {
                 return Err(LogError::Damaged(report.refusal()));
@@ -168,6 +212,7 @@ impl SledLog {
                 payloads,
                 decisions,
                 horizon,
+                unfinished: Unfinished::new(unfinished),
                 sync: Some(sync),
             },
             report,
@@ -310,9 +355,11 @@ impl TxnLog for SledLog {
                     .map_err(|e| self.latch(e))?;
             }
         }
+        self.unfinished.before_write(record.gtid, record.state);
         self.txns
             .insert(record.gtid.as_bytes(), codec::encode(record))
             .map_err(|e| self.latch(e))?;
+        self.unfinished.after_write(&record.gtid, record.state);
         Ok(())
     }
 
@@ -328,6 +375,7 @@ impl TxnLog for SledLog {
             .txns
             .remove(gtid.as_bytes())
             .map_err(|e| self.latch(e))?;
+        self.unfinished.removed(gtid);
         if removed.is_some_and(|bytes| codec::has_payloads_apart(&bytes)) {
             self.remove_payloads(gtid)?;
         }
@@ -449,6 +497,9 @@ impl TxnLog for SledLog {
     ) -> Result<Vec<TxnRecord>, LogError> {
         use std::ops::Bound;
         self.sync().check()?;
+        if Unfinished::covers(states) {
+            return self.collect_unfinished(after, false, states, limit);
+        }
         let lower = after.map_or(Bound::Unbounded, |g| Bound::Excluded(g.as_bytes().to_vec()));
         let range = self.txns.range::<Vec<u8>, _>((lower, Bound::Unbounded));
         self.collect(range, states, limit)
@@ -462,6 +513,9 @@ impl TxnLog for SledLog {
     ) -> Result<Vec<TxnRecord>, LogError> {
         use std::ops::Bound;
         self.sync().check()?;
+        if Unfinished::covers(states) {
+            return self.collect_unfinished(before, true, states, limit);
+        }
         let upper = before.map_or(Bound::Unbounded, |g| Bound::Excluded(g.as_bytes().to_vec()));
         let range = self.txns.range::<Vec<u8>, _>((Bound::Unbounded, upper));
         self.collect(range.rev(), states, limit)
