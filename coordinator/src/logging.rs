@@ -50,6 +50,13 @@ pub fn init(
     // Tandem's own spans, at every level, whatever the log filter says,
     // sampled before they are built.
     let spans = crate::otel::sampling::filter(otlp.sample_ratio);
+    // Only the log lines read `log` records (the span layer takes spans
+    // alone), so the `log` crate's level is theirs, not the span layer's
+    // "every level": else every debug and trace record of sled and
+    // hyper would be built and then dropped (measured: ~1 % of the
+    // coordinator's CPU under load).
+    let log_max =
+        tracing_subscriber::Layer::<tracing_subscriber::Registry>::max_level_hint(&filter);
     let logs = tracing_subscriber::fmt::layer().with_writer(stderr);
     let logs = match format {
         LogFormat::Text => logs
@@ -62,7 +69,22 @@ pub fn init(
         .with(logs)
         .with(otel.with_filter(spans))
         .init();
+    if let Some(max) = log_max {
+        log::set_max_level(log_level(max));
+    }
     Ok(Some(guard))
+}
+
+fn log_level(max: tracing::level_filters::LevelFilter) -> log::LevelFilter {
+    use tracing::level_filters::LevelFilter;
+    match max {
+        LevelFilter::OFF => log::LevelFilter::Off,
+        LevelFilter::ERROR => log::LevelFilter::Error,
+        LevelFilter::WARN => log::LevelFilter::Warn,
+        LevelFilter::INFO => log::LevelFilter::Info,
+        LevelFilter::DEBUG => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
 }
 
 fn init_logs(format: LogFormat, filter: EnvFilter, stderr: ScrubbedStderr) {
