@@ -74,7 +74,8 @@ async fn sled_log_finds_unfinished_records_after_reopen() {
         log.force().await.expect("force");
     }
     want.sort();
-    let log = SledLog::open(dir.path()).expect("reopen");
+    // sled's lock file may outlive the dropped log for a moment.
+    let log = reopen(dir.path()).await;
     let got: Vec<_> = log
         .scan(None, &[TxState::Active, TxState::Stuck], 100)
         .expect("scan")
@@ -82,6 +83,21 @@ async fn sled_log_finds_unfinished_records_after_reopen() {
         .map(|r| r.gtid)
         .collect();
     assert_eq!(got, want);
+}
+
+async fn reopen(dir: &std::path::Path) -> SledLog {
+    let mut tries = 0;
+    loop {
+        match SledLog::open(dir) {
+            Ok(log) => return log,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
 }
 
 // Payloads up to the configured maximum survive a reopen, including the ones

@@ -21,7 +21,7 @@ async fn pg_log_conforms() {
     let pg = PgServer::start();
     let mut urls = Vec::new();
     // One database per check of the suite.
-    for i in 0..11 {
+    for i in 0..12 {
         urls.push(pg.create_database(&format!("conf{i}")).await);
     }
     let urls = std::sync::Mutex::new(urls);

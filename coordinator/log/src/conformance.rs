@@ -27,6 +27,7 @@ pub async fn run_all<L: TxnLog>(make: impl Fn() -> L) {
     scan_is_ordered_and_pages(&make());
     scan_filters_by_state(&make());
     scan_of_unfinished_states_follows_every_change(&make());
+    scan_of_unfinished_states_pages_through_many(&make());
     scan_back_is_newest_first_and_pages(&make());
     force_covers_concurrent_writers(&make()).await;
     remove_forgets_record_and_payloads(&make());
@@ -451,6 +452,62 @@ pub fn scan_of_unfinished_states_follows_every_change(log: &impl TxnLog) {
     recs[aborting].state = TxState::Committing;
     log.write(&recs[aborting]).expect(NAME);
     assert_eq!(ids(false, None, 100), want(&recs), "{NAME}: after changes");
+}
+
+/// The unfinished-states scan over many records in every unfinished
+/// state, one of them finished and then written unfinished again (an
+/// operator's retry of a STUCK record goes back to COMMITTING, for one):
+/// pages of 1 and of 257 both ways return each exactly once, in order.
+pub fn scan_of_unfinished_states_pages_through_many(log: &impl TxnLog) {
+    const NAME: &str = "scan_of_unfinished_states_pages_through_many";
+    let unfinished = [
+        TxState::Active,
+        TxState::Preparing,
+        TxState::Committing,
+        TxState::Aborting,
+        TxState::Stuck,
+    ];
+    let mut want = Vec::new();
+    for i in 0..600usize {
+        let mut r = sample_record(Mode::TwoPhase, 1);
+        r.state = if i % 7 == 3 {
+            TxState::Committed
+        } else {
+            unfinished[i % unfinished.len()]
+        };
+        log.write(&r).expect(NAME);
+        if i == 10 {
+            r.state = TxState::Aborted;
+            log.write(&r).expect(NAME);
+            r.state = TxState::Committing;
+            log.write(&r).expect(NAME);
+        }
+        if !r.state.is_terminal() {
+            want.push(r.gtid);
+        }
+    }
+    want.sort();
+    let mut back = want.clone();
+    back.reverse();
+    for (reverse, want) in [(false, &want), (true, &back)] {
+        for limit in [1, 257] {
+            let mut got: Vec<Gtid> = Vec::new();
+            loop {
+                let page = if reverse {
+                    log.scan_back(got.last(), &unfinished, limit)
+                } else {
+                    log.scan(got.last(), &unfinished, limit)
+                }
+                .expect(NAME);
+                if page.is_empty() {
+                    break;
+                }
+                assert!(page.len() <= limit, "{NAME}: page longer than its limit");
+                got.extend(page.into_iter().map(|r| r.gtid));
+            }
+            assert_eq!(&got, want, "{NAME}: reverse {reverse}, pages of {limit}");
+        }
+    }
 }
 
 /// Many concurrent writers each followed by `force` all resolve `Ok`, and

@@ -212,7 +212,9 @@ impl SledLog {
                 payloads,
                 decisions,
                 horizon,
-                unfinished: Unfinished::new(unfinished),
+                // A read error the check stopped at (opened anyway with
+                // accept_damage) leaves the set partial: scans read all.
+                unfinished: Unfinished::new(unfinished, report.read_error.is_none()),
                 sync: Some(sync),
             },
             report,
@@ -355,6 +357,7 @@ impl TxnLog for SledLog {
                     .map_err(|e| self.latch(e))?;
             }
         }
+        let _one = self.unfinished.writing(&record.gtid);
         self.unfinished.before_write(record.gtid, record.state);
         self.txns
             .insert(record.gtid.as_bytes(), codec::encode(record))
@@ -371,11 +374,13 @@ impl TxnLog for SledLog {
     fn remove(&self, gtid: &Gtid) -> Result<(), LogError> {
         self.sync().check()?;
         // The record first: a reader never sees a branch without its payload.
+        let one = self.unfinished.writing(gtid);
         let removed = self
             .txns
             .remove(gtid.as_bytes())
             .map_err(|e| self.latch(e))?;
         self.unfinished.removed(gtid);
+        drop(one);
         if removed.is_some_and(|bytes| codec::has_payloads_apart(&bytes)) {
             self.remove_payloads(gtid)?;
         }
@@ -497,7 +502,7 @@ impl TxnLog for SledLog {
     ) -> Result<Vec<TxnRecord>, LogError> {
         use std::ops::Bound;
         self.sync().check()?;
-        if Unfinished::covers(states) {
+        if self.unfinished.complete() && Unfinished::covers(states) {
             return self.collect_unfinished(after, false, states, limit);
         }
         let lower = after.map_or(Bound::Unbounded, |g| Bound::Excluded(g.as_bytes().to_vec()));
@@ -513,7 +518,7 @@ impl TxnLog for SledLog {
     ) -> Result<Vec<TxnRecord>, LogError> {
         use std::ops::Bound;
         self.sync().check()?;
-        if Unfinished::covers(states) {
+        if self.unfinished.complete() && Unfinished::covers(states) {
             return self.collect_unfinished(before, true, states, limit);
         }
         let upper = before.map_or(Bound::Unbounded, |g| Bound::Excluded(g.as_bytes().to_vec()));

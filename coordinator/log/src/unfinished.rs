@@ -10,7 +10,12 @@
 //! Invariant: every record in the log whose state is not terminal has its
 //! gtid here (the set may also hold gtids whose record has since finished
 //! or gone for a moment; readers check each record). So a write adds the
-//! gtid before the record and drops it only after a terminal record.
+//! gtid before the record and drops it only after a terminal record, and
+//! writes of one gtid hold its stripe lock throughout (two writers of one
+//! gtid, one terminal and one not, could otherwise leave the record
+//! unfinished and the set without it). A set built from a log the check
+//! could not read to the end is incomplete: scans then read every record,
+//! as before.
 
 use std::collections::BTreeSet;
 use std::ops::Bound;
@@ -19,16 +24,45 @@ use std::sync::Mutex;
 use crate::model::{Gtid, TxState};
 
 /// The set; see the module docs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Unfinished {
     gtids: Mutex<BTreeSet<Gtid>>,
+    /// Whether the check read every record (else scans do not use the set).
+    complete: bool,
+    /// Writes of one gtid, serialized (by a stripe of the gtid's bytes).
+    stripes: [Mutex<()>; STRIPES],
+}
+
+const STRIPES: usize = 64;
+
+impl Default for Unfinished {
+    fn default() -> Self {
+        Unfinished::new(BTreeSet::new(), true)
+    }
 }
 
 impl Unfinished {
-    pub(super) fn new(gtids: BTreeSet<Gtid>) -> Self {
+    pub(super) fn new(gtids: BTreeSet<Gtid>, complete: bool) -> Self {
         Unfinished {
             gtids: Mutex::new(gtids),
+            complete,
+            stripes: std::array::from_fn(|_| Mutex::new(())),
         }
+    }
+
+    /// Whether scans may read the set: the check at open read every record.
+    pub(super) fn complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Held across one write or removal of `gtid` (the set's change and
+    /// the record's).
+    pub(super) fn writing(&self, gtid: &Gtid) -> std::sync::MutexGuard<'_, ()> {
+        let b = gtid.as_bytes();
+        let stripe = usize::from(b[15] ^ b[7]) % STRIPES;
+        self.stripes[stripe]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn set(&self) -> std::sync::MutexGuard<'_, BTreeSet<Gtid>> {
@@ -116,7 +150,7 @@ mod tests {
 
     #[test]
     fn pages_both_ways_from_a_cursor() {
-        let u = Unfinished::new((1..=5).map(g).collect());
+        let u = Unfinished::new((1..=5).map(g).collect(), true);
         assert_eq!(u.page(Some(&g(2)), false, 2), vec![g(3), g(4)]);
         assert_eq!(u.page(Some(&g(4)), true, 10), vec![g(3), g(2), g(1)]);
         assert_eq!(u.page(None, true, 1), vec![g(5)]);
