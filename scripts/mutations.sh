@@ -79,6 +79,14 @@ mutations=(
   'coordinator/log/src/shared_store/mod.rs'
   's/t\.decisions\.push\(\(marker\.gtid, Decision::Abort\)\);/return Presumed::Aborted;/'
   'one forced write: GetOutcome answers ABORT for a gtid not in the store without writing it (its owner, deciding later, commits it)'
+  'saga_parallel_actions'
+  'coordinator/engine/src/lib.rs'
+  's/        if txn\.is_saga\(\) \{\n            txn\.phase_one\.clear\(\);\n            cmds = vec!\[Command::Force\];\n            cmds\.extend\(txn\.next_step\(now\)\);\n        \}\n//'
+  'saga: every step'"'"'s action goes out at once (not after the step before said yes)'
+  'saga_parallel_compensation'
+  'coordinator/engine/src/phase_two.rs'
+  's/let ids: Vec<BranchId> = if self\.is_saga\(\) && self\.rec\.state == TxState::Aborting \{/let ids: Vec<BranchId> = if false {/'
+  'saga: every compensation goes out at once (not newest first, one at a time)'
 )
 
 # Mutations the simulation reaches only rarely, and the test that catches

@@ -278,6 +278,48 @@ pub trait Tcc: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// A saga step's participant: an action that commits at once, and a
+/// compensation that undoes it.
+///
+/// The coordinator calls `action` once the steps before it are done, and
+/// `compensate` when the saga fails after (or while) the action ran:
+/// newest step first. Behind the barrier, a repeated action or
+/// compensation runs once, a compensation that arrives before its action
+/// is recorded without calling `compensate` (nothing to undo), and the
+/// late action is then refused. On the wire an action is a `Try`, a
+/// compensation a `Cancel`, and a finished saga closes each step with a
+/// `Confirm` that needs no handler.
+///
+/// ```
+/// use tandem_sdk::{BranchContext, HandlerError, Saga, Vote};
+///
+/// struct Charge;
+///
+/// impl Saga for Charge {
+///     async fn action(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+///         Ok(Vote::yes()) // charge the card now
+///     }
+///     async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+///         Ok(()) // refund it
+///     }
+/// }
+/// ```
+pub trait Saga: Send + Sync + 'static {
+    /// Do the step and commit it. A no must leave nothing done.
+    fn action(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<Vote, HandlerError>> + Send;
+
+    /// Undo the step's action (after the saga failed).
+    fn compensate(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Object-safe form of both handler traits, so handlers of different types
@@ -303,6 +345,34 @@ pub(crate) struct TwoPhaseHandler<T>(pub(crate) T);
 
 /// A [`Tcc`] handler behind [`DynHandler`].
 pub(crate) struct TccHandler<T>(pub(crate) T);
+
+/// A [`Saga`] handler behind [`DynHandler`].
+pub(crate) struct SagaHandler<T>(pub(crate) T);
+
+impl<T: Saga> DynHandler for SagaHandler<T> {
+    fn phase_one<'a>(
+        &'a self,
+        ctx: &'a BranchContext,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Vote, HandlerError>> {
+        Box::pin(self.0.action(ctx, payload))
+    }
+
+    fn phase_two<'a>(
+        &'a self,
+        ctx: &'a BranchContext,
+        payload: &'a [u8],
+        commit: bool,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        if commit {
+            // The action committed already: closing the step is the
+            // barrier's record alone.
+            Box::pin(std::future::ready(Ok(())))
+        } else {
+            Box::pin(self.0.compensate(ctx, payload))
+        }
+    }
+}
 
 impl<T: TwoPhase> DynHandler for TwoPhaseHandler<T> {
     fn phase_one<'a>(
@@ -399,5 +469,22 @@ impl<T: Tcc> Tcc for std::sync::Arc<T> {
         payload: &[u8],
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         T::cancel(self, ctx, payload)
+    }
+}
+
+impl<T: Saga> Saga for std::sync::Arc<T> {
+    fn action(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<Vote, HandlerError>> + Send {
+        T::action(self, ctx, payload)
+    }
+    fn compensate(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        T::compensate(self, ctx, payload)
     }
 }

@@ -137,7 +137,7 @@ pub use client::{
 #[cfg(feature = "client")]
 pub use error::Error;
 #[cfg(feature = "participant")]
-pub use handler::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+pub use handler::{BranchContext, HandlerError, Saga, Tcc, TwoPhase, Vote};
 #[cfg(feature = "metrics")]
 pub use metrics::ParticipantMetrics;
 #[cfg(feature = "participant")]

@@ -19,7 +19,8 @@ use tandem_coordinator::config::{CoordinatorConfig, RetryPolicy};
 use tandem_coordinator::log::{ForceFuture, LogError, LogStats, MemLog, TxnLog};
 use tandem_coordinator::model::{Gtid, TxState, TxnRecord};
 use tandem_sdk::{
-    Branch, BranchContext, HandlerError, ParticipantServer, RunningParticipant, Tcc, TwoPhase, Vote,
+    Branch, BranchContext, HandlerError, ParticipantServer, RunningParticipant, Saga, Tcc,
+    TwoPhase, Vote,
 };
 
 /// An ordered list of what happened, shared across log and participants.
@@ -77,6 +78,8 @@ pub struct Script {
     pub phase_two_delay: Duration,
     /// Fail this many commit / rollback calls before succeeding.
     pub phase_two_failures: AtomicU32,
+    /// Answer every commit / rollback call that this will never succeed.
+    pub phase_two_never: Option<String>,
 }
 
 /// A participant whose behaviour is set by a [`Script`] and which counts
@@ -158,6 +161,12 @@ impl Scripted {
         spawn(ParticipantServer::new().tcc("r", self.clone())).await
     }
 
+    /// Serves it as saga resource "r" on `127.0.0.1:0` (action = prepare,
+    /// compensation = rollback in the counts and the journal).
+    pub async fn serve_saga(self: &Arc<Self>) -> RunningParticipant {
+        spawn(ParticipantServer::new().saga("r", self.clone())).await
+    }
+
     /// Serves it as resource "r" (TCC when `tcc`, else 2PC), resolving
     /// branches in doubt for 300 ms with the coordinator at `coordinator`.
     pub async fn serve_resolving(
@@ -211,6 +220,10 @@ impl Scripted {
         if !self.script.phase_two_delay.is_zero() {
             tokio::time::sleep(self.script.phase_two_delay).await;
         }
+        if let Some(why) = &self.script.phase_two_never {
+            self.failed_calls.fetch_add(1, Ordering::SeqCst);
+            return Err(HandlerError::permanent(why.clone()));
+        }
         let left = self.script.phase_two_failures.load(Ordering::SeqCst);
         if left > 0 {
             self.script
@@ -260,6 +273,16 @@ impl Tcc for Scripted {
     }
 
     async fn cancel(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.phase_two(ctx, "rollback", &self.rollbacks).await
+    }
+}
+
+impl Saga for Scripted {
+    async fn action(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.phase_one(ctx).await
+    }
+
+    async fn compensate(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
         self.phase_two(ctx, "rollback", &self.rollbacks).await
     }
 }
@@ -394,6 +417,8 @@ pub mod book {
     pub struct Transactions;
     #[doc = include_str!("../../docs/book/src/runbook.md")]
     pub struct Runbook;
+    #[doc = include_str!("../../docs/book/src/saga.md")]
+    pub struct Saga;
 }
 
 /// xorshift64*: enough randomness for picking transfers and kill moments,

@@ -169,7 +169,7 @@ where
 fn resource(mode: Mode) -> &'static str {
     match mode {
         Mode::TwoPhase => "accounts",
-        Mode::Tcc => "accounts-tcc",
+        Mode::Tcc | Mode::Saga => "accounts-tcc",
     }
 }
 

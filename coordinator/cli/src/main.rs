@@ -88,7 +88,7 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// 2pc or tcc.
+    /// 2pc, tcc or saga.
     #[arg(long, default_value = "2pc", value_parser = parse_mode)]
     mode: tandem_sdk::Mode,
     /// Branches per transaction.
@@ -198,7 +198,7 @@ enum TxVerb {
     /// role): print its gtid and how it ended. Exit code 0 when it
     /// committed, 1 when it aborted or failed.
     Submit {
-        /// 2pc or tcc.
+        /// 2pc, tcc or saga.
         #[arg(long, default_value = "2pc", value_parser = parse_mode)]
         mode: tandem_sdk::Mode,
         /// A branch as ENDPOINT/RESOURCE/PAYLOAD (e.g.
@@ -244,7 +244,7 @@ enum AdminVerb {
         /// endpoint (as given in the branch, e.g. http://10.0.0.7:9001).
         #[arg(long)]
         endpoint: Option<String>,
-        /// Only this protocol: 2pc or tcc.
+        /// Only this protocol: 2pc, tcc or saga.
         #[arg(long, value_parser = parse_wire_mode)]
         mode: Option<tandem_proto::v1::Mode>,
         /// Only gtids starting with this.
@@ -387,20 +387,22 @@ fn parse_output(s: &str) -> Result<cli::Output, String> {
     }
 }
 
-/// Parses `2pc` or `tcc` as the wire's mode.
+/// Parses `2pc`, `tcc` or `saga` as the wire's mode.
 fn parse_wire_mode(s: &str) -> Result<tandem_proto::v1::Mode, String> {
     Ok(match parse_mode(s)? {
         tandem_sdk::Mode::TwoPhase => tandem_proto::v1::Mode::TwoPhase,
         tandem_sdk::Mode::Tcc => tandem_proto::v1::Mode::Tcc,
+        tandem_sdk::Mode::Saga => tandem_proto::v1::Mode::Saga,
     })
 }
 
-/// Parses `2pc` or `tcc`.
+/// Parses `2pc`, `tcc` or `saga`.
 fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
     match s.to_ascii_lowercase().as_str() {
         "2pc" => Ok(tandem_sdk::Mode::TwoPhase),
         "tcc" => Ok(tandem_sdk::Mode::Tcc),
-        _ => Err(format!("unknown mode {s:?}; use 2pc or tcc")),
+        "saga" => Ok(tandem_sdk::Mode::Saga),
+        _ => Err(format!("unknown mode {s:?}; use 2pc, tcc or saga")),
     }
 }
 

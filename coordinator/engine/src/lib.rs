@@ -38,6 +38,7 @@ pub mod model;
 mod phase_one;
 mod phase_two;
 mod retry;
+mod saga;
 mod types;
 
 pub use retry::RetryPolicy;
@@ -77,16 +78,23 @@ pub struct Txn {
     /// incarnation, its start lost in a crash): a refused connection does
     /// not prove the branch holds nothing (DESIGN.md rule 3a).
     sent_before: bool,
+    /// This process started the transaction, so it knows which phase-1
+    /// calls went out (a saga's steps never started are then not
+    /// compensated). False for a record read back from the log.
+    sends_known: bool,
 }
 
 impl Txn {
     /// Starts an interactive transaction (ACTIVE, no branches).
     pub fn begin(gtid: Gtid, mode: Mode, now: u64, deadline: u64) -> (Txn, Vec<Command>) {
         let rec = TxnRecord::new(gtid, mode, TxState::Active, now, deadline);
-        (Txn::from_record(rec), vec![Command::Persist])
+        let mut txn = Txn::from_record(rec);
+        txn.sends_known = true;
+        (txn, vec![Command::Persist])
     }
 
-    /// Starts a one-shot transaction: all branches recorded, phase 1 on all.
+    /// Starts a one-shot transaction: all branches recorded, phase 1 on all
+    /// (a saga: its start forced, then the first step's action only).
     pub fn submit(
         gtid: Gtid,
         mode: Mode,
@@ -96,10 +104,16 @@ impl Txn {
     ) -> (Txn, Vec<Command>) {
         let rec = TxnRecord::new(gtid, mode, TxState::Preparing, now, deadline);
         let mut txn = Txn::from_record(rec);
+        txn.sends_known = true;
         let mut cmds = vec![Command::Persist];
         for b in branches {
             let id = txn.add_branch(b, now);
             cmds.push(Command::PhaseOne { branch: id });
+        }
+        if txn.is_saga() {
+            txn.phase_one.clear();
+            cmds = vec![Command::Force];
+            cmds.extend(txn.next_step(now));
         }
         (txn, cmds)
     }
@@ -177,6 +191,7 @@ impl Txn {
             policy: RetryPolicy::default(),
             force_abort: false,
             sent_before: false,
+            sends_known: false,
         }
     }
 
@@ -335,6 +350,9 @@ mod no_vote_tests;
 
 #[cfg(test)]
 mod permanent_tests;
+
+#[cfg(test)]
+mod saga_tests;
 
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,12 @@ pub enum Mode {
     TwoPhase,
     /// Try / confirm / cancel.
     Tcc,
+    /// Saga: each step's action (a try) commits at once and runs after the
+    /// one before it said yes; a failure compensates (cancels) the steps
+    /// that ran or may have run, newest first, one at a time; success
+    /// closes each step with a confirm (a no-op for the handler). A saga
+    /// holds saga steps only. See DESIGN.md "Saga".
+    Saga,
 }
 
 impl Mode {
@@ -30,7 +36,7 @@ impl Mode {
     pub fn phase_one_verb(self) -> &'static str {
         match self {
             Mode::TwoPhase => "prepare",
-            Mode::Tcc => "try",
+            Mode::Tcc | Mode::Saga => "try",
         }
     }
 
@@ -39,8 +45,8 @@ impl Mode {
         match (self, commit) {
             (Mode::TwoPhase, true) => "commit",
             (Mode::TwoPhase, false) => "rollback",
-            (Mode::Tcc, true) => "confirm",
-            (Mode::Tcc, false) => "cancel",
+            (Mode::Tcc | Mode::Saga, true) => "confirm",
+            (Mode::Tcc | Mode::Saga, false) => "cancel",
         }
     }
 }
@@ -146,18 +152,20 @@ pub enum BranchState {
 }
 
 impl BranchState {
-    /// The state's name in the given mode.
+    /// The state's name in the given mode. A saga step's are TCC's (its
+    /// action is a try, its compensation a cancel): TRIED is its action
+    /// done, CANCELLED its compensation acknowledged.
     pub fn name(self, mode: Mode) -> &'static str {
         match (self, mode) {
             (BranchState::Registered, _) => "REGISTERED",
             (BranchState::Prepared, Mode::TwoPhase) => "PREPARED",
-            (BranchState::Prepared, Mode::Tcc) => "TRIED",
+            (BranchState::Prepared, Mode::Tcc | Mode::Saga) => "TRIED",
             (BranchState::Refused | BranchState::Failed, Mode::TwoPhase) => "VOTED_NO",
-            (BranchState::Refused | BranchState::Failed, Mode::Tcc) => "TRY_FAILED",
+            (BranchState::Refused | BranchState::Failed, Mode::Tcc | Mode::Saga) => "TRY_FAILED",
             (BranchState::Committed, Mode::TwoPhase) => "COMMITTED",
-            (BranchState::Committed, Mode::Tcc) => "CONFIRMED",
+            (BranchState::Committed, Mode::Tcc | Mode::Saga) => "CONFIRMED",
             (BranchState::RolledBack, Mode::TwoPhase) => "ROLLED_BACK",
-            (BranchState::RolledBack, Mode::Tcc) => "CANCELLED",
+            (BranchState::RolledBack, Mode::Tcc | Mode::Saga) => "CANCELLED",
         }
     }
 }

@@ -5,8 +5,8 @@
 use bytes::Bytes;
 
 use crate::model::{
-    AbortCause, AbortInfo, BranchId, BranchRecord, BranchState, Decision, MAX_STORED_TEXT, TxState,
-    cap_text,
+    AbortCause, AbortInfo, BranchId, BranchRecord, BranchState, Decision, MAX_STORED_TEXT, Mode,
+    TxState, cap_text,
 };
 use crate::{Command, EngineError, NewBranch, Txn, Vote};
 
@@ -43,6 +43,22 @@ impl Txn {
                 _ => "; branches can only be added to an ACTIVE transaction",
             };
             return Err(self.wrong_state("enlist a branch", detail));
+        }
+        if (branch.mode.unwrap_or(self.rec.mode) == Mode::Saga) != self.is_saga() {
+            return Err(self.wrong_state(
+                "enlist a branch",
+                "; a saga holds saga steps only, and a saga step belongs to a saga",
+            ));
+        }
+        if self.is_saga()
+            && let Some(&branch) = self.phase_one.first()
+        {
+            // One step at a time: the order of the steps is the order
+            // their actions completed, which compensation reverses.
+            return Err(EngineError::BranchInFlight {
+                gtid: self.rec.gtid,
+                branch,
+            });
         }
         if now >= self.rec.deadline_ms {
             return Ok(self.abort(AbortInfo::new(AbortCause::Deadline, ""), now));
@@ -106,12 +122,20 @@ impl Txn {
         match (self.rec.state, failure) {
             (TxState::Active | TxState::Preparing, Some(why)) => self.abort(why, now),
             (TxState::Preparing, None) if self.all_prepared() => self.decide_commit(now),
+            (TxState::Preparing, None) if self.is_saga() => self.next_step(now),
             // A yes is not written on its own: losing it changes nothing
             // (undecided means abort, and every recorded branch gets its
             // rollback), and the decision's write carries it.
             (TxState::Active | TxState::Preparing, None) => Vec::new(),
             // Decided while this call was out (rollback, deadline, another
             // branch's no): give the branch its abort call now if it needs one.
+            // A saga's compensations waited for this answer: it may have
+            // made this step the newest to undo.
+            _ if self.is_saga() => {
+                let mut cmds = vec![Command::Persist];
+                self.start_phase_two(&mut cmds, now);
+                cmds
+            }
             _ => {
                 let mut cmds = vec![Command::Persist];
                 if self.needs_phase_two(id) {
@@ -216,6 +240,7 @@ impl Txn {
         self.rec.abort = Some(why);
         self.rec.updated_ms = now;
         self.budget_start = now;
+        self.settle_unstarted_steps(now);
         if std::mem::take(&mut self.force_abort) {
             // The gtid was the client's: it must not vanish in a crash
             // while its rollbacks are on the wire or once the client was

@@ -87,7 +87,12 @@ impl Txn {
                 // only means the call is repeated after a restart, which
                 // the participant's barrier absorbs.
                 let mut cmds = Vec::new();
-                self.maybe_finish(&mut cmds, now);
+                if self.is_saga() && !commit {
+                    // The next older step's compensation, or the end.
+                    self.start_phase_two(&mut cmds, now);
+                } else {
+                    self.maybe_finish(&mut cmds, now);
+                }
                 cmds
             }
             Err(error) => {
@@ -231,14 +236,19 @@ impl Txn {
 
     /// Emits the phase-2 call of every branch that needs one and has none
     /// pending, then finishes the transaction if nothing is left.
+    /// A saga's compensations go one at a time, newest first
+    /// ([`Txn::next_compensation`]).
     pub(super) fn start_phase_two(&mut self, cmds: &mut Vec<Command>, now: u64) {
-        let ids: Vec<BranchId> = self
-            .rec
-            .branches
-            .iter()
-            .map(|b| b.id)
-            .filter(|id| self.needs_phase_two(*id))
-            .collect();
+        let ids: Vec<BranchId> = if self.is_saga() && self.rec.state == TxState::Aborting {
+            self.next_compensation().into_iter().collect()
+        } else {
+            self.rec
+                .branches
+                .iter()
+                .map(|b| b.id)
+                .filter(|id| self.needs_phase_two(*id))
+                .collect()
+        };
         for id in ids {
             self.call_phase_two(id, cmds);
         }

@@ -137,6 +137,7 @@ fn mode_code(mode: Mode) -> u32 {
     match mode {
         Mode::TwoPhase => 1,
         Mode::Tcc => 2,
+        Mode::Saga => 3,
     }
 }
 
@@ -268,6 +269,7 @@ pub(super) fn decode(
     let mode = match stored.mode {
         1 => Mode::TwoPhase,
         2 => Mode::Tcc,
+        3 => Mode::Saga,
         m => return Err(corrupt(format!("unknown mode {m}"))),
     };
     let state = TxState::ALL
@@ -294,6 +296,7 @@ pub(super) fn decode(
                 0 => mode,
                 1 => Mode::TwoPhase,
                 2 => Mode::Tcc,
+                3 => Mode::Saga,
                 m => return Err(corrupt(format!("branch {id}: unknown mode {m}"))),
             },
             endpoint: b.endpoint,

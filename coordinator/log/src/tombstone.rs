@@ -235,6 +235,7 @@ pub(super) fn mode_code(m: Mode) -> i16 {
     match m {
         Mode::TwoPhase => 1,
         Mode::Tcc => 2,
+        Mode::Saga => 3,
     }
 }
 
@@ -242,6 +243,7 @@ pub(super) fn mode_from(code: i16) -> Option<Mode> {
     match code {
         1 => Some(Mode::TwoPhase),
         2 => Some(Mode::Tcc),
+        3 => Some(Mode::Saga),
         _ => None,
     }
 }

@@ -195,7 +195,13 @@ impl ListQuery {
                     q.mode = Some(match v.to_ascii_lowercase().as_str() {
                         "2pc" => pb::Mode::TwoPhase,
                         "tcc" => pb::Mode::Tcc,
-                        _ => return Err(format!("unknown mode {:?}; use 2pc or tcc", clip(v))),
+                        "saga" => pb::Mode::Saga,
+                        _ => {
+                            return Err(format!(
+                                "unknown mode {:?}; use 2pc, tcc or saga",
+                                clip(v)
+                            ));
+                        }
                     });
                 }
                 "resource" => {

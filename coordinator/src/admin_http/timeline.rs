@@ -20,10 +20,10 @@ pub(super) fn timeline(t: &pb::TransactionInfo) -> Vec<Moment> {
     let mut at = |key: u64, at_ms: Option<u64>, what: String| {
         moments.push((key, Moment { at_ms, what }));
     };
-    let mode = if t.mode() == pb::Mode::Tcc {
-        "TCC"
-    } else {
-        "2PC"
+    let mode = match t.mode() {
+        pb::Mode::Tcc => "TCC",
+        pb::Mode::Saga => "saga",
+        _ => "2PC",
     };
     at(
         t.created_at_ms,

@@ -72,6 +72,7 @@ struct ResolutionView {
 fn mode_name(mode: pb::Mode) -> &'static str {
     match mode {
         pb::Mode::Tcc => "TCC",
+        pb::Mode::Saga => "SAGA",
         _ => "2PC",
     }
 }

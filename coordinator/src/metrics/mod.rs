@@ -100,11 +100,11 @@ impl Default for Metrics {
 pub fn phase_name(mode: Mode, phase_one: bool, commit: bool) -> &'static str {
     match (mode, phase_one, commit) {
         (Mode::TwoPhase, true, _) => "prepare",
-        (Mode::Tcc, true, _) => "try",
+        (Mode::Tcc | Mode::Saga, true, _) => "try",
         (Mode::TwoPhase, false, true) => "commit",
         (Mode::TwoPhase, false, false) => "rollback",
-        (Mode::Tcc, false, true) => "confirm",
-        (Mode::Tcc, false, false) => "cancel",
+        (Mode::Tcc | Mode::Saga, false, true) => "confirm",
+        (Mode::Tcc | Mode::Saga, false, false) => "cancel",
     }
 }
 
@@ -112,6 +112,7 @@ fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::TwoPhase => "2pc",
         Mode::Tcc => "tcc",
+        Mode::Saga => "saga",
     }
 }
 
@@ -254,7 +255,7 @@ impl Metrics {
         );
         // Known series at zero from the start, so that rate() and alert
         // rules see them before the first transaction.
-        for mode in [Mode::TwoPhase, Mode::Tcc] {
+        for mode in [Mode::TwoPhase, Mode::Tcc, Mode::Saga] {
             let _ = m.started.get_or_create(&ModeLabel {
                 mode: mode_name(mode),
             });

@@ -299,7 +299,7 @@ impl ParticipantPool {
         let call = async {
             match mode {
                 Mode::TwoPhase => client.prepare(request).await,
-                Mode::Tcc => client.r#try(request).await,
+                Mode::Tcc | Mode::Saga => client.r#try(request).await,
             }
         };
         bounded(timeout, call).await
@@ -323,8 +323,8 @@ impl ParticipantPool {
             match (mode, commit) {
                 (Mode::TwoPhase, true) => client.commit(request).await,
                 (Mode::TwoPhase, false) => client.rollback(request).await,
-                (Mode::Tcc, true) => client.confirm(request).await,
-                (Mode::Tcc, false) => client.cancel(request).await,
+                (Mode::Tcc | Mode::Saga, true) => client.confirm(request).await,
+                (Mode::Tcc | Mode::Saga, false) => client.cancel(request).await,
             }
         };
         bounded(timeout, call).await.map(drop)

@@ -12,8 +12,9 @@ pub(super) fn mode_from_wire(mode: i32) -> Result<Mode, Status> {
     match pb::Mode::try_from(mode) {
         Ok(pb::Mode::TwoPhase) => Ok(Mode::TwoPhase),
         Ok(pb::Mode::Tcc) => Ok(Mode::Tcc),
+        Ok(pb::Mode::Saga) => Ok(Mode::Saga),
         _ => Err(Status::invalid_argument(
-            "mode must be MODE_TWO_PHASE or MODE_TCC",
+            "mode must be MODE_TWO_PHASE, MODE_TCC or MODE_SAGA",
         )),
     }
 }
@@ -22,6 +23,7 @@ fn mode_to_wire(mode: Mode) -> pb::Mode {
     match mode {
         Mode::TwoPhase => pb::Mode::TwoPhase,
         Mode::Tcc => pb::Mode::Tcc,
+        Mode::Saga => pb::Mode::Saga,
     }
 }
 
@@ -35,9 +37,10 @@ pub(super) fn branch_from_wire(b: Option<pb::BranchSpec>) -> Result<NewBranch, S
         Ok(pb::Mode::Unspecified) => None,
         Ok(pb::Mode::TwoPhase) => Some(Mode::TwoPhase),
         Ok(pb::Mode::Tcc) => Some(Mode::Tcc),
+        Ok(pb::Mode::Saga) => Some(Mode::Saga),
         Err(_) => {
             return Err(Status::invalid_argument(
-                "branch mode must be MODE_TWO_PHASE, MODE_TCC or unset (the transaction's)",
+                "branch mode must be MODE_TWO_PHASE, MODE_TCC, MODE_SAGA or unset (the transaction's)",
             ));
         }
     };
@@ -75,13 +78,13 @@ fn branch_state_to_wire(s: BranchState, mode: Mode) -> pb::BranchState {
     match (s, mode) {
         (BranchState::Registered, _) => W::Registered,
         (BranchState::Prepared, Mode::TwoPhase) => W::Prepared,
-        (BranchState::Prepared, Mode::Tcc) => W::Tried,
+        (BranchState::Prepared, Mode::Tcc | Mode::Saga) => W::Tried,
         (BranchState::Refused | BranchState::Failed, Mode::TwoPhase) => W::VotedNo,
-        (BranchState::Refused | BranchState::Failed, Mode::Tcc) => W::TryFailed,
+        (BranchState::Refused | BranchState::Failed, Mode::Tcc | Mode::Saga) => W::TryFailed,
         (BranchState::Committed, Mode::TwoPhase) => W::Committed,
-        (BranchState::Committed, Mode::Tcc) => W::Confirmed,
+        (BranchState::Committed, Mode::Tcc | Mode::Saga) => W::Confirmed,
         (BranchState::RolledBack, Mode::TwoPhase) => W::RolledBack,
-        (BranchState::RolledBack, Mode::Tcc) => W::Cancelled,
+        (BranchState::RolledBack, Mode::Tcc | Mode::Saga) => W::Cancelled,
     }
 }
 

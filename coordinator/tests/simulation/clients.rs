@@ -16,7 +16,7 @@ use tandem_coordinator::error::CoordError;
 use tandem_coordinator::model::{Gtid, Mode, TxState};
 
 use crate::net::SimNet;
-use crate::participants::resource;
+use crate::participants::{resource, resource_of};
 use crate::world::{PARTICIPANTS, World};
 
 /// Awaits `fut`, or gives up after `cancel` (dropping it, as tonic drops a
@@ -73,9 +73,10 @@ where
 
 fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
     // A third of the branches name their own protocol (mixed-mode
-    // transactions); the rest run the transaction's.
+    // transactions); the rest run the transaction's. A saga's steps are
+    // saga steps (the wire's TCC calls).
     let own = world.draw(|r| {
-        r.chance(0.33).then(|| {
+        (mode != Mode::Saga && r.chance(0.33)).then(|| {
             if r.chance(0.5) {
                 Mode::TwoPhase
             } else {
@@ -86,7 +87,7 @@ fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
     let effective = own.unwrap_or(mode);
     NewBranch {
         endpoint: SimNet::endpoint(world.draw(|r| r.below(PARTICIPANTS as u64)) as usize),
-        resource: resource(effective == Mode::Tcc).into(),
+        resource: resource_of(effective).into(),
         payload: Bytes::from(vec![i as u8; 8]),
         mode: own,
     }
@@ -95,10 +96,12 @@ fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
 pub async fn client(world: Arc<World>) {
     while world.clients_on.load(Ordering::SeqCst) {
         let (mode, interactive, n, timeout) = world.draw(|r| {
-            let mode = if r.chance(0.5) {
+            let mode = if r.chance(0.4) {
                 Mode::TwoPhase
-            } else {
+            } else if r.chance(0.67) {
                 Mode::Tcc
+            } else {
+                Mode::Saga
             };
             (
                 mode,

@@ -79,6 +79,11 @@ async fn check_all(world: &World) -> Result<(), String> {
         applied_follows_the_decision(world),
     )?;
     named("answers_agree", answers_agree(world))?;
+    named("saga_steps_run_in_order", saga_steps_run_in_order(world))?;
+    named(
+        "saga_compensated_newest_first",
+        saga_compensated_newest_first(world),
+    )?;
     named(
         "reported_commits_were_durable",
         reported_commits_were_durable(world),
@@ -171,6 +176,51 @@ fn applied_follows_the_decision(world: &World) -> Result<(), String> {
                 "{gtid} branch {}: applied commit={} (by coordinator: {}) but the store's \
                  decision is {decided:?}",
                 a.branch, a.commit, a.by_coordinator
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A saga step's action starts only after the step before it answered
+/// yes (the coordinator sends them one at a time, in branch order).
+fn saga_steps_run_in_order(world: &World) -> Result<(), String> {
+    let mut by_gtid: BTreeMap<Gtid, Vec<crate::participants::SagaAction>> = BTreeMap::new();
+    for p in &world.net.participants {
+        for a in p.business.saga_actions.lock().unwrap().iter() {
+            by_gtid.entry(a.gtid).or_default().push(a.clone());
+        }
+    }
+    for (gtid, actions) in by_gtid {
+        for a in actions.iter().filter(|a| a.branch > 1) {
+            let before = actions
+                .iter()
+                .filter(|b| b.branch == a.branch - 1)
+                .filter_map(|b| b.done)
+                .min();
+            if before.is_none_or(|done| done >= a.started) {
+                return Err(format!(
+                    "saga {gtid}: step {}'s action started (#{}) before step {} said yes ({before:?})",
+                    a.branch,
+                    a.started,
+                    a.branch - 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The compensations the coordinator made of a saga's steps (those that
+/// undid an action) came newest step first.
+fn saga_compensated_newest_first(world: &World) -> Result<(), String> {
+    for (gtid, mut effects) in applied(world) {
+        effects.retain(|a| a.saga && a.by_coordinator && !a.commit && a.had_hold);
+        effects.sort_by_key(|a| a.seq);
+        if let Some(w) = effects.windows(2).find(|w| w[0].branch < w[1].branch) {
+            return Err(format!(
+                "saga {gtid}: step {} compensated (#{}) before step {} (#{})",
+                w[0].branch, w[0].seq, w[1].branch, w[1].seq
             ));
         }
     }

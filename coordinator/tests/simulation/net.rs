@@ -77,7 +77,7 @@ pub async fn call_one(
     let req = tonic::Request::new(req);
     let resp = match mode {
         Mode::TwoPhase => service.prepare(req).await?,
-        Mode::Tcc => service.r#try(req).await?,
+        Mode::Tcc | Mode::Saga => service.r#try(req).await?,
     };
     Ok(resp.into_inner())
 }
@@ -93,8 +93,8 @@ pub async fn call_two(
     match (mode, commit) {
         (Mode::TwoPhase, true) => service.commit(req).await?,
         (Mode::TwoPhase, false) => service.rollback(req).await?,
-        (Mode::Tcc, true) => service.confirm(req).await?,
-        (Mode::Tcc, false) => service.cancel(req).await?,
+        (Mode::Tcc | Mode::Saga, true) => service.confirm(req).await?,
+        (Mode::Tcc | Mode::Saga, false) => service.cancel(req).await?,
     };
     Ok(())
 }

@@ -27,11 +27,25 @@ use crate::rng::Rng;
 /// A branch: (gtid, branch id).
 pub type Key = (Gtid, u32);
 
+/// One saga action (a try of the saga resource), from start to answer.
+#[derive(Clone, Debug)]
+pub struct SagaAction {
+    pub gtid: Gtid,
+    pub branch: u32,
+    pub started: u64,
+    /// When it answered yes (`None`: no, failed, or still running).
+    pub done: Option<u64>,
+}
+
 /// One phase-2 effect a handler applied.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Applied {
     pub gtid: Gtid,
     pub branch: u32,
+    /// Its place in the run's order of handler events.
+    pub seq: u64,
+    /// A saga step's (the saga resource).
+    pub saga: bool,
     pub commit: bool,
     /// Asked by the coordinator (epoch ≥ 1); else by in-doubt resolution
     /// or an operator's hand (epoch 0).
@@ -50,6 +64,8 @@ pub struct Business {
     pub tried_at: Mutex<BTreeMap<Key, u64>>,
     /// Every phase-2 effect, in order.
     pub applied: Mutex<Vec<Applied>>,
+    /// Every saga action.
+    pub saga_actions: Mutex<Vec<SagaAction>>,
     /// Broken rules seen here (a second try ran, confirm with nothing held,
     /// a phase-2 call the barrier refused as contradicting an earlier one).
     pub violations: Mutex<Vec<String>>,
@@ -70,6 +86,8 @@ struct Ledger {
     rng: Arc<Mutex<Rng>>,
     clock: Clock,
     faults_on: Arc<AtomicBool>,
+    /// The world's order of handler events (across participants).
+    seq: Arc<AtomicU64>,
 }
 
 impl Ledger {
@@ -77,7 +95,28 @@ impl Ledger {
         f(&mut self.rng.lock().unwrap())
     }
 
+    /// The next place in the world's order of handler events.
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::SeqCst)
+    }
+
     async fn reserve(&self, ctx: &BranchContext) -> Result<Vote, HandlerError> {
+        let saga = ctx.resource == SAGA_RESOURCE;
+        let started = self.next_seq();
+        let vote = self.reserve_inner(ctx).await;
+        if saga {
+            let done = matches!(vote, Ok(Vote::Yes { .. })).then(|| self.next_seq());
+            self.business.saga_actions.lock().unwrap().push(SagaAction {
+                gtid: ctx.gtid,
+                branch: ctx.branch_id,
+                started,
+                done,
+            });
+        }
+        vote
+    }
+
+    async fn reserve_inner(&self, ctx: &BranchContext) -> Result<Vote, HandlerError> {
         let key = (ctx.gtid, ctx.branch_id);
         let now = self.clock.now_ms();
         self.business
@@ -149,6 +188,8 @@ impl Ledger {
         self.business.applied.lock().unwrap().push(Applied {
             gtid: ctx.gtid,
             branch: ctx.branch_id,
+            seq: self.next_seq(),
+            saga: ctx.resource == SAGA_RESOURCE,
             commit,
             by_coordinator,
             had_hold,
@@ -186,6 +227,21 @@ pub fn resource(tcc: bool) -> &'static str {
     if tcc { "tcc" } else { "2pc" }
 }
 
+/// The resource of saga steps (served by the same ledger as a TCC
+/// resource: a saga step is called with TCC's RPCs), so that the
+/// participant tells a saga's calls apart for the saga invariants.
+pub const SAGA_RESOURCE: &str = "saga";
+
+/// The resource a branch of `mode` names.
+pub fn resource_of(mode: tandem_coordinator::model::Mode) -> &'static str {
+    use tandem_coordinator::model::Mode;
+    match mode {
+        Mode::TwoPhase => resource(false),
+        Mode::Tcc => resource(true),
+        Mode::Saga => SAGA_RESOURCE,
+    }
+}
+
 /// One participant service: its replicas, their shared barrier store and
 /// business state.
 pub struct SimParticipant {
@@ -202,6 +258,7 @@ impl SimParticipant {
         rng: Arc<Mutex<Rng>>,
         clock: Clock,
         faults_on: Arc<AtomicBool>,
+        seq: Arc<AtomicU64>,
     ) -> SimParticipant {
         let business = Arc::new(Business::default());
         let barrier = MemBarrier::new();
@@ -212,9 +269,11 @@ impl SimParticipant {
                     rng: rng.clone(),
                     clock: clock.clone(),
                     faults_on: faults_on.clone(),
+                    seq: seq.clone(),
                 };
                 ParticipantServer::new()
                     .tcc(resource(true), ledger())
+                    .tcc(SAGA_RESOURCE, ledger())
                     .two_phase(resource(false), ledger())
                     .barrier(barrier.clone())
                     .into_participant()

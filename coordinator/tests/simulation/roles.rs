@@ -16,7 +16,7 @@ use tandem_proto::v1::BranchRequest;
 use crate::clients::{outcome, routed};
 use crate::instance::true_ms;
 use crate::net::call_two;
-use crate::participants::{IN_DOUBT_AFTER, SimParticipant, resource};
+use crate::participants::{IN_DOUBT_AFTER, SimParticipant, resource, resource_of};
 use crate::store::Row;
 use crate::world::World;
 
@@ -27,19 +27,23 @@ async fn finish_by_hand(
     p: &SimParticipant,
     gtid: Gtid,
     branch: u32,
-    tcc: bool,
+    res: &str,
     commit: bool,
 ) -> bool {
     let r = world.draw(|r| r.below(p.replicas.len() as u64)) as usize;
     let req = BranchRequest {
         gtid: gtid.to_string(),
         branch_id: branch,
-        resource: resource(tcc).into(),
+        resource: res.into(),
         payload: Default::default(),
         attempt: 0,
         epoch: 0,
     };
-    let mode = if tcc { Mode::Tcc } else { Mode::TwoPhase };
+    let mode = if res == resource(false) {
+        Mode::TwoPhase
+    } else {
+        Mode::Tcc
+    };
     call_two(&p.replicas[r], mode, commit, req).await.is_ok()
 }
 
@@ -57,8 +61,7 @@ pub async fn resolver(world: Arc<World>, i: usize) {
         let before = now - IN_DOUBT_AFTER.as_millis() as u64;
         for ((gtid, branch), res) in p.in_doubt(before).await {
             if let Some(d) = outcome(&world, gtid).await {
-                let tcc = res == resource(true);
-                finish_by_hand(&world, &p, gtid, branch, tcc, d == Decision::Commit).await;
+                finish_by_hand(&world, &p, gtid, branch, &res, d == Decision::Commit).await;
             }
         }
     }
@@ -138,8 +141,8 @@ pub async fn operator(world: Arc<World>) {
                 };
                 let by_hand = !world.resolver_on || world.draw(|r| r.chance(0.5));
                 if by_hand {
-                    let tcc = b.mode == Mode::Tcc;
-                    if !finish_by_hand(&world, &p, gtid, b.id, tcc, commit).await {
+                    let res = resource_of(b.mode);
+                    if !finish_by_hand(&world, &p, gtid, b.id, res, commit).await {
                         continue;
                     }
                 }

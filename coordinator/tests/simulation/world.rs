@@ -89,6 +89,8 @@ impl World {
         let resolver_on = draw(&|r| r.below(2)) == 0;
         let faults_on = Arc::new(AtomicBool::new(true));
         let clock = Clock::tokio(instance::EPOCH_MS);
+        // One order of handler events for the participants of this world.
+        let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let net = Arc::new(SimNet {
             participants: (0..PARTICIPANTS)
                 .map(|_| {
@@ -97,6 +99,7 @@ impl World {
                         rng.clone(),
                         clock.clone(),
                         faults_on.clone(),
+                        seq.clone(),
                     ))
                 })
                 .collect(),

@@ -14,6 +14,11 @@ pub enum Mode {
     TwoPhase,
     /// Try / confirm / cancel.
     Tcc,
+    /// Saga: steps run one at a time in branch order, each committing at
+    /// once; a failure compensates the steps that ran, newest first.
+    /// Participants implement [`crate::Saga`]. Every branch of a saga is a
+    /// saga step.
+    Saga,
 }
 
 impl Mode {
@@ -21,6 +26,7 @@ impl Mode {
         match self {
             Mode::TwoPhase => pb::Mode::TwoPhase as i32,
             Mode::Tcc => pb::Mode::Tcc as i32,
+            Mode::Saga => pb::Mode::Saga as i32,
         }
     }
 }

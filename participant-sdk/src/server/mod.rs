@@ -38,7 +38,7 @@ use health::ServerHealth;
 
 use crate::barrier::{self, BarrierStore, MemBarrier, Retention};
 use crate::client::ClientOptions;
-use crate::handler::{DynHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler};
+use crate::handler::{DynHandler, Saga, SagaHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler};
 #[cfg(feature = "metrics")]
 use crate::metrics::ParticipantMetrics;
 #[cfg(feature = "tls")]
@@ -161,6 +161,17 @@ impl ParticipantServer {
             resource.into(),
             Protocol::Tcc,
             Arc::new(TccHandler(handler)),
+        )
+    }
+
+    /// Registers `handler` for saga steps enlisted with `resource`.
+    ///
+    /// A resource name takes one handler; see [`two_phase`](Self::two_phase).
+    pub fn saga(self, resource: impl Into<String>, handler: impl Saga) -> Self {
+        self.register(
+            resource.into(),
+            Protocol::Tcc,
+            Arc::new(SagaHandler(handler)),
         )
     }
 

@@ -58,22 +58,25 @@ pub struct FloorParts {
 impl FloorParts {
     /// The floor of one transaction of this shape, microseconds: the
     /// client calls and participant rounds that must follow one another,
-    /// plus one sync (the forced decision).
-    pub fn floor_us(&self, interactive: bool, branches: usize) -> f64 {
-        let (client_calls, participant_rounds) = sequence(interactive, branches);
+    /// plus its syncs (the forced decision; a saga's forced start too).
+    pub fn floor_us(&self, interactive: bool, branches: usize, saga: bool) -> f64 {
+        let (client_calls, participant_rounds, syncs) = sequence(interactive, branches, saga);
         client_calls as f64 * self.client_rtt_us
             + participant_rounds as f64 * self.participant_rtt_us
-            + self.fsync_us.unwrap_or(0.0)
+            + syncs as f64 * self.fsync_us.unwrap_or(0.0)
     }
 }
 
-/// The client calls and the participant rounds of one transaction that
-/// follow one another (a round's calls go to the branches in parallel).
-pub fn sequence(interactive: bool, branches: usize) -> (usize, usize) {
+/// The client calls, the participant rounds and the syncs of one
+/// transaction that follow one another (a round's calls go to the
+/// branches in parallel; a saga's actions one after another).
+pub fn sequence(interactive: bool, branches: usize, saga: bool) -> (usize, usize, usize) {
     if interactive {
-        (2 + branches, branches + 1) // begin, enlists, commit; phase 1 each, phase 2
+        (2 + branches, branches + 1, 1) // begin, enlists, commit; phase 1 each, phase 2
+    } else if saga {
+        (1, branches + 1, 2) // submit; each action, the confirms; start and decision forced
     } else {
-        (1, 2) // submit; phase 1, phase 2
+        (1, 2, 1) // submit; phase 1, phase 2
     }
 }
 
@@ -194,8 +197,11 @@ mod tests {
     // round over the branches, however many), then one sync.
     #[test]
     fn one_shot_floor_is_one_client_call_two_participant_rounds_one_sync() {
-        assert_eq!(parts(Some(250.0)).floor_us(false, 2), 200.0 + 300.0 + 250.0);
-        assert_eq!(parts(Some(250.0)).floor_us(false, 5), 750.0);
+        assert_eq!(
+            parts(Some(250.0)).floor_us(false, 2, false),
+            200.0 + 300.0 + 250.0
+        );
+        assert_eq!(parts(Some(250.0)).floor_us(false, 5, false), 750.0);
     }
 
     // Interactive: Begin, each Enlist (with its phase 1) and Commit follow
@@ -204,7 +210,7 @@ mod tests {
     fn interactive_floor_counts_each_client_call_and_each_enlist() {
         // 4 client calls, 3 participant rounds, 1 sync.
         assert_eq!(
-            parts(Some(250.0)).floor_us(true, 2),
+            parts(Some(250.0)).floor_us(true, 2, false),
             4.0 * 200.0 + 3.0 * 150.0 + 250.0
         );
     }
@@ -212,7 +218,7 @@ mod tests {
     // Without a measured sync (PostgreSQL store) the floor leaves it out.
     #[test]
     fn floor_without_a_measured_sync_leaves_it_out() {
-        assert_eq!(parts(None).floor_us(false, 2), 500.0);
+        assert_eq!(parts(None).floor_us(false, 2, false), 500.0);
     }
 
     #[test]

@@ -133,6 +133,7 @@ fn mode_of(options: &BenchOptions) -> tandem_coordinator::model::Mode {
     match options.mode {
         Mode::TwoPhase => tandem_coordinator::model::Mode::TwoPhase,
         Mode::Tcc => tandem_coordinator::model::Mode::Tcc,
+        Mode::Saga => tandem_coordinator::model::Mode::Saga,
     }
 }
 

@@ -89,7 +89,9 @@ pub(super) async fn drain(admin: &mut tandem_coordinator::cli::Admin) -> anyhow:
 pub(super) fn branches(urls: &[String], options: &BenchOptions, i: u64) -> Vec<Branch> {
     let resource = match options.mode {
         Mode::TwoPhase => RESOURCE_2PC,
-        Mode::Tcc => RESOURCE_TCC,
+        // A saga step is called as a TCC branch is (try, confirm,
+        // cancel): the same counting handler serves it.
+        Mode::Tcc | Mode::Saga => RESOURCE_TCC,
     };
     let payload = Bytes::from(vec![b'x'; options.payload]);
     (0..options.branches)

@@ -1,0 +1,225 @@
+//! Saga: actions one at a time in step order; compensations one at a
+//! time, newest first, only of steps that ran or may have run.
+
+use super::*;
+use crate::model::BranchState;
+
+use bytes::Bytes;
+
+const NOW: u64 = 1_000;
+const DEADLINE: u64 = 61_000;
+
+fn step(n: u32) -> NewBranch {
+    NewBranch {
+        endpoint: format!("http://127.0.0.1:{}", 9000 + n),
+        resource: format!("s{n}"),
+        payload: Bytes::from_static(b"p"),
+        mode: None,
+    }
+}
+
+fn saga(n: u32) -> (Txn, Vec<Command>) {
+    Txn::submit(
+        Gtid::now_v7(),
+        Mode::Saga,
+        NOW,
+        DEADLINE,
+        (1..=n).map(step).collect(),
+    )
+}
+
+fn on(t: &mut Txn, event: Event) -> Vec<Command> {
+    t.handle(event, NOW).expect("event")
+}
+
+fn yes(t: &mut Txn, branch: BranchId) -> Vec<Command> {
+    on(
+        t,
+        Event::PhaseOne {
+            branch,
+            vote: Vote::Yes(Bytes::new()),
+        },
+    )
+}
+
+fn acked(t: &mut Txn, branch: BranchId) -> Vec<Command> {
+    on(
+        t,
+        Event::PhaseTwo {
+            branch,
+            result: Ok(()),
+        },
+    )
+}
+
+fn actions(cmds: &[Command]) -> Vec<BranchId> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::PhaseOne { branch } => Some(*branch),
+            _ => None,
+        })
+        .collect()
+}
+
+fn phase_two(cmds: &[Command]) -> Vec<(BranchId, bool)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::PhaseTwo { branch, commit, .. } => Some((*branch, *commit)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_start_is_forced_before_the_first_action_alone() {
+    let (_, cmds) = saga(3);
+    assert_eq!(cmds.first(), Some(&Command::Force));
+    assert_eq!(actions(&cmds), vec![1]);
+}
+
+#[test]
+fn each_action_waits_for_the_one_before_and_all_done_confirms_every_step() {
+    let (mut t, _) = saga(3);
+    assert_eq!(actions(&yes(&mut t, 1)), vec![2]);
+    assert_eq!(actions(&yes(&mut t, 2)), vec![3]);
+    let cmds = yes(&mut t, 3);
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+    let mut confirms = phase_two(&on(&mut t, Event::DecisionDurable));
+    confirms.sort();
+    assert_eq!(confirms, vec![(1, true), (2, true), (3, true)]);
+}
+
+// Step 3 of 4 says no: 3, then 2, then 1 are compensated, one at a time;
+// step 4 never ran and is never called.
+#[test]
+fn a_no_compensates_the_steps_before_newest_first_one_at_a_time() {
+    let (mut t, _) = saga(4);
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    let cmds = on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 3,
+            vote: Vote::No("declined".into()),
+        },
+    );
+    assert_eq!(t.record().state, TxState::Aborting);
+    assert_eq!(phase_two(&cmds), vec![(3, false)]);
+    assert_eq!(
+        t.record().branches[3].state,
+        BranchState::RolledBack,
+        "never started"
+    );
+    assert_eq!(phase_two(&acked(&mut t, 3)), vec![(2, false)]);
+    assert_eq!(phase_two(&acked(&mut t, 2)), vec![(1, false)]);
+    let last = acked(&mut t, 1);
+    assert!(last.contains(&Command::Finished));
+    assert_eq!(t.record().state, TxState::Aborted);
+}
+
+// The deadline passes while step 2's action is out: nothing is
+// compensated until it answers (it may have run: it is the newest), then
+// 2 before 1.
+#[test]
+fn compensation_waits_for_an_action_still_out() {
+    let (mut t, _) = saga(3);
+    yes(&mut t, 1);
+    let cmds = on(&mut t, Event::DeadlinePassed);
+    assert!(phase_two(&cmds).is_empty(), "{cmds:?}");
+    let cmds = on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 2,
+            vote: Vote::Failed("timed out".into()),
+        },
+    );
+    assert_eq!(phase_two(&cmds), vec![(2, false)]);
+    assert_eq!(phase_two(&acked(&mut t, 2)), vec![(1, false)]);
+}
+
+// A compensation that will never succeed stops the walk: STUCK, the older
+// step untouched; resolving it and retrying goes on.
+#[test]
+fn a_refused_compensation_leaves_the_saga_stuck_and_a_retry_goes_on() {
+    let (mut t, _) = saga(3);
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 3,
+            vote: Vote::No("declined".into()),
+        },
+    );
+    let cmds = on(
+        &mut t,
+        Event::PhaseTwoRefused {
+            branch: 3,
+            error: "gone".into(),
+        },
+    );
+    assert!(phase_two(&cmds).is_empty());
+    assert_eq!(t.record().state, TxState::Stuck);
+    let resolution = crate::model::Resolution {
+        by: "ops".into(),
+        reason: "by hand".into(),
+        at_ms: NOW,
+    };
+    on(
+        &mut t,
+        Event::OperatorResolve {
+            branch: 3,
+            commit: false,
+            resolution,
+        },
+    );
+    assert_eq!(t.record().state, TxState::Stuck, "steps 1 and 2 still owed");
+    assert_eq!(
+        phase_two(&on(&mut t, Event::OperatorRetry)),
+        vec![(2, false)]
+    );
+    assert_eq!(phase_two(&acked(&mut t, 2)), vec![(1, false)]);
+}
+
+// Read back after a crash, undecided: which actions went out is not
+// known, so every step not compensated gets its compensation, newest
+// first.
+#[test]
+fn after_a_restart_every_step_is_compensated_newest_first() {
+    let (mut t, _) = saga(3);
+    yes(&mut t, 1);
+    let rec = t.record().clone();
+    let (mut t, cmds) = Txn::recover(rec, NOW);
+    assert_eq!(phase_two(&cmds), vec![(3, false)]);
+    assert_eq!(phase_two(&acked(&mut t, 3)), vec![(2, false)]);
+    assert_eq!(phase_two(&acked(&mut t, 2)), vec![(1, false)]);
+}
+
+#[test]
+fn an_interactive_saga_takes_one_step_at_a_time_and_saga_steps_only() {
+    let (mut t, _) = Txn::begin(Gtid::now_v7(), Mode::Saga, NOW, DEADLINE);
+    on(&mut t, Event::Enlist(step(1)));
+    let err = t
+        .handle(Event::Enlist(step(2)), NOW)
+        .expect_err("one at a time");
+    assert!(
+        matches!(err, EngineError::BranchInFlight { branch: 1, .. }),
+        "{err}"
+    );
+    yes(&mut t, 1);
+    let mut tcc = step(2);
+    tcc.mode = Some(Mode::Tcc);
+    assert!(
+        t.handle(Event::Enlist(tcc), NOW).is_err(),
+        "a TCC branch in a saga"
+    );
+    on(&mut t, Event::Enlist(step(2)));
+    yes(&mut t, 2);
+    let cmds = on(
+        &mut t,
+        Event::Rollback {
+            reason: String::new(),
+        },
+    );
+    assert_eq!(phase_two(&cmds), vec![(2, false)]);
+}

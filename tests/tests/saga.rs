@@ -1,0 +1,246 @@
+//! Saga end to end: a coordinator and scripted saga participants on
+//! loopback (real tonic servers), with the SDK's barrier in front of every
+//! handler. Steps run one at a time; a failure compensates the steps that
+//! ran, newest first, each once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_coordinator::log::SledLog;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::admin_client::AdminClient;
+use tandem_sdk::{Branch, Error, Mode, TransactionClient};
+use tandem_tests::{Journal, Script, Scripted, eventually, eventually_async, start_coordinator};
+
+async fn client(coord: &tandem_coordinator::RunningCoordinator) -> TransactionClient {
+    TransactionClient::connect(coord.url())
+        .await
+        .expect("connect")
+}
+
+async fn coordinator() -> (tandem_coordinator::RunningCoordinator, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("dir");
+    let log = Arc::new(SledLog::open(dir.path()).expect("log"));
+    (start_coordinator(log).await, dir)
+}
+
+/// Steps named s1..sn sharing `journal`, each with its script.
+async fn steps(
+    journal: &Journal,
+    scripts: Vec<Script>,
+) -> (Vec<Arc<Scripted>>, Vec<tandem_sdk::RunningParticipant>) {
+    let mut steps = Vec::new();
+    let mut running = Vec::new();
+    for (i, script) in scripts.into_iter().enumerate() {
+        let s = Scripted::new(&format!("s{}", i + 1), script, Some(journal.clone()));
+        running.push(s.serve_saga().await);
+        steps.push(s);
+    }
+    (steps, running)
+}
+
+fn branches(running: &[tandem_sdk::RunningParticipant]) -> Vec<Branch> {
+    running
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Branch::new(p.url(), "r", format!("step {}", i + 1)))
+        .collect()
+}
+
+fn states(info: &pb::TransactionInfo) -> Vec<pb::BranchState> {
+    info.branches.iter().map(|b| b.state()).collect()
+}
+
+fn no(reason: &str) -> Script {
+    Script {
+        vote_no: Some(reason.into()),
+        ..Script::default()
+    }
+}
+
+// All steps succeed: each action after the one before answered (the first
+// is slow, the second still comes after it), none is compensated, and
+// every step ends CONFIRMED.
+#[tokio::test]
+async fn all_steps_run_in_order_and_none_is_compensated() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let slow = Script {
+        prepare_delay: Duration::from_millis(150),
+        ..Script::default()
+    };
+    let (steps, running) = steps(&journal, vec![slow, Script::default(), Script::default()]).await;
+    let client = client(&coord).await;
+    let done = client
+        .submit(Mode::Saga, branches(&running))
+        .await
+        .expect("saga");
+    assert_eq!(done.replies, vec!["ok from s1", "ok from s2", "ok from s3"]);
+    assert_eq!(
+        journal.entries(),
+        vec!["prepare:s1", "prepare:s2", "prepare:s3"]
+    );
+    let info = client.get(done.gtid).await.expect("get");
+    assert_eq!(info.state(), pb::TxState::Committed);
+    assert_eq!(states(&info), vec![pb::BranchState::Confirmed; 3]);
+    for s in &steps {
+        assert_eq!(s.counts().2, 0, "nothing compensated");
+    }
+}
+
+// Step 3 of 4 says no: steps 2 and 1 are compensated in that order, each
+// once; step 3 did nothing (its no), so the barrier answers its
+// compensation without the handler; step 4 is never called.
+#[tokio::test]
+async fn a_failed_step_compensates_the_steps_before_it_newest_first() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let scripts = vec![
+        Script::default(),
+        Script::default(),
+        no("card declined"),
+        Script::default(),
+    ];
+    let (steps, running) = steps(&journal, scripts).await;
+    let client = client(&coord).await;
+    let err = client
+        .submit(Mode::Saga, branches(&running))
+        .await
+        .expect_err("aborts");
+    let Error::Aborted { gtid, reason, .. } = err else {
+        panic!("{err:?}");
+    };
+    assert!(reason.contains("card declined"), "{reason}");
+    let gtid = gtid.expect("gtid");
+    eventually_async("ABORTED", || async {
+        client.get(gtid).await.expect("get").state() == pb::TxState::Aborted
+    })
+    .await;
+    assert_eq!(
+        journal.entries(),
+        vec![
+            "prepare:s1",
+            "prepare:s2",
+            "prepare:s3",
+            "rollback:s2",
+            "rollback:s1"
+        ]
+    );
+    assert_eq!(steps[3].counts(), (0, 0, 0), "step 4 never called");
+    let info = client.get(gtid).await.expect("get");
+    assert_eq!(states(&info), vec![pb::BranchState::Cancelled; 4]);
+}
+
+// Step 2's action outlives its call (the call times out, the action then
+// completes): it is compensated, before step 1, each once.
+#[tokio::test]
+async fn a_timed_out_action_that_ran_late_is_compensated_first() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let late = Script {
+        prepare_delay: Duration::from_millis(800), // call timeout: 500 ms
+        ..Script::default()
+    };
+    let (steps, running) = steps(&journal, vec![Script::default(), late]).await;
+    let client = client(&coord).await;
+    let err = client
+        .submit(Mode::Saga, branches(&running))
+        .await
+        .expect_err("aborts");
+    assert!(matches!(err, Error::Aborted { .. }), "{err:?}");
+    eventually("both compensated", || {
+        steps[0].counts().2 == 1 && steps[1].counts().2 == 1
+    })
+    .await;
+    let entries = journal.entries();
+    let at = |e: &str| {
+        journal
+            .position(e)
+            .unwrap_or_else(|| panic!("{e} in {entries:?}"))
+    };
+    assert!(at("rollback:s2") < at("rollback:s1"), "{entries:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        (steps[0].counts().2, steps[1].counts().2),
+        (1, 1),
+        "once each"
+    );
+}
+
+// A compensation that will never succeed: the saga is STUCK with the older
+// step not compensated (the walk stops there), the operator settles the
+// step by hand, and a retry compensates the older one.
+#[tokio::test]
+async fn a_compensation_that_never_succeeds_is_stuck_until_an_operator_resolves_it() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let broken = Script {
+        phase_two_never: Some("refund API retired".into()),
+        ..Script::default()
+    };
+    let (steps, running) = steps(&journal, vec![Script::default(), broken, no("sold out")]).await;
+    let client = client(&coord).await;
+    let err = client
+        .submit(Mode::Saga, branches(&running))
+        .await
+        .expect_err("aborts");
+    let Error::Aborted { gtid, .. } = err else {
+        panic!("{err:?}");
+    };
+    let gtid = gtid.expect("gtid");
+    eventually_async("STUCK", || async {
+        client.get(gtid).await.expect("get").state() == pb::TxState::Stuck
+    })
+    .await;
+    let info = client.get(gtid).await.expect("get");
+    assert!(
+        info.branches[1].last_error.contains("refund API retired"),
+        "{:?}",
+        info.branches[1]
+    );
+    assert_eq!(steps[0].counts().2, 0, "step 1 waits behind step 2");
+
+    let mut admin = AdminClient::connect(coord.url()).await.expect("admin");
+    admin
+        .resolve_branch(pb::ResolveBranchRequest {
+            gtid: gtid.to_string(),
+            branch_id: 2,
+            outcome: pb::Decision::Abort as i32,
+            reason: "refunded by hand, INC-7".into(),
+        })
+        .await
+        .expect("resolve");
+    admin
+        .retry_transaction(pb::RetryTransactionRequest {
+            gtid: gtid.to_string(),
+        })
+        .await
+        .expect("retry");
+    eventually_async("ABORTED", || async {
+        client.get(gtid).await.expect("get").state() == pb::TxState::Aborted
+    })
+    .await;
+    assert_eq!(steps[0].counts().2, 1, "step 1 compensated after the retry");
+}
+
+// A saga holds saga steps only: a TCC branch in a saga, or a saga step in
+// a TCC transaction, is refused before anything runs.
+#[tokio::test]
+async fn a_saga_refuses_other_modes_and_other_modes_refuse_saga_steps() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let (steps, running) = steps(&journal, vec![Script::default(), Script::default()]).await;
+    let client = client(&coord).await;
+    let mut mixed = branches(&running);
+    mixed[1] = mixed[1].clone().mode(Mode::Tcc);
+    let err = client.submit(Mode::Saga, mixed).await.expect_err("mixed");
+    assert!(format!("{err}").contains("saga"), "{err}");
+    let mut mixed = branches(&running);
+    mixed[0] = mixed[0].clone().mode(Mode::Saga);
+    let err = client.submit(Mode::Tcc, mixed).await.expect_err("mixed");
+    assert!(format!("{err}").contains("saga"), "{err}");
+    assert_eq!(
+        (steps[0].counts(), steps[1].counts()),
+        ((0, 0, 0), (0, 0, 0))
+    );
+}
