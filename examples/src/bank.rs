@@ -1,4 +1,4 @@
-//! A bank shard as a participant, for 2PC and for TCC.
+//! A bank shard as a participant, for 2PC, TCC and sagas.
 //!
 //! Each branch is one leg of a transfer: `"<account>:<delta>"`, e.g.
 //! `"alice:-100"` (debit) or `"bob:100"` (credit). Prepare (2PC) or try
@@ -9,6 +9,11 @@
 //! that the frozen leg, keyed by `(gtid, branch)`, is consumed by the first
 //! of commit or rollback, so the bank stays right even without it.
 //!
+//! As a saga step, a leg moves the money at once (a debit the account
+//! cannot cover says no) and its compensation moves it back. That one
+//! relies on the barrier: it keeps a repeated action or compensation from
+//! running twice and a compensation without its action from running.
+//!
 //! State is in memory to keep the example short; a real participant keeps
 //! holds in the same durable store as balances, written in prepare.
 
@@ -16,7 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use tandem_sdk::{BranchContext, Gtid, HandlerError, Tcc, TwoPhase, Vote};
+use tandem_sdk::{BranchContext, Gtid, HandlerError, Saga, Tcc, TwoPhase, Vote};
 
 /// One leg of a transfer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,6 +156,37 @@ impl Bank {
         Vote::yes()
     }
 
+    /// Moves a leg's money now (a saga step's action).
+    fn move_now(&self, payload: &[u8]) -> Vote {
+        let leg = match Leg::decode(payload) {
+            Ok(leg) => leg,
+            Err(e) => return Vote::no(e),
+        };
+        let mut l = self.ledger();
+        let Some(&balance) = l.balances.get(&leg.account) else {
+            return Vote::no(format!("unknown account {}", leg.account));
+        };
+        if leg.delta < 0 {
+            let reserved = l.reserved.get(&leg.account).copied().unwrap_or(0);
+            let available = balance - reserved;
+            if available < -leg.delta {
+                return Vote::no(format!(
+                    "insufficient funds in {}: {available} available, {} needed",
+                    leg.account, -leg.delta
+                ));
+            }
+        }
+        *l.balances.entry(leg.account).or_default() += leg.delta;
+        Vote::yes()
+    }
+
+    /// Moves a leg's money back (a saga step's compensation).
+    fn move_back(&self, payload: &[u8]) -> Result<(), HandlerError> {
+        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
+        *self.ledger().balances.entry(leg.account).or_default() -= leg.delta;
+        Ok(())
+    }
+
     /// Applies a frozen leg.
     fn apply(&self, ctx: &BranchContext) {
         let mut l = self.ledger();
@@ -205,6 +241,17 @@ impl Tcc for Bank {
     async fn cancel(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
         self.release(ctx);
         Ok(())
+    }
+}
+
+/// Saga: the action moves the money, the compensation moves it back.
+impl Saga for Bank {
+    async fn action(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        Ok(self.move_now(payload))
+    }
+
+    async fn compensate(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        self.move_back(payload)
     }
 }
 

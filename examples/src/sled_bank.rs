@@ -1,5 +1,5 @@
 //! A bank shard whose accounts live in sled, next to the SDK's barrier
-//! records, for 2PC and TCC. Every change is written with
+//! records, for 2PC, TCC and sagas. Every change is written with
 //! [`SledBarrier::transaction`], in the same sled transaction as the
 //! barrier's record, so a crash never leaves one without the other; the
 //! server makes both durable before it answers.
@@ -12,7 +12,7 @@ use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tandem_sdk::barrier::SledBarrier;
-use tandem_sdk::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+use tandem_sdk::{BranchContext, HandlerError, Saga, Tcc, TwoPhase, Vote};
 
 use crate::bank::Leg;
 
@@ -123,6 +123,42 @@ impl SledBank {
         })
     }
 
+    /// A saga step's action: moves the leg's money now, in the barrier's
+    /// transaction (so its compensation runs only if this committed).
+    fn move_now(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        let leg = match Leg::decode(payload) {
+            Ok(leg) => leg,
+            Err(e) => return Ok(Vote::no(e)),
+        };
+        self.barrier.transaction(ctx, &self.accounts, |t| {
+            let bal = format!("bal:{}", leg.account);
+            if t.get(&bal)?.is_none() {
+                return Ok(Vote::no(format!("unknown account {}", leg.account)));
+            }
+            let balance = read(t, &bal)?;
+            if leg.delta < 0 {
+                let available = balance - read(t, &format!("frz:{}", leg.account))?;
+                if available < -leg.delta {
+                    return Ok(Vote::no(format!(
+                        "insufficient funds in {}: {available} available, {} needed",
+                        leg.account, -leg.delta
+                    )));
+                }
+            }
+            write(t, &bal, balance + leg.delta)?;
+            Ok(Vote::yes())
+        })
+    }
+
+    /// A saga step's compensation: moves the leg's money back.
+    fn move_back(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
+        self.barrier.transaction(ctx, &self.accounts, |t| {
+            let bal = format!("bal:{}", leg.account);
+            write(t, &bal, read(t, &bal)? - leg.delta)
+        })
+    }
+
     /// Applies (`apply`) or releases the frozen leg, if any.
     fn settle(&self, ctx: &BranchContext, apply: bool) -> Result<(), HandlerError> {
         let key = hold_key(ctx);
@@ -167,5 +203,14 @@ impl Tcc for SledBank {
     }
     async fn cancel(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
         self.settle(ctx, false)
+    }
+}
+
+impl Saga for SledBank {
+    async fn action(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.move_now(ctx, payload)
+    }
+    async fn compensate(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        self.move_back(ctx, payload)
     }
 }

@@ -1,5 +1,5 @@
-//! The randomized crash loop: a bank workload across three participant
-//! processes holding accounts in sled, while the coordinator process is
+//! The randomized crash loop: a bank workload (2PC, TCC and saga
+//! transfers) across three participant processes holding accounts in sled, while the coordinator process is
 //! SIGKILLed and restarted at random moments (and, in the second variant,
 //! participants too). At the end every transaction is terminal, every
 //! acknowledged commit is confirmed at every participant, no branch is both
@@ -100,11 +100,10 @@ async fn transfer(
     let from = rng.below(SHARDS as u64) as usize;
     let to = (from + 1 + rng.below(SHARDS as u64 - 1) as usize) % SHARDS;
     let amount = 1 + rng.below(400) as i64;
-    let tcc = rng.below(2) == 0;
-    let (mode, resource) = if tcc {
-        (Mode::Tcc, "accounts-tcc")
-    } else {
-        (Mode::TwoPhase, "accounts")
+    let (mode, resource) = match rng.below(3) {
+        0 => (Mode::Tcc, "accounts-tcc"),
+        1 => (Mode::Saga, "accounts-saga"),
+        _ => (Mode::TwoPhase, "accounts"),
     };
     let pick = |rng: &mut Rng, s: usize| shards[s].1[rng.below(ACCOUNTS as u64) as usize].clone();
     let (a, b) = (pick(rng, from), pick(rng, to));

@@ -359,8 +359,9 @@ enum LogVerb {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Protocol of the transfers: 2pc, or tcc (try freezes the funds,
-    /// confirm moves them, cancel unfreezes).
+    /// Protocol of the transfers: 2pc, tcc (try freezes the funds,
+    /// confirm moves them, cancel unfreezes) or saga (each leg moves the
+    /// money at once; a failed transfer moves it back).
     #[arg(long, default_value = "2pc", value_parser = parse_mode)]
     mode: tandem_sdk::Mode,
     /// Transfers to run.

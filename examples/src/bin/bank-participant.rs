@@ -1,6 +1,7 @@
 //! Serves one bank shard as a Tandem participant: resource `accounts` for
 //! 2PC, `accounts-tcc` for TCC (try freezes funds, confirm moves them,
-//! cancel unfreezes).
+//! cancel unfreezes), `accounts-saga` for saga steps (a leg moves the
+//! money at once, its compensation moves it back).
 //!
 //! ```text
 //! cargo run -p tandem-examples --bin bank-participant -- --listen 127.0.0.1:9001 --accounts alice,bob
@@ -43,7 +44,7 @@ use tandem_sdk::{ParticipantMetrics, ParticipantServer};
 use tokio::net::TcpListener;
 
 /// A bank shard: accounts with opening balances, served as resources
-/// "accounts" (2PC) and "accounts-tcc" (TCC).
+/// "accounts" (2PC), "accounts-tcc" (TCC) and "accounts-saga" (saga).
 #[derive(Parser)]
 struct Args {
     /// Address to listen on.
@@ -109,7 +110,8 @@ async fn main() -> anyhow::Result<()> {
             ParticipantServer::new()
                 .barrier(bank.barrier())
                 .two_phase("accounts", bank.clone())
-                .tcc("accounts-tcc", bank)
+                .tcc("accounts-tcc", bank.clone())
+                .saga("accounts-saga", bank)
         }
         None => {
             let bank = Arc::new(Bank::new(
@@ -117,7 +119,8 @@ async fn main() -> anyhow::Result<()> {
             ));
             ParticipantServer::new()
                 .two_phase("accounts", bank.clone())
-                .tcc("accounts-tcc", bank)
+                .tcc("accounts-tcc", bank.clone())
+                .saga("accounts-saga", bank)
         }
     };
     server = args.secure.apply(server)?;
