@@ -283,7 +283,8 @@ pub trait Tcc: Send + Sync + 'static {
 ///
 /// The coordinator calls `action` once the steps before it are done, and
 /// `compensate` when the saga fails after (or while) the action ran:
-/// newest step first. Behind the barrier, a repeated action or
+/// newest step first, and only the coordinator does (in-doubt resolution
+/// never compensates a saga step: it would break that order). Behind the barrier, a repeated action or
 /// compensation runs once, a compensation that arrives before its action
 /// is recorded without calling `compensate` (nothing to undo), and the
 /// late action is then refused. On the wire an action is a `Try`, a
@@ -318,6 +319,18 @@ pub trait Saga: Send + Sync + 'static {
         ctx: &BranchContext,
         payload: &[u8],
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+
+    /// The saga completed (every step done): nothing to undo any more.
+    /// Optional: for a participant that keeps something per step until
+    /// then. By default nothing runs.
+    fn complete(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let _ = (ctx, payload);
+        std::future::ready(Ok(()))
+    }
 }
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -338,6 +351,12 @@ pub(crate) trait DynHandler: Send + Sync + 'static {
         payload: &'a [u8],
         commit: bool,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// A saga step's: only its coordinator compensates it (newest step
+    /// first), never in-doubt resolution.
+    fn is_saga(&self) -> bool {
+        false
+    }
 }
 
 /// A [`TwoPhase`] handler behind [`DynHandler`].
@@ -366,11 +385,15 @@ impl<T: Saga> DynHandler for SagaHandler<T> {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         if commit {
             // The action committed already: closing the step is the
-            // barrier's record alone.
-            Box::pin(std::future::ready(Ok(())))
+            // barrier's record (and the optional hook).
+            Box::pin(self.0.complete(ctx, payload))
         } else {
             Box::pin(self.0.compensate(ctx, payload))
         }
+    }
+
+    fn is_saga(&self) -> bool {
+        true
     }
 }
 
@@ -486,5 +509,12 @@ impl<T: Saga> Saga for std::sync::Arc<T> {
         payload: &[u8],
     ) -> impl Future<Output = Result<(), HandlerError>> + Send {
         T::compensate(self, ctx, payload)
+    }
+    fn complete(
+        &self,
+        ctx: &BranchContext,
+        payload: &[u8],
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        T::complete(self, ctx, payload)
     }
 }

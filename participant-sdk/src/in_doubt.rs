@@ -98,6 +98,13 @@ async fn resolve(service: &ParticipantService, client: &TransactionClient, d: &I
             return false;
         }
     };
+    if !commit && service.is_saga(&d.resource) {
+        // Its coordinator compensates a saga's steps, newest first (the
+        // start is forced, so it never forgets one): compensating here
+        // could undo this step under a newer one that still stands.
+        tracing::debug!(%gtid, branch, "in-doubt saga step: its coordinator compensates it");
+        return true;
+    }
     let outcome = if commit { "commit" } else { "abort" };
     match service.finish(d, commit).await {
         Ok(()) => tracing::info!(%gtid, branch, outcome, "in-doubt branch resolved"),

@@ -9,8 +9,10 @@ use std::time::Duration;
 use tandem_coordinator::log::SledLog;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::admin_client::AdminClient;
-use tandem_sdk::{Branch, Error, Mode, TransactionClient};
-use tandem_tests::{Journal, Script, Scripted, eventually, eventually_async, start_coordinator};
+use tandem_sdk::{Branch, Error, Mode, ParticipantServer, TransactionClient};
+use tandem_tests::{
+    Journal, Script, Scripted, eventually, eventually_async, spawn, start_coordinator,
+};
 
 async fn client(coord: &tandem_coordinator::RunningCoordinator) -> TransactionClient {
     TransactionClient::connect(coord.url())
@@ -242,5 +244,69 @@ async fn a_saga_refuses_other_modes_and_other_modes_refuse_saga_steps() {
     assert_eq!(
         (steps[0].counts(), steps[1].counts()),
         ((0, 0, 0), (0, 0, 0))
+    );
+}
+
+// A participant resolving branches in doubt (GetOutcome says ABORT) leaves
+// a saga step's compensation to the coordinator: compensating it there
+// would undo step 1 under a step 2 that still stands (STUCK).
+#[tokio::test]
+async fn in_doubt_resolution_never_compensates_a_saga_step() {
+    let dir = tempfile::tempdir().expect("dir");
+    let coord = start_coordinator(Arc::new(SledLog::open(dir.path()).expect("log"))).await;
+    let journal = Journal::default();
+    let s1 = Scripted::new("s1", Script::default(), Some(journal.clone()));
+    let s2 = Scripted::new(
+        "s2",
+        Script {
+            phase_two_never: Some("refund API retired".into()),
+            ..Script::default()
+        },
+        Some(journal.clone()),
+    );
+    let s3 = Scripted::new(
+        "s3",
+        Script {
+            vote_no: Some("sold out".into()),
+            ..Script::default()
+        },
+        Some(journal.clone()),
+    );
+    // Step 1's participant resolves branches in doubt: it must leave the
+    // compensation to the coordinator, which is stopped at step 2.
+    let p1 = spawn(
+        ParticipantServer::new()
+            .resolve_in_doubt(coord.url(), Duration::from_millis(300))
+            .saga("r", s1.clone()),
+    )
+    .await;
+    let p2 = s2.serve_saga().await;
+    let p3 = s3.serve_saga().await;
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+    let branches = vec![
+        Branch::new(p1.url(), "r", "step 1"),
+        Branch::new(p2.url(), "r", "step 2"),
+        Branch::new(p3.url(), "r", "step 3"),
+    ];
+    let err = client
+        .submit(Mode::Saga, branches)
+        .await
+        .expect_err("aborts");
+    let Error::Aborted { gtid, .. } = err else {
+        panic!("{err:?}")
+    };
+    let gtid = gtid.expect("gtid");
+    eventually_async("STUCK", || async {
+        client.get(gtid).await.expect("get").state() == pb::TxState::Stuck
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s1.counts().2,
+        0,
+        "step 1 compensated while step 2 still stands uncompensated (STUCK): {:?}",
+        journal.entries()
     );
 }

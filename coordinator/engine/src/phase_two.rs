@@ -186,6 +186,20 @@ impl Txn {
                 &format!("; branch {id} is {state}, it needs no phase 2"),
             ));
         }
+        if self.is_saga()
+            && !decided_commit
+            && let Some(&newest) = open.iter().max()
+            && newest != id
+        {
+            // Undoing an older step under a newer one that still stands
+            // would break the saga's order.
+            return Err(self.wrong_state(
+                "settle a saga step by hand",
+                &format!(
+                    "; a saga's steps are compensated newest first: settle step {newest} first"
+                ),
+            ));
+        }
         let Some(b) = self.rec.branch_mut(id) else {
             return Ok(Vec::new());
         };
@@ -240,7 +254,7 @@ impl Txn {
     /// ([`Txn::next_compensation`]).
     pub(super) fn start_phase_two(&mut self, cmds: &mut Vec<Command>, now: u64) {
         let ids: Vec<BranchId> = if self.is_saga() && self.rec.state == TxState::Aborting {
-            self.next_compensation().into_iter().collect()
+            self.next_compensation(now).into_iter().collect()
         } else {
             self.rec
                 .branches

@@ -24,7 +24,7 @@
 //!   compensation (the barrier records one that finds no action, and
 //!   refuses the action if it ever arrives late).
 
-use crate::model::{BranchId, BranchState, Mode, TxState};
+use crate::model::{AbortCause, AbortInfo, BranchId, BranchState, Mode, TxState};
 use crate::{Command, Txn};
 
 impl Txn {
@@ -44,6 +44,11 @@ impl Txn {
         let Some(id) = next else {
             return Vec::new();
         };
+        if now >= self.rec.deadline_ms {
+            // Past the deadline no action starts (the deadline's timer may
+            // not have fired yet).
+            return self.abort(AbortInfo::new(AbortCause::Deadline, ""), now);
+        }
         self.phase_one.insert(id);
         self.rec.updated_ms = now;
         // The step before is written as done (not forced: losing it only
@@ -67,8 +72,17 @@ impl Txn {
 
     /// The one compensation to start now under an abort: the newest step
     /// that needs one, when no action or compensation is out and none was
-    /// given up on.
-    pub(crate) fn next_compensation(&self) -> Option<BranchId> {
+    /// given up on. Each compensation has the retry policy's whole budget
+    /// (it starts when the step's turn comes, not at the decision).
+    pub(crate) fn next_compensation(&mut self, now: u64) -> Option<BranchId> {
+        let id = self.newest_owed()?;
+        self.budget_start = now;
+        self.failures.remove(&id);
+        Some(id)
+    }
+
+    /// The step [`Txn::next_compensation`] would start, if any.
+    fn newest_owed(&self) -> Option<BranchId> {
         if self.rec.state != TxState::Aborting
             || !self.phase_one.is_empty()
             || !self.phase_two.is_empty()

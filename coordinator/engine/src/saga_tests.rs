@@ -223,3 +223,126 @@ fn an_interactive_saga_takes_one_step_at_a_time_and_saga_steps_only() {
     );
     assert_eq!(phase_two(&cmds), vec![(2, false)]);
 }
+
+// the retry budget (max_duration) starts at the abort decision and
+// is shared by the whole walk: step 3's compensation may use it all up, and
+// step 2's compensation is then given up on at its first failure.
+#[test]
+fn each_compensation_gets_its_own_retry_budget() {
+    let policy = RetryPolicy {
+        max_attempts: None,
+        max_duration: Some(std::time::Duration::from_secs(10)),
+        ..RetryPolicy::default()
+    };
+    let (t, _) = saga(3);
+    let mut t = t.with_policy(policy);
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    t.handle(
+        Event::PhaseOne {
+            branch: 3,
+            vote: Vote::No("no".into()),
+        },
+        NOW,
+    )
+    .unwrap();
+    // Step 3's compensation fails for 9.9 s, then succeeds.
+    let c = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 3,
+                result: Err("down".into()),
+            },
+            NOW + 1_000,
+        )
+        .unwrap();
+    assert!(c.iter().any(|c| matches!(c, Command::RetryLater { .. })));
+    t.handle(Event::RetryDue { branch: 3 }, NOW + 9_000)
+        .unwrap();
+    let c = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 3,
+                result: Ok(()),
+            },
+            NOW + 9_900,
+        )
+        .unwrap();
+    assert_eq!(phase_two(&c), vec![(2, false)]);
+    // Step 2's compensation: ONE transient failure, 0.2 s after it started.
+    let c = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 2,
+                result: Err("blip".into()),
+            },
+            NOW + 10_100,
+        )
+        .unwrap();
+    assert_eq!(
+        t.record().state,
+        TxState::Aborting,
+        "one blip of a compensation started 0.2 s ago made the saga STUCK: {c:?}"
+    );
+}
+
+// An operator settles a saga's steps newest first too: an older step is
+// refused while a newer one is owed.
+#[test]
+fn an_older_step_is_not_settled_by_hand_while_a_newer_one_is_owed() {
+    let (mut t, _) = saga(3);
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 3,
+            vote: Vote::No("declined".into()),
+        },
+    );
+    on(
+        &mut t,
+        Event::PhaseTwoRefused {
+            branch: 3,
+            error: "gone".into(),
+        },
+    );
+    assert_eq!(t.record().state, TxState::Stuck);
+    let resolution = crate::model::Resolution {
+        by: "ops".into(),
+        reason: "x".into(),
+        at_ms: NOW,
+    };
+    let r = t.handle(
+        Event::OperatorResolve {
+            branch: 1,
+            commit: false,
+            resolution,
+        },
+        NOW,
+    );
+    assert!(
+        r.is_err(),
+        "step 1 settled by hand while step 3 (newer) is not compensated: {r:?}"
+    );
+}
+
+// A step's yes that comes in past the deadline (before the timer's
+// event) starts no further action: the saga aborts.
+#[test]
+fn no_next_action_past_the_deadline() {
+    let (mut t, _) = saga(3);
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 1,
+                vote: Vote::Yes(Bytes::new()),
+            },
+            DEADLINE + 5,
+        )
+        .unwrap();
+    assert!(
+        actions(&cmds).is_empty(),
+        "action 2 started past the deadline: {cmds:?}"
+    );
+}

@@ -267,7 +267,7 @@ impl Coordinator {
             inner.validate_branch(b)?;
             if (b.mode.unwrap_or(mode) == Mode::Saga) != (mode == Mode::Saga) {
                 return Err(CoordError::InvalidArgument(
-                    "a saga holds saga steps only, and a saga step belongs to a saga                      (MODE_SAGA on the transaction, and no other mode on its branches)"
+                    "a saga holds saga steps only, and a saga step belongs to a saga (MODE_SAGA on the transaction, and no other mode on its branches)"
                         .into(),
                 ));
             }

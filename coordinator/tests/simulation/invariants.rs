@@ -211,11 +211,12 @@ fn saga_steps_run_in_order(world: &World) -> Result<(), String> {
     Ok(())
 }
 
-/// The compensations the coordinator made of a saga's steps (those that
-/// undid an action) came newest step first.
+/// The compensations of a saga's steps (those that undid an action),
+/// whoever made them (the coordinator, or an operator's hand), came newest
+/// step first.
 fn saga_compensated_newest_first(world: &World) -> Result<(), String> {
     for (gtid, mut effects) in applied(world) {
-        effects.retain(|a| a.saga && a.by_coordinator && !a.commit && a.had_hold);
+        effects.retain(|a| a.saga && !a.commit && a.had_hold);
         effects.sort_by_key(|a| a.seq);
         if let Some(w) = effects.windows(2).find(|w| w[0].branch < w[1].branch) {
             return Err(format!(

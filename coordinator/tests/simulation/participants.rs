@@ -20,7 +20,7 @@ use tandem_coordinator::model::Gtid;
 use tandem_coordinator::runtime::Clock;
 use tandem_sdk::barrier::MemBarrier;
 use tandem_sdk::server::ParticipantService;
-use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
+use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Saga, Tcc, TwoPhase, Vote};
 
 use crate::rng::Rng;
 
@@ -210,6 +210,21 @@ impl Tcc for Ledger {
     }
 }
 
+/// A saga step through the SDK's saga handler (its in-doubt resolution
+/// leaves compensations to the coordinator): the action reserves, the
+/// compensation releases, and a completed saga uses the reservation.
+impl Saga for Ledger {
+    async fn action(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
+        self.reserve(ctx).await
+    }
+    async fn compensate(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, false).await
+    }
+    async fn complete(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.settle(ctx, true).await
+    }
+}
+
 impl TwoPhase for Ledger {
     async fn prepare(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
         self.reserve(ctx).await
@@ -227,8 +242,8 @@ pub fn resource(tcc: bool) -> &'static str {
     if tcc { "tcc" } else { "2pc" }
 }
 
-/// The resource of saga steps (served by the same ledger as a TCC
-/// resource: a saga step is called with TCC's RPCs), so that the
+/// The resource of saga steps (the same ledger behind the SDK's saga
+/// handler; a saga step is called with TCC's RPCs), so that the
 /// participant tells a saga's calls apart for the saga invariants.
 pub const SAGA_RESOURCE: &str = "saga";
 
@@ -273,7 +288,7 @@ impl SimParticipant {
                 };
                 ParticipantServer::new()
                     .tcc(resource(true), ledger())
-                    .tcc(SAGA_RESOURCE, ledger())
+                    .saga(SAGA_RESOURCE, ledger())
                     .two_phase(resource(false), ledger())
                     .barrier(barrier.clone())
                     .into_participant()

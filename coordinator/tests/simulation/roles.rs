@@ -16,7 +16,7 @@ use tandem_proto::v1::BranchRequest;
 use crate::clients::{outcome, routed};
 use crate::instance::true_ms;
 use crate::net::call_two;
-use crate::participants::{IN_DOUBT_AFTER, SimParticipant, resource, resource_of};
+use crate::participants::{IN_DOUBT_AFTER, SAGA_RESOURCE, SimParticipant, resource, resource_of};
 use crate::store::Row;
 use crate::world::World;
 
@@ -61,6 +61,11 @@ pub async fn resolver(world: Arc<World>, i: usize) {
         let before = now - IN_DOUBT_AFTER.as_millis() as u64;
         for ((gtid, branch), res) in p.in_doubt(before).await {
             if let Some(d) = outcome(&world, gtid).await {
+                if res == SAGA_RESOURCE && d == Decision::Abort {
+                    // As the SDK's resolver: a saga step is compensated by
+                    // its coordinator alone, newest first.
+                    continue;
+                }
                 finish_by_hand(&world, &p, gtid, branch, &res, d == Decision::Commit).await;
             }
         }
@@ -131,15 +136,24 @@ pub async fn operator(world: Arc<World>) {
                     continue;
                 }
                 let commit = rec.decision == Some(Decision::Commit);
-                let owing = rec.branches.iter().find(|b| {
+                let owed = |b: &&tandem_coordinator::model::BranchRecord| {
                     b.resolution.is_none()
                         && !matches!(b.state, BranchState::Committed | BranchState::RolledBack)
-                });
+                };
+                // A saga's steps are undone newest first, by hand too.
+                let owing = if rec.mode == Mode::Saga && !commit {
+                    rec.branches.iter().rev().find(owed)
+                } else {
+                    rec.branches.iter().find(owed)
+                };
                 let Some(b) = owing else { continue };
                 let Some(p) = world.net.participant(&b.endpoint) else {
                     continue;
                 };
-                let by_hand = !world.resolver_on || world.draw(|r| r.chance(0.5));
+                // A saga step is never finished by in-doubt resolution (its
+                // coordinator alone compensates it): only by hand.
+                let by_hand =
+                    !world.resolver_on || rec.mode == Mode::Saga || world.draw(|r| r.chance(0.5));
                 if by_hand {
                     let res = resource_of(b.mode);
                     if !finish_by_hand(&world, &p, gtid, b.id, res, commit).await {

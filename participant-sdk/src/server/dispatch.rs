@@ -110,6 +110,14 @@ impl ParticipantService {
         self.barrier.as_ref()
     }
 
+    /// Whether `resource`'s handler is a saga step's (in-doubt resolution
+    /// leaves its compensation to the coordinator).
+    pub(crate) fn is_saga(&self, resource: &str) -> bool {
+        self.handlers
+            .get(resource)
+            .is_some_and(|(_, handler)| handler.is_saga())
+    }
+
     /// Confirms (`commit`) or cancels a branch found in doubt, through the
     /// barrier, as if the coordinator had called.
     pub(crate) async fn finish(&self, d: &InDoubt, commit: bool) -> Result<(), Status> {
