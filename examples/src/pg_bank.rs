@@ -1,4 +1,4 @@
-//! A bank shard in PostgreSQL, for 2PC and for TCC.
+//! A bank shard in PostgreSQL, for 2PC, TCC and sagas.
 //!
 //! Accounts live in `bank_accounts (id, balance, frozen)`; branch payloads
 //! are [`Leg`]s (`"<account>:<delta>"`).
@@ -13,6 +13,9 @@
 //!   [`BranchTx`], which commits the
 //!   barrier record with the change: a confirm repeated after a crash
 //!   finds `Confirmed` and does nothing.
+//! - **Saga** (resource `accounts-saga`): the action moves the leg's money
+//!   at once, the compensation moves it back, each in a [`BranchTx`] (a
+//!   compensation runs only where the action committed).
 //!
 //! A prepare waits at most [`LOCK_WAIT`] for a row another transaction
 //! holds, then votes no ("account busy"): two transfers crossing shards in
@@ -23,7 +26,7 @@ use std::time::Duration;
 
 use tandem_sdk::postgres::tokio_postgres::error::SqlState;
 use tandem_sdk::postgres::{self, BranchTx, PgBarrier, PgError, PgPrepare, PgTwoPhase, Pool};
-use tandem_sdk::{BranchContext, HandlerError, Tcc, TwoPhase, Vote};
+use tandem_sdk::{BranchContext, HandlerError, Saga, Tcc, TwoPhase, Vote};
 
 use crate::bank::Leg;
 
@@ -292,6 +295,45 @@ impl Tcc for PgBank {
              UPDATE bank_accounts a SET frozen = a.frozen - GREATEST(-h.delta, 0)
              FROM hold h WHERE a.id = h.account",
             &[&ctx.gtid, &(ctx.branch_id as i64)],
+        )
+        .await?;
+        Ok(tx.commit().await?)
+    }
+}
+
+/// Saga: a leg moves the money at once (a debit the account cannot cover
+/// says no) and its compensation moves it back; each in one transaction
+/// with its barrier record, so a compensation runs only where the action
+/// committed, and once.
+impl Saga for PgBank {
+    async fn action(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        let leg = match leg(payload) {
+            Ok(leg) => leg,
+            Err(no) => return Ok(no),
+        };
+        let tx = self.barrier.begin(ctx).await?;
+        let ok = tx
+            .execute(
+                "UPDATE bank_accounts SET balance = balance + $2
+                 WHERE id = $1 AND balance - frozen + $2 >= 0",
+                &[&leg.account, &leg.delta],
+            )
+            .await?;
+        if ok != 1 {
+            let vote = refusal(&tx, &leg).await?;
+            tx.rollback().await?;
+            return Ok(vote);
+        }
+        tx.commit().await?;
+        Ok(Vote::yes())
+    }
+
+    async fn compensate(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
+        let tx = self.barrier.begin(ctx).await?;
+        tx.execute(
+            "UPDATE bank_accounts SET balance = balance - $2 WHERE id = $1",
+            &[&leg.account, &leg.delta],
         )
         .await?;
         Ok(tx.commit().await?)

@@ -338,3 +338,42 @@ async fn unreachable_database_aborts_prepare_and_delays_commit() {
     })
     .await;
 }
+
+// A saga transfer on PostgreSQL: each leg moves the money at once, in its
+// barrier transaction. Credit to an account the shard does not have: the
+// credit says no and the debit is compensated (alice back to her
+// balance); then a transfer that goes through moves the money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_transfer_moves_the_money_or_moves_it_back() {
+    let bank = Bank::new().await;
+    let data = tempfile::tempdir().expect("data");
+    let coord = coordinator(data.path(), false);
+    let (s1, s2) = (bank.shard1(None, &[]), bank.shard2(None, &[]));
+    let client = client(&coord).await;
+    let legs = |to: &str, amount: i64| {
+        vec![
+            Branch::new(
+                &s1.url,
+                "accounts-saga",
+                Leg::debit("alice", amount).encode(),
+            ),
+            Branch::new(&s2.url, "accounts-saga", Leg::credit(to, amount).encode()),
+        ]
+    };
+    let refused = client.submit(Mode::Saga, legs("mallory", 300)).await;
+    match refused {
+        Err(Error::Aborted { reason, .. }) => {
+            assert!(reason.contains("unknown account"), "{reason}")
+        }
+        other => panic!("the credit must say no: {other:?}"),
+    }
+    eventually_async("alice's debit compensated", || async {
+        bank.balances().await == (1000, 1000)
+    })
+    .await;
+    client
+        .submit(Mode::Saga, legs("carol", 300))
+        .await
+        .expect("the saga completes");
+    assert_eq!(bank.balances().await, (700, 1300));
+}

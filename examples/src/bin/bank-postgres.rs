@@ -83,7 +83,8 @@ async fn main() -> anyhow::Result<()> {
             let mut server = ParticipantServer::new()
                 .barrier(bank.barrier())
                 .two_phase("accounts", bank.clone())
-                .tcc("accounts-tcc", bank.clone());
+                .tcc("accounts-tcc", bank.clone())
+                .saga("accounts-saga", bank.clone());
             let after = Duration::from_millis(in_doubt_after_ms);
             let mut resolver = None;
             if let Some(c) = coordinator {
