@@ -25,6 +25,7 @@ fn branches() -> Vec<NewBranch> {
         resource: "r".into(),
         payload: Bytes::from_static(b"x"),
         mode: None,
+        after: Vec::new(),
     }]
 }
 

@@ -63,6 +63,7 @@ fn branches() -> Vec<NewBranch> {
             resource: resource.into(),
             payload: Bytes::from_static(b"x"),
             mode: None,
+            after: Vec::new(),
         })
         .to_vec()
 }

@@ -181,6 +181,7 @@ fn branch() -> NewBranch {
         resource: "r".into(),
         payload: Bytes::new(),
         mode: None,
+        after: Vec::new(),
     }
 }
 
@@ -329,6 +330,7 @@ fn committing_record() -> TxnRecord {
         next_attempt_ms: 0,
         updated_ms: now,
         resolution: None,
+        after: Vec::new(),
     });
     rec
 }

@@ -52,6 +52,7 @@ async fn a_request_for_another_instances_transaction_is_redirected_to_it() {
                 resource: "r".into(),
                 payload: "x".into(),
                 mode: 0,
+                after: Vec::new(),
             }),
         })
         .await

@@ -94,6 +94,7 @@ fn branch(endpoint: &str) -> NewBranch {
         resource: "r".into(),
         payload: Bytes::from_static(b"x"),
         mode: None,
+        after: Vec::new(),
     }
 }
 

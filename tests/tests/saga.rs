@@ -310,3 +310,71 @@ async fn in_doubt_resolution_never_compensates_a_saga_step() {
         journal.entries()
     );
 }
+
+// A graph: steps 2 and 3 both run after step 1, in parallel. Step 3 says
+// no after step 2 finished: step 2 (the sibling) is compensated, then
+// step 1; each once.
+#[tokio::test]
+async fn a_parallel_step_failing_after_its_sibling_finished_compensates_the_sibling() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let slow_no = Script {
+        prepare_delay: Duration::from_millis(300),
+        vote_no: Some("no courier free".into()),
+        ..Script::default()
+    };
+    let (steps, running) = steps(
+        &journal,
+        vec![Script::default(), Script::default(), slow_no],
+    )
+    .await;
+    let client = client(&coord).await;
+    let mut graph = branches(&running);
+    graph[1] = graph[1].clone().after(&[1]);
+    graph[2] = graph[2].clone().after(&[1]);
+    let err = client.submit(Mode::Saga, graph).await.expect_err("aborts");
+    let Error::Aborted { gtid, .. } = err else {
+        panic!("{err:?}");
+    };
+    let gtid = gtid.expect("gtid");
+    eventually_async("ABORTED", || async {
+        client.get(gtid).await.expect("get").state() == pb::TxState::Aborted
+    })
+    .await;
+    assert_eq!(
+        journal.entries(),
+        vec![
+            "prepare:s1",
+            "prepare:s2",
+            "prepare:s3",
+            "rollback:s2",
+            "rollback:s1"
+        ],
+        "2 ran beside 3 (before 3's slow no), and was undone before 1"
+    );
+    assert_eq!(steps[1].counts(), (1, 0, 1));
+}
+
+// A step may only name earlier steps, and only in a saga.
+#[tokio::test]
+async fn a_step_naming_a_later_step_or_outside_a_saga_is_refused() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let (steps, running) = steps(&journal, vec![Script::default(), Script::default()]).await;
+    let client = client(&coord).await;
+    let mut bad = branches(&running);
+    bad[0] = bad[0].clone().after(&[2]);
+    let err = client
+        .submit(Mode::Saga, bad)
+        .await
+        .expect_err("later step");
+    assert!(format!("{err}").contains("not an earlier step"), "{err}");
+    let mut bad = branches(&running);
+    bad[1] = bad[1].clone().after(&[1]);
+    let err = client.submit(Mode::Tcc, bad).await.expect_err("not a saga");
+    assert!(format!("{err}").contains("only a saga"), "{err}");
+    assert_eq!(
+        (steps[0].counts(), steps[1].counts()),
+        ((0, 0, 0), (0, 0, 0))
+    );
+}

@@ -16,6 +16,7 @@ fn one_shot(n: u32) -> Txn {
             resource: format!("bank-{i}"),
             payload: Bytes::from_static(b"p"),
             mode: None,
+            after: Vec::new(),
         })
         .collect();
     Txn::submit(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE, branches).0

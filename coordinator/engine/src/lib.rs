@@ -105,6 +105,14 @@ impl Txn {
         let rec = TxnRecord::new(gtid, mode, TxState::Preparing, now, deadline);
         let mut txn = Txn::from_record(rec);
         txn.sends_known = true;
+        let mut branches = branches;
+        if txn.is_saga() {
+            Txn::saga_order(&mut branches);
+        } else {
+            for b in &mut branches {
+                b.after.clear();
+            }
+        }
         let mut cmds = vec![Command::Persist];
         for b in branches {
             let id = txn.add_branch(b, now);

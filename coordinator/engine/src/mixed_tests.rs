@@ -15,6 +15,7 @@ fn branch(n: u32, mode: Option<Mode>) -> NewBranch {
         resource: format!("r{n}"),
         payload: Bytes::from_static(b"p"),
         mode,
+        after: Vec::new(),
     }
 }
 

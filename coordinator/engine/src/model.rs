@@ -276,6 +276,10 @@ pub struct BranchRecord {
     pub updated_ms: u64,
     /// Set when an operator settled this branch by hand.
     pub resolution: Option<Resolution>,
+    /// A saga step's: the steps whose actions must be done before this
+    /// one's (and which are compensated only after this one). Empty for a
+    /// first step and outside sagas.
+    pub after: Vec<BranchId>,
 }
 
 /// An operator's settling of a branch (`tandem tx resolve`): the

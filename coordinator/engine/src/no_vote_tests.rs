@@ -16,6 +16,7 @@ fn one_shot(mode: Mode, n: u32) -> Txn {
             resource: "r".into(),
             payload: Bytes::from_static(b"p"),
             mode: None,
+            after: Vec::new(),
         })
         .collect();
     Txn::submit(Gtid::now_v7(), mode, NOW, DEADLINE, branches).0

@@ -26,6 +26,7 @@ impl Txn {
             next_attempt_ms: 0,
             updated_ms: now,
             resolution: None,
+            after: b.after,
         });
         self.phase_one.insert(id);
         self.rec.updated_ms = now;
@@ -63,6 +64,12 @@ impl Txn {
         if now >= self.rec.deadline_ms {
             return Ok(self.abort(AbortInfo::new(AbortCause::Deadline, ""), now));
         }
+        let mut branch = branch;
+        // An interactive saga's steps run in the order they are enlisted.
+        branch.after = match self.rec.branches.len() {
+            n if self.is_saga() && n > 0 => vec![n as BranchId],
+            _ => Vec::new(),
+        };
         let id = self.add_branch(branch, now);
         // Durable before the participant hears of it: if the coordinator
         // dies after the call, recovery still knows to cancel the branch.

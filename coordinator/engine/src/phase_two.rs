@@ -188,15 +188,15 @@ impl Txn {
         }
         if self.is_saga()
             && !decided_commit
-            && let Some(&newest) = open.iter().max()
-            && newest != id
+            && let Some(later) = self.blocking_dependent(id)
         {
-            // Undoing an older step under a newer one that still stands
-            // would break the saga's order.
+            // Undoing a step under a later one that still stands would
+            // break the saga's order.
             return Err(self.wrong_state(
                 "settle a saga step by hand",
                 &format!(
-                    "; a saga's steps are compensated newest first: settle step {newest} first"
+                    "; a saga's steps are compensated newest first: step {later}, which runs \
+                     after it, is not compensated yet"
                 ),
             ));
         }
@@ -254,7 +254,7 @@ impl Txn {
     /// ([`Txn::next_compensation`]).
     pub(super) fn start_phase_two(&mut self, cmds: &mut Vec<Command>, now: u64) {
         let ids: Vec<BranchId> = if self.is_saga() && self.rec.state == TxState::Aborting {
-            self.next_compensation(now).into_iter().collect()
+            self.next_compensations(now)
         } else {
             self.rec
                 .branches

@@ -32,28 +32,56 @@ impl Txn {
         self.rec.mode == Mode::Saga
     }
 
-    /// After a step's yes while undecided: the next step's action, or
-    /// nothing when none is left to start (the caller decides then).
+    /// Fills in a one-shot saga's order: when no step names the steps it
+    /// runs after, each runs after the one before it. Names that are not
+    /// earlier steps are dropped (the runtime refuses them first).
+    pub(crate) fn saga_order(branches: &mut [crate::NewBranch]) {
+        if branches.iter().all(|b| b.after.is_empty()) {
+            for (i, b) in branches.iter_mut().enumerate().skip(1) {
+                b.after = vec![i as BranchId];
+            }
+        }
+        for (i, b) in branches.iter_mut().enumerate() {
+            let id = i as BranchId + 1;
+            b.after.retain(|d| (1..id).contains(d));
+            b.after.sort_unstable();
+            b.after.dedup();
+        }
+    }
+
+    /// After a step's yes while undecided (and at the start): the action
+    /// of every step whose steps before are all done, or nothing when none
+    /// is ready (the caller decides once every step is done).
     pub(crate) fn next_step(&mut self, now: u64) -> Vec<Command> {
-        let next = self
+        let done = |id: &BranchId, rec: &crate::model::TxnRecord| {
+            rec.branch(*id)
+                .is_some_and(|b| b.state == BranchState::Prepared)
+        };
+        let ready: Vec<BranchId> = self
             .rec
             .branches
             .iter()
-            .find(|b| b.state == BranchState::Registered && !self.phase_one.contains(&b.id))
-            .map(|b| b.id);
-        let Some(id) = next else {
+            .filter(|b| b.state == BranchState::Registered && !self.phase_one.contains(&b.id))
+            .filter(|b| b.after.iter().all(|d| done(d, &self.rec)))
+            .map(|b| b.id)
+            .collect();
+        if ready.is_empty() {
             return Vec::new();
-        };
+        }
         if now >= self.rec.deadline_ms {
             // Past the deadline no action starts (the deadline's timer may
             // not have fired yet).
             return self.abort(AbortInfo::new(AbortCause::Deadline, ""), now);
         }
-        self.phase_one.insert(id);
         self.rec.updated_ms = now;
         // The step before is written as done (not forced: losing it only
         // means that step is compensated after a restart, as it would be).
-        vec![Command::Persist, Command::PhaseOne { branch: id }]
+        let mut cmds = vec![Command::Persist];
+        for id in ready {
+            self.phase_one.insert(id);
+            cmds.push(Command::PhaseOne { branch: id });
+        }
+        cmds
     }
 
     /// At an abort: steps whose action never went out are settled, when
@@ -70,31 +98,48 @@ impl Txn {
         }
     }
 
-    /// The one compensation to start now under an abort: the newest step
-    /// that needs one, when no action or compensation is out and none was
-    /// given up on. Each compensation has the retry policy's whole budget
-    /// (it starts when the step's turn comes, not at the decision).
-    pub(crate) fn next_compensation(&mut self, now: u64) -> Option<BranchId> {
-        let id = self.newest_owed()?;
-        self.budget_start = now;
-        self.failures.remove(&id);
-        Some(id)
-    }
-
-    /// The step [`Txn::next_compensation`] would start, if any.
-    fn newest_owed(&self) -> Option<BranchId> {
-        if self.rec.state != TxState::Aborting
-            || !self.phase_one.is_empty()
-            || !self.phase_two.is_empty()
-            || !self.parked.is_empty()
-        {
-            return None;
+    /// The compensations to start now under an abort: every step that
+    /// needs one and that no later step still owing its own depends on
+    /// (newest first along each chain; independent steps in parallel),
+    /// none while an action is out. Each has the retry policy's whole
+    /// budget from its turn, not from the decision.
+    pub(crate) fn next_compensations(&mut self, now: u64) -> Vec<BranchId> {
+        if self.rec.state != TxState::Aborting || !self.phase_one.is_empty() {
+            return Vec::new();
         }
-        self.rec
+        let ids: Vec<BranchId> = self
+            .rec
             .branches
             .iter()
             .rev()
             .map(|b| b.id)
-            .find(|id| self.needs_phase_two(*id))
+            .filter(|id| self.needs_phase_two(*id) && self.blocking_dependent(*id).is_none())
+            .collect();
+        if !ids.is_empty() {
+            self.budget_start = now;
+        }
+        for id in &ids {
+            self.failures.remove(id);
+        }
+        ids
+    }
+
+    /// A step that runs after `id` and still owes its compensation (or is
+    /// having it), which `id`'s compensation must wait for.
+    pub(crate) fn blocking_dependent(&self, id: BranchId) -> Option<BranchId> {
+        self.rec
+            .branches
+            .iter()
+            .filter(|b| b.after.contains(&id))
+            .find(|b| {
+                matches!(
+                    b.state,
+                    BranchState::Registered
+                        | BranchState::Prepared
+                        | BranchState::Failed
+                        | BranchState::Refused
+                )
+            })
+            .map(|b| b.id)
     }
 }

@@ -15,6 +15,7 @@ fn step(n: u32) -> NewBranch {
         resource: format!("s{n}"),
         payload: Bytes::from_static(b"p"),
         mode: None,
+        after: Vec::new(),
     }
 }
 
@@ -345,4 +346,68 @@ fn no_next_action_past_the_deadline() {
         actions(&cmds).is_empty(),
         "action 2 started past the deadline: {cmds:?}"
     );
+}
+
+/// Steps 1; 2 and 3 after 1; 4 after 2 and 3.
+fn diamond() -> (Txn, Vec<Command>) {
+    let mut steps: Vec<NewBranch> = (1..=4).map(step).collect();
+    steps[1].after = vec![1];
+    steps[2].after = vec![1];
+    steps[3].after = vec![2, 3];
+    Txn::submit(Gtid::now_v7(), Mode::Saga, NOW, DEADLINE, steps)
+}
+
+// A graph: independent steps' actions go out together, a step's once all
+// the steps it runs after are done.
+#[test]
+fn a_graph_runs_each_step_once_the_steps_before_it_are_done() {
+    let (mut t, cmds) = diamond();
+    assert_eq!(actions(&cmds), vec![1]);
+    let mut both = actions(&yes(&mut t, 1));
+    both.sort_unstable();
+    assert_eq!(both, vec![2, 3]);
+    assert!(actions(&yes(&mut t, 3)).is_empty(), "4 waits for 2");
+    assert_eq!(actions(&yes(&mut t, 2)), vec![4]);
+    assert_eq!(yes(&mut t, 4), vec![Command::ForceDecision]);
+}
+
+// Step 3 fails after its sibling 2 finished: 2 and 3 are compensated
+// (they depend on nothing still standing), then 1 once both are undone;
+// step 4 never ran.
+#[test]
+fn a_sibling_that_finished_is_compensated_when_the_other_fails() {
+    let (mut t, _) = diamond();
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    let cmds = on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 3,
+            vote: Vote::Failed("timeout".into()),
+        },
+    );
+    let mut first = phase_two(&cmds);
+    first.sort_unstable();
+    assert_eq!(first, vec![(2, false), (3, false)]);
+    assert_eq!(
+        t.record().branches[3].state,
+        BranchState::RolledBack,
+        "never started"
+    );
+    assert!(phase_two(&acked(&mut t, 3)).is_empty(), "1 waits for 2");
+    assert_eq!(phase_two(&acked(&mut t, 2)), vec![(1, false)]);
+}
+
+// Steps name only earlier steps; without any name the saga is a sequence.
+#[test]
+fn a_saga_without_names_is_a_sequence_and_bad_names_are_dropped() {
+    let mut steps: Vec<NewBranch> = (1..=3).map(step).collect();
+    Txn::saga_order(&mut steps);
+    let after: Vec<Vec<BranchId>> = steps.iter().map(|b| b.after.clone()).collect();
+    assert_eq!(after, vec![vec![], vec![1], vec![2]]);
+    let mut steps: Vec<NewBranch> = (1..=3).map(step).collect();
+    steps[1].after = vec![2, 0, 9, 1, 1];
+    Txn::saga_order(&mut steps);
+    assert_eq!(steps[1].after, vec![1]);
+    assert!(steps[2].after.is_empty(), "a root of the graph");
 }

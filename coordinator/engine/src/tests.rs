@@ -15,6 +15,7 @@ fn branch(n: u32) -> NewBranch {
         resource: "r".into(),
         payload: Bytes::from_static(b"p"),
         mode: None,
+        after: Vec::new(),
     }
 }
 

@@ -93,6 +93,10 @@ pub struct NewBranch {
     pub payload: Bytes,
     /// The branch's protocol; `None`: the transaction's.
     pub mode: Option<Mode>,
+    /// A saga step's: the ids of the steps that must be done before its
+    /// action goes out. When no step of a one-shot saga names any, each
+    /// runs after the one before it. Empty outside sagas.
+    pub after: Vec<BranchId>,
 }
 
 /// The result of a phase-1 call.

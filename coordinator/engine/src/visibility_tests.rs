@@ -15,6 +15,7 @@ fn decided_not_forced(mode: Mode) -> Txn {
         resource: "r".into(),
         payload: Bytes::from_static(b"p"),
         mode: None,
+        after: Vec::new(),
     };
     let (mut t, _) = Txn::submit(Gtid::now_v7(), mode, NOW, DEADLINE, vec![b]);
     let vote = Vote::Yes(Bytes::from_static(b"hold-1"));
@@ -74,6 +75,7 @@ fn requests_are_not_answered_from_a_decision_being_forced() {
         resource: "r".into(),
         payload: Bytes::new(),
         mode: None,
+        after: Vec::new(),
     };
     t.handle(Event::Enlist(b.clone()), NOW).expect("enlist");
     let vote = Vote::Yes(Bytes::new());
@@ -147,6 +149,7 @@ fn replies_are_kept_and_reasons_capped() {
         resource: "r".into(),
         payload: Bytes::new(),
         mode: None,
+        after: Vec::new(),
     };
     let (mut t, _) = Txn::submit(Gtid::now_v7(), Mode::TwoPhase, NOW, DEADLINE, vec![b]);
     let vote = Vote::No("x".repeat(20_000));
@@ -167,6 +170,7 @@ fn a_forced_abort_sends_and_shows_nothing_until_durable() {
         resource: "r".into(),
         payload: Bytes::new(),
         mode: None,
+        after: Vec::new(),
     };
     let (t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b(1), b(2)]);
     let mut t = t.with_forced_abort();
@@ -209,6 +213,7 @@ fn an_unforced_abort_starts_its_rollbacks_at_once() {
         resource: "r".into(),
         payload: Bytes::new(),
         mode: None,
+        after: Vec::new(),
     };
     let (mut t, _) = Txn::submit(Gtid::now_v7(), Mode::Tcc, NOW, DEADLINE, vec![b]);
     let vote = Vote::Failed("refused".into());

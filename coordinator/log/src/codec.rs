@@ -113,6 +113,9 @@ struct StoredBranch {
     /// An operator's settling of the branch, if any.
     #[prost(message, optional, tag = "11")]
     resolution: Option<StoredResolution>,
+    /// A saga step's dependencies (absent: none).
+    #[prost(uint32, repeated, tag = "12")]
+    after: Vec<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -241,6 +244,7 @@ pub(super) fn encode(rec: &TxnRecord) -> Vec<u8> {
                 next_attempt_ms: b.next_attempt_ms,
                 inline_payload: (!stored_apart(&b.payload)).then(|| b.payload.clone()),
                 reply: b.reply.clone(),
+                after: b.after.clone(),
             })
             .collect(),
     }
@@ -315,6 +319,7 @@ pub(super) fn decode(
             last_error: b.last_error,
             next_attempt_ms: b.next_attempt_ms,
             updated_ms: b.updated_ms,
+            after: b.after,
             resolution: b.resolution.map(|r| Resolution {
                 by: r.by,
                 reason: r.reason,

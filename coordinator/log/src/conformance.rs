@@ -231,6 +231,7 @@ pub fn sample_record(mode: Mode, n: u32) -> TxnRecord {
             next_attempt_ms: 0,
             updated_ms: 1_000,
             resolution: None,
+            after: Vec::new(),
         });
     }
     rec

@@ -167,7 +167,7 @@ impl SledLog {
             Ok(m) => report.mark = m,
             Err(e) => report.mark_error = Some(e),
         }
-        let db = Self::sled_config(dir).open().map_err(|e| match e {
+        let db = open_sled(dir).map_err(|e| match e {
             sled::Error::Corruption { .. } => LogError::Damaged(format!(
                 "the transaction log in {} is damaged: sled cannot open it ({e}). Tandem \
                  will not serve from it: a lost commit decision would be answered ABORT. \
@@ -253,6 +253,26 @@ impl SledLog {
                 .map_err(|e| self.latch(e))?;
             Ok(stored.map(|v| Bytes::copy_from_slice(&v)))
         })
+    }
+}
+
+/// Opens sled in `dir`, waiting up to a second for its lock file: a log
+/// of this process dropped a moment ago may still hold it while sled's
+/// own threads finish (a restart in place, or a test reopening). Another
+/// process holding it is refused after that second.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match SledLog::sled_config(dir).open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && waited < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                waited += std::time::Duration::from_millis(20);
+            }
+            other => return other,
+        }
     }
 }
 

@@ -119,6 +119,13 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         inner.validate_branch(&branch)?;
+        if !branch.after.is_empty() {
+            return Err(CoordError::InvalidArgument(
+                "an enlisted branch names no steps to run after (an interactive saga's steps \
+                 run in the order they are enlisted; give the order in one Submit)"
+                    .into(),
+            ));
+        }
         let Some(entry) = inner.find_for_request(&gtid).await? else {
             return Err(match inner.log.get(&gtid)? {
                 Some(rec) => EngineError::WrongState {
@@ -263,8 +270,20 @@ impl Coordinator {
                 inner.config.max_branches
             )));
         }
-        for b in &branches {
+        for (i, b) in branches.iter().enumerate() {
             inner.validate_branch(b)?;
+            if mode != Mode::Saga && !b.after.is_empty() {
+                return Err(CoordError::InvalidArgument(
+                    "only a saga's steps name steps to run after".into(),
+                ));
+            }
+            if let Some(d) = b.after.iter().find(|d| !(1..=i as u32).contains(d)) {
+                return Err(CoordError::InvalidArgument(format!(
+                    "step {} runs after {d}, which is not an earlier step (steps are 1 to {})",
+                    i + 1,
+                    branches.len()
+                )));
+            }
             if (b.mode.unwrap_or(mode) == Mode::Saga) != (mode == Mode::Saga) {
                 return Err(CoordError::InvalidArgument(
                     "a saga holds saga steps only, and a saga step belongs to a saga (MODE_SAGA on the transaction, and no other mode on its branches)"

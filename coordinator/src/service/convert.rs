@@ -31,6 +31,9 @@ pub(super) fn timeout_from_wire(ms: u64) -> Option<Duration> {
     (ms > 0).then(|| Duration::from_millis(ms))
 }
 
+/// Steps one saga step may name in `BranchSpec.after`.
+const MAX_AFTER: usize = 64;
+
 pub(super) fn branch_from_wire(b: Option<pb::BranchSpec>) -> Result<NewBranch, Status> {
     let b = b.ok_or_else(|| Status::invalid_argument("branch is missing"))?;
     let mode = match pb::Mode::try_from(b.mode) {
@@ -44,11 +47,18 @@ pub(super) fn branch_from_wire(b: Option<pb::BranchSpec>) -> Result<NewBranch, S
             ));
         }
     };
+    if b.after.len() > MAX_AFTER {
+        return Err(Status::invalid_argument(format!(
+            "a step names {} steps to run after; at most {MAX_AFTER}",
+            b.after.len()
+        )));
+    }
     Ok(NewBranch {
         endpoint: b.endpoint,
         resource: b.resource,
         payload: b.payload,
         mode,
+        after: b.after,
     })
 }
 

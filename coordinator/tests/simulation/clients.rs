@@ -90,6 +90,7 @@ fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
         resource: resource_of(effective).into(),
         payload: Bytes::from(vec![i as u8; 8]),
         mode: own,
+        after: Vec::new(),
     }
 }
 
@@ -259,6 +260,7 @@ async fn hoard(world: Arc<World>, k: usize, n: usize) {
             resource: resource(true).into(),
             payload: Bytes::new(),
             mode: None,
+            after: Vec::new(),
         };
         let _ = coord.enlist(gtid, b).await;
     }

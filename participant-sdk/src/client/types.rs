@@ -57,6 +57,10 @@ pub struct Branch {
     pub payload: Bytes,
     /// The branch's protocol; `None` (the default): the transaction's.
     pub mode: Option<Mode>,
+    /// A one-shot saga's step: the steps (1-based positions in the
+    /// request) whose actions must be done before this one's. None named
+    /// by any step: each runs after the one before.
+    pub after: Vec<u32>,
 }
 
 impl Branch {
@@ -71,6 +75,7 @@ impl Branch {
             resource: resource.into(),
             payload: payload.into(),
             mode: None,
+            after: Vec::new(),
         }
     }
 
@@ -83,12 +88,36 @@ impl Branch {
         self
     }
 
+    /// A saga step that runs after `steps` (1-based positions in the
+    /// request); a step of a saga where some step names its order but
+    /// this one names none runs at the start.
+    ///
+    /// ```
+    /// use tandem_sdk::Branch;
+    ///
+    /// // Reserve stock, then charge the card and book the courier in
+    /// // parallel; the receipt goes out after both.
+    /// let order = vec![
+    ///     Branch::new("http://inventory:9001", "stock", "sku-7:1"),
+    ///     Branch::new("http://payments:9002", "payments", "card-7:80").after(&[1]),
+    ///     Branch::new("http://courier:9003", "pickups", "order-7").after(&[1]),
+    ///     Branch::new("http://mail:9004", "receipts", "order-7").after(&[2, 3]),
+    /// ];
+    /// # let _ = order;
+    /// ```
+    #[must_use]
+    pub fn after(mut self, steps: &[u32]) -> Self {
+        self.after = steps.to_vec();
+        self
+    }
+
     pub(super) fn wire(self) -> pb::BranchSpec {
         pb::BranchSpec {
             endpoint: self.endpoint,
             resource: self.resource,
             payload: self.payload,
             mode: self.mode.map_or(pb::Mode::Unspecified as i32, Mode::wire),
+            after: self.after,
         }
     }
 }

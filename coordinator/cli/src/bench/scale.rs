@@ -162,6 +162,7 @@ fn finished(options: &BenchOptions, now_ms: u64) -> TxnRecord {
             next_attempt_ms: 0,
             updated_ms: now_ms,
             resolution: None,
+            after: Vec::new(),
         });
     }
     rec
