@@ -185,7 +185,13 @@ impl Txn {
         self.sent_before
     }
 
-    fn from_record(rec: TxnRecord) -> Txn {
+    fn from_record(mut rec: TxnRecord) -> Txn {
+        // A saga written before steps named their order is a sequence.
+        if rec.mode == Mode::Saga && rec.branches.iter().all(|b| b.after.is_empty()) {
+            for (i, b) in rec.branches.iter_mut().enumerate().skip(1) {
+                b.after = vec![i as BranchId];
+            }
+        }
         Txn {
             budget_start: rec.updated_ms,
             undecided: rec.state,

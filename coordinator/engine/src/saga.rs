@@ -3,20 +3,24 @@
 //! A saga is driven by the same states as 2PC and TCC; only the order of
 //! its calls differs:
 //!
-//! - **Forward, one at a time.** A step's action (its phase-1 call, a
-//!   try) goes out once the step before it said yes; a one-shot saga's
+//! - **Forward, each step once the steps before it are done.** A step's
+//!   action (its phase-1 call, a try) goes out once every step it runs
+//!   after (`BranchRecord::after`; by default the one before) said yes;
+//!   independent steps go out together. A one-shot saga's
 //!   start is forced before the first action, so a crash never forgets a
 //!   step that may have run. All said yes: the commit decision, then a
 //!   confirm per step (a no-op for the handler that closes its barrier
 //!   row).
-//! - **Backward, one at a time, newest first.** Under an abort, only the
-//!   newest step that ran or may have run is compensated (cancelled) at a
-//!   time, and none while an action is still out (it may yet complete: it
-//!   is then the newest); each acknowledged compensation starts the next.
-//!   A compensation given up on (retry policy, or a participant saying it
-//!   will never succeed) stops the walk: the saga is STUCK with the older
-//!   steps not compensated, for an operator (`tandem tx resolve` the step,
-//!   then `tandem tx retry` goes on with the older ones).
+//! - **Backward, each step once the steps after it are undone.** Under
+//!   an abort, a step that ran or may have run is compensated (cancelled)
+//!   once no step that runs after it still owes its compensation (in a
+//!   sequence: one at a time, newest first; independent steps of a graph
+//!   in parallel), and none while an action is still out (it may yet
+//!   complete). A compensation given up on (retry policy, or a participant
+//!   saying it will never succeed) stops the walk along its chain: the
+//!   steps it runs after stay uncompensated and the saga ends STUCK, for
+//!   an operator (`tandem tx resolve` the step, then `tandem tx retry`
+//!   goes on).
 //! - **Steps never started are not called.** While this process started
 //!   the saga ([`Txn::sends_known`]), a step whose action never went out is
 //!   settled as compensated at the abort. After a restart or a takeover

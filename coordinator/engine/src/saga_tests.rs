@@ -411,3 +411,19 @@ fn a_saga_without_names_is_a_sequence_and_bad_names_are_dropped() {
     assert_eq!(steps[1].after, vec![1]);
     assert!(steps[2].after.is_empty(), "a root of the graph");
 }
+
+// A saga record without step order (written before steps named theirs)
+// is read back as a sequence: after a restart its steps are still
+// compensated newest first, one at a time.
+#[test]
+fn a_record_without_step_order_is_read_as_a_sequence() {
+    let (mut t, _) = saga(3);
+    yes(&mut t, 1);
+    let mut rec = t.record().clone();
+    for b in &mut rec.branches {
+        b.after.clear();
+    }
+    let (mut t, cmds) = Txn::recover(rec, NOW);
+    assert_eq!(phase_two(&cmds), vec![(3, false)]);
+    assert_eq!(phase_two(&acked(&mut t, 3)), vec![(2, false)]);
+}

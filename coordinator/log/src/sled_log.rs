@@ -264,8 +264,9 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
     let mut waited = std::time::Duration::ZERO;
     loop {
         match SledLog::sled_config(dir).open() {
+            // sled 0.34 reports its lock as an `Other` error naming it.
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
+                if e.to_string().contains("could not acquire lock")
                     && waited < std::time::Duration::from_secs(1) =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
