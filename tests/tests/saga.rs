@@ -378,3 +378,41 @@ async fn a_step_naming_a_later_step_or_outside_a_saga_is_refused() {
         ((0, 0, 0), (0, 0, 0))
     );
 }
+
+// A repeated Submit of a saga must name the same order: the same steps in
+// another graph are another transaction, refused (ALREADY_EXISTS); the
+// same request (or the default sequence spelled out) is answered with the
+// first one's outcome.
+#[tokio::test]
+async fn a_repeated_saga_submit_with_another_order_is_refused() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let scripts = vec![Script::default(), Script::default(), Script::default()];
+    let (steps, running) = steps(&journal, scripts).await;
+    let client = client(&coord).await;
+    let gtid = tandem_sdk::Gtid::now_v7();
+    let timeout = Some(Duration::from_secs(5));
+    client
+        .submit_as(gtid, Mode::Saga, branches(&running), timeout)
+        .await
+        .expect("first");
+    let mut spelled = branches(&running);
+    spelled[1] = spelled[1].clone().after(&[1]);
+    spelled[2] = spelled[2].clone().after(&[2]);
+    let again = client
+        .submit_as(gtid, Mode::Saga, spelled, timeout)
+        .await
+        .expect("the default sequence spelled out is the same saga");
+    assert_eq!(again.gtid, gtid);
+    let mut graph = branches(&running);
+    graph[1] = graph[1].clone().after(&[1]);
+    graph[2] = graph[2].clone().after(&[1]);
+    let err = client
+        .submit_as(gtid, Mode::Saga, graph, timeout)
+        .await
+        .expect_err("another order");
+    assert!(format!("{err}").contains("already exists"), "{err}");
+    for s in &steps {
+        assert_eq!(s.counts().0, 1, "each step ran once");
+    }
+}

@@ -39,7 +39,7 @@ impl Txn {
     /// Fills in a one-shot saga's order: when no step names the steps it
     /// runs after, each runs after the one before it. Names that are not
     /// earlier steps are dropped (the runtime refuses them first).
-    pub(crate) fn saga_order(branches: &mut [crate::NewBranch]) {
+    pub fn saga_order(branches: &mut [crate::NewBranch]) {
         if branches.iter().all(|b| b.after.is_empty()) {
             for (i, b) in branches.iter_mut().enumerate().skip(1) {
                 b.after = vec![i as BranchId];

@@ -52,12 +52,20 @@ pub(super) fn same_branches(
     if super::presumed::is_marker(rec) {
         return Ok(());
     }
-    let same = rec.branches.len() == branches.len()
-        && rec.branches.iter().zip(branches).all(|(r, b)| {
+    // A saga's order as the record keeps it (a sequence filled in); a
+    // record written before steps named their order is a sequence.
+    let mut asked = branches.to_vec();
+    let ordered = mode == Mode::Saga && rec.branches.iter().any(|b| !b.after.is_empty());
+    if ordered {
+        crate::engine::Txn::saga_order(&mut asked);
+    }
+    let same = rec.branches.len() == asked.len()
+        && rec.branches.iter().zip(&asked).all(|(r, b)| {
             r.endpoint == b.endpoint
                 && r.resource == b.resource
                 && r.payload == b.payload
                 && r.mode == b.mode.unwrap_or(mode)
+                && (!ordered || r.after == b.after)
         });
     if !same {
         return Err(CoordError::AlreadyExists(format!(
