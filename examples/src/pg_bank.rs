@@ -52,6 +52,16 @@ CREATE TABLE IF NOT EXISTS bank_holds (
     delta bigint NOT NULL,
     PRIMARY KEY (gtid, branch_id)
 );
+-- Saga steps done and not yet compensated or completed: what a
+-- compensation undoes (the barrier row says TRIED from before the action
+-- ran, so it does not prove the action committed).
+CREATE TABLE IF NOT EXISTS bank_saga_steps (
+    gtid uuid NOT NULL,
+    branch_id bigint NOT NULL,
+    account text NOT NULL,
+    delta bigint NOT NULL,
+    PRIMARY KEY (gtid, branch_id)
+);
 ";
 
 /// Where a test wants the process to die (`bank-postgres serve --crash-at`):
@@ -302,9 +312,10 @@ impl Tcc for PgBank {
 }
 
 /// Saga: a leg moves the money at once (a debit the account cannot cover
-/// says no) and its compensation moves it back; each in one transaction
-/// with its barrier record, so a compensation runs only where the action
-/// committed, and once.
+/// says no) and records the step in `bank_saga_steps`; the compensation
+/// moves back what that row says, and removes it (the barrier's TRIED
+/// row is written before the action runs, so only this row proves the
+/// action committed); each in one transaction with its barrier record.
 impl Saga for PgBank {
     async fn action(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
         let leg = match leg(payload) {
@@ -324,16 +335,35 @@ impl Saga for PgBank {
             tx.rollback().await?;
             return Ok(vote);
         }
+        tx.execute(
+            "INSERT INTO bank_saga_steps (gtid, branch_id, account, delta) VALUES ($1, $2, $3, $4)",
+            &[&ctx.gtid, &(ctx.branch_id as i64), &leg.account, &leg.delta],
+        )
+        .await?;
         tx.commit().await?;
         Ok(Vote::yes())
     }
 
-    async fn compensate(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
-        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
+    async fn compensate(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        let tx = self.barrier.begin(ctx).await?;
+        // No step row: the action never committed (it failed, or its
+        // process died first): nothing to move back.
+        tx.execute(
+            "WITH step AS (DELETE FROM bank_saga_steps WHERE gtid = $1 AND branch_id = $2
+                           RETURNING account, delta)
+             UPDATE bank_accounts a SET balance = a.balance - s.delta
+             FROM step s WHERE a.id = s.account",
+            &[&ctx.gtid, &(ctx.branch_id as i64)],
+        )
+        .await?;
+        Ok(tx.commit().await?)
+    }
+
+    async fn complete(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
         let tx = self.barrier.begin(ctx).await?;
         tx.execute(
-            "UPDATE bank_accounts SET balance = balance - $2 WHERE id = $1",
-            &[&leg.account, &leg.delta],
+            "DELETE FROM bank_saga_steps WHERE gtid = $1 AND branch_id = $2",
+            &[&ctx.gtid, &(ctx.branch_id as i64)],
         )
         .await?;
         Ok(tx.commit().await?)

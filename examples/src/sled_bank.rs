@@ -5,8 +5,9 @@
 //! server makes both durable before it answers.
 //!
 //! Tree `accounts`: `bal:<account>` → balance, `frz:<account>` → frozen
-//! funds, `hold:<gtid>:<branch>` → the frozen leg (i64 big-endian values;
-//! legs as [`Leg::encode`]).
+//! funds, `hold:<gtid>:<branch>` → the frozen leg, `step:<gtid>:<branch>`
+//! → a saga step's leg, done and not yet compensated or completed (i64
+//! big-endian values; legs as [`Leg::encode`]).
 
 use std::path::Path;
 
@@ -34,6 +35,10 @@ fn read(t: &TransactionalTree, key: &str) -> TxResult<i64> {
 fn write(t: &TransactionalTree, key: &str, value: i64) -> TxResult<()> {
     t.insert(key, &value.to_be_bytes())?;
     Ok(())
+}
+
+fn step_key(ctx: &BranchContext) -> String {
+    format!("step:{}:{}", ctx.gtid, ctx.branch_id)
 }
 
 fn hold_key(ctx: &BranchContext) -> String {
@@ -91,6 +96,11 @@ impl SledBank {
         self.sum("frz:")
     }
 
+    /// Saga steps done and not yet compensated or completed.
+    pub fn open_steps(&self) -> usize {
+        self.accounts.scan_prefix("step:").count()
+    }
+
     /// Frozen legs waiting for their outcome.
     pub fn open_holds(&self) -> usize {
         self.accounts.scan_prefix("hold:").count()
@@ -146,16 +156,34 @@ impl SledBank {
                 }
             }
             write(t, &bal, balance + leg.delta)?;
+            t.insert(step_key(ctx).as_str(), leg.encode().as_ref())?;
             Ok(Vote::yes())
         })
     }
 
-    /// A saga step's compensation: moves the leg's money back.
-    fn move_back(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
-        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
+    /// A saga step's compensation: moves back what the step's record says
+    /// the action moved, if it committed (the barrier's `Tried` is written
+    /// before the action runs, so it does not prove that).
+    fn move_back(&self, ctx: &BranchContext) -> Result<(), HandlerError> {
+        let key = step_key(ctx);
         self.barrier.transaction(ctx, &self.accounts, |t| {
+            let Some(raw) = t.remove(key.as_str())? else {
+                return Ok(()); // the action never committed
+            };
+            let Ok(leg) = Leg::decode(&raw) else {
+                return Ok(());
+            };
             let bal = format!("bal:{}", leg.account);
             write(t, &bal, read(t, &bal)? - leg.delta)
+        })
+    }
+
+    /// A completed saga's step: its record is no longer needed.
+    fn forget_step(&self, ctx: &BranchContext) -> Result<(), HandlerError> {
+        let key = step_key(ctx);
+        self.barrier.transaction(ctx, &self.accounts, |t| {
+            t.remove(key.as_str())?;
+            Ok(())
         })
     }
 
@@ -210,7 +238,10 @@ impl Saga for SledBank {
     async fn action(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
         self.move_now(ctx, payload)
     }
-    async fn compensate(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
-        self.move_back(ctx, payload)
+    async fn compensate(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.move_back(ctx)
+    }
+    async fn complete(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.forget_step(ctx)
     }
 }

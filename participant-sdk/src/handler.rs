@@ -313,7 +313,12 @@ pub trait Saga: Send + Sync + 'static {
         payload: &[u8],
     ) -> impl Future<Output = Result<Vote, HandlerError>> + Send;
 
-    /// Undo the step's action (after the saga failed).
+    /// Undo the step's action (after the saga failed). The barrier's
+    /// `Tried` row is written before the action runs, so this may come
+    /// for an action that never committed (it failed, or its process
+    /// died): undo what the action's own record says it did (written in
+    /// its transaction with the barrier's store), never the payload
+    /// blindly.
     fn compensate(
         &self,
         ctx: &BranchContext,

@@ -274,6 +274,7 @@ async fn crash_loop(kill_participants: bool, seed: u64) {
         total += bank.total();
         assert_eq!(bank.frozen(), 0, "{}: funds left frozen", s.addr);
         assert_eq!(bank.open_holds(), 0, "{}: holds left", s.addr);
+        assert_eq!(bank.open_steps(), 0, "{}: saga steps left open", s.addr);
         let barrier = bank.barrier();
         let doubt = barrier
             .in_doubt(u64::MAX, None, 10)
