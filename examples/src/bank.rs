@@ -49,6 +49,18 @@ impl Leg {
         }
     }
 
+    /// The no vote for this leg: `available` is what its account has
+    /// free (`None`: there is no such account).
+    pub fn refusal(&self, available: Option<i64>) -> Vote {
+        Vote::no(match available {
+            None => format!("unknown account {}", self.account),
+            Some(free) => format!(
+                "insufficient funds in {}: {free} available, {} needed",
+                self.account, -self.delta
+            ),
+        })
+    }
+
     /// The branch payload: `"<account>:<delta>"`.
     pub fn encode(&self) -> Bytes {
         Bytes::from(format!("{}:{}", self.account, self.delta))
@@ -74,6 +86,18 @@ impl Leg {
             account: account.to_string(),
             delta,
         })
+    }
+}
+
+impl Ledger {
+    /// Why `leg` cannot be taken now: an unknown account, or a debit its
+    /// free funds (balance less holds) do not cover.
+    fn refusal(&self, leg: &Leg) -> Option<Vote> {
+        let Some(&balance) = self.balances.get(&leg.account) else {
+            return Some(leg.refusal(None));
+        };
+        let available = balance - self.reserved.get(&leg.account).copied().unwrap_or(0);
+        (leg.delta < 0 && available < -leg.delta).then(|| leg.refusal(Some(available)))
     }
 }
 
@@ -138,18 +162,10 @@ impl Bank {
         if l.held.contains_key(&key) {
             return Vote::yes(); // a repeated prepare
         }
-        let Some(&balance) = l.balances.get(&leg.account) else {
-            return Vote::no(format!("unknown account {}", leg.account));
-        };
+        if let Some(no) = l.refusal(&leg) {
+            return no;
+        }
         if leg.delta < 0 {
-            let reserved = l.reserved.get(&leg.account).copied().unwrap_or(0);
-            let available = balance - reserved;
-            if available < -leg.delta {
-                return Vote::no(format!(
-                    "insufficient funds in {}: {available} available, {} needed",
-                    leg.account, -leg.delta
-                ));
-            }
             *l.reserved.entry(leg.account.clone()).or_default() += -leg.delta;
         }
         l.held.insert(key, leg);
@@ -163,18 +179,8 @@ impl Bank {
             Err(e) => return Vote::no(e),
         };
         let mut l = self.ledger();
-        let Some(&balance) = l.balances.get(&leg.account) else {
-            return Vote::no(format!("unknown account {}", leg.account));
-        };
-        if leg.delta < 0 {
-            let reserved = l.reserved.get(&leg.account).copied().unwrap_or(0);
-            let available = balance - reserved;
-            if available < -leg.delta {
-                return Vote::no(format!(
-                    "insufficient funds in {}: {available} available, {} needed",
-                    leg.account, -leg.delta
-                ));
-            }
+        if let Some(no) = l.refusal(&leg) {
+            return no;
         }
         *l.balances.entry(leg.account).or_default() += leg.delta;
         Vote::yes()

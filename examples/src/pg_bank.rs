@@ -180,15 +180,7 @@ async fn refusal(tx: &BranchTx, leg: &Leg) -> Result<Vote, HandlerError> {
             &[&leg.account],
         )
         .await?;
-    Ok(Vote::no(match row {
-        None => format!("unknown account {}", leg.account),
-        Some(row) => format!(
-            "insufficient funds in {}: {} available, {} needed",
-            leg.account,
-            row.get::<_, i64>(0),
-            -leg.delta
-        ),
-    }))
+    Ok(leg.refusal(row.map(|r| r.get::<_, i64>(0))))
 }
 
 impl PgPrepare for Legs {

@@ -37,6 +37,17 @@ fn write(t: &TransactionalTree, key: &str, value: i64) -> TxResult<()> {
     Ok(())
 }
 
+/// Why `leg` cannot be taken now: an unknown account, or a debit its free
+/// funds (balance less frozen) do not cover.
+fn refusal(t: &TransactionalTree, leg: &Leg) -> TxResult<Option<Vote>> {
+    let bal = format!("bal:{}", leg.account);
+    if t.get(&bal)?.is_none() {
+        return Ok(Some(leg.refusal(None)));
+    }
+    let available = read(t, &bal)? - read(t, &format!("frz:{}", leg.account))?;
+    Ok((leg.delta < 0 && available < -leg.delta).then(|| leg.refusal(Some(available))))
+}
+
 fn step_key(ctx: &BranchContext) -> String {
     format!("step:{}:{}", ctx.gtid, ctx.branch_id)
 }
@@ -113,19 +124,11 @@ impl SledBank {
         };
         let key = hold_key(ctx);
         self.barrier.transaction(ctx, &self.accounts, |t| {
-            let bal = format!("bal:{}", leg.account);
-            if t.get(&bal)?.is_none() {
-                return Ok(Vote::no(format!("unknown account {}", leg.account)));
+            if let Some(no) = refusal(t, &leg)? {
+                return Ok(no);
             }
             if leg.delta < 0 {
                 let frz = format!("frz:{}", leg.account);
-                let available = read(t, &bal)? - read(t, &frz)?;
-                if available < -leg.delta {
-                    return Ok(Vote::no(format!(
-                        "insufficient funds in {}: {available} available, {} needed",
-                        leg.account, -leg.delta
-                    )));
-                }
                 write(t, &frz, read(t, &frz)? - leg.delta)?;
             }
             t.insert(key.as_str(), leg.encode().as_ref())?;
@@ -133,29 +136,19 @@ impl SledBank {
         })
     }
 
-    /// A saga step's action: moves the leg's money now, in the barrier's
-    /// transaction (so its compensation runs only if this committed).
+    /// A saga step's action: moves the leg's money now and records the
+    /// step, in the barrier's transaction.
     fn move_now(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
         let leg = match Leg::decode(payload) {
             Ok(leg) => leg,
             Err(e) => return Ok(Vote::no(e)),
         };
         self.barrier.transaction(ctx, &self.accounts, |t| {
+            if let Some(no) = refusal(t, &leg)? {
+                return Ok(no);
+            }
             let bal = format!("bal:{}", leg.account);
-            if t.get(&bal)?.is_none() {
-                return Ok(Vote::no(format!("unknown account {}", leg.account)));
-            }
-            let balance = read(t, &bal)?;
-            if leg.delta < 0 {
-                let available = balance - read(t, &format!("frz:{}", leg.account))?;
-                if available < -leg.delta {
-                    return Ok(Vote::no(format!(
-                        "insufficient funds in {}: {available} available, {} needed",
-                        leg.account, -leg.delta
-                    )));
-                }
-            }
-            write(t, &bal, balance + leg.delta)?;
+            write(t, &bal, read(t, &bal)? + leg.delta)?;
             t.insert(step_key(ctx).as_str(), leg.encode().as_ref())?;
             Ok(Vote::yes())
         })

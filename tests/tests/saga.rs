@@ -49,6 +49,22 @@ fn branches(running: &[tandem_sdk::RunningParticipant]) -> Vec<Branch> {
         .collect()
 }
 
+/// The gtid of a saga the coordinator answered ABORTED.
+fn aborted(err: Error) -> tandem_sdk::Gtid {
+    let Error::Aborted { gtid, .. } = err else {
+        panic!("{err:?}");
+    };
+    gtid.expect("gtid")
+}
+
+/// Waits until `gtid` is in `state`.
+async fn reaches(client: &TransactionClient, gtid: tandem_sdk::Gtid, state: pb::TxState) {
+    eventually_async(&format!("{state:?}"), || async {
+        client.get(gtid).await.expect("get").state() == state
+    })
+    .await;
+}
+
 fn states(info: &pb::TransactionInfo) -> Vec<pb::BranchState> {
     info.branches.iter().map(|b| b.state()).collect()
 }
@@ -114,10 +130,7 @@ async fn a_failed_step_compensates_the_steps_before_it_newest_first() {
     };
     assert!(reason.contains("card declined"), "{reason}");
     let gtid = gtid.expect("gtid");
-    eventually_async("ABORTED", || async {
-        client.get(gtid).await.expect("get").state() == pb::TxState::Aborted
-    })
-    .await;
+    reaches(&client, gtid, pb::TxState::Aborted).await;
     assert_eq!(
         journal.entries(),
         vec![
@@ -186,14 +199,8 @@ async fn a_compensation_that_never_succeeds_is_stuck_until_an_operator_resolves_
         .submit(Mode::Saga, branches(&running))
         .await
         .expect_err("aborts");
-    let Error::Aborted { gtid, .. } = err else {
-        panic!("{err:?}");
-    };
-    let gtid = gtid.expect("gtid");
-    eventually_async("STUCK", || async {
-        client.get(gtid).await.expect("get").state() == pb::TxState::Stuck
-    })
-    .await;
+    let gtid = aborted(err);
+    reaches(&client, gtid, pb::TxState::Stuck).await;
     let info = client.get(gtid).await.expect("get");
     assert!(
         info.branches[1].last_error.contains("refund API retired"),
@@ -218,10 +225,7 @@ async fn a_compensation_that_never_succeeds_is_stuck_until_an_operator_resolves_
         })
         .await
         .expect("retry");
-    eventually_async("ABORTED", || async {
-        client.get(gtid).await.expect("get").state() == pb::TxState::Aborted
-    })
-    .await;
+    reaches(&client, gtid, pb::TxState::Aborted).await;
     assert_eq!(steps[0].counts().2, 1, "step 1 compensated after the retry");
 }
 
@@ -294,14 +298,8 @@ async fn in_doubt_resolution_never_compensates_a_saga_step() {
         .submit(Mode::Saga, branches)
         .await
         .expect_err("aborts");
-    let Error::Aborted { gtid, .. } = err else {
-        panic!("{err:?}")
-    };
-    let gtid = gtid.expect("gtid");
-    eventually_async("STUCK", || async {
-        client.get(gtid).await.expect("get").state() == pb::TxState::Stuck
-    })
-    .await;
+    let gtid = aborted(err);
+    reaches(&client, gtid, pb::TxState::Stuck).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         s1.counts().2,
@@ -333,14 +331,8 @@ async fn a_parallel_step_failing_after_its_sibling_finished_compensates_the_sibl
     graph[1] = graph[1].clone().after(&[1]);
     graph[2] = graph[2].clone().after(&[1]);
     let err = client.submit(Mode::Saga, graph).await.expect_err("aborts");
-    let Error::Aborted { gtid, .. } = err else {
-        panic!("{err:?}");
-    };
-    let gtid = gtid.expect("gtid");
-    eventually_async("ABORTED", || async {
-        client.get(gtid).await.expect("get").state() == pb::TxState::Aborted
-    })
-    .await;
+    let gtid = aborted(err);
+    reaches(&client, gtid, pb::TxState::Aborted).await;
     assert_eq!(
         journal.entries(),
         vec![

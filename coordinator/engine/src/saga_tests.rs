@@ -43,6 +43,16 @@ fn yes(t: &mut Txn, branch: BranchId) -> Vec<Command> {
     )
 }
 
+fn no(t: &mut Txn, branch: BranchId) -> Vec<Command> {
+    on(
+        t,
+        Event::PhaseOne {
+            branch,
+            vote: Vote::No("declined".into()),
+        },
+    )
+}
+
 fn acked(t: &mut Txn, branch: BranchId) -> Vec<Command> {
     on(
         t,
@@ -97,13 +107,7 @@ fn a_no_compensates_the_steps_before_newest_first_one_at_a_time() {
     let (mut t, _) = saga(4);
     yes(&mut t, 1);
     yes(&mut t, 2);
-    let cmds = on(
-        &mut t,
-        Event::PhaseOne {
-            branch: 3,
-            vote: Vote::No("declined".into()),
-        },
-    );
+    let cmds = no(&mut t, 3);
     assert_eq!(t.record().state, TxState::Aborting);
     assert_eq!(phase_two(&cmds), vec![(3, false)]);
     assert_eq!(
@@ -145,13 +149,7 @@ fn a_refused_compensation_leaves_the_saga_stuck_and_a_retry_goes_on() {
     let (mut t, _) = saga(3);
     yes(&mut t, 1);
     yes(&mut t, 2);
-    on(
-        &mut t,
-        Event::PhaseOne {
-            branch: 3,
-            vote: Vote::No("declined".into()),
-        },
-    );
+    no(&mut t, 3);
     let cmds = on(
         &mut t,
         Event::PhaseTwoRefused {
@@ -294,13 +292,7 @@ fn an_older_step_is_not_settled_by_hand_while_a_newer_one_is_owed() {
     let (mut t, _) = saga(3);
     yes(&mut t, 1);
     yes(&mut t, 2);
-    on(
-        &mut t,
-        Event::PhaseOne {
-            branch: 3,
-            vote: Vote::No("declined".into()),
-        },
-    );
+    no(&mut t, 3);
     on(
         &mut t,
         Event::PhaseTwoRefused {
