@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""A Tandem participant in Python: a bank shard over SQLite, for 2PC and TCC.
+"""A Tandem participant in Python: a bank shard over SQLite, for 2PC, TCC,
+sagas and transactional messages.
 
 Written from docs/participant-protocol.md alone (section numbers below
 refer to it); it uses nothing of the Rust SDK, only the stubs that
 grpcio-tools generates from proto/tandem/v1 (see gen.sh).
 
 Each branch is one leg of a transfer, payload "<account>:<delta>" (e.g.
-"a03:-120" debits a03, "b07:120" credits b07), on one of two resources:
+"a03:-120" debits a03, "b07:120" credits b07), on one of these resources:
 
 - "accounts" (2PC): Prepare checks the funds and holds the leg in the
   `prepared` table (a held debit counts against the balance, nothing is
@@ -14,6 +15,22 @@ Each branch is one leg of a transfer, payload "<account>:<delta>" (e.g.
 - "accounts-tcc" (TCC): Try of a debit freezes the money (balance ->
   frozen) and of a credit records it as incoming; Confirm lets the frozen
   money go / credits the balance; Cancel unfreezes / forgets it.
+- "accounts-saga" (saga step, called with TCC's RPCs): Try is the step's
+  action: it moves the money now and commits it, with a row in
+  `saga_steps` saying what it moved, in the same SQLite transaction as the
+  branch record; Cancel (the compensation) moves back what that row says
+  and deletes it; Confirm (the saga completed) deletes it.
+- "accounts-msg" (delivery of a transactional message): Deliver applies the
+  leg (a credit) once, in the same SQLite transaction as the branch record
+  CONFIRMED; a repeat finds the record and applies nothing.
+- "accounts-check" (the back-check of a transactional message): this bank's
+  database is also the business service's local store. The business
+  service's local transaction (`Bank.local_debit`, run by client.py in its
+  own process on this database file) debits an account and inserts
+  (gtid, committed=1) into `messages` in one SQLite transaction; Check
+  inserts (gtid, committed=0) if no row is there and reads the row back:
+  once that commits, the local transaction's insert of the same key fails,
+  so a no is final.
 
 The branch record of §6 (the "barrier") is the `branches` table. Every call
 is one SQLite transaction (BEGIN IMMEDIATE: one writer at a time, which
@@ -23,7 +40,9 @@ commit together or not at all (§6 invariant, §7). The database runs in WAL
 mode with synchronous=FULL: a commit is on disk before the answer.
 
 Branches in doubt for longer than --in-doubt-after ask the coordinator
-(Coordinator.GetOutcome, §11) and finish themselves through the same code.
+(Coordinator.GetOutcome, §11) and finish themselves through the same code;
+a saga step is closed on COMMIT but never compensated on ABORT (only the
+coordinator compensates, newest step first).
 """
 
 import argparse
@@ -40,6 +59,9 @@ from concurrent import futures
 from contextlib import contextmanager
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from tandem.v1 import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from tandem.v1 import participant_pb2, participant_pb2_grpc
@@ -48,7 +70,15 @@ log = logging.getLogger("participant")
 
 RESOURCE_2PC = "accounts"
 RESOURCE_TCC = "accounts-tcc"
-MODE_OF_RESOURCE = {RESOURCE_2PC: "2pc", RESOURCE_TCC: "tcc"}
+RESOURCE_SAGA = "accounts-saga"
+RESOURCE_MSG = "accounts-msg"
+RESOURCE_CHECK = "accounts-check"
+# What each resource is, and the RPCs it is called with: a saga step gets
+# TCC's Try / Confirm / Cancel; a message delivery Deliver; the back-check
+# Check.
+MODE_OF_RESOURCE = {RESOURCE_2PC: "2pc", RESOURCE_TCC: "tcc", RESOURCE_SAGA: "saga",
+                    RESOURCE_MSG: "msg", RESOURCE_CHECK: "check"}
+RPCS_OF_MODE = {"2pc": "2pc", "tcc": "tcc", "saga": "tcc", "msg": "deliver", "check": "check"}
 
 # Branch records (§6).
 TRIED = "TRIED"
@@ -58,9 +88,12 @@ CANCELLED = "CANCELLED"
 EMPTY_CANCELLED = "EMPTY_CANCELLED"
 
 SCHEMA = """
+-- No CHECK on balance: phase 1 refuses a debit the balance does not cover,
+-- but a saga's compensation must not fail for business reasons, so taking
+-- back a credit that was spent meanwhile overdraws the account.
 CREATE TABLE IF NOT EXISTS accounts (
     name    TEXT PRIMARY KEY,
-    balance INTEGER NOT NULL CHECK (balance >= 0),
+    balance INTEGER NOT NULL,
     frozen  INTEGER NOT NULL DEFAULT 0 CHECK (frozen >= 0)
 );
 -- 2PC: legs prepared and not yet committed or rolled back.
@@ -74,6 +107,22 @@ CREATE TABLE IF NOT EXISTS reserved (
     gtid TEXT NOT NULL, branch_id INTEGER NOT NULL,
     account TEXT NOT NULL, delta INTEGER NOT NULL,
     PRIMARY KEY (gtid, branch_id)
+);
+-- Saga: steps whose action committed here, not yet closed or compensated;
+-- written in the action's own transaction, so the compensation undoes
+-- exactly what the action did.
+CREATE TABLE IF NOT EXISTS saga_steps (
+    gtid TEXT NOT NULL, branch_id INTEGER NOT NULL,
+    account TEXT NOT NULL, delta INTEGER NOT NULL,
+    PRIMARY KEY (gtid, branch_id)
+);
+-- Transactional messages whose local transaction ran on this database:
+-- committed = 1 written by the local transaction, 0 by a back-check that
+-- found no row (after which the local transaction can no longer commit).
+CREATE TABLE IF NOT EXISTS messages (
+    gtid TEXT PRIMARY KEY,
+    committed INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
 );
 -- The branch record of docs/participant-protocol.md §6.
 CREATE TABLE IF NOT EXISTS branches (
@@ -90,12 +139,27 @@ CREATE INDEX IF NOT EXISTS branches_in_doubt ON branches (state, updated_ms);
 
 
 class Refusal(Exception):
-    """A call answered with an error status (and nothing changed)."""
+    """A call answered with an error status (and nothing changed).
+    `permanent`: FAILED_PRECONDITION with the PERMANENT ErrorInfo (§5), so
+    that the coordinator does not retry what can never succeed."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, permanent=False):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.permanent = permanent
+
+    def abort(self, context):
+        if not self.permanent:
+            context.abort(self.code, self.message)
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(domain="tandem.v1", reason="PERMANENT"))
+        context.abort_with_status(rpc_status.to_status(status_pb2.Status(
+            code=code_pb2.FAILED_PRECONDITION, message=self.message, details=[detail])))
+
+
+class LocalRefused(Exception):
+    """The business service's local transaction did not commit."""
 
 
 def now_ms():
@@ -173,7 +237,7 @@ class Bank:
     # -- phase 1 (§9) -------------------------------------------------------
 
     def phase_one(self, mode, gtid, branch_id, resource, payload):
-        """Prepare / Try. Returns (yes, reason, reply)."""
+        """Prepare / Try (2PC, TCC, or a saga step's action). Returns (yes, reason, reply)."""
         account, delta = parse_leg(payload)
         with self.transaction() as con:
             state, _ = self.record(con, gtid, branch_id)
@@ -198,6 +262,14 @@ class Bank:
                 con.execute("INSERT INTO prepared VALUES (?, ?, ?, ?)",
                             (gtid, branch_id, account, delta))
                 reply = f"prepared {delta:+d} on {account}"
+            elif mode == "saga":
+                # The action commits now, with the row its compensation
+                # will read ("Saga steps": TRIED alone proves nothing).
+                con.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?",
+                            (delta, account))
+                con.execute("INSERT INTO saga_steps VALUES (?, ?, ?, ?)",
+                            (gtid, branch_id, account, delta))
+                reply = f"moved {delta:+d} on {account}"
             else:
                 con.execute("INSERT INTO reserved VALUES (?, ?, ?, ?)",
                             (gtid, branch_id, account, delta))
@@ -251,6 +323,8 @@ class Bank:
                               f"called as {mode}")
             if tried_mode == "2pc":
                 self.finish_2pc(con, commit, gtid, branch_id)
+            elif tried_mode == "saga":
+                self.finish_saga(con, commit, gtid, branch_id)
             else:
                 self.finish_tcc(con, commit, gtid, branch_id)
             self.put(con, gtid, branch_id, CONFIRMED if commit else CANCELLED)
@@ -284,6 +358,87 @@ class Bank:
             con.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?",
                         (delta, account))
         con.execute("DELETE FROM reserved WHERE gtid = ? AND branch_id = ?", (gtid, branch_id))
+
+    @staticmethod
+    def finish_saga(con, commit, gtid, branch_id):
+        """Confirm closes the step; Cancel (the compensation) moves back what
+        the action's row says it moved, and nothing if there is no row."""
+        row = con.execute("SELECT account, delta FROM saga_steps WHERE gtid = ? AND branch_id = ?",
+                          (gtid, branch_id)).fetchone()
+        if row is None:
+            return
+        account, delta = row
+        if not commit:
+            con.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?",
+                        (delta, account))
+        con.execute("DELETE FROM saga_steps WHERE gtid = ? AND branch_id = ?", (gtid, branch_id))
+
+    # -- transactional messages ----------------------------------------------
+
+    def deliver(self, gtid, branch_id, resource, payload):
+        """Deliver: apply the leg once; its effect and the record CONFIRMED
+        commit together, so a repeat (at least once) finds the record."""
+        account, delta = parse_leg(payload)
+        with self.transaction() as con:
+            state, _ = self.record(con, gtid, branch_id)
+            if state == CONFIRMED:
+                return "repeat"
+            if state is not None:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"barrier: cannot deliver branch {gtid}/{branch_id}: record is {state}")
+            row = con.execute("SELECT balance FROM accounts WHERE name = ?",
+                              (account,)).fetchone()
+            if row is None:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"no account {account}: the delivery can never be applied",
+                              permanent=True)
+            if delta < 0 and row[0] - self.held_debits(con, account) < -delta:
+                # Messages carry credits; a debit that does not fit now is
+                # retried (an error), never dropped.
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"insufficient funds in {account} for {delta}; try again later")
+            con.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?",
+                        (delta, account))
+            self.put(con, gtid, branch_id, CONFIRMED, "msg", resource, payload)
+            return "delivered"
+
+    def local_debit(self, gtid, account, amount):
+        """The business service's local transaction for message `gtid`: takes
+        `amount` from `account` and records the message as committed, in one
+        SQLite transaction. Raises LocalRefused (nothing changed) when the
+        account cannot cover it, or when a back-check already recorded the
+        message as not committed (or it committed already)."""
+        with self.transaction() as con:
+            row = con.execute("SELECT committed FROM messages WHERE gtid = ?",
+                              (gtid,)).fetchone()
+            if row is not None:
+                raise LocalRefused(
+                    f"message {gtid} was checked back as not committed; its local transaction "
+                    "is refused" if row[0] == 0 else f"message {gtid} committed already")
+            row = con.execute("SELECT balance FROM accounts WHERE name = ?",
+                              (account,)).fetchone()
+            if row is None:
+                raise LocalRefused(f"no account {account}")
+            available = row[0] - self.held_debits(con, account)
+            if available < amount:
+                raise LocalRefused(f"insufficient funds in {account}: {available} available, "
+                                   f"{amount} needed")
+            con.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?",
+                        (amount, account))
+            # A plain INSERT: were a "not committed" row there, this would fail.
+            con.execute("INSERT INTO messages (gtid, committed, updated_ms) VALUES (?, 1, ?)",
+                        (gtid, now_ms()))
+
+    def check(self, gtid):
+        """The back-check: True if the local transaction of `gtid` committed.
+        A gtid with no row gets a "not committed" row first, so the local
+        transaction can no longer commit and the no is final."""
+        with self.transaction() as con:
+            con.execute("INSERT OR IGNORE INTO messages (gtid, committed, updated_ms)"
+                        " VALUES (?, 0, ?)", (gtid, now_ms()))
+            (committed,) = con.execute("SELECT committed FROM messages WHERE gtid = ?",
+                                       (gtid,)).fetchone()
+            return committed == 1
 
     # -- in doubt (§11) -----------------------------------------------------
 
@@ -321,27 +476,31 @@ class ParticipantService(participant_pb2_grpc.ParticipantServicer):
         self.bank = bank
         self.auth = auth
 
-    def _resource_mode(self, resource, mode):
+    @staticmethod
+    def _resource_mode(resource, rpcs):
+        """The mode of `resource`, which must be served with the `rpcs`
+        family ("2pc", "tcc", "deliver", "check")."""
         served = MODE_OF_RESOURCE.get(resource)
         if served is None:
             raise Refusal(grpc.StatusCode.NOT_FOUND, f"no resource {resource[:256]!r} here")
-        if served != mode:
+        if RPCS_OF_MODE[served] != rpcs:
             raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"resource {resource!r} is {served}, called with {mode}")
+                          f"resource {resource!r} is {served}, called with {rpcs} RPCs")
+        return served
 
-    def _vote(self, mode, request, context):
+    def _vote(self, rpcs, request, context):
         try:
             refused = self.auth.check(context)
             if refused:
                 raise refused
-            self._resource_mode(request.resource, mode)
+            mode = self._resource_mode(request.resource, rpcs)
             yes, reason, reply = self.bank.phase_one(
                 mode, request.gtid, request.branch_id, request.resource, request.payload)
-            log.debug("%s %s/%d: %s %s", "prepare" if mode == "2pc" else "try",
+            log.debug("%s %s/%d: %s %s", {"2pc": "prepare", "tcc": "try", "saga": "action"}[mode],
                       request.gtid, request.branch_id, "yes" if yes else "no", reason)
             return participant_pb2.VoteResponse(yes=yes, reason=reason, reply=reply)
         except Refusal as r:
-            context.abort(r.code, r.message)
+            r.abort(context)
         except sqlite3.Error as e:
             # Unsure whether anything happened? Nothing did: the SQLite
             # transaction rolled back. Either way an error, never a no (§5).
@@ -350,7 +509,7 @@ class ParticipantService(participant_pb2_grpc.ParticipantServicer):
             log.exception("phase 1 failed")
             context.abort(grpc.StatusCode.INTERNAL, f"phase 1 failed: {e}")
 
-    def _ack(self, mode, commit, request, context):
+    def _ack(self, rpcs, commit, request, context):
         try:
             refused = self.auth.check(context)
             if refused:
@@ -358,14 +517,15 @@ class ParticipantService(participant_pb2_grpc.ParticipantServicer):
             # A rollback for a resource not served here is answered through
             # the record (absent: an empty rollback, OK): nothing can have
             # been done for it, and an error would be retried for an hour.
+            mode = rpcs
             if commit or request.resource in MODE_OF_RESOURCE:
-                self._resource_mode(request.resource, mode)
+                mode = self._resource_mode(request.resource, rpcs)
             outcome = self.bank.phase_two(mode, commit, request.gtid, request.branch_id)
             log.debug("%s %s/%d: %s", "commit" if commit else "rollback",
                       request.gtid, request.branch_id, outcome)
             return participant_pb2.AckResponse()
         except Refusal as r:
-            context.abort(r.code, r.message)
+            r.abort(context)
         except sqlite3.Error as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"store: {e}")
         except Exception as e:  # noqa: BLE001
@@ -390,6 +550,49 @@ class ParticipantService(participant_pb2_grpc.ParticipantServicer):
     def Cancel(self, request, context):
         return self._ack("tcc", False, request, context)
 
+    def Deliver(self, request, context):
+        """A message's delivery: repeated until acknowledged, applied once."""
+        try:
+            refused = self.auth.check(context)
+            if refused:
+                raise refused
+            self._resource_mode(request.resource, "deliver")
+            outcome = self.bank.deliver(request.gtid, request.branch_id, request.resource,
+                                        request.payload)
+            log.debug("deliver %s/%d: %s", request.gtid, request.branch_id, outcome)
+            return participant_pb2.AckResponse()
+        except Refusal as r:
+            r.abort(context)
+        except sqlite3.Error as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"store: {e}")
+        except Exception as e:  # noqa: BLE001
+            log.exception("deliver failed")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"deliver failed: {e}")
+
+    def Check(self, request, context):
+        """The back-check of a message whose local transaction ran on this
+        database: yes (committed), no (not, and now never), or an error
+        status when the store cannot tell (asked again)."""
+        try:
+            refused = self.auth.check(context)
+            if refused:
+                raise refused
+            self._resource_mode(request.resource, "check")
+            committed = self.bank.check(request.gtid)
+            log.debug("check %s: %s", request.gtid, "committed" if committed else "not committed")
+            if committed:
+                return participant_pb2.VoteResponse(yes=True)
+            return participant_pb2.VoteResponse(
+                yes=False, reason=f"the local transaction of message {request.gtid} did not "
+                                  "commit, and now never will")
+        except Refusal as r:
+            r.abort(context)
+        except sqlite3.Error as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"store: {e}")
+        except Exception as e:  # noqa: BLE001
+            log.exception("check failed")
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"check failed: {e}")
+
 
 def resolve_in_doubt(bank, coordinator, token, after_s, stop):
     """§11: branches TRIED for longer than `after_s` ask GetOutcome."""
@@ -397,6 +600,7 @@ def resolve_in_doubt(bank, coordinator, token, after_s, stop):
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     metadata = [("authorization", f"Bearer {token}")] if token else None
     pause = min(max(after_s / 2, 0.2), 30)
+    left_to_coordinator = set()
     while not stop.wait(pause):
         try:
             branches = bank.in_doubt(now_ms() - int(after_s * 1000))
@@ -415,6 +619,14 @@ def resolve_in_doubt(bank, coordinator, token, after_s, stop):
             if answer.outcome == types_pb2.OUTCOME_PENDING:
                 continue
             commit = answer.outcome == types_pb2.OUTCOME_COMMIT
+            if mode == "saga" and not commit:
+                # §11: only the coordinator compensates a saga's steps (newest
+                # first); it keeps calling Cancel until this one is done.
+                if (gtid, branch_id) not in left_to_coordinator:
+                    left_to_coordinator.add((gtid, branch_id))
+                    log.info("in-doubt saga step %s/%d: aborted; its compensation is left "
+                             "to the coordinator", gtid, branch_id)
+                continue
             try:
                 bank.phase_two(None, commit, gtid, branch_id)
                 log.info("in-doubt branch %s/%d resolved: %s", gtid, branch_id,

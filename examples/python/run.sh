@@ -2,10 +2,13 @@
 # The Python example end to end: a coordinator (`tandem serve`), two Python
 # participant processes over SQLite (participant.py) and the Python client
 # (client.py), with bearer tokens both ways. The client probes the
-# participant protocol's branch-record table directly, runs a few hundred
-# concurrent 2PC and TCC transfers through the coordinator, and checks the
-# balances; meanwhile one participant is killed (SIGKILL) and restarted on
-# its port and database. Exits non-zero on any failure.
+# participant protocol's branch-record table directly (2PC, TCC, saga
+# steps, deliveries, back-checks), then runs through the coordinator, on 16
+# threads and shuffled together, 600 2PC / TCC / mixed transfers, 200 saga
+# transfers (some compensated) and 200 transactional-message orders (one in
+# five never submitted, left to the back-check), and checks every balance
+# and record; meanwhile one participant is killed (SIGKILL) and restarted
+# on its port and database. Exits non-zero on any failure.
 #
 #   bash examples/python/run.sh
 #
@@ -15,7 +18,9 @@
 # TANDEM_PY_VENV  the virtualenv to use or create (default:
 #              <target>/python-example/venv; reused while requirements.txt
 #              is unchanged)
-# TRANSFERS    transfers to run (default 600, half 2PC, half TCC)
+# TRANSFERS    transfers to run (default 600: a third 2PC, TCC, mixed)
+# SAGAS        saga transfers to run (default 200)
+# MESSAGES     transactional-message orders to run (default 200)
 # KEEP_WORK=1  keep the work directory (logs, databases) after the run
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -26,6 +31,8 @@ tandem="${TANDEM_BIN:-$target/debug/tandem}"
 case "$tandem" in /*) ;; *) tandem="$root/$tandem" ;; esac
 venv="${TANDEM_PY_VENV:-$target/python-example/venv}"
 transfers="${TRANSFERS:-600}"
+sagas="${SAGAS:-200}"
+messages="${MESSAGES:-200}"
 started=$(date +%s)
 
 say() { echo "== python example: $*"; }
@@ -147,11 +154,11 @@ addr_b="$(listening "$work/bank-b.out" "$pid_b")"
 say "participants on $addr_a (a00..a09) and $addr_b (b00..b09)"
 
 # --- the client; participant b is killed and restarted part-way
-say "client: $transfers transfers, 2PC and TCC, 16 threads"
+say "client: $transfers transfers (2PC, TCC, mixed), $sagas sagas, $messages message orders, 16 threads"
 "$py" "$here/client.py" --coordinator "$coordinator" \
   --bank "a=http://$addr_a=$work/bank-a.db" --bank "b=http://$addr_b=$work/bank-b.db" \
   --token-file "$work/client.token" --participant-token-file "$work/to-participants.token" \
-  --transfers "$transfers" --threads 16 --in-doubt-after 3 \
+  --transfers "$transfers" --sagas "$sagas" --messages "$messages" --threads 16 --in-doubt-after 3 \
   --halfway-file "$work/halfway" --restarted-file "$work/restarted" &
 pid_client=$!
 pids+=("$pid_client")
@@ -180,7 +187,8 @@ fi
 
 if wait "$pid_client"; then status=0; else status=$?; fi
 resolved=$(cat "$work"/bank-*.err | grep -c "in-doubt branch .* resolved" || true)
-say "participants resolved $resolved in-doubt branches through GetOutcome"
+left=$(cat "$work"/bank-*.err | grep -c "in-doubt saga step .* left to the coordinator" || true)
+say "participants resolved $resolved in-doubt branches through GetOutcome; left $left aborted saga steps to the coordinator's compensation"
 if [ "$status" = 0 ]; then
   say "OK in $(($(date +%s) - started)) s"
 else

@@ -14,6 +14,15 @@
 //! relies on the barrier: it keeps a repeated action or compensation from
 //! running twice and a compensation without its action from running.
 //!
+//! As a transactional message, the bank is both ends. The business side:
+//! [`Bank::local_debit`] takes a debit in the bank's own "local
+//! transaction" (one lock) together with the message's row, and
+//! [`MessageCheck`] answers the coordinator's back-check from that row
+//! (an unknown message gets a "not committed" row first, so a late local
+//! debit of it is refused: the answer is final). The delivery side:
+//! [`Message`] applies a leg (a credit) once; the barrier keeps a repeated
+//! delivery from applying it twice.
+//!
 //! State is in memory to keep the example short; a real participant keeps
 //! holds in the same durable store as balances, written in prepare.
 
@@ -21,7 +30,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use tandem_sdk::{BranchContext, Gtid, HandlerError, Saga, Tcc, TwoPhase, Vote};
+use tandem_sdk::{
+    BranchContext, Gtid, HandlerError, Message, MessageCheck, Saga, Tcc, TwoPhase, Vote,
+};
 
 /// One leg of a transfer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +119,10 @@ struct Ledger {
     held: HashMap<(Gtid, u32), Leg>,
     /// Sum of held debits per account.
     reserved: HashMap<String, i64>,
+    /// Transactional messages this bank prepared: whether its local
+    /// transaction committed (`false`: a back-check found none, and none
+    /// may commit later).
+    messages: HashMap<Gtid, bool>,
 }
 
 /// A bank shard: some accounts and their balances.
@@ -149,6 +164,36 @@ impl Bank {
     /// Funds frozen across all accounts.
     pub fn frozen(&self) -> i64 {
         self.ledger().reserved.values().sum()
+    }
+
+    /// The local transaction of message `gtid`: takes `leg` (a debit) from
+    /// its account and records the message as committed, both or neither.
+    /// Refused when the account cannot cover it, or when a back-check
+    /// already answered that the message's local transaction did not
+    /// commit.
+    ///
+    /// # Errors
+    ///
+    /// The refusal's reason.
+    pub fn local_debit(&self, gtid: Gtid, leg: &Leg) -> Result<(), String> {
+        let mut l = self.ledger();
+        if l.messages.contains_key(&gtid) {
+            return Err(format!(
+                "message {gtid} was checked back as not committed; its local transaction is refused"
+            ));
+        }
+        if let Some(Vote::No { reason }) = l.refusal(leg) {
+            return Err(reason);
+        }
+        *l.balances.entry(leg.account.clone()).or_default() += leg.delta;
+        l.messages.insert(gtid, true);
+        Ok(())
+    }
+
+    /// Whether message `gtid`'s local transaction ([`Bank::local_debit`])
+    /// committed here.
+    pub fn message_committed(&self, gtid: Gtid) -> bool {
+        self.ledger().messages.get(&gtid) == Some(&true)
     }
 
     /// Freezes a debit (or notes a credit) and votes.
@@ -258,6 +303,26 @@ impl Saga for Bank {
 
     async fn compensate(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
         self.move_back(payload)
+    }
+}
+
+/// A message's delivery: the leg's money moves now (a credit; a debit
+/// that does not fit is retried, so messages carry credits).
+impl Message for Bank {
+    async fn deliver(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        match self.move_now(payload) {
+            Vote::Yes { .. } => Ok(()),
+            Vote::No { reason } => Err(HandlerError::permanent(reason)),
+        }
+    }
+}
+
+/// The back-check of a message this bank prepared: committed if its local
+/// debit went through; otherwise it is marked not committed first, so the
+/// "no" stays true.
+impl MessageCheck for Bank {
+    async fn check(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<bool, HandlerError> {
+        Ok(*self.ledger().messages.entry(ctx.gtid).or_insert(false))
     }
 }
 

@@ -1,5 +1,5 @@
 //! A bank shard whose accounts live in sled, next to the SDK's barrier
-//! records, for 2PC, TCC and sagas. Every change is written with
+//! records, for 2PC, TCC, sagas and message deliveries. Every change is written with
 //! [`SledBarrier::transaction`], in the same sled transaction as the
 //! barrier's record, so a crash never leaves one without the other; the
 //! server makes both durable before it answers.
@@ -13,7 +13,7 @@ use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tandem_sdk::barrier::SledBarrier;
-use tandem_sdk::{BranchContext, HandlerError, Saga, Tcc, TwoPhase, Vote};
+use tandem_sdk::{BranchContext, HandlerError, Message, Saga, Tcc, TwoPhase, Vote};
 
 use crate::bank::Leg;
 
@@ -236,5 +236,24 @@ impl Saga for SledBank {
     }
     async fn complete(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
         self.forget_step(ctx)
+    }
+}
+
+/// A message's delivery: the leg's money moves, in the barrier's
+/// transaction, so a repeated delivery finds the branch delivered and moves
+/// nothing (a debit that does not fit is refused for good: messages carry
+/// credits).
+impl Message for SledBank {
+    async fn deliver(&self, ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
+        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
+        self.barrier.transaction(ctx, &self.accounts, |t| {
+            if let Some(Vote::No { reason }) = refusal(t, &leg)? {
+                return Err(ConflictableTransactionError::Abort(
+                    HandlerError::permanent(reason),
+                ));
+            }
+            let bal = format!("bal:{}", leg.account);
+            write(t, &bal, read(t, &bal)? + leg.delta)
+        })
     }
 }

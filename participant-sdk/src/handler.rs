@@ -1,4 +1,14 @@
 //! Participant handlers: the code that owns a branch's resource.
+//!
+//! - this file: [`TwoPhase`], [`Tcc`], [`Saga`], what every handler gets
+//!   ([`BranchContext`]) and answers ([`Vote`], [`HandlerError`]);
+//! - [`message`]: transactional messages, [`Message`] (a delivery) and
+//!   [`MessageCheck`] (the business service's back-check).
+
+pub mod message;
+
+pub(crate) use message::{CheckHandler, MessageHandler};
+pub use message::{Message, MessageCheck};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,7 +37,9 @@ pub struct BranchContext {
     /// ([`ParticipantServer::resolve_in_doubt`](crate::ParticipantServer::resolve_in_doubt)).
     /// A hint for logs; never key idempotency on it.
     pub attempt: u32,
-    /// Which call: try / prepare, confirm / commit, or cancel / rollback.
+    /// Which call: try / prepare, confirm / commit, cancel / rollback, or
+    /// a message's delivery (a message's back-check sees
+    /// [`Phase::Try`]).
     pub phase: Phase,
     /// The transaction's epoch as the calling coordinator knows it: 1 for
     /// the coordinator that started it, one more after every takeover by
@@ -360,6 +372,13 @@ pub(crate) trait DynHandler: Send + Sync + 'static {
     /// A saga step's: only its coordinator compensates it (newest step
     /// first), never in-doubt resolution.
     fn is_saga(&self) -> bool {
+        false
+    }
+
+    /// A message delivery's: it runs only after its message is decided,
+    /// so in-doubt resolution never cancels it (an abort answer for it is
+    /// left to an operator).
+    fn is_message(&self) -> bool {
         false
     }
 }

@@ -8,6 +8,9 @@
 //! and the reservation is released instead of held forever. A PENDING
 //! answer (still undecided) is asked again on the next round; an
 //! unreachable coordinator too.
+//!
+//! A message delivery that started and did not finish (its record still
+//! `Tried`) is delivered again on a COMMIT answer.
 
 use std::time::Duration;
 
@@ -103,6 +106,17 @@ async fn resolve(service: &ParticipantService, client: &TransactionClient, d: &I
         // start is forced, so it never forgets one): compensating here
         // could undo this step under a newer one that still stands.
         tracing::debug!(%gtid, branch, "in-doubt saga step: its coordinator compensates it");
+        return true;
+    }
+    if !commit && service.is_message(&d.resource) {
+        // A delivery starts only once its message is decided, so the
+        // coordinator cannot rightly answer abort for it (it would have
+        // lost the message's record): left in doubt for an operator,
+        // never dropped here.
+        tracing::error!(%gtid, branch,
+            "in-doubt resolution: the coordinator answers ABORT for a message delivery, \
+             which starts only after its message is decided; it stays in doubt until an \
+             operator settles it by hand");
         return true;
     }
     let outcome = if commit { "commit" } else { "abort" };

@@ -1,9 +1,11 @@
 //! Tandem's SDK: what your services write code against.
 //!
 //! Module map:
-//! - [`handler`]: the [`TwoPhase`] and [`Tcc`] handler traits a participant
-//!   implements for each resource, with [`BranchContext`], [`Vote`] and
-//!   [`HandlerError`].
+//! - [`handler`]: the [`TwoPhase`], [`Tcc`] and [`Saga`] handler traits a
+//!   participant implements for each resource, with [`BranchContext`],
+//!   [`Vote`] and [`HandlerError`]; for transactional messages,
+//!   [`Message`] (a delivery) and [`MessageCheck`] (the business
+//!   service's back-check).
 //! - [`barrier`]: what makes handlers safe against repeated and disordered
 //!   calls (duplicate confirms, cancel before try, try after cancel); the
 //!   [`BarrierStore`](barrier::BarrierStore) trait, [`MemBarrier`](barrier::MemBarrier)
@@ -12,7 +14,8 @@
 //!   name and serves the `Participant` gRPC service the coordinator calls.
 //! - [`client`]: [`TransactionClient`], which a business service uses to run
 //!   global transactions (`begin` / `enlist` / `commit` / `rollback`, or
-//!   one-shot `submit`).
+//!   one-shot `submit`) and transactional messages (`prepare_message`,
+//!   then `submit_message` after the local commit).
 //! - `in_doubt`: resolving branches that heard nothing, by asking the
 //!   coordinator ([`ParticipantServer::resolve_in_doubt`]).
 //! - [`trace`]: W3C trace context ([`TraceParent`], [`TraceContext`]) carried
@@ -28,8 +31,10 @@
 //!   so a service needs no other dependency to use the types in the SDK's
 //!   signatures.
 //! - `postgres` (feature `postgres`): 2PC on PostgreSQL prepared
-//!   transactions, a barrier store in the handler's own transaction, and
-//!   resolution of prepared transactions a crash left behind.
+//!   transactions, a barrier store in the handler's own transaction,
+//!   resolution of prepared transactions a crash left behind, and
+//!   transactional messages sent from a PostgreSQL transaction
+//!   (`PgMessages`).
 //!
 //! # Features
 //!
@@ -39,10 +44,10 @@
 //!
 //! | feature | adds | pulls in |
 //! |---|---|---|
-//! | `client` | [`TransactionClient`], [`Error`], [`ClientOptions`] | tonic over plain `http://` |
-//! | `participant` | `client`, and [`ParticipantServer`], the handler traits, the barrier in memory ([`barrier::MemBarrier`]), health checks | tonic-health |
+//! | `client` | [`TransactionClient`] (transactions and transactional messages), [`Error`], [`ClientOptions`] | tonic over plain `http://` |
+//! | `participant` | `client`, and [`ParticipantServer`], the handler traits (message deliveries and back-checks too), the barrier in memory ([`barrier::MemBarrier`]), health checks | tonic-health |
 //! | `sled` | `participant`, and [`SledBarrier`], [`sled_sync`], the [`sled`] re-export | sled |
-//! | `postgres` | `participant` and `tls`, and the `postgres` module | tokio-postgres, deadpool-postgres |
+//! | `postgres` | `participant` and `tls`, and the `postgres` module (`PgBarrier`, `PgTwoPhase`, `PgMessages`) | tokio-postgres, deadpool-postgres |
 //! | `metrics` | `participant`, and [`ParticipantMetrics`] | prometheus-client |
 //! | `otel` | handler spans as OpenTelemetry children; the client's traceparent from the current OpenTelemetry span | opentelemetry, tracing-opentelemetry |
 //! | `tls` | `https://` addresses ([`security::ClientTls`]), [`ParticipantServer::tls`] and [`ParticipantServer::only_coordinators`] (access lists) | rustls, x509-parser |
@@ -137,7 +142,7 @@ pub use client::{
 #[cfg(feature = "client")]
 pub use error::Error;
 #[cfg(feature = "participant")]
-pub use handler::{BranchContext, HandlerError, Saga, Tcc, TwoPhase, Vote};
+pub use handler::{BranchContext, HandlerError, Message, MessageCheck, Saga, Tcc, TwoPhase, Vote};
 #[cfg(feature = "metrics")]
 pub use metrics::ParticipantMetrics;
 #[cfg(feature = "participant")]

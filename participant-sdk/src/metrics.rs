@@ -14,15 +14,18 @@
 //! | `tandem_participant_handler_calls_total` | `resource`, `phase`, `result` | calls by how they ended |
 //! | `tandem_participant_barrier_outcomes_total` | `resource`, `outcome` | calls the barrier answered itself |
 //!
-//! `phase` is the call's name: `prepare`, `commit`, `rollback` (2PC) or
-//! `try`, `confirm`, `cancel` (TCC). `result` is `ok`, `no` (the handler
+//! `phase` is the call's name: `prepare`, `commit`, `rollback` (2PC),
+//! `try`, `confirm`, `cancel` (TCC and saga steps), `deliver` (a
+//! transactional message's delivery) or `check` (its back-check, which
+//! does not pass the barrier: `ok` is "committed", `no` "did not
+//! commit"). `result` is `ok`, `no` (the handler
 //! voted no), `failed` (it returned an error or panicked) when the handler
 //! ran; `skipped` (the barrier answered success: a repeat, an empty
 //! rollback, a rollback after a no vote), `refused` (the barrier refused:
 //! a hanging or repeated try, a stale coordinator, a confirm with no try)
 //! or `unavailable` (the barrier store failed) when it did not. `outcome`
 //! is `duplicate` (a repeated call answered from the barrier record: a
-//! repeated commit / confirm / rollback / cancel answered success, a
+//! repeated commit / confirm / rollback / cancel / deliver answered success, a
 //! repeated prepare / try answered no), `empty_rollback` (a rollback /
 //! cancel with no prepare / try recorded: nothing to compensate) or
 //! `hanging_try_refused` (a prepare / try arriving after its branch was
@@ -264,7 +267,7 @@ impl Inner {
     fn register(&self, r: &mut Registry) {
         r.register(
             "handler_seconds",
-            "Time handlers took, by resource and phase (prepare, commit, rollback, try, confirm, cancel); only calls that ran the handler",
+            "Time handlers took, by resource and phase (prepare, commit, rollback, try, confirm, cancel, deliver, check); only calls that ran the handler",
             self.handler_seconds.clone(),
         );
         r.register(

@@ -419,6 +419,8 @@ pub mod book {
     pub struct Runbook;
     #[doc = include_str!("../../docs/book/src/saga.md")]
     pub struct Saga;
+    #[doc = include_str!("../../docs/book/src/messages.md")]
+    pub struct Messages;
 }
 
 /// xorshift64*: enough randomness for picking transfers and kill moments,

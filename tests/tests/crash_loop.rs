@@ -1,10 +1,19 @@
 //! The randomized crash loop: a bank workload (2PC, TCC and saga
-//! transfers) across three participant processes holding accounts in sled, while the coordinator process is
+//! transfers, and transactional messages) across three participant
+//! processes holding accounts in sled, while the coordinator process is
 //! SIGKILLed and restarted at random moments (and, in the second variant,
 //! participants too). At the end every transaction is terminal, every
 //! acknowledged commit is confirmed at every participant, no branch is both
 //! confirmed and cancelled, nothing is left frozen, and the total balance is
 //! what it was.
+//!
+//! A message transfer is an order of this test's business service: its
+//! local transaction debits the business's own account (in this process,
+//! with the message's row), and the message credits a shard account. One
+//! in four skips its Submit (the service "dies" after its commit), left to
+//! the coordinator's back-check. Every order whose local transaction
+//! committed must end delivered, exactly once (money conserved), and
+//! none other.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,10 +24,10 @@ use std::time::Duration;
 
 use tandem_coordinator::log::{SledLog, TxnLog};
 use tandem_coordinator::model::TxState;
-use tandem_examples::bank::Leg;
+use tandem_examples::bank::{Bank, Leg};
 use tandem_examples::sled_bank::SledBank;
 use tandem_sdk::barrier::{BarrierStore, BranchKey, Mark};
-use tandem_sdk::{Branch, Gtid, Mode, TransactionClient};
+use tandem_sdk::{Branch, Gtid, Mode, ParticipantServer, TransactionClient};
 use tandem_tests::Rng;
 use tandem_tests::process::{Serve, free_addr, spawn_listening, workspace_bin};
 use tonic::transport::Endpoint;
@@ -28,6 +37,17 @@ const ACCOUNTS: usize = 4;
 const OPENING: i64 = 1000;
 const CYCLES: usize = 20;
 const WORKERS: usize = 6;
+/// The business service's account, debited by its orders' local
+/// transactions.
+const BUSINESS: &str = "shop";
+const BUSINESS_OPENING: i64 = 1_000_000;
+
+/// The business service of the message transfers: its own bank (the
+/// local transactions) and its back-check's endpoint.
+struct Business {
+    bank: Arc<Bank>,
+    check: String,
+}
 
 struct Shard {
     dir: tempfile::TempDir,
@@ -91,12 +111,56 @@ fn start_coordinator(dir: &Path, addr: &str) -> Serve {
     Serve::start_on(dir, addr, &args, &[])
 }
 
-/// One transfer between random accounts of two different shards.
+/// An order of the business service: its local debit, and a message
+/// crediting `to` once that committed. `Some` once the local transaction
+/// committed (the order must then be delivered), whether or not its
+/// Submit went out.
+async fn order(
+    client: &TransactionClient,
+    business: &Business,
+    to: Branch,
+    amount: i64,
+    submit: bool,
+) -> Option<Gtid> {
+    let gtid = Gtid::now_v7();
+    let check = Branch::new(business.check.clone(), "accounts-check", "");
+    client
+        .prepare_message(gtid, check, vec![to], Some(Duration::from_millis(800)))
+        .await
+        .ok()?;
+    if let Err(reason) = business
+        .bank
+        .local_debit(gtid, &Leg::debit(BUSINESS, amount))
+    {
+        let _ = client.rollback(gtid, &reason).await;
+        return None;
+    }
+    if submit {
+        // A failure here changes nothing: the check delivers it.
+        let _ = client.submit_message(gtid).await;
+    }
+    Some(gtid)
+}
+
+/// One transfer between random accounts of two different shards, or an
+/// order of the business service crediting one.
 async fn transfer(
     client: &TransactionClient,
     shards: &[(String, Vec<String>)],
+    business: &Business,
     rng: &mut Rng,
 ) -> Option<Gtid> {
+    if rng.below(4) == 0 {
+        let to = rng.below(SHARDS as u64) as usize;
+        let account = &shards[to].1[rng.below(ACCOUNTS as u64) as usize];
+        let amount = 1 + rng.below(400) as i64;
+        let credit = Branch::new(
+            shards[to].0.clone(),
+            "accounts-msg",
+            Leg::credit(account, amount).encode(),
+        );
+        return order(client, business, credit, amount, rng.below(4) != 0).await;
+    }
     let from = rng.below(SHARDS as u64) as usize;
     let to = (from + 1 + rng.below(SHARDS as u64 - 1) as usize) % SHARDS;
     let amount = 1 + rng.below(400) as i64;
@@ -160,17 +224,32 @@ async fn crash_loop(kill_participants: bool, seed: u64) {
             .map(|s| (s.url(), s.accounts.clone()))
             .collect(),
     );
+    let bank = Arc::new(Bank::new([(BUSINESS.to_string(), BUSINESS_OPENING)]));
+    let checks = ParticipantServer::new()
+        .check("accounts-check", bank.clone())
+        .spawn("127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("business check");
+    let business = Arc::new(Business {
+        bank: bank.clone(),
+        check: checks.url(),
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (client, layout, stop, failed) =
-                (client.clone(), layout.clone(), stop.clone(), failed.clone());
+            let (client, layout, stop, failed, business) = (
+                client.clone(),
+                layout.clone(),
+                stop.clone(),
+                failed.clone(),
+                business.clone(),
+            );
             tokio::spawn(async move {
                 let mut rng = Rng(seed ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let mut acked = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
-                    match transfer(&client, &layout, &mut rng).await {
+                    match transfer(&client, &layout, &business, &mut rng).await {
                         Some(gtid) => acked.push(gtid),
                         None => {
                             failed.fetch_add(1, Ordering::Relaxed);
@@ -292,15 +371,18 @@ async fn crash_loop(kill_participants: bool, seed: u64) {
             }
         }
     }
+    // The business's local debits count too: each order's money is in the
+    // business's account or, delivered, in a shard's (once).
     assert_eq!(
-        total,
-        (SHARDS * ACCOUNTS) as i64 * OPENING,
+        total + bank.total(),
+        (SHARDS * ACCOUNTS) as i64 * OPENING + BUSINESS_OPENING,
         "money appeared or vanished"
     );
 
-    // Atomicity per transaction, as the participants recorded it.
+    // Atomicity per transaction, as the participants recorded it (a
+    // message's branch 1 is the business's local transaction).
     for r in &records {
-        for b in &r.branches {
+        for b in r.branches.iter().filter(|b| b.endpoint != business.check) {
             let mark = marks[&(b.endpoint.clone(), r.gtid, b.id)];
             match r.state {
                 TxState::Committed => assert_eq!(
@@ -327,14 +409,33 @@ async fn crash_loop(kill_participants: bool, seed: u64) {
             .unwrap_or_else(|| panic!("acknowledged {gtid} missing from the log"));
         assert_eq!(r.state, TxState::Committed, "acknowledged {gtid}");
     }
+    // Every order whose local transaction committed was delivered; no
+    // other message was.
+    let orders: Vec<&_> = records
+        .iter()
+        .filter(|r| r.mode == tandem_coordinator::model::Mode::Msg)
+        .collect();
+    for r in &orders {
+        let ordered = bank.message_committed(r.gtid);
+        assert_eq!(
+            r.state == TxState::Committed,
+            ordered,
+            "message {} is {} but its local transaction {}",
+            r.gtid,
+            r.state,
+            if ordered { "committed" } else { "did not" }
+        );
+    }
     let committed = records
         .iter()
         .filter(|r| r.state == TxState::Committed)
         .count();
     println!(
         "crash loop: {CYCLES} coordinator kills, {participant_kills} participant kills; \
-         {} records ({committed} committed), {} acknowledged, {} calls failed during crashes",
+         {} records ({committed} committed, {} messages), {} acknowledged, {} calls failed \
+         during crashes",
         records.len(),
+        orders.len(),
         acked.len(),
         failed.load(Ordering::Relaxed)
     );

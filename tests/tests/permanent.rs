@@ -88,6 +88,18 @@ impl Participant for Raw {
     ) -> Result<Response<pb::AckResponse>, Status> {
         self.phase_two()
     }
+    async fn deliver(
+        &self,
+        _: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.phase_two()
+    }
+    async fn check(
+        &self,
+        _: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        Err(Status::unimplemented("no messages here"))
+    }
 }
 
 /// Serves `answer` on 127.0.0.1:0; its URL and phase-2 call counter.

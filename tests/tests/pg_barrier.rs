@@ -10,7 +10,7 @@ use tandem_tests::pg::PgServer;
 async fn pg_barrier_passes_the_conformance_suite() {
     let pg = PgServer::start();
     let mut stores = Vec::new();
-    for i in 0..11 {
+    for i in 0..12 {
         let db = format!("conformance_{i}");
         pg.create_database(&db).await;
         stores.push(PgBarrier::open(pg.pool(&db)).await.expect("open"));

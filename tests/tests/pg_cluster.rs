@@ -132,6 +132,18 @@ impl Participant for Ledger {
     ) -> Result<Response<pb::AckResponse>, Status> {
         self.phase_two(r, false)
     }
+    async fn deliver(
+        &self,
+        _: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        Err(Status::unimplemented("this ledger takes no messages"))
+    }
+    async fn check(
+        &self,
+        _: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        Err(Status::unimplemented("this ledger prepares no messages"))
+    }
 }
 
 const LEASE: Duration = Duration::from_secs(1);

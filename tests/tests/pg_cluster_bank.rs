@@ -170,6 +170,7 @@ fn resource(mode: Mode) -> &'static str {
     match mode {
         Mode::TwoPhase => "accounts",
         Mode::Tcc | Mode::Saga => "accounts-tcc",
+        Mode::Msg => "accounts-msg",
     }
 }
 

@@ -104,6 +104,14 @@ pub const RESOURCE_2PC: &str = "accounts";
 pub const RESOURCE_TCC: &str = "accounts-tcc";
 /// The bank's resource name for saga steps.
 pub const RESOURCE_SAGA: &str = "accounts-saga";
+/// The bank's resource name for message deliveries.
+pub const RESOURCE_MSG: &str = "accounts-msg";
+/// The bank's back-check of the messages it prepared.
+pub const RESOURCE_CHECK: &str = "accounts-check";
+
+/// How long a demo message waits for its Submit before the coordinator
+/// checks back.
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Development certificates and tokens for `--secure`: mutual TLS on
 /// every hop, tokens on top, participants obeying only the coordinator.
@@ -234,6 +242,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
             .two_phase(RESOURCE_2PC, bank.clone())
             .tcc(RESOURCE_TCC, bank.clone())
             .saga(RESOURCE_SAGA, bank.clone())
+            .message(RESOURCE_MSG, bank.clone())
+            .check(RESOURCE_CHECK, bank.clone())
             .spawn("127.0.0.1:0".parse()?)
             .await?;
         banks.push(bank);
@@ -251,12 +261,13 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..options.concurrency.max(1) {
-        let (client, next, names, endpoints, options) = (
+        let (client, next, names, endpoints, options, banks) = (
             client.clone(),
             next.clone(),
             names.clone(),
             endpoints.clone(),
             options.clone(),
+            banks.clone(),
         );
         workers.push(tokio::spawn(async move {
             let mut results = Vec::new();
@@ -275,6 +286,23 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
                     Mode::TwoPhase => RESOURCE_2PC,
                     Mode::Tcc => RESOURCE_TCC,
                     Mode::Saga => RESOURCE_SAGA,
+                    Mode::Msg => {
+                        let order = Order {
+                            bank: &banks[from / n],
+                            check: Branch::new(shard(from), RESOURCE_CHECK, ""),
+                            debit: Leg::debit(&names[from], amount),
+                            credit: Branch::new(
+                                shard(to),
+                                RESOURCE_MSG,
+                                Leg::credit(&names[to], amount).encode(),
+                            ),
+                            // One in eight "crashes" between its local
+                            // commit and its Submit: the check delivers it.
+                            submit: i % 8 != 3,
+                        };
+                        results.push(order.run(&client).await);
+                        continue;
+                    }
                 };
                 let debit = Branch::new(
                     shard(from),
@@ -338,6 +366,38 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     Ok(report)
 }
 
+/// A transfer as a transactional message: the debit in the paying bank's
+/// local transaction, the credit delivered once it committed.
+struct Order<'a> {
+    bank: &'a Bank,
+    check: Branch,
+    debit: Leg,
+    credit: Branch,
+    submit: bool,
+}
+
+impl Order<'_> {
+    async fn run(self, client: &TransactionClient) -> Result<(), Error> {
+        let gtid = tandem_sdk::Gtid::now_v7();
+        client
+            .prepare_message(gtid, self.check, vec![self.credit], Some(MESSAGE_TIMEOUT))
+            .await?;
+        if let Err(reason) = self.bank.local_debit(gtid, &self.debit) {
+            // Dropped now; the check would drop it at the timeout anyway.
+            client.rollback(gtid, &reason).await?;
+            return Err(Error::Aborted {
+                gtid: Some(gtid),
+                reason,
+                abort: None,
+            });
+        }
+        if self.submit {
+            client.submit_message(gtid).await?;
+        }
+        Ok(())
+    }
+}
+
 /// One transfer: one-shot `submit`, or `begin` / `enlist` ×2 / `commit`.
 async fn transfer(
     client: &TransactionClient,
@@ -368,6 +428,11 @@ impl fmt::Display for DemoReport {
             Mode::Saga => {
                 "saga (each leg moves the money at once, a failed transfer moves it back)"
             }
+            Mode::Msg => {
+                "transactional message (the debit commits in the paying bank's local \
+                 transaction, the credit is delivered once it has; one in eight skips its \
+                 Submit and is delivered by the coordinator's back-check)"
+            }
         };
         writeln!(
             f,
@@ -390,9 +455,13 @@ impl fmt::Display for DemoReport {
             o.accounts_per_shard,
             o.opening_balance
         )?;
+        let shape = match o.mode {
+            Mode::Msg => "PrepareMessage, the local debit, SubmitMessage",
+            _ => "half one-shot Submit, half Begin/Enlist/Commit",
+        };
         writeln!(
             f,
-            "  transfers     {} ({} in flight; half one-shot Submit, half Begin/Enlist/Commit)",
+            "  transfers     {} ({} in flight; {shape})",
             o.transfers, o.concurrency
         )?;
         writeln!(f, "  committed     {}", self.committed)?;

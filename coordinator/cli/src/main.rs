@@ -88,7 +88,8 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// 2pc, tcc or saga.
+    /// 2pc, tcc, saga or msg (a transactional message: prepare, then
+    /// submit, delivered to every branch).
     #[arg(long, default_value = "2pc", value_parser = parse_mode)]
     mode: tandem_sdk::Mode,
     /// Branches per transaction.
@@ -292,7 +293,9 @@ enum AdminVerb {
         #[arg(long)]
         branch: u32,
         /// How it was settled: committed or rolled-back (must be the
-        /// transaction's decision).
+        /// transaction's decision; for branch 1 of a message STUCK
+        /// undecided, whether its local transaction committed: the
+        /// deliveries follow, or the message is dropped).
         #[arg(long = "as", value_parser = cli::parse_settled)]
         settled: cli::Settled,
         /// Why (required); kept in the record.
@@ -361,7 +364,9 @@ enum LogVerb {
 struct DemoArgs {
     /// Protocol of the transfers: 2pc, tcc (try freezes the funds,
     /// confirm moves them, cancel unfreezes) or saga (each leg moves the
-    /// money at once; a failed transfer moves it back).
+    /// money at once; a failed transfer moves it back) or msg (the debit
+    /// in the paying bank's local transaction, the credit delivered as a
+    /// transactional message once it committed).
     #[arg(long, default_value = "2pc", value_parser = parse_mode)]
     mode: tandem_sdk::Mode,
     /// Transfers to run.
@@ -388,22 +393,24 @@ fn parse_output(s: &str) -> Result<cli::Output, String> {
     }
 }
 
-/// Parses `2pc`, `tcc` or `saga` as the wire's mode.
+/// Parses `2pc`, `tcc`, `saga` or `msg` as the wire's mode.
 fn parse_wire_mode(s: &str) -> Result<tandem_proto::v1::Mode, String> {
     Ok(match parse_mode(s)? {
         tandem_sdk::Mode::TwoPhase => tandem_proto::v1::Mode::TwoPhase,
         tandem_sdk::Mode::Tcc => tandem_proto::v1::Mode::Tcc,
         tandem_sdk::Mode::Saga => tandem_proto::v1::Mode::Saga,
+        tandem_sdk::Mode::Msg => tandem_proto::v1::Mode::Msg,
     })
 }
 
-/// Parses `2pc`, `tcc` or `saga`.
+/// Parses `2pc`, `tcc`, `saga` or `msg`.
 fn parse_mode(s: &str) -> Result<tandem_sdk::Mode, String> {
     match s.to_ascii_lowercase().as_str() {
         "2pc" => Ok(tandem_sdk::Mode::TwoPhase),
         "tcc" => Ok(tandem_sdk::Mode::Tcc),
         "saga" => Ok(tandem_sdk::Mode::Saga),
-        _ => Err(format!("unknown mode {s:?}; use 2pc, tcc or saga")),
+        "msg" => Ok(tandem_sdk::Mode::Msg),
+        _ => Err(format!("unknown mode {s:?}; use 2pc, tcc, saga or msg")),
     }
 }
 

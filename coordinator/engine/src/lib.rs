@@ -34,6 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 pub mod labels;
+mod message;
 pub mod model;
 mod phase_one;
 mod phase_two;
@@ -41,6 +42,7 @@ mod retry;
 mod saga;
 mod types;
 
+pub use message::LOCAL_BRANCH;
 pub use retry::RetryPolicy;
 pub use types::{Command, EngineError, Event, NewBranch, Vote};
 
@@ -132,6 +134,9 @@ impl Txn {
         let mut txn = Txn::from_record(rec);
         txn.budget_start = now;
         let cmds = match txn.rec.state {
+            // A message's local transaction may have committed: it is
+            // checked back, never presumed aborted.
+            TxState::Preparing if txn.is_message() => txn.recover_message(now),
             TxState::Active | TxState::Preparing => {
                 txn.abort(AbortInfo::new(AbortCause::CoordinatorRestart, ""), now)
             }
@@ -290,11 +295,16 @@ impl Txn {
         }
         match event {
             Event::Enlist(branch) => self.on_enlist(branch, now),
+            Event::PhaseOne { branch, vote } if self.is_message() && branch == LOCAL_BRANCH => {
+                Ok(self.on_checked(vote, now))
+            }
             Event::PhaseOne { branch, vote } => Ok(self.on_phase_one(branch, vote, now)),
+            Event::Commit if self.is_message() => self.submit_message(now),
             Event::Commit => self.on_commit(now),
             Event::Rollback { reason } => {
                 self.on_rollback(AbortInfo::new(AbortCause::ClientRollback, reason), now)
             }
+            Event::DeadlinePassed if self.is_message() => Ok(self.check_back(now)),
             Event::DeadlinePassed => Ok(if self.rec.state.is_decided() {
                 Vec::new()
             } else {
@@ -318,6 +328,11 @@ impl Txn {
                 commit,
                 resolution,
             } => self.on_operator_resolve(branch, commit, resolution, now),
+            Event::RetryDue { branch }
+                if self.is_message() && branch == LOCAL_BRANCH && !self.rec.state.is_decided() =>
+            {
+                Ok(self.check_due(now))
+            }
             Event::RetryDue { branch } => {
                 let mut cmds = Vec::new();
                 if self.waiting.remove(&branch) {
@@ -355,6 +370,9 @@ impl Txn {
 
 #[cfg(test)]
 mod abort_tests;
+
+#[cfg(test)]
+mod message_tests;
 
 #[cfg(test)]
 mod mixed_tests;

@@ -29,6 +29,12 @@ pub enum Mode {
     /// closes each step with a confirm (a no-op for the handler). A saga
     /// holds saga steps only. See DESIGN.md "Saga".
     Saga,
+    /// Transactional message: branch 1 is the business service's local
+    /// transaction (its phase-1 call is the back-check), the others are
+    /// deliveries, called once the message is decided (phase 2, a
+    /// `Deliver`). Undecided past its deadline: checked back, never
+    /// aborted for it. See DESIGN.md "Transactional messages".
+    Msg,
 }
 
 impl Mode {
@@ -37,6 +43,7 @@ impl Mode {
         match self {
             Mode::TwoPhase => "prepare",
             Mode::Tcc | Mode::Saga => "try",
+            Mode::Msg => "check",
         }
     }
 
@@ -47,6 +54,8 @@ impl Mode {
             (Mode::TwoPhase, false) => "rollback",
             (Mode::Tcc | Mode::Saga, true) => "confirm",
             (Mode::Tcc | Mode::Saga, false) => "cancel",
+            (Mode::Msg, true) => "deliver",
+            (Mode::Msg, false) => "drop",
         }
     }
 }
@@ -158,6 +167,10 @@ impl BranchState {
     pub fn name(self, mode: Mode) -> &'static str {
         match (self, mode) {
             (BranchState::Registered, _) => "REGISTERED",
+            (BranchState::Prepared, Mode::Msg) => "READY",
+            (BranchState::Refused | BranchState::Failed, Mode::Msg) => "NOT_COMMITTED",
+            (BranchState::Committed, Mode::Msg) => "DELIVERED",
+            (BranchState::RolledBack, Mode::Msg) => "DROPPED",
             (BranchState::Prepared, Mode::TwoPhase) => "PREPARED",
             (BranchState::Prepared, Mode::Tcc | Mode::Saga) => "TRIED",
             (BranchState::Refused | BranchState::Failed, Mode::TwoPhase) => "VOTED_NO",

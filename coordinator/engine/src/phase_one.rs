@@ -194,6 +194,9 @@ impl Txn {
             (TxState::Active | TxState::Preparing, _) => Ok(self.abort(why, now)),
             (TxState::Aborting | TxState::Aborted, _) => Ok(Vec::new()),
             (TxState::Stuck, Some(Decision::Abort)) => Ok(Vec::new()),
+            // A message checked back in vain: dropped on the word of the
+            // client or an operator.
+            (TxState::Stuck, None) if self.is_message() => Ok(self.abort(why, now)),
             _ => Err(self.wrong_state("abort", "; a commit decision is never reversed")),
         }
     }
@@ -248,6 +251,7 @@ impl Txn {
         self.rec.updated_ms = now;
         self.budget_start = now;
         self.settle_unstarted_steps(now);
+        self.drop_message(now);
         if std::mem::take(&mut self.force_abort) {
             // The gtid was the client's: it must not vanish in a crash
             // while its rollbacks are on the wire or once the client was

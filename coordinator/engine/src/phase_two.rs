@@ -15,6 +15,10 @@ impl Txn {
     /// [`EngineError::DecisionPending`]): phase 2 starts when it is on
     /// disk, never before.
     pub(super) fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
+        let undecided = matches!(self.rec.state, TxState::Preparing | TxState::Stuck);
+        if self.is_message() && undecided && self.rec.decision.is_none() {
+            return Ok(self.retry_check(now));
+        }
         let mut cmds = vec![Command::Persist];
         match self.rec.state {
             TxState::Active | TxState::Preparing => {
@@ -152,6 +156,9 @@ impl Txn {
         resolution: Resolution,
         now: u64,
     ) -> Result<Vec<Command>, EngineError> {
+        if self.is_message() && self.rec.state == TxState::Stuck && self.rec.decision.is_none() {
+            return self.resolve_local(id, commit, resolution, now);
+        }
         if self.rec.state != TxState::Stuck {
             return Err(self.wrong_state(
                 "settle a branch by hand",
@@ -339,7 +346,7 @@ impl Txn {
 
 /// A well-spread number from a branch's identity and attempt, so the retry
 /// jitter of many transactions differs while the engine stays deterministic.
-fn jitter(gtid: &Gtid, branch: BranchId, attempt: u32) -> u64 {
+pub(crate) fn jitter(gtid: &Gtid, branch: BranchId, attempt: u32) -> u64 {
     let (hi, lo) = gtid.as_u64_pair();
     let mut z = hi ^ lo.rotate_left(17) ^ (u64::from(branch) << 32 | u64::from(attempt));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -141,6 +141,7 @@ fn mode_code(mode: Mode) -> u32 {
         Mode::TwoPhase => 1,
         Mode::Tcc => 2,
         Mode::Saga => 3,
+        Mode::Msg => 4,
     }
 }
 
@@ -274,6 +275,7 @@ pub(super) fn decode(
         1 => Mode::TwoPhase,
         2 => Mode::Tcc,
         3 => Mode::Saga,
+        4 => Mode::Msg,
         m => return Err(corrupt(format!("unknown mode {m}"))),
     };
     let state = TxState::ALL
@@ -301,6 +303,7 @@ pub(super) fn decode(
                 1 => Mode::TwoPhase,
                 2 => Mode::Tcc,
                 3 => Mode::Saga,
+                4 => Mode::Msg,
                 m => return Err(corrupt(format!("branch {id}: unknown mode {m}"))),
             },
             endpoint: b.endpoint,

@@ -236,6 +236,7 @@ pub(super) fn mode_code(m: Mode) -> i16 {
         Mode::TwoPhase => 1,
         Mode::Tcc => 2,
         Mode::Saga => 3,
+        Mode::Msg => 4,
     }
 }
 
@@ -244,6 +245,7 @@ pub(super) fn mode_from(code: i16) -> Option<Mode> {
         1 => Some(Mode::TwoPhase),
         2 => Some(Mode::Tcc),
         3 => Some(Mode::Saga),
+        4 => Some(Mode::Msg),
         _ => None,
     }
 }

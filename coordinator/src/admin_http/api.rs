@@ -196,6 +196,7 @@ impl ListQuery {
                         "2pc" => pb::Mode::TwoPhase,
                         "tcc" => pb::Mode::Tcc,
                         "saga" => pb::Mode::Saga,
+                        "msg" => pb::Mode::Msg,
                         _ => {
                             return Err(format!(
                                 "unknown mode {:?}; use 2pc, tcc or saga",

@@ -23,6 +23,7 @@ pub(super) fn timeline(t: &pb::TransactionInfo) -> Vec<Moment> {
     let mode = match t.mode() {
         pb::Mode::Tcc => "TCC",
         pb::Mode::Saga => "saga",
+        pb::Mode::Msg => "msg",
         _ => "2PC",
     };
     at(

@@ -73,6 +73,7 @@ fn mode_name(mode: pb::Mode) -> &'static str {
     match mode {
         pb::Mode::Tcc => "TCC",
         pb::Mode::Saga => "SAGA",
+        pb::Mode::Msg => "MSG",
         _ => "2PC",
     }
 }

@@ -105,6 +105,9 @@ pub fn phase_name(mode: Mode, phase_one: bool, commit: bool) -> &'static str {
         (Mode::TwoPhase, false, false) => "rollback",
         (Mode::Tcc | Mode::Saga, false, true) => "confirm",
         (Mode::Tcc | Mode::Saga, false, false) => "cancel",
+        (Mode::Msg, true, _) => "check",
+        (Mode::Msg, false, true) => "deliver",
+        (Mode::Msg, false, false) => "drop",
     }
 }
 
@@ -113,6 +116,7 @@ fn mode_name(mode: Mode) -> &'static str {
         Mode::TwoPhase => "2pc",
         Mode::Tcc => "tcc",
         Mode::Saga => "saga",
+        Mode::Msg => "msg",
     }
 }
 
@@ -255,7 +259,7 @@ impl Metrics {
         );
         // Known series at zero from the start, so that rate() and alert
         // rules see them before the first transaction.
-        for mode in [Mode::TwoPhase, Mode::Tcc, Mode::Saga] {
+        for mode in [Mode::TwoPhase, Mode::Tcc, Mode::Saga, Mode::Msg] {
             let _ = m.started.get_or_create(&ModeLabel {
                 mode: mode_name(mode),
             });

@@ -269,8 +269,13 @@ impl Inner {
         }
         // Cut at the global deadline: a call still out then counts as
         // failed (and gets its rollback / cancel once it returns).
+        // A message's back-check comes after its deadline: it gets the
+        // whole call timeout.
         let left = Duration::from_millis(deadline.saturating_sub(self.now()).max(1));
-        let timeout = self.config.call_timeout.min(left);
+        let timeout = match mode {
+            Mode::Msg => self.config.call_timeout,
+            _ => self.config.call_timeout.min(left),
+        };
         let span = call_span(&req, trace.as_ref(), mode.phase_one_verb());
         let trace = trace.map(|t| crate::otel::sampling::outgoing(&t, &span));
         let resource = self.metrics.as_ref().map(|_| req.resource.clone());

@@ -33,6 +33,7 @@ mod clock;
 mod clock_offset;
 mod driver;
 mod listing;
+mod messages;
 mod operator;
 mod participants;
 mod presumed;

@@ -300,6 +300,8 @@ impl ParticipantPool {
             match mode {
                 Mode::TwoPhase => client.prepare(request).await,
                 Mode::Tcc | Mode::Saga => client.r#try(request).await,
+                // A message's phase 1 is its back-check (branch 1 only).
+                Mode::Msg => client.check(request).await,
             }
         };
         bounded(timeout, call).await
@@ -325,6 +327,9 @@ impl ParticipantPool {
                 (Mode::TwoPhase, false) => client.rollback(request).await,
                 (Mode::Tcc | Mode::Saga, true) => client.confirm(request).await,
                 (Mode::Tcc | Mode::Saga, false) => client.cancel(request).await,
+                (Mode::Msg, true) => client.deliver(request).await,
+                // A dropped message's branches are settled without a call.
+                (Mode::Msg, false) => Ok(tonic::Response::new(Default::default())),
             }
         };
         bounded(timeout, call).await.map(drop)

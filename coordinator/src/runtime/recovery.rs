@@ -220,9 +220,15 @@ impl Inner {
             return Ok(None);
         }
         let state = rec.state;
+        let deadline = rec.deadline_ms;
         let (txn, cmds) = Txn::recover(rec, self.now());
+        // Only a message stays undecided: checked back at its deadline.
+        let undecided = !txn.record().state.is_decided();
         let entry = self.new_entry(txn);
         live.insert(gtid, entry.clone());
+        if undecided {
+            self.start_deadline_timer(&entry, deadline);
+        }
         self.log
             .write(entry.lock().record())
             .map_err(|e| self.halt(e))?;

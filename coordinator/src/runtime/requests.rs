@@ -65,6 +65,9 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         inner.check_draining()?;
+        if mode == Mode::Msg {
+            return Err(message_only());
+        }
         let deadline = inner.deadline(timeout)?;
         let chosen = gtid.is_some();
         let gtid = gtid.unwrap_or_else(|| inner.clock.new_gtid());
@@ -270,6 +273,9 @@ impl Coordinator {
                 inner.config.max_branches
             )));
         }
+        if mode == Mode::Msg || branches.iter().any(|b| b.mode == Some(Mode::Msg)) {
+            return Err(message_only());
+        }
         for (i, b) in branches.iter().enumerate() {
             inner.validate_branch(b)?;
             if mode != Mode::Saga && !b.after.is_empty() {
@@ -423,10 +429,19 @@ impl Coordinator {
     }
 }
 
+/// A message is prepared and submitted by its own calls.
+fn message_only() -> CoordError {
+    CoordError::InvalidArgument(
+        "a transactional message (MODE_MSG) is started by PrepareMessage and submitted by \
+         SubmitMessage; its branches belong to no other transaction"
+            .into(),
+    )
+}
+
 /// The state a client is told after its request: a STUCK transaction is
 /// reported by its decision, as still finishing (COMMITTING / ABORTING),
 /// because to the client the outcome is decided and phase 2 is not done.
-fn reported_state(rec: &TxnRecord) -> TxState {
+pub(super) fn reported_state(rec: &TxnRecord) -> TxState {
     match (rec.state, rec.decision) {
         (TxState::Stuck, Some(Decision::Commit)) => TxState::Committing,
         (TxState::Stuck, _) => TxState::Aborting,

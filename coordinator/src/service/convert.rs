@@ -13,8 +13,9 @@ pub(super) fn mode_from_wire(mode: i32) -> Result<Mode, Status> {
         Ok(pb::Mode::TwoPhase) => Ok(Mode::TwoPhase),
         Ok(pb::Mode::Tcc) => Ok(Mode::Tcc),
         Ok(pb::Mode::Saga) => Ok(Mode::Saga),
+        Ok(pb::Mode::Msg) => Ok(Mode::Msg),
         _ => Err(Status::invalid_argument(
-            "mode must be MODE_TWO_PHASE, MODE_TCC or MODE_SAGA",
+            "mode must be MODE_TWO_PHASE, MODE_TCC, MODE_SAGA or MODE_MSG",
         )),
     }
 }
@@ -24,6 +25,7 @@ fn mode_to_wire(mode: Mode) -> pb::Mode {
         Mode::TwoPhase => pb::Mode::TwoPhase,
         Mode::Tcc => pb::Mode::Tcc,
         Mode::Saga => pb::Mode::Saga,
+        Mode::Msg => pb::Mode::Msg,
     }
 }
 
@@ -41,9 +43,10 @@ pub(super) fn branch_from_wire(b: Option<pb::BranchSpec>) -> Result<NewBranch, S
         Ok(pb::Mode::TwoPhase) => Some(Mode::TwoPhase),
         Ok(pb::Mode::Tcc) => Some(Mode::Tcc),
         Ok(pb::Mode::Saga) => Some(Mode::Saga),
+        Ok(pb::Mode::Msg) => Some(Mode::Msg),
         Err(_) => {
             return Err(Status::invalid_argument(
-                "branch mode must be MODE_TWO_PHASE, MODE_TCC, MODE_SAGA or unset (the transaction's)",
+                "branch mode must be MODE_TWO_PHASE, MODE_TCC, MODE_SAGA, MODE_MSG or unset (the transaction's)",
             ));
         }
     };
@@ -88,13 +91,15 @@ fn branch_state_to_wire(s: BranchState, mode: Mode) -> pb::BranchState {
     match (s, mode) {
         (BranchState::Registered, _) => W::Registered,
         (BranchState::Prepared, Mode::TwoPhase) => W::Prepared,
-        (BranchState::Prepared, Mode::Tcc | Mode::Saga) => W::Tried,
+        (BranchState::Prepared, Mode::Tcc | Mode::Saga | Mode::Msg) => W::Tried,
         (BranchState::Refused | BranchState::Failed, Mode::TwoPhase) => W::VotedNo,
-        (BranchState::Refused | BranchState::Failed, Mode::Tcc | Mode::Saga) => W::TryFailed,
+        (BranchState::Refused | BranchState::Failed, Mode::Tcc | Mode::Saga | Mode::Msg) => {
+            W::TryFailed
+        }
         (BranchState::Committed, Mode::TwoPhase) => W::Committed,
-        (BranchState::Committed, Mode::Tcc | Mode::Saga) => W::Confirmed,
+        (BranchState::Committed, Mode::Tcc | Mode::Saga | Mode::Msg) => W::Confirmed,
         (BranchState::RolledBack, Mode::TwoPhase) => W::RolledBack,
-        (BranchState::RolledBack, Mode::Tcc | Mode::Saga) => W::Cancelled,
+        (BranchState::RolledBack, Mode::Tcc | Mode::Saga | Mode::Msg) => W::Cancelled,
     }
 }
 

@@ -131,6 +131,58 @@ impl CoordinatorRpc for CoordinatorService {
         }))
     }
 
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, trace_id = Empty))]
+    async fn prepare_message(
+        &self,
+        req: Request<pb::PrepareMessageRequest>,
+    ) -> Result<Response<pb::PrepareMessageResponse>, Status> {
+        let trace = request_trace(req.metadata());
+        let req = req.into_inner();
+        let gtid = optional_gtid(&req.gtid)?.ok_or_else(|| {
+            Status::invalid_argument(
+                "a message's gtid is required: the client makes it (a UUID v7) and writes it \
+                 in its local transaction",
+            )
+        })?;
+        let labels = labels_from_wire(req.labels)?;
+        let check =
+            branch_from_wire(Some(req.check.ok_or_else(|| {
+                Status::invalid_argument("a message needs its back-check (check)")
+            })?))?;
+        let deliveries = req
+            .branches
+            .into_iter()
+            .map(|b| branch_from_wire(Some(b)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let gtid = self
+            .coord
+            .prepare_message(
+                gtid,
+                check,
+                deliveries,
+                timeout_from_wire(req.timeout_ms),
+                labels,
+                trace,
+            )
+            .await?;
+        Ok(Response::new(pb::PrepareMessageResponse {
+            gtid: gtid.to_string(),
+        }))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, trace_id = Empty))]
+    async fn submit_message(
+        &self,
+        req: Request<pb::SubmitMessageRequest>,
+    ) -> Result<Response<pb::SubmitMessageResponse>, Status> {
+        request_trace(req.metadata());
+        let gtid = parse_gtid(&req.get_ref().gtid)?;
+        let state = self.coord.submit_message(gtid).await?;
+        Ok(Response::new(pb::SubmitMessageResponse {
+            state: state_to_wire(state) as i32,
+        }))
+    }
+
     #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid))]
     async fn get_transaction(
         &self,

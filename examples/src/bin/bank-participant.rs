@@ -1,7 +1,8 @@
 //! Serves one bank shard as a Tandem participant: resource `accounts` for
 //! 2PC, `accounts-tcc` for TCC (try freezes funds, confirm moves them,
 //! cancel unfreezes), `accounts-saga` for saga steps (a leg moves the
-//! money at once, its compensation moves it back).
+//! money at once, its compensation moves it back), `accounts-msg` for
+//! transactional message deliveries (a leg, a credit, moves once).
 //!
 //! ```text
 //! cargo run -p tandem-examples --bin bank-participant -- --listen 127.0.0.1:9001 --accounts alice,bob
@@ -44,7 +45,8 @@ use tandem_sdk::{ParticipantMetrics, ParticipantServer};
 use tokio::net::TcpListener;
 
 /// A bank shard: accounts with opening balances, served as resources
-/// "accounts" (2PC), "accounts-tcc" (TCC) and "accounts-saga" (saga).
+/// "accounts" (2PC), "accounts-tcc" (TCC), "accounts-saga" (saga) and
+/// "accounts-msg" (message deliveries).
 #[derive(Parser)]
 struct Args {
     /// Address to listen on.
@@ -111,7 +113,8 @@ async fn main() -> anyhow::Result<()> {
                 .barrier(bank.barrier())
                 .two_phase("accounts", bank.clone())
                 .tcc("accounts-tcc", bank.clone())
-                .saga("accounts-saga", bank)
+                .saga("accounts-saga", bank.clone())
+                .message("accounts-msg", bank)
         }
         None => {
             let bank = Arc::new(Bank::new(
@@ -120,7 +123,9 @@ async fn main() -> anyhow::Result<()> {
             ParticipantServer::new()
                 .two_phase("accounts", bank.clone())
                 .tcc("accounts-tcc", bank.clone())
-                .saga("accounts-saga", bank)
+                .saga("accounts-saga", bank.clone())
+                .message("accounts-msg", bank.clone())
+                .check("accounts-check", bank)
         }
     };
     server = args.secure.apply(server)?;

@@ -93,6 +93,16 @@ pub fn decide(current: Option<Mark>, phase: Phase) -> Step {
         (Phase::Cancel, Some(Confirmed)) => {
             refuse("this branch was confirmed; a confirm is never reversed")
         }
+
+        (Phase::Deliver, None) => Step::Run,
+        // An earlier delivery started (its `Tried` was stored) but its
+        // completion was not: it failed, or its process died. Run it again.
+        (Phase::Deliver, Some(Tried)) => Step::Run,
+        (Phase::Deliver, Some(Confirmed)) => Step::Skip { record: None },
+        (Phase::Deliver, Some(Refused | Cancelled | EmptyCancelled)) => refuse(
+            "this branch's record is not a message delivery's (a try voted no, or it was \
+             cancelled): the resource or the branch id is shared with another protocol",
+        ),
     }
 }
 
@@ -155,8 +165,8 @@ impl dyn BarrierEntry + '_ {
 pub(crate) enum Passage {
     /// The handler was called: its own result is the call's.
     Ran,
-    /// A repeat of a confirm or cancel the branch already had, answered
-    /// success from the record without calling the handler.
+    /// A repeat of a confirm, cancel or delivery the branch already had,
+    /// answered success from the record without calling the handler.
     Duplicate,
     /// A repeat of a try the branch already had, answered no from the
     /// record without calling the handler (a try is not repeated).
@@ -171,7 +181,8 @@ pub(crate) enum Passage {
     /// that nothing stays reserved (anti-hanging).
     HangingTry,
     /// Refused for another reason: a call from a stale coordinator epoch,
-    /// a confirm with no try, a cancel after a confirm.
+    /// a confirm with no try, a cancel after a confirm, a delivery on
+    /// another protocol's record.
     Refused,
     /// The barrier store failed before the handler could run (answered
     /// UNAVAILABLE, so the coordinator retries).
@@ -185,6 +196,8 @@ impl Passage {
         use Mark::*;
         match (step, phase, current) {
             (Step::Run, ..) => Passage::Ran,
+            // A delivery is skipped only as a repeat (on `Confirmed`).
+            (Step::Skip { .. }, Phase::Deliver, _) => Passage::Duplicate,
             (Step::Skip { .. }, _, None) => Passage::EmptyCancel,
             (Step::Skip { .. }, _, Some(Refused)) => Passage::AfterNo,
             (Step::Skip { .. }, _, Some(_)) => Passage::Duplicate,
@@ -272,21 +285,27 @@ async fn gate_one(
     Ok(vote)
 }
 
-/// Runs a confirm / cancel (commit / rollback) through the barrier.
+/// Runs a confirm / cancel (commit / rollback), or a delivery, through the
+/// barrier: `ctx.phase` says which. `payload` is stored with the `Tried`
+/// record a first delivery writes before its handler runs (in-doubt
+/// resolution needs it to finish the delivery); confirms and cancels
+/// store none.
 pub(crate) async fn phase_two(
     store: &dyn BarrierStore,
     ctx: &BranchContext,
+    payload: &[u8],
     verb: &str,
     call: BoxFuture<'_, Result<(), HandlerError>>,
 ) -> Gated<()> {
     let mut passage = Passage::Unavailable;
-    let result = gate_two(store, ctx, verb, call, &mut passage).await;
+    let result = gate_two(store, ctx, payload, verb, call, &mut passage).await;
     Gated { passage, result }
 }
 
 async fn gate_two(
     store: &dyn BarrierStore,
     ctx: &BranchContext,
+    payload: &[u8],
     verb: &str,
     call: BoxFuture<'_, Result<(), HandlerError>>,
     passage: &mut Passage,
@@ -318,6 +337,17 @@ async fn gate_two(
             Ok(())
         }
         Step::Run => {
+            if current.is_none() {
+                // Only a first delivery runs on no record. Stored before
+                // the handler runs, as a try's: a delivery that fails or
+                // dies midway leaves `Tried`, and the next one runs again;
+                // a handler writing in the barrier's store finds the
+                // `Tried` it commits `Confirmed` over.
+                entry
+                    .put_tried(&ctx.resource, payload, epoch)
+                    .await
+                    .map_err(unavailable)?;
+            }
             *passage = answered;
             call.await.map_err(|e| {
                 let message = cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT);
@@ -355,7 +385,7 @@ mod tests {
     // refusal, and a refusal never a success.
     #[test]
     fn passages_agree_with_the_table() {
-        for phase in [Phase::Try, Phase::Confirm, Phase::Cancel] {
+        for phase in [Phase::Try, Phase::Confirm, Phase::Cancel, Phase::Deliver] {
             for current in MARKS {
                 let step = decide(current, phase);
                 let passage = Passage::of(current, phase, &step);
@@ -398,5 +428,12 @@ mod tests {
         assert_eq!(of(Some(Mark::Cancelled), Phase::Try), Passage::HangingTry);
         assert_eq!(of(None, Phase::Confirm), Passage::Refused);
         assert_eq!(of(Some(Mark::Confirmed), Phase::Cancel), Passage::Refused);
+        assert_eq!(
+            of(Some(Mark::Confirmed), Phase::Deliver),
+            Passage::Duplicate
+        );
+        assert_eq!(of(None, Phase::Deliver), Passage::Ran);
+        assert_eq!(of(Some(Mark::Tried), Phase::Deliver), Passage::Ran);
+        assert_eq!(of(Some(Mark::Cancelled), Phase::Deliver), Passage::Refused);
     }
 }

@@ -9,13 +9,13 @@
 //! branch `(gtid, branch_id)`, one small record ([`Mark`]) in a
 //! [`BarrierStore`]:
 //!
-//! | record \ call | try / prepare | confirm / commit | cancel / rollback |
-//! |---|---|---|---|
-//! | none | **run**; `Tried` is stored first | refused | not run; `EmptyCancelled` stored |
-//! | `Tried` | refused (tries are not repeated; the first run's work stays held) | **run**; then `Confirmed` | **run**; then `Cancelled` |
-//! | `Refused` (try voted no) | refused | refused | not run; `Cancelled` stored |
-//! | `Confirmed` | refused | not run (repeat) | refused |
-//! | `Cancelled`, `EmptyCancelled` | refused (anti-hanging) | refused | not run (repeat) |
+//! | record \ call | try / prepare | confirm / commit | cancel / rollback | deliver (message) |
+//! |---|---|---|---|---|
+//! | none | **run**; `Tried` is stored first | refused | not run; `EmptyCancelled` stored | **run**; `Tried` is stored first, then `Confirmed` |
+//! | `Tried` | refused (tries are not repeated; the first run's work stays held) | **run**; then `Confirmed` | **run**; then `Cancelled` | **run** (an earlier delivery started but did not finish); then `Confirmed` |
+//! | `Refused` (try voted no) | refused | refused | not run; `Cancelled` stored | refused |
+//! | `Confirmed` | refused | not run (repeat) | refused | not run (repeat) |
+//! | `Cancelled`, `EmptyCancelled` | refused (anti-hanging) | refused | not run (repeat) | refused (not a delivery's record) |
 //!
 //! [`decide`] is that table as code, in the gate (`gate.rs`), the one place
 //! every store's calls pass. Calls for one branch are serialised by the
@@ -59,6 +59,17 @@
 //! repeat of that `Submit` arrives. (Repeats after a coordinator crash:
 //! DESIGN.md, rule 3.)
 //!
+//! A delivery of a transactional message ([`Phase::Deliver`]) has a single
+//! phase: it comes only after the message is decided, and again until it is
+//! acknowledged. It stores `Tried` before the handler runs, as a try does,
+//! and `Confirmed` after, as a confirm does: a repeat after `Confirmed` is
+//! not run again, and a delivery that failed or crashed midway (its record
+//! still `Tried`) runs again. So a handler writing its change in the
+//! barrier's store ([`SledBarrier::transaction`],
+//! [`PgBarrier::begin`](crate::postgres::PgBarrier::begin)), which finds
+//! the `Tried` record it expects and commits `Confirmed` with the change,
+//! takes a message exactly once.
+//!
 //! Records of finished branches are removed after a retention period by
 //! [`spawn_retention`]; `Tried` records are never removed, since their branch
 //! still waits for its outcome.
@@ -88,7 +99,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Which call of a branch is being made. 2PC calls map onto the TCC names:
 /// prepare is [`Phase::Try`], commit is [`Phase::Confirm`], rollback is
-/// [`Phase::Cancel`].
+/// [`Phase::Cancel`]; a saga's action is a try, its compensation a cancel.
+/// A transactional message's delivery is [`Phase::Deliver`] (its
+/// back-check does not pass the barrier, and its handler sees
+/// [`Phase::Try`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Try (TCC) or prepare (2PC): reserve the resource and vote.
@@ -97,6 +111,9 @@ pub enum Phase {
     Confirm,
     /// Cancel (TCC) or rollback (2PC): release what the try reserved.
     Cancel,
+    /// The delivery of a transactional message (`Participant.Deliver`),
+    /// sent once the message is decided and repeated until acknowledged.
+    Deliver,
 }
 
 impl Phase {
@@ -106,6 +123,7 @@ impl Phase {
             Phase::Try => None,
             Phase::Confirm => Some(Mark::Confirmed),
             Phase::Cancel => Some(Mark::Cancelled),
+            Phase::Deliver => Some(Mark::Confirmed),
         }
     }
 }
@@ -114,11 +132,11 @@ impl Phase {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mark {
     /// A try started (it may have failed or not finished). Waiting for
-    /// confirm or cancel.
+    /// confirm or cancel. For a delivery: it started and did not finish.
     Tried,
     /// The try voted no: it holds nothing.
     Refused,
-    /// The confirm ran to completion.
+    /// The confirm (or the delivery) ran to completion.
     Confirmed,
     /// The cancel ran to completion (or was not needed after a no).
     Cancelled,

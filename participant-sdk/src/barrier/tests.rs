@@ -93,6 +93,28 @@ fn confirm_and_cancel_exclude_each_other() {
     }
 }
 
+// Rule: a message delivery runs on a fresh branch (its `Tried` is stored
+// first) and again on `Tried` (an earlier run did not finish), is a silent
+// success once `Confirmed`, and is refused on any other protocol's record.
+// Its success leaves `Confirmed`, as a confirm's does, so the stores'
+// transactions (PgBarrier::begin, SledBarrier::transaction) serve it.
+#[test]
+fn a_delivery_runs_until_confirmed() {
+    assert_eq!(decide(None, Phase::Deliver), Step::Run);
+    assert_eq!(decide(Some(Mark::Tried), Phase::Deliver), Step::Run);
+    assert_eq!(
+        decide(Some(Mark::Confirmed), Phase::Deliver),
+        Step::Skip { record: None }
+    );
+    for other in [Mark::Refused, Mark::Cancelled, Mark::EmptyCancelled] {
+        assert!(
+            matches!(decide(Some(other), Phase::Deliver), Step::Refuse(_)),
+            "{other:?}"
+        );
+    }
+    assert_eq!(Phase::Deliver.done_mark(), Some(Mark::Confirmed));
+}
+
 #[test]
 fn records_and_keys_round_trip() {
     for current in ALL.into_iter().flatten() {
@@ -315,13 +337,13 @@ async fn calls_from_an_older_epoch_are_refused() {
     );
     assert_eq!(epoch_of(1).await, Some(1));
     let c = ctx(1, Phase::Confirm, 2);
-    gate::phase_two(&store, &c, "confirm", ack(&ran))
+    gate::phase_two(&store, &c, b"p", "confirm", ack(&ran))
         .await
         .result
         .expect("confirm at 2");
     assert_eq!(epoch_of(1).await, Some(2), "raised");
     let c = ctx(1, Phase::Cancel, 1);
-    let stale = gate::phase_two(&store, &c, "cancel", ack(&ran)).await;
+    let stale = gate::phase_two(&store, &c, b"p", "cancel", ack(&ran)).await;
     assert_eq!(stale.passage, gate::Passage::Refused, "counted as refused");
     let refused = stale.result.expect_err("stale cancel");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
@@ -331,7 +353,7 @@ async fn calls_from_an_older_epoch_are_refused() {
         "retried, not permanent"
     );
     let c = ctx(1, Phase::Confirm, 1);
-    gate::phase_two(&store, &c, "confirm", ack(&ran))
+    gate::phase_two(&store, &c, b"p", "confirm", ack(&ran))
         .await
         .result
         .expect_err("stale confirm");
@@ -340,7 +362,7 @@ async fn calls_from_an_older_epoch_are_refused() {
     // Branch 2: the new owner (epoch 2) cancels before any try; the former
     // owner's late try (epoch 1) is a no vote for its epoch.
     let c = ctx(2, Phase::Cancel, 2);
-    gate::phase_two(&store, &c, "cancel", ack(&ran))
+    gate::phase_two(&store, &c, b"p", "cancel", ack(&ran))
         .await
         .result
         .expect("empty cancel");
@@ -362,18 +384,18 @@ async fn calls_from_an_older_epoch_are_refused() {
         .result
         .expect("try");
     let c = ctx(3, Phase::Confirm, 1);
-    gate::phase_two(&store, &c, "confirm", ack(&ran))
+    gate::phase_two(&store, &c, b"p", "confirm", ack(&ran))
         .await
         .result
         .expect("confirm");
     let c = ctx(3, Phase::Confirm, 3);
-    gate::phase_two(&store, &c, "confirm", ack(&ran))
+    gate::phase_two(&store, &c, b"p", "confirm", ack(&ran))
         .await
         .result
         .expect("repeat at 3");
     assert_eq!(epoch_of(3).await, Some(3));
     let c = ctx(3, Phase::Confirm, 0);
-    gate::phase_two(&store, &c, "confirm", ack(&ran))
+    gate::phase_two(&store, &c, b"p", "confirm", ack(&ran))
         .await
         .result
         .expect("epoch 0");

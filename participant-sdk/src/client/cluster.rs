@@ -6,7 +6,8 @@
 //! A request is sent again elsewhere only when that cannot run it twice:
 //! either it never reached a coordinator (the connection was refused), or
 //! it is idempotent by the contract — `Begin` and `Submit` with the
-//! client's gtid, `Commit`, `Rollback` and the reads. An `Enlist` whose
+//! client's gtid, `Commit`, `Rollback`, `PrepareMessage`,
+//! `SubmitMessage` and the reads. An `Enlist` whose
 //! answer was lost is not repeated (it would add a second branch).
 
 use std::collections::HashMap;

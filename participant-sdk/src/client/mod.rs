@@ -1,6 +1,7 @@
 //! [`TransactionClient`]: run global transactions from a business service.
 
 mod cluster;
+mod message;
 mod outcome;
 mod types;
 
@@ -119,7 +120,8 @@ impl TransactionClient {
     /// A request is sent to the next coordinator only when that cannot run
     /// it twice: it never reached one, or it is idempotent (`begin_as`,
     /// `submit_as` — and so `begin` and `submit`, whose gtid the client
-    /// makes —, `commit`, `rollback`, the reads). An `enlist` whose answer
+    /// makes —, `commit`, `rollback`, `prepare_message`,
+    /// `submit_message`, the reads). An `enlist` whose answer
     /// was lost is not repeated; the transaction then aborts at its
     /// deadline, or by `rollback`.
     ///
@@ -348,9 +350,15 @@ impl TransactionClient {
 
     /// Rolls back every branch enlisted so far. Rolling back twice is fine.
     ///
+    /// Also drops a transactional message that was prepared
+    /// ([`prepare_message`](Self::prepare_message)) and not submitted:
+    /// call it when the local transaction failed, so that nothing waits
+    /// for the message's timeout and check.
+    ///
     /// # Errors
     ///
-    /// [`Error::Invalid`] if the transaction is already decided commit.
+    /// [`Error::Invalid`] if the transaction is already decided commit (a
+    /// message: submitted, or its check answered yes).
     pub async fn rollback(&self, gtid: Gtid, reason: &str) -> Result<(), Error> {
         let req = pb::RollbackRequest {
             gtid: gtid.to_string(),

@@ -1,5 +1,6 @@
 //! What a business service names and gets back: the [`Mode`], a
-//! [`Branch`], and the results of enlist, commit and submit.
+//! [`Branch`], and the results of enlist, commit, submit and
+//! submit_message.
 
 use bytes::Bytes;
 use tandem_proto::v1 as pb;
@@ -19,6 +20,13 @@ pub enum Mode {
     /// Participants implement [`crate::Saga`]. Every branch of a saga is a
     /// saga step.
     Saga,
+    /// Transactional message: deliveries made once the business service's
+    /// local transaction commits, and never otherwise. A message is not
+    /// begun or submitted with a mode: it is started by
+    /// [`TransactionClient::prepare_message`](crate::TransactionClient::prepare_message);
+    /// its deliveries' participants implement [`crate::Message`]. On a
+    /// [`Branch`], only a message's delivery may name it.
+    Msg,
 }
 
 impl Mode {
@@ -27,6 +35,7 @@ impl Mode {
             Mode::TwoPhase => pb::Mode::TwoPhase as i32,
             Mode::Tcc => pb::Mode::Tcc as i32,
             Mode::Saga => pb::Mode::Saga as i32,
+            Mode::Msg => pb::Mode::Msg as i32,
         }
     }
 }
@@ -131,7 +140,7 @@ pub struct Enlisted {
     pub reply: Bytes,
 }
 
-/// A committed transaction.
+/// A committed transaction, or a submitted (decided) message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommitOutcome {
     /// True when every branch acknowledged commit; false when some branch is

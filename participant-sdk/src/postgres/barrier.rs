@@ -123,8 +123,9 @@ impl PgBarrier {
 
     /// Opens a transaction for this call's business SQL. Its
     /// [`commit`](BranchTx::commit) also stores the call's barrier record
-    /// (`Confirmed` for a confirm / commit, `Cancelled` for a cancel /
-    /// rollback), so both happen or neither does.
+    /// (`Confirmed` for a confirm / commit or a message's delivery,
+    /// `Cancelled` for a cancel / rollback), so both happen or neither
+    /// does: a delivery written so takes its message exactly once.
     ///
     /// Use it in a handler served with this store as the server's
     /// [`barrier`](crate::ParticipantServer::barrier): the transaction then

@@ -14,6 +14,10 @@
 //! - [`resolve_prepared`] / [`spawn_prepared_resolver`]: prepared
 //!   transactions left behind by a crashed participant are finished by
 //!   asking the coordinator (`GetOutcome`), so no lock is held forever.
+//! - [`PgMessages`]: transactional messages from a business service:
+//!   [`PgMessages::send`] records the message in the local transaction,
+//!   and its [`MessageCheck`](crate::MessageCheck) answers the
+//!   coordinator's back-check from that record, finally.
 //!
 //! # TLS
 //!
@@ -31,19 +35,23 @@
 //! on) with deadpool-postgres for pooling.
 //!
 //! Tables (created on first use, inside an advisory lock so concurrent
-//! starts do not race): `tandem_barrier` (one row per branch) and
+//! starts do not race): `tandem_barrier` (one row per branch),
 //! `tandem_prepared_commits` (one row per committed prepared transaction,
 //! written inside it; how a repeated commit tells "already committed" from
-//! "rolled back").
+//! "rolled back") and `tandem_messages` (one row per transactional message
+//! sent with [`PgMessages`], written by its local transaction, or by its
+//! back-check when that transaction did not commit).
 
 mod barrier;
 mod branch_lock;
 mod branch_tx;
+mod message;
 mod resolver;
 mod two_phase;
 
 pub use barrier::PgBarrier;
 pub use branch_tx::BranchTx;
+pub use message::{MessageError, PgMessages};
 // The connection set-up (pool, TLS, errors) is shared with the coordinator's
 // PostgreSQL log.
 pub use resolver::{
@@ -135,6 +143,15 @@ CREATE TABLE IF NOT EXISTS tandem_prepared_commits (
     branch_id bigint NOT NULL,
     PRIMARY KEY (gtid, branch_id)
 );
+-- Transactional messages (PgMessages): true, written by the message's
+-- local transaction; false, by its back-check when no committed row was
+-- there (a late local transaction then fails on the key).
+CREATE TABLE IF NOT EXISTS tandem_messages (
+    gtid uuid PRIMARY KEY,
+    committed boolean NOT NULL,
+    updated_ms bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tandem_messages_updated ON tandem_messages (updated_ms);
 ";
 
 #[cfg(test)]

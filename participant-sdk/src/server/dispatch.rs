@@ -2,7 +2,9 @@
 //! registered for its resource and protocol, and runs through the barrier
 //! in a task of its own, so a coordinator that gives up on a call never
 //! cuts a handler off halfway. With metrics on, the handler is timed and
-//! the call counted by how it ended, or by what the barrier answered.
+//! the call counted by how it ended, or by what the barrier answered. A
+//! transactional message's back-check (`Check`) is the one call that does
+//! not pass the barrier: it reads the business service's own record.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,8 +30,13 @@ use crate::trace::TraceContext;
 pub(super) enum Protocol {
     /// Two-phase commit: prepare, commit, rollback.
     TwoPhase,
-    /// Try-confirm-cancel.
+    /// Try-confirm-cancel (and saga steps: action, compensation).
     Tcc,
+    /// A transactional message's delivery.
+    Message,
+    /// A transactional message's back-check, served by the business
+    /// service that prepared it.
+    Check,
 }
 
 impl Protocol {
@@ -37,6 +44,8 @@ impl Protocol {
         match self {
             Protocol::TwoPhase => "2PC",
             Protocol::Tcc => "TCC",
+            Protocol::Message => "MSG",
+            Protocol::Check => "CHECK",
         }
     }
 }
@@ -118,6 +127,14 @@ impl ParticipantService {
             .is_some_and(|(_, handler)| handler.is_saga())
     }
 
+    /// Whether `resource`'s handler takes message deliveries (in-doubt
+    /// resolution never cancels one).
+    pub(crate) fn is_message(&self, resource: &str) -> bool {
+        self.handlers
+            .get(resource)
+            .is_some_and(|(_, handler)| handler.is_message())
+    }
+
     /// Confirms (`commit`) or cancels a branch found in doubt, through the
     /// barrier, as if the coordinator had called.
     pub(crate) async fn finish(&self, d: &InDoubt, commit: bool) -> Result<(), Status> {
@@ -127,26 +144,36 @@ impl ParticipantService {
                 d.resource
             )));
         };
+        let (phase, verb) = match (protocol, commit) {
+            (Protocol::TwoPhase, true) => (Phase::Confirm, "commit"),
+            (Protocol::TwoPhase, false) => (Phase::Cancel, "rollback"),
+            (Protocol::Tcc, true) => (Phase::Confirm, "confirm"),
+            (Protocol::Tcc, false) => (Phase::Cancel, "cancel"),
+            // A delivery that started and did not finish, of a message
+            // decided (deliveries come only after the decision).
+            (Protocol::Message, true) => (Phase::Deliver, "deliver"),
+            (Protocol::Message, false) => {
+                return Err(Status::failed_precondition(
+                    "a message delivery is never cancelled: it runs only after its message \
+                     is decided",
+                ));
+            }
+            (Protocol::Check, _) => {
+                return Err(Status::failed_precondition(
+                    "a message's back-check keeps no barrier record to finish",
+                ));
+            }
+        };
         let ctx = BranchContext {
             gtid: d.key.gtid,
             branch_id: d.key.branch_id,
             resource: d.resource.clone(),
             attempt: 0,
-            phase: if commit {
-                Phase::Confirm
-            } else {
-                Phase::Cancel
-            },
+            phase,
             // In-doubt resolution acts on the coordinator's durable answer:
             // never refused for its epoch, and it raises none.
             epoch: 0,
             traceparent: None,
-        };
-        let verb = match (protocol, commit) {
-            (Protocol::TwoPhase, true) => "commit",
-            (Protocol::TwoPhase, false) => "rollback",
-            (Protocol::Tcc, true) => "confirm",
-            (Protocol::Tcc, false) => "cancel",
         };
         let call = PhaseTwo {
             handler: handler.clone(),
@@ -203,20 +230,18 @@ impl ParticipantService {
         )))
     }
 
+    /// A phase-2 call (`phase` is [`Phase::Confirm`], [`Phase::Cancel`] or
+    /// [`Phase::Deliver`]) through the barrier.
     async fn phase_two(
         &self,
         req: Request<pb::BranchRequest>,
         protocol: Protocol,
-        commit: bool,
+        phase: Phase,
         verb: &'static str,
     ) -> Result<Response<pb::AckResponse>, Status> {
         let trace = crate::TraceContext::from_metadata(req.metadata());
         let req = req.into_inner();
-        let phase = if commit {
-            Phase::Confirm
-        } else {
-            Phase::Cancel
-        };
+        let commit = phase != Phase::Cancel;
         let ctx = context(&req, phase, trace.as_ref())?;
         let span = handler_span(&ctx, trace.as_ref(), verb);
         let call = PhaseTwo {
@@ -230,6 +255,29 @@ impl ParticipantService {
         };
         call.run().instrument(span).await?;
         Ok(Response::new(pb::AckResponse {}))
+    }
+
+    /// A message's back-check: the handler is asked directly, without the
+    /// barrier (it reads the business service's own record, and keeps
+    /// none of the barrier's).
+    async fn check(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        const VERB: &str = "check";
+        let trace = crate::TraceContext::from_metadata(req.metadata());
+        let req = req.into_inner();
+        let ctx = context(&req, Phase::Try, trace.as_ref())?;
+        let span = handler_span(&ctx, trace.as_ref(), VERB);
+        let call = Check {
+            handler: self.handler(&req.resource, Protocol::Check)?.clone(),
+            metrics: self.metrics.clone(),
+            ctx,
+            payload: req.payload,
+        };
+        Ok(Response::new(vote_response(
+            call.run().instrument(span).await?,
+        )))
     }
 }
 
@@ -302,8 +350,14 @@ impl PhaseTwo {
                 if let Some(m) = &self.metrics {
                     call = m.time_handler(&self.ctx.resource, verb, call, metrics::ack_result);
                 }
-                let gated =
-                    barrier::gate::phase_two(self.barrier.as_ref(), &self.ctx, verb, call).await;
+                let gated = barrier::gate::phase_two(
+                    self.barrier.as_ref(),
+                    &self.ctx,
+                    &self.payload,
+                    verb,
+                    call,
+                )
+                .await;
                 if let Some(m) = &self.metrics {
                     m.passed(&self.ctx.resource, verb, gated.passage);
                 }
@@ -313,6 +367,41 @@ impl PhaseTwo {
         );
         task.await
             .unwrap_or_else(|e| Err(panicked(verb, count_panic, e)))
+    }
+}
+
+/// A message's back-check, owned; see [`PhaseOne`]. No barrier.
+struct Check {
+    handler: Arc<dyn DynHandler>,
+    metrics: Option<ParticipantMetrics>,
+    ctx: BranchContext,
+    payload: Bytes,
+}
+
+impl Check {
+    /// As [`PhaseOne::run`], without the barrier. A handler error is
+    /// UNAVAILABLE: the answer is not known yet, and the coordinator asks
+    /// again (a no vote would drop the message).
+    async fn run(self) -> Result<Vote, Status> {
+        const VERB: &str = "check";
+        let count_panic = panic_counter(self.metrics.as_ref(), &self.ctx);
+        let task = tokio::spawn(
+            async move {
+                let mut call = self.handler.phase_one(&self.ctx, &self.payload);
+                if let Some(m) = &self.metrics {
+                    call = m.time_handler(&self.ctx.resource, VERB, call, metrics::vote_result);
+                }
+                call.await.map_err(|e| {
+                    Status::unavailable(cap(&format!("{VERB} failed: {e}"), MAX_STATUS_TEXT))
+                })
+            }
+            .in_current_span(),
+        );
+        task.await.unwrap_or_else(|e| {
+            // Not known: asked again, never taken for a no.
+            let status = panicked(VERB, count_panic, e);
+            Err(Status::unavailable(status.message()))
+        })
     }
 }
 
@@ -384,7 +473,7 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::TwoPhase, true, "commit")
+        self.phase_two(req, Protocol::TwoPhase, Phase::Confirm, "commit")
             .await
     }
 
@@ -393,7 +482,7 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::TwoPhase, false, "rollback")
+        self.phase_two(req, Protocol::TwoPhase, Phase::Cancel, "rollback")
             .await
     }
 
@@ -410,7 +499,8 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::Tcc, true, "confirm").await
+        self.phase_two(req, Protocol::Tcc, Phase::Confirm, "confirm")
+            .await
     }
 
     #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
@@ -418,6 +508,24 @@ impl Participant for ParticipantService {
         &self,
         req: Request<pb::BranchRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        self.phase_two(req, Protocol::Tcc, false, "cancel").await
+        self.phase_two(req, Protocol::Tcc, Phase::Cancel, "cancel")
+            .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn deliver(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        self.phase_two(req, Protocol::Message, Phase::Deliver, "deliver")
+            .await
+    }
+
+    #[instrument(level = "debug", skip_all, fields(gtid = %req.get_ref().gtid, branch = req.get_ref().branch_id))]
+    async fn check(
+        &self,
+        req: Request<pb::BranchRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        ParticipantService::check(self, req).await
     }
 }

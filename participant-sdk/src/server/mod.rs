@@ -8,12 +8,15 @@
 //!   (feature `tls`: the access list lives with TLS);
 //! - `no_metrics`: what dispatch records without feature `metrics`
 //!   (nothing);
+//! - `tests`: dispatch of the transactional-message calls;
 //! - [`health`]: health checks that turn NOT_SERVING on shutdown.
 
 mod caller;
 mod dispatch;
 #[cfg(not(feature = "metrics"))]
 mod no_metrics;
+#[cfg(test)]
+mod tests;
 pub use tandem_common::health;
 
 use std::collections::HashMap;
@@ -38,7 +41,10 @@ use health::ServerHealth;
 
 use crate::barrier::{self, BarrierStore, MemBarrier, Retention};
 use crate::client::ClientOptions;
-use crate::handler::{DynHandler, Saga, SagaHandler, Tcc, TccHandler, TwoPhase, TwoPhaseHandler};
+use crate::handler::{
+    CheckHandler, DynHandler, Message, MessageCheck, MessageHandler, Saga, SagaHandler, Tcc,
+    TccHandler, TwoPhase, TwoPhaseHandler,
+};
 #[cfg(feature = "metrics")]
 use crate::metrics::ParticipantMetrics;
 #[cfg(feature = "tls")]
@@ -126,7 +132,8 @@ pub enum ServeError {
     DuplicateResource {
         /// The resource name.
         resource: String,
-        /// The protocol of the first registration (`2PC` or `TCC`).
+        /// The protocol of the first registration (`2PC`, `TCC` — sagas
+        /// too —, `MSG` or `CHECK`).
         first: &'static str,
         /// The protocol of the second registration.
         second: &'static str,
@@ -175,6 +182,35 @@ impl ParticipantServer {
         )
     }
 
+    /// Registers `handler` for the deliveries of transactional messages
+    /// enlisted with `resource` (see [`Message`]): each is delivered at
+    /// least once, and a repeat is absorbed by the barrier.
+    ///
+    /// A resource name takes one handler; see [`two_phase`](Self::two_phase).
+    pub fn message(self, resource: impl Into<String>, handler: impl Message) -> Self {
+        self.register(
+            resource.into(),
+            Protocol::Message,
+            Arc::new(MessageHandler(handler)),
+        )
+    }
+
+    /// Registers `handler` as the back-check named `resource`, for the
+    /// transactional messages this (business) service prepares: the
+    /// coordinator asks it whether the local transaction of a message that
+    /// was not submitted in time committed (see [`MessageCheck`]). Give the
+    /// coordinator this server's endpoint and `resource` as the message's
+    /// `check` branch.
+    ///
+    /// A resource name takes one handler; see [`two_phase`](Self::two_phase).
+    pub fn check(self, resource: impl Into<String>, handler: impl MessageCheck) -> Self {
+        self.register(
+            resource.into(),
+            Protocol::Check,
+            Arc::new(CheckHandler(handler)),
+        )
+    }
+
     fn register(
         mut self,
         resource: String,
@@ -195,7 +231,7 @@ impl ParticipantServer {
     }
 
     /// The registration error, if any.
-    fn check(&self) -> Result<(), ServeError> {
+    fn registered(&self) -> Result<(), ServeError> {
         match &self.duplicate {
             Some((resource, first, second)) => Err(ServeError::DuplicateResource {
                 resource: resource.clone(),
@@ -262,7 +298,7 @@ impl ParticipantServer {
 
     /// Obeys only callers granted the `coordinator` role in `access` (a
     /// bearer token or a client certificate name): any other call to
-    /// Prepare/Commit/Rollback/Try/Confirm/Cancel is refused with
+    /// Prepare/Commit/Rollback/Try/Confirm/Cancel/Deliver/Check is refused with
     /// UNAUTHENTICATED or PERMISSION_DENIED before the barrier or a
     /// handler sees it.
     #[cfg(feature = "tls")]
@@ -291,7 +327,7 @@ impl ParticipantServer {
     /// [`ServeError::DuplicateResource`] when a resource name was
     /// registered twice.
     pub fn into_service(self) -> Result<ParticipantGrpcService, ServeError> {
-        self.check()?;
+        self.registered()?;
         Ok(self.grpc_service())
     }
 
@@ -308,7 +344,7 @@ impl ParticipantServer {
     /// [`ServeError::DuplicateResource`] when a resource name was
     /// registered twice.
     pub fn into_participant(self) -> Result<ParticipantService, ServeError> {
-        self.check()?;
+        self.registered()?;
         Ok(self.service())
     }
 
@@ -356,7 +392,7 @@ impl ParticipantServer {
     /// A resource was registered twice, the address cannot be bound, or
     /// the transport fails.
     pub async fn serve(self, addr: SocketAddr) -> Result<(), ServeError> {
-        self.check()?;
+        self.registered()?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|e| ServeError::Bind(addr, e))?;
@@ -378,7 +414,7 @@ impl ParticipantServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
-        self.check()?;
+        self.registered()?;
         let background = self.start_background();
         #[cfg(feature = "tls")]
         let watch = self.tls.as_ref().map(|t| t.watch(Duration::from_secs(10)));
@@ -423,7 +459,7 @@ impl ParticipantServer {
     ///
     /// A resource was registered twice, or the address cannot be bound.
     pub async fn spawn(self, addr: SocketAddr) -> Result<RunningParticipant, ServeError> {
-        self.check()?;
+        self.registered()?;
         let bind = |e| ServeError::Bind(addr, e);
         let listener = TcpListener::bind(addr).await.map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;

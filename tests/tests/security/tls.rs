@@ -194,11 +194,12 @@ async fn certificates_reload_without_dropping_transactions() {
 }
 
 // Rule: the whole bank demo runs with mutual TLS and tokens on every hop
-// (coordinator, both shards, the client), by 2PC, by TCC and by saga, and
-// conserves the money.
+// (coordinator, both shards, the client), by 2PC, by TCC, by saga and by
+// transactional message (the back-check over TLS too), and conserves the
+// money.
 #[tokio::test]
 async fn the_bank_demo_runs_with_mutual_tls_and_tokens() {
-    for mode in [Mode::TwoPhase, Mode::Tcc, Mode::Saga] {
+    for mode in [Mode::TwoPhase, Mode::Tcc, Mode::Saga, Mode::Msg] {
         let report = tandem_cli::demo::run(tandem_cli::demo::DemoOptions {
             mode,
             transfers: 120,

@@ -59,8 +59,8 @@ impl FloorParts {
     /// The floor of one transaction of this shape, microseconds: the
     /// client calls and participant rounds that must follow one another,
     /// plus its syncs (the forced decision; a saga's forced start too).
-    pub fn floor_us(&self, interactive: bool, branches: usize, saga: bool) -> f64 {
-        let (client_calls, participant_rounds, syncs) = sequence(interactive, branches, saga);
+    pub fn floor_us(&self, interactive: bool, branches: usize, mode: &str) -> f64 {
+        let (client_calls, participant_rounds, syncs) = sequence(interactive, branches, mode);
         client_calls as f64 * self.client_rtt_us
             + participant_rounds as f64 * self.participant_rtt_us
             + syncs as f64 * self.fsync_us.unwrap_or(0.0)
@@ -69,14 +69,14 @@ impl FloorParts {
 
 /// The client calls, the participant rounds and the syncs of one
 /// transaction that follow one another (a round's calls go to the
-/// branches in parallel; a saga's actions one after another).
-pub fn sequence(interactive: bool, branches: usize, saga: bool) -> (usize, usize, usize) {
-    if interactive {
-        (2 + branches, branches + 1, 1) // begin, enlists, commit; phase 1 each, phase 2
-    } else if saga {
-        (1, branches + 1, 2) // submit; each action, the confirms; start and decision forced
-    } else {
-        (1, 2, 1) // submit; phase 1, phase 2
+/// branches in parallel; a saga's actions one after another). `mode` is
+/// the report's name of it (`2pc`, `tcc`, `saga`, `msg`).
+pub fn sequence(interactive: bool, branches: usize, mode: &str) -> (usize, usize, usize) {
+    match mode {
+        _ if interactive => (2 + branches, branches + 1, 1), // begin, enlists, commit; phase 1 each, phase 2
+        "saga" => (1, branches + 1, 2), // submit; each action, the confirms; start and decision forced
+        "msg" => (2, 1, 2), // prepare, submit; the deliveries; prepare and decision forced
+        _ => (1, 2, 1),     // submit; phase 1, phase 2
     }
 }
 
@@ -198,10 +198,10 @@ mod tests {
     #[test]
     fn one_shot_floor_is_one_client_call_two_participant_rounds_one_sync() {
         assert_eq!(
-            parts(Some(250.0)).floor_us(false, 2, false),
+            parts(Some(250.0)).floor_us(false, 2, "2pc"),
             200.0 + 300.0 + 250.0
         );
-        assert_eq!(parts(Some(250.0)).floor_us(false, 5, false), 750.0);
+        assert_eq!(parts(Some(250.0)).floor_us(false, 5, "2pc"), 750.0);
     }
 
     // Interactive: Begin, each Enlist (with its phase 1) and Commit follow
@@ -210,7 +210,7 @@ mod tests {
     fn interactive_floor_counts_each_client_call_and_each_enlist() {
         // 4 client calls, 3 participant rounds, 1 sync.
         assert_eq!(
-            parts(Some(250.0)).floor_us(true, 2, false),
+            parts(Some(250.0)).floor_us(true, 2, "2pc"),
             4.0 * 200.0 + 3.0 * 150.0 + 250.0
         );
     }
@@ -218,7 +218,7 @@ mod tests {
     // Without a measured sync (PostgreSQL store) the floor leaves it out.
     #[test]
     fn floor_without_a_measured_sync_leaves_it_out() {
-        assert_eq!(parts(None).floor_us(false, 2, false), 500.0);
+        assert_eq!(parts(None).floor_us(false, 2, "2pc"), 500.0);
     }
 
     #[test]

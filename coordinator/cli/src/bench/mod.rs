@@ -50,7 +50,9 @@ use tandem_sdk::{Branch, ClientOptions, Mode, TransactionClient};
 use tonic::transport::Channel;
 
 pub use observe::ScrapeStats;
-pub use participant::{RESOURCE_2PC, RESOURCE_TCC, serve as serve_participant};
+pub use participant::{
+    RESOURCE_2PC, RESOURCE_CHECK, RESOURCE_MSG, RESOURCE_TCC, serve as serve_participant,
+};
 pub use report::{Floor, Recovery, Report, RunStats};
 
 use coordinators::*;
@@ -141,6 +143,9 @@ impl BenchOptions {
     /// RPCs one transaction costs: the client's calls and the
     /// coordinator's two calls per branch.
     pub fn rpcs_per_transaction(&self) -> usize {
+        if self.mode == Mode::Msg {
+            return 2 + self.branches; // prepare, submit; a delivery per branch
+        }
         let client = if self.interactive {
             2 + self.branches // begin, enlist × branches, commit
         } else {

@@ -1,6 +1,8 @@
 //! `tandem bench-participant`: a no-op participant process for the bench.
 //! It serves resource `noop` for 2PC and `noop-tcc` for TCC (always yes,
-//! counting calls), plus the `BenchParticipant` service: an echo for the
+//! counting calls; a saga's steps use `noop-tcc` too), `noop-msg` for
+//! message deliveries (counted as commits) and `noop-check` for the
+//! back-check of a message (always committed), plus the `BenchParticipant` service: an echo for the
 //! RPC floor, counters for verification, and a switch that makes phase 2
 //! fail (to pile up transactions for the recovery measurement).
 
@@ -13,7 +15,9 @@ use tandem_proto::bench::v1 as pb;
 use tandem_proto::bench::v1::bench_participant_server::{BenchParticipant, BenchParticipantServer};
 use tandem_sdk::barrier::Retention;
 use tandem_sdk::security::{AccessList, ServerTls, ServerTlsFiles};
-use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Tcc, TwoPhase, Vote};
+use tandem_sdk::{
+    BranchContext, HandlerError, Message, MessageCheck, ParticipantServer, Tcc, TwoPhase, Vote,
+};
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
@@ -21,6 +25,10 @@ use tonic::{Request, Response, Status};
 pub const RESOURCE_2PC: &str = "noop";
 /// The bench's TCC resource.
 pub const RESOURCE_TCC: &str = "noop-tcc";
+/// The bench's message deliveries.
+pub const RESOURCE_MSG: &str = "noop-msg";
+/// The bench's back-check (a bench message is always submitted).
+pub const RESOURCE_CHECK: &str = "noop-check";
 
 #[derive(Default)]
 struct Counters {
@@ -79,6 +87,18 @@ impl Tcc for Noop {
     }
 }
 
+impl Message for Noop {
+    async fn deliver(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.0.phase_two(&self.0.commits)
+    }
+}
+
+impl MessageCheck for Noop {
+    async fn check(&self, _: &BranchContext, _: &[u8]) -> Result<bool, HandlerError> {
+        Ok(true)
+    }
+}
+
 struct BenchService(Arc<Counters>);
 
 #[tonic::async_trait]
@@ -122,7 +142,9 @@ pub async fn serve(listen: SocketAddr, secure_dir: Option<&std::path::Path>) -> 
     // barrier does its real work while memory stays flat in long runs.
     let mut participant = ParticipantServer::new()
         .two_phase(RESOURCE_2PC, noop.clone())
-        .tcc(RESOURCE_TCC, noop);
+        .tcc(RESOURCE_TCC, noop.clone())
+        .message(RESOURCE_MSG, noop.clone())
+        .check(RESOURCE_CHECK, noop);
     // --secure: TLS with the coordinator's certificate required, and only
     // the coordinator obeyed (development files of `tandem certs dev`).
     let tls = match secure_dir {

@@ -157,14 +157,15 @@ impl Report {
     ) -> Report {
         let tx_per_s = run.committed as f64 / run.elapsed.as_secs_f64().max(1e-9);
         let rpcs = options.rpcs_per_transaction();
-        let saga = options.mode == Mode::Saga;
-        let p50_floor_us = floor_parts.floor_us(options.interactive, options.branches, saga);
+        let mode = match options.mode {
+            Mode::TwoPhase => "2pc",
+            Mode::Tcc => "tcc",
+            Mode::Saga => "saga",
+            Mode::Msg => "msg",
+        };
+        let p50_floor_us = floor_parts.floor_us(options.interactive, options.branches, mode);
         Report {
-            mode: match options.mode {
-                Mode::TwoPhase => "2pc",
-                Mode::Tcc => "tcc",
-                Mode::Saga => "saga",
-            },
+            mode,
             branches: options.branches,
             concurrency: options.concurrency,
             interactive: options.interactive,
@@ -298,13 +299,14 @@ impl fmt::Display for Report {
         }
         let p = &self.floor_parts;
         let sync = match (p.fsync_us, self.store) {
-            (Some(us), _) if self.mode == "saga" => format!(" + 2 × fdatasync {:.3}", us / 1000.0),
+            (Some(us), _) if matches!(self.mode, "saga" | "msg") => {
+                format!(" + 2 × fdatasync {:.3}", us / 1000.0)
+            }
             (Some(us), _) => format!(" + fdatasync {:.3}", us / 1000.0),
             (None, "postgres") => " (the store's commit left out)".to_string(),
             (None, _) => " (the sync left out: the bench did not start the coordinator)".into(),
         };
-        let (calls, rounds, _) =
-            floor::sequence(self.interactive, self.branches, self.mode == "saga");
+        let (calls, rounds, _) = floor::sequence(self.interactive, self.branches, self.mode);
         writeln!(
             f,
             "  p50 floor    {:.3} ms = {calls} × client RTT {:.3} + {rounds} × participant RTT \

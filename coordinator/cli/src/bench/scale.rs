@@ -134,6 +134,7 @@ fn mode_of(options: &BenchOptions) -> tandem_coordinator::model::Mode {
         Mode::TwoPhase => tandem_coordinator::model::Mode::TwoPhase,
         Mode::Tcc => tandem_coordinator::model::Mode::Tcc,
         Mode::Saga => tandem_coordinator::model::Mode::Saga,
+        Mode::Msg => tandem_coordinator::model::Mode::Msg,
     }
 }
 

@@ -92,6 +92,7 @@ pub(super) fn branches(urls: &[String], options: &BenchOptions, i: u64) -> Vec<B
         // A saga step is called as a TCC branch is (try, confirm,
         // cancel): the same counting handler serves it.
         Mode::Tcc | Mode::Saga => RESOURCE_TCC,
+        Mode::Msg => RESOURCE_MSG,
     };
     let payload = Bytes::from(vec![b'x'; options.payload]);
     (0..options.branches)
@@ -115,6 +116,14 @@ pub(super) async fn one(
     } else {
         client
     };
+    if options.mode == Mode::Msg {
+        // The check is never asked: every message is submitted at once.
+        let check = Branch::new(branches[0].endpoint.clone(), RESOURCE_CHECK, Bytes::new());
+        let gtid = client
+            .prepare_message(tandem_sdk::Gtid::now_v7(), check, branches, None)
+            .await?;
+        return Ok(client.submit_message(gtid).await?.complete);
+    }
     if !options.interactive {
         return Ok(client.submit(options.mode, branches).await?.complete);
     }

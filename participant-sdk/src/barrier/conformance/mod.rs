@@ -26,10 +26,12 @@
 //! Durability across a reopen is store-specific; test it next to the store.
 //! Failures panic with the rule that broke.
 
+mod delivery;
 mod shared;
 
 use std::time::Duration;
 
+pub use delivery::a_delivery_runs_once_until_it_succeeds;
 pub use shared::{
     a_branch_is_held_by_one_handle_at_a_time, other_branches_do_not_wait_across_handles,
     racing_calls_through_the_gate_run_one_at_a_time, run_shared,
@@ -50,6 +52,7 @@ pub async fn run_all<S: BarrierStore>(make: impl Fn() -> S) {
     nothing_remains_of_finished_branches(&make()).await;
     the_epoch_is_read_back(&make()).await;
     a_repeated_try_leaves_the_first_hold_to_its_cancel(&make()).await;
+    a_delivery_runs_once_until_it_succeeds(&make()).await;
 }
 
 /// Rule, through the barrier gate: a repeated try of a branch whose first
@@ -107,7 +110,7 @@ pub async fn a_repeated_try_leaves_the_first_hold_to_its_cancel(store: &dyn Barr
         ran_cancel.fetch_add(1, SeqCst);
         Ok(())
     });
-    let cancelled = gate::phase_two(store, &ctx(Phase::Cancel), "cancel", cancel).await;
+    let cancelled = gate::phase_two(store, &ctx(Phase::Cancel), b"pay", "cancel", cancel).await;
     cancelled.result.expect("cancel");
     assert_eq!(cancelled.passage, Passage::Ran);
     assert_eq!(ran.load(SeqCst), 2, "the cancel reached the handler");

@@ -106,7 +106,7 @@ fn ctx(k: crate::barrier::BranchKey, phase: Phase) -> BranchContext {
 /// is UNAVAILABLE.
 async fn phase_two(store: &dyn BarrierStore, branch: &Arc<Branch>, cx: &BranchContext, hold: i64) {
     for _ in 0..100 {
-        let gated = gate::phase_two(store, cx, "call", branch.call(hold, ())).await;
+        let gated = gate::phase_two(store, cx, b"pay", "call", branch.call(hold, ())).await;
         match gated.result {
             Ok(()) => return,
             Err(s) if s.code() == tonic::Code::Unavailable => {
@@ -123,7 +123,8 @@ async fn phase_two(store: &dyn BarrierStore, branch: &Arc<Branch>, cx: &BranchCo
 /// table says. Two confirms of a tried branch run it once; a try and a
 /// cancel of a fresh branch either both run (the cancel releases what the
 /// try holds) or neither does (an empty cancel, then a refused hanging
-/// try); two tries run it once.
+/// try); two tries run it once; two first deliveries of a message run it
+/// once.
 pub async fn racing_calls_through_the_gate_run_one_at_a_time(
     a: &dyn BarrierStore,
     b: &dyn BarrierStore,
@@ -186,5 +187,21 @@ pub async fn racing_calls_through_the_gate_run_one_at_a_time(
         let mut passages = [one.passage, two.passage];
         passages.sort_by_key(|p| *p != Passage::Ran);
         assert_eq!(passages, [Passage::Ran, Passage::RepeatedTry]);
+
+        // deliver ‖ deliver, on no record
+        let k = key(25, round);
+        let branch = Arc::new(Branch::default());
+        let deliver = ctx(k, Phase::Deliver);
+        tokio::join!(
+            phase_two(a, &branch, &deliver, 0),
+            phase_two(b, &branch, &deliver, 0)
+        );
+        assert_eq!(
+            branch.overlaps.load(SeqCst),
+            0,
+            "deliver ‖ deliver overlapped"
+        );
+        assert_eq!(branch.runs.load(SeqCst), 1, "deliver ‖ deliver: one run");
+        assert_eq!(super::mark_of(a, k).await, Some(Mark::Confirmed));
     }
 }

@@ -1,0 +1,153 @@
+//! Transactional messages in the request API: `PrepareMessage` records a
+//! message (forced) before the business service commits its local
+//! transaction, `SubmitMessage` decides its delivery once it has. The
+//! engine's side: `tandem_engine`'s `message` module; DESIGN.md
+//! "Transactional messages".
+
+use std::time::Duration;
+
+use super::starts::{Start, same_branches};
+use super::{Coordinator, Inner};
+use crate::engine::{Event, NewBranch, Txn};
+use crate::error::CoordError;
+use crate::labels::Label;
+use crate::model::{Gtid, Mode, TraceContext, TxState};
+
+impl Coordinator {
+    /// Records a transactional message: `check` (the business service's
+    /// back-check) becomes branch 1, `deliveries` branches 2, 3, …; the
+    /// record is durable when this returns. A repeat with the same gtid
+    /// and branches answers the same message. Undecided past `timeout`:
+    /// checked back.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidArgument` for a bad request (nothing recorded),
+    /// `AlreadyExists` when `gtid` names another transaction,
+    /// `Unavailable` when halted or draining.
+    pub async fn prepare_message(
+        &self,
+        gtid: Gtid,
+        check: NewBranch,
+        deliveries: Vec<NewBranch>,
+        timeout: Option<Duration>,
+        labels: Vec<Label>,
+        trace: Option<TraceContext>,
+    ) -> Result<Gtid, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        inner.check_draining()?;
+        let mut branches = vec![check];
+        branches.extend(deliveries);
+        inner.validate_message(&branches)?;
+        let deadline = inner.deadline(timeout)?;
+        let now = inner.now();
+        let (check, deliveries) = (branches[0].clone(), branches[1..].to_vec());
+        match inner
+            .start(gtid, true, || {
+                let (mut txn, cmds) =
+                    Txn::prepare_message(gtid, now, deadline, check.clone(), deliveries.clone());
+                txn.label(labels.clone());
+                (txn.with_trace(trace), cmds)
+            })
+            .await?
+        {
+            Start::New(entry, cmds) => {
+                if let Some(m) = &inner.metrics {
+                    m.started(Mode::Msg);
+                }
+                if let Err(e) = inner.log.write(entry.lock().record()) {
+                    inner.forget(&gtid);
+                    return Err(inner.halt(e));
+                }
+                inner.start_deadline_timer(&entry, deadline);
+                // The round forces the record: the reply says it is durable.
+                let round = inner.spawn_round(&entry, cmds);
+                inner.publish_then(gtid, round).await?;
+            }
+            Start::Live(entry) => {
+                same_branches(&entry.lock().visible_record(), Mode::Msg, &branches)?;
+                inner.published(gtid).await?;
+            }
+            Start::Stored(rec) => same_branches(&rec, Mode::Msg, &branches)?,
+        }
+        Ok(gtid)
+    }
+
+    /// The message's local transaction committed: decides delivery
+    /// (forced), delivers, and returns COMMITTED, or COMMITTING while some
+    /// delivery is being retried. A repeat answers the same.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound`, `WrongState` (dropped, or not a message),
+    /// `Unavailable`.
+    pub async fn submit_message(&self, gtid: Gtid) -> Result<TxState, CoordError> {
+        let inner = &self.inner;
+        inner.check_halted()?;
+        let entry = match inner.find_for_request(&gtid).await? {
+            Some(entry) => entry,
+            // Checked back in vain (STUCK, undecided): the client's word
+            // decides it now.
+            None => match inner.adopt_stuck(gtid)? {
+                Some(entry) => entry,
+                None => return message_state(inner, gtid),
+            },
+        };
+        if entry.lock().record().mode != Mode::Msg {
+            return Err(not_a_message(gtid));
+        }
+        let cmds = inner.step_request(&entry, Event::Commit).await?;
+        inner.spawn_round(&entry, cmds).await?;
+        inner
+            .wait_for(&entry, |t| t.durable_decision().is_some())
+            .await?;
+        let txn = entry.lock();
+        Ok(super::requests::reported_state(&txn.visible_record()))
+    }
+}
+
+/// A finished message's answer to a repeated Submit.
+fn message_state(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
+    let rec = inner.settled(gtid, Event::Commit)?;
+    if rec.mode != Mode::Msg {
+        return Err(not_a_message(gtid));
+    }
+    Ok(super::requests::reported_state(&rec))
+}
+
+fn not_a_message(gtid: Gtid) -> CoordError {
+    CoordError::InvalidArgument(format!(
+        "transaction {gtid} is not a message (SubmitMessage submits what PrepareMessage prepared)"
+    ))
+}
+
+impl Inner {
+    /// A message's branches: the check and at least one delivery, each a
+    /// valid branch of no other mode and no order.
+    fn validate_message(&self, branches: &[NewBranch]) -> Result<(), CoordError> {
+        let invalid = |m: String| Err(CoordError::InvalidArgument(m));
+        if branches.len() < 2 {
+            return invalid("a message needs at least one delivery".into());
+        }
+        if branches.len() > self.config.max_branches {
+            return invalid(format!(
+                "{} branches with the check; at most {}",
+                branches.len(),
+                self.config.max_branches
+            ));
+        }
+        for b in branches {
+            self.validate_branch(b)?;
+            if b.mode.is_some_and(|m| m != Mode::Msg) {
+                return invalid(
+                    "a message's branches are message branches (mode unset or MODE_MSG)".into(),
+                );
+            }
+            if !b.after.is_empty() {
+                return invalid("only a saga's steps name steps to run after".into());
+            }
+        }
+        Ok(())
+    }
+}
