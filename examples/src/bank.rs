@@ -10,9 +10,11 @@
 //! of commit or rollback, so the bank stays right even without it.
 //!
 //! As a saga step, a leg moves the money at once (a debit the account
-//! cannot cover says no) and its compensation moves it back. That one
-//! relies on the barrier: it keeps a repeated action or compensation from
-//! running twice and a compensation without its action from running.
+//! cannot cover says no) and is recorded as the step; its compensation
+//! moves back what that record says. An action run again (a forward
+//! retry) finds the record and moves nothing twice; the barrier keeps a
+//! repeated compensation from running twice and refuses an action that
+//! arrives after its compensation.
 //!
 //! As a transactional message, the bank is both ends. The business side:
 //! [`Bank::local_debit`] takes a debit in the bank's own "local
@@ -119,6 +121,8 @@ struct Ledger {
     held: HashMap<(Gtid, u32), Leg>,
     /// Sum of held debits per account.
     reserved: HashMap<String, i64>,
+    /// Saga steps done and not yet compensated or completed.
+    steps: HashMap<(Gtid, u32), Leg>,
     /// Transactional messages this bank prepared: whether its local
     /// transaction committed (`false`: a back-check found none, and none
     /// may commit later).
@@ -217,25 +221,36 @@ impl Bank {
         Vote::yes()
     }
 
-    /// Moves a leg's money now (a saga step's action).
-    fn move_now(&self, payload: &[u8]) -> Vote {
+    /// Moves a leg's money now (a saga step's action, or a message's
+    /// delivery). A step's is recorded under `key`, so that a repeat (a
+    /// forward retry) moves nothing twice and the compensation moves back
+    /// exactly that.
+    fn move_now(&self, key: Option<(Gtid, u32)>, payload: &[u8]) -> Vote {
         let leg = match Leg::decode(payload) {
             Ok(leg) => leg,
             Err(e) => return Vote::no(e),
         };
         let mut l = self.ledger();
+        if key.is_some_and(|k| l.steps.contains_key(&k)) {
+            return Vote::yes();
+        }
         if let Some(no) = l.refusal(&leg) {
             return no;
         }
-        *l.balances.entry(leg.account).or_default() += leg.delta;
+        *l.balances.entry(leg.account.clone()).or_default() += leg.delta;
+        if let Some(k) = key {
+            l.steps.insert(k, leg);
+        }
         Vote::yes()
     }
 
-    /// Moves a leg's money back (a saga step's compensation).
-    fn move_back(&self, payload: &[u8]) -> Result<(), HandlerError> {
-        let leg = Leg::decode(payload).map_err(HandlerError::permanent)?;
-        *self.ledger().balances.entry(leg.account).or_default() -= leg.delta;
-        Ok(())
+    /// Moves back what a saga step's action moved, if it did (a saga
+    /// step's compensation).
+    fn move_back(&self, key: (Gtid, u32)) {
+        let mut l = self.ledger();
+        if let Some(leg) = l.steps.remove(&key) {
+            *l.balances.entry(leg.account).or_default() -= leg.delta;
+        }
     }
 
     /// Applies a frozen leg.
@@ -297,12 +312,18 @@ impl Tcc for Bank {
 
 /// Saga: the action moves the money, the compensation moves it back.
 impl Saga for Bank {
-    async fn action(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
-        Ok(self.move_now(payload))
+    async fn action(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        Ok(self.move_now(Some((ctx.gtid, ctx.branch_id)), payload))
     }
 
-    async fn compensate(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
-        self.move_back(payload)
+    async fn compensate(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.move_back((ctx.gtid, ctx.branch_id));
+        Ok(())
+    }
+
+    async fn complete(&self, ctx: &BranchContext, _payload: &[u8]) -> Result<(), HandlerError> {
+        self.ledger().steps.remove(&(ctx.gtid, ctx.branch_id));
+        Ok(())
     }
 }
 
@@ -310,7 +331,7 @@ impl Saga for Bank {
 /// that does not fit is retried, so messages carry credits).
 impl Message for Bank {
     async fn deliver(&self, _ctx: &BranchContext, payload: &[u8]) -> Result<(), HandlerError> {
-        match self.move_now(payload) {
+        match self.move_now(None, payload) {
             Vote::Yes { .. } => Ok(()),
             Vote::No { reason } => Err(HandlerError::permanent(reason)),
         }

@@ -304,7 +304,8 @@ impl Tcc for PgBank {
 }
 
 /// Saga: a leg moves the money at once (a debit the account cannot cover
-/// says no) and records the step in `bank_saga_steps`; the compensation
+/// says no) and records the step in `bank_saga_steps` (an action run
+/// again finds it, and moves nothing twice); the compensation
 /// moves back what that row says, and removes it (the barrier's TRIED
 /// row is written before the action runs, so only this row proves the
 /// action committed); each in one transaction with its barrier record.
@@ -315,6 +316,18 @@ impl Saga for PgBank {
             Err(no) => return Ok(no),
         };
         let tx = self.barrier.begin(ctx).await?;
+        // Run again (a forward retry after a failure or a lost answer):
+        // the step row says whether the first run committed.
+        let done = tx
+            .query_opt(
+                "SELECT 1 FROM bank_saga_steps WHERE gtid = $1 AND branch_id = $2",
+                &[&ctx.gtid, &(ctx.branch_id as i64)],
+            )
+            .await?;
+        if done.is_some() {
+            tx.rollback().await?;
+            return Ok(Vote::yes());
+        }
         let ok = tx
             .execute(
                 "UPDATE bank_accounts SET balance = balance + $2

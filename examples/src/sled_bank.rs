@@ -137,19 +137,25 @@ impl SledBank {
     }
 
     /// A saga step's action: moves the leg's money now and records the
-    /// step, in the barrier's transaction.
+    /// step, in the barrier's transaction; run again, it finds the record
+    /// and moves nothing.
     fn move_now(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
         let leg = match Leg::decode(payload) {
             Ok(leg) => leg,
             Err(e) => return Ok(Vote::no(e)),
         };
+        let key = step_key(ctx);
         self.barrier.transaction(ctx, &self.accounts, |t| {
+            // Run again (a forward retry): the step's record says it is done.
+            if t.get(key.as_str())?.is_some() {
+                return Ok(Vote::yes());
+            }
             if let Some(no) = refusal(t, &leg)? {
                 return Ok(no);
             }
             let bal = format!("bal:{}", leg.account);
             write(t, &bal, read(t, &bal)? + leg.delta)?;
-            t.insert(step_key(ctx).as_str(), leg.encode().as_ref())?;
+            t.insert(key.as_str(), leg.encode().as_ref())?;
             Ok(Vote::yes())
         })
     }

@@ -296,10 +296,15 @@ pub trait Tcc: Send + Sync + 'static {
 /// The coordinator calls `action` once the steps before it are done, and
 /// `compensate` when the saga fails after (or while) the action ran:
 /// newest step first, and only the coordinator does (in-doubt resolution
-/// never compensates a saga step: it would break that order). Behind the barrier, a repeated action or
-/// compensation runs once, a compensation that arrives before its action
-/// is recorded without calling `compensate` (nothing to undo), and the
-/// late action is then refused. On the wire an action is a `Try`, a
+/// never compensates a saga step: it would break that order). An action
+/// that failed with an error that may pass (not a no, not
+/// [`HandlerError::permanent`]), or whose answer was lost, is called
+/// again (forward retry, with backoff, until the saga's deadline): keep
+/// what the action did in its own transaction (with the barrier's store)
+/// and answer a repeat from that, doing nothing twice. Behind the
+/// barrier, a repeated compensation runs once, a compensation that
+/// arrives before its action is recorded without calling `compensate`
+/// (nothing to undo), and the late action is then refused. On the wire an action is a `Try`, a
 /// compensation a `Cancel`, and a finished saga closes each step with a
 /// `Confirm` that needs no handler.
 ///
@@ -318,7 +323,10 @@ pub trait Tcc: Send + Sync + 'static {
 /// }
 /// ```
 pub trait Saga: Send + Sync + 'static {
-    /// Do the step and commit it. A no must leave nothing done.
+    /// Do the step and commit it. A no must leave nothing done; a
+    /// permanent error ends the saga (compensated); any other error is
+    /// retried. Called again for the same step (a retry), answer from what
+    /// the first run committed, if it did.
     fn action(
         &self,
         ctx: &BranchContext,

@@ -74,6 +74,9 @@ pub struct Script {
     pub prepare_delay: Duration,
     /// Fail prepare / try with this error (after doing nothing).
     pub fail_phase_one: Option<String>,
+    /// Fail this many prepare / try calls first (after doing nothing),
+    /// with an error that may pass.
+    pub phase_one_failures: AtomicU32,
     /// Sleep this long in each commit / rollback call.
     pub phase_two_delay: Duration,
     /// Fail this many commit / rollback calls before succeeding.
@@ -188,6 +191,15 @@ impl Scripted {
         self.prepares.fetch_add(1, Ordering::SeqCst);
         if !self.script.prepare_delay.is_zero() {
             tokio::time::sleep(self.script.prepare_delay).await;
+        }
+        if self
+            .script
+            .phase_one_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.note("prepare-failed");
+            return Err(HandlerError::new(format!("{} is briefly down", self.name)));
         }
         self.note("prepare");
         if let Some(error) = &self.script.fail_phase_one {

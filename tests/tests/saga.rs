@@ -146,8 +146,9 @@ async fn a_failed_step_compensates_the_steps_before_it_newest_first() {
     assert_eq!(states(&info), vec![pb::BranchState::Cancelled; 4]);
 }
 
-// Step 2's action outlives its call (the call times out, the action then
-// completes): it is compensated, before step 1, each once.
+// Step 2's action outlives its call every time (the call times out, the
+// action then completes): retried forward until the saga's deadline, then
+// it is compensated, before step 1, each once.
 #[tokio::test]
 async fn a_timed_out_action_that_ran_late_is_compensated_first() {
     let (coord, _dir) = coordinator().await;
@@ -159,10 +160,14 @@ async fn a_timed_out_action_that_ran_late_is_compensated_first() {
     let (steps, running) = steps(&journal, vec![Script::default(), late]).await;
     let client = client(&coord).await;
     let err = client
-        .submit(Mode::Saga, branches(&running))
+        .submit_with_timeout(Mode::Saga, branches(&running), Some(Duration::from_secs(2)))
         .await
         .expect_err("aborts");
     assert!(matches!(err, Error::Aborted { .. }), "{err:?}");
+    assert!(
+        steps[1].prepares.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the action was retried forward"
+    );
     eventually("both compensated", || {
         steps[0].counts().2 == 1 && steps[1].counts().2 == 1
     })
@@ -406,5 +411,37 @@ async fn a_repeated_saga_submit_with_another_order_is_refused() {
     assert!(format!("{err}").contains("already exists"), "{err}");
     for s in &steps {
         assert_eq!(s.counts().0, 1, "each step ran once");
+    }
+}
+
+// Step 2's action fails twice with an error that may pass (its service
+// is briefly down): it is retried forward with backoff, the third call
+// goes through, and the saga commits with nothing compensated.
+#[tokio::test]
+async fn a_failing_action_is_retried_forward_and_the_saga_commits() {
+    let (coord, _dir) = coordinator().await;
+    let journal = Journal::default();
+    let flaky = Script {
+        phase_one_failures: std::sync::atomic::AtomicU32::new(2),
+        ..Script::default()
+    };
+    let (steps, running) = steps(&journal, vec![Script::default(), flaky]).await;
+    let client = client(&coord).await;
+    let done = client
+        .submit(Mode::Saga, branches(&running))
+        .await
+        .expect("commits");
+    assert_eq!(
+        journal.entries(),
+        vec![
+            "prepare:s1",
+            "prepare-failed:s2",
+            "prepare-failed:s2",
+            "prepare:s2"
+        ]
+    );
+    reaches(&client, done.gtid, pb::TxState::Committed).await;
+    for s in &steps {
+        assert_eq!(s.counts().2, 0, "nothing compensated");
     }
 }

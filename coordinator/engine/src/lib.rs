@@ -61,6 +61,8 @@ pub struct Txn {
     undecided: TxState,
     /// Branches whose phase-1 call has not returned.
     phase_one: BTreeSet<BranchId>,
+    /// Saga steps whose failed action waits for its forward retry.
+    forward: BTreeSet<BranchId>,
     /// Branches with a phase-2 call in flight or a retry scheduled.
     phase_two: BTreeSet<BranchId>,
     /// The subset of `phase_two` waiting for a scheduled retry.
@@ -203,6 +205,7 @@ impl Txn {
             rec,
             durable: false,
             phase_one: BTreeSet::new(),
+            forward: BTreeSet::new(),
             phase_two: BTreeSet::new(),
             waiting: BTreeSet::new(),
             parked: BTreeSet::new(),
@@ -332,6 +335,9 @@ impl Txn {
                 if self.is_message() && branch == LOCAL_BRANCH && !self.rec.state.is_decided() =>
             {
                 Ok(self.check_due(now))
+            }
+            Event::RetryDue { branch } if self.forward.contains(&branch) => {
+                Ok(self.action_due(branch, now))
             }
             Event::RetryDue { branch } => {
                 let mut cmds = Vec::new();

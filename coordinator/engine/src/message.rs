@@ -106,6 +106,11 @@ impl Txn {
         {
             return Vec::new();
         }
+        if !self.failures.contains_key(&LOCAL_BRANCH) {
+            // The checks' retry budget starts with the first of them, not
+            // at the prepare (a message may wait hours for its Submit).
+            self.budget_start = now;
+        }
         self.phase_one.insert(LOCAL_BRANCH);
         if let Some(b) = self.rec.branch_mut(LOCAL_BRANCH) {
             b.attempts += 1;
@@ -137,7 +142,9 @@ impl Txn {
             }
             // Not known: the local transaction may still commit, or may
             // have; only an answer decides.
-            Vote::Failed(error) | Vote::NotRun(error) => self.check_failed(error, now),
+            Vote::Failed(error) | Vote::Permanent(error) | Vote::NotRun(error) => {
+                self.check_failed(error, now)
+            }
         }
     }
 

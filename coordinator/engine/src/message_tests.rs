@@ -351,3 +351,30 @@ fn an_operator_retry_checks_back_now_not_at_the_next_backoff() {
     let cmds = checked(&mut t, Vote::Yes(Bytes::new()), DEADLINE + 2);
     deliver_all(&mut t, cmds, DEADLINE + 2);
 }
+
+#[test]
+fn an_operator_retry_within_the_deadline_is_refused_not_an_early_check() {
+    let mut t = message(1);
+    assert!(t.handle(Event::OperatorRetry, NOW + 1).is_err());
+    assert_eq!(t.record().state, TxState::Preparing);
+}
+
+// A message that waited longer than the retry policy's window for its
+// Submit still gets its checks retried: the budget starts at the first.
+#[test]
+fn the_checks_budget_starts_at_the_first_check_not_at_the_prepare() {
+    let policy = RetryPolicy {
+        max_duration: Some(std::time::Duration::from_secs(2)),
+        ..RetryPolicy::default()
+    };
+    let mut t = message(1).with_policy(policy);
+    let late = DEADLINE + 3_600_000;
+    on(&mut t, Event::DeadlinePassed, late);
+    let cmds = checked(&mut t, Vote::Failed("lock timeout".into()), late);
+    assert!(
+        cmds.iter()
+            .any(|c| matches!(c, Command::RetryLater { branch: 1, .. })),
+        "{cmds:?}"
+    );
+    assert_eq!(t.record().state, TxState::Preparing);
+}

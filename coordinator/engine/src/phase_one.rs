@@ -80,6 +80,15 @@ impl Txn {
         if !self.phase_one.remove(&id) {
             return Vec::new(); // not ours or already answered
         }
+        if self.is_saga()
+            && self.rec.state == TxState::Preparing
+            && now < self.rec.deadline_ms
+            && let Vote::Failed(error) | Vote::NotRun(error) = &vote
+        {
+            // A retriable failure of a saga's action: forward again.
+            let may_have_run = matches!(vote, Vote::Failed(_));
+            return self.retry_action(id, error.clone(), may_have_run, now);
+        }
         let Some(b) = self.rec.branch_mut(id) else {
             return Vec::new();
         };
@@ -113,7 +122,7 @@ impl Txn {
                     &error,
                 ))
             }
-            Vote::Failed(error) => {
+            Vote::Failed(error) | Vote::Permanent(error) => {
                 let error = cap_text(&error, MAX_STORED_TEXT);
                 b.state = BranchState::Failed;
                 b.last_error = error.clone();
@@ -250,6 +259,10 @@ impl Txn {
         self.rec.abort = Some(why);
         self.rec.updated_ms = now;
         self.budget_start = now;
+        // Phase 2's retry budgets start here (a saga action's forward
+        // retries, a message's checks counted failures before).
+        self.forward.clear();
+        self.failures.clear();
         self.settle_unstarted_steps(now);
         self.drop_message(now);
         if std::mem::take(&mut self.force_abort) {

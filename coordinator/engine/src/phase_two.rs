@@ -15,9 +15,23 @@ impl Txn {
     /// [`EngineError::DecisionPending`]): phase 2 starts when it is on
     /// disk, never before.
     pub(super) fn on_operator_retry(&mut self, now: u64) -> Result<Vec<Command>, EngineError> {
-        let undecided = matches!(self.rec.state, TxState::Preparing | TxState::Stuck);
-        if self.is_message() && undecided && self.rec.decision.is_none() {
-            return Ok(self.retry_check(now));
+        if self.is_message() && self.rec.decision.is_none() {
+            match self.rec.state {
+                TxState::Stuck => return Ok(self.retry_check(now)),
+                TxState::Preparing if now >= self.rec.deadline_ms => {
+                    return Ok(self.retry_check(now));
+                }
+                TxState::Preparing => {
+                    // Checking back early would drop a message whose local
+                    // transaction is still running (the check closes it).
+                    return Err(self.wrong_state(
+                        "retry",
+                        "; the message waits for its Submit until its deadline, and is checked \
+                         back then (abort it to drop it now)",
+                    ));
+                }
+                _ => {}
+            }
         }
         let mut cmds = vec![Command::Persist];
         match self.rec.state {

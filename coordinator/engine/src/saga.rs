@@ -66,6 +66,7 @@ impl Txn {
             .branches
             .iter()
             .filter(|b| b.state == BranchState::Registered && !self.phase_one.contains(&b.id))
+            .filter(|b| !self.forward.contains(&b.id))
             .filter(|b| b.after.iter().all(|d| done(d, &self.rec)))
             .map(|b| b.id)
             .collect();
@@ -86,6 +87,63 @@ impl Txn {
             cmds.push(Command::PhaseOne { branch: id });
         }
         cmds
+    }
+
+    /// A step's action failed in a way that may pass (an error, a timeout,
+    /// its participant unreachable): it is sent again after the retry
+    /// policy's backoff, until it answers or the saga's deadline aborts it
+    /// (then, if it may have run, it is compensated like any step that
+    /// ran). The error shows on the step meanwhile.
+    pub(crate) fn retry_action(
+        &mut self,
+        id: BranchId,
+        error: String,
+        may_have_run: bool,
+        now: u64,
+    ) -> Vec<Command> {
+        let gtid = self.rec.gtid;
+        self.rec.updated_ms = now;
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Vec::new();
+        };
+        if may_have_run {
+            b.state = BranchState::Failed;
+        }
+        b.last_error = crate::model::cap_text(
+            &format!("action failed, retried: {error}"),
+            crate::model::MAX_STORED_TEXT,
+        );
+        b.updated_ms = now;
+        let attempts = b.attempts;
+        let failures = self.failures.entry(id).or_default();
+        *failures += 1;
+        let delay = self
+            .policy
+            .delay(*failures, crate::phase_two::jitter(&gtid, id, attempts));
+        if let Some(b) = self.rec.branch_mut(id) {
+            b.next_attempt_ms = now + delay.as_millis() as u64;
+        }
+        self.forward.insert(id);
+        vec![Command::Persist, Command::RetryLater { branch: id, delay }]
+    }
+
+    /// A step's forward retry is due: its action goes out again, unless
+    /// the saga was decided meanwhile.
+    pub(crate) fn action_due(&mut self, id: BranchId, now: u64) -> Vec<Command> {
+        if !self.forward.remove(&id) || self.rec.state != TxState::Preparing {
+            return Vec::new();
+        }
+        if now >= self.rec.deadline_ms {
+            return self.abort(AbortInfo::new(AbortCause::Deadline, ""), now);
+        }
+        let Some(b) = self.rec.branch_mut(id) else {
+            return Vec::new();
+        };
+        b.attempts += 1;
+        b.next_attempt_ms = 0;
+        b.updated_ms = now;
+        self.phase_one.insert(id);
+        vec![Command::PhaseOne { branch: id }]
     }
 
     /// At an abort: steps whose action never went out are settled, when

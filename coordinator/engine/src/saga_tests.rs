@@ -363,9 +363,9 @@ fn a_graph_runs_each_step_once_the_steps_before_it_are_done() {
     assert_eq!(yes(&mut t, 4), vec![Command::ForceDecision]);
 }
 
-// Step 3 fails after its sibling 2 finished: 2 and 3 are compensated
-// (they depend on nothing still standing), then 1 once both are undone;
-// step 4 never ran.
+// Step 3 fails for good after its sibling 2 finished: 2 and 3 are
+// compensated (they depend on nothing still standing), then 1 once both
+// are undone; step 4 never ran.
 #[test]
 fn a_sibling_that_finished_is_compensated_when_the_other_fails() {
     let (mut t, _) = diamond();
@@ -375,7 +375,7 @@ fn a_sibling_that_finished_is_compensated_when_the_other_fails() {
         &mut t,
         Event::PhaseOne {
             branch: 3,
-            vote: Vote::Failed("timeout".into()),
+            vote: Vote::Permanent("card processor: account closed".into()),
         },
     );
     let mut first = phase_two(&cmds);
@@ -418,4 +418,124 @@ fn a_record_without_step_order_is_read_as_a_sequence() {
     let (mut t, cmds) = Txn::recover(rec, NOW);
     assert_eq!(phase_two(&cmds), vec![(3, false)]);
     assert_eq!(phase_two(&acked(&mut t, 3)), vec![(2, false)]);
+}
+
+fn retry_of(cmds: &[Command], branch: BranchId) -> Option<std::time::Duration> {
+    cmds.iter().find_map(|c| match c {
+        Command::RetryLater { branch: b, delay } if *b == branch => Some(*delay),
+        _ => None,
+    })
+}
+
+// An action that fails in a way that may pass (an error, a timeout) is
+// sent again after a backoff, not compensated; once it says yes the saga
+// goes on. The error shows on the step while it waits.
+#[test]
+fn a_failed_action_is_retried_forward_then_the_saga_goes_on() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    let cmds = on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 2,
+            vote: Vote::Failed("payments: 503".into()),
+        },
+    );
+    let delay = retry_of(&cmds, 2).expect("a forward retry");
+    assert!(phase_two(&cmds).is_empty(), "nothing compensated: {cmds:?}");
+    assert_eq!(t.record().state, TxState::Preparing);
+    let b = &t.record().branches[1];
+    assert_eq!(b.state, BranchState::Failed, "it may have run");
+    assert!(b.last_error.contains("503"), "{b:?}");
+    let later = NOW + delay.as_millis() as u64;
+    let cmds = t.handle(Event::RetryDue { branch: 2 }, later).expect("due");
+    assert_eq!(actions(&cmds), vec![2]);
+    let cmds = t
+        .handle(
+            Event::PhaseOne {
+                branch: 2,
+                vote: Vote::Yes(Bytes::new()),
+            },
+            later,
+        )
+        .expect("yes");
+    assert_eq!(cmds, vec![Command::ForceDecision]);
+}
+
+// A participant that cannot be reached is retried too (nothing ran
+// there); past the deadline the saga aborts: the unreached step is not
+// compensated, the steps before it are.
+#[test]
+fn an_unreachable_step_is_retried_until_the_deadline_then_the_saga_compensates() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    let cmds = on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 2,
+            vote: Vote::NotRun("connection refused".into()),
+        },
+    );
+    assert!(retry_of(&cmds, 2).is_some());
+    assert_eq!(t.record().branches[1].state, BranchState::Registered);
+    let cmds = t.handle(Event::DeadlinePassed, DEADLINE).expect("deadline");
+    assert_eq!(phase_two(&cmds), vec![(1, false)]);
+    assert_eq!(t.record().branches[1].state, BranchState::RolledBack);
+    // The retry's timer then finds nothing to do.
+    let cmds = t
+        .handle(Event::RetryDue { branch: 2 }, DEADLINE + 1)
+        .expect("late timer");
+    assert!(actions(&cmds).is_empty() && phase_two(&cmds).is_empty());
+}
+
+// A step that failed (it may have run) and is still failing at the
+// deadline is compensated, newest first, before the step before it.
+#[test]
+fn a_step_still_failing_at_the_deadline_is_compensated_first() {
+    let (mut t, _) = saga(3);
+    yes(&mut t, 1);
+    on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 2,
+            vote: Vote::Failed("timed out".into()),
+        },
+    );
+    let cmds = t.handle(Event::DeadlinePassed, DEADLINE).expect("deadline");
+    assert_eq!(phase_two(&cmds), vec![(2, false)]);
+    assert_eq!(
+        phase_two(
+            &t.handle(
+                Event::PhaseTwo {
+                    branch: 2,
+                    result: Ok(())
+                },
+                DEADLINE
+            )
+            .expect("ack")
+        ),
+        vec![(1, false)]
+    );
+    assert_eq!(
+        t.record().branches[2].state,
+        BranchState::RolledBack,
+        "3 never started"
+    );
+}
+
+// A failure the participant calls permanent is not retried: the saga
+// aborts and compensates at once.
+#[test]
+fn a_permanent_failure_is_not_retried() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    let cmds = on(
+        &mut t,
+        Event::PhaseOne {
+            branch: 2,
+            vote: Vote::Permanent("card expired".into()),
+        },
+    );
+    assert!(retry_of(&cmds, 2).is_none());
+    assert_eq!(phase_two(&cmds), vec![(2, false)]);
 }

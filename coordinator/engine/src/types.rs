@@ -108,6 +108,10 @@ pub enum Vote {
     No(String),
     /// The call failed or timed out; the participant may hold work.
     Failed(String),
+    /// The call failed and the participant says it never will succeed
+    /// (its `PERMANENT` answer); it may have run part of it. As `Failed`,
+    /// except that a saga does not retry the step's action.
+    Permanent(String),
     /// The call provably never ran at the participant (its connection was
     /// refused, the policy stopped it before dialling, or the participant
     /// does not implement the call): it holds nothing and needs no

@@ -311,6 +311,7 @@ impl Inner {
             Err(e) if matches!(e.kind, Failure::NotDelivered | Failure::Unimplemented) => {
                 Vote::NotRun(e.message)
             }
+            Err(e) if e.kind == Failure::Permanent => Vote::Permanent(e.message),
             Err(e) => Vote::Failed(e.message),
         };
         Event::PhaseOne { branch, vote }

@@ -67,6 +67,14 @@ impl Coordinator {
             }
             Start::Live(entry) => {
                 same_branches(&entry.lock().visible_record(), Mode::Msg, &branches)?;
+                // A repeat is answered once the first call's record is on
+                // disk too, never before: the business service commits its
+                // local transaction on this answer.
+                inner
+                    .log
+                    .force_txn(&gtid)
+                    .await
+                    .map_err(|e| inner.halt(e))?;
                 inner.published(gtid).await?;
             }
             Start::Stored(rec) => same_branches(&rec, Mode::Msg, &branches)?,
@@ -89,15 +97,24 @@ impl Coordinator {
             Some(entry) => entry,
             // Checked back in vain (STUCK, undecided): the client's word
             // decides it now.
-            None => match inner.adopt_stuck(gtid)? {
-                Some(entry) => entry,
-                None => return message_state(inner, gtid),
-            },
+            None => {
+                let rec = inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+                if rec.mode != Mode::Msg {
+                    return Err(not_a_message(gtid));
+                }
+                match inner.adopt_stuck(gtid)? {
+                    Some(entry) => entry,
+                    None => return message_state(inner, gtid),
+                }
+            }
         };
         if entry.lock().record().mode != Mode::Msg {
             return Err(not_a_message(gtid));
         }
-        let cmds = inner.step_request(&entry, Event::Commit).await?;
+        let stepped = inner.step_request(&entry, Event::Commit).await;
+        // A STUCK one left STUCK (decided already) is not driven from here.
+        inner.forget_if_stuck(&gtid, &entry);
+        let cmds = stepped?;
         inner.spawn_round(&entry, cmds).await?;
         inner
             .wait_for(&entry, |t| t.durable_decision().is_some())

@@ -232,7 +232,24 @@ pub(crate) async fn phase_one(
     call: BoxFuture<'_, Result<Vote, HandlerError>>,
 ) -> Gated<Vote> {
     let mut passage = Passage::Unavailable;
-    let result = gate_one(store, ctx, payload, verb, call, &mut passage).await;
+    let result = gate_one(store, ctx, payload, verb, call, false, &mut passage).await;
+    Gated { passage, result }
+}
+
+/// Runs a saga step's action through the barrier. Unlike a try, an action
+/// that started and did not say no (it failed, or its answer was lost) is
+/// run again when the coordinator retries it forward: a saga step's
+/// handler keeps what its action did and answers a repeat from that (the
+/// [`Saga`](crate::Saga) contract), so the repeat commits nothing twice.
+pub(crate) async fn saga_action(
+    store: &dyn BarrierStore,
+    ctx: &BranchContext,
+    payload: &[u8],
+    verb: &str,
+    call: BoxFuture<'_, Result<Vote, HandlerError>>,
+) -> Gated<Vote> {
+    let mut passage = Passage::Unavailable;
+    let result = gate_one(store, ctx, payload, verb, call, true, &mut passage).await;
     Gated { passage, result }
 }
 
@@ -242,6 +259,7 @@ async fn gate_one(
     payload: &[u8],
     verb: &str,
     call: BoxFuture<'_, Result<Vote, HandlerError>>,
+    repeatable: bool,
     passage: &mut Passage,
 ) -> Result<Vote, Status> {
     let mut entry = store.enter(ctx.key()).await.map_err(unavailable)?;
@@ -252,7 +270,10 @@ async fn gate_one(
     }
     let epoch = seen.max(ctx.epoch);
     let current = entry.record().map(|r| r.mark);
-    let step = decide(current, Phase::Try);
+    let step = match current {
+        Some(Mark::Tried) if repeatable => Step::Run,
+        _ => decide(current, Phase::Try),
+    };
     match &step {
         Step::Run => {}
         Step::Refuse(why) => {
@@ -267,14 +288,24 @@ async fn gate_one(
     // Stored before the handler runs: whatever the try does, a cancel that
     // follows will reach the handler. Resource and payload are kept so that
     // in-doubt resolution can finish the branch without the coordinator.
-    entry
-        .put_tried(&ctx.resource, payload, epoch)
-        .await
-        .map_err(unavailable)?;
+    // A saga action run again finds it there already.
+    if current.is_none() {
+        entry
+            .put_tried(&ctx.resource, payload, epoch)
+            .await
+            .map_err(unavailable)?;
+    }
     *passage = Passage::Ran;
-    let vote = call
-        .await
-        .map_err(|e| Status::internal(cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT)))?;
+    let vote = call.await.map_err(|e| {
+        let message = cap(&format!("{verb} failed: {e}"), MAX_STATUS_TEXT);
+        if e.permanent {
+            // Told apart from a failure that may pass (a saga's action is
+            // retried forward on those).
+            tandem_proto::rpc::permanent(message)
+        } else {
+            Status::internal(message)
+        }
+    })?;
     match vote {
         Vote::No { .. } => entry.put(Mark::Refused, epoch).await.map_err(unavailable)?,
         // The reservation must be as durable as the promise: a handler that

@@ -88,6 +88,10 @@ fn context(
     let gtid = Gtid::parse_str(&req.gtid).map_err(|e| {
         Status::invalid_argument(format!("gtid {:?} is not a UUID: {e}", cap(&req.gtid, 64)))
     })?;
+    if gtid.is_nil() {
+        // No coordinator makes it: a call for it is not one of theirs.
+        return Err(Status::invalid_argument("gtid is the nil UUID"));
+    }
     Ok(BranchContext {
         gtid,
         branch_id: req.branch_id,
@@ -306,14 +310,12 @@ impl PhaseOne {
                 if let Some(m) = &self.metrics {
                     call = m.time_handler(&self.ctx.resource, verb, call, metrics::vote_result);
                 }
-                let gated = barrier::gate::phase_one(
-                    self.barrier.as_ref(),
-                    &self.ctx,
-                    &self.payload,
-                    verb,
-                    call,
-                )
-                .await;
+                let (store, ctx, payload) = (self.barrier.as_ref(), &self.ctx, &self.payload);
+                let gated = if self.handler.is_saga() {
+                    barrier::gate::saga_action(store, ctx, payload, verb, call).await
+                } else {
+                    barrier::gate::phase_one(store, ctx, payload, verb, call).await
+                };
                 if let Some(m) = &self.metrics {
                     m.passed(&self.ctx.resource, verb, gated.passage);
                 }
