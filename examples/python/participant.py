@@ -241,6 +241,14 @@ class Bank:
         account, delta = parse_leg(payload)
         with self.transaction() as con:
             state, _ = self.record(con, gtid, branch_id)
+            if mode == "saga" and state == TRIED:
+                # A saga's action is retried forward after a failure or a
+                # lost answer ("Saga steps"): TRIED commits with the action
+                # here, so the first run committed; answer it again.
+                row = con.execute("SELECT delta FROM saga_steps WHERE gtid = ? AND branch_id = ?",
+                                  (gtid, branch_id)).fetchone()
+                if row is not None:
+                    return True, "", f"moved {row[0]:+d} on {account}".encode()
             if state is not None:
                 # §6: a duplicate (TRIED, REFUSED, CONFIRMED) or a suspended
                 # phase 1 arriving after its rollback (CANCELLED,
