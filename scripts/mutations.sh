@@ -87,6 +87,18 @@ mutations=(
   'coordinator/engine/src/phase_two.rs'
   's/let ids: Vec<BranchId> = if self\.is_saga\(\) && self\.rec\.state == TxState::Aborting \{/let ids: Vec<BranchId> = if false {/'
   'saga: every compensation goes out at once (not newest first, one at a time)'
+  'msg_presume_abort_on_recovery'
+  'coordinator/engine/src/lib.rs'
+  's/TxState::Preparing if txn\.is_message\(\) => txn\.recover_message\(now\),//'
+  'message: recovery (a restart, a takeover) presumes an undecided message aborted, though its local transaction may have committed'
+  'msg_failed_check_is_yes'
+  'coordinator/engine/src/message.rs'
+  's/(fn check_failed\(&mut self, error: String, now: u64\) -> Vec<Command> \{\n)/$1        let _ = error;\n        return self.local_committed(now);\n/'
+  'message: a back-check that failed (no answer) is taken as committed: delivered though the local transaction rolled back'
+  'msg_repeat_delivers_again'
+  'participant-sdk/src/barrier/gate.rs'
+  's/\(Phase::Deliver, Some\(Confirmed\)\) => Step::Skip \{ record: None \},/(Phase::Deliver, Some(Confirmed)) => Step::Run,/'
+  'message: the barrier runs a repeated delivery again (a lost reply, a duplicate, in-doubt resolution deliver twice)'
 )
 
 # Mutations the simulation reaches only rarely, and the test that catches

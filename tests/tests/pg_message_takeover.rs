@@ -96,9 +96,7 @@ async fn a_message_taken_over_is_checked_back_never_presumed_aborted() {
         .expect("start b");
     let state = |gtid: Gtid| b_log.get(&gtid).expect("read").map(|r| r.state);
     let started = std::time::Instant::now();
-    while !(state(ordered) == Some(TxState::Committed)
-        && state(silent) == Some(TxState::Aborted))
-    {
+    while !(state(ordered) == Some(TxState::Committed) && state(silent) == Some(TxState::Aborted)) {
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "not settled: {:?} {:?}",

@@ -1,8 +1,10 @@
 //! Clients: one-shot and interactive transactions of both protocols (and
-//! mixed ones), sent to a random instance, following `MOVED` redirects to
-//! the instance that owns the transaction, giving up at random points and
-//! asking again with their own gtid. Every outcome an instance tells them
-//! is recorded.
+//! mixed ones), sagas, and transactional messages (prepared, then a local
+//! transaction on the business database, then submitted, rolled back, or
+//! left to the back-check), sent to a random instance, following `MOVED`
+//! redirects to the instance that owns the transaction, giving up at
+//! random points and asking again with their own gtid. Every outcome an
+//! instance tells them is recorded.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,8 +18,8 @@ use tandem_coordinator::error::CoordError;
 use tandem_coordinator::model::{Gtid, Mode, TxState};
 
 use crate::net::SimNet;
-use crate::participants::{resource, resource_of};
-use crate::world::{PARTICIPANTS, World};
+use crate::participants::{CHECK_RESOURCE, DELIVERY_RESOURCE, resource, resource_of};
+use crate::world::{PARTICIPANTS, SentMessage, World};
 
 /// Awaits `fut`, or gives up after `cancel` (dropping it, as tonic drops a
 /// handler whose client went away).
@@ -96,6 +98,13 @@ fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
 
 pub async fn client(world: Arc<World>) {
     while world.clients_on.load(Ordering::SeqCst) {
+        // One transaction in six is a transactional message.
+        if world.draw(|r| r.chance(1.0 / 6.0)) {
+            message(&world).await;
+            let pause = world.draw(|r| r.ms(0, 300));
+            tokio::time::sleep(pause).await;
+            continue;
+        }
         let (mode, interactive, n, timeout) = world.draw(|r| {
             let mode = if r.chance(0.4) {
                 Mode::TwoPhase
@@ -220,6 +229,133 @@ async fn interactive_txn(
         let get = |coord: Coordinator| async move { coord.get(gtid) };
         if let Some((Ok(rec), by)) = routed(world, world.any(), get).await {
             world.answers.shown(&by, &rec);
+        }
+    }
+}
+
+/// What a message's client does once its message is prepared.
+#[derive(Clone, Copy, Debug)]
+enum Local {
+    /// Commits its local transaction, then submits the message.
+    CommitSubmit,
+    /// Commits its local transaction and dies before submitting: the
+    /// back-check must find the commit.
+    CommitDie,
+    /// Rolls its local transaction back, then rolls the message back.
+    RollbackRollback,
+    /// Rolls its local transaction back and says nothing: the back-check
+    /// must find no commit.
+    RollbackSilent,
+}
+
+/// A transactional message: prepare (the business service's back-check as
+/// branch 1, one to three deliveries), the local transaction on the
+/// business database (taking a while, sometimes past the deadline, when a
+/// back-check may close it first: then it fails), then one of [`Local`].
+async fn message(world: &Arc<World>) {
+    let (n, timeout, work, choice) = world.draw(|r| {
+        let timeout = r.ms(1000, 8000);
+        let n = 1 + r.below(3) as u32;
+        let work = Duration::from_millis(r.below(timeout.as_millis() as u64 * 3 / 2 + 1));
+        let choice = match r.below(10) {
+            0..=4 => Local::CommitSubmit,
+            5 | 6 => Local::CommitDie,
+            7 => Local::RollbackRollback,
+            _ => Local::RollbackSilent,
+        };
+        (n, timeout, work, choice)
+    });
+    let home = world.any();
+    let gtid = world.instance(home).clock.new_gtid();
+    let endpoint = || SimNet::endpoint(world.draw(|r| r.below(PARTICIPANTS as u64)) as usize);
+    let check = NewBranch {
+        endpoint: endpoint(),
+        resource: CHECK_RESOURCE.into(),
+        payload: Bytes::new(),
+        mode: None,
+        after: Vec::new(),
+    };
+    let deliveries: Vec<NewBranch> = (0..n)
+        .map(|i| NewBranch {
+            endpoint: endpoint(),
+            resource: DELIVERY_RESOURCE.into(),
+            payload: Bytes::from(vec![i as u8; 8]),
+            mode: None,
+            after: Vec::new(),
+        })
+        .collect();
+    world
+        .messages
+        .lock()
+        .unwrap()
+        .insert(gtid, SentMessage { deliveries: n });
+    // Prepared (durable) before anything local; a repeat with the same gtid
+    // answers the same message. No answer: the local transaction is never
+    // started (the back-check closes the gtid, if the message was kept).
+    let mut prepared = false;
+    for _ in 0..3 {
+        let prepare = |coord: Coordinator| {
+            let (check, deliveries) = (check.clone(), deliveries.clone());
+            async move {
+                coord
+                    .prepare_message(gtid, check, deliveries, Some(timeout), Vec::new(), None)
+                    .await
+            }
+        };
+        match routed(world, home, prepare).await {
+            Some((Ok(_), _)) => {
+                prepared = true;
+                break;
+            }
+            Some((Err(_), _)) => break,
+            None => {
+                let wait = world.draw(|r| r.ms(50, 1000));
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    if !prepared {
+        return;
+    }
+    tokio::time::sleep(work).await;
+    let commit = matches!(choice, Local::CommitSubmit | Local::CommitDie);
+    // The local commit fails if the database is down, or a back-check
+    // closed the gtid first: then it rolled back.
+    let committed = commit
+        && !world.orders.down(world.instance(home).clock.now_ms())
+        && world.orders.commit(gtid);
+    match (choice, committed) {
+        (Local::CommitDie, true) | (Local::RollbackSilent, _) => {}
+        (Local::CommitSubmit, true) => {
+            for _ in 0..3 {
+                let submit = |coord: Coordinator| async move { coord.submit_message(gtid).await };
+                match routed(world, world.any(), submit).await {
+                    Some((Ok(state), by)) => {
+                        if is_commit(state) {
+                            world.reported_commit(gtid, &by, "SubmitMessage");
+                        } else {
+                            world.answers.state(&by, gtid, state, "SubmitMessage");
+                        }
+                        return;
+                    }
+                    Some((Err(_), _)) => return,
+                    None => {} // gave up: submit again (a repeat answers the same)
+                }
+            }
+        }
+        // Rolled back (by choice, or the commit failed): half the time the
+        // client says so.
+        _ => {
+            if matches!(choice, Local::RollbackRollback) || world.draw(|r| r.chance(0.5)) {
+                let rollback = |coord: Coordinator| async move {
+                    coord
+                        .rollback(gtid, "local transaction rolled back".into())
+                        .await
+                };
+                if let Some((Ok(out), by)) = routed(world, home, rollback).await {
+                    world.answers.state(&by, gtid, out.state, "Rollback");
+                }
+            }
         }
     }
 }

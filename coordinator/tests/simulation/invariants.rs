@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use tandem_coordinator::model::{Decision, Gtid, TxState};
 use tandem_sdk::barrier::{BarrierStore, BranchKey, Mark};
 
-use crate::participants::Applied;
+use crate::participants::{Applied, Delivered};
 use crate::roles::rows;
 use crate::world::{Summary, World};
 
@@ -30,8 +30,17 @@ pub fn history(world: &World, gtid: &Gtid) -> String {
         .collect();
     let effects: Vec<Applied> = applied(world).remove(gtid).unwrap_or_default();
     let row = world.last_seen.lock().unwrap().get(gtid).cloned();
+    let message = world.messages.lock().unwrap().get(gtid).map(|m| {
+        format!(
+            "\n    message: {} deliveries, local transaction row {:?}, delivered {:?}",
+            m.deliveries,
+            world.orders.row(gtid),
+            delivered(world).remove(gtid).unwrap_or_default()
+        )
+    });
     format!(
-        "\n    answers: {answers:?}\n    effects: {effects:?}\n    decision: {:?}\n    last seen: {:?}",
+        "\n    answers: {answers:?}\n    effects: {effects:?}{}\n    decision: {:?}\n    last seen: {:?}",
+        message.unwrap_or_default(),
         world.store.decision(gtid),
         row.map(|r| {
             let branches: Vec<_> = r
@@ -72,6 +81,15 @@ async fn check_all(world: &World) -> Result<(), String> {
     named(
         "store_decision_never_changes",
         store_decision_never_changes(world),
+    )?;
+    named("message_never_presumed", message_never_presumed(world))?;
+    named(
+        "message_delivered_at_most_once",
+        message_delivered_at_most_once(world),
+    )?;
+    named(
+        "message_delivered_iff_local_commit",
+        message_delivered_iff_local_commit(world),
     )?;
     named("no_split_outcome", no_split_outcome(world))?;
     named(
@@ -142,6 +160,98 @@ fn applied(world: &World) -> BTreeMap<Gtid, Vec<Applied>> {
         }
     }
     by_gtid
+}
+
+fn delivered(world: &World) -> BTreeMap<Gtid, Vec<Delivered>> {
+    let mut by_gtid: BTreeMap<Gtid, Vec<Delivered>> = BTreeMap::new();
+    for p in &world.net.participants {
+        for d in p.business.delivered.lock().unwrap().iter() {
+            by_gtid.entry(d.gtid).or_default().push(d.clone());
+        }
+    }
+    by_gtid
+}
+
+/// No message whose local transaction committed was decided ABORT (by
+/// its deadline, a restart or a takeover presuming it aborted, a failed
+/// back-check taken as a no): only a back-check's no, the client's
+/// rollback or an operator's word drops a message, and none of them can
+/// come after a local commit.
+fn message_never_presumed(world: &World) -> Result<(), String> {
+    let messages = world.messages.lock().unwrap().clone();
+    for gtid in messages.keys().filter(|g| world.orders.committed(g)) {
+        if world.store.decision(gtid) == Some(Decision::Abort) {
+            let seen = world.last_seen.lock().unwrap().get(gtid).cloned();
+            let why = seen.map(|r| (r.abort, r.reason));
+            return Err(format!(
+                "message {gtid}: its local transaction committed, but it was decided ABORT \
+                 (cause, reason: {why:?}){}",
+                history(world, gtid)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// No delivery of a message was applied twice (the barrier absorbs the
+/// coordinator's repeats, duplicates, and in-doubt resolution's or an
+/// operator's hand).
+fn message_delivered_at_most_once(world: &World) -> Result<(), String> {
+    for (gtid, ds) in delivered(world) {
+        let mut seen = BTreeMap::new();
+        for d in &ds {
+            if let Some(first) = seen.insert(d.branch, d) {
+                return Err(format!(
+                    "message {gtid} branch {}: delivered twice (#{} by coordinator: {}, #{} by \
+                     coordinator: {}){}",
+                    d.branch,
+                    first.seq,
+                    first.by_coordinator,
+                    d.seq,
+                    d.by_coordinator,
+                    history(world, &gtid)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After quiescence, every message whose local transaction committed has
+/// every delivery applied, and one whose local transaction did not commit
+/// has none: whether it was submitted, rolled back, or left to the
+/// back-check, through crashes, takeovers and failed checks (an operator
+/// settles one checked back in vain from the business database). This
+/// holds with in-doubt resolution off too: only the coordinator (or the
+/// operator's hand) starts a delivery.
+fn message_delivered_iff_local_commit(world: &World) -> Result<(), String> {
+    let messages = world.messages.lock().unwrap().clone();
+    let mut delivered = delivered(world);
+    for (gtid, m) in &messages {
+        let committed = world.orders.committed(gtid);
+        let done: std::collections::BTreeSet<u32> = delivered
+            .remove(gtid)
+            .unwrap_or_default()
+            .iter()
+            .map(|d| d.branch)
+            .collect();
+        let wanted: std::collections::BTreeSet<u32> = if committed {
+            (2..=m.deliveries + 1).collect()
+        } else {
+            Default::default()
+        };
+        if done != wanted {
+            return Err(format!(
+                "message {gtid}: local transaction committed: {committed}, deliveries applied \
+                 {done:?}, owed {wanted:?}{}",
+                history(world, gtid)
+            ));
+        }
+    }
+    if let Some((gtid, _)) = delivered.into_iter().next() {
+        return Err(format!("{gtid}: a delivery of no message a client sent"));
+    }
+    Ok(())
 }
 
 /// Atomicity: no transaction has one branch confirmed and another
@@ -427,6 +537,7 @@ pub fn summary(world: &World) -> Summary {
     let mut races = 0;
     for p in &world.net.participants {
         p.business.applied.lock().unwrap().hash(&mut h);
+        p.business.delivered.lock().unwrap().hash(&mut h);
         races += p.races.load(Ordering::Relaxed);
     }
     let c = &world.counts;
@@ -454,6 +565,11 @@ pub fn summary(world: &World) -> Summary {
         resolves: c.resolves.load(Ordering::Relaxed),
         operator: c.operator.load(Ordering::Relaxed),
         races,
+        messages: world.messages.lock().unwrap().len(),
+        local_commits: world.orders.commits(),
+        checks: world.orders.checks.load(Ordering::Relaxed),
+        closed: world.orders.closed.load(Ordering::Relaxed),
+        messages_settled: c.messages_settled.load(Ordering::Relaxed),
         reported_commits: c.reported_commits.load(Ordering::Relaxed),
         digest: h.finish(),
     }

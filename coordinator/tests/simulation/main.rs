@@ -1,7 +1,9 @@
 //! Seeded fault simulation of the whole cluster, deterministic and in one
 //! process: tokio's paused clock and one seeded generator drive many
-//! concurrent transactions of both modes (one-shot, interactive, mixed)
-//! through one coordinator on a local log that fails, stalls and crashes,
+//! concurrent transactions of every mode (one-shot, interactive, mixed,
+//! sagas, and transactional messages over a business database whose
+//! back-checks fail, answer late and go down for a while) through one
+//! coordinator on a local log that fails, stalls and crashes,
 //! or two or three instances on a shared store with PostgreSQL's rules
 //! (skewed clocks, pauses past the lease and past retention, kills,
 //! takeover, retention, redirects); participants of two replicas each
@@ -110,6 +112,11 @@ fn seeded_fault_simulation() {
                 total.resolves += s.resolves;
                 total.operator += s.operator;
                 total.races += s.races;
+                total.messages += s.messages;
+                total.local_commits += s.local_commits;
+                total.checks += s.checks;
+                total.closed += s.closed;
+                total.messages_settled += s.messages_settled;
             }
             Err(e) => {
                 eprintln!(
@@ -126,11 +133,17 @@ fn seeded_fault_simulation() {
     eprintln!(
         "simulation: {count} seeds from {first} in {:.1} s ({cluster} on a shared store, \
          {resolver_off} with the in-doubt resolver off): {} transactions ({} committed), \
-         {} crashes, {} pauses, {} takeovers, {} purges, {} operator resolves ({} retries / \
+         {} messages ({} local commits, {} back-checks, {} closed by one, {} settled by an \
+         operator), {} crashes, {} pauses, {} takeovers, {} purges, {} operator resolves ({} retries / \
          aborts), {} replica races; {} failed",
         started.elapsed().as_secs_f64(),
         t.transactions,
         t.committed,
+        t.messages,
+        t.local_commits,
+        t.checks,
+        t.closed,
+        t.messages_settled,
         t.restarts,
         t.pauses,
         t.takeovers,

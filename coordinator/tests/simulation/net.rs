@@ -78,6 +78,8 @@ pub async fn call_one(
     let resp = match mode {
         Mode::TwoPhase => service.prepare(req).await?,
         Mode::Tcc | Mode::Saga => service.r#try(req).await?,
+        // A message's phase 1 is its back-check (branch 1 only).
+        Mode::Msg => service.check(req).await?,
     };
     Ok(resp.into_inner())
 }
@@ -95,6 +97,10 @@ pub async fn call_two(
         (Mode::TwoPhase, false) => service.rollback(req).await?,
         (Mode::Tcc | Mode::Saga, true) => service.confirm(req).await?,
         (Mode::Tcc | Mode::Saga, false) => service.cancel(req).await?,
+        (Mode::Msg, true) => service.deliver(req).await?,
+        // As the coordinator's own transport: a dropped message's branches
+        // are settled without a call.
+        (Mode::Msg, false) => return Ok(()),
     };
     Ok(())
 }

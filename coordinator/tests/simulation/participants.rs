@@ -10,6 +10,13 @@
 //! notes every effect, and who asked for it (the coordinator, or in-doubt
 //! resolution / an operator, which call with epoch 0), so the invariants
 //! can compare what happened with what was decided.
+//!
+//! Transactional messages: every service also takes deliveries (the
+//! SDK's `Message`, behind the same barrier gate) and serves the business
+//! service's back-check (`MessageCheck`) over one [`Orders`] database of
+//! the world, whose rule is `PgMessages`': a local transaction commits
+//! only if no row exists for its gtid, and a check closes a gtid with no
+//! row (inserts `false`) before answering.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +27,10 @@ use tandem_coordinator::model::Gtid;
 use tandem_coordinator::runtime::Clock;
 use tandem_sdk::barrier::MemBarrier;
 use tandem_sdk::server::ParticipantService;
-use tandem_sdk::{BranchContext, HandlerError, ParticipantServer, Saga, Tcc, TwoPhase, Vote};
+use tandem_sdk::{
+    BranchContext, HandlerError, Message, MessageCheck, ParticipantServer, Saga, Tcc, TwoPhase,
+    Vote,
+};
 
 use crate::rng::Rng;
 
@@ -54,6 +64,82 @@ pub struct Applied {
     pub had_hold: bool,
 }
 
+/// One message delivery a handler applied.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Delivered {
+    pub gtid: Gtid,
+    pub branch: u32,
+    /// Its place in the run's order of handler events.
+    pub seq: u64,
+    /// Asked by the coordinator (epoch ≥ 1); else by in-doubt resolution
+    /// or an operator's hand (epoch 0).
+    pub by_coordinator: bool,
+}
+
+/// The business service's database for the local transactions of its
+/// transactional messages, with `PgMessages`' rule: one row per message
+/// gtid, `true` once its local transaction committed, `false` once a
+/// back-check closed it first. The simulation runs on one thread: each
+/// method is one atomic transaction.
+#[derive(Default)]
+pub struct Orders {
+    rows: Mutex<BTreeMap<Gtid, bool>>,
+    /// Until when (simulated ms) the database is unreachable: local
+    /// transactions and back-checks fail.
+    pub down_until: AtomicU64,
+    /// Back-checks answered (for the report).
+    pub checks: AtomicU64,
+    /// Gtids a back-check (or the operator) closed before any local
+    /// commit (for the report).
+    pub closed: AtomicU64,
+}
+
+impl Orders {
+    /// Whether the database is unreachable at `now_ms`.
+    pub fn down(&self, now_ms: u64) -> bool {
+        now_ms < self.down_until.load(Ordering::SeqCst)
+    }
+
+    /// The local transaction of message `gtid` commits (writing its row):
+    /// only if no row exists for the gtid, else it fails (a back-check
+    /// closed it, or it committed already).
+    pub fn commit(&self, gtid: Gtid) -> bool {
+        match self.rows.lock().unwrap().entry(gtid) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(true);
+                true
+            }
+            std::collections::btree_map::Entry::Occupied(_) => false,
+        }
+    }
+
+    /// The back-check of message `gtid`: a gtid with no row is closed
+    /// (`false`: its local transaction can no longer commit), then the
+    /// row's value is the answer.
+    pub fn check(&self, gtid: Gtid) -> bool {
+        *self.rows.lock().unwrap().entry(gtid).or_insert_with(|| {
+            self.closed.fetch_add(1, Ordering::Relaxed);
+            false
+        })
+    }
+
+    /// Whether message `gtid`'s local transaction committed (the truth, for
+    /// the invariants and the operator).
+    pub fn committed(&self, gtid: &Gtid) -> bool {
+        self.rows.lock().unwrap().get(gtid) == Some(&true)
+    }
+
+    /// The row of `gtid`, if any (for reports).
+    pub fn row(&self, gtid: &Gtid) -> Option<bool> {
+        self.rows.lock().unwrap().get(gtid).copied()
+    }
+
+    /// How many local transactions committed.
+    pub fn commits(&self) -> usize {
+        self.rows.lock().unwrap().values().filter(|v| **v).count()
+    }
+}
+
 /// The business state of one participant service, shared by its replicas
 /// (one database).
 #[derive(Default)]
@@ -66,6 +152,11 @@ pub struct Business {
     pub applied: Mutex<Vec<Applied>>,
     /// Every saga action.
     pub saga_actions: Mutex<Vec<SagaAction>>,
+    /// When each message delivery was first asked for (for in-doubt
+    /// resolution).
+    pub delivery_started: Mutex<BTreeMap<Key, u64>>,
+    /// Every message delivery applied, in order.
+    pub delivered: Mutex<Vec<Delivered>>,
     /// Broken rules seen here (a second try ran, confirm with nothing held,
     /// a phase-2 call the barrier refused as contradicting an earlier one).
     pub violations: Mutex<Vec<String>>,
@@ -139,6 +230,12 @@ impl Ledger {
         if fail_before {
             return Err(HandlerError::new("database unavailable (simulated)"));
         }
+        if ctx.resource == SAGA_RESOURCE && self.business.holds.lock().unwrap().contains_key(&key) {
+            // A saga action run again (a forward retry after an error or a
+            // lost answer) answers from what its first run committed, as
+            // the `Saga` contract asks: nothing is done twice.
+            return Ok(Vote::yes_with(format!("hold-{}", ctx.branch_id)));
+        }
         if no {
             return Ok(Vote::no("insufficient funds"));
         }
@@ -198,6 +295,77 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// Applies a message delivery (called through the barrier gate, which
+    /// stored `Tried` first): fails before applying anything, or applies
+    /// it and succeeds. A handler that failed after applying would deliver
+    /// again on the retry (the SDK's `Message` says so), which is not the
+    /// coordinator's to prevent.
+    async fn deliver_inner(&self, ctx: &BranchContext) -> Result<(), HandlerError> {
+        let key = (ctx.gtid, ctx.branch_id);
+        self.business
+            .delivery_started
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_insert(self.clock.now_ms());
+        let on = self.faults_on.load(Ordering::SeqCst);
+        let (work, fail) = self.draw(|r| (r.ms(0, 8), on && r.chance(0.03)));
+        tokio::time::sleep(work).await;
+        let by_coordinator = ctx.epoch != 0;
+        if by_coordinator && self.clock.now_ms() < self.business.broken_until.load(Ordering::SeqCst)
+        {
+            return Err(HandlerError::permanent(
+                "inbox closed for repair (simulated)",
+            ));
+        }
+        if fail {
+            return Err(HandlerError::new("database unavailable (simulated)"));
+        }
+        self.business.delivered.lock().unwrap().push(Delivered {
+            gtid: ctx.gtid,
+            branch: ctx.branch_id,
+            seq: self.next_seq(),
+            by_coordinator,
+        });
+        Ok(())
+    }
+}
+
+impl Message for Ledger {
+    async fn deliver(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        self.deliver_inner(ctx).await
+    }
+}
+
+/// The business service's back-check, served by every service's replicas
+/// over the world's one [`Orders`] database (the business service runs
+/// beside each): it fails while the database is down, or now and then
+/// while faults last, and otherwise answers (atomically) what
+/// [`Orders::check`] does.
+struct OrdersCheck {
+    orders: Arc<Orders>,
+    rng: Arc<Mutex<Rng>>,
+    clock: Clock,
+    faults_on: Arc<AtomicBool>,
+}
+
+impl MessageCheck for OrdersCheck {
+    async fn check(&self, ctx: &BranchContext, _: &[u8]) -> Result<bool, HandlerError> {
+        let on = self.faults_on.load(Ordering::SeqCst);
+        let (work, fail) = {
+            let mut r = self.rng.lock().unwrap();
+            (r.ms(0, 8), on && r.chance(0.03))
+        };
+        tokio::time::sleep(work).await;
+        if fail || self.orders.down(self.clock.now_ms()) {
+            return Err(HandlerError::new("orders database unavailable (simulated)"));
+        }
+        self.orders.checks.fetch_add(1, Ordering::Relaxed);
+        Ok(self.orders.check(ctx.gtid))
+    }
+}
+
 impl Tcc for Ledger {
     async fn try_(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
         self.reserve(ctx).await
@@ -247,6 +415,13 @@ pub fn resource(tcc: bool) -> &'static str {
 /// participant tells a saga's calls apart for the saga invariants.
 pub const SAGA_RESOURCE: &str = "saga";
 
+/// The resource of message deliveries.
+pub const DELIVERY_RESOURCE: &str = "inbox";
+
+/// The resource of the business service's back-check (a message's
+/// branch 1).
+pub const CHECK_RESOURCE: &str = "orders";
+
 /// The resource a branch of `mode` names.
 pub fn resource_of(mode: tandem_coordinator::model::Mode) -> &'static str {
     use tandem_coordinator::model::Mode;
@@ -254,6 +429,7 @@ pub fn resource_of(mode: tandem_coordinator::model::Mode) -> &'static str {
         Mode::TwoPhase => resource(false),
         Mode::Tcc => resource(true),
         Mode::Saga => SAGA_RESOURCE,
+        Mode::Msg => DELIVERY_RESOURCE,
     }
 }
 
@@ -274,6 +450,7 @@ impl SimParticipant {
         clock: Clock,
         faults_on: Arc<AtomicBool>,
         seq: Arc<AtomicU64>,
+        orders: Arc<Orders>,
     ) -> SimParticipant {
         let business = Arc::new(Business::default());
         let barrier = MemBarrier::new();
@@ -290,6 +467,16 @@ impl SimParticipant {
                     .tcc(resource(true), ledger())
                     .saga(SAGA_RESOURCE, ledger())
                     .two_phase(resource(false), ledger())
+                    .message(DELIVERY_RESOURCE, ledger())
+                    .check(
+                        CHECK_RESOURCE,
+                        OrdersCheck {
+                            orders: orders.clone(),
+                            rng: rng.clone(),
+                            clock: clock.clone(),
+                            faults_on: faults_on.clone(),
+                        },
+                    )
                     .barrier(barrier.clone())
                     .into_participant()
                     .expect("distinct resources")
@@ -303,11 +490,13 @@ impl SimParticipant {
         }
     }
 
-    /// Branches whose try started before `before` (ms) and whose barrier
-    /// record is still `Tried`: what in-doubt resolution asks about.
+    /// Branches whose try (or delivery) started before `before` (ms) and
+    /// whose barrier record is still `Tried`: what in-doubt resolution
+    /// asks about.
     pub async fn in_doubt(&self, before: u64) -> Vec<(Key, String)> {
         use tandem_sdk::barrier::BarrierStore;
-        let tried = self.business.tried_at.lock().unwrap().clone();
+        let mut tried = self.business.tried_at.lock().unwrap().clone();
+        tried.extend(self.business.delivery_started.lock().unwrap().clone());
         let found = self
             .barrier
             .in_doubt(u64::MAX, None, usize::MAX)

@@ -1,8 +1,10 @@
 //! The other actors of a seed: in-doubt resolution at each participant
 //! (seeds with the resolver on), participant outages that make phase 2
-//! fail permanently (STUCK), the operator who retries, aborts and settles
-//! STUCK transactions by hand, and the monitor that watches the store's
-//! rows (takeovers, and whether every owned unfinished row is driven).
+//! fail permanently (STUCK) and outages of the business database (its
+//! back-checks fail: a message checked back in vain is STUCK, undecided),
+//! the operator who retries, aborts and settles STUCK transactions by
+//! hand, and the monitor that watches the store's rows (takeovers, and
+//! whether every owned unfinished row is driven).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +18,9 @@ use tandem_proto::v1::BranchRequest;
 use crate::clients::{outcome, routed};
 use crate::instance::true_ms;
 use crate::net::call_two;
-use crate::participants::{IN_DOUBT_AFTER, SAGA_RESOURCE, SimParticipant, resource, resource_of};
+use crate::participants::{
+    DELIVERY_RESOURCE, IN_DOUBT_AFTER, SAGA_RESOURCE, SimParticipant, resource, resource_of,
+};
 use crate::store::Row;
 use crate::world::World;
 
@@ -41,6 +45,8 @@ async fn finish_by_hand(
     };
     let mode = if res == resource(false) {
         Mode::TwoPhase
+    } else if res == DELIVERY_RESOURCE {
+        Mode::Msg
     } else {
         Mode::Tcc
     };
@@ -61,9 +67,11 @@ pub async fn resolver(world: Arc<World>, i: usize) {
         let before = now - IN_DOUBT_AFTER.as_millis() as u64;
         for ((gtid, branch), res) in p.in_doubt(before).await {
             if let Some(d) = outcome(&world, gtid).await {
-                if res == SAGA_RESOURCE && d == Decision::Abort {
+                if (res == SAGA_RESOURCE || res == DELIVERY_RESOURCE) && d == Decision::Abort {
                     // As the SDK's resolver: a saga step is compensated by
-                    // its coordinator alone, newest first.
+                    // its coordinator alone, newest first; a message
+                    // delivery (started only once its message was decided)
+                    // is never cancelled.
                     continue;
                 }
                 finish_by_hand(&world, &p, gtid, branch, &res, d == Decision::Commit).await;
@@ -74,13 +82,20 @@ pub async fn resolver(world: Arc<World>, i: usize) {
 
 /// While faults last, now and then a participant's phase 2 fails
 /// permanently for a while (its ledger is closed for repair, its in-doubt
-/// resolution stopped): its branches end STUCK.
+/// resolution stopped): its branches end STUCK. Now and then instead the
+/// business database is down for a while: back-checks fail (retried,
+/// STUCK past the retry budget) and local transactions cannot commit.
 pub async fn outages(world: Arc<World>) {
     while world.faults_on.load(Ordering::SeqCst) {
         let wait = world.draw(|r| r.ms(3000, 30_000));
         tokio::time::sleep(wait).await;
         if !world.faults_on.load(Ordering::SeqCst) {
             return;
+        }
+        if let Some(len) = world.draw(|r| r.chance(0.3).then(|| r.ms(3000, 30_000))) {
+            let until = world.instance(0).clock.now_ms() + len.as_millis() as u64;
+            world.orders.down_until.store(until, Ordering::SeqCst);
+            continue;
         }
         // One outage in five outlasts retention: the participant comes
         // back, and asks, after its settled transactions were removed.
@@ -109,12 +124,57 @@ pub fn rows(world: &World) -> Vec<Row> {
         .unwrap_or_else(|| world.instance(0).log.view())
 }
 
+/// What the operator can learn of message `gtid`'s local transaction:
+/// nothing while the business database is down; else what a back-check
+/// learns, the same way (a gtid with no row is closed first, so that the
+/// answer is final). The operator never guesses.
+fn local_outcome(world: &World, gtid: Gtid) -> Option<bool> {
+    let now = world.instance(0).clock.now_ms();
+    (!world.orders.down(now)).then(|| world.orders.check(gtid))
+}
+
+/// The operator's hand on a message that was checked back in vain (STUCK,
+/// undecided): checks back again (`tandem tx retry`), or settles branch 1
+/// (the local transaction) from the business database
+/// (`tandem tx resolve --branch 1`).
+async fn settle_message(world: &Arc<World>, gtid: Gtid) {
+    let Some(committed) = local_outcome(world, gtid) else {
+        return; // the business database is down: nothing to go by
+    };
+    if world.draw(|r| r.chance(0.5)) {
+        let retry = |c: Coordinator| async move { c.retry(gtid).await };
+        world.counts.operator.fetch_add(1, Ordering::Relaxed);
+        let _ = routed(world, world.any(), retry).await;
+        return;
+    }
+    let resolve = |c: Coordinator| async move {
+        c.resolve(
+            gtid,
+            tandem_coordinator::engine::LOCAL_BRANCH,
+            committed,
+            "sim-operator".into(),
+            "the business database's row".into(),
+        )
+        .await
+    };
+    if let Some((Ok(_), _)) = routed(world, world.any(), resolve).await {
+        world.counts.resolves.fetch_add(1, Ordering::Relaxed);
+        world
+            .counts
+            .messages_settled
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The operator: every few seconds, each STUCK transaction is retried
 /// once its participant is back, or one of its branches is settled by hand
-/// (`tandem tx resolve`); now and then an undecided transaction is aborted.
-/// With the resolver off, a branch is settled only after the operator
-/// applied the decision at the participant (nobody else would); with it on,
-/// sometimes only in the coordinator, leaving the participant to ask.
+/// (`tandem tx resolve`); now and then an undecided transaction is aborted
+/// (a message only once the business database shows its local transaction
+/// did not commit). With the resolver off, a branch is settled only after
+/// the operator applied the decision at the participant (nobody else
+/// would); with it on, sometimes only in the coordinator, leaving the
+/// participant to ask (never a message's delivery, which its participant
+/// may never have heard of).
 pub async fn operator(world: Arc<World>) {
     loop {
         let wait = world.draw(|r| r.ms(2000, 5000));
@@ -122,7 +182,9 @@ pub async fn operator(world: Arc<World>) {
         for row in rows(&world) {
             let rec = row.record;
             let gtid = rec.gtid;
-            if rec.state == TxState::Stuck {
+            if rec.state == TxState::Stuck && rec.mode == Mode::Msg && rec.decision.is_none() {
+                settle_message(&world, gtid).await;
+            } else if rec.state == TxState::Stuck {
                 let back = rec.branches.iter().all(|b| {
                     world.net.participant(&b.endpoint).is_none_or(|p| {
                         p.business.broken_until.load(Ordering::SeqCst)
@@ -151,9 +213,11 @@ pub async fn operator(world: Arc<World>) {
                     continue;
                 };
                 // A saga step is never finished by in-doubt resolution (its
-                // coordinator alone compensates it): only by hand.
-                let by_hand =
-                    !world.resolver_on || rec.mode == Mode::Saga || world.draw(|r| r.chance(0.5));
+                // coordinator alone compensates it), nor a message delivery
+                // that never reached its participant: only by hand.
+                let by_hand = !world.resolver_on
+                    || matches!(rec.mode, Mode::Saga | Mode::Msg)
+                    || world.draw(|r| r.chance(0.5));
                 if by_hand {
                     let res = resource_of(b.mode);
                     if !finish_by_hand(&world, &p, gtid, b.id, res, commit).await {
@@ -177,6 +241,7 @@ pub async fn operator(world: Arc<World>) {
             } else if rec.decision.is_none()
                 && !rec.state.is_terminal()
                 && world.draw(|r| r.chance(0.02))
+                && (rec.mode != Mode::Msg || local_outcome(&world, gtid) == Some(false))
             {
                 let abort = |c: Coordinator| async move { c.abort(gtid, "operator".into()).await };
                 world.counts.operator.fetch_add(1, Ordering::Relaxed);

@@ -1,7 +1,8 @@
 //! The world of one seed and its run: coordinator instances (one on a
 //! local log that crashes, or two or three on a shared store, with clock
 //! skew, pauses past the lease and past retention, kills and restarts),
-//! participants of two replicas each, clients that follow redirects, an
+//! participants of two replicas each, clients that follow redirects (and
+//! send transactional messages, over a business database of their own), an
 //! operator, and in-doubt resolution on in some seeds and off in others.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,7 +18,7 @@ use crate::answers::Answers;
 use crate::instance::{self, Instance, LEASE, Setup};
 use crate::log::{Disk, LogFaults};
 use crate::net::SimNet;
-use crate::participants::SimParticipant;
+use crate::participants::{Orders, SimParticipant};
 use crate::rng::Rng;
 use crate::store::Store;
 
@@ -38,7 +39,17 @@ pub struct Counts {
     pub purges: AtomicU64,
     pub resolves: AtomicU64,
     pub operator: AtomicU64,
+    /// Messages checked back in vain (STUCK, undecided) the operator
+    /// settled from the business database.
+    pub messages_settled: AtomicU64,
     pub reported_commits: AtomicU64,
+}
+
+/// A transactional message a client prepared (or tried to).
+#[derive(Clone, Debug)]
+pub struct SentMessage {
+    /// Its delivery branches: 2 to `deliveries + 1`.
+    pub deliveries: u32,
 }
 
 /// The world of one seed.
@@ -56,6 +67,10 @@ pub struct World {
     /// No more random crashes or pauses (restarts after a log failure go on).
     pub calm: AtomicBool,
     pub answers: Answers,
+    /// The business service's database of message local transactions.
+    pub orders: Arc<Orders>,
+    /// Every message a client asked to prepare, by gtid.
+    pub messages: Mutex<std::collections::BTreeMap<Gtid, SentMessage>>,
     /// Commits reported (client replies, GetOutcome) that were not durable.
     pub violations: Mutex<Vec<String>>,
     /// Unfinished rows a live instance owned and did not drive (monitor).
@@ -91,6 +106,7 @@ impl World {
         let clock = Clock::tokio(instance::EPOCH_MS);
         // One order of handler events for the participants of this world.
         let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let orders = Arc::new(Orders::default());
         let net = Arc::new(SimNet {
             participants: (0..PARTICIPANTS)
                 .map(|_| {
@@ -100,6 +116,7 @@ impl World {
                         clock.clone(),
                         faults_on.clone(),
                         seq.clone(),
+                        orders.clone(),
                     ))
                 })
                 .collect(),
@@ -168,6 +185,8 @@ impl World {
             clients_on: AtomicBool::new(true),
             calm: AtomicBool::new(false),
             answers: Answers::default(),
+            orders,
+            messages: Mutex::default(),
             kills: Mutex::new(Vec::new()),
             violations: Mutex::new(Vec::new()),
             undriven: Mutex::new(Vec::new()),
@@ -353,6 +372,14 @@ pub struct Summary {
     pub resolves: u64,
     pub operator: u64,
     pub races: u64,
+    /// Messages prepared, those whose local transaction committed, the
+    /// back-checks answered, the gtids a check closed, and the messages
+    /// an operator settled from the business database.
+    pub messages: usize,
+    pub local_commits: usize,
+    pub checks: u64,
+    pub closed: u64,
+    pub messages_settled: u64,
     pub reported_commits: u64,
     pub digest: u64,
 }
