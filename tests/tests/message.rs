@@ -510,3 +510,17 @@ async fn a_back_check_waits_for_the_local_transaction_in_progress() {
     reaches(&client, gtid, pb::TxState::Committed).await;
     assert_eq!(a.applied(gtid), 1);
 }
+
+// The shop demo (`tandem demo --order`): orders reserve stock and charge a
+// card by saga, confirmed orders are notified by message (some after a
+// skipped Submit, by the back-check); stock, money and notifications add
+// up, and it fails if one does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_demo_adds_up() {
+    let report = tandem_cli::demo_order::run(200, 16).await.expect("demo");
+    assert!(report.ok(), "{report}");
+    assert!(
+        report.confirmed > 0 && report.declined > 0 && report.checked_back > 0,
+        "{report}"
+    );
+}

@@ -183,6 +183,12 @@ pub(super) async fn run_bench(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    if args.order {
+        let report = tandem_cli::demo_order::run(args.transfers, args.concurrency).await?;
+        println!("{report}");
+        anyhow::ensure!(report.ok(), "the order demo did not add up (see above)");
+        return Ok(());
+    }
     let report = demo::run(demo::DemoOptions {
         mode: args.mode,
         transfers: args.transfers,

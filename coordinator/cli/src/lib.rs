@@ -22,6 +22,7 @@ pub mod bench;
 pub mod certs;
 pub mod config_file;
 pub mod demo;
+pub mod demo_order;
 pub mod log_cli;
 pub mod serve_cli;
 pub mod store_cli;

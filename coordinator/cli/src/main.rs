@@ -369,9 +369,14 @@ struct DemoArgs {
     /// transactional message once it committed).
     #[arg(long, default_value = "2pc", value_parser = parse_mode)]
     mode: tandem_sdk::Mode,
-    /// Transfers to run.
+    /// Transfers to run (orders, with --order).
     #[arg(long, default_value_t = 400)]
     transfers: usize,
+    /// A shop's orders instead of bank transfers: each reserves stock and
+    /// charges a card by saga, then is confirmed and notified by
+    /// transactional message (--mode is not used).
+    #[arg(long, conflicts_with_all = ["mode", "secure"])]
+    order: bool,
     /// Transfers in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
