@@ -315,7 +315,9 @@ pub trait Tcc: Send + Sync + 'static {
 ///
 /// impl Saga for Charge {
 ///     async fn action(&self, _: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
-///         Ok(Vote::yes()) // charge the card now
+///         // Charge the card now, keyed by (ctx.gtid, ctx.branch_id) and
+///         // recorded, so that a retried action charges once.
+///         Ok(Vote::yes())
 ///     }
 ///     async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
 ///         Ok(()) // refund it

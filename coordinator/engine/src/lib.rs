@@ -336,9 +336,7 @@ impl Txn {
             {
                 Ok(self.check_due(now))
             }
-            Event::RetryDue { branch } if self.forward.contains(&branch) => {
-                Ok(self.action_due(branch, now))
-            }
+            Event::ActionDue { branch } => Ok(self.action_due(branch, now)),
             Event::RetryDue { branch } => {
                 let mut cmds = Vec::new();
                 if self.waiting.remove(&branch) {

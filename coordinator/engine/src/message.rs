@@ -142,9 +142,10 @@ impl Txn {
             }
             // Not known: the local transaction may still commit, or may
             // have; only an answer decides.
-            Vote::Failed(error) | Vote::Permanent(error) | Vote::NotRun(error) => {
-                self.check_failed(error, now)
-            }
+            Vote::Failed(error)
+            | Vote::Permanent(error)
+            | Vote::NotRun(error)
+            | Vote::Unreachable(error) => self.check_failed(error, now),
         }
     }
 

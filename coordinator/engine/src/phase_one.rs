@@ -83,7 +83,7 @@ impl Txn {
         if self.is_saga()
             && self.rec.state == TxState::Preparing
             && now < self.rec.deadline_ms
-            && let Vote::Failed(error) | Vote::NotRun(error) = &vote
+            && let Vote::Failed(error) | Vote::Unreachable(error) = &vote
         {
             // A retriable failure of a saga's action: forward again.
             let may_have_run = matches!(vote, Vote::Failed(_));
@@ -97,6 +97,11 @@ impl Txn {
             Vote::Yes(reply) => {
                 b.state = BranchState::Prepared;
                 b.reply = reply;
+                // A saga's action that went through after retries: its
+                // error is over, and its phase 2 gets a budget of its own.
+                b.last_error.clear();
+                b.next_attempt_ms = 0;
+                self.failures.remove(&id);
                 None
             }
             Vote::No(reason) => {
@@ -110,11 +115,15 @@ impl Txn {
                     &reason,
                 ))
             }
-            Vote::NotRun(error) => {
+            Vote::NotRun(error) | Vote::Unreachable(error) => {
                 // Nothing ran there and phase 1 is never sent twice, so
                 // there is nothing to roll back: settled now (DESIGN.md
                 // rule 3a). Only a failure decides this; a yes never comes.
-                b.state = BranchState::RolledBack;
+                // A saga's action is sent again after a failure, though:
+                // one that failed before may have run, and stays FAILED.
+                if b.state != BranchState::Failed {
+                    b.state = BranchState::RolledBack;
+                }
                 Some(AbortInfo::by_branch(
                     AbortCause::PhaseOneFailed,
                     id,

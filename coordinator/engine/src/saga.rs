@@ -124,7 +124,7 @@ impl Txn {
             b.next_attempt_ms = now + delay.as_millis() as u64;
         }
         self.forward.insert(id);
-        vec![Command::Persist, Command::RetryLater { branch: id, delay }]
+        vec![Command::Persist, Command::ActionLater { branch: id, delay }]
     }
 
     /// A step's forward retry is due: its action goes out again, unless

@@ -422,9 +422,135 @@ fn a_record_without_step_order_is_read_as_a_sequence() {
 
 fn retry_of(cmds: &[Command], branch: BranchId) -> Option<std::time::Duration> {
     cmds.iter().find_map(|c| match c {
-        Command::RetryLater { branch: b, delay } if *b == branch => Some(*delay),
+        Command::RetryLater { branch: b, delay } | Command::ActionLater { branch: b, delay }
+            if *b == branch =>
+        {
+            Some(*delay)
+        }
         _ => None,
     })
+}
+
+fn vote(t: &mut Txn, branch: BranchId, v: Vote, now: u64) -> Vec<Command> {
+    t.handle(Event::PhaseOne { branch, vote: v }, now)
+        .expect("vote")
+}
+
+// A step whose first action may have committed (its answer lost), retried
+// and refused at the connection after the abort: it still gets its
+// compensation (it was taken for never run, and left applied).
+#[test]
+fn a_retry_refused_after_the_abort_keeps_a_step_that_may_have_run() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    let cmds = vote(&mut t, 2, Vote::Failed("timed out".into()), NOW);
+    let d = retry_of(&cmds, 2).expect("retry").as_millis() as u64;
+    let cmds = t
+        .handle(Event::ActionDue { branch: 2 }, NOW + d)
+        .expect("due");
+    assert_eq!(actions(&cmds), vec![2]);
+    let cmds = t.handle(Event::DeadlinePassed, DEADLINE).expect("deadline");
+    assert!(phase_two(&cmds).is_empty(), "{cmds:?}");
+    let cmds = vote(
+        &mut t,
+        2,
+        Vote::Unreachable("connection refused".into()),
+        DEADLINE,
+    );
+    assert_eq!(phase_two(&cmds), vec![(2, false)]);
+
+    // The same with no abort yet: refused at the deadline.
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    let cmds = vote(&mut t, 2, Vote::Failed("timed out".into()), NOW);
+    let d = retry_of(&cmds, 2).expect("retry").as_millis() as u64;
+    t.handle(Event::ActionDue { branch: 2 }, NOW + d)
+        .expect("due");
+    let cmds = vote(
+        &mut t,
+        2,
+        Vote::Unreachable("connection refused".into()),
+        DEADLINE,
+    );
+    assert_eq!(phase_two(&cmds), vec![(2, false)]);
+}
+
+// Failed attempts of an action do not spend its confirm's retry budget,
+// and the error is gone once it went through.
+#[test]
+fn an_action_retried_then_done_gets_a_fresh_phase_two_budget() {
+    let (t, _) = saga(2);
+    let mut t = t.with_policy(RetryPolicy {
+        max_attempts: Some(3),
+        ..RetryPolicy::default()
+    });
+    yes(&mut t, 1);
+    let mut now = NOW;
+    for _ in 0..3 {
+        let cmds = vote(&mut t, 2, Vote::Failed("503".into()), now);
+        now += retry_of(&cmds, 2).expect("retry").as_millis() as u64;
+        t.handle(Event::ActionDue { branch: 2 }, now).expect("due");
+    }
+    assert_eq!(
+        vote(&mut t, 2, Vote::Yes(Bytes::new()), now),
+        vec![Command::ForceDecision]
+    );
+    assert!(t.record().branches[1].last_error.is_empty());
+    assert_eq!(
+        phase_two(&t.handle(Event::DecisionDurable, now).expect("durable")).len(),
+        2
+    );
+    let c2 = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 2,
+                result: Err("x".into()),
+            },
+            now,
+        )
+        .expect("failed confirm");
+    assert!(retry_of(&c2, 2).is_some(), "{c2:?}");
+}
+
+// An action's retry timer left over after the abort does not resend a
+// compensation that waits for its own backoff.
+#[test]
+fn a_stale_action_timer_does_not_hurry_a_compensation() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    vote(&mut t, 2, Vote::Failed("timed out".into()), NOW);
+    assert_eq!(
+        phase_two(&on(
+            &mut t,
+            Event::Rollback {
+                reason: String::new()
+            }
+        )),
+        vec![(2, false)]
+    );
+    let cmds = on(
+        &mut t,
+        Event::PhaseTwo {
+            branch: 2,
+            result: Err("down".into()),
+        },
+    );
+    assert!(retry_of(&cmds, 2).is_some());
+    let cmds = t
+        .handle(Event::ActionDue { branch: 2 }, NOW + 1)
+        .expect("stale");
+    assert!(cmds.is_empty(), "{cmds:?}");
+}
+
+// An answer that cannot change (the participant does not implement the
+// call, or the policy stops it) is not retried: the saga aborts at once.
+#[test]
+fn a_step_that_can_never_run_is_not_retried() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    let cmds = vote(&mut t, 2, Vote::NotRun("UNIMPLEMENTED".into()), NOW);
+    assert!(retry_of(&cmds, 2).is_none());
+    assert_eq!(phase_two(&cmds), vec![(1, false)]);
 }
 
 // An action that fails in a way that may pass (an error, a timeout) is
@@ -448,7 +574,9 @@ fn a_failed_action_is_retried_forward_then_the_saga_goes_on() {
     assert_eq!(b.state, BranchState::Failed, "it may have run");
     assert!(b.last_error.contains("503"), "{b:?}");
     let later = NOW + delay.as_millis() as u64;
-    let cmds = t.handle(Event::RetryDue { branch: 2 }, later).expect("due");
+    let cmds = t
+        .handle(Event::ActionDue { branch: 2 }, later)
+        .expect("due");
     assert_eq!(actions(&cmds), vec![2]);
     let cmds = t
         .handle(
@@ -473,7 +601,7 @@ fn an_unreachable_step_is_retried_until_the_deadline_then_the_saga_compensates()
         &mut t,
         Event::PhaseOne {
             branch: 2,
-            vote: Vote::NotRun("connection refused".into()),
+            vote: Vote::Unreachable("connection refused".into()),
         },
     );
     assert!(retry_of(&cmds, 2).is_some());
@@ -483,7 +611,7 @@ fn an_unreachable_step_is_retried_until_the_deadline_then_the_saga_compensates()
     assert_eq!(t.record().branches[1].state, BranchState::RolledBack);
     // The retry's timer then finds nothing to do.
     let cmds = t
-        .handle(Event::RetryDue { branch: 2 }, DEADLINE + 1)
+        .handle(Event::ActionDue { branch: 2 }, DEADLINE + 1)
         .expect("late timer");
     assert!(actions(&cmds).is_empty() && phase_two(&cmds).is_empty());
 }

@@ -54,6 +54,12 @@ pub enum Event {
         /// The participant's answer.
         error: String,
     },
+    /// A saga step's action retry scheduled by [`Command::ActionLater`]
+    /// is due.
+    ActionDue {
+        /// Which step.
+        branch: BranchId,
+    },
     /// A retry scheduled by [`Command::RetryLater`] is due.
     RetryDue {
         /// Which branch.
@@ -112,11 +118,15 @@ pub enum Vote {
     /// (its `PERMANENT` answer); it may have run part of it. As `Failed`,
     /// except that a saga does not retry the step's action.
     Permanent(String),
-    /// The call provably never ran at the participant (its connection was
-    /// refused, the policy stopped it before dialling, or the participant
-    /// does not implement the call): it holds nothing and needs no
-    /// rollback / cancel.
+    /// The call provably never ran at the participant (the policy stopped
+    /// it before dialling, or the participant does not implement the
+    /// call): it holds nothing and needs no rollback / cancel, and calling
+    /// again would not help.
     NotRun(String),
+    /// As `NotRun`, because the participant could not be reached (its
+    /// connection was refused): it may be back later (a saga retries the
+    /// step's action).
+    Unreachable(String),
 }
 
 /// Something the runtime must do, in the order given.
@@ -143,6 +153,14 @@ pub enum Command {
         commit: bool,
         /// 1 for the first call, 2 for the first retry, ...
         attempt: u32,
+    },
+    /// Wait `delay` (chosen by the retry policy), then send
+    /// [`Event::ActionDue`]: a saga step's action goes out again.
+    ActionLater {
+        /// Which step.
+        branch: BranchId,
+        /// How long to wait.
+        delay: Duration,
     },
     /// Wait `delay` (chosen by the retry policy), then send
     /// [`Event::RetryDue`].

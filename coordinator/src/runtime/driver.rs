@@ -179,6 +179,16 @@ impl Inner {
                         commit,
                         attempt,
                     } => calls.push(Box::pin(self.phase_two(entry, branch, commit, attempt))),
+                    Command::ActionLater { branch, delay } => {
+                        if let Some(m) = &self.metrics {
+                            m.retry();
+                        }
+                        self.spawn_later(
+                            entry,
+                            Event::ActionDue { branch },
+                            tokio::time::sleep(delay),
+                        );
+                    }
                     Command::RetryLater { branch, delay } => {
                         if let Some(m) = &self.metrics {
                             m.retry();
@@ -257,7 +267,18 @@ impl Inner {
     }
 
     async fn phase_one(&self, entry: &Entry, branch: BranchId) -> Event {
-        let Some((endpoint, mode, deadline, req, trace)) = self.branch_request(entry, branch, 1)
+        // A saga's action retried forward and a message's repeated
+        // back-check are numbered (the check counts itself when sent).
+        let attempt = entry
+            .lock()
+            .record()
+            .branch(branch)
+            .map_or(1, |b| match b.mode {
+                Mode::Msg => b.attempts.max(1),
+                _ => b.attempts + 1,
+            });
+        let Some((endpoint, mode, deadline, req, trace)) =
+            self.branch_request(entry, branch, attempt)
         else {
             let vote = Vote::Failed("branch vanished".into());
             return Event::PhaseOne { branch, vote };
@@ -308,9 +329,8 @@ impl Inner {
                 Vote::Failed(e.message)
             }
             // Never ran there: nothing to roll back (DESIGN.md rule 3a).
-            Err(e) if matches!(e.kind, Failure::NotDelivered | Failure::Unimplemented) => {
-                Vote::NotRun(e.message)
-            }
+            Err(e) if e.kind == Failure::NotDelivered => Vote::Unreachable(e.message),
+            Err(e) if e.kind == Failure::Unimplemented => Vote::NotRun(e.message),
             Err(e) if e.kind == Failure::Permanent => Vote::Permanent(e.message),
             Err(e) => Vote::Failed(e.message),
         };
