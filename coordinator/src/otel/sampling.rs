@@ -78,7 +78,14 @@ where
         BOUND.store(bound, Ordering::Relaxed);
         ACTIVE.store(true, Ordering::Relaxed);
     }
-    DynFilterFn::new(move |_, cx| {
+    DynFilterFn::new(move |meta, cx| {
+        // Checked here too, not only per callsite: a callsite whose
+        // interest another layer made "sometimes" (h2's, under the log
+        // filter) reaches this function for every span it makes, and was
+        // exported (a `reserve_capacity` span in a trace of its own).
+        if !tandem_span(meta) {
+            return false;
+        }
         if keep_all {
             return true;
         }
@@ -89,7 +96,7 @@ where
         }
     })
     .with_callsite_filter(move |meta| {
-        if !(meta.is_span() && meta.target().starts_with("tandem")) {
+        if !tandem_span(meta) {
             Interest::never()
         } else if keep_all {
             Interest::always()
@@ -97,6 +104,11 @@ where
             Interest::sometimes()
         }
     })
+}
+
+/// Whether `meta` is one of Tandem's own spans (only those are exported).
+fn tandem_span(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_span() && meta.target().starts_with("tandem")
 }
 
 fn fresh_low() -> u64 {
@@ -289,6 +301,20 @@ mod tests {
         });
         assert!(expected > 0 && expected < 400, "{expected}");
         assert_eq!(built.load(Ordering::Relaxed), expected);
+
+        // Another layer wanting every span (so each callsite's interest
+        // is "sometimes") does not make a dependency's span exported.
+        let all = Arc::new(AtomicUsize::new(0));
+        let ours = Arc::new(AtomicUsize::new(0));
+        let subscriber = registry()
+            .with(Built(ours.clone()).with_filter(filter(1.0)))
+            .with(Built(all.clone()).with_filter(DynFilterFn::new(|_, _| true)));
+        tracing::subscriber::with_default(subscriber, || {
+            let _h2 = tracing::trace_span!(target: "h2::proto::streams", "reserve_capacity");
+            let _ours = tracing::trace_span!(target: "tandem::test", "request");
+        });
+        assert_eq!(all.load(Ordering::Relaxed), 2);
+        assert_eq!(ours.load(Ordering::Relaxed), 1, "only Tandem's span");
 
         // What goes to participants says whether this trace was kept.
         for _ in 0..100 {
