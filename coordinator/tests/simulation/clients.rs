@@ -96,6 +96,30 @@ fn branch(world: &World, i: usize, mode: Mode) -> NewBranch {
     }
 }
 
+/// Half the one-shot sagas name the steps each runs after (a graph whose
+/// edges point to earlier steps: roots, parallel siblings, joins); the
+/// rest are sequences. Each step's payload carries the steps it runs after
+/// as the engine orders them (`participants::saga_payload`), for the saga
+/// invariants.
+fn saga_graph(world: &World, branches: &mut [NewBranch]) {
+    if world.draw(|r| r.chance(0.5)) {
+        for (i, b) in branches.iter_mut().enumerate().skip(1) {
+            b.after = (1..=i as u32)
+                .filter(|_| world.draw(|r| r.chance(0.5)))
+                .collect();
+        }
+    }
+    let sequence = branches.iter().all(|b| b.after.is_empty());
+    for (i, b) in branches.iter_mut().enumerate() {
+        let after: Vec<u32> = if sequence {
+            (i as u32..=i as u32).filter(|d| *d >= 1).collect()
+        } else {
+            b.after.clone()
+        };
+        b.payload = crate::participants::saga_payload(i, &after);
+    }
+}
+
 pub async fn client(world: Arc<World>) {
     while world.clients_on.load(Ordering::SeqCst) {
         // One transaction in six is a transactional message.
@@ -116,11 +140,16 @@ pub async fn client(world: Arc<World>) {
             (
                 mode,
                 r.chance(0.4),
-                1 + r.below(3) as usize,
+                // Sagas up to five steps: room for joins with a step
+                // after them.
+                1 + r.below(if mode == Mode::Saga { 5 } else { 3 }) as usize,
                 r.ms(1000, 8000),
             )
         });
-        let branches: Vec<NewBranch> = (0..n).map(|i| branch(&world, i, mode)).collect();
+        let mut branches: Vec<NewBranch> = (0..n).map(|i| branch(&world, i, mode)).collect();
+        if mode == Mode::Saga && !interactive {
+            saga_graph(&world, &mut branches);
+        }
         if interactive {
             interactive_txn(&world, mode, timeout, branches).await;
         } else {

@@ -292,29 +292,36 @@ fn applied_follows_the_decision(world: &World) -> Result<(), String> {
     Ok(())
 }
 
-/// A saga step's action starts only after the step before it answered
-/// yes (the coordinator sends them one at a time, in branch order).
-fn saga_steps_run_in_order(world: &World) -> Result<(), String> {
+/// Every saga action, by gtid.
+fn saga_actions(world: &World) -> BTreeMap<Gtid, Vec<crate::participants::SagaAction>> {
     let mut by_gtid: BTreeMap<Gtid, Vec<crate::participants::SagaAction>> = BTreeMap::new();
     for p in &world.net.participants {
         for a in p.business.saga_actions.lock().unwrap().iter() {
             by_gtid.entry(a.gtid).or_default().push(a.clone());
         }
     }
-    for (gtid, actions) in by_gtid {
-        for a in actions.iter().filter(|a| a.branch > 1) {
-            let before = actions
-                .iter()
-                .filter(|b| b.branch == a.branch - 1)
-                .filter_map(|b| b.done)
-                .min();
-            if before.is_none_or(|done| done >= a.started) {
-                return Err(format!(
-                    "saga {gtid}: step {}'s action started (#{}) before step {} said yes ({before:?})",
-                    a.branch,
-                    a.started,
-                    a.branch - 1
-                ));
+    by_gtid
+}
+
+/// A saga step's action starts only after every step it runs after (the
+/// one before it in a sequence, the steps it names in a graph) answered
+/// yes.
+fn saga_steps_run_in_order(world: &World) -> Result<(), String> {
+    for (gtid, actions) in saga_actions(world) {
+        for a in &actions {
+            for d in &a.after {
+                let before = actions
+                    .iter()
+                    .filter(|b| b.branch == *d)
+                    .filter_map(|b| b.done)
+                    .min();
+                if before.is_none_or(|done| done >= a.started) {
+                    return Err(format!(
+                        "saga {gtid}: step {}'s action started (#{}) before step {d}, which it \
+                         runs after, said yes ({before:?})",
+                        a.branch, a.started
+                    ));
+                }
             }
         }
     }
@@ -322,17 +329,48 @@ fn saga_steps_run_in_order(world: &World) -> Result<(), String> {
 }
 
 /// The compensations of a saga's steps (those that undid an action),
-/// whoever made them (the coordinator, or an operator's hand), came newest
-/// step first.
+/// whoever made them (the coordinator, or an operator's hand), came in the
+/// reverse of the graph: a step's compensation only after that of every
+/// step running after it that was compensated too (newest first in a
+/// sequence).
 fn saga_compensated_newest_first(world: &World) -> Result<(), String> {
+    let actions = saga_actions(world);
     for (gtid, mut effects) in applied(world) {
         effects.retain(|a| a.saga && !a.commit && a.had_hold);
-        effects.sort_by_key(|a| a.seq);
-        if let Some(w) = effects.windows(2).find(|w| w[0].branch < w[1].branch) {
-            return Err(format!(
-                "saga {gtid}: step {} compensated (#{}) before step {} (#{})",
-                w[0].branch, w[0].seq, w[1].branch, w[1].seq
-            ));
+        let Some(steps) = actions.get(&gtid) else {
+            continue;
+        };
+        // Whether step `later` runs after step `earlier`, through the
+        // steps between them too.
+        let runs_after = |later: u32, earlier: u32| {
+            let mut seen = vec![later];
+            let mut i = 0;
+            while let Some(&step) = seen.get(i) {
+                i += 1;
+                for s in steps.iter().filter(|s| s.branch == step) {
+                    if s.after.contains(&earlier) {
+                        return true;
+                    }
+                    for d in &s.after {
+                        if !seen.contains(d) {
+                            seen.push(*d);
+                        }
+                    }
+                }
+            }
+            false
+        };
+        for e in &effects {
+            if let Some(late) = effects
+                .iter()
+                .find(|l| runs_after(l.branch, e.branch) && l.seq > e.seq)
+            {
+                return Err(format!(
+                    "saga {gtid}: step {} compensated (#{}) before step {} (#{}), which runs \
+                     after it",
+                    e.branch, e.seq, late.branch, late.seq
+                ));
+            }
         }
     }
     Ok(())

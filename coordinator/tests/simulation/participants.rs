@@ -45,6 +45,27 @@ pub struct SagaAction {
     pub started: u64,
     /// When it answered yes (`None`: no, failed, or still running).
     pub done: Option<u64>,
+    /// The steps it runs after, as the engine orders them.
+    pub after: Vec<u32>,
+}
+
+/// A one-shot saga step's payload: its index and the steps it runs after
+/// (a bit each), behind a marker.
+pub fn saga_payload(i: usize, after: &[u32]) -> bytes::Bytes {
+    let mask = after.iter().fold(0u8, |m, d| m | (1 << d));
+    bytes::Bytes::from(vec![i as u8, mask, SAGA_GRAPH_MARK, 0, 0, 0, 0, 0])
+}
+
+const SAGA_GRAPH_MARK: u8 = 0xA5;
+
+/// The steps saga step `branch` runs after: from its payload when the
+/// client named them, else the step before (an interactive saga's steps
+/// run in the order they were enlisted).
+fn saga_after(branch: u32, payload: &[u8]) -> Vec<u32> {
+    match payload {
+        [_, mask, SAGA_GRAPH_MARK, ..] => (1..8).filter(|d| mask & (1 << d) != 0).collect(),
+        _ => (branch > 1).then_some(branch - 1).into_iter().collect(),
+    }
 }
 
 /// One phase-2 effect a handler applied.
@@ -191,7 +212,7 @@ impl Ledger {
         self.seq.fetch_add(1, Ordering::SeqCst)
     }
 
-    async fn reserve(&self, ctx: &BranchContext) -> Result<Vote, HandlerError> {
+    async fn reserve(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
         let saga = ctx.resource == SAGA_RESOURCE;
         let started = self.next_seq();
         let vote = self.reserve_inner(ctx).await;
@@ -202,6 +223,7 @@ impl Ledger {
                 branch: ctx.branch_id,
                 started,
                 done,
+                after: saga_after(ctx.branch_id, payload),
             });
         }
         vote
@@ -217,10 +239,17 @@ impl Ledger {
             .entry(key)
             .or_insert(now);
         let on = self.faults_on.load(Ordering::SeqCst);
+        // A saga step says no more often: its compensations (in the
+        // graph's reverse) are what the saga invariants look at.
+        let no_chance = if ctx.resource == SAGA_RESOURCE {
+            0.15
+        } else {
+            0.05
+        };
         let (work, no, fail_before, fail_after) = self.draw(|r| {
             (
                 r.ms(0, 8),
-                r.chance(0.05),
+                r.chance(no_chance),
                 on && r.chance(0.01),
                 on && r.chance(0.02),
             )
@@ -367,8 +396,8 @@ impl MessageCheck for OrdersCheck {
 }
 
 impl Tcc for Ledger {
-    async fn try_(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
-        self.reserve(ctx).await
+    async fn try_(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.reserve(ctx, payload).await
     }
     async fn confirm(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
         self.settle(ctx, true).await
@@ -382,8 +411,8 @@ impl Tcc for Ledger {
 /// leaves compensations to the coordinator): the action reserves, the
 /// compensation releases, and a completed saga uses the reservation.
 impl Saga for Ledger {
-    async fn action(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
-        self.reserve(ctx).await
+    async fn action(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.reserve(ctx, payload).await
     }
     async fn compensate(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
         self.settle(ctx, false).await
@@ -394,8 +423,8 @@ impl Saga for Ledger {
 }
 
 impl TwoPhase for Ledger {
-    async fn prepare(&self, ctx: &BranchContext, _: &[u8]) -> Result<Vote, HandlerError> {
-        self.reserve(ctx).await
+    async fn prepare(&self, ctx: &BranchContext, payload: &[u8]) -> Result<Vote, HandlerError> {
+        self.reserve(ctx, payload).await
     }
     async fn commit(&self, ctx: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
         self.settle(ctx, true).await
