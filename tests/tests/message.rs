@@ -197,8 +197,19 @@ async fn a_rolled_back_message_is_never_delivered() {
         .await
         .expect("rollback");
     reaches(&client, gtid, pb::TxState::Aborted).await;
+    // Dropped: a late Submit is told so (ABORTED), and so is a repeated
+    // prepare (its business service must not commit on it).
     let late = client.submit_message(gtid).await;
-    assert!(late.is_err(), "{late:?}");
+    assert!(matches!(late, Err(Error::Aborted { .. })), "{late:?}");
+    let again = client
+        .prepare_message(
+            gtid,
+            Branch::new(business.url(), "orders", ""),
+            vec![delivery(&pa, "sms")],
+            None,
+        )
+        .await;
+    assert!(matches!(again, Err(Error::Aborted { .. })), "{again:?}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(a.total(), 0);
 }

@@ -378,3 +378,40 @@ fn the_checks_budget_starts_at_the_first_check_not_at_the_prepare() {
     );
     assert_eq!(t.record().state, TxState::Preparing);
 }
+
+// An operator's abort of a message whose check has not given up is
+// refused (before the deadline and while the check is out): its local
+// transaction may still commit. The business service's own rollback
+// drops it; so does an operator's abort once it is STUCK.
+#[test]
+fn an_operator_aborts_a_message_only_once_its_check_gave_up() {
+    let abort = || Event::OperatorAbort {
+        reason: "ops".into(),
+    };
+    let mut t = message(1);
+    let refused = t
+        .handle(abort(), NOW + 1)
+        .expect_err("refused before the deadline");
+    assert!(refused.to_string().contains("back-check"), "{refused}");
+    assert_eq!(t.record().state, TxState::Preparing);
+    on(&mut t, Event::DeadlinePassed, DEADLINE);
+    assert!(
+        t.handle(abort(), DEADLINE).is_err(),
+        "refused while checked back"
+    );
+    assert_eq!(t.record().decision, None);
+
+    let mut t = stuck(1);
+    on(&mut t, abort(), DEADLINE);
+    assert_eq!(t.record().decision, Some(Decision::Abort));
+
+    let mut t = message(1);
+    on(
+        &mut t,
+        Event::Rollback {
+            reason: "the local transaction failed".into(),
+        },
+        NOW + 1,
+    );
+    assert_eq!(t.record().decision, Some(Decision::Abort));
+}

@@ -209,6 +209,21 @@ impl Txn {
         now: u64,
     ) -> Result<Vec<Command>, EngineError> {
         match (self.rec.state, self.rec.decision) {
+            // A message's local transaction may still commit: only its
+            // business service (which knows it did not) or the back-check
+            // (which closes it) drops it; an operator once the check gave
+            // up (STUCK). Dropped on a guess, a committed order would never
+            // be delivered.
+            (TxState::Preparing, None)
+                if self.is_message() && why.cause == AbortCause::OperatorAbort =>
+            {
+                Err(self.wrong_state(
+                    "abort",
+                    "; a message is dropped by its back-check (or its business service's \
+                     rollback) while its local transaction may still commit: wait for the \
+                     check, or for STUCK",
+                ))
+            }
             (TxState::Active | TxState::Preparing, _) => Ok(self.abort(why, now)),
             (TxState::Aborting | TxState::Aborted, _) => Ok(Vec::new()),
             (TxState::Stuck, Some(Decision::Abort)) => Ok(Vec::new()),

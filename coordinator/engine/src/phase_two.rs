@@ -27,7 +27,7 @@ impl Txn {
                     return Err(self.wrong_state(
                         "retry",
                         "; the message waits for its Submit until its deadline, and is checked \
-                         back then (abort it to drop it now)",
+                         back then",
                     ));
                 }
                 _ => {}

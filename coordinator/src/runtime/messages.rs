@@ -23,8 +23,9 @@ impl Coordinator {
     /// # Errors
     ///
     /// `InvalidArgument` for a bad request (nothing recorded),
-    /// `AlreadyExists` when `gtid` names another transaction,
-    /// `Unavailable` when halted or draining.
+    /// `AlreadyExists` when `gtid` names another transaction, `Aborted`
+    /// when it names this message dropped already, `Unavailable` when
+    /// halted or draining.
     pub async fn prepare_message(
         &self,
         gtid: Gtid,
@@ -66,7 +67,7 @@ impl Coordinator {
                 inner.publish_then(gtid, round).await?;
             }
             Start::Live(entry) => {
-                same_branches(&entry.lock().visible_record(), Mode::Msg, &branches)?;
+                not_dropped(&entry.lock().visible_record(), &branches)?;
                 // A repeat is answered once the first call's record is on
                 // disk too, never before: the business service commits its
                 // local transaction on this answer.
@@ -77,7 +78,7 @@ impl Coordinator {
                     .map_err(|e| inner.halt(e))?;
                 inner.published(gtid).await?;
             }
-            Start::Stored(rec) => same_branches(&rec, Mode::Msg, &branches)?,
+            Start::Stored(rec) => not_dropped(&rec, &branches)?,
         }
         Ok(gtid)
     }
@@ -88,8 +89,8 @@ impl Coordinator {
     ///
     /// # Errors
     ///
-    /// `NotFound`, `WrongState` (dropped, or not a message),
-    /// `Unavailable`.
+    /// `NotFound`, `Aborted` (dropped already), `InvalidArgument` (not a
+    /// message), `Unavailable`.
     pub async fn submit_message(&self, gtid: Gtid) -> Result<TxState, CoordError> {
         let inner = &self.inner;
         inner.check_halted()?;
@@ -108,8 +109,12 @@ impl Coordinator {
                 }
             }
         };
-        if entry.lock().record().mode != Mode::Msg {
-            return Err(not_a_message(gtid));
+        {
+            let txn = entry.lock();
+            if txn.record().mode != Mode::Msg {
+                return Err(not_a_message(gtid));
+            }
+            dropped_already(&txn.visible_record())?;
         }
         let stepped = inner.step_request(&entry, Event::Commit).await;
         // A STUCK one left STUCK (decided already) is not driven from here.
@@ -124,12 +129,37 @@ impl Coordinator {
     }
 }
 
+/// A repeated `PrepareMessage` names the same message, not dropped: its
+/// business service commits its local transaction on the answer, so a
+/// message dropped already (its client's rollback, its check, an
+/// operator; a gtid presumed aborted on a shared store) is answered
+/// ABORTED.
+fn not_dropped(rec: &crate::model::TxnRecord, branches: &[NewBranch]) -> Result<(), CoordError> {
+    same_branches(rec, Mode::Msg, branches)?;
+    dropped_already(rec)
+}
+
+/// ABORTED for a message dropped already (to a repeated prepare, to a
+/// submit: its local transaction must not commit, or committed in vain).
+fn dropped_already(rec: &crate::model::TxnRecord) -> Result<(), CoordError> {
+    if rec.decision == Some(crate::model::Decision::Abort) {
+        return Err(CoordError::Aborted {
+            gtid: rec.gtid,
+            reason: rec.reason.clone(),
+            abort: rec.abort.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// A finished message's answer to a repeated Submit.
 fn message_state(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
-    let rec = inner.settled(gtid, Event::Commit)?;
+    let rec = inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
     if rec.mode != Mode::Msg {
         return Err(not_a_message(gtid));
     }
+    dropped_already(&rec)?;
+    let rec = inner.settled(gtid, Event::Commit)?;
     Ok(super::requests::reported_state(&rec))
 }
 

@@ -171,6 +171,21 @@ pub enum MessageError {
         #[source]
         source: PgError,
     },
+    /// The local transaction committed, but the coordinator had dropped
+    /// the message already (an operator aborted it while its check could
+    /// not reach this service): nothing is delivered. Deliver by hand, or
+    /// undo the local transaction.
+    #[error(
+        "message {gtid}: the local transaction committed but the coordinator had dropped the \
+         message; nothing is delivered: {source}"
+    )]
+    Dropped {
+        /// The message's id.
+        gtid: Gtid,
+        /// The coordinator's answer.
+        #[source]
+        source: Error,
+    },
     /// The connection failed during `COMMIT`: the local transaction may
     /// or may not have committed. The message follows it: the
     /// coordinator's check delivers it if it committed, drops it if not.
@@ -194,6 +209,7 @@ impl MessageError {
             MessageError::Prepare { gtid, .. }
             | MessageError::Local { gtid, .. }
             | MessageError::Database { gtid, .. }
+            | MessageError::Dropped { gtid, .. }
             | MessageError::CommitUnknown { gtid, .. } => *gtid,
         }
     }
@@ -251,7 +267,8 @@ impl PgMessages {
     /// rolled back and the message dropped (a best-effort `Rollback`; the
     /// check drops it anyway). Once the transaction committed, the message
     /// is delivered: a failed submit is only logged (at debug), since the
-    /// coordinator's check finds the commit at the timeout.
+    /// coordinator's check finds the commit at the timeout; a submit
+    /// answered ABORTED (dropped already) is [`MessageError::Dropped`].
     ///
     /// # Errors
     ///
@@ -289,9 +306,19 @@ impl PgMessages {
             }
             Err(Failed::Unknown(e)) => return Err(e),
         };
-        if let Err(e) = client.submit_message(gtid).await {
-            tracing::debug!(%gtid, error = %e,
-                "message not submitted; the coordinator's check delivers it");
+        match client.submit_message(gtid).await {
+            Ok(_) => {}
+            // Dropped already (an operator's abort of a message whose check
+            // gave up): the local transaction committed in vain.
+            Err(source @ Error::Aborted { .. }) => {
+                tracing::error!(%gtid, error = %source,
+                    "the local transaction committed but the message was dropped");
+                return Err(MessageError::Dropped { gtid, source });
+            }
+            Err(e) => {
+                tracing::debug!(%gtid, error = %e,
+                    "message not submitted; the coordinator's check delivers it");
+            }
         }
         Ok((gtid, value))
     }
@@ -324,6 +351,29 @@ impl PgMessages {
                 return Err(Failed::No(MessageError::Local { gtid, source }));
             }
         };
+        // The transaction must still be good and still hold the message's
+        // row: after a statement of `local` failed (its error ignored),
+        // PostgreSQL answers COMMIT with a rollback that tokio-postgres
+        // reports as success; this read fails instead.
+        let kept = async {
+            let stmt = tx.prepare_cached(COMMITTED).await?;
+            tx.query_opt(&stmt, &[&gtid]).await
+        };
+        match kept.await {
+            Ok(Some(row)) if row.get::<_, bool>(0) => {}
+            Ok(_) => {
+                let _ = tx.rollback().await;
+                let source = HandlerError::new(
+                    "the local transaction removed or changed the message's row in \
+                     tandem_messages",
+                );
+                return Err(Failed::No(MessageError::Local { gtid, source }));
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(database(e.into()));
+            }
+        }
         match tx.commit().await {
             Ok(()) => Ok(value),
             // The server answered: the transaction is rolled back.
