@@ -195,7 +195,8 @@ async fn reaches(client: &TransactionClient, gtid: Gtid, state: pb::TxState) {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("{gtid} never reached {state:?}");
+    let last = client.get(gtid).await.expect("get");
+    panic!("{gtid} never reached {state:?}: {last:?}");
 }
 
 // On a shared store a question about a gtid nobody wrote yet leaves a
@@ -239,4 +240,80 @@ async fn a_gtid_presumed_aborted_is_not_prepared() {
     let submitted = client.submit_message(gtid).await;
     assert!(submitted.is_err(), "{submitted:?}");
     drop((a, b));
+}
+
+// A message whose local transaction committed and whose Submit never
+// came, checked back only after a purge removed its row (STUCK for longer
+// than rows are kept): the check does not answer "not committed" (the
+// message would be dropped for a committed order); it fails, naming the
+// purge, and is asked again until the message is STUCK, undecided, for an
+// operator.
+#[tokio::test]
+async fn a_check_after_its_row_was_purged_does_not_drop_the_message() {
+    let w = world().await;
+    let gtid = Gtid::now_v7();
+    // The local transaction's row, committed; then retention removes it.
+    let sql = w.pg.connect("shop").await;
+    sql.execute(
+        "INSERT INTO tandem_messages (gtid, committed, updated_ms) VALUES ($1, true, 1)",
+        &[&gtid],
+    )
+    .await
+    .expect("row");
+    let purged = w
+        .messages
+        .purge_older_than(Duration::from_secs(1))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 1);
+    w.client
+        .prepare_message(
+            gtid,
+            w.check.clone(),
+            vec![Branch::new(w.pa.url(), "inbox", "sms")],
+            Some(Duration::from_millis(100)),
+        )
+        .await
+        .expect("prepare");
+    let mut info = w.client.get(gtid).await.expect("get");
+    for _ in 0..200 {
+        if info.branches[0].attempts >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        info = w.client.get(gtid).await.expect("get");
+    }
+    assert!(info.branches[0].attempts >= 3, "{info:?}");
+    assert_eq!(info.decision(), pb::Decision::None, "never presumed");
+    assert!(
+        info.branches[0].last_error.contains("purged"),
+        "{:?}",
+        info.branches[0]
+    );
+    assert_eq!(
+        count(
+            &w.pg,
+            "SELECT count(*) FROM tandem_messages WHERE gtid = $1",
+            Some(gtid)
+        )
+        .await,
+        0,
+        "the check closed the message"
+    );
+    // A message newer than the purge is still answered from its row, or
+    // closed when there is none.
+    let (fresh, ()) = w
+        .messages
+        .send(
+            &w.client,
+            w.check.clone(),
+            vec![Branch::new(w.pa.url(), "inbox", "sms")],
+            None,
+            |_| Box::pin(async { Ok(()) }),
+        )
+        .await
+        .expect("send");
+    reaches(&w.client, fresh, pb::TxState::Committed).await;
+    assert_eq!(w.inbox.applied(fresh), 1);
+    assert_eq!(w.inbox.applied(gtid), 0);
 }

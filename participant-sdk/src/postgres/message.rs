@@ -29,6 +29,15 @@ const CLOSE: &str =
     "INSERT INTO tandem_messages (gtid, committed, updated_ms) VALUES ($1, false, $2)
     ON CONFLICT (gtid) DO NOTHING";
 const COMMITTED: &str = "SELECT committed FROM tandem_messages WHERE gtid = $1";
+/// Raised, and committed, before a purge deletes anything.
+const RAISE_HORIZON: &str = "INSERT INTO tandem_messages_horizon (id, purged_before_ms)
+    VALUES (0, $1) ON CONFLICT (id) DO UPDATE SET purged_before_ms =
+    GREATEST(tandem_messages_horizon.purged_before_ms, EXCLUDED.purged_before_ms)";
+const HORIZON: &str = "SELECT purged_before_ms FROM tandem_messages_horizon WHERE id = 0";
+/// How much older than its gtid's time a message's row may be stamped (the
+/// clocks of the business service's replicas): a gtid this close above
+/// the purge horizon may still have had its row purged.
+const CLOCK_MARGIN_MS: u64 = 60_000;
 const PURGE: &str = "DELETE FROM tandem_messages WHERE gtid IN (
     SELECT gtid FROM tandem_messages WHERE updated_ms < $1 LIMIT $2)";
 
@@ -75,7 +84,12 @@ const PURGE: &str = "DELETE FROM tandem_messages WHERE gtid IN (
 /// policy), and longer than any local transaction can run. A `true` row
 /// purged before the check comes would make the check answer no for a
 /// transaction that committed, and the message would be lost. Days are a
-/// safe choice.
+/// safe choice. A message checked back later than that all the same (one
+/// STUCK, undecided, for longer than the rows are kept) is not answered
+/// no: the purge records how far it removed rows, and a check that finds
+/// no row for a message older than that (by its gtid's time, with a
+/// minute's margin for clocks) fails, so the message stays STUCK for an
+/// operator to settle from the business data.
 ///
 /// The connections must be real sessions (no pooler in transaction mode
 /// between the service and PostgreSQL), and the server should run with
@@ -389,7 +403,7 @@ impl PgMessages {
     /// Whether message `gtid`'s local transaction committed, made final
     /// (see the type's docs): a `false` row is committed before `false` is
     /// returned.
-    async fn committed(&self, gtid: Gtid) -> Result<bool, PgError> {
+    async fn committed(&self, gtid: Gtid) -> Result<bool, Unknown> {
         let mut conn = self.pool.get().await?;
         // Read committed whatever the database's default: the insert must
         // wait for a running local transaction and then see its outcome.
@@ -404,7 +418,24 @@ impl PgMessages {
         ))
         .await?;
         let close = tx.prepare_cached(CLOSE).await?;
-        tx.execute(&close, &[&gtid, &(now_ms() as i64)]).await?;
+        let closed = tx.execute(&close, &[&gtid, &(now_ms() as i64)]).await? == 1;
+        if closed {
+            // No row: "not committed", unless a purge may have removed a
+            // committed one (a message checked back long after, e.g. STUCK
+            // for days): then nothing is written and the answer is unknown.
+            let horizon = tx.prepare_cached(HORIZON).await?;
+            let purged_before = tx
+                .query_opt(&horizon, &[])
+                .await?
+                .map_or(0, |row| row.get::<_, i64>(0).max(0) as u64);
+            if may_have_been_purged(gtid, purged_before) {
+                let _ = tx.rollback().await;
+                return Err(Unknown::Purged {
+                    gtid,
+                    purged_before,
+                });
+            }
+        }
         let read = tx.prepare_cached(COMMITTED).await?;
         let committed: bool = tx.query_one(&read, &[&gtid]).await?.get(0);
         tx.commit().await?;
@@ -421,6 +452,10 @@ impl PgMessages {
     pub async fn purge_older_than(&self, age: Duration) -> Result<u64, PgError> {
         let before = now_ms().saturating_sub(age.as_millis() as u64) as i64;
         let conn = self.pool.get().await?;
+        // The horizon first (its own statement, committed): a check that
+        // then misses a row this purge removed sees it.
+        let raise = conn.prepare_cached(RAISE_HORIZON).await?;
+        conn.execute(&raise, &[&before]).await?;
         let stmt = conn.prepare_cached(PURGE).await?;
         let mut removed = 0;
         loop {
@@ -433,10 +468,56 @@ impl PgMessages {
     }
 }
 
+/// Whether message `gtid`'s row may be among those a purge up to
+/// `purged_before` removed: its gtid's time (a UUID v7's) is not clearly
+/// after the horizon; a gtid without a time, once anything was purged.
+fn may_have_been_purged(gtid: Gtid, purged_before: u64) -> bool {
+    if purged_before == 0 {
+        return false;
+    }
+    let ms = gtid
+        .get_timestamp()
+        .filter(|_| gtid.get_version_num() == 7)
+        .map(|ts| {
+            let (secs, nanos) = ts.to_unix();
+            secs.saturating_mul(1000) + u64::from(nanos / 1_000_000)
+        });
+    ms.is_none_or(|ms| ms < purged_before.saturating_add(CLOCK_MARGIN_MS))
+}
+
+/// Why a back-check has no answer.
+#[derive(Debug, thiserror::Error)]
+enum Unknown {
+    #[error(transparent)]
+    Database(#[from] PgError),
+    #[error(
+        "message {gtid}: no row, but rows of messages as old as it were purged (before {purged_before} ms \
+         since the epoch): whether its local transaction committed is no longer known here; \
+         settle it by hand (tandem tx resolve {gtid} --branch 1 --as committed | rolled-back)"
+    )]
+    Purged { gtid: Gtid, purged_before: u64 },
+}
+
+impl From<tokio_postgres::Error> for Unknown {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Unknown::Database(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Unknown {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Unknown::Database(e.into())
+    }
+}
+
 /// The back-check of the messages [`PgMessages::send`] sends; see the
 /// type's docs for why its answer is final. The payload is not used.
 impl MessageCheck for PgMessages {
     async fn check(&self, ctx: &BranchContext, _: &[u8]) -> Result<bool, HandlerError> {
-        Ok(self.committed(ctx.gtid).await?)
+        match self.committed(ctx.gtid).await {
+            Ok(committed) => Ok(committed),
+            Err(Unknown::Database(e)) => Err(e.into()),
+            Err(e @ Unknown::Purged { .. }) => Err(HandlerError::new(e.to_string())),
+        }
     }
 }

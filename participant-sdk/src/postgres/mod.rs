@@ -152,6 +152,13 @@ CREATE TABLE IF NOT EXISTS tandem_messages (
     updated_ms bigint NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tandem_messages_updated ON tandem_messages (updated_ms);
+-- How far PgMessages::purge_older_than has removed rows: a check that
+-- finds no row for a message that old cannot answer no (its row may have
+-- been purged).
+CREATE TABLE IF NOT EXISTS tandem_messages_horizon (
+    id smallint PRIMARY KEY CHECK (id = 0),
+    purged_before_ms bigint NOT NULL
+);
 ";
 
 #[cfg(test)]
