@@ -93,7 +93,7 @@ mutations=(
   'saga graph: a step'"'"'s action waits only for the first step it runs after'
   'saga_compensation_first_dep_only'
   'coordinator/engine/src/saga.rs'
-  's/\.filter\(\|b\| b\.after\.contains\(&id\)\)/.filter(|b| b.after.first() == Some(&id))/'
+  's/\.flat_map\(\|b\| b\.after\.iter\(\)\.copied\(\)\)/.flat_map(|b| b.after.first().copied())/'
   'saga graph: a compensation waits only for the steps whose first dependency it is'
   'msg_presume_abort_on_recovery'
   'coordinator/engine/src/lib.rs'

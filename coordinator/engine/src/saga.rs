@@ -169,13 +169,23 @@ impl Txn {
         if self.rec.state != TxState::Aborting || !self.phase_one.is_empty() {
             return Vec::new();
         }
+        // The steps some step still owing its compensation runs after:
+        // one pass over the graph (not one per step: a long saga's every
+        // acknowledgement would cost its length squared).
+        let blocked: std::collections::HashSet<BranchId> = self
+            .rec
+            .branches
+            .iter()
+            .filter(|b| owes_compensation(b.state))
+            .flat_map(|b| b.after.iter().copied())
+            .collect();
         let ids: Vec<BranchId> = self
             .rec
             .branches
             .iter()
             .rev()
             .map(|b| b.id)
-            .filter(|id| self.needs_phase_two(*id) && self.blocking_dependent(*id).is_none())
+            .filter(|id| !blocked.contains(id) && self.needs_phase_two(*id))
             .collect();
         if !ids.is_empty() {
             self.budget_start = now;
@@ -193,15 +203,19 @@ impl Txn {
             .branches
             .iter()
             .filter(|b| b.after.contains(&id))
-            .find(|b| {
-                matches!(
-                    b.state,
-                    BranchState::Registered
-                        | BranchState::Prepared
-                        | BranchState::Failed
-                        | BranchState::Refused
-                )
-            })
+            .find(|b| owes_compensation(b.state))
             .map(|b| b.id)
     }
+}
+
+/// A step in this state still owes its compensation (or is having it):
+/// the steps it runs after wait for it.
+fn owes_compensation(state: BranchState) -> bool {
+    matches!(
+        state,
+        BranchState::Registered
+            | BranchState::Prepared
+            | BranchState::Failed
+            | BranchState::Refused
+    )
 }

@@ -667,3 +667,26 @@ fn a_permanent_failure_is_not_retried() {
     assert!(retry_of(&cmds, 2).is_none());
     assert_eq!(phase_two(&cmds), vec![(2, false)]);
 }
+
+// A long saga (up to the configurable branch limit) walks back newest
+// first, one compensation per acknowledgement, each once: each step of
+// the walk looks at the graph once (it looked at every step's dependents
+// for every step: the whole walk grew with the cube of its length).
+#[test]
+fn a_long_saga_is_compensated_newest_first_each_once() {
+    let n = 2_000;
+    let (mut t, mut cmds) = saga(n);
+    for id in 1..n {
+        assert_eq!(actions(&cmds), vec![id]);
+        cmds = yes(&mut t, id);
+    }
+    cmds = no(&mut t, n);
+    let mut walked = Vec::new();
+    while let [(id, false)] = phase_two(&cmds)[..] {
+        walked.push(id);
+        cmds = acked(&mut t, id);
+    }
+    let expected: Vec<BranchId> = (1..=n).rev().collect();
+    assert_eq!(walked, expected);
+    assert_eq!(t.record().state, TxState::Aborted);
+}
