@@ -498,6 +498,14 @@ impl fmt::Display for DemoReport {
             f,
             "  balance       before {}, after {}: {verdict}; open holds: {}, frozen: {}",
             self.total_before, self.total_after, self.open_holds, self.frozen
-        )
+        )?;
+        if matches!(self.options.mode, Mode::Saga | Mode::Msg) {
+            write!(
+                f,
+                "\n  see also      tandem demo --order: a shop's orders, stock and card by saga, \
+                 the e-mail by transactional message"
+            )?;
+        }
+        Ok(())
     }
 }
