@@ -74,6 +74,10 @@ pub struct Txn {
     /// When the current retry budget started (decision, restart, or
     /// operator retry), ms.
     budget_start: u64,
+    /// When each saga compensation's turn came, ms: its budget starts
+    /// then (or at `budget_start`, if later), not when another chain's
+    /// compensation started.
+    turn_start: BTreeMap<BranchId, u64>,
     policy: RetryPolicy,
     /// An abort decision is forced like a commit (client-chosen gtid whose
     /// record is not known to be durable yet).
@@ -210,6 +214,7 @@ impl Txn {
             waiting: BTreeSet::new(),
             parked: BTreeSet::new(),
             failures: BTreeMap::new(),
+            turn_start: BTreeMap::new(),
             policy: RetryPolicy::default(),
             force_abort: false,
             sent_before: false,

@@ -117,7 +117,11 @@ impl Txn {
                 b.last_error = cap_text(&error, MAX_STORED_TEXT);
                 let failures = self.failures.entry(id).or_default();
                 *failures += 1;
-                let elapsed = Duration::from_millis(now.saturating_sub(self.budget_start));
+                let since = self
+                    .turn_start
+                    .get(&id)
+                    .map_or(self.budget_start, |t| (*t).max(self.budget_start));
+                let elapsed = Duration::from_millis(now.saturating_sub(since));
                 if self.policy.exhausted(*failures, elapsed) {
                     self.parked.insert(id);
                     let mut cmds = vec![Command::Persist];

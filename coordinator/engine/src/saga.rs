@@ -187,11 +187,9 @@ impl Txn {
             .map(|b| b.id)
             .filter(|id| !blocked.contains(id) && self.needs_phase_two(*id))
             .collect();
-        if !ids.is_empty() {
-            self.budget_start = now;
-        }
         for id in &ids {
             self.failures.remove(id);
+            self.turn_start.insert(*id, now);
         }
         ids
     }

@@ -690,3 +690,58 @@ fn a_long_saga_is_compensated_newest_first_each_once() {
     assert_eq!(walked, expected);
     assert_eq!(t.record().state, TxState::Aborted);
 }
+
+// Two independent chains compensated side by side: each compensation's
+// time budget runs from its own turn. Another chain moving on (its next
+// compensation starting) does not give a compensation that keeps failing
+// more time.
+#[test]
+fn a_compensations_time_budget_is_its_own_not_reset_by_another_chain() {
+    let mut steps: Vec<NewBranch> = (1..=4).map(step).collect();
+    steps[2].after = vec![2];
+    steps[3].after = vec![3];
+    let policy = crate::RetryPolicy {
+        max_attempts: None,
+        max_duration: Some(std::time::Duration::from_secs(10)),
+        ..crate::RetryPolicy::default()
+    };
+    let (t, _) = Txn::submit(Gtid::now_v7(), Mode::Saga, NOW, DEADLINE, steps);
+    let mut t = t.with_policy(policy);
+    yes(&mut t, 1);
+    yes(&mut t, 2);
+    yes(&mut t, 3);
+    let mut first = phase_two(&no(&mut t, 4));
+    first.sort_unstable();
+    assert_eq!(
+        first,
+        vec![(1, false), (4, false)],
+        "the two chains' newest"
+    );
+    let at = |s: u64| NOW + s * 1000;
+    let fail = |t: &mut Txn, branch: BranchId, now: u64| {
+        t.handle(
+            Event::PhaseTwo {
+                branch,
+                result: Err("ledger down".into()),
+            },
+            now,
+        )
+        .expect("failure")
+    };
+    assert!(retry_of(&fail(&mut t, 1, at(1)), 1).is_some());
+    t.handle(Event::RetryDue { branch: 1 }, at(5)).expect("due");
+    // The other chain moves on: 4 acknowledged, 3's turn.
+    let next = t
+        .handle(
+            Event::PhaseTwo {
+                branch: 4,
+                result: Ok(()),
+            },
+            at(6),
+        )
+        .expect("ack");
+    assert_eq!(phase_two(&next), vec![(3, false)]);
+    // Step 1 has failed for 11 s since its turn: given up on.
+    let cmds = fail(&mut t, 1, at(11));
+    assert_eq!(retry_of(&cmds, 1), None, "{cmds:?}");
+}
