@@ -41,8 +41,9 @@ impl Tombstone {
     /// The tombstone retention must keep when it removes `rec`, if any: a
     /// finished transaction with a branch its participant never
     /// acknowledged (settled by an operator, or for any other reason not
-    /// COMMITTED / ROLLED_BACK by the participant's own answer). That
-    /// participant may still ask; every other gtid retention removes is
+    /// COMMITTED / ROLLED_BACK by the participant's own answer), or a
+    /// dropped transactional message. That participant (that business
+    /// service) may still ask; every other gtid retention removes is
     /// answered "no longer known", never presumed ABORT.
     pub fn needed_for(rec: &TxnRecord) -> Option<Tombstone> {
         let decision = rec.decision?;
@@ -52,7 +53,11 @@ impl Tombstone {
         };
         let unacknowledged =
             |b: &crate::model::BranchRecord| b.resolution.is_some() || b.state != acknowledged;
-        if !rec.branches.iter().any(unacknowledged) {
+        // A dropped message's business service may still come with its
+        // Submit (a local transaction that committed after an operator
+        // dropped the message): it must hear ABORTED, not "unknown".
+        let dropped_message = rec.mode == crate::model::Mode::Msg && decision == Decision::Abort;
+        if !dropped_message && !rec.branches.iter().any(unacknowledged) {
             return None;
         }
         Some(Tombstone {
@@ -253,6 +258,30 @@ pub(super) fn mode_from(code: i16) -> Option<Mode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A dropped message keeps its decision (its business service may still
+    // submit); a delivered one whose every branch acknowledged does not,
+    // nor does an abort of another mode every branch acknowledged.
+    #[test]
+    fn a_dropped_message_keeps_a_tombstone() {
+        use crate::model::Mode;
+        let record = |mode: Mode, decision: Decision, state: BranchState| {
+            let mut rec = crate::conformance::sample_record(mode, 1);
+            rec.decision = Some(decision);
+            rec.branches[0].mode = mode;
+            rec.branches[0].state = state;
+            rec
+        };
+        let dropped = record(Mode::Msg, Decision::Abort, BranchState::RolledBack);
+        assert_eq!(
+            Tombstone::needed_for(&dropped).map(|t| t.decision),
+            Some(Decision::Abort)
+        );
+        let delivered = record(Mode::Msg, Decision::Commit, BranchState::Committed);
+        assert!(Tombstone::needed_for(&delivered).is_none());
+        let aborted = record(Mode::Tcc, Decision::Abort, BranchState::RolledBack);
+        assert!(Tombstone::needed_for(&aborted).is_none());
+    }
 
     #[test]
     fn tombstone_round_trips() {

@@ -99,7 +99,9 @@ impl Coordinator {
             // Checked back in vain (STUCK, undecided): the client's word
             // decides it now.
             None => {
-                let rec = inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+                let Some(rec) = inner.log.get(&gtid)? else {
+                    return removed_message(inner, gtid);
+                };
                 if rec.mode != Mode::Msg {
                     return Err(not_a_message(gtid));
                 }
@@ -129,12 +131,35 @@ impl Coordinator {
     }
 }
 
+/// A Submit of a message the log no longer has (retention removed it, or
+/// it was never prepared): its tombstone's decision (a dropped message
+/// keeps one), "no longer known" past the horizon, else presumed dropped
+/// (ABORTED: a gtid never prepared), never NOT_FOUND, which a business
+/// service could take for "the check will deliver it".
+fn removed_message(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
+    match inner.outcome_removed(gtid)? {
+        Some(crate::model::Decision::Commit) => Ok(TxState::Committed),
+        Some(crate::model::Decision::Abort) => Err(CoordError::Aborted {
+            gtid,
+            reason: "the message was dropped (or never prepared)".into(),
+            abort: None,
+        }),
+        None => Err(CoordError::Unavailable(format!(
+            "message {gtid}: its gtid is ahead of this coordinator's clock; ask again shortly"
+        ))),
+    }
+}
+
 /// A repeated `PrepareMessage` names the same message, not dropped: its
 /// business service commits its local transaction on the answer, so a
 /// message dropped already (its client's rollback, its check, an
 /// operator; a gtid presumed aborted on a shared store) is answered
 /// ABORTED.
 fn not_dropped(rec: &crate::model::TxnRecord, branches: &[NewBranch]) -> Result<(), CoordError> {
+    if rec.compacted && rec.mode == Mode::Msg {
+        // A tombstone keeps the decision, not the branches.
+        dropped_already(rec)?;
+    }
     same_branches(rec, Mode::Msg, branches)?;
     dropped_already(rec)
 }
@@ -154,7 +179,9 @@ fn dropped_already(rec: &crate::model::TxnRecord) -> Result<(), CoordError> {
 
 /// A finished message's answer to a repeated Submit.
 fn message_state(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
-    let rec = inner.log.get(&gtid)?.ok_or(CoordError::NotFound(gtid))?;
+    let Some(rec) = inner.log.get(&gtid)? else {
+        return removed_message(inner, gtid);
+    };
     if rec.mode != Mode::Msg {
         return Err(not_a_message(gtid));
     }

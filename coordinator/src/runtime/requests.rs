@@ -463,7 +463,7 @@ impl Inner {
     /// The outcome of a gtid the log has no record of (read before this):
     /// its tombstone's decision, then the horizon of expired tombstones,
     /// read in that order, so a tombstone expiring in between is seen.
-    fn outcome_removed(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
+    pub(super) fn outcome_removed(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
         if let Some(t) = self.log.tombstone(&gtid)? {
             return Ok(Some(t.decision));
         }
