@@ -55,7 +55,7 @@ pub fn from_wire(map: HashMap<String, String>) -> Result<Vec<Label>, LabelError>
                 l.value.len()
             )));
         }
-        if l.value.chars().any(|c| c.is_control() || invisible(c)) {
+        if !printable(&l.value) {
             return Err(LabelError(format!(
                 "label {:?}: the value holds control or invisible formatting characters",
                 l.key
@@ -65,9 +65,15 @@ pub fn from_wire(map: HashMap<String, String>) -> Result<Vec<Label>, LabelError>
     Ok(labels)
 }
 
+/// Whether `text` holds no control character and no invisible formatting
+/// one: shown in a terminal or the console, it reads as what it is.
+pub fn printable(text: &str) -> bool {
+    !text.chars().any(|c| c.is_control() || invisible(c))
+}
+
 /// Zero-width and direction-changing characters: they would make a value
 /// shown in the console or the CLI read as something it is not.
-fn invisible(c: char) -> bool {
+pub fn invisible(c: char) -> bool {
     matches!(c,
         '\u{00AD}'
         | '\u{061C}'

@@ -155,6 +155,8 @@ impl Txn {
         for b in &mut self.rec.branches {
             if b.state == BranchState::Registered && !self.phase_one.contains(&b.id) {
                 b.state = BranchState::RolledBack;
+                // A forward retry it waited for never comes.
+                b.next_attempt_ms = 0;
                 b.updated_ms = now;
             }
         }

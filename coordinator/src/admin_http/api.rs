@@ -199,7 +199,7 @@ impl ListQuery {
                         "msg" => pb::Mode::Msg,
                         _ => {
                             return Err(format!(
-                                "unknown mode {:?}; use 2pc, tcc or saga",
+                                "unknown mode {:?}; use 2pc, tcc, saga or msg",
                                 clip(v)
                             ));
                         }

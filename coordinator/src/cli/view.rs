@@ -151,8 +151,27 @@ pub(super) fn human(ms: u64) -> String {
     }
 }
 
+/// Text a participant, a client or the store wrote, made safe to print:
+/// control and invisible formatting characters (a terminal's escape
+/// sequences, a line break that fakes a field, a bidi override) are shown
+/// escaped, not sent to the operator's terminal.
+pub(super) fn shown(text: &str) -> String {
+    if crate::labels::printable(text) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() || crate::labels::invisible(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub(super) fn clip(text: &str, max: usize) -> String {
-    let one_line = text.replace('\n', " ");
+    let one_line = shown(&text.replace('\n', " "));
     if one_line.chars().count() <= max {
         return one_line;
     }
@@ -216,7 +235,7 @@ pub(super) fn render_one(t: TxView, output: Output) -> String {
     let _ = writeln!(out, "  state      {}", t.state);
     let _ = writeln!(out, "  decision   {}", t.decision);
     if !t.reason.is_empty() {
-        let _ = writeln!(out, "  reason     {}", t.reason);
+        let _ = writeln!(out, "  reason     {}", shown(&t.reason));
     }
     match (t.abort_cause.as_str(), t.abort_branch) {
         ("", _) => {}
@@ -256,13 +275,15 @@ pub(super) fn render_one(t: TxView, output: Output) -> String {
     };
     let _ = writeln!(out, "  deadline   {deadline} ({} ms)", t.deadline_ms);
     if !t.labels.is_empty() {
-        let _ = writeln!(out, "  labels     {}", labels_text(&t.labels));
+        let _ = writeln!(out, "  labels     {}", shown(&labels_text(&t.labels)));
     }
     if !t.owner.is_empty() {
         let _ = writeln!(
             out,
             "  owner      {} at {} (epoch {})",
-            t.owner, t.owner_address, t.epoch
+            shown(&t.owner),
+            shown(&t.owner_address),
+            t.epoch
         );
     } else if t.epoch > 1 {
         let _ = writeln!(out, "  epoch      {}", t.epoch);
@@ -280,8 +301,8 @@ pub(super) fn render_one(t: TxView, output: Output) -> String {
             "\n  #{}{own} {} {} at {}\n      attempts {}, updated {} ago, payload {} bytes",
             b.branch_id,
             b.state,
-            b.resource,
-            b.endpoint,
+            shown(&b.resource),
+            shown(&b.endpoint),
             b.attempts,
             human(now.saturating_sub(b.updated_at_ms)),
             b.payload_len
@@ -294,17 +315,38 @@ pub(super) fn render_one(t: TxView, output: Output) -> String {
             );
         }
         if !b.last_error.is_empty() {
-            let _ = write!(out, "\n      last error: {}", b.last_error);
+            let _ = write!(out, "\n      last error: {}", shown(&b.last_error));
         }
         if let Some(r) = &b.resolution {
             let _ = write!(
                 out,
                 "\n      settled by hand by {} {} ago: {}",
-                r.by,
+                shown(&r.by),
                 human(now.saturating_sub(r.at_ms)),
-                r.reason
+                shown(&r.reason)
             );
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A participant's reason or error with a terminal's escape sequence,
+    // a line break faking a field or a bidi override is printed escaped.
+    #[test]
+    fn text_from_outside_is_shown_escaped() {
+        assert_eq!(shown("insufficient funds"), "insufficient funds");
+        let hostile = "\u{1b}[2Jok\n  state      COMMITTED\u{202e}";
+        let s = shown(hostile);
+        assert!(
+            !s.chars()
+                .any(|c| c.is_control() || crate::labels::invisible(c)),
+            "{s:?}"
+        );
+        assert_eq!(s, "\\u{1b}[2Jok\\u{a}  state      COMMITTED\\u{202e}");
+        assert!(!clip(hostile, 60).contains('\u{1b}'));
+    }
 }

@@ -312,7 +312,7 @@ impl Metrics {
                 result,
             })
             .inc();
-        let group = if matches!(phase, "prepare" | "try") {
+        let group = if matches!(phase, "prepare" | "try" | "check") {
             "phase_one"
         } else {
             "phase_two"

@@ -122,6 +122,9 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         inner.validate_branch(&branch)?;
+        if branch.mode == Some(Mode::Msg) {
+            return Err(message_only());
+        }
         if !branch.after.is_empty() {
             return Err(CoordError::InvalidArgument(
                 "an enlisted branch names no steps to run after (an interactive saga's steps \

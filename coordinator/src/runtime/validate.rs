@@ -21,6 +21,13 @@ pub(super) fn check_reason(reason: &str) -> Result<(), CoordError> {
             reason.len()
         )));
     }
+    if !crate::engine::labels::printable(reason) {
+        return Err(CoordError::InvalidArgument(
+            "reason holds control or invisible formatting characters (an operator reads it in \
+             a terminal)"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -56,6 +63,11 @@ impl Inner {
             return invalid(format!(
                 "branch resource is longer than {MAX_RESOURCE_LEN} bytes"
             ));
+        }
+        if !crate::engine::labels::printable(&b.resource) {
+            return invalid(
+                "branch resource holds control or invisible formatting characters".into(),
+            );
         }
         if b.payload.len() > self.config.max_payload_bytes {
             return invalid(format!(

@@ -28,14 +28,14 @@ use subtle::ConstantTimeEq;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Start and finish transactions (Begin, Enlist, Commit, Rollback,
-    /// Submit, GetTransaction).
+    /// Submit, PrepareMessage, SubmitMessage, GetTransaction).
     Client,
     /// Ask a transaction's outcome (GetOutcome), for in-doubt resolution.
     Participant,
     /// The Admin service.
     Admin,
-    /// Call a participant's Prepare/Commit/Rollback/Try/Confirm/Cancel
-    /// (granted in a participant's access list).
+    /// Call a participant's Prepare/Commit/Rollback/Try/Confirm/Cancel/
+    /// Deliver/Check (granted in a participant's access list).
     Coordinator,
 }
 
