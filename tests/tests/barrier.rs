@@ -27,6 +27,7 @@ fn req(gtid: Uuid, branch: u32) -> BranchRequest {
         payload: "x".into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     }
 }
 

@@ -329,6 +329,7 @@ async fn repeated_and_concurrent_deliveries_are_applied_once() {
                 payload: b"sms".to_vec().into(),
                 attempt: 1,
                 epoch: 1,
+                mode: 0,
             })
             .await
         }

@@ -52,6 +52,7 @@ fn req(gtid: &str, branch_id: u32, resource: &str) -> pb::BranchRequest {
         payload: b"p".to_vec().into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     }
 }
 

@@ -203,6 +203,7 @@ async fn run_pair(
         payload: format!("a{}:{}", branch.account, branch.delta).into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     };
     let b = a + 1;
     let r = &replicas;

@@ -263,6 +263,7 @@ async fn tcc_empty_rollback_and_late_try_on_postgres() {
         payload: Leg::debit("alice", 500).encode(),
         attempt,
         epoch: 1,
+        mode: 0,
     };
     rpc.cancel(req(1)).await.expect("empty cancel is OK");
     let vote = rpc.r#try(req(1)).await.expect("try").into_inner();

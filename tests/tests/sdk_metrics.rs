@@ -142,6 +142,7 @@ fn req(gtid: Uuid, resource: &str, payload: &str) -> BranchRequest {
         payload: payload.to_string().into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     }
 }
 

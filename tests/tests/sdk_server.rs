@@ -21,6 +21,7 @@ fn req(gtid: Uuid) -> BranchRequest {
         payload: "x".into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     }
 }
 

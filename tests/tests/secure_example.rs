@@ -98,6 +98,7 @@ async fn cancel_as(
         payload: b"alice:-100".to_vec().into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     };
     match rpc.cancel(req).await {
         Ok(_) => tonic::Code::Ok,

@@ -366,6 +366,7 @@ async fn participants_obey_only_the_coordinator_for_deliver_and_check() {
         payload: b"x".to_vec().into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     };
     for (who, cert, tok) in [
         ("nobody", None, BearerToken::none()),

@@ -263,6 +263,7 @@ async fn in_doubt_branches_ask_the_coordinator() {
             payload: "x".into(),
             attempt: 1,
             epoch: 1,
+            mode: 0,
         })
         .await
         .expect("try")

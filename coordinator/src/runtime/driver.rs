@@ -261,6 +261,7 @@ impl Inner {
                 payload: b.payload.clone(),
                 attempt,
                 epoch: rec.epoch,
+                mode: crate::service::convert::mode_to_wire(b.mode) as i32,
             },
             rec.traceparent.clone(),
         ))

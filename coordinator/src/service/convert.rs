@@ -20,7 +20,7 @@ pub(super) fn mode_from_wire(mode: i32) -> Result<Mode, Status> {
     }
 }
 
-fn mode_to_wire(mode: Mode) -> pb::Mode {
+pub(crate) fn mode_to_wire(mode: Mode) -> pb::Mode {
     match mode {
         Mode::TwoPhase => pb::Mode::TwoPhase,
         Mode::Tcc => pb::Mode::Tcc,

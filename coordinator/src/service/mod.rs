@@ -7,7 +7,7 @@
 pub mod abort_detail;
 mod admin;
 mod auth;
-mod convert;
+pub(crate) mod convert;
 mod coordinator;
 mod health;
 mod limit;

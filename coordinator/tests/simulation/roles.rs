@@ -42,6 +42,7 @@ async fn finish_by_hand(
         payload: Default::default(),
         attempt: 0,
         epoch: 0,
+        mode: 0,
     };
     let mode = if res == resource(false) {
         Mode::TwoPhase

@@ -221,8 +221,19 @@ impl ParticipantService {
         let req = req.into_inner();
         let ctx = context(&req, Phase::Try, trace.as_ref())?;
         let span = handler_span(&ctx, trace.as_ref(), verb);
+        let handler = self.handler(&req.resource, protocol)?;
+        // A saga step's action commits at once; a TCC transaction would
+        // never compensate it (its in-doubt resolution and its abort
+        // cancel a reservation, and this resource holds none). Refused
+        // before it runs, as a call this resource does not serve.
+        if req.mode == pb::Mode::Tcc as i32 && handler.is_saga() {
+            return Err(Status::unimplemented(format!(
+                "resource {:?} takes saga steps, not a TCC transaction's try",
+                cap(&req.resource, 256)
+            )));
+        }
         let call = PhaseOne {
-            handler: self.handler(&req.resource, protocol)?.clone(),
+            handler: handler.clone(),
             barrier: self.barrier.clone(),
             metrics: self.metrics.clone(),
             ctx,

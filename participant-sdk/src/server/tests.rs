@@ -56,6 +56,7 @@ fn request(
         payload: bytes::Bytes::copy_from_slice(payload),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     })
 }
 
@@ -241,4 +242,46 @@ async fn a_sled_delivery_commits_its_change_with_the_record() {
     );
     drop((svc, ledger, barrier));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A saga step that counts its actions.
+#[derive(Default)]
+struct Step(AtomicUsize);
+
+impl crate::handler::Saga for Step {
+    async fn action(&self, _: &BranchContext, _: &[u8]) -> Result<crate::Vote, HandlerError> {
+        self.0.fetch_add(1, SeqCst);
+        Ok(crate::Vote::yes())
+    }
+    async fn compensate(&self, _: &BranchContext, _: &[u8]) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+// A saga step's action commits at once: a Try from a TCC transaction
+// (which would never compensate it) is refused before it runs; a saga's,
+// or one from a coordinator that does not send the mode, runs.
+#[tokio::test]
+async fn a_saga_step_refuses_a_tcc_transactions_try() {
+    let step = Arc::new(Step::default());
+    let service = ParticipantServer::new()
+        .saga("book", step.clone())
+        .into_participant()
+        .expect("one handler per resource");
+    let tried = |mode: pb::Mode| {
+        let mut req = request(Gtid::now_v7(), 1, "book", b"");
+        req.get_mut().mode = mode as i32;
+        req
+    };
+    let refused = service
+        .r#try(tried(pb::Mode::Tcc))
+        .await
+        .expect_err("a TCC try of a saga step");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    assert_eq!(step.0.load(SeqCst), 0, "the action ran");
+    for mode in [pb::Mode::Saga, pb::Mode::Unspecified] {
+        let vote = service.r#try(tried(mode)).await.expect("try").into_inner();
+        assert!(vote.yes, "{mode:?}");
+    }
+    assert_eq!(step.0.load(SeqCst), 2);
 }

@@ -272,6 +272,7 @@ async fn one_host_cannot_take_every_tls_handshake_slot() {
             payload: b"x".to_vec().into(),
             attempt: 1,
             epoch: 1,
+            mode: 0,
         })
         .await
         .expect("prepare");

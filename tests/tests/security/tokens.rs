@@ -108,6 +108,7 @@ async fn participants_refuse_calls_not_from_their_coordinator() {
         payload: b"x".to_vec().into(),
         attempt: 1,
         epoch: 1,
+        mode: 0,
     };
     for (who, options) in [
         ("nobody", dev.options(None, None)),
