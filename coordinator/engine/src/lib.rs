@@ -273,6 +273,13 @@ impl Txn {
         self.durable_decision().is_some() && self.phase_one.is_empty()
     }
 
+    /// Settled, and no phase-2 call out (every branch finished, or waiting
+    /// for a scheduled retry): what a Submit answers at, so that COMMITTING
+    /// means "a branch is being retried", whichever round decided.
+    pub fn answerable(&self) -> bool {
+        self.settled() && self.phase_two.iter().all(|id| self.waiting.contains(id))
+    }
+
     /// Whether a phase-1 call of this branch is still out.
     pub fn in_phase_one(&self, branch: BranchId) -> bool {
         self.phase_one.contains(&branch)

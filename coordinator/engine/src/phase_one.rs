@@ -89,6 +89,17 @@ impl Txn {
             let may_have_run = matches!(vote, Vote::Failed(_));
             return self.retry_action(id, error.clone(), may_have_run, now);
         }
+        // A saga's action still failing (retriably) at its deadline: the
+        // deadline aborted it, not the step.
+        let failed_cause = if self.is_saga()
+            && self.rec.state == TxState::Preparing
+            && matches!(vote, Vote::Failed(_) | Vote::Unreachable(_))
+        {
+            AbortCause::Deadline
+        } else {
+            AbortCause::PhaseOneFailed
+        };
+        let saga = self.is_saga();
         let Some(b) = self.rec.branch_mut(id) else {
             return Vec::new();
         };
@@ -101,6 +112,11 @@ impl Txn {
                 // error is over, and its phase 2 gets a budget of its own.
                 b.last_error.clear();
                 b.next_attempt_ms = 0;
+                if saga {
+                    // Its phase-2 calls are numbered from 1 (`attempts`
+                    // counts phase-2 calls).
+                    b.attempts = 0;
+                }
                 self.failures.remove(&id);
                 None
             }
@@ -124,23 +140,13 @@ impl Txn {
                 if b.state != BranchState::Failed {
                     b.state = BranchState::RolledBack;
                 }
-                Some(AbortInfo::by_branch(
-                    AbortCause::PhaseOneFailed,
-                    id,
-                    &b.resource,
-                    &error,
-                ))
+                Some(AbortInfo::by_branch(failed_cause, id, &b.resource, &error))
             }
             Vote::Failed(error) | Vote::Permanent(error) => {
                 let error = cap_text(&error, MAX_STORED_TEXT);
                 b.state = BranchState::Failed;
                 b.last_error = error.clone();
-                Some(AbortInfo::by_branch(
-                    AbortCause::PhaseOneFailed,
-                    id,
-                    &b.resource,
-                    &error,
-                ))
+                Some(AbortInfo::by_branch(failed_cause, id, &b.resource, &error))
             }
         };
         self.rec.updated_ms = now;

@@ -745,3 +745,49 @@ fn a_compensations_time_budget_is_its_own_not_reset_by_another_chain() {
     let cmds = fail(&mut t, 1, at(11));
     assert_eq!(retry_of(&cmds, 1), None, "{cmds:?}");
 }
+
+// A step's action still failing (an error that may pass) when the saga's
+// deadline comes: the deadline aborted the saga, not the step (its call
+// returned at the deadline, before the deadline's timer fired).
+#[test]
+fn an_action_failing_at_the_deadline_aborts_it_for_the_deadline() {
+    let (mut t, _) = saga(2);
+    yes(&mut t, 1);
+    vote(
+        &mut t,
+        2,
+        Vote::Failed("no reply within 426 ms".into()),
+        DEADLINE,
+    );
+    let rec = t.record();
+    assert_eq!(rec.state, TxState::Aborting);
+    let abort = rec.abort.as_ref().expect("why");
+    assert_eq!(abort.cause, crate::model::AbortCause::Deadline, "{abort:?}");
+    assert_eq!(abort.branch, 2);
+}
+
+// A step whose action went through after retries has its completion
+// numbered from 1 (`attempts` counts phase-2 calls).
+#[test]
+fn a_step_retried_forward_completes_with_attempt_one() {
+    let (mut t, _) = saga(1);
+    let cmds = vote(&mut t, 1, Vote::Failed("down".into()), NOW);
+    assert!(retry_of(&cmds, 1).is_some());
+    t.handle(Event::ActionDue { branch: 1 }, NOW + 500)
+        .expect("due");
+    assert_eq!(
+        vote(&mut t, 1, Vote::Yes(Bytes::new()), NOW + 600),
+        vec![Command::ForceDecision]
+    );
+    let cmds = t
+        .handle(Event::DecisionDurable, NOW + 600)
+        .expect("durable");
+    assert!(
+        cmds.contains(&Command::PhaseTwo {
+            branch: 1,
+            commit: true,
+            attempt: 1
+        }),
+        "{cmds:?}"
+    );
+}

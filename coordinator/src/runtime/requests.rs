@@ -363,7 +363,7 @@ impl Coordinator {
                 }
             }
         };
-        inner.wait_for(&entry, Txn::settled).await?;
+        inner.wait_for(&entry, Txn::answerable).await?;
         let outcome = submit_outcome(&entry.lock().visible_record());
         Ok(outcome)
     }
