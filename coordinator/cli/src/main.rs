@@ -199,7 +199,8 @@ enum TxVerb {
     /// role): print its gtid and how it ended. Exit code 0 when it
     /// committed, 1 when it aborted or failed.
     Submit {
-        /// 2pc, tcc or saga.
+        /// 2pc, tcc or saga (a message starts with PrepareMessage: see
+        /// `tandem demo --mode msg`).
         #[arg(long, default_value = "2pc", value_parser = parse_mode)]
         mode: tandem_sdk::Mode,
         /// A branch as ENDPOINT/RESOURCE/PAYLOAD (e.g.
@@ -245,7 +246,7 @@ enum AdminVerb {
         /// endpoint (as given in the branch, e.g. http://10.0.0.7:9001).
         #[arg(long)]
         endpoint: Option<String>,
-        /// Only this protocol: 2pc, tcc or saga.
+        /// Only this protocol: 2pc, tcc, saga or msg.
         #[arg(long, value_parser = parse_wire_mode)]
         mode: Option<tandem_proto::v1::Mode>,
         /// Only gtids starting with this.
