@@ -115,3 +115,42 @@ async fn a_dropped_message_is_never_prepared_again() {
     reaches(&client, gtid, pb::TxState::Committed).await;
     assert_eq!(inbox.0.load(Ordering::SeqCst), 1);
 }
+
+// A message whose back-check could not be reached is STUCK, undecided;
+// its business service (whose local transaction did not commit) rolls
+// it back: dropped now, nothing delivered, and a late Submit is ABORTED.
+#[tokio::test]
+async fn a_stuck_message_is_dropped_by_its_business_services_rollback() {
+    let inbox = Arc::new(Count::default());
+    let pa = spawn(ParticipantServer::new().message("inbox", inbox.clone())).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let log = Arc::new(SledLog::open(dir.path()).expect("log"));
+    let mut config = test_config();
+    config.retry.max_attempts = Some(2);
+    let coord = RunningCoordinator::start(config, log)
+        .await
+        .expect("coordinator");
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+    let down = format!("http://{}", tandem_tests::process::free_addr());
+    let gtid = Gtid::now_v7();
+    client
+        .prepare_message(
+            gtid,
+            Branch::new(down, "orders", ""),
+            vec![Branch::new(pa.url(), "inbox", "sms")],
+            Some(Duration::from_millis(100)),
+        )
+        .await
+        .expect("prepare");
+    reaches(&client, gtid, pb::TxState::Stuck).await;
+    client
+        .rollback(gtid, "the order was not saved")
+        .await
+        .expect("rollback");
+    reaches(&client, gtid, pb::TxState::Aborted).await;
+    let late = client.submit_message(gtid).await;
+    assert!(matches!(late, Err(Error::Aborted { .. })), "{late:?}");
+    assert_eq!(inbox.0.load(Ordering::SeqCst), 0);
+}

@@ -213,23 +213,27 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         check_reason(&reason)?;
-        let Some(entry) = inner.find_for_request(&gtid).await? else {
-            let rec = inner.settled(
-                gtid,
-                Event::Rollback {
-                    reason: String::new(),
-                },
-            )?;
-            return Ok(RollbackOutcome {
-                state: rec.state,
-                abort: rec.abort,
-            });
+        let entry = match inner.find_for_request(&gtid).await? {
+            Some(entry) => entry,
+            // A message checked back in vain (STUCK, undecided): its
+            // business service's word drops it now.
+            None if inner.log.get(&gtid)?.is_some_and(|r| {
+                r.mode == Mode::Msg && r.state == TxState::Stuck && r.decision.is_none()
+            }) =>
+            {
+                match inner.adopt_stuck(gtid)? {
+                    Some(entry) => entry,
+                    None => return rolled_back_already(inner, gtid),
+                }
+            }
+            None => return rolled_back_already(inner, gtid),
         };
         // A decision being forced is answered once it is durable (then a
         // refusal, or the abort's state), never before.
-        let cmds = inner
-            .step_request(&entry, Event::Rollback { reason })
-            .await?;
+        let stepped = inner.step_request(&entry, Event::Rollback { reason }).await;
+        // A STUCK one left STUCK (decided already) is not driven from here.
+        inner.forget_if_stuck(&gtid, &entry);
+        let cmds = stepped?;
         inner.spawn_round(&entry, cmds).await?;
         let txn = entry.lock();
         let rec = txn.visible_record();
@@ -450,6 +454,21 @@ pub(super) fn reported_state(rec: &TxnRecord) -> TxState {
         (TxState::Stuck, _) => TxState::Aborting,
         (state, _) => state,
     }
+}
+
+/// A Rollback of a transaction no longer live here: the engine's answer
+/// on its record (nothing written).
+fn rolled_back_already(inner: &Inner, gtid: Gtid) -> Result<RollbackOutcome, CoordError> {
+    let rec = inner.settled(
+        gtid,
+        Event::Rollback {
+            reason: String::new(),
+        },
+    )?;
+    Ok(RollbackOutcome {
+        state: rec.state,
+        abort: rec.abort,
+    })
 }
 
 fn submit_outcome(rec: &TxnRecord) -> SubmitOutcome {
