@@ -278,3 +278,72 @@ async fn a_silent_webhook_blocks_nothing() {
         "shutdown held by the webhook"
     );
 }
+
+// A saga whose compensation can never succeed, and a message whose
+// back-check cannot be reached: each ends STUCK with a "stuck" alert
+// naming its mode, decision and failing branch (never a silent log line).
+#[tokio::test]
+async fn a_stuck_saga_and_a_stuck_message_are_reported() {
+    let (url, mut rx, _) = receiver(Answer::FailFirst(0)).await;
+    let coord = coordinator(settings(&url, 100)).await;
+    let client = TransactionClient::connect(coord.url())
+        .await
+        .expect("connect");
+
+    // Saga: step 2 says no, step 1's compensation is refused for good.
+    let stuck_step = Scripted::new(
+        "s1",
+        tandem_tests::Script {
+            phase_two_never: Some("refund desk closed".into()),
+            ..tandem_tests::Script::default()
+        },
+        None,
+    );
+    let refusing = Scripted::new(
+        "s2",
+        tandem_tests::Script {
+            vote_no: Some("sold out".into()),
+            ..tandem_tests::Script::default()
+        },
+        None,
+    );
+    let (p1, p2) = (stuck_step.serve_saga().await, refusing.serve_saga().await);
+    // Aborted (step 2's no), reported as ABORTING: STUCK.
+    let _ = client.submit(tandem_sdk::Mode::Saga, pair(&p1, &p2)).await;
+    let alert = next(&mut rx).await.body;
+    assert_eq!(alert["kind"], "stuck", "{alert}");
+    assert_eq!(alert["mode"], "saga", "{alert}");
+    assert_eq!(alert["decision"], "abort", "{alert}");
+    assert_eq!(alert["branch_id"], 1, "{alert}");
+    assert!(
+        alert["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("refund desk closed")),
+        "{alert}"
+    );
+
+    // Message: its back-check is down; STUCK undecided after the policy.
+    let inbox = Scripted::yes("inbox");
+    let p_inbox = inbox.serve().await;
+    let gtid = tandem_sdk::Gtid::now_v7();
+    client
+        .prepare_message(
+            gtid,
+            tandem_sdk::Branch::new(
+                format!("http://{}", tandem_tests::process::free_addr()),
+                "orders",
+                "",
+            ),
+            vec![tandem_sdk::Branch::new(p_inbox.url(), "inbox", "sms")],
+            Some(Duration::from_millis(100)),
+        )
+        .await
+        .expect("prepare");
+    let alert = next(&mut rx).await.body;
+    assert_eq!(alert["kind"], "stuck", "{alert}");
+    assert_eq!(alert["gtid"], gtid.to_string().as_str(), "{alert}");
+    assert_eq!(alert["mode"], "msg", "{alert}");
+    assert_eq!(alert["decision"], "none", "{alert}");
+    assert_eq!(alert["branch_id"], 1, "{alert}");
+    coord.shutdown().await.expect("shutdown");
+}

@@ -38,6 +38,17 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Its short name, as metrics labels, alerts and filters spell it:
+    /// `2pc`, `tcc`, `saga`, `msg`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::TwoPhase => "2pc",
+            Mode::Tcc => "tcc",
+            Mode::Saga => "saga",
+            Mode::Msg => "msg",
+        }
+    }
+
     /// The name of a branch's phase-1 call in this mode.
     pub fn phase_one_verb(self) -> &'static str {
         match self {

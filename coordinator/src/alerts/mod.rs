@@ -90,9 +90,12 @@ pub struct Alert {
     pub kind: AlertKind,
     /// The transaction.
     pub gtid: String,
+    /// Its protocol (`2pc`, `tcc`, `saga`, `msg`).
+    pub mode: &'static str,
     /// Its state (`stuck`, `committing`, `aborting`).
     pub state: String,
-    /// `commit` or `abort`.
+    /// `commit` or `abort`; `none` for a message STUCK undecided (its
+    /// back-check never answered).
     pub decision: String,
     /// The failing branch's resource (handler name).
     pub resource: String,
@@ -200,6 +203,7 @@ impl Alerter {
         Alert {
             kind,
             gtid: rec.gtid.to_string(),
+            mode: rec.mode.label(),
             state: rec.state.name().to_ascii_lowercase(),
             decision: rec
                 .decision
@@ -271,6 +275,7 @@ mod tests {
         let alert = Alert {
             kind: AlertKind::Stuck,
             gtid: "g".into(),
+            mode: "2pc",
             state: "stuck".into(),
             decision: "commit".into(),
             resource: "r".into(),

@@ -111,15 +111,6 @@ pub fn phase_name(mode: Mode, phase_one: bool, commit: bool) -> &'static str {
     }
 }
 
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::TwoPhase => "2pc",
-        Mode::Tcc => "tcc",
-        Mode::Saga => "saga",
-        Mode::Msg => "msg",
-    }
-}
-
 impl Metrics {
     /// Every family registered, all at zero.
     pub fn new() -> Self {
@@ -260,12 +251,10 @@ impl Metrics {
         // Known series at zero from the start, so that rate() and alert
         // rules see them before the first transaction.
         for mode in [Mode::TwoPhase, Mode::Tcc, Mode::Saga, Mode::Msg] {
-            let _ = m.started.get_or_create(&ModeLabel {
-                mode: mode_name(mode),
-            });
+            let _ = m.started.get_or_create(&ModeLabel { mode: mode.label() });
             for outcome in ["committed", "aborted", "stuck"] {
                 let _ = m.finished.get_or_create(&OutcomeLabels {
-                    mode: mode_name(mode),
+                    mode: mode.label(),
                     outcome,
                 });
             }
@@ -279,9 +268,7 @@ impl Metrics {
     /// A transaction started.
     pub fn started(&self, mode: Mode) {
         self.started
-            .get_or_create(&ModeLabel {
-                mode: mode_name(mode),
-            })
+            .get_or_create(&ModeLabel { mode: mode.label() })
             .inc();
     }
 
@@ -295,7 +282,7 @@ impl Metrics {
         };
         self.finished
             .get_or_create(&OutcomeLabels {
-                mode: mode_name(mode),
+                mode: mode.label(),
                 outcome,
             })
             .inc();
