@@ -415,3 +415,29 @@ fn an_operator_aborts_a_message_only_once_its_check_gave_up() {
     );
     assert_eq!(t.record().decision, Some(Decision::Abort));
 }
+
+// Past its deadline, with its check still being asked, an operator may
+// settle the message's local transaction from the business data (no need
+// to wait for STUCK); before the deadline, not.
+#[test]
+fn an_operator_settles_the_local_transaction_once_past_the_deadline() {
+    let resolve = |commit| Event::OperatorResolve {
+        branch: LOCAL_BRANCH,
+        commit,
+        resolution: resolution(),
+    };
+    let mut t = message(1);
+    assert!(
+        t.handle(resolve(false), NOW + 1).is_err(),
+        "before the deadline"
+    );
+    on(&mut t, Event::DeadlinePassed, DEADLINE);
+    checked(&mut t, Vote::Failed("down".into()), DEADLINE);
+    assert_eq!(t.record().state, TxState::Preparing, "still asked");
+    on(&mut t, resolve(false), DEADLINE + 1);
+    assert_eq!(t.record().decision, Some(Decision::Abort));
+    let mut t = message(2);
+    on(&mut t, Event::DeadlinePassed, DEADLINE);
+    let cmds = on(&mut t, resolve(true), DEADLINE + 1);
+    assert_eq!(t.record().decision, Some(Decision::Commit), "{cmds:?}");
+}

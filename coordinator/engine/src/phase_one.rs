@@ -227,7 +227,8 @@ impl Txn {
                     "abort",
                     "; a message is dropped by its back-check (or its business service's \
                      rollback) while its local transaction may still commit: wait for the \
-                     check, or for STUCK",
+                     check, or, past its deadline, settle its local transaction from the \
+                     business data (tandem tx resolve --branch 1 --as committed | rolled-back)",
                 ))
             }
             (TxState::Active | TxState::Preparing, _) => Ok(self.abort(why, now)),

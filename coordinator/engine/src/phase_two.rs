@@ -174,7 +174,14 @@ impl Txn {
         resolution: Resolution,
         now: u64,
     ) -> Result<Vec<Command>, EngineError> {
-        if self.is_message() && self.rec.state == TxState::Stuck && self.rec.decision.is_none() {
+        // A message undecided past its deadline (its check asked, in vain
+        // so far, or given up on: STUCK): the operator may settle its local
+        // transaction from the business data, without waiting for STUCK.
+        if self.is_message()
+            && self.rec.decision.is_none()
+            && (self.rec.state == TxState::Stuck
+                || (self.rec.state == TxState::Preparing && now >= self.rec.deadline_ms))
+        {
             return self.resolve_local(id, commit, resolution, now);
         }
         if self.rec.state != TxState::Stuck {

@@ -45,7 +45,8 @@ impl Coordinator {
     /// # Errors
     ///
     /// `NotFound`; `WrongState` unless STUCK with that branch owing its
-    /// phase 2, or when `commit` contradicts the decision;
+    /// phase 2 (or a message's branch 1, undecided past its deadline), or
+    /// when `commit` contradicts the decision;
     /// `InvalidArgument` for a missing or over-long reason; `Unavailable`.
     pub async fn resolve(
         &self,
