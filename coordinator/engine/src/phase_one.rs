@@ -294,6 +294,14 @@ impl Txn {
         // retries, a message's checks counted failures before).
         self.forward.clear();
         self.failures.clear();
+        if self.is_saga() {
+            // A step's compensation calls are numbered from 1, whatever its
+            // action took (`attempts` counts phase-2 calls from here on,
+            // across restarts and operator retries).
+            for b in &mut self.rec.branches {
+                b.attempts = 0;
+            }
+        }
         self.settle_unstarted_steps(now);
         self.drop_message(now);
         if std::mem::take(&mut self.force_abort) {

@@ -192,11 +192,6 @@ impl Txn {
         for id in &ids {
             self.failures.remove(id);
             self.turn_start.insert(*id, now);
-            // Its compensation's calls are numbered from 1, whatever its
-            // action took (`attempts` counts phase-2 calls).
-            if let Some(b) = self.rec.branch_mut(*id) {
-                b.attempts = 0;
-            }
         }
         ids
     }

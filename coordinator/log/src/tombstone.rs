@@ -53,10 +53,17 @@ impl Tombstone {
         };
         let unacknowledged =
             |b: &crate::model::BranchRecord| b.resolution.is_some() || b.state != acknowledged;
-        // A dropped message's business service may still come with its
-        // Submit (a local transaction that committed after an operator
-        // dropped the message): it must hear ABORTED, not "unknown".
-        let dropped_message = rec.mode == crate::model::Mode::Msg && decision == Decision::Abort;
+        // A message an operator dropped: its business service may still
+        // come with its Submit (a local transaction that committed after
+        // all), and must hear ABORTED, not "unknown". (Dropped by its
+        // check's no or its own Rollback, its local transaction cannot or
+        // did not commit: no Submit follows.)
+        let dropped_message = rec.mode == crate::model::Mode::Msg
+            && decision == Decision::Abort
+            && rec
+                .abort
+                .as_ref()
+                .is_some_and(|a| a.cause == crate::model::AbortCause::OperatorAbort);
         if !dropped_message && !rec.branches.iter().any(unacknowledged) {
             return None;
         }
@@ -259,12 +266,13 @@ pub(super) fn mode_from(code: i16) -> Option<Mode> {
 mod tests {
     use super::*;
 
-    // A dropped message keeps its decision (its business service may still
-    // submit); a delivered one whose every branch acknowledged does not,
-    // nor does an abort of another mode every branch acknowledged.
+    // A message an operator dropped keeps its decision (its business
+    // service may still submit); one its check or its client dropped does
+    // not, nor a delivered one whose every branch acknowledged, nor an
+    // abort of another mode every branch acknowledged.
     #[test]
-    fn a_dropped_message_keeps_a_tombstone() {
-        use crate::model::Mode;
+    fn a_message_an_operator_dropped_keeps_a_tombstone() {
+        use crate::model::{AbortCause, AbortInfo, Mode};
         let record = |mode: Mode, decision: Decision, state: BranchState| {
             let mut rec = crate::conformance::sample_record(mode, 1);
             rec.decision = Some(decision);
@@ -272,11 +280,16 @@ mod tests {
             rec.branches[0].state = state;
             rec
         };
-        let dropped = record(Mode::Msg, Decision::Abort, BranchState::RolledBack);
+        let mut dropped = record(Mode::Msg, Decision::Abort, BranchState::RolledBack);
+        dropped.abort = Some(AbortInfo::new(AbortCause::OperatorAbort, "ops"));
         assert_eq!(
             Tombstone::needed_for(&dropped).map(|t| t.decision),
             Some(Decision::Abort)
         );
+        for cause in [AbortCause::VotedNo, AbortCause::ClientRollback] {
+            dropped.abort = Some(AbortInfo::new(cause, ""));
+            assert!(Tombstone::needed_for(&dropped).is_none(), "{cause:?}");
+        }
         let delivered = record(Mode::Msg, Decision::Commit, BranchState::Committed);
         assert!(Tombstone::needed_for(&delivered).is_none());
         let aborted = record(Mode::Tcc, Decision::Abort, BranchState::RolledBack);

@@ -54,6 +54,10 @@ impl Coordinator {
             .await?
         {
             Start::New(entry, cmds) => {
+                if let Err(e) = super::validate::printable_resources(&branches) {
+                    inner.forget(&gtid);
+                    return Err(e);
+                }
                 if let Some(m) = &inner.metrics {
                     m.started(Mode::Msg);
                 }
@@ -102,6 +106,11 @@ impl Coordinator {
                 let Some(rec) = inner.log.get(&gtid)? else {
                     return removed_message(inner, gtid);
                 };
+                // Presumed aborted on a shared store (asked about, or
+                // submitted, before anything was prepared under it).
+                if super::presumed::is_marker(&rec) {
+                    return Err(dropped_already(&rec).expect_err("a marker is an abort"));
+                }
                 if rec.mode != Mode::Msg {
                     return Err(not_a_message(gtid));
                 }
@@ -121,7 +130,15 @@ impl Coordinator {
         let stepped = inner.step_request(&entry, Event::Commit).await;
         // A STUCK one left STUCK (decided already) is not driven from here.
         inner.forget_if_stuck(&gtid, &entry);
-        let cmds = stepped?;
+        let cmds = match stepped {
+            // Dropped since the look above (its check's no, an operator):
+            // ABORTED, as a message dropped already is answered.
+            Err(CoordError::WrongState(_)) => {
+                dropped_already(&entry.lock().visible_record())?;
+                return Err(stepped.expect_err("matched an error"));
+            }
+            stepped => stepped?,
+        };
         inner.spawn_round(&entry, cmds).await?;
         inner
             .wait_for(&entry, |t| t.durable_decision().is_some())
@@ -137,6 +154,13 @@ impl Coordinator {
 /// (ABORTED: a gtid never prepared), never NOT_FOUND, which a business
 /// service could take for "the check will deliver it".
 fn removed_message(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
+    if inner
+        .log
+        .tombstone(&gtid)?
+        .is_some_and(|t| t.mode != Mode::Msg)
+    {
+        return Err(not_a_message(gtid));
+    }
     match inner.outcome_removed(gtid)? {
         Some(crate::model::Decision::Commit) => Ok(TxState::Committed),
         Some(crate::model::Decision::Abort) => Err(CoordError::Aborted {
@@ -145,7 +169,7 @@ fn removed_message(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
             abort: None,
         }),
         None => Err(CoordError::Unavailable(format!(
-            "message {gtid}: its gtid is ahead of this coordinator's clock; ask again shortly"
+            "message {gtid}: its outcome is not known here yet; ask again shortly"
         ))),
     }
 }
@@ -182,6 +206,9 @@ fn message_state(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
     let Some(rec) = inner.log.get(&gtid)? else {
         return removed_message(inner, gtid);
     };
+    if super::presumed::is_marker(&rec) {
+        dropped_already(&rec)?;
+    }
     if rec.mode != Mode::Msg {
         return Err(not_a_message(gtid));
     }

@@ -122,6 +122,7 @@ impl Coordinator {
         let inner = &self.inner;
         inner.check_halted()?;
         inner.validate_branch(&branch)?;
+        super::validate::printable_resources(std::slice::from_ref(&branch))?;
         if branch.mode == Some(Mode::Msg) {
             return Err(message_only());
         }
@@ -317,6 +318,10 @@ impl Coordinator {
             .await?
         {
             Start::New(entry, cmds) => {
+                if let Err(e) = super::validate::printable_resources(&branches) {
+                    inner.forget(&gtid);
+                    return Err(e);
+                }
                 if let Some(m) = &inner.metrics {
                     m.started(mode);
                 }

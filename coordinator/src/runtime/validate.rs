@@ -14,6 +14,22 @@ const MAX_ENDPOINT_LEN: usize = 1024;
 /// Longest client rollback reason kept.
 const MAX_REASON_LEN: usize = 1024;
 
+/// New branches' resource names hold no control or invisible formatting
+/// character (an operator reads them in a terminal). Checked only for
+/// what is started now: a repeat of a transaction recorded before this
+/// rule is answered from its record.
+pub(super) fn printable_resources(branches: &[NewBranch]) -> Result<(), CoordError> {
+    if branches
+        .iter()
+        .any(|b| !crate::engine::labels::printable(&b.resource))
+    {
+        return Err(CoordError::InvalidArgument(
+            "branch resource holds control or invisible formatting characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn check_reason(reason: &str) -> Result<(), CoordError> {
     if reason.len() > MAX_REASON_LEN {
         return Err(CoordError::InvalidArgument(format!(
@@ -63,11 +79,6 @@ impl Inner {
             return invalid(format!(
                 "branch resource is longer than {MAX_RESOURCE_LEN} bytes"
             ));
-        }
-        if !crate::engine::labels::printable(&b.resource) {
-            return invalid(
-                "branch resource holds control or invisible formatting characters".into(),
-            );
         }
         if b.payload.len() > self.config.max_payload_bytes {
             return invalid(format!(
