@@ -109,7 +109,7 @@ impl Coordinator {
                 // Presumed aborted on a shared store (asked about, or
                 // submitted, before anything was prepared under it).
                 if super::presumed::is_marker(&rec) {
-                    return Err(dropped_already(&rec).expect_err("a marker is an abort"));
+                    dropped_already(&rec)?;
                 }
                 if rec.mode != Mode::Msg {
                     return Err(not_a_message(gtid));
@@ -133,9 +133,9 @@ impl Coordinator {
         let cmds = match stepped {
             // Dropped since the look above (its check's no, an operator):
             // ABORTED, as a message dropped already is answered.
-            Err(CoordError::WrongState(_)) => {
+            Err(e @ CoordError::WrongState(_)) => {
                 dropped_already(&entry.lock().visible_record())?;
-                return Err(stepped.expect_err("matched an error"));
+                return Err(e);
             }
             stepped => stepped?,
         };
@@ -154,14 +154,12 @@ impl Coordinator {
 /// (ABORTED: a gtid never prepared), never NOT_FOUND, which a business
 /// service could take for "the check will deliver it".
 fn removed_message(inner: &Inner, gtid: Gtid) -> Result<TxState, CoordError> {
-    if inner
-        .log
-        .tombstone(&gtid)?
-        .is_some_and(|t| t.mode != Mode::Msg)
-    {
-        return Err(not_a_message(gtid));
-    }
-    match inner.outcome_removed(gtid)? {
+    let decided = match inner.log.tombstone(&gtid)? {
+        Some(t) if t.mode != Mode::Msg => return Err(not_a_message(gtid)),
+        Some(t) => Some(t.decision),
+        None => inner.outcome_unrecorded(gtid)?,
+    };
+    match decided {
         Some(crate::model::Decision::Commit) => Ok(TxState::Committed),
         Some(crate::model::Decision::Abort) => Err(CoordError::Aborted {
             gtid,

@@ -490,10 +490,18 @@ impl Inner {
     /// The outcome of a gtid the log has no record of (read before this):
     /// its tombstone's decision, then the horizon of expired tombstones,
     /// read in that order, so a tombstone expiring in between is seen.
-    pub(super) fn outcome_removed(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
-        if let Some(t) = self.log.tombstone(&gtid)? {
-            return Ok(Some(t.decision));
+    fn outcome_removed(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
+        match self.log.tombstone(&gtid)? {
+            Some(t) => Ok(Some(t.decision)),
+            None => self.outcome_unrecorded(gtid),
         }
+    }
+
+    /// The outcome of a gtid with neither record nor tombstone (both read
+    /// before this): "no longer known" past the horizon, else presumed
+    /// abort (written first on a shared store), `None` while it may still
+    /// be written.
+    pub(super) fn outcome_unrecorded(&self, gtid: Gtid) -> Result<Option<Decision>, CoordError> {
         // Removed by retention with no tombstone: every branch acknowledged
         // its phase 2, so no participant still needs the answer, and a
         // commit's must never be ABORT (a question delayed past retention).

@@ -289,20 +289,30 @@ impl Ledger {
         Ok(Vote::yes_with(format!("hold-{}", ctx.branch_id)))
     }
 
-    async fn settle(&self, ctx: &BranchContext, commit: bool) -> Result<(), HandlerError> {
+    /// A phase-2 call's (or a delivery's) work and faults: it takes time,
+    /// is refused for good while the service is closed for repair (the
+    /// coordinator's calls only), and fails now and then in a way that
+    /// passes.
+    async fn phase_two_faults(&self, ctx: &BranchContext, what: &str) -> Result<(), HandlerError> {
         let on = self.faults_on.load(Ordering::SeqCst);
         let (work, fail) = self.draw(|r| (r.ms(0, 8), on && r.chance(0.03)));
         tokio::time::sleep(work).await;
         let by_coordinator = ctx.epoch != 0;
         if by_coordinator && self.clock.now_ms() < self.business.broken_until.load(Ordering::SeqCst)
         {
-            return Err(HandlerError::permanent(
-                "ledger closed for repair (simulated)",
-            ));
+            return Err(HandlerError::permanent(format!(
+                "{what} closed for repair (simulated)"
+            )));
         }
         if fail {
             return Err(HandlerError::new("database unavailable (simulated)"));
         }
+        Ok(())
+    }
+
+    async fn settle(&self, ctx: &BranchContext, commit: bool) -> Result<(), HandlerError> {
+        self.phase_two_faults(ctx, "ledger").await?;
+        let by_coordinator = ctx.epoch != 0;
         let key = (ctx.gtid, ctx.branch_id);
         let had_hold = self.business.holds.lock().unwrap().remove(&key).is_some();
         if commit && !had_hold {
@@ -338,24 +348,12 @@ impl Ledger {
             .unwrap()
             .entry(key)
             .or_insert(self.clock.now_ms());
-        let on = self.faults_on.load(Ordering::SeqCst);
-        let (work, fail) = self.draw(|r| (r.ms(0, 8), on && r.chance(0.03)));
-        tokio::time::sleep(work).await;
-        let by_coordinator = ctx.epoch != 0;
-        if by_coordinator && self.clock.now_ms() < self.business.broken_until.load(Ordering::SeqCst)
-        {
-            return Err(HandlerError::permanent(
-                "inbox closed for repair (simulated)",
-            ));
-        }
-        if fail {
-            return Err(HandlerError::new("database unavailable (simulated)"));
-        }
+        self.phase_two_faults(ctx, "inbox").await?;
         self.business.delivered.lock().unwrap().push(Delivered {
             gtid: ctx.gtid,
             branch: ctx.branch_id,
             seq: self.next_seq(),
-            by_coordinator,
+            by_coordinator: ctx.epoch != 0,
         });
         Ok(())
     }
